@@ -1,0 +1,176 @@
+//! Map value types shared with the kernel.
+//!
+//! The daemon publishes its clock model as a [`TimeAnchor`]: "at CLOCK_MONOTONIC reading
+//! `mono_ns` the NTP time was `ntp_ns`, and it runs `freq_scaled / 2^32` faster than the
+//! monotonic clock". The responder extrapolates from it with `bpf_ktime_get_ns()`, which reads
+//! the same clock. The anchor map has two slots and an active index: the daemon writes the
+//! inactive slot, then flips the index, so a reader never sees a half-written anchor.
+
+use crate::time::{scaled_mul, NANOS_PER_SEC};
+use crate::wire::LEAP_UNSYNCHRONIZED;
+
+/// Number of anchor slots (double buffer).
+pub const ANCHOR_SLOTS: u32 = 2;
+
+/// The daemon's clock model plus the header fields that change with it. All fields are
+/// published together so a reply never mixes two updates.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct TimeAnchor {
+    /// CLOCK_MONOTONIC reading the anchor was taken at.
+    pub mono_ns: u64,
+    /// NTP time at `mono_ns`, in nanoseconds since 1900 (see [`crate::time`]).
+    /// Zero means "never published": the responder does not answer.
+    pub ntp_ns: u64,
+    /// Rate correction relative to CLOCK_MONOTONIC, 2^-32 units.
+    pub freq_scaled: i64,
+    /// After this much monotonic time without a new anchor, replies say LI=3, stratum 0.
+    pub max_age_ns: u64,
+    /// Reference timestamp: when the model was last corrected from its source.
+    pub reference_ntp_ns: u64,
+    /// Root delay to the reference clock.
+    pub root_delay_ns: u64,
+    /// Root dispersion at `mono_ns`; the responder adds PHI × age.
+    pub root_dispersion_ns: u64,
+    /// Reference ID (IPv4 address of the upstream, or an ASCII kiss/clock code).
+    pub refid: [u8; 4],
+    /// Leap indicator; 3 = unsynchronized.
+    pub leap: u8,
+    pub stratum: u8,
+    pub _pad: [u8; 2],
+}
+
+impl TimeAnchor {
+    /// NTP time at monotonic reading `mono_ns`. Readings slightly before the anchor (a packet
+    /// timestamped just before a flip) extrapolate backwards rather than wrapping.
+    #[inline(always)]
+    pub fn ntp_ns_at(&self, mono_ns: u64) -> u64 {
+        let elapsed = mono_ns.wrapping_sub(self.mono_ns) as i64;
+        let corrected = elapsed.wrapping_add(scaled_mul(elapsed, self.freq_scaled));
+        self.ntp_ns.wrapping_add(corrected as u64)
+    }
+
+    /// Monotonic time since the anchor was taken (zero for readings before it).
+    #[inline(always)]
+    pub fn age_ns(&self, mono_ns: u64) -> u64 {
+        mono_ns.saturating_sub(self.mono_ns)
+    }
+
+    #[inline(always)]
+    pub fn is_published(&self) -> bool {
+        self.ntp_ns != 0
+    }
+
+    /// Whether a reply at `mono_ns` may claim synchronization.
+    #[inline(always)]
+    pub fn is_synchronized_at(&self, mono_ns: u64) -> bool {
+        self.leap != LEAP_UNSYNCHRONIZED && self.age_ns(mono_ns) <= self.max_age_ns
+    }
+}
+
+/// Header parameters that belong to the server rather than to the clock model.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServerParams {
+    /// log2 seconds of the clock's precision (e.g. -24 ≈ 60 ns); bits below it are randomised.
+    pub precision: i8,
+    /// Bounds for the poll exponent echoed in replies.
+    pub poll_min: i8,
+    pub poll_max: i8,
+    /// `PARAM_FLAG_*`.
+    pub flags: u8,
+    pub _pad: [u8; 4],
+}
+
+/// Emit an aya-log line for every packet the responder handles (diagnostics; off by default).
+pub const PARAM_FLAG_LOG: u8 = 1;
+
+impl ServerParams {
+    pub const DEFAULT: ServerParams = ServerParams {
+        precision: -24,
+        poll_min: 4,
+        poll_max: 10,
+        flags: 0,
+        _pad: [0; 4],
+    };
+}
+
+// SAFETY: both are repr(C) with explicit padding and no invalid bit patterns (bytemuck checks
+// the same claim at compile time through its derive).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TimeAnchor {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ServerParams {}
+
+/// One second in nanoseconds, for readable anchor arithmetic in callers.
+pub const SECOND_NS: u64 = NANOS_PER_SEC;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::ppm_to_freq_scaled;
+
+    fn anchor(freq_ppm: f64) -> TimeAnchor {
+        TimeAnchor {
+            mono_ns: 1_000 * SECOND_NS,
+            ntp_ns: 3_900_000_000 * SECOND_NS,
+            freq_scaled: ppm_to_freq_scaled(freq_ppm),
+            max_age_ns: 10 * SECOND_NS,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn layout_is_stable() {
+        // The kernel and the daemon must agree byte for byte.
+        assert_eq!(core::mem::size_of::<TimeAnchor>(), 64);
+        assert_eq!(core::mem::size_of::<ServerParams>(), 8);
+    }
+
+    #[test]
+    fn extrapolation_without_rate() {
+        let a = anchor(0.0);
+        assert_eq!(a.ntp_ns_at(a.mono_ns), a.ntp_ns);
+        assert_eq!(a.ntp_ns_at(a.mono_ns + 1_500), a.ntp_ns + 1_500);
+        // Slightly before the anchor: backwards, not wrapped.
+        assert_eq!(a.ntp_ns_at(a.mono_ns - 700), a.ntp_ns - 700);
+    }
+
+    #[test]
+    fn extrapolation_with_rate() {
+        // +200 ppm over 10 s is +2 ms; -500 ppm over 100 s is -50 ms.
+        let a = anchor(200.0);
+        let got = a.ntp_ns_at(a.mono_ns + 10 * SECOND_NS) - a.ntp_ns;
+        assert!(got.abs_diff(10 * SECOND_NS + 2_000_000) <= 2, "{got}");
+        let b = anchor(-500.0);
+        let got = b.ntp_ns_at(b.mono_ns + 100 * SECOND_NS) - b.ntp_ns;
+        assert!(got.abs_diff(100 * SECOND_NS - 50_000_000) <= 25, "{got}");
+    }
+
+    #[test]
+    fn extrapolation_is_monotonic_in_the_reading() {
+        for ppm in [-500.0, -1.0, 0.0, 3.3, 500.0] {
+            let a = anchor(ppm);
+            let mut last = 0;
+            let mut t = a.mono_ns - 10_000;
+            while t < a.mono_ns + 10_000 {
+                let v = a.ntp_ns_at(t);
+                assert!(v >= last, "ppm {ppm}: {v} < {last} at {t}");
+                last = v;
+                t += 7;
+            }
+        }
+    }
+
+    #[test]
+    fn staleness() {
+        let mut a = anchor(0.0);
+        assert!(a.is_synchronized_at(a.mono_ns + 10 * SECOND_NS));
+        assert!(!a.is_synchronized_at(a.mono_ns + 10 * SECOND_NS + 1));
+        a.leap = LEAP_UNSYNCHRONIZED;
+        assert!(!a.is_synchronized_at(a.mono_ns));
+        assert!(!TimeAnchor::default().is_published());
+    }
+}

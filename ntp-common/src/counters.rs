@@ -1,0 +1,74 @@
+//! The responder's outcome counters: every packet the program sees increments exactly one.
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $variant:ident = $name:literal, )*) => {
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)*];
+
+            /// Stable snake_case name for stats output and metrics.
+            pub const fn name(self) -> &'static str {
+                match self { $(Counter::$variant => $name,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Answered an IPv4 request (any leap indicator).
+    AnsweredV4 = "answered_ipv4",
+    /// Answered an IPv6 request.
+    AnsweredV6 = "answered_ipv6",
+    /// Frames that are not IPv4/IPv6 (after at most one VLAN tag).
+    PassedNotIp = "passed_not_ip",
+    /// IP packets to an address the responder does not serve.
+    PassedNotServed = "passed_not_served",
+    /// Served address, but not UDP to port 123.
+    PassedNotNtp = "passed_not_ntp",
+    /// IPv4 fragments: left to the kernel's reassembly.
+    PassedFragment = "passed_fragment",
+    /// IPv6 with extension headers.
+    PassedIpv6ExtHeader = "passed_ipv6_ext_header",
+    /// NTP requests with extension fields or a MAC (NTS, symmetric keys): for userspace.
+    PassedExtension = "passed_extension",
+    /// Frame shorter than its headers or the lengths they announce.
+    DroppedShort = "dropped_short",
+    /// Header lengths that contradict each other.
+    DroppedBadLength = "dropped_bad_length",
+    DroppedBadIpChecksum = "dropped_bad_ip_checksum",
+    DroppedBadUdpChecksum = "dropped_bad_udp_checksum",
+    /// NTP mode other than 3 (client).
+    DroppedMode = "dropped_mode",
+    /// NTP version 0 or 5-7.
+    DroppedVersion = "dropped_version",
+    /// UDP source port 0: nothing to reply to.
+    DroppedSourcePort = "dropped_source_port",
+    /// Multicast, broadcast or unspecified source address or MAC: never reflect to those.
+    DroppedBadAddress = "dropped_bad_address",
+    /// No anchor was ever published: there is no time to give.
+    DroppedNoAnchor = "dropped_no_anchor",
+    /// Subset of the answered ones: replies that said LI=3 (unsynchronized or stale anchor).
+    AnsweredUnsynchronized = "answered_unsynchronized",
+}
+
+pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_indices_dense() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            for d in &Counter::ALL[i + 1..] {
+                assert_ne!(c.name(), d.name());
+            }
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The NTP header of a server reply, built in place over the client's request.
+//!
+//! One builder for both paths: the XDP responder calls it on packet memory, the daemon's
+//! userspace path on a socket buffer, so their headers agree field for field.
+
+use crate::anchor::{ServerParams, TimeAnchor};
+use crate::time::{ns_to_short, ntp_ns_to_timestamp, phi_growth_ns};
+use crate::wire::*;
+
+/// What the builder needs from the request, read before the header is overwritten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientRequest {
+    pub version: u8,
+    pub poll: i8,
+    /// Transmit timestamp, echoed bit for bit as the reply's origin.
+    pub transmit: [u8; 8],
+}
+
+impl ClientRequest {
+    #[inline(always)]
+    pub fn parse(hdr: &[u8; NTP_HEADER_LEN]) -> ClientRequest {
+        ClientRequest {
+            version: version(hdr[OFF_LI_VN_MODE]),
+            poll: hdr[OFF_POLL] as i8,
+            transmit: [
+                hdr[OFF_TRANSMIT_TS],
+                hdr[OFF_TRANSMIT_TS + 1],
+                hdr[OFF_TRANSMIT_TS + 2],
+                hdr[OFF_TRANSMIT_TS + 3],
+                hdr[OFF_TRANSMIT_TS + 4],
+                hdr[OFF_TRANSMIT_TS + 5],
+                hdr[OFF_TRANSMIT_TS + 6],
+                hdr[OFF_TRANSMIT_TS + 7],
+            ],
+        }
+    }
+}
+
+#[inline(always)]
+fn clamp_poll(poll: i8, params: &ServerParams) -> i8 {
+    if poll < params.poll_min {
+        params.poll_min
+    } else if poll > params.poll_max {
+        params.poll_max
+    } else {
+        poll
+    }
+}
+
+/// Mask of the 32.32 timestamp bits below the clock's precision (RFC 5905 §6: "the bits below
+/// the precision should be random" so that timestamps are unpredictable and distinct).
+#[inline(always)]
+pub fn sub_precision_mask(precision: i8) -> u64 {
+    let bits = 32i32 + precision as i32;
+    if bits <= 0 {
+        0
+    } else if bits >= 32 {
+        0xffff_ffff
+    } else {
+        (1u64 << bits) - 1
+    }
+}
+
+/// Transmit timestamp from the time just before sending: bits below the precision randomised,
+/// and always after the receive timestamp.
+#[inline(always)]
+pub fn transmit_timestamp(tx_exact: u64, receive: u64, precision: i8, random: u32) -> u64 {
+    let mask = sub_precision_mask(precision);
+    let tx = (tx_exact & !mask) | (random as u64 & mask);
+    if tx.wrapping_sub(receive) as i64 <= 0 {
+        receive.wrapping_add(1)
+    } else {
+        tx
+    }
+}
+
+/// Whether the reply built from `anchor` at `rx_mono` claims synchronization.
+#[inline(always)]
+pub fn reply_is_synchronized(anchor: &TimeAnchor, rx_mono: u64) -> bool {
+    anchor.is_synchronized_at(rx_mono)
+}
+
+/// Writes a mode 4 reply over `hdr`.
+///
+/// `rx_mono` and `tx_mono` are CLOCK_MONOTONIC readings at reception and just before sending;
+/// `random` supplies the bits below the precision.
+#[inline(always)]
+pub fn write_server_reply(
+    hdr: &mut [u8; NTP_HEADER_LEN],
+    req: &ClientRequest,
+    anchor: &TimeAnchor,
+    params: &ServerParams,
+    rx_mono: u64,
+    tx_mono: u64,
+    random: u32,
+) {
+    let synced = reply_is_synchronized(anchor, rx_mono);
+    let (leap, stratum, refid) = if synced {
+        (anchor.leap, anchor.stratum, anchor.refid)
+    } else {
+        (LEAP_UNSYNCHRONIZED, STRATUM_UNSPECIFIED, KISS_INIT)
+    };
+    let dispersion = anchor
+        .root_dispersion_ns
+        .saturating_add(phi_growth_ns(anchor.age_ns(rx_mono)));
+    let receive = ntp_ns_to_timestamp(anchor.ntp_ns_at(rx_mono));
+    let transmit = transmit_timestamp(
+        ntp_ns_to_timestamp(anchor.ntp_ns_at(tx_mono)),
+        receive,
+        params.precision,
+        random,
+    );
+    let reference = if anchor.reference_ntp_ns == 0 {
+        0
+    } else {
+        ntp_ns_to_timestamp(anchor.reference_ntp_ns)
+    };
+
+    hdr[OFF_LI_VN_MODE] = li_vn_mode(leap, req.version, MODE_SERVER);
+    hdr[OFF_STRATUM] = stratum;
+    hdr[OFF_POLL] = clamp_poll(req.poll, params) as u8;
+    hdr[OFF_PRECISION] = params.precision as u8;
+    write_be32(hdr, OFF_ROOT_DELAY, ns_to_short(anchor.root_delay_ns));
+    write_be32(hdr, OFF_ROOT_DISPERSION, ns_to_short(dispersion));
+    hdr[OFF_REFID] = refid[0];
+    hdr[OFF_REFID + 1] = refid[1];
+    hdr[OFF_REFID + 2] = refid[2];
+    hdr[OFF_REFID + 3] = refid[3];
+    write_be64(hdr, OFF_REFERENCE_TS, reference);
+    let mut i = 0;
+    while i < 8 {
+        hdr[OFF_ORIGIN_TS + i] = req.transmit[i];
+        i += 1;
+    }
+    write_be64(hdr, OFF_RECEIVE_TS, receive);
+    write_be64(hdr, OFF_TRANSMIT_TS, transmit);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::{ntp_ns_to_timestamp, timestamp_diff_ns, NANOS_PER_SEC};
+
+    const SEC: u64 = NANOS_PER_SEC;
+
+    fn anchor() -> TimeAnchor {
+        TimeAnchor {
+            mono_ns: 50 * SEC,
+            ntp_ns: 3_972_000_000 * SEC,
+            freq_scaled: 0,
+            max_age_ns: 10 * SEC,
+            reference_ntp_ns: 3_971_999_990 * SEC,
+            root_delay_ns: 1_000_000,
+            root_dispersion_ns: 500_000,
+            refid: [169, 254, 0, 1],
+            leap: LEAP_NONE,
+            stratum: 3,
+            _pad: [0; 2],
+        }
+    }
+
+    fn request(version: u8, poll: i8) -> [u8; NTP_HEADER_LEN] {
+        let mut h = [0u8; NTP_HEADER_LEN];
+        h[0] = li_vn_mode(0, version, MODE_CLIENT);
+        h[OFF_POLL] = poll as u8;
+        h[OFF_TRANSMIT_TS..].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef, 0x01, 0x02, 0x03, 0x04]);
+        h
+    }
+
+    fn build(anchor: &TimeAnchor, rx: u64, tx: u64, h: &mut [u8; 48]) {
+        let req = ClientRequest::parse(h);
+        write_server_reply(h, &req, anchor, &ServerParams::DEFAULT, rx, tx, 0xffff_ffff);
+    }
+
+    #[test]
+    fn synchronized_reply_fields() {
+        let a = anchor();
+        let mut h = request(4, 6);
+        build(&a, a.mono_ns + 2 * SEC, a.mono_ns + 2 * SEC + 300, &mut h);
+        assert_eq!(h[0], li_vn_mode(0, 4, MODE_SERVER));
+        assert_eq!(h[OFF_STRATUM], 3);
+        assert_eq!(h[OFF_POLL], 6);
+        assert_eq!(h[OFF_PRECISION] as i8, -24);
+        assert_eq!(read_be32(&h, OFF_ROOT_DELAY), ns_to_short(1_000_000));
+        // 0.5 ms + 2 s × 15 µs/s = 0.53 ms.
+        assert_eq!(read_be32(&h, OFF_ROOT_DISPERSION), ns_to_short(530_000));
+        assert_eq!(h[OFF_REFID..OFF_REFID + 4], [169, 254, 0, 1]);
+        assert_eq!(
+            read_be64(&h, OFF_REFERENCE_TS),
+            ntp_ns_to_timestamp(a.reference_ntp_ns)
+        );
+        assert_eq!(
+            h[OFF_ORIGIN_TS..OFF_ORIGIN_TS + 8],
+            [0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4]
+        );
+        let rx = read_be64(&h, OFF_RECEIVE_TS);
+        let tx = read_be64(&h, OFF_TRANSMIT_TS);
+        assert_eq!(rx, ntp_ns_to_timestamp(a.ntp_ns + 2 * SEC));
+        assert!(tx > rx);
+        // Transmit is within one precision unit (2^-24 s ≈ 60 ns) of the true send time.
+        assert!(timestamp_diff_ns(tx, rx).abs_diff(300) < 60);
+    }
+
+    #[test]
+    fn version_is_echoed_and_poll_clamped() {
+        let a = anchor();
+        for (v, poll, want_poll) in [(1, 0, 4), (3, 17, 10), (4, -3, 4), (2, 8, 8)] {
+            let mut h = request(v, poll);
+            build(&a, a.mono_ns, a.mono_ns + 10, &mut h);
+            assert_eq!(version(h[0]), v);
+            assert_eq!(mode(h[0]), MODE_SERVER);
+            assert_eq!(h[OFF_POLL] as i8, want_poll);
+        }
+    }
+
+    #[test]
+    fn stale_or_unsynchronized_anchor_says_so() {
+        let mut a = anchor();
+        let mut h = request(4, 6);
+        build(&a, a.mono_ns + 11 * SEC, a.mono_ns + 11 * SEC + 10, &mut h);
+        assert_eq!(leap(h[0]), LEAP_UNSYNCHRONIZED);
+        assert_eq!(h[OFF_STRATUM], 0);
+        assert_eq!(&h[OFF_REFID..OFF_REFID + 4], b"INIT");
+
+        a.leap = LEAP_UNSYNCHRONIZED;
+        let mut h = request(4, 6);
+        build(&a, a.mono_ns, a.mono_ns + 10, &mut h);
+        assert_eq!(leap(h[0]), LEAP_UNSYNCHRONIZED);
+        assert_eq!(h[OFF_STRATUM], 0);
+    }
+
+    #[test]
+    fn leap_warning_is_passed_through() {
+        let mut a = anchor();
+        a.leap = LEAP_ADD_SECOND;
+        let mut h = request(4, 6);
+        build(&a, a.mono_ns, a.mono_ns + 10, &mut h);
+        assert_eq!(leap(h[0]), LEAP_ADD_SECOND);
+        assert_eq!(h[OFF_STRATUM], 3);
+    }
+
+    #[test]
+    fn transmit_never_equals_or_precedes_receive() {
+        // Same instant and random bits that would land below the receive timestamp.
+        let rx = ntp_ns_to_timestamp(3_972_000_000 * SEC);
+        for random in [0u32, 1, 0xff, 0xffff_ffff] {
+            let tx = transmit_timestamp(rx, rx, -24, random);
+            assert!(tx > rx);
+        }
+        // Randomised bits stay below the precision.
+        let tx = transmit_timestamp(rx + (1 << 20), rx, -24, 0xffff_ffff);
+        assert_eq!(
+            tx & !sub_precision_mask(-24),
+            (rx + (1 << 20)) & !sub_precision_mask(-24)
+        );
+    }
+
+    #[test]
+    fn precision_masks() {
+        assert_eq!(sub_precision_mask(-32), 0);
+        assert_eq!(sub_precision_mask(-40), 0);
+        assert_eq!(sub_precision_mask(-24), 0xff);
+        assert_eq!(sub_precision_mask(-20), 0xfff);
+        assert_eq!(sub_precision_mask(0), 0xffff_ffff);
+    }
+}

@@ -1,0 +1,426 @@
+//! Parse Ethernet → (VLAN) → IPv4/IPv6 → UDP → NTP, answer client requests in place with XDP_TX.
+//!
+//! Every layer is one function with one bounds check. Anything not addressed to a served
+//! address, or not NTP, is passed untouched; malformed NTP is dropped; nothing is ever answered
+//! with more bytes than it carried. Each packet increments exactly one outcome counter.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::{map, xdp},
+    maps::{Array, HashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use aya_log_ebpf::info;
+use ntp_common::{
+    anchor::{ANCHOR_SLOTS, PARAM_FLAG_LOG},
+    checksum::{
+        add_words, finish, finish_udp, pseudo_v4, pseudo_v6, udp_request_checksum_ok, verifies,
+    },
+    counters::COUNTER_COUNT,
+    reply::{reply_is_synchronized, write_server_reply, ClientRequest},
+    wire::*,
+    Counter, ServerParams, TimeAnchor,
+};
+
+use crate::packet::{be16, swap, Packet};
+
+/// How many addresses one responder can serve (clock aliases and service addresses).
+const MAX_SERVED_ADDRS: u32 = 64;
+
+/// The daemon's clock model, double-buffered; `ANCHOR_ACTIVE[0]` names the live slot.
+#[map]
+static ANCHORS: Array<TimeAnchor> = Array::with_max_entries(ANCHOR_SLOTS, 0);
+#[map]
+static ANCHOR_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+static SERVER_PARAMS: Array<ServerParams> = Array::with_max_entries(1, 0);
+/// Destination addresses answered: IPv6 as is, IPv4 as ::ffff:a.b.c.d. The value is unused.
+#[map]
+static SERVED_ADDRS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_SERVED_ADDRS, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+#[derive(Clone, Copy)]
+struct Verdict {
+    action: u32,
+    counter: Counter,
+    /// For answered packets: the reply said LI=3.
+    unsynchronized: bool,
+}
+
+#[inline(always)]
+const fn pass(counter: Counter) -> Verdict {
+    Verdict {
+        action: XDP_PASS,
+        counter,
+        unsynchronized: false,
+    }
+}
+
+#[inline(always)]
+const fn drop(counter: Counter) -> Verdict {
+    Verdict {
+        action: XDP_DROP,
+        counter,
+        unsynchronized: false,
+    }
+}
+
+#[xdp]
+pub fn ntp_responder(ctx: XdpContext) -> u32 {
+    // Receive timestamp: as early as possible.
+    let rx_mono = unsafe { bpf_ktime_get_ns() };
+    let pkt = Packet::new(&ctx);
+    let verdict = handle_frame(&pkt, rx_mono);
+    count(verdict.counter);
+    if verdict.unsynchronized {
+        count(Counter::AnsweredUnsynchronized);
+    }
+    if let Some(params) = SERVER_PARAMS.get(0) {
+        if params.flags & PARAM_FLAG_LOG != 0 {
+            info!(
+                &ctx,
+                "ntp-xdp: outcome {} action {}", verdict.counter as u32, verdict.action
+            );
+        }
+    }
+    verdict.action
+}
+
+/// Attached to the far end of a veth in native mode: XDP_TX on veth only delivers when the
+/// peer has an XDP program (kernel 6.x), and this one lets everything through.
+#[xdp]
+pub fn ntp_peer_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other writer.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn is_served(key: &[u8; 16]) -> bool {
+    SERVED_ADDRS.get_ptr(key).is_some()
+}
+
+/// Reads the live anchor. Re-reading the index after the copy catches a flip that happened
+/// during it; the daemon never flips twice within a millisecond, so one retry suffices.
+#[inline(always)]
+fn load_anchor() -> Option<TimeAnchor> {
+    let active = ANCHOR_ACTIVE.get_ptr(0)?;
+    let first = unsafe { core::ptr::read_volatile(active) } & 1;
+    let anchor = unsafe { core::ptr::read_volatile(ANCHORS.get_ptr(first)?) };
+    let second = unsafe { core::ptr::read_volatile(active) } & 1;
+    if second == first {
+        return Some(anchor);
+    }
+    Some(unsafe { core::ptr::read_volatile(ANCHORS.get_ptr(second)?) })
+}
+
+#[inline(always)]
+fn handle_frame(pkt: &Packet, rx_mono: u64) -> Verdict {
+    let Some(eth) = pkt.bytes::<ETH_HEADER_LEN>(0) else {
+        return pass(Counter::PassedNotIp);
+    };
+    let mut ethertype = be16(eth[12], eth[13]);
+    let mut l3 = ETH_HEADER_LEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        // One tag: TCI, then the inner ethertype.
+        let Some(tag) = pkt.bytes::<VLAN_TAG_LEN>(ETH_HEADER_LEN) else {
+            return pass(Counter::PassedNotIp);
+        };
+        ethertype = be16(tag[2], tag[3]);
+        l3 = ETH_HEADER_LEN + VLAN_TAG_LEN;
+    }
+    match ethertype {
+        ETH_P_IPV4 => handle_ipv4(pkt, l3, rx_mono),
+        ETH_P_IPV6 => handle_ipv6(pkt, l3, rx_mono),
+        _ => pass(Counter::PassedNotIp),
+    }
+}
+
+#[inline(always)]
+fn handle_ipv4(pkt: &Packet, l3: usize, rx_mono: u64) -> Verdict {
+    let Some(ip) = pkt.bytes::<IPV4_MIN_HEADER_LEN>(l3) else {
+        return pass(Counter::PassedNotIp);
+    };
+    if ip[0] >> 4 != 4 {
+        return pass(Counter::PassedNotIp);
+    }
+    if !is_served(&ipv4_mapped_key([ip[16], ip[17], ip[18], ip[19]])) {
+        return pass(Counter::PassedNotServed);
+    }
+    if ip[9] != IPPROTO_UDP {
+        return pass(Counter::PassedNotNtp);
+    }
+    // More-fragments flag or a fragment offset: leave it to the kernel's reassembly.
+    if be16(ip[6], ip[7]) & 0x3fff != 0 {
+        return pass(Counter::PassedFragment);
+    }
+    let ihl = (ip[0] & 0x0f) as usize;
+    if ihl < 5 {
+        return drop(Counter::DroppedBadLength);
+    }
+    let header_len = ihl * 4;
+    let total_len = be16(ip[2], ip[3]) as usize;
+    let src = [ip[12], ip[13], ip[14], ip[15]];
+    let dst = [ip[16], ip[17], ip[18], ip[19]];
+
+    let l4 = l3 + header_len;
+    let Some(udp) = pkt.bytes::<UDP_HEADER_LEN>(l4) else {
+        return drop(Counter::DroppedShort);
+    };
+    if be16(udp[2], udp[3]) != NTP_PORT {
+        return pass(Counter::PassedNotNtp);
+    }
+    let udp_len = be16(udp[4], udp[5]);
+    if total_len < header_len || udp_len as usize != total_len - header_len {
+        return drop(Counter::DroppedBadLength);
+    }
+    // 0/8, 127/8, multicast, broadcast: never a real client, often a reflection attempt.
+    if src[0] == 0 || src[0] == 127 || src[0] >= 224 {
+        return drop(Counter::DroppedBadAddress);
+    }
+    let seg = match ntp_request(pkt, l4, udp_len) {
+        Ok(seg) => seg,
+        Err(v) => return v,
+    };
+    let Some(header_sum) = ipv4_header_sum(pkt, l3, ihl) else {
+        return drop(Counter::DroppedShort);
+    };
+    if !verifies(header_sum) {
+        return drop(Counter::DroppedBadIpChecksum);
+    }
+    let pseudo = pseudo_v4(&src, &dst, udp_len);
+    let field = be16(seg[6], seg[7]);
+    if !udp_request_checksum_ok(field, add_words(pseudo, seg), pseudo, true) {
+        return drop(Counter::DroppedBadUdpChecksum);
+    }
+    if !ethernet_addresses_ok(pkt) {
+        return drop(Counter::DroppedBadAddress);
+    }
+    let Some(anchor) = load_anchor() else {
+        return drop(Counter::DroppedNoAnchor);
+    };
+    if !anchor.is_published() {
+        return drop(Counter::DroppedNoAnchor);
+    }
+
+    // Turn the frame around: MACs, addresses, TTL, then a fresh header checksum.
+    swap_ethernet(pkt);
+    let Some(ip) = pkt.bytes::<IPV4_MIN_HEADER_LEN>(l3) else {
+        return drop(Counter::DroppedShort);
+    };
+    swap::<4>(ip, 12, 16);
+    ip[8] = REPLY_TTL;
+    ip[10] = 0;
+    ip[11] = 0;
+    let Some(sum) = ipv4_header_sum(pkt, l3, ihl) else {
+        return drop(Counter::DroppedShort);
+    };
+    let Some(ip) = pkt.bytes::<IPV4_MIN_HEADER_LEN>(l3) else {
+        return drop(Counter::DroppedShort);
+    };
+    let check = finish(sum);
+    ip[10] = (check >> 8) as u8;
+    ip[11] = check as u8;
+
+    let synced = answer(seg, &anchor, rx_mono, pseudo);
+    Verdict {
+        action: XDP_TX,
+        counter: Counter::AnsweredV4,
+        unsynchronized: !synced,
+    }
+}
+
+/// IPv6 extension headers (RFC 8200 §4, RFC 7045): requests carrying them go to the kernel.
+#[inline(always)]
+fn is_ipv6_extension_header(next: u8) -> bool {
+    matches!(
+        next,
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+    )
+}
+
+#[inline(always)]
+fn handle_ipv6(pkt: &Packet, l3: usize, rx_mono: u64) -> Verdict {
+    let Some(ip) = pkt.bytes::<IPV6_HEADER_LEN>(l3) else {
+        return pass(Counter::PassedNotIp);
+    };
+    if ip[0] >> 4 != 6 {
+        return pass(Counter::PassedNotIp);
+    }
+    let mut dst = [0u8; 16];
+    let mut src = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        src[i] = ip[8 + i];
+        dst[i] = ip[24 + i];
+        i += 1;
+    }
+    if !is_served(&dst) {
+        return pass(Counter::PassedNotServed);
+    }
+    let next = ip[6];
+    if next != IPPROTO_UDP {
+        return if is_ipv6_extension_header(next) {
+            pass(Counter::PassedIpv6ExtHeader)
+        } else {
+            pass(Counter::PassedNotNtp)
+        };
+    }
+    let payload_len = be16(ip[4], ip[5]);
+    let l4 = l3 + IPV6_HEADER_LEN;
+    let Some(udp) = pkt.bytes::<UDP_HEADER_LEN>(l4) else {
+        return drop(Counter::DroppedShort);
+    };
+    if be16(udp[2], udp[3]) != NTP_PORT {
+        return pass(Counter::PassedNotNtp);
+    }
+    let udp_len = be16(udp[4], udp[5]);
+    if udp_len != payload_len {
+        return drop(Counter::DroppedBadLength);
+    }
+    // Multicast (ff00::/8) or unspecified (::) sources are never answered.
+    let mut any = 0u8;
+    let mut i = 0;
+    while i < 16 {
+        any |= src[i];
+        i += 1;
+    }
+    if src[0] == 0xff || any == 0 {
+        return drop(Counter::DroppedBadAddress);
+    }
+    let seg = match ntp_request(pkt, l4, udp_len) {
+        Ok(seg) => seg,
+        Err(v) => return v,
+    };
+    let pseudo = pseudo_v6(&src, &dst, udp_len);
+    let field = be16(seg[6], seg[7]);
+    // IPv6 makes the UDP checksum mandatory: zero is not accepted.
+    if !udp_request_checksum_ok(field, add_words(pseudo, seg), pseudo, false) {
+        return drop(Counter::DroppedBadUdpChecksum);
+    }
+    if !ethernet_addresses_ok(pkt) {
+        return drop(Counter::DroppedBadAddress);
+    }
+    let Some(anchor) = load_anchor() else {
+        return drop(Counter::DroppedNoAnchor);
+    };
+    if !anchor.is_published() {
+        return drop(Counter::DroppedNoAnchor);
+    }
+
+    swap_ethernet(pkt);
+    let Some(ip) = pkt.bytes::<IPV6_HEADER_LEN>(l3) else {
+        return drop(Counter::DroppedShort);
+    };
+    swap::<16>(ip, 8, 24);
+    ip[7] = REPLY_TTL;
+
+    let synced = answer(seg, &anchor, rx_mono, pseudo);
+    Verdict {
+        action: XDP_TX,
+        counter: Counter::AnsweredV6,
+        unsynchronized: !synced,
+    }
+}
+
+/// Validates the UDP header and NTP header shared by both families and returns the UDP
+/// segment (header + 48 bytes of NTP), or the verdict for a request that is not answered here.
+#[inline(always)]
+fn ntp_request(
+    pkt: &Packet,
+    l4: usize,
+    udp_len: u16,
+) -> Result<&'static mut [u8; NTP_UDP_LEN as usize], Verdict> {
+    if (udp_len as usize) < UDP_HEADER_LEN + NTP_HEADER_LEN {
+        return Err(drop(Counter::DroppedShort));
+    }
+    let Some(seg) = pkt.bytes::<{ NTP_UDP_LEN as usize }>(l4) else {
+        return Err(drop(Counter::DroppedShort));
+    };
+    if seg[0] == 0 && seg[1] == 0 {
+        return Err(drop(Counter::DroppedSourcePort));
+    }
+    let b0 = seg[UDP_HEADER_LEN + OFF_LI_VN_MODE];
+    if mode(b0) != MODE_CLIENT {
+        return Err(drop(Counter::DroppedMode));
+    }
+    let v = version(b0);
+    if v < MIN_VERSION || v > MAX_VERSION {
+        return Err(drop(Counter::DroppedVersion));
+    }
+    // Extension fields or a MAC (NTS, symmetric keys): a userspace server's business.
+    if udp_len != NTP_UDP_LEN {
+        return Err(pass(Counter::PassedExtension));
+    }
+    Ok(seg)
+}
+
+/// Sum of the IPv4 header's words (IHL 5..15), read four bytes at a time.
+#[inline(always)]
+fn ipv4_header_sum(pkt: &Packet, l3: usize, ihl: usize) -> Option<u32> {
+    let mut sum = 0u32;
+    let mut i = 0usize;
+    while i < 15 {
+        if i >= ihl {
+            break;
+        }
+        let word = pkt.bytes::<4>(l3 + i * 4)?;
+        sum = add_words(sum, word);
+        i += 1;
+    }
+    Some(sum)
+}
+
+/// Replies go back to the unicast MAC that sent the request, from the one it was sent to.
+#[inline(always)]
+fn ethernet_addresses_ok(pkt: &Packet) -> bool {
+    match pkt.bytes::<ETH_HEADER_LEN>(0) {
+        Some(eth) => eth[0] & 1 == 0 && eth[6] & 1 == 0,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn swap_ethernet(pkt: &Packet) {
+    if let Some(eth) = pkt.bytes::<ETH_HEADER_LEN>(0) {
+        swap::<6>(eth, 0, 6);
+    }
+}
+
+/// Writes the NTP reply and the UDP header over the request segment. Returns whether the
+/// reply claims synchronization.
+#[inline(always)]
+fn answer(
+    seg: &mut [u8; NTP_UDP_LEN as usize],
+    anchor: &TimeAnchor,
+    rx_mono: u64,
+    pseudo: u32,
+) -> bool {
+    let params = match SERVER_PARAMS.get(0) {
+        Some(p) => *p,
+        None => ServerParams::DEFAULT,
+    };
+    swap::<2>(seg, 0, 2);
+    seg[6] = 0;
+    seg[7] = 0;
+    // SAFETY: the NTP header is the last 48 of the segment's 56 bytes.
+    let hdr = unsafe { &mut *(seg.as_mut_ptr().add(UDP_HEADER_LEN) as *mut [u8; NTP_HEADER_LEN]) };
+    let req = ClientRequest::parse(hdr);
+    // Transmit timestamp: the last moment before the checksum that covers it.
+    let tx_mono = unsafe { bpf_ktime_get_ns() };
+    let random = unsafe { bpf_get_prandom_u32() };
+    write_server_reply(hdr, &req, anchor, &params, rx_mono, tx_mono, random);
+    // The pseudo-header sum does not change when source and destination swap.
+    let check = finish_udp(add_words(pseudo, seg));
+    seg[6] = (check >> 8) as u8;
+    seg[7] = check as u8;
+    reply_is_synchronized(anchor, rx_mono)
+}

@@ -1,0 +1,141 @@
+//! Command-line interface.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::serve::XdpModeArg;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ntp-user",
+    version,
+    about = "ntp-xdp: in-kernel NTP responder and its daemon"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the responder to an interface and serve the host clock until SIGINT/SIGTERM.
+    Serve(ServeArgs),
+    /// Print the counters of every responder loaded on this machine.
+    Stats {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Named network namespace (/run/netns/NS) holding the interface; default: the current one.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// Interface to attach to.
+    #[arg(long)]
+    pub interface: String,
+    /// Destination address to answer for (repeatable): clock aliases and service addresses.
+    #[arg(long = "address", required = true)]
+    pub addresses: Vec<IpAddr>,
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    pub xdp_mode: XdpModeArg,
+    /// Namespace of the veth peer (native mode); default: searched among the initial and named ones.
+    #[arg(long)]
+    pub peer_netns: Option<String>,
+    /// Stratum to announce (1-15).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=15))]
+    pub stratum: u8,
+    /// Reference ID: up to four ASCII characters (e.g. LOCL, GPS) or an IPv4 address.
+    #[arg(long, default_value = "LOCL", value_parser = parse_refid)]
+    pub refid: [u8; 4],
+    /// How often the anchor is republished.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub publish_interval: Duration,
+    /// After this long without a new anchor, replies say unsynchronized (LI=3).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub max_anchor_age: Duration,
+    /// Clock precision as log2 seconds (bits below it are randomised in transmit timestamps).
+    #[arg(long, default_value_t = -24, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i8).range(-32..=0))]
+    pub precision: i8,
+    /// Smallest poll exponent echoed back to clients.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i8).range(0..=17))]
+    pub poll_min: i8,
+    /// Largest poll exponent echoed back to clients.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i8).range(0..=17))]
+    pub poll_max: i8,
+    /// Log every packet the responder handles (aya-log; for debugging only).
+    #[arg(long)]
+    pub log_packets: bool,
+}
+
+/// Parses a duration such as `500ms`, `1s` or `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 500ms or 2s: {e}"))
+}
+
+/// Parses a reference ID: an IPv4 address (stratum 2+ convention) or 1-4 ASCII characters,
+/// NUL-padded (stratum 1 and local clocks).
+pub fn parse_refid(s: &str) -> Result<[u8; 4], String> {
+    if let Ok(v4) = s.parse::<Ipv4Addr>() {
+        return Ok(v4.octets());
+    }
+    if s.is_empty() || s.len() > 4 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{s:?} is neither an IPv4 address nor 1-4 printable ASCII characters"
+        ));
+    }
+    let mut id = [0u8; 4];
+    id[..s.len()].copy_from_slice(s.as_bytes());
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refids() {
+        assert_eq!(parse_refid("LOCL").unwrap(), *b"LOCL");
+        assert_eq!(parse_refid("GPS").unwrap(), [b'G', b'P', b'S', 0]);
+        assert_eq!(parse_refid("169.254.0.1").unwrap(), [169, 254, 0, 1]);
+        assert!(parse_refid("").is_err());
+        assert!(parse_refid("TOOLONG").is_err());
+        assert!(parse_refid("a b").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10ms").unwrap(), Duration::from_millis(10));
+        assert!(parse_duration("ten").unwrap_err().contains("ten"));
+    }
+
+    #[test]
+    fn serve_rejects_bad_values() {
+        let base = [
+            "ntp-user",
+            "serve",
+            "--interface",
+            "veth0",
+            "--address",
+            "169.254.169.123",
+        ];
+        assert!(Cli::try_parse_from(base).is_ok());
+        for bad in [
+            vec!["--stratum", "16"],
+            vec!["--stratum", "0"],
+            vec!["--precision", "3"],
+            vec!["--xdp-mode", "turbo"],
+            vec!["--address", "not-an-ip"],
+        ] {
+            let mut args: Vec<&str> = base.to_vec();
+            args.extend(bad.iter());
+            assert!(Cli::try_parse_from(&args).is_err(), "{bad:?} accepted");
+        }
+    }
+}

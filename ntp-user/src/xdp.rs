@@ -1,0 +1,264 @@
+//! The responder as the daemon sees it: load the embedded eBPF object, fill its maps, attach it,
+//! publish anchors, read counters.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
+use aya::Ebpf;
+use ntp_common::wire::ipv4_mapped_key;
+use ntp_common::{Counter, ServerParams, TimeAnchor};
+
+/// The compiled `ntp-ebpf` object, embedded at build time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntp-ebpf"));
+
+pub const RESPONDER_PROGRAM: &str = "ntp_responder";
+pub const PEER_PASS_PROGRAM: &str = "ntp_peer_pass";
+pub const COUNTERS_MAP: &str = "COUNTERS";
+
+/// A reader copies an anchor in well under a microsecond; flipping no faster than this keeps
+/// the double buffer safe without locks (see `load_anchor` in ntp-ebpf).
+const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Key of the served-address map for an address.
+pub fn served_address_key(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(v4) => ipv4_mapped_key(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// What one publication did to the anchor the daemon asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Publication {
+    pub slot: u32,
+    /// How far the requested time was raised so that served time never goes backwards.
+    pub held_back_ns: u64,
+}
+
+/// What a packet run through the program (BPF_PROG_TEST_RUN) came out as.
+#[derive(Debug, Clone)]
+pub struct TestRunOutcome {
+    pub action: u32,
+    pub frame: Vec<u8>,
+}
+
+pub struct Responder {
+    ebpf: Ebpf,
+    active_slot: u32,
+    last_anchor: Option<TimeAnchor>,
+    last_publish: Option<Instant>,
+}
+
+impl Responder {
+    /// Loads the object and both programs into the kernel (verifier included); attaches nothing.
+    pub fn load() -> Result<Responder> {
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
+        for name in [RESPONDER_PROGRAM, PEER_PASS_PROGRAM] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("loading XDP program {name} (verifier)"))?;
+        }
+        let mut responder = Responder {
+            ebpf,
+            active_slot: 0,
+            last_anchor: None,
+            last_publish: None,
+        };
+        responder.set_params(ServerParams::DEFAULT)?;
+        Ok(responder)
+    }
+
+    /// Routes the program's aya-log records to the `log` facade (diagnostics, off by default).
+    pub fn enable_kernel_log(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).context("initialising aya-log")
+    }
+
+    pub fn set_params(&mut self, params: ServerParams) -> Result<()> {
+        let mut map: Array<_, ServerParams> = Array::try_from(self.map("SERVER_PARAMS")?)?;
+        map.set(0, params, 0).context("writing SERVER_PARAMS")?;
+        Ok(())
+    }
+
+    pub fn add_served_address(&mut self, addr: IpAddr) -> Result<()> {
+        let mut map: HashMap<_, [u8; 16], u8> = HashMap::try_from(self.map("SERVED_ADDRS")?)?;
+        map.insert(served_address_key(addr), 1, 0)
+            .with_context(|| format!("adding served address {addr}"))?;
+        Ok(())
+    }
+
+    pub fn remove_served_address(&mut self, addr: IpAddr) -> Result<()> {
+        let mut map: HashMap<_, [u8; 16], u8> = HashMap::try_from(self.map("SERVED_ADDRS")?)?;
+        map.remove(&served_address_key(addr))
+            .with_context(|| format!("removing served address {addr}"))?;
+        Ok(())
+    }
+
+    /// Publishes a clock model. The inactive slot is written first, then the index flips, so
+    /// the kernel reads either the old or the new anchor whole. If the new model would put the
+    /// time at its own reference point behind what the old one serves there, the time is held
+    /// at the old value: guests never see time go backwards across an update.
+    pub fn publish_anchor(&mut self, mut anchor: TimeAnchor) -> Result<Publication> {
+        if let Some(last) = self.last_publish {
+            let since = last.elapsed();
+            if since < MIN_PUBLISH_INTERVAL {
+                std::thread::sleep(MIN_PUBLISH_INTERVAL - since);
+            }
+        }
+        let mut held_back_ns = 0;
+        if let Some(prev) = self.last_anchor.filter(|p| p.is_published()) {
+            let floor = prev.ntp_ns_at(anchor.mono_ns);
+            if anchor.ntp_ns < floor {
+                held_back_ns = floor - anchor.ntp_ns;
+                anchor.ntp_ns = floor;
+            }
+        }
+        let slot = 1 - self.active_slot;
+        {
+            let mut anchors: Array<_, TimeAnchor> = Array::try_from(self.map("ANCHORS")?)?;
+            anchors
+                .set(slot, anchor, 0)
+                .context("writing the anchor slot")?;
+        }
+        let mut active: Array<_, u32> = Array::try_from(self.map("ANCHOR_ACTIVE")?)?;
+        active
+            .set(0, slot, 0)
+            .context("flipping the active anchor")?;
+        self.active_slot = slot;
+        self.last_anchor = Some(anchor);
+        self.last_publish = Some(Instant::now());
+        Ok(Publication { slot, held_back_ns })
+    }
+
+    pub fn last_anchor(&self) -> Option<TimeAnchor> {
+        self.last_anchor
+    }
+
+    /// Attaches the responder to `if_index` of the calling thread's network namespace.
+    pub fn attach_responder(&mut self, if_index: u32, mode: XdpMode) -> Result<(), ProgramError> {
+        self.xdp(RESPONDER_PROGRAM)?
+            .attach_to_if_index(if_index, mode)
+            .map(|_| ())
+    }
+
+    /// Attaches the pass-through program (for the far end of a veth in native mode).
+    pub fn attach_peer_pass(&mut self, if_index: u32) -> Result<(), ProgramError> {
+        self.xdp(PEER_PASS_PROGRAM)?
+            .attach_to_if_index(if_index, XdpMode::Driver)
+            .map(|_| ())
+    }
+
+    /// Counter totals over all CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        let map = self
+            .ebpf
+            .map(COUNTERS_MAP)
+            .ok_or_else(|| anyhow!("map {COUNTERS_MAP} missing"))?;
+        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        read_counters(&counters)
+    }
+
+    /// Runs one frame through the responder in the kernel (BPF_PROG_TEST_RUN).
+    pub fn test_run(&mut self, frame: &[u8]) -> Result<TestRunOutcome> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.xdp(RESPONDER_PROGRAM)?;
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutcome {
+            action: result.return_value,
+            frame: out,
+        })
+    }
+
+    /// Runs one frame `repeat` times in the kernel and returns the mean time per run.
+    pub fn test_run_repeat(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.xdp(RESPONDER_PROGRAM)?;
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        Ok((result.return_value, result.duration))
+    }
+
+    fn xdp(&mut self, name: &str) -> Result<&mut Xdp, ProgramError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(ProgramError::NotLoaded)?
+            .try_into()
+    }
+
+    fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    }
+}
+
+fn read_counters<T: std::borrow::Borrow<MapData>>(
+    counters: &PerCpuArray<T, u64>,
+) -> Result<Vec<(Counter, u64)>> {
+    let mut totals = Vec::with_capacity(Counter::ALL.len());
+    for &c in Counter::ALL {
+        let values = counters.get(&(c as u32), 0).context("reading counters")?;
+        totals.push((c, values.iter().sum()));
+    }
+    Ok(totals)
+}
+
+/// Counters of a responder loaded by another process, found by program ID.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ResponderStats {
+    pub program_id: u32,
+    pub counters: Vec<(String, u64)>,
+}
+
+/// Finds every loaded `ntp_responder` program on the machine and reads its counters.
+pub fn loaded_responder_stats() -> Result<Vec<ResponderStats>> {
+    let mut found = Vec::new();
+    for info in aya::programs::loaded_programs() {
+        let info = info.context("listing loaded BPF programs")?;
+        if info.name_as_str() != Some(RESPONDER_PROGRAM) {
+            continue;
+        }
+        let Some(map_ids) = info.map_ids()? else {
+            continue;
+        };
+        for id in map_ids {
+            let map_info = aya::maps::MapInfo::from_id(id)?;
+            if map_info.name_as_str() != Some(COUNTERS_MAP) {
+                continue;
+            }
+            let data = MapData::from_id(id)?;
+            let map = aya::maps::Map::from_map_data(data)?;
+            let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(map)?;
+            let totals = read_counters(&counters)?;
+            found.push(ResponderStats {
+                program_id: info.id(),
+                counters: totals
+                    .into_iter()
+                    .map(|(c, v)| (c.name().to_string(), v))
+                    .collect(),
+            });
+        }
+    }
+    if found.is_empty() {
+        bail!("no {RESPONDER_PROGRAM} program is loaded on this machine (is `ntp-user serve` running?)");
+    }
+    Ok(found)
+}
