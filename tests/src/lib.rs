@@ -1,1 +1,59 @@
+//! Shared pieces of the integration tests: namespaces that clean up after themselves, the
+//! guest ↔ VIP topology, the `ntp-user serve` process, third-party NTP clients and frames.
+//!
+//! Network rules: IPv4 only from 169.254.0.0/16; IPv6 only inside the test's own namespaces.
+//! Every namespace is deleted by its guard, also when a test fails.
 
+pub mod clients;
+pub mod frames;
+pub mod topology;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{bail, Context as _, Result};
+
+/// The clock addresses the big clouds use (EC2: 169.254.169.123 and fd00:ec2::123).
+pub const CLOCK_V4: &str = "169.254.169.123";
+pub const CLOCK_V6: &str = "fd00:ec2::123";
+
+/// A short name, unique on this machine for this process (interface names have 15 bytes).
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}{n}", std::process::id() % 100_000)
+}
+
+/// Runs a command and fails with its output when it fails.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip ARGS...`
+pub fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+/// Path of the `ntp-user` binary under test: `NTP_USER_BIN` (set by `cargo xtask test`), else
+/// the debug build next to this workspace.
+pub fn ntp_user_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("NTP_USER_BIN") {
+        return p.into();
+    }
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ntp-user");
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo xtask test`, or build ntp-user first",
+        p.display()
+    );
+    p
+}

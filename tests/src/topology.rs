@@ -1,0 +1,255 @@
+//! A guest namespace and a VIP namespace joined by a veth, as on a VIP host: the VIP side holds
+//! a service address and the clock aliases; the guest routes the clock addresses via the
+//! service address.
+
+use std::fs::File;
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::{ip, ntp_user_bin, unique_name, CLOCK_V4, CLOCK_V6};
+
+/// A named network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Result<Netns> {
+        let name = unique_name(prefix);
+        ip(&["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    pub fn file(&self) -> Result<File> {
+        File::open(format!("/run/netns/{}", self.name)).context("opening the namespace")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace also deletes the veth end inside it and with it the peer.
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Guest ↔ VIP over one veth.
+pub struct Topology {
+    pub guest: Netns,
+    pub vip: Netns,
+    pub vip_if: String,
+    pub guest_if: String,
+    pub service_v4: String,
+    pub guest_v4: String,
+    pub service_v6: String,
+    pub guest_v6: String,
+}
+
+impl Topology {
+    /// `subnet` picks 169.254.<subnet>.0/24 and fd00:ec2:<subnet>::/64 for the link.
+    pub fn new(subnet: u8) -> Result<Topology> {
+        let guest = Netns::new("ntg")?;
+        let vip = Netns::new("ntv")?;
+        let vip_if = unique_name("nv");
+        let guest_if = unique_name("ng");
+        ip(&[
+            "link",
+            "add",
+            &vip_if,
+            "netns",
+            &vip.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &guest_if,
+            "netns",
+            &guest.name,
+        ])?;
+        let t = Topology {
+            service_v4: format!("169.254.{subnet}.1"),
+            guest_v4: format!("169.254.{subnet}.2"),
+            service_v6: format!("fd00:ec2:{subnet}::1"),
+            guest_v6: format!("fd00:ec2:{subnet}::2"),
+            guest,
+            vip,
+            vip_if,
+            guest_if,
+        };
+        let v = &t.vip;
+        v.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", t.service_v4),
+            "dev",
+            &t.vip_if,
+        ])?;
+        v.ip(&["addr", "add", &format!("{CLOCK_V4}/32"), "dev", &t.vip_if])?;
+        v.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", t.service_v6),
+            "dev",
+            &t.vip_if,
+            "nodad",
+        ])?;
+        v.ip(&[
+            "addr",
+            "add",
+            &format!("{CLOCK_V6}/128"),
+            "dev",
+            &t.vip_if,
+            "nodad",
+        ])?;
+        v.ip(&["link", "set", &t.vip_if, "up"])?;
+        let g = &t.guest;
+        g.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", t.guest_v4),
+            "dev",
+            &t.guest_if,
+        ])?;
+        g.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", t.guest_v6),
+            "dev",
+            &t.guest_if,
+            "nodad",
+        ])?;
+        g.ip(&["link", "set", &t.guest_if, "up"])?;
+        // What DHCP option 121 gives a guest: the clock address via the service address.
+        g.ip(&[
+            "route",
+            "add",
+            &format!("{CLOCK_V4}/32"),
+            "via",
+            &t.service_v4,
+        ])?;
+        g.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{CLOCK_V6}/128"),
+            "via",
+            &t.service_v6,
+        ])?;
+        Ok(t)
+    }
+
+    /// Whether any XDP program is attached to the VIP end or the guest end.
+    pub fn xdp_attached(&self) -> Result<(bool, bool)> {
+        let v = self.vip.ip(&["link", "show", &self.vip_if])?;
+        let g = self.guest.ip(&["link", "show", &self.guest_if])?;
+        Ok((v.contains("prog/xdp"), g.contains("prog/xdp")))
+    }
+}
+
+/// `ntp-user serve` running in the foreground of a child process; SIGTERM on drop.
+pub struct ServeProcess {
+    child: Child,
+    pub log: mpsc::Receiver<String>,
+}
+
+impl ServeProcess {
+    /// Starts `ntp-user serve` on the topology's VIP end and waits until it says it attached.
+    pub fn start(t: &Topology, mode: &str, extra: &[&str]) -> Result<ServeProcess> {
+        let mut cmd = Command::new(ntp_user_bin());
+        cmd.args(["serve", "--netns", &t.vip.name, "--interface", &t.vip_if])
+            .args([
+                "--address",
+                CLOCK_V4,
+                "--address",
+                CLOCK_V6,
+                "--xdp-mode",
+                mode,
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info,netlink_packet_route=error")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("spawning ntp-user serve")?;
+        let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut serve = ServeProcess { child, log: rx };
+        serve.wait_for_line("responder attached", Duration::from_secs(20))?;
+        Ok(serve)
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(line) => seen.push(line),
+                Err(_) => {
+                    let status = self.child.try_wait()?;
+                    bail!(
+                        "no {needle:?} from ntp-user serve (exit: {status:?}); log:\n{}",
+                        seen.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// SIGTERM, then wait; returns whether it exited successfully.
+    pub fn stop(mut self) -> Result<bool> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> Result<bool> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status.success());
+        }
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM)?;
+        for _ in 0..100 {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.success());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(false)
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.terminate();
+    }
+}

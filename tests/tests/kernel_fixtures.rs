@@ -1,0 +1,754 @@
+//! Packet fixtures through the kernel (BPF_PROG_TEST_RUN): a table of input frames and the
+//! verdict, counter and, for replies, the exact reply each must produce.
+
+use anyhow::Result;
+use etherparse::{Ipv4HeaderSlice, Ipv6HeaderSlice, UdpHeaderSlice};
+use integration_tests::frames::*;
+use ntp_common::reply::sub_precision_mask;
+use ntp_common::time::{ns_to_short, ntp_ns_to_timestamp, phi_growth_ns, NANOS_PER_SEC};
+use ntp_common::wire::*;
+use ntp_common::{Counter, TimeAnchor};
+use ntp_user::hostclock::monotonic_now_ns;
+use ntp_user::xdp::Responder;
+use std::net::IpAddr;
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+#[derive(Clone, Copy, Debug)]
+enum AnchorState {
+    Synchronized,
+    Unsynchronized,
+    Stale,
+    NeverPublished,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    Reply { version: u8, poll: i8 },
+    Pass(Counter),
+    Drop(Counter),
+}
+
+struct Case {
+    name: String,
+    frame: Vec<u8>,
+    expect: Expect,
+}
+
+fn case(name: &str, frame: Vec<u8>, expect: Expect) -> Case {
+    Case {
+        name: name.to_string(),
+        frame,
+        expect,
+    }
+}
+
+const ANSWER: Expect = Expect::Reply {
+    version: 4,
+    poll: 6,
+};
+
+fn responder(state: AnchorState) -> Result<(Responder, TimeAnchor)> {
+    let mut r = Responder::load()?;
+    r.add_served_address(IpAddr::from(CLOCK_V4))?;
+    r.add_served_address(IpAddr::from(CLOCK_V6))?;
+    let now = monotonic_now_ns()?;
+    let mut anchor = TimeAnchor {
+        mono_ns: now,
+        ntp_ns: 3_972_000_000 * NANOS_PER_SEC + 123_456_789,
+        freq_scaled: 0,
+        max_age_ns: 60 * NANOS_PER_SEC,
+        reference_ntp_ns: 3_971_999_990 * NANOS_PER_SEC,
+        root_delay_ns: 1_000_000,
+        root_dispersion_ns: 500_000,
+        refid: [169, 254, 0, 1],
+        leap: LEAP_NONE,
+        stratum: 3,
+        _pad: [0; 2],
+    };
+    match state {
+        AnchorState::Synchronized => {}
+        AnchorState::Unsynchronized => anchor.leap = LEAP_UNSYNCHRONIZED,
+        AnchorState::Stale => {
+            anchor.mono_ns = now - 100 * NANOS_PER_SEC;
+            anchor.max_age_ns = 10 * NANOS_PER_SEC;
+        }
+        AnchorState::NeverPublished => return Ok((r, TimeAnchor::default())),
+    }
+    r.publish_anchor(anchor)?;
+    Ok((r, anchor))
+}
+
+fn table() -> Vec<Case> {
+    let v4 = Frame::v4(v4_request());
+    let v6 = Frame::v6(v4_request());
+    let mut cases = vec![
+        case("v4 request over IPv4", v4.build(), ANSWER),
+        case("v4 request over IPv6", v6.build(), ANSWER),
+    ];
+    for version in 1..=3 {
+        cases.push(case(
+            &format!("v{version} request"),
+            Frame::v4(ntp_request(version, MODE_CLIENT, 6)).build(),
+            Expect::Reply { version, poll: 6 },
+        ));
+    }
+    for (poll, want) in [(0i8, 4i8), (17, 10), (-6, 4)] {
+        cases.push(case(
+            &format!("poll {poll} clamped to {want}"),
+            Frame::v4(ntp_request(4, MODE_CLIENT, poll)).build(),
+            Expect::Reply {
+                version: 4,
+                poll: want,
+            },
+        ));
+    }
+    let with_options = |opts: Vec<u8>| Frame {
+        ipv4_options: opts,
+        ..v4.clone()
+    };
+    cases.push(case(
+        "IPv4 with 4 bytes of options",
+        with_options(vec![1, 1, 1, 0]).build(),
+        ANSWER,
+    ));
+    cases.push(case(
+        "IPv4 with 40 bytes of options (IHL 15)",
+        with_options(vec![1; 40]).build(),
+        ANSWER,
+    ));
+    for (name, vlan) in [
+        ("802.1Q", Vlan::Dot1q(100)),
+        ("802.1ad", Vlan::Dot1ad(4000)),
+    ] {
+        cases.push(case(
+            &format!("{name} IPv4"),
+            Frame {
+                vlan: Some(vlan.clone()),
+                ..v4.clone()
+            }
+            .build(),
+            ANSWER,
+        ));
+        cases.push(case(
+            &format!("{name} IPv6"),
+            Frame {
+                vlan: Some(vlan),
+                ..v6.clone()
+            }
+            .build(),
+            ANSWER,
+        ));
+    }
+
+    // Not for us: passed untouched.
+    cases.push(case(
+        "IPv4 to another address",
+        Frame {
+            dst_v4: OTHER_V4,
+            ..v4.clone()
+        }
+        .build(),
+        Expect::Pass(Counter::PassedNotServed),
+    ));
+    let mut other6 = CLOCK_V6;
+    other6[15] = 0x24;
+    cases.push(case(
+        "IPv6 to another address",
+        Frame {
+            dst_v6: other6,
+            ..v6.clone()
+        }
+        .build(),
+        Expect::Pass(Counter::PassedNotServed),
+    ));
+    cases.push(case(
+        "UDP to port 124",
+        Frame {
+            dst_port: 124,
+            ..v4.clone()
+        }
+        .build(),
+        Expect::Pass(Counter::PassedNotNtp),
+    ));
+    cases.push(case(
+        "UDP from port 123 to port 124",
+        Frame {
+            src_port: 123,
+            dst_port: 124,
+            ..v6.clone()
+        }
+        .build(),
+        Expect::Pass(Counter::PassedNotNtp),
+    ));
+    let mut tcp = Vec::new();
+    etherparse::PacketBuilder::ethernet2(GUEST_MAC, VIP_MAC)
+        .ipv4(GUEST_V4, CLOCK_V4, 64)
+        .tcp(CLIENT_PORT, 123, 1, 1024)
+        .write(&mut tcp, &v4_request())
+        .unwrap();
+    cases.push(case(
+        "TCP to port 123",
+        tcp,
+        Expect::Pass(Counter::PassedNotNtp),
+    ));
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&GUEST_MAC);
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    cases.push(case("ARP", arp, Expect::Pass(Counter::PassedNotIp)));
+    let mut qinq = Frame {
+        vlan: Some(Vlan::Dot1q(5)),
+        ..v4.clone()
+    }
+    .build();
+    qinq[16] = 0x81; // inner ethertype 0x8100: a second tag
+    qinq[17] = 0x00;
+    cases.push(case(
+        "two VLAN tags",
+        qinq,
+        Expect::Pass(Counter::PassedNotIp),
+    ));
+    cases.push(case(
+        "IPv4 fragment (more fragments)",
+        Frame {
+            more_fragments: true,
+            ..v4.clone()
+        }
+        .build(),
+        Expect::Pass(Counter::PassedFragment),
+    ));
+    cases.push(case(
+        "IPv4 fragment (offset)",
+        Frame {
+            fragment_offset: 185,
+            ..v4.clone()
+        }
+        .build(),
+        Expect::Pass(Counter::PassedFragment),
+    ));
+    let mut hop_by_hop = v6.build();
+    hop_by_hop[14 + 6] = 0;
+    cases.push(case(
+        "IPv6 with a hop-by-hop header",
+        hop_by_hop,
+        Expect::Pass(Counter::PassedIpv6ExtHeader),
+    ));
+    let mut ext = v4_request();
+    ext.extend_from_slice(&[0x01, 0x04, 0x00, 0x10]);
+    ext.extend_from_slice(&[0u8; 12]);
+    cases.push(case(
+        "extension field (NTS-style)",
+        Frame::v4(ext.clone()).build(),
+        Expect::Pass(Counter::PassedExtension),
+    ));
+    cases.push(case(
+        "extension field over IPv6",
+        Frame::v6(ext).build(),
+        Expect::Pass(Counter::PassedExtension),
+    ));
+    let mut mac = v4_request();
+    mac.extend_from_slice(&[0, 0, 0, 1]);
+    mac.extend_from_slice(&[0xab; 16]);
+    cases.push(case(
+        "symmetric-key MAC",
+        Frame::v4(mac).build(),
+        Expect::Pass(Counter::PassedExtension),
+    ));
+    let full = v4.build();
+    cases.push(case(
+        "truncated inside the IPv4 header",
+        full[..24].to_vec(),
+        Expect::Pass(Counter::PassedNotIp),
+    ));
+
+    // Malformed NTP to a served address: dropped.
+    for mode in [0u8, 1, 2, 4, 5, 6, 7] {
+        cases.push(case(
+            &format!("mode {mode}"),
+            Frame::v4(ntp_request(4, mode, 6)).build(),
+            Expect::Drop(Counter::DroppedMode),
+        ));
+    }
+    cases.push(case(
+        "mode 7 over IPv6",
+        Frame::v6(ntp_request(2, 7, 0)).build(),
+        Expect::Drop(Counter::DroppedMode),
+    ));
+    for version in [0u8, 5, 6, 7] {
+        cases.push(case(
+            &format!("version {version}"),
+            Frame::v4(ntp_request(version, MODE_CLIENT, 6)).build(),
+            Expect::Drop(Counter::DroppedVersion),
+        ));
+    }
+    cases.push(case(
+        "40-byte NTP payload",
+        Frame::v4(v4_request()[..40].to_vec()).build(),
+        Expect::Drop(Counter::DroppedShort),
+    ));
+    cases.push(case(
+        "empty UDP payload",
+        Frame::v6(Vec::new()).build(),
+        Expect::Drop(Counter::DroppedShort),
+    ));
+    cases.push(case(
+        "frame cut inside the NTP header",
+        full[..full.len() - 10].to_vec(),
+        Expect::Drop(Counter::DroppedShort),
+    ));
+    cases.push(case(
+        "frame cut inside the UDP header",
+        full[..v4.l4() + 4].to_vec(),
+        Expect::Drop(Counter::DroppedShort),
+    ));
+    cases.push(case(
+        "source port 0",
+        Frame {
+            src_port: 0,
+            ..v4.clone()
+        }
+        .build(),
+        Expect::Drop(Counter::DroppedSourcePort),
+    ));
+    let mut udp_len = v4.build();
+    udp_len[v4.l4() + 5] = 60;
+    cases.push(case(
+        "UDP length above the IP payload",
+        udp_len,
+        Expect::Drop(Counter::DroppedBadLength),
+    ));
+    let mut v6_len = v6.build();
+    v6_len[14 + 5] = 64;
+    cases.push(case(
+        "IPv6 payload length above the UDP length",
+        v6_len,
+        Expect::Drop(Counter::DroppedBadLength),
+    ));
+    let mut ihl4 = v4.build();
+    ihl4[14] = 0x44;
+    cases.push(case("IHL 4", ihl4, Expect::Drop(Counter::DroppedBadLength)));
+    let mut bad_ip_sum = v4.build();
+    bad_ip_sum[14 + 10] ^= 0x5a;
+    cases.push(case(
+        "bad IPv4 header checksum",
+        bad_ip_sum,
+        Expect::Drop(Counter::DroppedBadIpChecksum),
+    ));
+    let mut bad_udp = v4.build();
+    bad_udp[v4.l4() + 7] ^= 0x01;
+    cases.push(case(
+        "bad UDP checksum",
+        bad_udp,
+        Expect::Drop(Counter::DroppedBadUdpChecksum),
+    ));
+    let mut bad_udp6 = v6.build();
+    bad_udp6[v6.l4() + 6] ^= 0x80;
+    cases.push(case(
+        "bad UDP checksum over IPv6",
+        bad_udp6,
+        Expect::Drop(Counter::DroppedBadUdpChecksum),
+    ));
+    let mut altered = v4.build();
+    let last = altered.len() - 1;
+    altered[last] ^= 0xff; // payload changed after the checksum was computed
+    cases.push(case(
+        "payload altered after checksumming",
+        altered,
+        Expect::Drop(Counter::DroppedBadUdpChecksum),
+    ));
+    let mut zero4 = v4.build();
+    zero4[v4.l4() + 6] = 0;
+    zero4[v4.l4() + 7] = 0;
+    cases.push(case("zero UDP checksum over IPv4 (none)", zero4, ANSWER));
+    let mut zero6 = v6.build();
+    zero6[v6.l4() + 6] = 0;
+    zero6[v6.l4() + 7] = 0;
+    cases.push(case(
+        "zero UDP checksum over IPv6",
+        zero6,
+        Expect::Drop(Counter::DroppedBadUdpChecksum),
+    ));
+    let mut partial4 = v4.build();
+    let seed = partial_checksum_seed(&GUEST_V4, &CLOCK_V4, 56).to_be_bytes();
+    partial4[v4.l4() + 6..v4.l4() + 8].copy_from_slice(&seed);
+    cases.push(case("checksum-offload seed over IPv4", partial4, ANSWER));
+    let mut partial6 = v6.build();
+    let seed = partial_checksum_seed(&GUEST_V6, &CLOCK_V6, 56).to_be_bytes();
+    partial6[v6.l4() + 6..v6.l4() + 8].copy_from_slice(&seed);
+    cases.push(case("checksum-offload seed over IPv6", partial6, ANSWER));
+    for (name, src) in [
+        ("multicast", [224, 0, 0, 1]),
+        ("broadcast", [255; 4]),
+        ("zero", [0; 4]),
+        ("loopback", [127, 0, 0, 1]),
+    ] {
+        cases.push(case(
+            &format!("{name} IPv4 source"),
+            Frame {
+                src_v4: src,
+                ..v4.clone()
+            }
+            .build(),
+            Expect::Drop(Counter::DroppedBadAddress),
+        ));
+    }
+    let mut mcast6 = [0u8; 16];
+    mcast6[0] = 0xff;
+    mcast6[1] = 0x02;
+    mcast6[15] = 1;
+    cases.push(case(
+        "multicast IPv6 source",
+        Frame {
+            src_v6: mcast6,
+            ..v6.clone()
+        }
+        .build(),
+        Expect::Drop(Counter::DroppedBadAddress),
+    ));
+    cases.push(case(
+        "unspecified IPv6 source",
+        Frame {
+            src_v6: [0; 16],
+            ..v6.clone()
+        }
+        .build(),
+        Expect::Drop(Counter::DroppedBadAddress),
+    ));
+    let mut bcast_mac = v4.build();
+    bcast_mac[..6].copy_from_slice(&[0xff; 6]);
+    cases.push(case(
+        "broadcast destination MAC",
+        bcast_mac,
+        Expect::Drop(Counter::DroppedBadAddress),
+    ));
+    cases
+}
+
+fn counters(r: &Responder) -> Vec<u64> {
+    r.counters().unwrap().into_iter().map(|(_, v)| v).collect()
+}
+
+/// Runs `case`, checks the verdict and that exactly the expected counters moved by one.
+fn run_case(r: &mut Responder, anchor: &TimeAnchor, c: &Case, unsynchronized: bool) -> Vec<String> {
+    let mut failures = Vec::new();
+    let before = counters(r);
+    let mono_before = monotonic_now_ns().unwrap();
+    let out = r.test_run(&c.frame).unwrap();
+    let mono_after = monotonic_now_ns().unwrap();
+    let after = counters(r);
+
+    let (want_action, want_counter) = match c.expect {
+        Expect::Reply { .. } if c.frame[12..14] == [0x86, 0xdd] || is_v6_under_vlan(&c.frame) => {
+            (XDP_TX, Counter::AnsweredV6)
+        }
+        Expect::Reply { .. } => (XDP_TX, Counter::AnsweredV4),
+        Expect::Pass(counter) => (XDP_PASS, counter),
+        Expect::Drop(counter) => (XDP_DROP, counter),
+    };
+    if out.action != want_action {
+        failures.push(format!(
+            "{}: action {} (want {want_action})",
+            c.name, out.action
+        ));
+    }
+    for &counter in Counter::ALL {
+        let moved = after[counter as usize] - before[counter as usize];
+        let want = (counter == want_counter
+            || (counter == Counter::AnsweredUnsynchronized
+                && want_action == XDP_TX
+                && unsynchronized)) as u64;
+        if moved != want {
+            failures.push(format!(
+                "{}: counter {} moved by {moved} (want {want})",
+                c.name,
+                counter.name()
+            ));
+        }
+    }
+    match c.expect {
+        Expect::Reply { version, poll } => {
+            if let Err(e) = check_reply(
+                &c.frame,
+                &out.frame,
+                anchor,
+                version,
+                poll,
+                unsynchronized,
+                mono_before,
+                mono_after,
+            ) {
+                failures.push(format!("{}: {e}", c.name));
+            }
+        }
+        // Passed and dropped frames are never modified.
+        _ if out.frame != c.frame => failures.push(format!("{}: frame was modified", c.name)),
+        _ => {}
+    }
+    failures
+}
+
+fn is_v6_under_vlan(frame: &[u8]) -> bool {
+    matches!(frame[12..14], [0x81, 0x00] | [0x88, 0xa8]) && frame[16..18] == [0x86, 0xdd]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_reply(
+    req: &[u8],
+    rep: &[u8],
+    a: &TimeAnchor,
+    version: u8,
+    poll: i8,
+    unsynchronized: bool,
+    mono_before: u64,
+    mono_after: u64,
+) -> Result<(), String> {
+    let fail = |what: String| Err(what);
+    if rep.len() != req.len() {
+        return fail(format!(
+            "reply is {} bytes, request {}",
+            rep.len(),
+            req.len()
+        ));
+    }
+    if rep[0..6] != req[6..12] || rep[6..12] != req[0..6] {
+        return fail("MAC addresses not swapped".into());
+    }
+    let vlan = matches!(req[12..14], [0x81, 0x00] | [0x88, 0xa8]);
+    let l3 = if vlan { 18 } else { 14 };
+    if rep[12..l3] != req[12..l3] {
+        return fail("Ethernet type or VLAN tag changed".into());
+    }
+    let (l4, udp_check_ok) = if rep[l3] >> 4 == 4 {
+        let ip = Ipv4HeaderSlice::from_slice(&rep[l3..]).map_err(|e| e.to_string())?;
+        let orig = Ipv4HeaderSlice::from_slice(&req[l3..]).unwrap();
+        if ip.source() != orig.destination() || ip.destination() != orig.source() {
+            return fail("IPv4 addresses not swapped".into());
+        }
+        if ip.ttl() != REPLY_TTL {
+            return fail(format!("TTL {}", ip.ttl()));
+        }
+        if ip.options() != orig.options()
+            || ip.total_len() != orig.total_len()
+            || ip.identification() != orig.identification()
+        {
+            return fail("IPv4 options, length or identification changed".into());
+        }
+        if ip.header_checksum() != ip.to_header().calc_header_checksum() {
+            return fail("IPv4 header checksum wrong".into());
+        }
+        let l4 = l3 + ip.slice().len();
+        let udp = UdpHeaderSlice::from_slice(&rep[l4..]).unwrap().to_header();
+        let want = udp
+            .calc_checksum_ipv4(&ip.to_header(), &rep[l4 + 8..])
+            .unwrap();
+        (l4, udp.checksum == want)
+    } else {
+        let ip = Ipv6HeaderSlice::from_slice(&rep[l3..]).map_err(|e| e.to_string())?;
+        let orig = Ipv6HeaderSlice::from_slice(&req[l3..]).unwrap();
+        if ip.source() != orig.destination() || ip.destination() != orig.source() {
+            return fail("IPv6 addresses not swapped".into());
+        }
+        if ip.hop_limit() != REPLY_TTL {
+            return fail(format!("hop limit {}", ip.hop_limit()));
+        }
+        if ip.payload_length() != orig.payload_length() {
+            return fail("IPv6 payload length changed".into());
+        }
+        let l4 = l3 + 40;
+        let udp = UdpHeaderSlice::from_slice(&rep[l4..]).unwrap().to_header();
+        let want = udp
+            .calc_checksum_ipv6(&ip.to_header(), &rep[l4 + 8..])
+            .unwrap();
+        (l4, udp.checksum == want && udp.checksum != 0)
+    };
+    if rep[l4..l4 + 2] != req[l4 + 2..l4 + 4] || rep[l4 + 2..l4 + 4] != req[l4..l4 + 2] {
+        return fail("UDP ports not swapped".into());
+    }
+    if read_be16(rep, l4 + 4) != 56 {
+        return fail("UDP length changed".into());
+    }
+    if !udp_check_ok {
+        return fail("UDP checksum wrong".into());
+    }
+    let ntp = &rep[l4 + 8..];
+    let (leap_want, stratum_want, refid_want) = if unsynchronized {
+        (LEAP_UNSYNCHRONIZED, 0, KISS_INIT)
+    } else {
+        (a.leap, a.stratum, a.refid)
+    };
+    let checks: [(&str, u64, u64); 7] = [
+        (
+            "LI/VN/mode",
+            ntp[0] as u64,
+            li_vn_mode(leap_want, version, MODE_SERVER) as u64,
+        ),
+        ("stratum", ntp[1] as u64, stratum_want as u64),
+        ("poll", ntp[2] as u64, poll as u8 as u64),
+        ("precision", ntp[3] as u64, (-24i8) as u8 as u64),
+        (
+            "root delay",
+            read_be32(ntp, 4) as u64,
+            ns_to_short(a.root_delay_ns) as u64,
+        ),
+        (
+            "reference timestamp",
+            read_be64(ntp, 16),
+            ntp_ns_to_timestamp(a.reference_ntp_ns),
+        ),
+        ("origin timestamp", read_be64(ntp, 24), CLIENT_TRANSMIT),
+    ];
+    for (what, got, want) in checks {
+        if got != want {
+            return fail(format!("{what}: got {got:#x}, want {want:#x}"));
+        }
+    }
+    if ntp[12..16] != refid_want {
+        return fail(format!("refid {:?}", &ntp[12..16]));
+    }
+    let disp = read_be32(ntp, 8);
+    let disp_lo = ns_to_short(a.root_dispersion_ns + phi_growth_ns(a.age_ns(mono_before)));
+    let disp_hi = ns_to_short(a.root_dispersion_ns + phi_growth_ns(a.age_ns(mono_after)));
+    if disp < disp_lo || disp > disp_hi {
+        return fail(format!(
+            "root dispersion {disp} outside {disp_lo}..={disp_hi}"
+        ));
+    }
+    // Receive and transmit lie between the anchor's time before and after the run.
+    let lo = ntp_ns_to_timestamp(a.ntp_ns_at(mono_before));
+    let hi = ntp_ns_to_timestamp(a.ntp_ns_at(mono_after));
+    let rx = read_be64(ntp, 32);
+    let tx = read_be64(ntp, 40);
+    if rx < lo || rx > hi {
+        return fail(format!("receive {rx:#x} outside {lo:#x}..={hi:#x}"));
+    }
+    if tx <= rx || tx > hi + sub_precision_mask(-24) {
+        return fail(format!("transmit {tx:#x} not in ({rx:#x}, {hi:#x}]"));
+    }
+    Ok(())
+}
+
+fn run_table(state: AnchorState, unsynchronized: bool, cases: &[Case]) {
+    let (mut r, anchor) = responder(state).unwrap();
+    let failures: Vec<String> = cases
+        .iter()
+        .flat_map(|c| run_case(&mut r, &anchor, c, unsynchronized))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} fixture failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn fixture_table_with_a_synchronized_anchor() {
+    let cases = table();
+    assert!(cases.len() > 60, "the table lost cases: {}", cases.len());
+    run_table(AnchorState::Synchronized, false, &cases);
+}
+
+#[test]
+fn unsynchronized_anchor_answers_with_li3_stratum0() {
+    let cases = vec![
+        case("v4 over IPv4", Frame::v4(v4_request()).build(), ANSWER),
+        case("v4 over IPv6", Frame::v6(v4_request()).build(), ANSWER),
+    ];
+    run_table(AnchorState::Unsynchronized, true, &cases);
+}
+
+#[test]
+fn stale_anchor_answers_with_li3_stratum0() {
+    let cases = vec![
+        case("v4 over IPv4", Frame::v4(v4_request()).build(), ANSWER),
+        case(
+            "v3 over IPv6",
+            Frame::v6(ntp_request(3, MODE_CLIENT, 6)).build(),
+            Expect::Reply {
+                version: 3,
+                poll: 6,
+            },
+        ),
+    ];
+    run_table(AnchorState::Stale, true, &cases);
+}
+
+#[test]
+fn no_anchor_means_no_answer() {
+    let cases = vec![
+        case(
+            "v4 over IPv4",
+            Frame::v4(v4_request()).build(),
+            Expect::Drop(Counter::DroppedNoAnchor),
+        ),
+        case(
+            "v4 over IPv6",
+            Frame::v6(v4_request()).build(),
+            Expect::Drop(Counter::DroppedNoAnchor),
+        ),
+    ];
+    run_table(AnchorState::NeverPublished, false, &cases);
+}
+
+#[test]
+fn the_table_covers_every_outcome() {
+    // A counter no fixture reaches is a code path no fixture tests.
+    let cases = table();
+    let mut reached: Vec<Counter> = vec![Counter::AnsweredUnsynchronized, Counter::DroppedNoAnchor];
+    for c in &cases {
+        match c.expect {
+            Expect::Pass(x) | Expect::Drop(x) => reached.push(x),
+            Expect::Reply { .. } => reached.extend([Counter::AnsweredV4, Counter::AnsweredV6]),
+        }
+    }
+    for counter in Counter::ALL {
+        assert!(
+            reached.contains(counter),
+            "no fixture reaches {}",
+            counter.name()
+        );
+    }
+}
+
+#[test]
+fn replies_never_exceed_requests_and_drops_never_answer_across_random_mutations() {
+    // Random single-byte mutations of valid requests: whatever the program does, it never
+    // answers with more bytes than it got, and every answer still verifies.
+    let (mut r, _) = responder(AnchorState::Synchronized).unwrap();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let bases = [
+        Frame::v4(v4_request()).build(),
+        Frame::v6(v4_request()).build(),
+    ];
+    for i in 0..2000 {
+        let mut f = bases[i % 2].clone();
+        let n = next();
+        let pos = (n as usize >> 8) % f.len();
+        f[pos] ^= (n as u8) | 1;
+        let out = r.test_run(&f).unwrap();
+        assert!(out.frame.len() <= f.len());
+        if out.action == XDP_TX {
+            // A mutation the program accepted must still have produced valid checksums.
+            let l3 = 14;
+            if f[l3] >> 4 == 4 {
+                let ip = Ipv4HeaderSlice::from_slice(&out.frame[l3..]).unwrap();
+                assert_eq!(
+                    ip.header_checksum(),
+                    ip.to_header().calc_header_checksum(),
+                    "mutation at {pos}"
+                );
+            }
+        } else if out.action != XDP_PASS && out.action != XDP_DROP {
+            panic!("unexpected action {} for mutation at {pos}", out.action);
+        }
+    }
+}
