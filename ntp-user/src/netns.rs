@@ -4,8 +4,11 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _, Result};
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
+use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
+use netlink_packet_route::RouteNetlinkMessage;
 use nix::sched::{setns, CloneFlags};
 
 /// Where `ip netns add NAME` puts a namespace.
@@ -50,6 +53,9 @@ pub struct LinkFacts {
     pub kind: Option<String>,
     /// IFLA_LINK: for a veth, the peer's ifindex (in the peer's namespace).
     pub link: Option<u32>,
+    /// IFLA_LINK_NETNSID: the peer's namespace as an ID local to this namespace; absent when
+    /// the peer is in this same namespace.
+    pub link_netnsid: Option<i32>,
 }
 
 impl LinkFacts {
@@ -89,11 +95,13 @@ pub fn link_facts(name: Option<&str>, index: Option<u32>) -> Result<Option<LinkF
             name: String::new(),
             kind: None,
             link: None,
+            link_netnsid: None,
         };
         for attr in msg.attributes {
             match attr {
                 LinkAttribute::IfName(n) => facts.name = n,
                 LinkAttribute::Link(l) => facts.link = Some(l),
+                LinkAttribute::NetnsId(id) => facts.link_netnsid = Some(id),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         if let LinkInfo::Kind(kind) = info {
@@ -118,9 +126,50 @@ pub struct VethPeer {
     pub index: u32,
 }
 
+/// The ID the calling thread's namespace uses for the namespace `ns` (RTM_GETNSID), if any.
+pub fn nsid_of(ns: &File) -> Result<Option<i32>> {
+    use std::os::fd::AsRawFd as _;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a netlink runtime")?;
+    rt.block_on(async {
+        let (conn, mut handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+        let task = tokio::spawn(conn);
+        let mut msg = NsidMessage::default();
+        msg.attributes
+            .push(NsidAttribute::Fd(ns.as_raw_fd() as u32));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(msg));
+        req.header.flags = NLM_F_REQUEST;
+        let mut replies = handle
+            .request(req)
+            .map_err(|e| anyhow!(e).context("RTM_GETNSID"))?;
+        let mut id = None;
+        while let Some(reply) = replies.next().await {
+            match reply.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) => {
+                    for attr in m.attributes {
+                        if let NsidAttribute::Id(v) = attr {
+                            id = (v >= 0).then_some(v);
+                        }
+                    }
+                }
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    task.abort();
+                    return Err(anyhow!("RTM_GETNSID: {e}"));
+                }
+                _ => {}
+            }
+        }
+        task.abort();
+        Ok(id)
+    })
+}
+
 /// Finds the namespace holding the peer of veth `local` (which lives in the calling thread's
-/// namespace). Candidates are tried in order; a candidate matches when it has a veth at the
-/// peer index whose own peer index is `local`'s.
+/// namespace). Interface indexes repeat across namespaces (every new namespace's first veth is
+/// often ifindex 2), so a candidate is matched by identity: the kernel's ID for the candidate,
+/// seen from here, must equal the ID `local` names its peer's namespace by.
 pub fn find_veth_peer(
     local: &LinkFacts,
     candidates: Vec<(String, File)>,
@@ -128,16 +177,25 @@ pub fn find_veth_peer(
     let Some(peer_index) = local.link else {
         return Ok(None);
     };
+    let Some(peer_nsid) = local.link_netnsid else {
+        // Both ends in this namespace.
+        return Ok(Some(VethPeer {
+            netns: current_netns()?,
+            netns_label: "(same namespace)".to_string(),
+            index: peer_index,
+        }));
+    };
     for (label, ns) in candidates {
+        if nsid_of(&ns)? != Some(peer_nsid) {
+            continue;
+        }
         let facts = within(&ns, || link_facts(None, Some(peer_index)))?;
-        if let Some(f) = facts {
-            if f.is_veth() && f.link == Some(local.index) {
-                return Ok(Some(VethPeer {
-                    netns: ns,
-                    netns_label: label,
-                    index: peer_index,
-                }));
-            }
+        if facts.is_some_and(|f| f.is_veth()) {
+            return Ok(Some(VethPeer {
+                netns: ns,
+                netns_label: label,
+                index: peer_index,
+            }));
         }
     }
     Ok(None)

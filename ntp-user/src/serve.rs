@@ -80,6 +80,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         mode = attachment.mode,
         peer = attachment.peer.as_deref().unwrap_or("-"),
         stratum = opts.identity.stratum,
+        program_id = responder.program_id()?,
         "responder attached; serving the host clock"
     );
 

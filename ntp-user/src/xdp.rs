@@ -153,6 +153,11 @@ impl Responder {
             .map(|_| ())
     }
 
+    /// The kernel's ID of the loaded responder program (as `ntp-user stats` and bpftool show it).
+    pub fn program_id(&mut self) -> Result<u32> {
+        Ok(self.xdp(RESPONDER_PROGRAM)?.info()?.id())
+    }
+
     /// Counter totals over all CPUs.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         let map = self

@@ -171,6 +171,8 @@ impl Topology {
 pub struct ServeProcess {
     child: Child,
     pub log: mpsc::Receiver<String>,
+    /// The "responder attached" log line (mode, peer, program id).
+    pub attached: String,
 }
 
 impl ServeProcess {
@@ -201,9 +203,23 @@ impl ServeProcess {
                 }
             }
         });
-        let mut serve = ServeProcess { child, log: rx };
-        serve.wait_for_line("responder attached", Duration::from_secs(20))?;
+        let mut serve = ServeProcess {
+            child,
+            log: rx,
+            attached: String::new(),
+        };
+        serve.attached = serve.wait_for_line("responder attached", Duration::from_secs(20))?;
         Ok(serve)
+    }
+
+    /// The BPF program id the serve process logged.
+    pub fn program_id(&self) -> Result<u32> {
+        self.attached
+            .split("program_id=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("no program_id in {:?}", self.attached))
     }
 
     /// Waits for a log line containing `needle`; returns it.
