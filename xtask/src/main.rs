@@ -188,6 +188,11 @@ fn ip(args: &[&str]) -> Result<()> {
     status(Command::new("ip").args(args))
 }
 
+/// `ip -n NS ARGS...`
+fn ip_in(ns: &str, args: &[&str]) -> Result<()> {
+    status(Command::new("ip").args(["-n", ns]).args(args))
+}
+
 /// Removes the demo namespaces (and with them the veth), whatever state they are in.
 struct DemoTopology;
 
@@ -211,11 +216,7 @@ impl DemoTopology {
             "netns",
             DEMO_GUEST_NS,
         ])?;
-        let v = |args: &[&str]| {
-            let mut a = vec!["-n", DEMO_VIP_NS];
-            a.extend_from_slice(args);
-            ip(&a)
-        };
+        let v = |args: &[&str]| ip_in(DEMO_VIP_NS, args);
         v(&["link", "set", "lo", "up"])?;
         v(&[
             "addr",
@@ -242,11 +243,7 @@ impl DemoTopology {
             "nodad",
         ])?;
         v(&["link", "set", DEMO_VIP_IF, "up"])?;
-        let g = |args: &[&str]| {
-            let mut a = vec!["-n", DEMO_GUEST_NS];
-            a.extend_from_slice(args);
-            ip(&a)
-        };
+        let g = |args: &[&str]| ip_in(DEMO_GUEST_NS, args);
         g(&["link", "set", "lo", "up"])?;
         g(&[
             "addr",
