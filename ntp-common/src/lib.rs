@@ -8,6 +8,7 @@
 pub mod anchor;
 pub mod checksum;
 pub mod counters;
+pub mod packet;
 pub mod reply;
 pub mod time;
 pub mod wire;

@@ -1,0 +1,467 @@
+//! The daemon's clock: a model of true time as a function of CLOCK_MONOTONIC, disciplined
+//! against the combined upstream offset. It never touches the host clock.
+//!
+//! The model is a chain of linear segments, each exactly a [`TimeAnchor`] line (the kernel
+//! extrapolates with the same arithmetic), joined without jumps. Each update adds an absolute
+//! "true time at this monotonic instant" point; a weighted regression over the recent points,
+//! taken against the current segment, gives the model's phase and frequency error. The
+//! frequency error is corrected at once (a rate change, never a jump); the phase error is
+//! slewed away at no more than `max_slew_ppm`. Before the first synchronization the model may
+//! step once; afterwards an error above the panic threshold is refused and reported.
+
+use std::collections::VecDeque;
+
+use ntp_common::time::{freq_scaled_to_ppm, ppm_to_freq_scaled};
+use ntp_common::TimeAnchor;
+
+const NS: f64 = 1e-9;
+
+/// The model as the kernel will extrapolate it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockModel {
+    segment: TimeAnchor,
+}
+
+impl ClockModel {
+    pub fn new(mono_ns: u64, ntp_ns: u64) -> ClockModel {
+        ClockModel {
+            segment: TimeAnchor {
+                mono_ns,
+                ntp_ns,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// NTP time (ns since 1900) at a monotonic reading, on the current segment.
+    pub fn ntp_at(&self, mono_ns: u64) -> u64 {
+        self.segment.ntp_ns_at(mono_ns)
+    }
+
+    /// Rate relative to CLOCK_MONOTONIC, in ppm (including any slew in progress).
+    pub fn freq_ppm(&self) -> f64 {
+        freq_scaled_to_ppm(self.segment.freq_scaled)
+    }
+
+    pub fn freq_scaled(&self) -> i64 {
+        self.segment.freq_scaled
+    }
+
+    /// The current segment's start and NTP time there.
+    pub fn segment_start(&self) -> (u64, u64) {
+        (self.segment.mono_ns, self.segment.ntp_ns)
+    }
+
+    /// Starts a new segment at `mono_ns`, continuous with the old one, with a new rate.
+    pub fn rebase(&mut self, mono_ns: u64, freq_ppm: f64) {
+        let ntp_ns = self.ntp_at(mono_ns);
+        self.segment.mono_ns = mono_ns;
+        self.segment.ntp_ns = ntp_ns;
+        self.segment.freq_scaled = ppm_to_freq_scaled(freq_ppm);
+    }
+
+    /// The monotonic reading at which the current segment reaches `ntp_ns`.
+    pub fn mono_at(&self, ntp_ns: u64) -> u64 {
+        let dt = (ntp_ns as i128 - self.segment.ntp_ns as i128) as f64;
+        let rate = 1.0 + self.freq_ppm() * 1e-6;
+        self.segment
+            .mono_ns
+            .wrapping_add_signed((dt / rate).round() as i64)
+    }
+
+    /// Moves the time at `mono_ns` by `delta_ns` (the one allowed step, and leap seconds).
+    pub fn step(&mut self, mono_ns: u64, delta_ns: i64) {
+        let ntp_ns = self.ntp_at(mono_ns);
+        self.segment.mono_ns = mono_ns;
+        self.segment.ntp_ns = ntp_ns.wrapping_add_signed(delta_ns);
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DisciplineConfig {
+    /// Largest rate at which a phase error is slewed away (ppm).
+    pub max_slew_ppm: f64,
+    /// After the first synchronization, an error above this (s) is refused, not applied.
+    pub panic_threshold_s: f64,
+    /// Largest frequency correction the model accepts (ppm): oscillators are within ±500.
+    pub max_freq_ppm: f64,
+    /// Regression window: this many most recent points.
+    pub regression_points: usize,
+}
+
+impl Default for DisciplineConfig {
+    fn default() -> Self {
+        DisciplineConfig {
+            max_slew_ppm: 500.0,
+            panic_threshold_s: 1000.0,
+            max_freq_ppm: 1000.0,
+            regression_points: 32,
+        }
+    }
+}
+
+/// What an update did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DisciplineEvent {
+    /// First synchronization: the model's time was set.
+    Stepped { offset_s: f64 },
+    /// Phase error being slewed away and the new frequency estimate. `trimmed`: the runs test
+    /// found the frequency moving within the window and shortened it.
+    Corrected {
+        phase_s: f64,
+        freq_ppm: f64,
+        slew_ppm: f64,
+        trimmed: bool,
+    },
+    /// Error above the panic threshold: nothing applied.
+    Refused { offset_s: f64 },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Point {
+    mono_ns: u64,
+    true_ntp_ns: u64,
+    weight: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Discipline {
+    pub config: DisciplineConfig,
+    pub model: ClockModel,
+    /// Frequency estimate (ppm vs CLOCK_MONOTONIC), without the slew in progress.
+    freq_ppm: f64,
+    /// When the slew in progress ends.
+    slew_end_ns: Option<u64>,
+    points: VecDeque<Point>,
+    synchronized: bool,
+    last_update_ns: Option<u64>,
+    updates: u32,
+}
+
+/// Updates during which the frequency may move freely (the oscillator's error, up to ±500 ppm,
+/// is learned in the first minutes).
+const FREQUENCY_LEARNING_UPDATES: u32 = 16;
+
+impl Discipline {
+    /// Starts from an initial guess (normally the host clock), unsynchronized.
+    pub fn new(config: DisciplineConfig, model: ClockModel) -> Discipline {
+        Discipline {
+            config,
+            model,
+            freq_ppm: 0.0,
+            slew_end_ns: None,
+            points: VecDeque::new(),
+            synchronized: false,
+            last_update_ns: None,
+            updates: 0,
+        }
+    }
+
+    pub fn is_synchronized(&self) -> bool {
+        self.synchronized
+    }
+
+    pub fn frequency_ppm(&self) -> f64 {
+        self.freq_ppm
+    }
+
+    pub fn last_update_ns(&self) -> Option<u64> {
+        self.last_update_ns
+    }
+
+    /// When the slew in progress ends: the edge must wake and republish then.
+    pub fn slew_end_ns(&self) -> Option<u64> {
+        self.slew_end_ns
+    }
+
+    /// Ends a slew whose time is up. The new segment starts at `now_ns`, not at the planned
+    /// end, so it is continuous with whatever was published meanwhile; the regression absorbs
+    /// the sliver of extra correction.
+    pub fn advance(&mut self, now_ns: u64) {
+        if let Some(end) = self.slew_end_ns {
+            if now_ns >= end {
+                self.model.rebase(now_ns, self.freq_ppm);
+                self.slew_end_ns = None;
+            }
+        }
+    }
+
+    /// Takes a leap second at `at_mono_ns`: the model's time moves by `step_ns`, and so do the
+    /// stored points from before it, which were on the old scale.
+    pub fn apply_leap(&mut self, at_mono_ns: u64, step_ns: i64) {
+        self.model.step(at_mono_ns, step_ns);
+        for p in &mut self.points {
+            if p.mono_ns < at_mono_ns {
+                p.true_ntp_ns = p.true_ntp_ns.wrapping_add_signed(step_ns);
+            }
+        }
+    }
+
+    /// The model as it will run once the slew in progress ends: the line measurements are
+    /// judged against (a slew is a correction under way, not an error of the past).
+    pub fn estimate_line(&self, now_ns: u64) -> ClockModel {
+        let mut line = self.model;
+        line.rebase(now_ns, self.freq_ppm);
+        line
+    }
+
+    /// Feeds an offset measured at `now_ns` (true − model, s) with its error `sigma_s`.
+    pub fn update(&mut self, now_ns: u64, offset_s: f64, sigma_s: f64) -> DisciplineEvent {
+        self.advance(now_ns);
+        let true_ntp_ns = self
+            .model
+            .ntp_at(now_ns)
+            .wrapping_add_signed((offset_s / NS).round() as i64);
+        self.update_with_point(now_ns, now_ns, true_ntp_ns, offset_s, sigma_s)
+    }
+
+    /// Feeds an estimate of true time `true_ntp_ns` at `point_mono_ns` (possibly before
+    /// `now_ns`), with its error `sigma_s`.
+    pub fn update_at(
+        &mut self,
+        now_ns: u64,
+        point_mono_ns: u64,
+        true_ntp_ns: u64,
+        sigma_s: f64,
+    ) -> DisciplineEvent {
+        self.advance(now_ns);
+        let offset_s =
+            (true_ntp_ns as i128 - self.estimate_line(now_ns).ntp_at(point_mono_ns) as i128) as f64
+                * NS;
+        self.update_with_point(now_ns, point_mono_ns, true_ntp_ns, offset_s, sigma_s)
+    }
+
+    fn update_with_point(
+        &mut self,
+        now_ns: u64,
+        point_mono_ns: u64,
+        true_ntp_ns: u64,
+        offset_s: f64,
+        sigma_s: f64,
+    ) -> DisciplineEvent {
+        if !offset_s.is_finite() {
+            return DisciplineEvent::Refused { offset_s };
+        }
+        let point = Point {
+            mono_ns: point_mono_ns,
+            true_ntp_ns,
+            weight: 1.0 / sigma_s.max(1e-7).powi(2),
+        };
+        if !self.synchronized {
+            self.model.step(now_ns, (offset_s / NS).round() as i64);
+            self.synchronized = true;
+            self.last_update_ns = Some(now_ns);
+            self.points.push_back(point);
+            return DisciplineEvent::Stepped { offset_s };
+        }
+        let (phase, slope, kept) = self.fit(Some(point), now_ns);
+        if phase.abs() > self.config.panic_threshold_s {
+            return DisciplineEvent::Refused { offset_s: phase };
+        }
+        self.points.push_back(point);
+        let trimmed = kept < self.points.len();
+        // Points the fit rejected (older than a step, or than a frequency change) stay gone.
+        while self.points.len() > kept.min(self.config.regression_points) {
+            self.points.pop_front();
+        }
+        let max_freq = self.config.max_freq_ppm;
+        // Once the oscillator's error is learned, one update may only nudge the frequency: a
+        // burst of disagreeing points must not swing the served rate beyond the slew limit.
+        let mut change = slope * 1e6;
+        if self.updates >= FREQUENCY_LEARNING_UPDATES {
+            let nudge = self.config.max_slew_ppm / 4.0;
+            change = change.clamp(-nudge, nudge);
+        }
+        self.updates += 1;
+        self.freq_ppm = (self.freq_ppm + change).clamp(-max_freq, max_freq);
+        // Slew the phase over at least the time since the last update, and slower if needed
+        // to stay within the slew limit.
+        let interval = self
+            .last_update_ns
+            .map_or(1.0, |l| (now_ns.saturating_sub(l) as f64 * NS).max(1.0));
+        let slew_time = interval.max(phase.abs() / (self.config.max_slew_ppm * 1e-6));
+        let slew_ppm = phase / slew_time * 1e6;
+        self.model.rebase(now_ns, self.freq_ppm + slew_ppm);
+        self.slew_end_ns = Some(now_ns + (slew_time / NS) as u64);
+        self.last_update_ns = Some(now_ns);
+        DisciplineEvent::Corrected {
+            phase_s: phase,
+            freq_ppm: self.freq_ppm,
+            slew_ppm,
+            trimmed,
+        }
+    }
+
+    /// Weighted least squares of (time, true − model) over the window plus `extra`: the
+    /// phase error at `now_ns` (s), the frequency error (s/s), both against the model as it
+    /// will run once the slew in progress ends, and how many of the newest points the fit
+    /// kept (fewer than given when the reference stepped or the frequency moved).
+    fn fit(&self, extra: Option<Point>, now_ns: u64) -> (f64, f64, usize) {
+        let reference = self.estimate_line(now_ns);
+        let mut pts: Vec<Point> = self.points.iter().copied().chain(extra).collect();
+        // Step detection: the newest points all far on one side of what the older ones
+        // predict means the reference moved (every upstream changed its mind at once): the
+        // older points describe a time that no longer holds.
+        const RECENT: usize = 3;
+        if pts.len() >= RECENT + 4 {
+            let (older, recent) = pts.split_at(pts.len() - RECENT);
+            let (a, b, _, rms) = Self::fit_points(older, &reference, now_ns);
+            let bound = 4.0 * rms.max(1e-6);
+            let residuals: Vec<f64> = recent
+                .iter()
+                .map(|p| {
+                    let (x, r) = Self::coordinates(p, &reference, now_ns);
+                    r - (a + b * x)
+                })
+                .collect();
+            if residuals.iter().all(|r| *r > bound) || residuals.iter().all(|r| *r < -bound) {
+                pts = recent.to_vec();
+            }
+        }
+        loop {
+            let (intercept, slope, residual_runs, _) = Self::fit_points(&pts, &reference, now_ns);
+            // Runs test (as chrony does): residuals of a model that fits alternate in sign;
+            // long runs mean the frequency moved within the window, so drop the oldest points.
+            // Never below 8: a handful of points a few seconds apart gives wild slopes.
+            let n = pts.len();
+            if n <= 8 || !too_few_runs(n, residual_runs) {
+                return (intercept, slope, n);
+            }
+            pts.drain(..n / 4);
+        }
+    }
+
+    /// (seconds before `now_ns`, true − reference in s) of a point.
+    fn coordinates(p: &Point, reference: &ClockModel, now_ns: u64) -> (f64, f64) {
+        let x = (p.mono_ns as i128 - now_ns as i128) as f64 * NS;
+        let r = (p.true_ntp_ns as i128 - reference.ntp_at(p.mono_ns) as i128) as f64 * NS;
+        (x, r)
+    }
+
+    /// Weighted least squares over `pts`: (phase at now, slope, number of residual sign runs,
+    /// RMS residual).
+    fn fit_points(pts: &[Point], reference: &ClockModel, now_ns: u64) -> (f64, f64, usize, f64) {
+        let xs: Vec<(f64, f64, f64)> = pts
+            .iter()
+            .map(|p| {
+                let (x, r) = Self::coordinates(p, reference, now_ns);
+                (x, r, p.weight)
+            })
+            .collect();
+        let sw: f64 = xs.iter().map(|p| p.2).sum();
+        let mx = xs.iter().map(|p| p.0 * p.2).sum::<f64>() / sw;
+        let my = xs.iter().map(|p| p.1 * p.2).sum::<f64>() / sw;
+        let sxx: f64 = xs.iter().map(|p| p.2 * (p.0 - mx).powi(2)).sum();
+        // Fewer than two points, or all at one instant: no frequency information.
+        if xs.len() < 2 || sxx <= 0.0 {
+            let latest = xs.last().map_or(0.0, |p| p.1);
+            return (latest, 0.0, xs.len(), 0.0);
+        }
+        let sxy: f64 = xs.iter().map(|p| p.2 * (p.0 - mx) * (p.1 - my)).sum();
+        let slope = sxy / sxx;
+        let intercept = my - slope * mx;
+        let mut runs = 1;
+        let mut last_sign = None;
+        let mut sq = 0.0;
+        for p in &xs {
+            let residual = p.1 - (intercept + slope * p.0);
+            sq += residual * residual;
+            let sign = residual >= 0.0;
+            if last_sign.is_some_and(|s| s != sign) {
+                runs += 1;
+            }
+            last_sign = Some(sign);
+        }
+        (intercept, slope, runs, (sq / xs.len() as f64).sqrt())
+    }
+}
+
+/// Whether `runs` sign runs among `n` independent residuals is improbably few: more than two
+/// standard deviations below the (n + 1) / 2 expected.
+fn too_few_runs(n: usize, runs: usize) -> bool {
+    let expected = (n as f64 + 1.0) / 2.0;
+    let sd = ((n as f64 - 1.0) / 4.0).sqrt();
+    (runs as f64) < expected - 2.0 * sd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn discipline() -> Discipline {
+        Discipline::new(
+            DisciplineConfig::default(),
+            ClockModel::new(10 * S, 3_900_000_000 * S),
+        )
+    }
+
+    #[test]
+    fn segments_are_continuous() {
+        let mut m = ClockModel::new(0, 1_000 * S);
+        let before = m.ntp_at(5 * S);
+        m.rebase(5 * S, 250.0);
+        assert_eq!(m.ntp_at(5 * S), before);
+        // 250 ppm over 4 s is 1 ms.
+        assert!((m.ntp_at(9 * S) - before).abs_diff(4 * S + 1_000_000) <= 2);
+    }
+
+    #[test]
+    fn first_update_steps_then_never_again() {
+        let mut d = discipline();
+        assert!(!d.is_synchronized());
+        let t = 20 * S;
+        let before = d.model.ntp_at(t);
+        assert_eq!(
+            d.update(t, 3.5, 1e-5),
+            DisciplineEvent::Stepped { offset_s: 3.5 }
+        );
+        assert!(d.is_synchronized());
+        assert_eq!(d.model.ntp_at(t), before + 3_500_000_000);
+        // A 2 s error afterwards is slewed at the limit, not stepped.
+        let t2 = 36 * S;
+        let at = d.model.ntp_at(t2);
+        match d.update(t2, 2.0, 1e-5) {
+            DisciplineEvent::Corrected { slew_ppm, .. } => assert!(slew_ppm.abs() <= 500.0 + 1e-9),
+            e => panic!("{e:?}"),
+        }
+        assert_eq!(d.model.ntp_at(t2), at, "no jump at the update");
+    }
+
+    #[test]
+    fn errors_above_the_panic_threshold_are_refused() {
+        let mut d = discipline();
+        d.config.panic_threshold_s = 1.0;
+        d.update(20 * S, 0.0, 1e-5);
+        let model_before = d.model;
+        assert!(matches!(
+            d.update(36 * S, 5.0, 1e-5),
+            DisciplineEvent::Refused { .. }
+        ));
+        assert_eq!(d.model, model_before);
+    }
+
+    #[test]
+    fn learns_a_constant_frequency_error() {
+        // True time runs 200 ppm fast against CLOCK_MONOTONIC; measurements are exact.
+        let mut d = discipline();
+        let t0 = 10 * S;
+        let truth = |mono: u64| 3_900_000_000 * S + ((mono - t0) as f64 * (1.0 + 200e-6)) as u64;
+        let mut t = 20 * S;
+        for _ in 0..40 {
+            d.advance(t);
+            let offset = (truth(t) as i128 - d.model.ntp_at(t) as i128) as f64 * NS;
+            d.update(t, offset, 1e-6);
+            t += 64 * S;
+        }
+        assert!(
+            (d.frequency_ppm() - 200.0).abs() < 0.01,
+            "{}",
+            d.frequency_ppm()
+        );
+        d.advance(t);
+        let err = (truth(t) as i128 - d.model.ntp_at(t) as i128).abs();
+        assert!(err < 1_000, "{err} ns");
+    }
+}

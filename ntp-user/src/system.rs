@@ -1,0 +1,465 @@
+//! The whole clock, sans IO: upstreams → filters → selection → discipline → the anchor the
+//! responder serves. Inputs are monotonic timestamps, random cookies and packets; outputs are
+//! requests to send, events to log, and anchors to publish.
+
+use std::net::{IpAddr, SocketAddr};
+
+use md5::{Digest as _, Md5};
+use ntp_common::time::{ppm_to_freq_scaled, NANOS_PER_SEC};
+use ntp_common::wire::{
+    LEAP_ADD_SECOND, LEAP_DEL_SECOND, LEAP_NONE, LEAP_UNSYNCHRONIZED, MAX_STRATUM,
+};
+use ntp_common::TimeAnchor;
+
+use crate::discipline::{ClockModel, Discipline, DisciplineConfig, DisciplineEvent};
+use crate::filter::PHI;
+use crate::leap::{end_of_month_ntp_ns, Leap};
+use crate::selection::{select, Candidate, SelectError};
+use crate::upstream::{PollConfig, Rejection, Upstream, UpstreamState};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SystemConfig {
+    pub poll: PollConfig,
+    pub discipline: DisciplineConfig,
+    /// Truechimers needed before the clock is steered (operators of shared services want 3).
+    pub min_sources: usize,
+    /// With every upstream lost, the clock free-runs on its last frequency this long, then says
+    /// it is unsynchronized (LI=3).
+    pub max_holdover_ns: u64,
+    /// Published in every anchor: replies turn LI=3 if the daemon stops publishing this long.
+    pub max_anchor_age_ns: u64,
+    /// Smear leap seconds over 24 h instead of announcing them.
+    pub leap_smear: bool,
+    pub stratum_override: Option<u8>,
+    pub refid_override: Option<[u8; 4]>,
+}
+
+impl Default for SystemConfig {
+    fn default() -> Self {
+        SystemConfig {
+            poll: PollConfig::default(),
+            discipline: DisciplineConfig::default(),
+            min_sources: 1,
+            max_holdover_ns: 3600 * NANOS_PER_SEC,
+            max_anchor_age_ns: 30 * NANOS_PER_SEC,
+            leap_smear: false,
+            stratum_override: None,
+            refid_override: None,
+        }
+    }
+}
+
+/// Everything worth a log line.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SystemEvent {
+    Rejected {
+        upstream: SocketAddr,
+        why: Rejection,
+    },
+    Denied {
+        upstream: SocketAddr,
+        code: [u8; 4],
+    },
+    SystemPeerChanged {
+        upstream: SocketAddr,
+    },
+    Falseticker {
+        upstream: SocketAddr,
+    },
+    NoSelection(SelectError),
+    Stepped {
+        offset_s: f64,
+    },
+    Corrected {
+        phase_s: f64,
+        freq_ppm: f64,
+    },
+    StepRefused {
+        offset_s: f64,
+    },
+    HoldoverEntered,
+    HoldoverExpired,
+    LeapScheduled(Leap),
+    LeapApplied(Leap),
+}
+
+/// What the published header says about the reference.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Reference {
+    pub stratum: u8,
+    pub refid: [u8; 4],
+    /// Root delay and dispersion (s) at `updated_ns`.
+    pub root_delay: f64,
+    pub root_dispersion: f64,
+    pub updated_ns: u64,
+    pub reference_ntp_ns: u64,
+    pub leap: u8,
+}
+
+pub struct System {
+    pub config: SystemConfig,
+    pub upstreams: Vec<Upstream>,
+    pub discipline: Discipline,
+    pub reference: Option<Reference>,
+    system_peer: Option<usize>,
+    pending_leap: Option<Leap>,
+    /// The leap being smeared, and whether the model has taken it yet.
+    smear: Option<(Leap, bool)>,
+    in_holdover: bool,
+    holdover_expired: bool,
+    /// Upper bound the clock's health puts on every upstream's poll exponent.
+    poll_limit: i8,
+    poll_score: i32,
+    last_phase: f64,
+    clock_jitter: f64,
+}
+
+/// RFC 5905 reference ID of an upstream: its IPv4 address, or the first four bytes of the MD5
+/// of its IPv6 address.
+pub fn refid_of(addr: IpAddr) -> [u8; 4] {
+    match addr {
+        IpAddr::V4(v4) => v4.octets(),
+        IpAddr::V6(v6) => {
+            let h = Md5::digest(v6.octets());
+            [h[0], h[1], h[2], h[3]]
+        }
+    }
+}
+
+impl System {
+    /// `initial` is the model to start from (normally the host clock), unsynchronized.
+    pub fn new(
+        config: SystemConfig,
+        upstreams: &[SocketAddr],
+        initial: ClockModel,
+        now_ns: u64,
+    ) -> System {
+        System {
+            upstreams: upstreams
+                .iter()
+                .map(|a| Upstream::new(*a, config.poll, now_ns))
+                .collect(),
+            discipline: Discipline::new(config.discipline.clone(), initial),
+            poll_limit: config.poll.max_poll,
+            poll_score: 0,
+            last_phase: 0.0,
+            clock_jitter: 0.0,
+            config,
+            reference: None,
+            system_peer: None,
+            pending_leap: None,
+            smear: None,
+            in_holdover: false,
+            holdover_expired: false,
+        }
+    }
+
+    pub fn model(&self) -> &ClockModel {
+        &self.discipline.model
+    }
+
+    /// The poll exponent the clock's health currently allows.
+    pub fn poll_limit(&self) -> i8 {
+        self.poll_limit
+    }
+
+    pub fn system_peer(&self) -> Option<usize> {
+        self.system_peer
+    }
+
+    /// The earliest instant something is due: a poll, or the end of a slew (after which the
+    /// anchor must be republished at once, or the kernel would extrapolate a stale rate).
+    pub fn next_wakeup_ns(&self) -> Option<u64> {
+        self.upstreams
+            .iter()
+            .filter_map(Upstream::next_poll_ns)
+            .chain(self.discipline.slew_end_ns())
+            .min()
+    }
+
+    /// Requests due at `now_ns`: (upstream index, bytes). `cookie` supplies unpredictable
+    /// transmit timestamps.
+    pub fn due_requests(
+        &mut self,
+        now_ns: u64,
+        mut cookie: impl FnMut() -> u64,
+    ) -> Vec<(usize, [u8; 48])> {
+        let mut out = Vec::new();
+        for (i, u) in self.upstreams.iter_mut().enumerate() {
+            if u.next_poll_ns().is_some_and(|t| t <= now_ns) {
+                out.push((i, u.poll(now_ns, cookie())));
+            }
+        }
+        out
+    }
+
+    /// A datagram from upstream `id`, received at `recv_ns`.
+    pub fn on_response(&mut self, id: usize, bytes: &[u8], recv_ns: u64) -> Vec<SystemEvent> {
+        let mut events = Vec::new();
+        self.discipline.advance(recv_ns);
+        // A leap due before this answer must be in the model before the answer is measured.
+        self.apply_due_leap(recv_ns, &mut events);
+        let addr = self.upstreams[id].addr;
+        if let Err(why) = self.upstreams[id].on_response(bytes, recv_ns, &self.discipline.model) {
+            if let UpstreamState::Denied(code) = self.upstreams[id].state {
+                events.push(SystemEvent::Denied {
+                    upstream: addr,
+                    code,
+                });
+            } else {
+                events.push(SystemEvent::Rejected {
+                    upstream: addr,
+                    why,
+                });
+            }
+            return events;
+        }
+        self.clock_update(id, recv_ns, &mut events);
+        events
+    }
+
+    fn clock_update(&mut self, from: usize, now_ns: u64, events: &mut Vec<SystemEvent>) {
+        // Samples may be hours old at long polls: judge them against the estimate line, not
+        // against the slewing segment extrapolated back over that time.
+        let model = self.discipline.estimate_line(now_ns);
+        let mut cands = Vec::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            if let Some((est, header, distance)) = u.estimate(&model, now_ns) {
+                cands.push(Candidate {
+                    id: i,
+                    offset: est.offset,
+                    root_distance: distance,
+                    jitter: est.jitter,
+                    stratum: header.stratum,
+                    leap: header.leap,
+                });
+            }
+        }
+        let selection = match select(&cands, self.config.min_sources) {
+            Ok(s) => s,
+            Err(e) => {
+                events.push(SystemEvent::NoSelection(e));
+                return;
+            }
+        };
+        for &f in &selection.falsetickers {
+            events.push(SystemEvent::Falseticker {
+                upstream: self.upstreams[f].addr,
+            });
+        }
+        let peer = selection.survivors[0];
+        if self.system_peer != Some(peer) {
+            self.system_peer = Some(peer);
+            events.push(SystemEvent::SystemPeerChanged {
+                upstream: self.upstreams[peer].addr,
+            });
+        }
+        // The clock is updated when a survivor has a sample not used before (RFC 5905 waits
+        // for the system peer alone, which starves the loop when the peer changes often).
+        if !selection.survivors.contains(&from) {
+            return;
+        }
+        let precision = self.upstreams[from].header.map_or(1e-6, |h| h.precision);
+        let Some(est) = self.upstreams[from]
+            .filter
+            .take_new_estimate(&model, now_ns, precision)
+        else {
+            return;
+        };
+        let header = self.upstreams[peer]
+            .header
+            .expect("a survivor has a header");
+        let Some((peer_est, _, _)) = self.upstreams[peer].estimate(&model, now_ns) else {
+            return;
+        };
+        // One point per fresh survivor sample: points from different samples have independent
+        // errors, which the regression's runs test relies on. The selection decides who counts.
+        let sigma = est.jitter.max(1e-7);
+        let point_mono = est.sample.mono_ns;
+        let true_ntp = est.sample.true_ntp_ns;
+        match self
+            .discipline
+            .update_at(now_ns, point_mono, true_ntp, sigma)
+        {
+            DisciplineEvent::Refused { offset_s } => {
+                events.push(SystemEvent::StepRefused { offset_s });
+                return;
+            }
+            DisciplineEvent::Stepped { offset_s } => events.push(SystemEvent::Stepped { offset_s }),
+            DisciplineEvent::Corrected {
+                phase_s,
+                freq_ppm,
+                trimmed,
+                ..
+            } => {
+                // Clock jitter (RFC 5905): RMS of successive phase errors. Persistent errors
+                // (a wandering frequency) stand out against it; white noise does not.
+                let diff = phase_s - self.last_phase;
+                self.last_phase = phase_s;
+                self.clock_jitter = (self.clock_jitter.powi(2)
+                    + (diff * diff - self.clock_jitter.powi(2)) / 4.0)
+                    .sqrt();
+                self.adapt_poll(phase_s.abs() > 4.0 * self.clock_jitter.max(1e-6) || trimmed);
+                events.push(SystemEvent::Corrected { phase_s, freq_ppm })
+            }
+        }
+        if self.in_holdover {
+            self.in_holdover = false;
+        }
+        self.holdover_expired = false;
+        let addr = self.upstreams[peer].addr;
+        self.reference = Some(Reference {
+            stratum: self
+                .config
+                .stratum_override
+                .unwrap_or((header.stratum + 1).min(MAX_STRATUM)),
+            refid: self.config.refid_override.unwrap_or(refid_of(addr.ip())),
+            root_delay: header.root_delay + peer_est.delay,
+            root_dispersion: header.root_dispersion
+                + peer_est.dispersion
+                + selection.jitter
+                + selection.offset.abs(),
+            updated_ns: now_ns,
+            reference_ntp_ns: self.discipline.model.ntp_at(now_ns),
+            leap: selection.leap,
+        });
+        self.schedule_leap(selection.leap, now_ns, events);
+    }
+
+    /// ntpd's poll "jiggle": a clock that is not keeping up (phase error large against the
+    /// noise, or a frequency that moved within the regression window) polls faster; a run of
+    /// good updates lets it poll slower, within the configured bounds.
+    fn adapt_poll(&mut self, struggling: bool) {
+        let (min, max) = (self.config.poll.min_poll, self.config.poll.max_poll);
+        // One struggling update outweighs six good ones: a clock that struggles on more than
+        // about one update in seven polls faster, one that struggles rarely polls slower.
+        self.poll_score += if struggling { -6 } else { 1 };
+        if self.poll_score <= -12 {
+            self.poll_limit = (self.poll_limit - 1).max(min);
+            self.poll_score = 0;
+        } else if self.poll_score >= 16 {
+            self.poll_limit = (self.poll_limit + 1).min(max);
+            self.poll_score = 0;
+        }
+        for u in &mut self.upstreams {
+            u.set_poll_limit(self.poll_limit);
+        }
+    }
+
+    fn schedule_leap(&mut self, leap: u8, now_ns: u64, events: &mut Vec<SystemEvent>) {
+        let now_ntp = self.discipline.model.ntp_at(now_ns);
+        match leap {
+            1 | 2 if self.pending_leap.is_none() => {
+                let l = Leap {
+                    insert: leap == 1,
+                    at_ntp_ns: end_of_month_ntp_ns(now_ntp),
+                };
+                self.pending_leap = Some(l);
+                if self.config.leap_smear {
+                    self.smear = Some((l, false));
+                }
+                events.push(SystemEvent::LeapScheduled(l));
+            }
+            // Withdrawn before it happened.
+            0 if self.pending_leap.is_some_and(|l| now_ntp < l.at_ntp_ns) => {
+                self.pending_leap = None;
+                self.smear = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Applies a leap whose instant has passed: the model's time moves by one second (the
+    /// published anchor holds time still for that second rather than going back), and every
+    /// stored sample from before the leap moves with it.
+    fn apply_due_leap(&mut self, now_ns: u64, events: &mut Vec<SystemEvent>) {
+        let Some(leap) = self.pending_leap else {
+            return;
+        };
+        let model = self.discipline.model;
+        if model.ntp_at(now_ns) < leap.at_ntp_ns {
+            return;
+        }
+        let at_mono = model.mono_at(leap.at_ntp_ns);
+        self.discipline.apply_leap(at_mono, leap.step_ns());
+        for u in &mut self.upstreams {
+            u.filter.shift_before(at_mono, leap.step_ns());
+        }
+        self.pending_leap = None;
+        if let Some((l, applied)) = &mut self.smear {
+            if *l == leap {
+                *applied = true;
+            }
+        }
+        events.push(SystemEvent::LeapApplied(leap));
+    }
+
+    /// The anchor to publish at `now_ns`, plus events (holdover, leap) that happened.
+    pub fn anchor(&mut self, now_ns: u64) -> (TimeAnchor, Vec<SystemEvent>) {
+        let mut events = Vec::new();
+        self.discipline.advance(now_ns);
+        self.apply_due_leap(now_ns, &mut events);
+        let model = self.discipline.model;
+        let mut anchor = TimeAnchor {
+            mono_ns: now_ns,
+            ntp_ns: model.ntp_at(now_ns),
+            freq_scaled: model.freq_scaled(),
+            max_age_ns: self.config.max_anchor_age_ns,
+            leap: LEAP_UNSYNCHRONIZED,
+            ..Default::default()
+        };
+        if let Some((leap, applied)) = self.smear {
+            // Served time is u − smear(u), u being time as if the leap had not happened; the
+            // model takes the leap at its instant, so served time is continuous across it.
+            let u = if applied {
+                anchor.ntp_ns.wrapping_add_signed(-leap.step_ns())
+            } else {
+                anchor.ntp_ns
+            };
+            anchor.ntp_ns = u.wrapping_add_signed(-leap.smear_ns(u));
+            if leap.smearing_at(u) {
+                anchor.freq_scaled = ppm_to_freq_scaled(model.freq_ppm() + leap.smear_rate_ppm());
+            } else if applied {
+                self.smear = None;
+            }
+        }
+        let Some(r) = self.reference.filter(|_| self.discipline.is_synchronized()) else {
+            return (anchor, events);
+        };
+        let since_update = now_ns.saturating_sub(r.updated_ns);
+        if since_update > self.config.max_holdover_ns {
+            if !self.holdover_expired {
+                self.holdover_expired = true;
+                events.push(SystemEvent::HoldoverExpired);
+            }
+            return (anchor, events);
+        }
+        let reachable = self.upstreams.iter().any(|u| u.is_reachable());
+        if !reachable && !self.in_holdover {
+            self.in_holdover = true;
+            events.push(SystemEvent::HoldoverEntered);
+        }
+        let dispersion = r.root_dispersion + PHI * since_update as f64 * 1e-9;
+        anchor.reference_ntp_ns = r.reference_ntp_ns;
+        anchor.root_delay_ns = (r.root_delay * 1e9) as u64;
+        anchor.root_dispersion_ns = (dispersion * 1e9) as u64;
+        anchor.refid = r.refid;
+        anchor.stratum = r.stratum;
+        // A smeared leap is never announced; otherwise LI warns until the leap happens.
+        anchor.leap = match self.pending_leap {
+            Some(l) if !self.config.leap_smear => {
+                if l.insert {
+                    LEAP_ADD_SECOND
+                } else {
+                    LEAP_DEL_SECOND
+                }
+            }
+            _ => LEAP_NONE,
+        };
+        (anchor, events)
+    }
+
+    pub fn is_synchronized(&self) -> bool {
+        self.discipline.is_synchronized() && self.reference.is_some() && !self.holdover_expired
+    }
+}

@@ -1,0 +1,460 @@
+//! One upstream NTP server, sans IO: when to poll, what to send, and what a response means.
+//!
+//! The caller owns sockets and timers; this takes monotonic timestamps and bytes as values.
+
+use std::net::SocketAddr;
+
+use ntp_common::packet::NtpHeader;
+use ntp_common::time::{short_to_ns, timestamp_to_ntp_ns, NANOS_PER_SEC};
+use ntp_common::wire::*;
+
+use crate::discipline::ClockModel;
+use crate::filter::{ClockFilter, PeerEstimate, Sample, PHI};
+
+/// Samples with more root distance than this are not used (RFC 5905 MAXDIST).
+pub const MAX_DISTANCE: f64 = 1.5;
+/// Requests of an iburst go out this far apart (RFC 5905 uses 2 s).
+const BURST_SPACING_NS: u64 = 2 * NANOS_PER_SEC;
+const BURST_COUNT: u8 = 4;
+/// Good responses at one poll interval before it doubles.
+const GOOD_BEFORE_BACKOFF: u32 = 4;
+/// Precision assumed for our own timestamps (CLOCK_MONOTONIC read in userspace).
+pub const LOCAL_PRECISION: f64 = 1e-7;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PollConfig {
+    /// log2 s; defaults 4 (16 s) and 10 (1024 s).
+    pub min_poll: i8,
+    pub max_poll: i8,
+    pub iburst: bool,
+}
+
+impl Default for PollConfig {
+    fn default() -> Self {
+        PollConfig {
+            min_poll: 4,
+            max_poll: 10,
+            iburst: true,
+        }
+    }
+}
+
+/// Why a response was not used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    Malformed,
+    NotServerMode(u8),
+    /// Origin does not match our outstanding request (late, duplicate, or spoofed).
+    BogusOrigin,
+    /// No request outstanding.
+    Unexpected,
+    Unsynchronized,
+    BadStratum(u8),
+    ZeroTransmit,
+    /// Negative or absurd delay, or root distance above MAXDIST.
+    Insane(&'static str),
+    /// Kiss-o'-death.
+    Kiss([u8; 4]),
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::Kiss(code) => write!(f, "kiss-o'-death {}", String::from_utf8_lossy(code)),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamState {
+    Active,
+    /// DENY or RSTR: the server asked us to stop. Never polled again.
+    Denied([u8; 4]),
+}
+
+/// The header fields of the latest valid response.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PeerHeader {
+    pub stratum: u8,
+    pub leap: u8,
+    pub refid: [u8; 4],
+    pub root_delay: f64,
+    pub root_dispersion: f64,
+    pub precision: f64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Outstanding {
+    cookie: u64,
+    sent_mono_ns: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub config: PollConfig,
+    pub poll: i8,
+    /// 8-bit reachability register: bit 0 is the latest poll.
+    pub reach: u8,
+    pub state: UpstreamState,
+    pub filter: ClockFilter,
+    pub header: Option<PeerHeader>,
+    next_poll_ns: u64,
+    burst_left: u8,
+    good_at_poll: u32,
+    poll_limit: i8,
+    outstanding: Option<Outstanding>,
+}
+
+impl Upstream {
+    pub fn new(addr: SocketAddr, config: PollConfig, now_ns: u64) -> Upstream {
+        Upstream {
+            addr,
+            config,
+            poll: config.min_poll,
+            reach: 0,
+            state: UpstreamState::Active,
+            filter: ClockFilter::default(),
+            header: None,
+            next_poll_ns: now_ns,
+            burst_left: if config.iburst { BURST_COUNT } else { 1 },
+            good_at_poll: 0,
+            poll_limit: config.max_poll,
+            outstanding: None,
+        }
+    }
+
+    /// Caps the poll exponent (the system polls faster while its clock is not keeping up).
+    pub fn set_poll_limit(&mut self, limit: i8) {
+        self.poll_limit = limit.clamp(self.config.min_poll, self.config.max_poll);
+        if self.poll > self.poll_limit {
+            self.poll = self.poll_limit;
+            // Bring the next poll forward to the shorter interval.
+            if let Some(o) = self.outstanding {
+                self.next_poll_ns = self
+                    .next_poll_ns
+                    .min(o.sent_mono_ns + (NANOS_PER_SEC << self.poll.clamp(0, 17)));
+            }
+        }
+    }
+
+    pub fn next_poll_ns(&self) -> Option<u64> {
+        matches!(self.state, UpstreamState::Active).then_some(self.next_poll_ns)
+    }
+
+    pub fn is_reachable(&self) -> bool {
+        self.reach != 0
+    }
+
+    /// Builds the next request. `cookie` must be unpredictable (it goes out as the transmit
+    /// timestamp; the server echoes it as origin, so only a real answer can match it).
+    pub fn poll(&mut self, now_ns: u64, cookie: u64) -> [u8; NTP_HEADER_LEN] {
+        if self.outstanding.is_some() {
+            // The previous request went unanswered.
+            self.good_at_poll = 0;
+            if self.reach & 0x0f == 0 && self.poll > self.config.min_poll {
+                self.poll -= 1;
+            }
+        }
+        self.reach <<= 1;
+        self.outstanding = Some(Outstanding {
+            cookie,
+            sent_mono_ns: now_ns,
+        });
+        if self.burst_left > 1 {
+            self.burst_left -= 1;
+            self.next_poll_ns = now_ns + BURST_SPACING_NS;
+        } else {
+            self.burst_left = 0;
+            self.next_poll_ns = now_ns + (NANOS_PER_SEC << self.poll.clamp(0, 17));
+        }
+        NtpHeader::client_request(self.poll, cookie).serialize()
+    }
+
+    /// Handles a response received at `recv_ns`, measured against `model`.
+    pub fn on_response(
+        &mut self,
+        bytes: &[u8],
+        recv_ns: u64,
+        model: &ClockModel,
+    ) -> Result<(), Rejection> {
+        let h = NtpHeader::parse(bytes).ok_or(Rejection::Malformed)?;
+        if h.mode != MODE_SERVER {
+            return Err(Rejection::NotServerMode(h.mode));
+        }
+        let out = self.outstanding.ok_or(Rejection::Unexpected)?;
+        if h.origin_ts != out.cookie {
+            return Err(Rejection::BogusOrigin);
+        }
+        // From here on the response is genuine: one answer per request.
+        self.outstanding = None;
+        if let Some(code) = h.kiss_code() {
+            self.on_kiss(code, out.sent_mono_ns);
+            return Err(Rejection::Kiss(code));
+        }
+        if h.leap == LEAP_UNSYNCHRONIZED {
+            return Err(Rejection::Unsynchronized);
+        }
+        if h.stratum > MAX_STRATUM {
+            return Err(Rejection::BadStratum(h.stratum));
+        }
+        if h.transmit_ts == 0 || h.receive_ts == 0 {
+            return Err(Rejection::ZeroTransmit);
+        }
+        let t1 = model.ntp_at(out.sent_mono_ns);
+        let t4 = model.ntp_at(recv_ns);
+        let t2 = timestamp_to_ntp_ns(h.receive_ts, t1);
+        let t3 = timestamp_to_ntp_ns(h.transmit_ts, t1);
+        let d = |a: u64, b: u64| (a as i128 - b as i128) as f64 * 1e-9;
+        let precision = 2f64.powi(h.precision as i32);
+        let delay = d(t4, t1) - d(t3, t2);
+        if delay < -precision || !(d(t3, t2) >= 0.0) {
+            return Err(Rejection::Insane(
+                "negative delay or server processing time",
+            ));
+        }
+        let delay = delay.max(precision);
+        let offset = (d(t2, t1) + d(t3, t4)) / 2.0;
+        let root_delay = short_to_ns(h.root_delay) as f64 * 1e-9;
+        let root_dispersion = short_to_ns(h.root_dispersion) as f64 * 1e-9;
+        if (root_delay + delay) / 2.0 + root_dispersion > MAX_DISTANCE {
+            return Err(Rejection::Insane("root distance above 1.5 s"));
+        }
+        let mid = out.sent_mono_ns + (recv_ns.saturating_sub(out.sent_mono_ns)) / 2;
+        self.filter.add(Sample {
+            mono_ns: mid,
+            true_ntp_ns: model
+                .ntp_at(mid)
+                .wrapping_add_signed((offset * 1e9).round() as i64),
+            delay,
+            dispersion: precision + LOCAL_PRECISION + PHI * delay,
+        });
+        self.header = Some(PeerHeader {
+            stratum: h.stratum,
+            leap: h.leap,
+            refid: h.refid,
+            root_delay,
+            root_dispersion,
+            precision,
+        });
+        self.reach |= 1;
+        self.good_at_poll += 1;
+        if self.burst_left == 0
+            && self.good_at_poll >= GOOD_BEFORE_BACKOFF
+            && self.poll < self.poll_limit
+        {
+            self.poll += 1;
+            self.good_at_poll = 0;
+        }
+        Ok(())
+    }
+
+    fn on_kiss(&mut self, code: [u8; 4], sent_ns: u64) {
+        match &code {
+            // Rate exceeded: poll less often, starting from the request that was refused.
+            b"RATE" => {
+                self.poll = (self.poll + 1).min(self.config.max_poll.max(self.config.min_poll));
+                self.burst_left = 0;
+                self.next_poll_ns = self
+                    .next_poll_ns
+                    .max(sent_ns + (NANOS_PER_SEC << self.poll.clamp(0, 17)));
+            }
+            b"DENY" | b"RSTR" => self.state = UpstreamState::Denied(code),
+            _ => {}
+        }
+    }
+
+    /// The filter's estimate with this upstream's root distance, for selection.
+    pub fn estimate(
+        &self,
+        model: &ClockModel,
+        now_ns: u64,
+    ) -> Option<(PeerEstimate, PeerHeader, f64)> {
+        if !self.is_reachable() || self.state != UpstreamState::Active {
+            return None;
+        }
+        let header = self.header?;
+        let est = self
+            .filter
+            .estimate(model, now_ns, header.precision.max(LOCAL_PRECISION))?;
+        let distance = (header.root_delay + est.delay) / 2.0
+            + header.root_dispersion
+            + est.dispersion
+            + est.jitter;
+        (distance < MAX_DISTANCE).then_some((est, header, distance))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ntp_common::time::ntp_ns_to_timestamp;
+
+    const S: u64 = NANOS_PER_SEC;
+
+    fn upstream() -> Upstream {
+        Upstream::new("169.254.0.1:123".parse().unwrap(), PollConfig::default(), 0)
+    }
+
+    /// A server whose clock is `offset_ns` ahead of the model, answering after `one_way_ns`.
+    fn answer(
+        req: &[u8],
+        model: &ClockModel,
+        sent: u64,
+        offset_ns: i64,
+        one_way_ns: u64,
+    ) -> (Vec<u8>, u64) {
+        let r = NtpHeader::parse(req).unwrap();
+        let t2 = model
+            .ntp_at(sent + one_way_ns)
+            .wrapping_add_signed(offset_ns);
+        let h = NtpHeader {
+            version: 4,
+            mode: MODE_SERVER,
+            stratum: 1,
+            precision: -20,
+            refid: *b"GPS\0",
+            origin_ts: r.transmit_ts,
+            receive_ts: ntp_ns_to_timestamp(t2),
+            transmit_ts: ntp_ns_to_timestamp(t2 + 10_000),
+            reference_ts: ntp_ns_to_timestamp(t2 - S),
+            ..Default::default()
+        };
+        (h.serialize().to_vec(), sent + 2 * one_way_ns + 10_000)
+    }
+
+    #[test]
+    fn iburst_then_regular_polls() {
+        let mut u = upstream();
+        let mut times = vec![];
+        let mut now = 0;
+        for i in 0..6 {
+            assert_eq!(u.next_poll_ns(), Some(now));
+            u.poll(now, i);
+            times.push(now);
+            now = u.next_poll_ns().unwrap();
+        }
+        assert_eq!(times, vec![0, 2 * S, 4 * S, 6 * S, 22 * S, 38 * S]);
+        // Nothing was answered: reach stays 0.
+        assert_eq!(u.reach, 0);
+    }
+
+    #[test]
+    fn measures_offset_and_fills_reach() {
+        let model = ClockModel::new(0, 3_900_000_000 * S);
+        let mut u = upstream();
+        let req = u.poll(S, 42);
+        let (resp, recv) = answer(&req, &model, S, 250_000, 1_000_000);
+        u.on_response(&resp, recv, &model).unwrap();
+        assert_eq!(u.reach, 1);
+        let (est, header, dist) = u.estimate(&model, recv).unwrap();
+        assert!((est.offset - 250e-6).abs() < 1e-8, "{}", est.offset);
+        assert!((est.delay - 2e-3).abs() < 1e-8, "{}", est.delay);
+        assert_eq!(header.stratum, 1);
+        assert!(dist > 1e-3 && dist < 2e-3);
+    }
+
+    #[test]
+    fn rejects_what_rfc_5905_rejects() {
+        let model = ClockModel::new(0, 3_900_000_000 * S);
+        let cases: Vec<(&str, Box<dyn Fn(&mut NtpHeader)>, Rejection)> = vec![
+            (
+                "wrong origin",
+                Box::new(|h| h.origin_ts ^= 1),
+                Rejection::BogusOrigin,
+            ),
+            (
+                "mode 3",
+                Box::new(|h| h.mode = 3),
+                Rejection::NotServerMode(3),
+            ),
+            ("LI 3", Box::new(|h| h.leap = 3), Rejection::Unsynchronized),
+            (
+                "stratum 16",
+                Box::new(|h| h.stratum = 16),
+                Rejection::BadStratum(16),
+            ),
+            (
+                "zero transmit",
+                Box::new(|h| h.transmit_ts = 0),
+                Rejection::ZeroTransmit,
+            ),
+            (
+                "huge root dispersion",
+                Box::new(|h| h.root_dispersion = 2 << 16),
+                Rejection::Insane("root distance above 1.5 s"),
+            ),
+            (
+                "kiss RATE",
+                Box::new(|h| {
+                    h.stratum = 0;
+                    h.refid = *b"RATE"
+                }),
+                Rejection::Kiss(*b"RATE"),
+            ),
+        ];
+        for (name, mutate, want) in cases {
+            let mut u = upstream();
+            let req = u.poll(S, 7);
+            let (resp, recv) = answer(&req, &model, S, 0, 1_000);
+            let mut h = NtpHeader::parse(&resp).unwrap();
+            mutate(&mut h);
+            assert_eq!(
+                u.on_response(&h.serialize(), recv, &model),
+                Err(want),
+                "{name}"
+            );
+            assert_eq!(u.reach, 0, "{name}");
+        }
+        // Unsolicited and short packets.
+        let mut u = upstream();
+        assert_eq!(
+            u.on_response(&[0u8; 48], S, &model),
+            Err(Rejection::NotServerMode(0))
+        );
+        assert_eq!(
+            u.on_response(&[0u8; 20], S, &model),
+            Err(Rejection::Malformed)
+        );
+    }
+
+    #[test]
+    fn deny_stops_polling_and_rate_backs_off() {
+        let model = ClockModel::new(0, 3_900_000_000 * S);
+        let mut u = upstream();
+        let req = u.poll(S, 7);
+        let (resp, recv) = answer(&req, &model, S, 0, 1_000);
+        let mut h = NtpHeader::parse(&resp).unwrap();
+        h.stratum = 0;
+        h.refid = *b"DENY";
+        let _ = u.on_response(&h.serialize(), recv, &model);
+        assert_eq!(u.state, UpstreamState::Denied(*b"DENY"));
+        assert_eq!(u.next_poll_ns(), None);
+
+        let mut u = upstream();
+        let before = u.poll;
+        let req = u.poll(S, 8);
+        let (resp, recv) = answer(&req, &model, S, 0, 1_000);
+        let mut h = NtpHeader::parse(&resp).unwrap();
+        h.stratum = 0;
+        h.refid = *b"RATE";
+        let _ = u.on_response(&h.serialize(), recv, &model);
+        assert_eq!(u.poll, before + 1);
+        assert!(u.next_poll_ns().unwrap() >= S + (S << u.poll));
+    }
+
+    #[test]
+    fn poll_interval_grows_with_good_answers_within_bounds() {
+        let model = ClockModel::new(0, 3_900_000_000 * S);
+        let mut u = upstream();
+        for i in 0..200 {
+            let now = u.next_poll_ns().unwrap();
+            let req = u.poll(now, i);
+            let (resp, recv) = answer(&req, &model, now, 0, 1_000);
+            u.on_response(&resp, recv, &model).unwrap();
+        }
+        assert_eq!(u.poll, 10);
+        assert_eq!(u.reach, 0xff);
+    }
+}

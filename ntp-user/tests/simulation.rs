@@ -1,0 +1,471 @@
+//! The whole clock core in simulated time: no sockets, no sleeping.
+//!
+//! The world has true time `t` (ns). The host's CLOCK_MONOTONIC runs at (1 + ε) against it,
+//! with ε = ±200 ppm plus a random walk. Upstreams answer with their own small errors across a
+//! network with exponential jitter and per-server asymmetric delay; one upstream is a
+//! falseticker one second off. The daemon's `System` sees only monotonic readings and packets.
+
+use std::net::SocketAddr;
+
+use ntp_common::packet::NtpHeader;
+use ntp_common::time::{ntp_ns_to_timestamp, NANOS_PER_SEC};
+use ntp_common::wire::{LEAP_UNSYNCHRONIZED, MODE_SERVER};
+use ntp_common::TimeAnchor;
+use ntp_user::discipline::ClockModel;
+use ntp_user::system::{System, SystemConfig, SystemEvent};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const S: u64 = NANOS_PER_SEC;
+/// True time at the start of the simulation (NTP ns): late 2025.
+const EPOCH: u64 = 3_972_000_000 * S;
+
+struct Server {
+    addr: SocketAddr,
+    /// Server clock − true time (ns).
+    clock_error_ns: i64,
+    /// Fixed one-way delays (ns): outbound and inbound differ (asymmetry).
+    out_ns: f64,
+    in_ns: f64,
+    answering: bool,
+}
+
+struct World {
+    rng: StdRng,
+    /// True time since the start (ns).
+    t: u64,
+    /// CLOCK_MONOTONIC now (ns), as f64 to integrate the rate exactly.
+    mono: f64,
+    /// Oscillator error (fraction) and its random-walk step per √s.
+    epsilon: f64,
+    wander_per_sqrt_s: f64,
+    jitter_mean_ns: f64,
+    servers: Vec<Server>,
+    system: System,
+    last_anchor: Option<TimeAnchor>,
+    events: Vec<SystemEvent>,
+    /// Served-time errors observed at publish instants after `measure_from` (ns).
+    errors: Vec<f64>,
+    measure_from: u64,
+    backwards: u64,
+}
+
+impl World {
+    fn new(
+        seed: u64,
+        epsilon_ppm: f64,
+        falseticker: bool,
+        config: SystemConfig,
+        initial_error_ns: i64,
+    ) -> World {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut servers = Vec::new();
+        for i in 0..4 {
+            let base = 200_000.0 + 100_000.0 * i as f64;
+            let asym = rng.gen_range(-20_000.0..20_000.0);
+            servers.push(Server {
+                addr: format!("169.254.1.{}:123", i + 1).parse().unwrap(),
+                clock_error_ns: rng.gen_range(-2_000..2_000),
+                out_ns: base + asym / 2.0,
+                in_ns: base - asym / 2.0,
+                answering: true,
+            });
+        }
+        if falseticker {
+            servers.push(Server {
+                addr: "169.254.1.99:123".parse().unwrap(),
+                clock_error_ns: S as i64,
+                out_ns: 250_000.0,
+                in_ns: 250_000.0,
+                answering: true,
+            });
+        }
+        let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
+        let mono0 = 1_000 * S;
+        // The daemon's first guess is the host clock, which may be far off.
+        let initial = ClockModel::new(mono0, EPOCH.wrapping_add_signed(initial_error_ns));
+        World {
+            rng,
+            t: 0,
+            mono: mono0 as f64,
+            epsilon: epsilon_ppm * 1e-6,
+            wander_per_sqrt_s: 0.0,
+            jitter_mean_ns: 50_000.0,
+            servers,
+            system: System::new(config, &addrs, initial, mono0),
+            last_anchor: None,
+            events: Vec::new(),
+            errors: Vec::new(),
+            measure_from: u64::MAX,
+            backwards: 0,
+        }
+    }
+
+    fn true_ntp(&self, t: u64) -> u64 {
+        EPOCH + t
+    }
+
+    fn exp(&mut self, mean: f64) -> f64 {
+        -mean * (1.0 - self.rng.gen::<f64>()).ln()
+    }
+
+    /// Advances true time by `dt_ns`, integrating the oscillator.
+    fn advance(&mut self, dt_ns: u64) {
+        self.mono += dt_ns as f64 * (1.0 + self.epsilon);
+        self.t += dt_ns;
+        if self.wander_per_sqrt_s > 0.0 {
+            let (u1, u2): (f64, f64) = (self.rng.gen::<f64>().max(1e-300), self.rng.gen());
+            let normal = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+            self.epsilon += normal * self.wander_per_sqrt_s * (dt_ns as f64 * 1e-9).sqrt();
+        }
+    }
+
+    fn mono_now(&self) -> u64 {
+        self.mono as u64
+    }
+
+    /// True time until the monotonic clock reads `mono`.
+    fn until_mono(&self, mono: u64) -> u64 {
+        ((mono as f64 - self.mono).max(0.0) / (1.0 + self.epsilon)).ceil() as u64
+    }
+
+    fn publish(&mut self) {
+        let now = self.mono_now();
+        let (anchor, events) = self.system.anchor(now);
+        self.events.extend(events);
+        if let Some(prev) = self.last_anchor {
+            // The kernel serves prev until the flip: the new line must not start below it.
+            if prev.leap != LEAP_UNSYNCHRONIZED
+                && anchor.ntp_ns + 1 < prev.ntp_ns_at(anchor.mono_ns)
+            {
+                self.backwards += 1;
+            }
+        }
+        if self.t >= self.measure_from && anchor.leap != LEAP_UNSYNCHRONIZED {
+            let err = anchor.ntp_ns_at(now) as i128 - self.true_ntp(self.t) as i128;
+            self.errors.push(err as f64);
+        }
+        self.last_anchor = Some(anchor);
+    }
+
+    /// Runs until true time `until` (ns since start), publishing every `publish_every`.
+    fn run(&mut self, until: u64, publish_every: u64) {
+        let mut next_publish = self.t;
+        while self.t < until {
+            let next_poll = self
+                .system
+                .next_wakeup_ns()
+                .map(|m| self.t + self.until_mono(m))
+                .unwrap_or(u64::MAX);
+            let next = next_poll.min(next_publish).min(until).max(self.t);
+            self.advance(next - self.t);
+            // Publish on schedule and at every wakeup (slew ends change the model's rate).
+            self.publish();
+            if self.t >= next_publish {
+                next_publish = self.t + publish_every;
+            }
+            let now = self.mono_now();
+            let mut cookie_rng = StdRng::seed_from_u64(self.t);
+            let requests = self.system.due_requests(now, || cookie_rng.gen());
+            let mut replies = Vec::new();
+            for (id, req) in requests {
+                if let Some(r) = self.answer(id, &req) {
+                    replies.push(r);
+                }
+            }
+            // Deliver in arrival order, time moving on to each arrival; as the daemon does,
+            // republish right after every reply (it may have changed the model).
+            replies.sort_by_key(|r| r.0);
+            for (t_recv, id, bytes) in replies {
+                self.advance(t_recv - self.t);
+                let ev = self.system.on_response(id, &bytes, self.mono_now());
+                self.events.extend(ev);
+                self.publish();
+            }
+        }
+    }
+
+    /// The server's answer to a request sent now: (true arrival time, upstream, bytes).
+    fn answer(&mut self, id: usize, req: &[u8]) -> Option<(u64, usize, Vec<u8>)> {
+        let (answering, out, inb, err) = {
+            let s = &self.servers[id];
+            (s.answering, s.out_ns, s.in_ns, s.clock_error_ns)
+        };
+        if !answering {
+            return None;
+        }
+        let r = NtpHeader::parse(req).unwrap();
+        let jitter = self.jitter_mean_ns;
+        let t_arrive = self.t + (out + self.exp(jitter)) as u64;
+        let t_leave = t_arrive + 15_000;
+        let t_back = t_leave + (inb + self.exp(jitter)) as u64;
+        let server_time = |t: u64| (EPOCH + t).wrapping_add_signed(err);
+        let h = NtpHeader {
+            version: 4,
+            mode: MODE_SERVER,
+            stratum: 1,
+            poll: r.poll,
+            precision: -23,
+            refid: *b"GPS\0",
+            root_delay: 0,
+            root_dispersion: 10,
+            reference_ts: ntp_ns_to_timestamp(server_time(t_arrive) - S),
+            origin_ts: r.transmit_ts,
+            receive_ts: ntp_ns_to_timestamp(server_time(t_arrive)),
+            transmit_ts: ntp_ns_to_timestamp(server_time(t_leave)),
+            leap: 0,
+        };
+        Some((t_back, id, h.serialize().to_vec()))
+    }
+
+    fn stats(&self) -> (f64, f64) {
+        let n = self.errors.len() as f64;
+        let mean = self.errors.iter().sum::<f64>() / n;
+        let max = self.errors.iter().fold(0f64, |m, e| m.max(e.abs()));
+        (mean, max)
+    }
+
+    /// True rate of time against CLOCK_MONOTONIC, in ppm: what the model should learn.
+    fn true_freq_ppm(&self) -> f64 {
+        (1.0 / (1.0 + self.epsilon) - 1.0) * 1e6
+    }
+
+    /// The error the asymmetric paths of the good servers cause, averaged (ns): no NTP client
+    /// can see it, so bounds are stated around it.
+    fn asymmetry_bias_ns(&self) -> f64 {
+        let good: Vec<&Server> = self
+            .servers
+            .iter()
+            .filter(|s| s.clock_error_ns.abs() < S as i64 / 2)
+            .collect();
+        good.iter()
+            .map(|s| s.clock_error_ns as f64 + (s.out_ns - s.in_ns) / 2.0)
+            .sum::<f64>()
+            / good.len() as f64
+    }
+}
+
+const HOUR: u64 = 3600 * S;
+
+fn converge_and_measure(seed: u64, epsilon_ppm: f64, wander: f64) -> World {
+    let mut w = World::new(seed, epsilon_ppm, true, SystemConfig::default(), 0);
+    w.wander_per_sqrt_s = wander;
+    w.run(4 * HOUR, 16 * S);
+    w.measure_from = w.t;
+    w.run(10 * HOUR, 16 * S);
+    w
+}
+
+/// Bound on |served − true| after convergence. Per-direction jitter is exponential with a 50 µs
+/// mean; the clock filter keeps the least-delay of eight samples, whose jitter is about
+/// 50 µs / 8 ≈ 6 µs per direction, and regression over 16 such points of the system peer cuts
+/// that by about 4. Added to it: the servers' path asymmetry (±10 µs each, which no client can
+/// observe) and their own clock errors (±2 µs). 20 µs on top of the asymmetry bias is the
+/// issue's aim; the maximum over six hours of 16 s publications stays inside it.
+const OFFSET_BOUND_NS: f64 = 20_000.0;
+
+/// With the oscillator's rate wandering (random walk of 3e-10/√s, about 0.02 ppm per hour,
+/// typical of an uncompensated quartz), the error between updates grows with the poll
+/// interval; the loop polls faster when its runs test sees the frequency move, but the
+/// regression still lags a drifting rate. Measured: 74 µs at most over six hours. The aim of
+/// 20 µs is met without wander; closing the gap needs a Kalman-style loop (noted on the issue).
+const WANDER_OFFSET_BOUND_NS: f64 = 100_000.0;
+
+fn check_converged(w: &World, label: &str) {
+    check_converged_within(w, label, OFFSET_BOUND_NS)
+}
+
+fn check_converged_within(w: &World, label: &str, bound_ns: f64) {
+    if std::env::var("NTPX_DEBUG").is_ok() {
+        for e in &w.events {
+            if !matches!(
+                e,
+                SystemEvent::Corrected { .. } | SystemEvent::Falseticker { .. }
+            ) {
+                eprintln!("{label}: {e:?}");
+            }
+        }
+    }
+    let (mean, max) = w.stats();
+    let bias = w.asymmetry_bias_ns();
+    let worst = w.errors.iter().fold(0f64, |m, e| m.max((e - bias).abs()));
+    let freq_err = w.system.discipline.frequency_ppm() - w.true_freq_ppm();
+    eprintln!(
+        "{label}: {} samples, mean error {:.1} µs, max |error| {:.1} µs, max |error - bias| {:.1} µs \
+         (bias {:.1} µs), frequency error {:.4} ppm, poll limit {}",
+        w.errors.len(),
+        mean / 1e3,
+        max / 1e3,
+        worst / 1e3,
+        bias / 1e3,
+        freq_err,
+        w.system.poll_limit()
+    );
+    assert!(w.errors.len() > 1000, "{label}: too few measurements");
+    assert!(worst < bound_ns, "{label}: max |error - bias| {worst} ns");
+    assert!(
+        freq_err.abs() < 0.1,
+        "{label}: frequency error {freq_err} ppm"
+    );
+    assert_eq!(w.backwards, 0, "{label}: published time went backwards");
+    let false_addr: SocketAddr = "169.254.1.99:123".parse().unwrap();
+    assert!(
+        !w.events.iter().any(
+            |e| matches!(e, SystemEvent::SystemPeerChanged { upstream } if *upstream == false_addr)
+        ),
+        "{label}: the falseticker was selected"
+    );
+    assert!(
+        w.events
+            .iter()
+            .any(|e| matches!(e, SystemEvent::Falseticker { upstream } if *upstream == false_addr)),
+        "{label}: the falseticker was never recognised"
+    );
+    let peer = w.system.system_peer().expect("a system peer");
+    assert_ne!(w.system.upstreams[peer].addr, false_addr);
+}
+
+#[test]
+fn converges_with_a_fast_oscillator() {
+    let w = converge_and_measure(1, 200.0, 0.0);
+    check_converged(&w, "+200 ppm");
+}
+
+#[test]
+fn converges_with_a_slow_wandering_oscillator() {
+    // Random walk: about 0.02 ppm per hour of drift in the oscillator's rate.
+    let w = converge_and_measure(2, -200.0, 3e-10);
+    check_converged_within(&w, "-200 ppm with wander", WANDER_OFFSET_BOUND_NS);
+}
+
+#[test]
+fn tracks_the_extremes_of_oscillator_error() {
+    for (seed, ppm) in [(3, 500.0), (4, -500.0)] {
+        let w = converge_and_measure(seed, ppm, 0.0);
+        check_converged(&w, &format!("{ppm} ppm"));
+    }
+}
+
+#[test]
+fn holdover_drifts_slowly_then_reports_unsynchronized() {
+    let config = SystemConfig {
+        max_holdover_ns: 4 * HOUR,
+        ..SystemConfig::default()
+    };
+    let mut w = World::new(5, 200.0, false, config, 0);
+    w.wander_per_sqrt_s = 3e-10;
+    w.run(4 * HOUR, 16 * S);
+    for s in &mut w.servers {
+        s.answering = false;
+    }
+    w.measure_from = w.t;
+    w.run(5 * HOUR, 16 * S);
+    // One hour of holdover: the error comes from the frequency estimate and the wander alone.
+    // Bound: 0.02 ppm of frequency error (five times what the converged tests show) over an
+    // hour is 72 µs, the random walk adds about 0.02 ppm × 1800 s = 36 µs, plus the 20 µs
+    // the clock started with.
+    let (_, max) = w.stats();
+    eprintln!("after 1 h of holdover: max |error| {:.1} µs", max / 1e3);
+    assert!(max < 130_000.0, "holdover drift {max} ns in one hour");
+    assert!(w.last_anchor.unwrap().leap != LEAP_UNSYNCHRONIZED);
+    assert!(
+        w.last_anchor.unwrap().root_dispersion_ns > 50_000_000,
+        "dispersion must grow: PHI × 1 h = 54 ms"
+    );
+    // Reachability empties after eight unanswered polls (polling speeds up as they fail).
+    w.run(7 * HOUR, 16 * S);
+    assert!(w.events.contains(&SystemEvent::HoldoverEntered));
+    // Past the maximum holdover, the clock says it is unsynchronized.
+    w.run(8 * HOUR + 60 * S, 16 * S);
+    assert!(w.events.contains(&SystemEvent::HoldoverExpired));
+    assert_eq!(w.last_anchor.unwrap().leap, LEAP_UNSYNCHRONIZED);
+    assert_eq!(w.backwards, 0);
+}
+
+#[test]
+fn a_wrong_host_clock_never_reaches_the_served_time() {
+    // The daemon starts from a host clock an hour fast (an operator's `date -s`): the first
+    // synchronization steps the model once; from then on, served time is the upstreams'.
+    let mut w = World::new(6, 150.0, false, SystemConfig::default(), 3600 * S as i64);
+    w.run(2 * HOUR, 16 * S);
+    let steps = w
+        .events
+        .iter()
+        .filter(|e| matches!(e, SystemEvent::Stepped { .. }))
+        .count();
+    assert_eq!(steps, 1, "exactly one step, at the first synchronization");
+    w.measure_from = w.t;
+    w.run(4 * HOUR, 16 * S);
+    let (_, max) = w.stats();
+    assert!(max < 50_000.0, "served time is off by {max} ns");
+    // The model never reads the host clock again: it has no input for it. A host clock
+    // stepped now would change nothing; what the System consumes is listed in its API.
+}
+
+#[test]
+fn large_offsets_after_sync_are_slewed_at_the_limit_or_refused() {
+    let mut w = World::new(7, 0.0, false, SystemConfig::default(), 0);
+    w.run(HOUR, 16 * S);
+    // Every upstream jumps 50 ms: slewed at ≤ 500 ppm, so it takes ≥ 100 s, and never jumps.
+    for s in &mut w.servers {
+        s.clock_error_ns += 50_000_000;
+    }
+    let mut prev: Option<(u64, u64)> = None;
+    let start = w.t;
+    let mut max_rate: f64 = 0.0;
+    while w.t < start + 3 * HOUR {
+        let until = w.t + 4 * S;
+        w.run(until, 4 * S);
+        let a = w.last_anchor.unwrap();
+        let served = a.ntp_ns_at(w.mono_now());
+        if let Some((t0, s0)) = prev {
+            let rate = (served - s0) as f64 / (w.t - t0) as f64 - 1.0;
+            max_rate = max_rate.max(rate.abs());
+        }
+        prev = Some((w.t, served));
+    }
+    eprintln!(
+        "max served rate deviation while slewing 50 ms: {:.1} ppm",
+        max_rate * 1e6
+    );
+    // The phase slews at ≤ 500 ppm; while the step is being recognised the frequency may be
+    // nudged by up to a quarter of that.
+    assert!(
+        max_rate < 625e-6,
+        "served rate off by {:.1} ppm, above 500 + 125",
+        max_rate * 1e6
+    );
+    let (_, _) = (w.stats(), ());
+    let err = w.last_anchor.unwrap().ntp_ns_at(w.mono_now()) as i128
+        - (w.true_ntp(w.t) as i128 + 50_000_000);
+    assert!(
+        err.abs() < 100_000,
+        "did not converge on the new time: {err} ns"
+    );
+
+    // Above the panic threshold: refused.
+    let config = SystemConfig {
+        discipline: ntp_user::discipline::DisciplineConfig {
+            panic_threshold_s: 10.0,
+            ..Default::default()
+        },
+        ..SystemConfig::default()
+    };
+    let mut w = World::new(8, 0.0, false, config, 0);
+    w.run(HOUR, 16 * S);
+    for s in &mut w.servers {
+        s.clock_error_ns += 100 * S as i64;
+    }
+    // The jump first shows as enormous filter jitter (upstreams unusable); once the old
+    // samples have aged out of the filters, the 100 s offset reaches the discipline.
+    w.run(6 * HOUR, 16 * S);
+    assert!(w
+        .events
+        .iter()
+        .any(|e| matches!(e, SystemEvent::StepRefused { .. })));
+    let err = w.last_anchor.unwrap().ntp_ns_at(w.mono_now()) as i128 - w.true_ntp(w.t) as i128;
+    assert!(
+        err.abs() < 1_000_000,
+        "a refused offset moved the clock by {err} ns"
+    );
+}
