@@ -22,6 +22,16 @@ pub struct Cli {
 pub enum Command {
     /// Attach the responder to an interface and serve the host clock until SIGINT/SIGTERM.
     Serve(ServeArgs),
+    /// Run the daemon from a TOML config (the embedded default without --config).
+    Run {
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
+    /// Validate a config file and print what it would run, without starting anything.
+    CheckConfig {
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
     /// Print the counters of every responder loaded on this machine.
     Stats {
         /// Machine-readable output.
@@ -71,6 +81,16 @@ pub struct ServeArgs {
     /// Log every packet the responder handles (aya-log; for debugging only).
     #[arg(long)]
     pub log_packets: bool,
+    /// Upstream NTP server (repeatable): discipline the daemon's own clock against these
+    /// instead of serving the host clock.
+    #[arg(long = "upstream", value_name = "HOST[:PORT]")]
+    pub upstreams: Vec<String>,
+    /// Agreeing upstreams needed before the clock is steered.
+    #[arg(long, default_value_t = 1)]
+    pub min_sources: usize,
+    /// With every upstream lost, serve on the last frequency this long, then say LI=3.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub max_holdover: Duration,
 }
 
 /// Parses a duration such as `500ms`, `1s` or `2m`.

@@ -1,5 +1,7 @@
 //! ntp-xdp's daemon: loads and feeds the in-kernel responder.
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod discipline;
 pub mod filter;
 pub mod hostclock;

@@ -4,7 +4,9 @@ use clap::Parser as _;
 use ntp_common::ServerParams;
 use ntp_user::cli::{Cli, Command};
 use ntp_user::hostclock::HostClockIdentity;
-use ntp_user::serve::{serve, ServeOptions};
+use ntp_user::cli::ServeArgs;
+use ntp_user::serve::{serve, ClockSource, ServeOptions};
+use ntp_user::system::SystemConfig;
 use ntp_user::stats::print_stats;
 
 /// netlink-packet-route warns about every attribute newer than itself; that is noise here.
@@ -21,35 +23,30 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Serve(a) => {
-            if a.poll_min > a.poll_max {
-                eprintln!(
-                    "error: --poll-min ({}) is above --poll-max ({})",
-                    a.poll_min, a.poll_max
-                );
-                return ExitCode::from(2);
-            }
-            serve(ServeOptions {
-                netns: a.netns,
-                interface: a.interface,
-                addresses: a.addresses,
-                xdp_mode: a.xdp_mode,
-                peer_netns: a.peer_netns,
-                identity: HostClockIdentity {
-                    stratum: a.stratum,
-                    refid: a.refid,
-                    max_age_ns: a.max_anchor_age.as_nanos().min(u64::MAX as u128) as u64,
-                },
-                params: ServerParams {
-                    precision: a.precision,
-                    poll_min: a.poll_min,
-                    poll_max: a.poll_max,
-                    ..ServerParams::DEFAULT
-                },
-                publish_interval: a.publish_interval,
-                log_packets: a.log_packets,
+        Command::Serve(a) => serve_from_args(a),
+        Command::Run { config } => {
+            let validated = match &config {
+                Some(path) => ntp_user::config::load(path),
+                None => ntp_user::config::parse(
+                    ntp_user::config::EMBEDDED_DEFAULT,
+                    std::path::Path::new("(embedded default)"),
+                ),
+            };
+            validated.and_then(|v| {
+                if let ClockSource::HostClock { identity, .. } = &v.serve_options().clock {
+                    tracing::info!(
+                        config = %v.source.display(),
+                        "no upstream configured: serving the host clock as local stratum {}",
+                        identity.stratum
+                    );
+                }
+                serve(v.serve_options())
             })
         }
+        Command::CheckConfig { config } => ntp_user::config::load(&config).map(|v| {
+            println!("{}: valid", v.source.display());
+            println!("{:#?}", v.serve_options());
+        }),
         Command::Stats { json } => print_stats(json),
     };
     match result {
@@ -59,4 +56,53 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn serve_from_args(a: ServeArgs) -> anyhow::Result<()> {
+    if a.poll_min > a.poll_max {
+        anyhow::bail!("--poll-min ({}) is above --poll-max ({})", a.poll_min, a.poll_max);
+    }
+    if !a.upstreams.is_empty() && (a.min_sources == 0 || a.min_sources > a.upstreams.len()) {
+        anyhow::bail!(
+            "--min-sources {} must be between 1 and the {} upstreams given",
+            a.min_sources,
+            a.upstreams.len()
+        );
+    }
+    let max_age_ns = a.max_anchor_age.as_nanos().min(u64::MAX as u128) as u64;
+    let clock = if a.upstreams.is_empty() {
+        ClockSource::HostClock {
+            identity: HostClockIdentity {
+                stratum: a.stratum,
+                refid: a.refid,
+                max_age_ns,
+            },
+            publish_interval: a.publish_interval,
+        }
+    } else {
+        ClockSource::Upstreams {
+            system: SystemConfig {
+                min_sources: a.min_sources,
+                max_anchor_age_ns: max_age_ns,
+                max_holdover_ns: a.max_holdover.as_nanos().min(u64::MAX as u128) as u64,
+                ..SystemConfig::default()
+            },
+            upstreams: a.upstreams,
+        }
+    };
+    serve(ServeOptions {
+        netns: a.netns,
+        interface: a.interface,
+        addresses: a.addresses,
+        xdp_mode: a.xdp_mode,
+        peer_netns: a.peer_netns,
+        params: ServerParams {
+            precision: a.precision,
+            poll_min: a.poll_min,
+            poll_max: a.poll_max,
+            ..ServerParams::DEFAULT
+        },
+        log_packets: a.log_packets,
+        clock,
+    })
 }

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::hostclock::{host_clock_anchor, HostClockIdentity};
 use crate::netns;
+use crate::system::SystemConfig;
 use crate::xdp::Responder;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -26,6 +27,22 @@ pub enum XdpModeArg {
     Generic,
 }
 
+/// Where served time comes from.
+#[derive(Debug, Clone)]
+pub enum ClockSource {
+    /// The host clock as it is (already disciplined by chrony/PTP, or no upstream at all:
+    /// a local stratum like chrony's `local stratum 10`).
+    HostClock {
+        identity: HostClockIdentity,
+        publish_interval: Duration,
+    },
+    /// The daemon's own clock, disciplined against these upstreams.
+    Upstreams {
+        system: SystemConfig,
+        upstreams: Vec<String>,
+    },
+}
+
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub netns: Option<String>,
@@ -33,10 +50,9 @@ pub struct ServeOptions {
     pub addresses: Vec<IpAddr>,
     pub xdp_mode: XdpModeArg,
     pub peer_netns: Option<String>,
-    pub identity: HostClockIdentity,
     pub params: ServerParams,
-    pub publish_interval: Duration,
     pub log_packets: bool,
+    pub clock: ClockSource,
 }
 
 /// How the responder ended up attached.
@@ -50,11 +66,13 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     if opts.addresses.is_empty() {
         bail!("serve needs at least one --address to answer for");
     }
-    // Enter the namespace before any other thread exists, so every thread lives there.
+    // The daemon stays in its own namespace (upstream sockets live there) and enters the
+    // service namespace only to attach.
     let home = netns::current_netns()?;
-    if let Some(name) = &opts.netns {
-        netns::enter(&netns::open_named_netns(name)?)?;
-    }
+    let service_ns = match &opts.netns {
+        Some(name) => Some(netns::open_named_netns(name)?),
+        None => None,
+    };
 
     let mut responder = Responder::load()?;
     let mut params = opts.params;
@@ -65,57 +83,92 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     for addr in &opts.addresses {
         responder.add_served_address(*addr)?;
     }
-    responder.publish_anchor(host_clock_anchor(&opts.identity)?)?;
     let logger = if opts.log_packets {
         Some(responder.enable_kernel_log()?)
     } else {
         None
     };
-
-    let attachment = attach(&mut responder, &opts, home)?;
+    let attachment = match &service_ns {
+        Some(ns) => netns::within(ns, || attach(&mut responder, &opts, home))?,
+        None => attach(&mut responder, &opts, home)?,
+    };
+    let source = match &opts.clock {
+        ClockSource::HostClock { identity, .. } => format!("host clock as local stratum {}", identity.stratum),
+        ClockSource::Upstreams { upstreams, .. } => format!("own clock disciplined against {}", upstreams.join(", ")),
+    };
     info!(
         netns = opts.netns.as_deref().unwrap_or("(current)"),
         interface = %opts.interface,
         addresses = ?opts.addresses,
         mode = attachment.mode,
         peer = attachment.peer.as_deref().unwrap_or("-"),
-        stratum = opts.identity.stratum,
         program_id = responder.program_id()?,
-        "responder attached; serving the host clock"
+        "responder attached; serving the {source}"
     );
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(run_loop(&mut responder, &opts, logger))?;
+    rt.block_on(async {
+        let shutdown = shutdown_signal()?;
+        let _log_pump = logger.map(spawn_log_pump).transpose()?;
+        match &opts.clock {
+            ClockSource::HostClock {
+                identity,
+                publish_interval,
+            } => serve_host_clock(&mut responder, identity, *publish_interval, shutdown).await,
+            ClockSource::Upstreams { system, upstreams } => {
+                crate::daemon::run_disciplined(&mut responder, system.clone(), upstreams, shutdown).await
+            }
+        }
+    })?;
     drop(responder); // detaches both programs
     info!("responder detached");
     Ok(())
 }
 
-async fn run_loop(
-    responder: &mut Responder,
-    opts: &ServeOptions,
-    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-) -> Result<()> {
-    let mut ticker = tokio::time::interval(opts.publish_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Resolves on the first SIGINT or SIGTERM.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut logger = match logger {
-        // SAFETY: the logger owns the ring buffer's fd and moves into the AsyncFd, which
-        // deregisters it before dropping the logger.
-        Some(l) => Some(
-            unsafe { AsyncFd::register_with_interest(l, tokio::io::Interest::READABLE) }
-                .map_err(|e| anyhow::anyhow!("watching the aya-log buffer: {e}"))?,
-        ),
-        None => None,
-    };
+    Ok(async move {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: detaching"),
+            _ = sigint.recv() => info!("SIGINT: detaching"),
+        }
+    })
+}
+
+/// Forwards the program's aya-log records while the runtime runs.
+fn spawn_log_pump(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    // SAFETY: the logger owns the ring buffer's fd and moves into the AsyncFd, which
+    // deregisters it before dropping the logger.
+    let mut fd = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("watching the aya-log buffer: {e}"))?;
+    Ok(tokio::spawn(async move {
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}
+
+async fn serve_host_clock(
+    responder: &mut Responder,
+    identity: &HostClockIdentity,
+    publish_interval: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let mut ticker = tokio::time::interval(publish_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let publication = responder.publish_anchor(host_clock_anchor(&opts.identity)?)?;
+                let publication = responder.publish_anchor(host_clock_anchor(identity)?)?;
                 if publication.held_back_ns > 1_000_000 {
                     warn!(
                         held_back_ms = publication.held_back_ns as f64 / 1e6,
@@ -123,19 +176,7 @@ async fn run_loop(
                     );
                 }
             }
-            ready = async {
-                match logger.as_mut() {
-                    Some(l) => l.readable_mut().await.map(Some),
-                    None => std::future::pending().await,
-                }
-            } => {
-                if let Ok(Some(mut guard)) = ready {
-                    guard.get_inner_mut().flush();
-                    guard.clear_ready();
-                }
-            }
-            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
-            _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
+            _ = &mut shutdown => break,
         }
     }
     Ok(())

@@ -154,6 +154,13 @@ impl System {
         }
     }
 
+    /// Adds an upstream (a name that resolved late).
+    pub fn add_upstream(&mut self, addr: SocketAddr, now_ns: u64) {
+        let mut u = Upstream::new(addr, self.config.poll, now_ns);
+        u.set_poll_limit(self.poll_limit);
+        self.upstreams.push(u);
+    }
+
     pub fn model(&self) -> &ClockModel {
         &self.discipline.model
     }

@@ -172,6 +172,14 @@ impl Upstream {
         NtpHeader::client_request(self.poll, cookie).serialize()
     }
 
+    /// Records when the outstanding request actually left (after the socket was set up), so
+    /// that set-up time does not count as network delay.
+    pub fn mark_sent(&mut self, sent_ns: u64) {
+        if let Some(o) = &mut self.outstanding {
+            o.sent_mono_ns = sent_ns;
+        }
+    }
+
     /// Handles a response received at `recv_ns`, measured against `model`.
     pub fn on_response(
         &mut self,

@@ -111,7 +111,12 @@ impl Responder {
             }
         }
         let mut held_back_ns = 0;
-        if let Some(prev) = self.last_anchor.filter(|p| p.is_published()) {
+        // Replies from an unsynchronized anchor (LI=3) are not time clients keep, so the first
+        // synchronized anchor may start below them (the daemon's one initial step).
+        if let Some(prev) = self
+            .last_anchor
+            .filter(|p| p.is_published() && p.leap != ntp_common::wire::LEAP_UNSYNCHRONIZED)
+        {
             let floor = prev.ntp_ns_at(anchor.mono_ns);
             if anchor.ntp_ns < floor {
                 held_back_ns = floor - anchor.ntp_ns;

@@ -1,0 +1,211 @@
+//! The IO edge of the disciplined clock: sockets, timers and signals around [`System`].
+//!
+//! One connected UDP socket per request on a random source port (RFC 9109), a random transmit
+//! timestamp as the request's cookie, the anchor republished after every change of the model
+//! and at least once a second.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use crate::discipline::ClockModel;
+use crate::hostclock::{monotonic_now_ns, read_clock_pair};
+use crate::system::{System, SystemConfig, SystemEvent};
+use crate::xdp::Responder;
+use ntp_common::time::unix_ns_to_ntp_ns;
+
+/// Longest gap between publications: keeps the anchor's age far below its maximum.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// How long a request waits for its answer.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Names that did not resolve are tried again this often.
+const RESOLVE_RETRY: Duration = Duration::from_secs(60);
+
+/// Resolves `host` or `host:port` (default port 123).
+pub async fn resolve(name: &str) -> Result<SocketAddr> {
+    let with_port = if name.parse::<SocketAddr>().is_ok() || name.rsplit_once(':').is_some_and(|(h, p)| !h.contains(':') && p.parse::<u16>().is_ok()) {
+        name.to_string()
+    } else if name.contains(':') && !name.starts_with('[') {
+        format!("[{name}]:123") // a bare IPv6 address
+    } else {
+        format!("{name}:123")
+    };
+    let mut addrs = tokio::net::lookup_host(&with_port)
+        .await
+        .with_context(|| format!("resolving upstream {name:?}"))?;
+    addrs.next().with_context(|| format!("upstream {name:?} resolved to no address"))
+}
+
+struct Reply {
+    id: usize,
+    bytes: Vec<u8>,
+    recv_ns: u64,
+}
+
+/// Sends `req` from a fresh socket and forwards the answer (if any) with its receive time.
+/// Returns the monotonic time just after the send, for the request's origin.
+async fn send_request(id: usize, addr: SocketAddr, req: [u8; 48], replies: mpsc::Sender<Reply>) -> Result<u64> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let sock = UdpSocket::bind(bind).await.context("binding a client socket")?;
+    sock.connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    sock.send(&req).await.with_context(|| format!("sending to {addr}"))?;
+    let sent_ns = monotonic_now_ns()?;
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1024];
+        if let Ok(Ok(n)) = tokio::time::timeout(RESPONSE_TIMEOUT, sock.recv(&mut buf)).await {
+            if let Ok(recv_ns) = monotonic_now_ns() {
+                let _ = replies
+                    .send(Reply {
+                        id,
+                        bytes: buf[..n].to_vec(),
+                        recv_ns,
+                    })
+                    .await;
+            }
+        }
+    });
+    Ok(sent_ns)
+}
+
+/// Logs what deserves a line, once per state change.
+#[derive(Default)]
+struct EventLog {
+    falsetickers: HashSet<SocketAddr>,
+    no_selection: bool,
+}
+
+impl EventLog {
+    fn log(&mut self, events: Vec<SystemEvent>) {
+        let mut seen_falsetickers = HashSet::new();
+        for e in events {
+            match e {
+                SystemEvent::Rejected { upstream, why } => debug!(%upstream, %why, "response not used"),
+                SystemEvent::Denied { upstream, code } => error!(
+                    %upstream, code = %String::from_utf8_lossy(&code),
+                    "upstream refused service (kiss-o'-death); no longer polled"
+                ),
+                SystemEvent::SystemPeerChanged { upstream } => {
+                    self.no_selection = false;
+                    info!(%upstream, "source selected")
+                }
+                SystemEvent::Falseticker { upstream } => {
+                    seen_falsetickers.insert(upstream);
+                    if self.falsetickers.insert(upstream) {
+                        warn!(%upstream, "falseticker: outvoted by the other upstreams");
+                    }
+                }
+                SystemEvent::NoSelection(why) => {
+                    if !self.no_selection {
+                        self.no_selection = true;
+                        warn!(%why, "no source selected");
+                    }
+                }
+                SystemEvent::Stepped { offset_s } => info!(offset_s, "clock set (first synchronization)"),
+                SystemEvent::Corrected { phase_s, freq_ppm } => debug!(phase_s, freq_ppm, "clock corrected"),
+                SystemEvent::StepRefused { offset_s } => {
+                    error!(offset_s, "offset above the panic threshold refused; serving on without it")
+                }
+                SystemEvent::HoldoverEntered => warn!("every upstream lost: holdover on the last frequency"),
+                SystemEvent::HoldoverExpired => {
+                    error!("maximum holdover exceeded: serving as unsynchronized (LI=3)")
+                }
+                SystemEvent::LeapScheduled(l) => info!(insert = l.insert, "leap second scheduled at the end of the month"),
+                SystemEvent::LeapApplied(l) => info!(insert = l.insert, "leap second applied"),
+            }
+        }
+        if !seen_falsetickers.is_empty() {
+            self.falsetickers.retain(|a| seen_falsetickers.contains(a));
+        }
+    }
+}
+
+/// Disciplines the clock against `upstreams` and publishes it until `shutdown` resolves.
+pub async fn run_disciplined(
+    responder: &mut Responder,
+    config: SystemConfig,
+    upstreams: &[String],
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let mut addrs = Vec::new();
+    let mut unresolved = Vec::new();
+    for name in upstreams {
+        match resolve(name).await {
+            Ok(a) => {
+                info!(upstream = %name, address = %a, "upstream configured");
+                addrs.push(a);
+            }
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "upstream not resolved; will retry");
+                unresolved.push(name.clone());
+            }
+        }
+    }
+    if addrs.is_empty() && unresolved.is_empty() {
+        bail!("no upstream configured");
+    }
+    // Start from the host clock, unsynchronized; the first synchronization sets the model.
+    let pair = read_clock_pair()?;
+    let initial = ClockModel::new(pair.mono_ns, unix_ns_to_ntp_ns(pair.unix_ns));
+    let mut system = System::new(config, &addrs, initial, pair.mono_ns);
+    let mut log = EventLog::default();
+    let (tx, mut rx) = mpsc::channel::<Reply>(256);
+    tokio::pin!(shutdown);
+    let mut resolve_timer = tokio::time::interval(RESOLVE_RETRY);
+    resolve_timer.tick().await;
+
+    let publish = |system: &mut System, responder: &mut Responder, log: &mut EventLog| -> Result<()> {
+        let (anchor, events) = system.anchor(monotonic_now_ns()?);
+        log.log(events);
+        responder.publish_anchor(anchor)?;
+        Ok(())
+    };
+    publish(&mut system, responder, &mut log)?;
+    loop {
+        let now = monotonic_now_ns()?;
+        for (id, req) in system.due_requests(now, rand::random::<u64>) {
+            let addr = system.upstreams[id].addr;
+            match send_request(id, addr, req, tx.clone()).await {
+                Ok(sent) => system.upstreams[id].mark_sent(sent),
+                Err(e) => debug!(%addr, error = %format!("{e:#}"), "request not sent"),
+            }
+        }
+        let now = monotonic_now_ns()?;
+        let wake = system
+            .next_wakeup_ns()
+            .map_or(PUBLISH_EVERY, |t| Duration::from_nanos(t.saturating_sub(now)))
+            .min(PUBLISH_EVERY);
+        tokio::select! {
+            _ = tokio::time::sleep(wake) => publish(&mut system, responder, &mut log)?,
+            Some(reply) = rx.recv() => {
+                let events = system.on_response(reply.id, &reply.bytes, reply.recv_ns);
+                log.log(events);
+                // The model may have changed: the kernel must not extrapolate the old rate.
+                publish(&mut system, responder, &mut log)?;
+            }
+            _ = resolve_timer.tick(), if !unresolved.is_empty() => {
+                let mut still = Vec::new();
+                for name in unresolved.drain(..) {
+                    match resolve(&name).await {
+                        Ok(a) => {
+                            info!(upstream = %name, address = %a, "upstream resolved");
+                            system.add_upstream(a, monotonic_now_ns()?);
+                        }
+                        Err(_) => still.push(name),
+                    }
+                }
+                unresolved = still;
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    Ok(())
+}
