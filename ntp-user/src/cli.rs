@@ -91,6 +91,9 @@ pub struct ServeArgs {
     /// With every upstream lost, serve on the last frequency this long, then say LI=3.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub max_holdover: Duration,
+    /// Longest interval between polls of an upstream, log2 s (4..=17; default 10 = 1024 s).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i8).range(4..=17))]
+    pub upstream_max_poll: i8,
 }
 
 /// Parses a duration such as `500ms`, `1s` or `2m`.

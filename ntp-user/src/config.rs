@@ -158,6 +158,20 @@ impl Validated {
     }
 }
 
+/// The clock is updated at most once per poll: a holdover shorter than two of the longest
+/// poll intervals would declare it unsynchronized between ordinary polls.
+pub fn check_holdover(max_holdover: Duration, max_poll: i8) -> std::result::Result<(), String> {
+    let needed = Duration::from_secs(2u64 << max_poll.clamp(0, 17));
+    if max_holdover < needed {
+        return Err(format!(
+            "{} is shorter than two polls at max_poll {max_poll} ({}); raise it or lower max_poll",
+            humantime::format_duration(max_holdover),
+            humantime::format_duration(needed)
+        ));
+    }
+    Ok(())
+}
+
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Validated> {
     let text = std::fs::read_to_string(path)
@@ -187,53 +201,91 @@ fn duration(origin: &Path, field: &str, value: &str) -> Result<Duration> {
 }
 
 fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
-    let bad = |field: &str, why: String| anyhow!("config {}: field `{field}`: {why}", origin.display());
+    let bad =
+        |field: &str, why: String| anyhow!("config {}: field `{field}`: {why}", origin.display());
     let s = &cfg.service;
     if s.interface.is_empty() || s.interface.len() > 15 {
-        return Err(bad("service.interface", "must be 1-15 characters (an interface name)".into()));
+        return Err(bad(
+            "service.interface",
+            "must be 1-15 characters (an interface name)".into(),
+        ));
     }
     if s.addresses.is_empty() {
-        return Err(bad("service.addresses", "at least one address to answer for is needed".into()));
+        return Err(bad(
+            "service.addresses",
+            "at least one address to answer for is needed".into(),
+        ));
     }
     if !(-32..=0).contains(&s.precision) {
-        return Err(bad("service.precision", format!("{} is outside -32..=0 (log2 seconds)", s.precision)));
+        return Err(bad(
+            "service.precision",
+            format!("{} is outside -32..=0 (log2 seconds)", s.precision),
+        ));
     }
     let xdp_mode = match s.xdp_mode.as_str() {
         "auto" => XdpModeArg::Auto,
         "native" => XdpModeArg::Native,
         "generic" => XdpModeArg::Generic,
-        other => return Err(bad("service.xdp_mode", format!("{other:?} is not one of auto, native, generic"))),
+        other => {
+            return Err(bad(
+                "service.xdp_mode",
+                format!("{other:?} is not one of auto, native, generic"),
+            ))
+        }
     };
     let c = &cfg.clock;
     let reference = match c.reference.as_str() {
         "upstream" => Reference::Upstream,
         "host-clock" => Reference::HostClock,
-        other => return Err(bad("clock.reference", format!("{other:?} is not one of upstream, host-clock"))),
+        other => {
+            return Err(bad(
+                "clock.reference",
+                format!("{other:?} is not one of upstream, host-clock"),
+            ))
+        }
     };
-    if !(0..=17).contains(&c.min_poll) || !(0..=17).contains(&c.max_poll) || c.min_poll > c.max_poll {
+    if !(0..=17).contains(&c.min_poll) || !(0..=17).contains(&c.max_poll) || c.min_poll > c.max_poll
+    {
         return Err(bad(
             "clock.min_poll",
-            format!("poll bounds {}..{} must satisfy 0 <= min_poll <= max_poll <= 17", c.min_poll, c.max_poll),
+            format!(
+                "poll bounds {}..{} must satisfy 0 <= min_poll <= max_poll <= 17",
+                c.min_poll, c.max_poll
+            ),
         ));
     }
     if reference == Reference::Upstream && !cfg.upstreams.is_empty() {
         if c.min_sources == 0 || c.min_sources > cfg.upstreams.len() {
             return Err(bad(
                 "clock.min_sources",
-                format!("{} must be between 1 and the {} configured upstreams", c.min_sources, cfg.upstreams.len()),
+                format!(
+                    "{} must be between 1 and the {} configured upstreams",
+                    c.min_sources,
+                    cfg.upstreams.len()
+                ),
             ));
         }
     }
     if !(c.max_slew_ppm > 0.0 && c.max_slew_ppm <= 100_000.0) {
-        return Err(bad("clock.max_slew_ppm", format!("{} must be in (0, 100000]", c.max_slew_ppm)));
+        return Err(bad(
+            "clock.max_slew_ppm",
+            format!("{} must be in (0, 100000]", c.max_slew_ppm),
+        ));
     }
     let panic = duration(origin, "clock.panic_threshold", &c.panic_threshold)?;
     let holdover = duration(origin, "clock.max_holdover", &c.max_holdover)?;
     let max_age = duration(origin, "clock.max_anchor_age", &c.max_anchor_age)?;
+    check_holdover(holdover, c.max_poll).map_err(|why| bad("clock.max_holdover", why))?;
     if max_age < Duration::from_secs(2) {
-        return Err(bad("clock.max_anchor_age", "must be at least 2s (the anchor is republished every second)".into()));
+        return Err(bad(
+            "clock.max_anchor_age",
+            "must be at least 2s (the anchor is republished every second)".into(),
+        ));
     }
-    for (field, v) in [("clock.stratum", c.stratum), ("clock.local_stratum", Some(c.local_stratum))] {
+    for (field, v) in [
+        ("clock.stratum", c.stratum),
+        ("clock.local_stratum", Some(c.local_stratum)),
+    ] {
         if let Some(v) = v {
             if !(1..=15).contains(&v) {
                 return Err(bad(field, format!("{v} is outside 1..=15")));
@@ -284,7 +336,10 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        format!("{:#}", parse(text, Path::new("/etc/ntp-xdp.toml")).unwrap_err())
+        format!(
+            "{:#}",
+            parse(text, Path::new("/etc/ntp-xdp.toml")).unwrap_err()
+        )
     }
 
     const MINIMAL: &str = r#"
@@ -312,9 +367,21 @@ addresses = ["169.254.169.123"]
     #[test]
     fn errors_name_file_field_and_reason() {
         let e = err(&format!("{MINIMAL}[clock]\nmax_holdover = \"forever\"\n"));
-        assert!(e.contains("/etc/ntp-xdp.toml") && e.contains("clock.max_holdover") && e.contains("forever"), "{e}");
-        let e = err(&format!("{MINIMAL}[clock]\nmin_sources = 3\n[[upstream]]\naddress = \"a\"\n"));
+        assert!(
+            e.contains("/etc/ntp-xdp.toml")
+                && e.contains("clock.max_holdover")
+                && e.contains("forever"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{MINIMAL}[clock]\nmin_sources = 3\n[[upstream]]\naddress = \"a\"\n"
+        ));
         assert!(e.contains("clock.min_sources") && e.contains('3'), "{e}");
+        let e = err(&format!("{MINIMAL}[clock]\nmax_holdover = \"10m\"\n"));
+        assert!(
+            e.contains("clock.max_holdover") && e.contains("max_poll"),
+            "{e}"
+        );
         let e = err(&format!("{MINIMAL}[clock]\nstratum = 16\n"));
         assert!(e.contains("clock.stratum") && e.contains("16"), "{e}");
         let e = err(&format!("{MINIMAL}[clock]\nrefid = \"TOOLONG\"\n"));
@@ -324,7 +391,10 @@ addresses = ["169.254.169.123"]
         let e = err("[service]\ninterface = \"veth0\"\naddresses = []\n");
         assert!(e.contains("service.addresses"), "{e}");
         let e = err("[service]\ninterface = \"veth0\"\naddresses = [\"not-an-ip\"]\n");
-        assert!(e.contains("/etc/ntp-xdp.toml") && e.contains("addresses"), "{e}");
+        assert!(
+            e.contains("/etc/ntp-xdp.toml") && e.contains("addresses"),
+            "{e}"
+        );
         // Unknown fields are errors, not silently ignored typos.
         let e = err(&format!("{MINIMAL}[clock]\nmax_slew = 5\n"));
         assert!(e.contains("max_slew"), "{e}");

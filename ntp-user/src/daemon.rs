@@ -28,7 +28,11 @@ const RESOLVE_RETRY: Duration = Duration::from_secs(60);
 
 /// Resolves `host` or `host:port` (default port 123).
 pub async fn resolve(name: &str) -> Result<SocketAddr> {
-    let with_port = if name.parse::<SocketAddr>().is_ok() || name.rsplit_once(':').is_some_and(|(h, p)| !h.contains(':') && p.parse::<u16>().is_ok()) {
+    let with_port = if name.parse::<SocketAddr>().is_ok()
+        || name
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.contains(':') && p.parse::<u16>().is_ok())
+    {
         name.to_string()
     } else if name.contains(':') && !name.starts_with('[') {
         format!("[{name}]:123") // a bare IPv6 address
@@ -38,7 +42,9 @@ pub async fn resolve(name: &str) -> Result<SocketAddr> {
     let mut addrs = tokio::net::lookup_host(&with_port)
         .await
         .with_context(|| format!("resolving upstream {name:?}"))?;
-    addrs.next().with_context(|| format!("upstream {name:?} resolved to no address"))
+    addrs
+        .next()
+        .with_context(|| format!("upstream {name:?} resolved to no address"))
 }
 
 struct Reply {
@@ -49,15 +55,26 @@ struct Reply {
 
 /// Sends `req` from a fresh socket and forwards the answer (if any) with its receive time.
 /// Returns the monotonic time just after the send, for the request's origin.
-async fn send_request(id: usize, addr: SocketAddr, req: [u8; 48], replies: mpsc::Sender<Reply>) -> Result<u64> {
+async fn send_request(
+    id: usize,
+    addr: SocketAddr,
+    req: [u8; 48],
+    replies: mpsc::Sender<Reply>,
+) -> Result<u64> {
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().unwrap()
     } else {
         "[::]:0".parse().unwrap()
     };
-    let sock = UdpSocket::bind(bind).await.context("binding a client socket")?;
-    sock.connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-    sock.send(&req).await.with_context(|| format!("sending to {addr}"))?;
+    let sock = UdpSocket::bind(bind)
+        .await
+        .context("binding a client socket")?;
+    sock.connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    sock.send(&req)
+        .await
+        .with_context(|| format!("sending to {addr}"))?;
     let sent_ns = monotonic_now_ns()?;
     tokio::spawn(async move {
         let mut buf = [0u8; 1024];
@@ -88,7 +105,9 @@ impl EventLog {
         let mut seen_falsetickers = HashSet::new();
         for e in events {
             match e {
-                SystemEvent::Rejected { upstream, why } => debug!(%upstream, %why, "response not used"),
+                SystemEvent::Rejected { upstream, why } => {
+                    debug!(%upstream, %why, "response not used")
+                }
                 SystemEvent::Denied { upstream, code } => error!(
                     %upstream, code = %String::from_utf8_lossy(&code),
                     "upstream refused service (kiss-o'-death); no longer polled"
@@ -109,16 +128,28 @@ impl EventLog {
                         warn!(%why, "no source selected");
                     }
                 }
-                SystemEvent::Stepped { offset_s } => info!(offset_s, "clock set (first synchronization)"),
-                SystemEvent::Corrected { phase_s, freq_ppm } => debug!(phase_s, freq_ppm, "clock corrected"),
-                SystemEvent::StepRefused { offset_s } => {
-                    error!(offset_s, "offset above the panic threshold refused; serving on without it")
+                SystemEvent::Stepped { offset_s } => {
+                    info!(offset_s, "clock set (first synchronization)")
                 }
-                SystemEvent::HoldoverEntered => warn!("every upstream lost: holdover on the last frequency"),
+                SystemEvent::Corrected { phase_s, freq_ppm } => {
+                    debug!(phase_s, freq_ppm, "clock corrected")
+                }
+                SystemEvent::StepRefused { offset_s } => {
+                    error!(
+                        offset_s,
+                        "offset above the panic threshold refused; serving on without it"
+                    )
+                }
+                SystemEvent::HoldoverEntered => {
+                    warn!("every upstream lost: holdover on the last frequency")
+                }
                 SystemEvent::HoldoverExpired => {
                     error!("maximum holdover exceeded: serving as unsynchronized (LI=3)")
                 }
-                SystemEvent::LeapScheduled(l) => info!(insert = l.insert, "leap second scheduled at the end of the month"),
+                SystemEvent::LeapScheduled(l) => info!(
+                    insert = l.insert,
+                    "leap second scheduled at the end of the month"
+                ),
                 SystemEvent::LeapApplied(l) => info!(insert = l.insert, "leap second applied"),
             }
         }
@@ -162,12 +193,13 @@ pub async fn run_disciplined(
     let mut resolve_timer = tokio::time::interval(RESOLVE_RETRY);
     resolve_timer.tick().await;
 
-    let publish = |system: &mut System, responder: &mut Responder, log: &mut EventLog| -> Result<()> {
-        let (anchor, events) = system.anchor(monotonic_now_ns()?);
-        log.log(events);
-        responder.publish_anchor(anchor)?;
-        Ok(())
-    };
+    let publish =
+        |system: &mut System, responder: &mut Responder, log: &mut EventLog| -> Result<()> {
+            let (anchor, events) = system.anchor(monotonic_now_ns()?);
+            log.log(events);
+            responder.publish_anchor(anchor)?;
+            Ok(())
+        };
     publish(&mut system, responder, &mut log)?;
     loop {
         let now = monotonic_now_ns()?;
@@ -181,7 +213,9 @@ pub async fn run_disciplined(
         let now = monotonic_now_ns()?;
         let wake = system
             .next_wakeup_ns()
-            .map_or(PUBLISH_EVERY, |t| Duration::from_nanos(t.saturating_sub(now)))
+            .map_or(PUBLISH_EVERY, |t| {
+                Duration::from_nanos(t.saturating_sub(now))
+            })
             .min(PUBLISH_EVERY);
         tokio::select! {
             _ = tokio::time::sleep(wake) => publish(&mut system, responder, &mut log)?,

@@ -138,6 +138,11 @@ pub struct Discipline {
     updates: u32,
 }
 
+/// Fewer points than this give no frequency estimate, and the runs test never trims below it.
+const MIN_POINTS_FOR_FREQUENCY: usize = 8;
+/// The smallest jump of the newest points that counts as a step of the reference.
+const STEP_DETECTION_MIN_S: f64 = 500e-6;
+
 /// Updates during which the frequency may move freely (the oscillator's error, up to ±500 ppm,
 /// is learned in the first minutes).
 const FREQUENCY_LEARNING_UPDATES: u32 = 16;
@@ -306,7 +311,8 @@ impl Discipline {
         if pts.len() >= RECENT + 4 {
             let (older, recent) = pts.split_at(pts.len() - RECENT);
             let (a, b, _, rms) = Self::fit_points(older, &reference, now_ns);
-            let bound = 4.0 * rms.max(1e-6);
+            // A real step, not wander: well outside the scatter, and at least half a ms.
+            let bound = (8.0 * rms).max(STEP_DETECTION_MIN_S);
             let residuals: Vec<f64> = recent
                 .iter()
                 .map(|p| {
@@ -320,15 +326,36 @@ impl Discipline {
         }
         loop {
             let (intercept, slope, residual_runs, _) = Self::fit_points(&pts, &reference, now_ns);
+            // Too few points (just after a step) say nothing reliable about frequency: points
+            // seconds apart from different upstreams would turn their small biases into wild
+            // slopes. Hold the frequency and take the phase as their mean.
+            if pts.len() < MIN_POINTS_FOR_FREQUENCY {
+                let (mean, _, _, _) = Self::fit_points_fixed_slope(&pts, &reference, now_ns);
+                return (mean, 0.0, pts.len());
+            }
             // Runs test (as chrony does): residuals of a model that fits alternate in sign;
             // long runs mean the frequency moved within the window, so drop the oldest points.
-            // Never below 8: a handful of points a few seconds apart gives wild slopes.
             let n = pts.len();
-            if n <= 8 || !too_few_runs(n, residual_runs) {
+            if n <= MIN_POINTS_FOR_FREQUENCY || !too_few_runs(n, residual_runs) {
                 return (intercept, slope, n);
             }
             pts.drain(..n / 4);
         }
+    }
+
+    /// Weighted mean residual of `pts` (the phase with the frequency held).
+    fn fit_points_fixed_slope(
+        pts: &[Point],
+        reference: &ClockModel,
+        now_ns: u64,
+    ) -> (f64, f64, usize, f64) {
+        let sw: f64 = pts.iter().map(|p| p.weight).sum();
+        let mean = pts
+            .iter()
+            .map(|p| Self::coordinates(p, reference, now_ns).1 * p.weight)
+            .sum::<f64>()
+            / sw.max(f64::MIN_POSITIVE);
+        (mean, 0.0, pts.len(), 0.0)
     }
 
     /// (seconds before `now_ns`, true − reference in s) of a point.

@@ -24,6 +24,9 @@ pub struct Sample {
     pub delay: f64,
     /// Dispersion at `mono_ns` (s): precisions and PHI × delay.
     pub dispersion: f64,
+    /// Offset against the model as it was when measured: jitter is computed from these, so a
+    /// later frequency error cannot make every sample look noisy (RFC 5905 keeps offsets so).
+    pub offset_then: f64,
 }
 
 impl Sample {
@@ -118,7 +121,7 @@ impl ClockFilter {
         let jitter = if sorted.len() > 1 {
             let sum: f64 = sorted[1..]
                 .iter()
-                .map(|(s, _)| (s.offset(model) - best_offset).powi(2))
+                .map(|(s, _)| (s.offset_then - best.offset_then).powi(2))
                 .sum();
             (sum / (sorted.len() - 1) as f64).sqrt()
         } else {
@@ -167,6 +170,7 @@ mod tests {
             true_ntp_ns: m.ntp_at(mono).wrapping_add_signed(offset_us * 1000),
             delay: delay_ms * 1e-3,
             dispersion: 1e-6,
+            offset_then: offset_us as f64 * 1e-6,
         }
     }
 

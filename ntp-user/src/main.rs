@@ -2,12 +2,12 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use ntp_common::ServerParams;
+use ntp_user::cli::ServeArgs;
 use ntp_user::cli::{Cli, Command};
 use ntp_user::hostclock::HostClockIdentity;
-use ntp_user::cli::ServeArgs;
 use ntp_user::serve::{serve, ClockSource, ServeOptions};
-use ntp_user::system::SystemConfig;
 use ntp_user::stats::print_stats;
+use ntp_user::system::SystemConfig;
 
 /// netlink-packet-route warns about every attribute newer than itself; that is noise here.
 const DEFAULT_LOG_FILTER: &str = "info,netlink_packet_route=error";
@@ -60,7 +60,11 @@ fn main() -> ExitCode {
 
 fn serve_from_args(a: ServeArgs) -> anyhow::Result<()> {
     if a.poll_min > a.poll_max {
-        anyhow::bail!("--poll-min ({}) is above --poll-max ({})", a.poll_min, a.poll_max);
+        anyhow::bail!(
+            "--poll-min ({}) is above --poll-max ({})",
+            a.poll_min,
+            a.poll_max
+        );
     }
     if !a.upstreams.is_empty() && (a.min_sources == 0 || a.min_sources > a.upstreams.len()) {
         anyhow::bail!(
@@ -70,6 +74,10 @@ fn serve_from_args(a: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let max_age_ns = a.max_anchor_age.as_nanos().min(u64::MAX as u128) as u64;
+    if !a.upstreams.is_empty() {
+        ntp_user::config::check_holdover(a.max_holdover, a.upstream_max_poll)
+            .map_err(|why| anyhow::anyhow!("--max-holdover: {why}"))?;
+    }
     let clock = if a.upstreams.is_empty() {
         ClockSource::HostClock {
             identity: HostClockIdentity {
@@ -85,6 +93,10 @@ fn serve_from_args(a: ServeArgs) -> anyhow::Result<()> {
                 min_sources: a.min_sources,
                 max_anchor_age_ns: max_age_ns,
                 max_holdover_ns: a.max_holdover.as_nanos().min(u64::MAX as u128) as u64,
+                poll: ntp_user::upstream::PollConfig {
+                    max_poll: a.upstream_max_poll,
+                    ..Default::default()
+                },
                 ..SystemConfig::default()
             },
             upstreams: a.upstreams,

@@ -93,8 +93,12 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         None => attach(&mut responder, &opts, home)?,
     };
     let source = match &opts.clock {
-        ClockSource::HostClock { identity, .. } => format!("host clock as local stratum {}", identity.stratum),
-        ClockSource::Upstreams { upstreams, .. } => format!("own clock disciplined against {}", upstreams.join(", ")),
+        ClockSource::HostClock { identity, .. } => {
+            format!("host clock as local stratum {}", identity.stratum)
+        }
+        ClockSource::Upstreams { upstreams, .. } => {
+            format!("own clock disciplined against {}", upstreams.join(", "))
+        }
     };
     info!(
         netns = opts.netns.as_deref().unwrap_or("(current)"),
@@ -119,7 +123,8 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
                 publish_interval,
             } => serve_host_clock(&mut responder, identity, *publish_interval, shutdown).await,
             ClockSource::Upstreams { system, upstreams } => {
-                crate::daemon::run_disciplined(&mut responder, system.clone(), upstreams, shutdown).await
+                crate::daemon::run_disciplined(&mut responder, system.clone(), upstreams, shutdown)
+                    .await
             }
         }
     })?;

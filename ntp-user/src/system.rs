@@ -96,6 +96,9 @@ pub struct Reference {
     pub leap: u8,
 }
 
+/// Samples an upstream needs before its estimate may set the clock the first time.
+const FIRST_STEP_SAMPLES: usize = 4;
+
 pub struct System {
     pub config: SystemConfig,
     pub upstreams: Vec<Upstream>,
@@ -264,6 +267,14 @@ impl System {
         // The clock is updated when a survivor has a sample not used before (RFC 5905 waits
         // for the system peer alone, which starves the loop when the peer changes often).
         if !selection.survivors.contains(&from) {
+            return;
+        }
+        // The one step of the first synchronization waits for the iburst to fill the filter:
+        // a first packet often waits for ARP/ND on its way out, an asymmetric delay that
+        // would otherwise be stepped into the clock.
+        if !self.discipline.is_synchronized()
+            && self.upstreams[from].filter.len() < FIRST_STEP_SAMPLES
+        {
             return;
         }
         let precision = self.upstreams[from].header.map_or(1e-6, |h| h.precision);

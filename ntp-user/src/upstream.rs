@@ -237,6 +237,7 @@ impl Upstream {
                 .wrapping_add_signed((offset * 1e9).round() as i64),
             delay,
             dispersion: precision + LOCAL_PRECISION + PHI * delay,
+            offset_then: offset,
         });
         self.header = Some(PeerHeader {
             stratum: h.stratum,

@@ -79,7 +79,7 @@ pub fn chronyd_query(ns: &Netns, addr: &str) -> Result<ChronyMeasurement> {
         &conf,
         format!(
             "server {addr} iburst maxsamples 1\npidfile {d}/chronyd.pid\ncmdport 0\n\
-             bindcmdaddress /\nlogdir {d}\nlog measurements\n",
+             bindcmdaddress /\nlogdir {d}\nlog rawmeasurements measurements\n",
             d = dir.0.display()
         ),
     )?;
@@ -90,7 +90,13 @@ pub fn chronyd_query(ns: &Netns, addr: &str) -> Result<ChronyMeasurement> {
         .context("running chronyd")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        bail!("chronyd -Q {addr} failed ({}): {stderr}", out.status);
+        let log = std::fs::read_to_string(dir.0.join("measurements.log")).unwrap_or_default();
+        let raw = std::fs::read_to_string(dir.0.join("rawmeasurements.log")).unwrap_or_default();
+        let log = format!("{log}{raw}");
+        bail!(
+            "chronyd -Q {addr} failed ({}): {stderr}\nmeasurements:\n{log}",
+            out.status
+        );
     }
     let offset_s = stderr
         .lines()
@@ -104,7 +110,7 @@ pub fn chronyd_query(ns: &Netns, addr: &str) -> Result<ChronyMeasurement> {
     let line = log
         .lines()
         .rev()
-        .find(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+        .find(|l| l.starts_with(|c: char| c.is_ascii_digit()) && l.split_whitespace().count() >= 17)
         .ok_or_else(|| anyhow!("no measurement in {log}"))?;
     // Date Time IP L St 123 567 ABCD LP RP Score Offset PeerDel PeerDisp RootDel RootDisp Refid MTxRx
     let f: Vec<&str> = line.split_whitespace().collect();

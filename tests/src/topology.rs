@@ -14,6 +14,21 @@ use nix::unistd::Pid;
 
 use crate::{ip, ntp_user_bin, unique_name, CLOCK_V4, CLOCK_V6};
 
+/// Joins two namespaces with a veth: `a_addr` and `b_addr` are CIDR addresses.
+pub fn link_namespaces(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> Result<()> {
+    let a_if = unique_name("la");
+    let b_if = unique_name("lb");
+    ip(&[
+        "link", "add", &a_if, "netns", &a.name, "type", "veth", "peer", "name", &b_if, "netns",
+        &b.name,
+    ])?;
+    a.ip(&["addr", "add", a_addr, "dev", &a_if])?;
+    b.ip(&["addr", "add", b_addr, "dev", &b_if])?;
+    a.ip(&["link", "set", &a_if, "up"])?;
+    b.ip(&["link", "set", &b_if, "up"])?;
+    Ok(())
+}
+
 /// A named network namespace, deleted on drop.
 pub struct Netns {
     pub name: String,
@@ -178,8 +193,30 @@ pub struct ServeProcess {
 impl ServeProcess {
     /// Starts `ntp-user serve` on the topology's VIP end and waits until it says it attached.
     pub fn start(t: &Topology, mode: &str, extra: &[&str]) -> Result<ServeProcess> {
-        let mut cmd = Command::new(ntp_user_bin());
-        cmd.args(["serve", "--netns", &t.vip.name, "--interface", &t.vip_if])
+        Self::start_in(None, t, mode, extra)
+    }
+
+    /// The same, with the daemon itself running in `home` (the VIP host's own namespace, where
+    /// its upstreams are reachable).
+    pub fn start_in(
+        home: Option<&Netns>,
+        t: &Topology,
+        mode: &str,
+        extra: &[&str],
+    ) -> Result<ServeProcess> {
+        let mut cmd = match home {
+            Some(ns) => {
+                let mut c = ns.command(ntp_user_bin().to_str().ok_or_else(|| anyhow!("path"))?);
+                c.arg("serve");
+                c
+            }
+            None => {
+                let mut c = Command::new(ntp_user_bin());
+                c.arg("serve");
+                c
+            }
+        };
+        cmd.args(["--netns", &t.vip.name, "--interface", &t.vip_if])
             .args([
                 "--address",
                 CLOCK_V4,
@@ -261,6 +298,58 @@ impl ServeProcess {
         self.child.kill()?;
         self.child.wait()?;
         Ok(false)
+    }
+}
+
+/// A chronyd serving its (this machine's) clock as `local stratum N`, never touching the clock
+/// (`-x`, and no CAP_SYS_TIME), with its own pidfile and no command socket.
+pub struct ChronyServer {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl ChronyServer {
+    pub fn start(ns: &Netns, stratum: u8) -> Result<ChronyServer> {
+        let dir = std::env::temp_dir().join(unique_name("chronysrv"));
+        std::fs::create_dir_all(&dir)?;
+        let conf = dir.join("chrony.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "local stratum {stratum}\nallow\npidfile {d}/chronyd.pid\ncmdport 0\nbindcmdaddress /\n",
+                d = dir.display()
+            ),
+        )?;
+        let child = ns
+            .command("setpriv")
+            .args([
+                "--bounding-set",
+                "-sys_time",
+                "chronyd",
+                "-x",
+                "-u",
+                "root",
+                "-d",
+                "-f",
+            ])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting chronyd")?;
+        Ok(ChronyServer { child, dir })
+    }
+
+    pub fn stop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChronyServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

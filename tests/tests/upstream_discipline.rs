@@ -1,0 +1,156 @@
+//! The daemon disciplines its own clock against real upstreams: three chronyd servers
+//! (`local stratum 3`) in their own namespaces, reachable from the VIP host's namespace where
+//! the daemon runs; a guest queries the clock address with chronyd -Q.
+
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use integration_tests::clients::chronyd_query;
+use integration_tests::topology::{link_namespaces, ChronyServer, Netns, ServeProcess, Topology};
+use integration_tests::CLOCK_V4;
+use ntp_common::packet::NtpHeader;
+use ntp_common::wire::{LEAP_UNSYNCHRONIZED, MODE_SERVER};
+use ntp_user::netns;
+
+const UPSTREAM_STRATUM: u8 = 3;
+
+/// One raw query from inside `ns`: the reply's header.
+fn query(ns: &Netns, addr: &str) -> Option<NtpHeader> {
+    let file = ns.file().ok()?;
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        netns::enter(&file).ok()?;
+        let sock = UdpSocket::bind("0.0.0.0:0").ok()?;
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .ok()?;
+        let req = NtpHeader::client_request(6, 0x1234_5678_9abc_def0).serialize();
+        sock.send_to(&req, (addr.as_str(), 123)).ok()?;
+        let mut buf = [0u8; 128];
+        let n = sock.recv(&mut buf).ok()?;
+        NtpHeader::parse(&buf[..n])
+            .filter(|h| h.mode == MODE_SERVER && h.origin_ts == 0x1234_5678_9abc_def0)
+    })
+    .join()
+    .ok()?
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn serves_disciplined_time_from_real_upstreams_and_holds_over() {
+    let t = Topology::new(51).unwrap();
+    let host = Netns::new("nth").unwrap();
+    let mut upstreams = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..3u8 {
+        let ns = Netns::new("ntu").unwrap();
+        let subnet = 52 + i;
+        link_namespaces(
+            &host,
+            &format!("169.254.{subnet}.2/24"),
+            &ns,
+            &format!("169.254.{subnet}.1/24"),
+        )
+        .unwrap();
+        upstreams.push((ChronyServer::start(&ns, UPSTREAM_STRATUM).unwrap(), ns));
+        addrs.push(format!("169.254.{subnet}.1"));
+    }
+    // Polls stay at 16 s; the holdover is two of them.
+    let mut args = vec![
+        "--upstream-max-poll",
+        "4",
+        "--max-holdover",
+        "32s",
+        "--max-anchor-age",
+        "30s",
+    ];
+    for a in &addrs {
+        args.push("--upstream");
+        args.push(a);
+    }
+    let mut serve = ServeProcess::start_in(Some(&host), &t, "native", &args).unwrap();
+    assert!(
+        serve.attached.contains("disciplined against"),
+        "{}",
+        serve.attached
+    );
+
+    // Before the first synchronization the responder says LI=3; after it, stratum N+1.
+    wait_for("the first synchronization", Duration::from_secs(30), || {
+        query(&t.guest, CLOCK_V4).is_some_and(|h| h.stratum == UPSTREAM_STRATUM + 1 && h.leap == 0)
+    });
+    serve
+        .wait_for_line("source selected", Duration::from_secs(5))
+        .unwrap();
+
+    if std::env::var("NTPX_DEBUG").is_ok() {
+        eprintln!(
+            "ntpdig: {:?}",
+            integration_tests::clients::ntpdig(&t.guest, CLOCK_V4)
+        );
+        eprintln!("raw: {:?}", query(&t.guest, CLOCK_V4));
+        eprintln!("guest ns: {}", t.guest.name);
+        if std::env::var("NTPX_PAUSE").is_ok() {
+            std::thread::sleep(Duration::from_secs(40));
+        }
+    }
+    let mut m = chronyd_query(&t.guest, CLOCK_V4).unwrap();
+    // The first synchronization steps on an iburst estimate; later corrections slew the
+    // rest away at up to 500 ppm. Allow the loop some polls to get there.
+    let start = Instant::now();
+    while m.offset_s.abs() >= 100e-6 && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_secs(2));
+        m = chronyd_query(&t.guest, CLOCK_V4).unwrap();
+    }
+    eprintln!(
+        "guest sees offset {:.1} µs after {:?}",
+        m.offset_s * 1e6,
+        start.elapsed()
+    );
+    assert!(m.tests_passed, "{m:?}");
+    assert_eq!(m.stratum, UPSTREAM_STRATUM + 1, "{m:?}");
+    // Refid: the IPv4 address of the selected upstream, as chrony prints it (hex).
+    let refids: Vec<String> = addrs
+        .iter()
+        .map(|a| {
+            a.split('.')
+                .map(|o| format!("{:02X}", o.parse::<u8>().unwrap()))
+                .collect::<String>()
+        })
+        .collect();
+    assert!(
+        refids.contains(&m.refid),
+        "refid {} is none of {refids:?}",
+        m.refid
+    );
+    // Everyone here shares one clock, so the served time should match it closely.
+    assert!(m.offset_s.abs() < 100e-6, "offset {} s", m.offset_s);
+
+    // Lose every upstream: holdover, then LI=3 once the (shortened) maximum holdover passes.
+    for (server, _) in &mut upstreams {
+        server.stop();
+    }
+    let h = query(&t.guest, CLOCK_V4).unwrap();
+    assert_eq!(
+        h.leap, 0,
+        "still synchronized right after losing the upstreams"
+    );
+    wait_for(
+        "LI=3 after the maximum holdover",
+        Duration::from_secs(60),
+        || {
+            query(&t.guest, CLOCK_V4)
+                .is_some_and(|h| h.leap == LEAP_UNSYNCHRONIZED && h.stratum == 0)
+        },
+    );
+    serve
+        .wait_for_line("maximum holdover exceeded", Duration::from_secs(5))
+        .unwrap();
+    assert!(serve.stop().unwrap(), "daemon did not exit cleanly");
+}
