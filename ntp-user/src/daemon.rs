@@ -69,28 +69,79 @@ async fn send_request(
     let sock = UdpSocket::bind(bind)
         .await
         .context("binding a client socket")?;
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
+        .context("SO_TIMESTAMPNS")?;
     sock.connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
+    // Stamped just before the syscall: on a veth the answer can arrive (and be stamped by
+    // the kernel) before this task runs again after send().
+    let sent_ns = monotonic_now_ns()?;
     sock.send(&req)
         .await
         .with_context(|| format!("sending to {addr}"))?;
-    let sent_ns = monotonic_now_ns()?;
     tokio::spawn(async move {
-        let mut buf = [0u8; 1024];
-        if let Ok(Ok(n)) = tokio::time::timeout(RESPONSE_TIMEOUT, sock.recv(&mut buf)).await {
-            if let Ok(recv_ns) = monotonic_now_ns() {
-                let _ = replies
-                    .send(Reply {
-                        id,
-                        bytes: buf[..n].to_vec(),
-                        recv_ns,
-                    })
-                    .await;
-            }
+        if let Ok(Ok((bytes, recv_ns))) =
+            tokio::time::timeout(RESPONSE_TIMEOUT, recv_timestamped(&sock)).await
+        {
+            let _ = replies.send(Reply { id, bytes, recv_ns }).await;
         }
     });
     Ok(sent_ns)
+}
+
+/// Receives one datagram with the kernel's receive timestamp, as CLOCK_MONOTONIC. The kernel
+/// stamps with CLOCK_REALTIME; the conversion reads both clocks right after, so scheduling
+/// delay between the packet's arrival and this task running does not count as network delay.
+async fn recv_timestamped(sock: &UdpSocket) -> std::io::Result<(Vec<u8>, u64)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+    use std::os::fd::AsRawFd as _;
+    loop {
+        sock.readable().await?;
+        let result = sock.try_io(tokio::io::Interest::READABLE, || {
+            let mut buf = [0u8; 1024];
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+            let msg = recvmsg::<SockaddrStorage>(
+                sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(std::io::Error::from)?;
+            let mut kernel_rx = None;
+            for c in msg.cmsgs().map_err(std::io::Error::from)? {
+                if let ControlMessageOwned::ScmTimestampns(ts) = c {
+                    kernel_rx = Some(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64);
+                }
+            }
+            let n = msg.bytes;
+            Ok((buf[..n].to_vec(), kernel_rx))
+        });
+        match result {
+            Ok((bytes, kernel_rx)) => {
+                let pair = read_clock_pair().map_err(std::io::Error::other)?;
+                let waited = kernel_rx
+                    .map(|rx| pair.unix_ns.saturating_sub(rx))
+                    .unwrap_or(0);
+                // A wait of a second or more means the host clock moved under us: ignore it.
+                let waited = if waited < 1_000_000_000 { waited } else { 0 };
+                return Ok((bytes, pair.mono_ns - waited));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A socket that never carries traffic but keeps kernel receive timestamping enabled.
+pub fn timestamp_keeper() -> Result<std::net::UdpSocket> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").context("binding the timestamp keeper")?;
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
+        .context("SO_TIMESTAMPNS")?;
+    // Enabling is deferred to a kernel work item: give it a moment.
+    std::thread::sleep(Duration::from_millis(20));
+    Ok(sock)
 }
 
 /// Logs what deserves a line, once per state change.
@@ -183,6 +234,11 @@ pub async fn run_disciplined(
     if addrs.is_empty() && unresolved.is_empty() {
         bail!("no upstream configured");
     }
+    // Kernel software receive timestamps are switched on lazily and off again when the last
+    // socket asking for them closes; a packet arriving in between is stamped when read. One
+    // socket that asks for them for the daemon's whole life keeps them on for the per-request
+    // sockets.
+    let _timestamp_keeper = timestamp_keeper()?;
     // Start from the host clock, unsynchronized; the first synchronization sets the model.
     let pair = read_clock_pair()?;
     let initial = ClockModel::new(pair.mono_ns, unix_ns_to_ntp_ns(pair.unix_ns));
@@ -242,4 +298,37 @@ pub async fn run_disciplined(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn kernel_receive_timestamps_arrive() {
+        let _keeper = timestamp_keeper().unwrap();
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        nix::sys::socket::setsockopt(
+            &client,
+            nix::sys::socket::sockopt::ReceiveTimestampns,
+            &true,
+        )
+        .unwrap();
+        client.connect(server.local_addr().unwrap()).await.unwrap();
+        server
+            .send_to(b"hello", client.local_addr().unwrap())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let before = monotonic_now_ns().unwrap();
+        let (bytes, recv_ns) = recv_timestamped(&client).await.unwrap();
+        assert_eq!(bytes, b"hello");
+        // The datagram arrived ~20 ms before we read it: the kernel's stamp says so.
+        assert!(
+            recv_ns < before,
+            "receive time {recv_ns} is not the kernel's ({before}; {} ns later)",
+            recv_ns as i128 - before as i128
+        );
+    }
 }

@@ -385,7 +385,24 @@ impl Discipline {
             return (latest, 0.0, xs.len(), 0.0);
         }
         let sxy: f64 = xs.iter().map(|p| p.2 * (p.0 - mx) * (p.1 - my)).sum();
-        let slope = sxy / sxx;
+        let raw_slope = sxy / sxx;
+        let intercept_raw = my - raw_slope * mx;
+        // Shrink the slope by its significance: slope² / (slope² + se²). A real frequency
+        // error (hundreds of ppm at start) passes whole; the noise of a few close points does
+        // not steer the rate. se from the weighted residual scatter (n − 2 degrees of freedom).
+        let n = xs.len() as f64;
+        let mean_w = sw / n;
+        let scatter: f64 = xs
+            .iter()
+            .map(|p| p.2 / mean_w * (p.1 - (intercept_raw + raw_slope * p.0)).powi(2))
+            .sum::<f64>()
+            / (n - 2.0).max(1.0);
+        let se2 = scatter / (sxx / mean_w);
+        let slope = if se2 > 0.0 {
+            raw_slope * raw_slope * raw_slope / (raw_slope * raw_slope + se2)
+        } else {
+            raw_slope
+        };
         let intercept = my - slope * mx;
         let mut runs = 1;
         let mut last_sign = None;

@@ -371,12 +371,12 @@ fn holdover_drifts_slowly_then_reports_unsynchronized() {
     w.measure_from = w.t;
     w.run(5 * HOUR, 16 * S);
     // One hour of holdover: the error comes from the frequency estimate and the wander alone.
-    // Bound: 0.02 ppm of frequency error (five times what the converged tests show) over an
-    // hour is 72 µs, the random walk adds about 0.02 ppm × 1800 s = 36 µs, plus the 20 µs
-    // the clock started with.
+    // Bound: the random walk's phase after T = 3600 s has σ = 3e-10 · T^1.5 / √3 ≈ 37 µs
+    // (≈ 110 µs at 3σ); a frequency error of up to 0.03 ppm when holdover starts adds 108 µs;
+    // the phase error it started with adds up to 60 µs (the converged bound).
     let (_, max) = w.stats();
     eprintln!("after 1 h of holdover: max |error| {:.1} µs", max / 1e3);
-    assert!(max < 130_000.0, "holdover drift {max} ns in one hour");
+    assert!(max < 300_000.0, "holdover drift {max} ns in one hour");
     assert!(w.last_anchor.unwrap().leap != LEAP_UNSYNCHRONIZED);
     assert!(
         w.last_anchor.unwrap().root_dispersion_ns > 50_000_000,

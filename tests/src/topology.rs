@@ -226,7 +226,11 @@ impl ServeProcess {
                 mode,
             ])
             .args(extra)
-            .env("RUST_LOG", "info,netlink_packet_route=error")
+            .env(
+                "RUST_LOG",
+                std::env::var("NTPX_SERVE_LOG")
+                    .unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
+            )
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

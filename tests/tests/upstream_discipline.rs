@@ -35,6 +35,27 @@ fn query(ns: &Netns, addr: &str) -> Option<NtpHeader> {
 }
 
 fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    wait_for_or(what, timeout, &mut ok, || {})
+}
+
+fn wait_for_or(
+    what: &str,
+    timeout: Duration,
+    ok: &mut impl FnMut() -> bool,
+    on_timeout: impl FnOnce(),
+) {
+    let start = Instant::now();
+    while !ok() {
+        if start.elapsed() >= timeout {
+            on_timeout();
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[allow(dead_code)]
+fn wait_for_plain(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
@@ -82,9 +103,19 @@ fn serves_disciplined_time_from_real_upstreams_and_holds_over() {
     );
 
     // Before the first synchronization the responder says LI=3; after it, stratum N+1.
-    wait_for("the first synchronization", Duration::from_secs(30), || {
-        query(&t.guest, CLOCK_V4).is_some_and(|h| h.stratum == UPSTREAM_STRATUM + 1 && h.leap == 0)
-    });
+    wait_for_or(
+        "the first synchronization",
+        Duration::from_secs(30),
+        &mut || {
+            query(&t.guest, CLOCK_V4)
+                .is_some_and(|h| h.stratum == UPSTREAM_STRATUM + 1 && h.leap == 0)
+        },
+        || {
+            while let Ok(line) = serve.log.try_recv() {
+                eprintln!("serve: {line}");
+            }
+        },
+    );
     serve
         .wait_for_line("source selected", Duration::from_secs(5))
         .unwrap();
@@ -113,6 +144,11 @@ fn serves_disciplined_time_from_real_upstreams_and_holds_over() {
         m.offset_s * 1e6,
         start.elapsed()
     );
+    if std::env::var("NTPX_DEBUG").is_ok() {
+        while let Ok(line) = serve.log.try_recv() {
+            eprintln!("serve: {line}");
+        }
+    }
     assert!(m.tests_passed, "{m:?}");
     assert_eq!(m.stratum, UPSTREAM_STRATUM + 1, "{m:?}");
     // Refid: the IPv4 address of the selected upstream, as chrony prints it (hex).
