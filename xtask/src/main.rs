@@ -319,9 +319,15 @@ fn run_demo(serve_args: &[String]) -> Result<()> {
     }
     .context("ignoring SIGINT")?;
     let mut cmd = Command::new(&bin);
-    cmd.args(["serve", "--netns", DEMO_VIP_NS, "--interface", DEMO_VIP_IF])
-        .args(["--address", CLOCK_V4, "--address", CLOCK_V6])
-        .args(serve_args);
+    if serve_args.is_empty() {
+        // The embedded default config (ntp-user/src/default-config.toml) names the same
+        // namespace and interface as this demo.
+        cmd.arg("run");
+    } else {
+        cmd.args(["serve", "--netns", DEMO_VIP_NS, "--interface", DEMO_VIP_IF])
+            .args(["--address", CLOCK_V4, "--address", CLOCK_V6])
+            .args(serve_args);
+    }
     // The child must not inherit SIG_IGN, or Ctrl-C would not reach it.
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
