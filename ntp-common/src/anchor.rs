@@ -6,7 +6,7 @@
 //! the same clock. The anchor map has two slots and an active index: the daemon writes the
 //! inactive slot, then flips the index, so a reader never sees a half-written anchor.
 
-use crate::time::{scaled_mul, NANOS_PER_SEC};
+use crate::time::scaled_mul;
 use crate::wire::LEAP_UNSYNCHRONIZED;
 
 /// Number of anchor slots (double buffer).
@@ -104,20 +104,17 @@ unsafe impl aya::Pod for TimeAnchor {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ServerParams {}
 
-/// One second in nanoseconds, for readable anchor arithmetic in callers.
-pub const SECOND_NS: u64 = NANOS_PER_SEC;
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::time::ppm_to_freq_scaled;
+    use crate::time::{ppm_to_freq_scaled, NANOS_PER_SEC};
 
     fn anchor(freq_ppm: f64) -> TimeAnchor {
         TimeAnchor {
-            mono_ns: 1_000 * SECOND_NS,
-            ntp_ns: 3_900_000_000 * SECOND_NS,
+            mono_ns: 1_000 * NANOS_PER_SEC,
+            ntp_ns: 3_900_000_000 * NANOS_PER_SEC,
             freq_scaled: ppm_to_freq_scaled(freq_ppm),
-            max_age_ns: 10 * SECOND_NS,
+            max_age_ns: 10 * NANOS_PER_SEC,
             ..Default::default()
         }
     }
@@ -142,11 +139,14 @@ mod tests {
     fn extrapolation_with_rate() {
         // +200 ppm over 10 s is +2 ms; -500 ppm over 100 s is -50 ms.
         let a = anchor(200.0);
-        let got = a.ntp_ns_at(a.mono_ns + 10 * SECOND_NS) - a.ntp_ns;
-        assert!(got.abs_diff(10 * SECOND_NS + 2_000_000) <= 2, "{got}");
+        let got = a.ntp_ns_at(a.mono_ns + 10 * NANOS_PER_SEC) - a.ntp_ns;
+        assert!(got.abs_diff(10 * NANOS_PER_SEC + 2_000_000) <= 2, "{got}");
         let b = anchor(-500.0);
-        let got = b.ntp_ns_at(b.mono_ns + 100 * SECOND_NS) - b.ntp_ns;
-        assert!(got.abs_diff(100 * SECOND_NS - 50_000_000) <= 25, "{got}");
+        let got = b.ntp_ns_at(b.mono_ns + 100 * NANOS_PER_SEC) - b.ntp_ns;
+        assert!(
+            got.abs_diff(100 * NANOS_PER_SEC - 50_000_000) <= 25,
+            "{got}"
+        );
     }
 
     #[test]
@@ -167,8 +167,8 @@ mod tests {
     #[test]
     fn staleness() {
         let mut a = anchor(0.0);
-        assert!(a.is_synchronized_at(a.mono_ns + 10 * SECOND_NS));
-        assert!(!a.is_synchronized_at(a.mono_ns + 10 * SECOND_NS + 1));
+        assert!(a.is_synchronized_at(a.mono_ns + 10 * NANOS_PER_SEC));
+        assert!(!a.is_synchronized_at(a.mono_ns + 10 * NANOS_PER_SEC + 1));
         a.leap = LEAP_UNSYNCHRONIZED;
         assert!(!a.is_synchronized_at(a.mono_ns));
         assert!(!TimeAnchor::default().is_published());

@@ -74,12 +74,6 @@ pub fn transmit_timestamp(tx_exact: u64, receive: u64, precision: i8, random: u3
     }
 }
 
-/// Whether the reply built from `anchor` at `rx_mono` claims synchronization.
-#[inline(always)]
-pub fn reply_is_synchronized(anchor: &TimeAnchor, rx_mono: u64) -> bool {
-    anchor.is_synchronized_at(rx_mono)
-}
-
 /// Writes a mode 4 reply over `hdr`.
 ///
 /// `rx_mono` and `tx_mono` are CLOCK_MONOTONIC readings at reception and just before sending;
@@ -94,7 +88,7 @@ pub fn write_server_reply(
     tx_mono: u64,
     random: u32,
 ) {
-    let synced = reply_is_synchronized(anchor, rx_mono);
+    let synced = anchor.is_synchronized_at(rx_mono);
     let (leap, stratum, refid) = if synced {
         (anchor.leap, anchor.stratum, anchor.refid)
     } else {

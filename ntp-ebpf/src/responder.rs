@@ -18,7 +18,7 @@ use ntp_common::{
         add_words, finish, finish_udp, pseudo_v4, pseudo_v6, udp_request_checksum_ok, verifies,
     },
     counters::COUNTER_COUNT,
-    reply::{reply_is_synchronized, write_server_reply, ClientRequest},
+    reply::{write_server_reply, ClientRequest},
     wire::*,
     Counter, ServerParams, TimeAnchor,
 };
@@ -71,19 +71,22 @@ const fn drop(counter: Counter) -> Verdict {
 pub fn ntp_responder(ctx: XdpContext) -> u32 {
     // Receive timestamp: as early as possible.
     let rx_mono = unsafe { bpf_ktime_get_ns() };
+    // Read once per packet: the reply builder and the log switch both need them.
+    let params = match SERVER_PARAMS.get(0) {
+        Some(p) => *p,
+        None => ServerParams::DEFAULT,
+    };
     let pkt = Packet::new(&ctx);
-    let verdict = handle_frame(&pkt, rx_mono);
+    let verdict = handle_frame(&pkt, rx_mono, &params);
     count(verdict.counter);
     if verdict.unsynchronized {
         count(Counter::AnsweredUnsynchronized);
     }
-    if let Some(params) = SERVER_PARAMS.get(0) {
-        if params.flags & PARAM_FLAG_LOG != 0 {
-            info!(
-                &ctx,
-                "ntp-xdp: outcome {} action {}", verdict.counter as u32, verdict.action
-            );
-        }
+    if params.flags & PARAM_FLAG_LOG != 0 {
+        info!(
+            &ctx,
+            "ntp-xdp: outcome {} action {}", verdict.counter as u32, verdict.action
+        );
     }
     verdict.action
 }
@@ -123,7 +126,7 @@ fn load_anchor() -> Option<TimeAnchor> {
 }
 
 #[inline(always)]
-fn handle_frame(pkt: &Packet, rx_mono: u64) -> Verdict {
+fn handle_frame(pkt: &Packet, rx_mono: u64, params: &ServerParams) -> Verdict {
     let Some(eth) = pkt.bytes::<ETH_HEADER_LEN>(0) else {
         return pass(Counter::PassedNotIp);
     };
@@ -138,14 +141,14 @@ fn handle_frame(pkt: &Packet, rx_mono: u64) -> Verdict {
         l3 = ETH_HEADER_LEN + VLAN_TAG_LEN;
     }
     match ethertype {
-        ETH_P_IPV4 => handle_ipv4(pkt, l3, rx_mono),
-        ETH_P_IPV6 => handle_ipv6(pkt, l3, rx_mono),
+        ETH_P_IPV4 => handle_ipv4(pkt, l3, rx_mono, params),
+        ETH_P_IPV6 => handle_ipv6(pkt, l3, rx_mono, params),
         _ => pass(Counter::PassedNotIp),
     }
 }
 
 #[inline(always)]
-fn handle_ipv4(pkt: &Packet, l3: usize, rx_mono: u64) -> Verdict {
+fn handle_ipv4(pkt: &Packet, l3: usize, rx_mono: u64, params: &ServerParams) -> Verdict {
     let Some(ip) = pkt.bytes::<IPV4_MIN_HEADER_LEN>(l3) else {
         return pass(Counter::PassedNotIp);
     };
@@ -230,7 +233,7 @@ fn handle_ipv4(pkt: &Packet, l3: usize, rx_mono: u64) -> Verdict {
     ip[10] = (check >> 8) as u8;
     ip[11] = check as u8;
 
-    let synced = answer(seg, &anchor, rx_mono, pseudo);
+    let synced = answer(seg, &anchor, params, rx_mono, pseudo);
     Verdict {
         action: XDP_TX,
         counter: Counter::AnsweredV4,
@@ -248,7 +251,7 @@ fn is_ipv6_extension_header(next: u8) -> bool {
 }
 
 #[inline(always)]
-fn handle_ipv6(pkt: &Packet, l3: usize, rx_mono: u64) -> Verdict {
+fn handle_ipv6(pkt: &Packet, l3: usize, rx_mono: u64, params: &ServerParams) -> Verdict {
     let Some(ip) = pkt.bytes::<IPV6_HEADER_LEN>(l3) else {
         return pass(Counter::PassedNotIp);
     };
@@ -323,7 +326,7 @@ fn handle_ipv6(pkt: &Packet, l3: usize, rx_mono: u64) -> Verdict {
     swap::<16>(ip, 8, 24);
     ip[7] = REPLY_TTL;
 
-    let synced = answer(seg, &anchor, rx_mono, pseudo);
+    let synced = answer(seg, &anchor, params, rx_mono, pseudo);
     Verdict {
         action: XDP_TX,
         counter: Counter::AnsweredV6,
@@ -401,13 +404,10 @@ fn swap_ethernet(pkt: &Packet) {
 fn answer(
     seg: &mut [u8; NTP_UDP_LEN as usize],
     anchor: &TimeAnchor,
+    params: &ServerParams,
     rx_mono: u64,
     pseudo: u32,
 ) -> bool {
-    let params = match SERVER_PARAMS.get(0) {
-        Some(p) => *p,
-        None => ServerParams::DEFAULT,
-    };
     swap::<2>(seg, 0, 2);
     seg[6] = 0;
     seg[7] = 0;
@@ -417,10 +417,10 @@ fn answer(
     // Transmit timestamp: the last moment before the checksum that covers it.
     let tx_mono = unsafe { bpf_ktime_get_ns() };
     let random = unsafe { bpf_get_prandom_u32() };
-    write_server_reply(hdr, &req, anchor, &params, rx_mono, tx_mono, random);
+    write_server_reply(hdr, &req, anchor, params, rx_mono, tx_mono, random);
     // The pseudo-header sum does not change when source and destination swap.
     let check = finish_udp(add_words(pseudo, seg));
     seg[6] = (check >> 8) as u8;
     seg[7] = check as u8;
-    reply_is_synchronized(anchor, rx_mono)
+    anchor.is_synchronized_at(rx_mono)
 }

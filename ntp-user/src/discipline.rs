@@ -47,11 +47,6 @@ impl ClockModel {
         self.segment.freq_scaled
     }
 
-    /// The current segment's start and NTP time there.
-    pub fn segment_start(&self) -> (u64, u64) {
-        (self.segment.mono_ns, self.segment.ntp_ns)
-    }
-
     /// Starts a new segment at `mono_ns`, continuous with the old one, with a new rate.
     pub fn rebase(&mut self, mono_ns: u64, freq_ppm: f64) {
         let ntp_ns = self.ntp_at(mono_ns);
@@ -168,10 +163,6 @@ impl Discipline {
 
     pub fn frequency_ppm(&self) -> f64 {
         self.freq_ppm
-    }
-
-    pub fn last_update_ns(&self) -> Option<u64> {
-        self.last_update_ns
     }
 
     /// When the slew in progress ends: the edge must wake and republish then.

@@ -76,11 +76,6 @@ impl ClockFilter {
         }
     }
 
-    pub fn clear(&mut self) {
-        self.samples.clear();
-        self.last_used_mono = None;
-    }
-
     pub fn len(&self) -> usize {
         self.samples.len()
     }

@@ -164,10 +164,6 @@ impl System {
         self.upstreams.push(u);
     }
 
-    pub fn model(&self) -> &ClockModel {
-        &self.discipline.model
-    }
-
     /// The poll exponent the clock's health currently allows.
     pub fn poll_limit(&self) -> i8 {
         self.poll_limit
@@ -475,9 +471,5 @@ impl System {
             _ => LEAP_NONE,
         };
         (anchor, events)
-    }
-
-    pub fn is_synchronized(&self) -> bool {
-        self.discipline.is_synchronized() && self.reference.is_some() && !self.holdover_expired
     }
 }

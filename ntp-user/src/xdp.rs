@@ -92,13 +92,6 @@ impl Responder {
         Ok(())
     }
 
-    pub fn remove_served_address(&mut self, addr: IpAddr) -> Result<()> {
-        let mut map: HashMap<_, [u8; 16], u8> = HashMap::try_from(self.map("SERVED_ADDRS")?)?;
-        map.remove(&served_address_key(addr))
-            .with_context(|| format!("removing served address {addr}"))?;
-        Ok(())
-    }
-
     /// Publishes a clock model. The inactive slot is written first, then the index flips, so
     /// the kernel reads either the old or the new anchor whole. If the new model would put the
     /// time at its own reference point behind what the old one serves there, the time is held
@@ -138,10 +131,6 @@ impl Responder {
         self.last_anchor = Some(anchor);
         self.last_publish = Some(Instant::now());
         Ok(Publication { slot, held_back_ns })
-    }
-
-    pub fn last_anchor(&self) -> Option<TimeAnchor> {
-        self.last_anchor
     }
 
     /// Attaches the responder to `if_index` of the calling thread's network namespace.
@@ -189,21 +178,6 @@ impl Responder {
             action: result.return_value,
             frame: out,
         })
-    }
-
-    /// Runs one frame `repeat` times in the kernel and returns the mean time per run.
-    pub fn test_run_repeat(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let prog = self.xdp(RESPONDER_PROGRAM)?;
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat,
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        Ok((result.return_value, result.duration))
     }
 
     fn xdp(&mut self, name: &str) -> Result<&mut Xdp, ProgramError> {
