@@ -32,6 +32,19 @@ pub enum Command {
         #[arg(long)]
         config: std::path::PathBuf,
     },
+    /// Remove what the daemon of this config created (namespace, veth, bridge, addresses,
+    /// routes, pins, dnsmasq), and nothing else. The daemon must be stopped first.
+    Down {
+        /// The daemon's config (the embedded default without it).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
+    /// Print, for platforms that run their own DHCP (OpenStack neutron), the subnet host
+    /// route to the clock addresses, and chrony / systemd-timesyncd snippets for guests.
+    GuestConfig {
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
     /// Print the counters of every responder loaded on this machine.
     Stats {
         /// Machine-readable output.

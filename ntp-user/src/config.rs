@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::cli::parse_refid;
@@ -26,6 +27,55 @@ pub struct Config {
     pub clock: ClockSection,
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<UpstreamSection>,
+    /// Present: the daemon creates and keeps the namespace, veth, addresses and routes.
+    pub vip: Option<VipSection>,
+    #[serde(default)]
+    pub dhcp: DhcpSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSection {
+    /// The host end of the veth (`service.interface` is the namespace end).
+    pub host_interface: String,
+    /// Bridge the host end joins, so that guests on it reach the namespace.
+    pub bridge: Option<String>,
+    /// Create `bridge` when it does not exist (and remove it on `down`).
+    #[serde(default)]
+    pub create_bridge: bool,
+    /// The address guests route the clock addresses to, with its subnet (e.g. 169.254.100.1/24).
+    pub service_address: IpNet,
+    /// An IPv6 service address with its prefix (optional).
+    pub service_address6: Option<IpNet>,
+    /// Routes back to guest subnets that are not on the service subnet.
+    #[serde(default)]
+    pub routes: Vec<RouteSection>,
+    /// How often what exists is compared with what should (drift repair).
+    #[serde(default = "default_repair_interval")]
+    pub repair_interval: String,
+    /// Host interfaces on the internal network to serve too (physical hosts of the cluster).
+    #[serde(default)]
+    pub host_interfaces: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub to: IpNet,
+    pub via: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DhcpSection {
+    /// Run dnsmasq in the namespace for the service subnet (needs [vip]).
+    pub enable: bool,
+    /// First and last address to lease.
+    pub range: Option<[std::net::Ipv4Addr; 2]>,
+    pub lease_time: Option<String>,
+    /// The guests' default gateway: sent as option 3 and as 0.0.0.0/0 in option 121, since
+    /// RFC 3442 clients ignore option 3 when option 121 is present.
+    pub router: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +141,9 @@ pub struct UpstreamSection {
     pub iburst: bool,
 }
 
+fn default_repair_interval() -> String {
+    "1s".into()
+}
 fn default_xdp_mode() -> String {
     "auto".into()
 }
@@ -118,6 +171,9 @@ pub struct Validated {
     pub upstreams: Vec<UpstreamSection>,
     pub local_stratum: u8,
     pub refid_override: Option<[u8; 4]>,
+    /// What the daemon creates and keeps (None: attach to an interface that exists).
+    pub vip: Option<crate::vip::VipSpec>,
+    pub dhcp: Option<crate::dhcp::DhcpSpec>,
 }
 
 impl Validated {
@@ -154,6 +210,7 @@ impl Validated {
             },
             log_packets: self.service.log_packets,
             clock,
+            managed: self.vip.clone().map(|v| (v, self.dhcp.clone())),
         }
     }
 }
@@ -301,6 +358,8 @@ fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
             return Err(bad(&format!("upstream[{i}].address"), "is empty".into()));
         }
     }
+    let vip = validate_vip(&cfg, origin)?;
+    let dhcp = validate_dhcp(&cfg, vip.as_ref(), origin)?;
     let system = SystemConfig {
         poll: PollConfig {
             min_poll: c.min_poll,
@@ -328,7 +387,225 @@ fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
         refid_override,
         upstreams: cfg.upstreams,
         service: cfg.service,
+        vip,
+        dhcp,
     })
+}
+
+fn is_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpec>> {
+    let bad =
+        |field: &str, why: String| anyhow!("config {}: field `{field}`: {why}", origin.display());
+    let Some(v) = &cfg.vip else {
+        return Ok(None);
+    };
+    let Some(netns) = cfg.service.netns.clone() else {
+        return Err(bad(
+            "service.netns",
+            "[vip] needs the name of the namespace to create and keep".into(),
+        ));
+    };
+    if netns.is_empty() || netns.len() > 64 || netns.contains('/') || netns.starts_with('.') {
+        return Err(bad(
+            "service.netns",
+            format!("{netns:?} is not a namespace name (1-64 characters, no '/')"),
+        ));
+    }
+    if !is_interface_name(&cfg.service.interface) {
+        return Err(bad(
+            "service.interface",
+            format!("{:?} is not an interface name", cfg.service.interface),
+        ));
+    }
+    for (field, name) in [
+        ("vip.host_interface", Some(&v.host_interface)),
+        ("vip.bridge", v.bridge.as_ref()),
+    ] {
+        if let Some(name) = name {
+            if !is_interface_name(name) {
+                return Err(bad(
+                    field,
+                    format!("{name:?} is not an interface name (1-15 of A-Z a-z 0-9 - _ .)"),
+                ));
+            }
+        }
+    }
+    if v.host_interface == cfg.service.interface || v.bridge.as_ref() == Some(&v.host_interface) {
+        return Err(bad(
+            "vip.host_interface",
+            "must differ from service.interface and vip.bridge".into(),
+        ));
+    }
+    if v.create_bridge && v.bridge.is_none() {
+        return Err(bad("vip.create_bridge", "is set but no vip.bridge is named".into()));
+    }
+    let mut service_addresses = Vec::new();
+    for (field, net, want_v4) in [
+        ("vip.service_address", Some(v.service_address), true),
+        ("vip.service_address6", v.service_address6, false),
+    ] {
+        let Some(net) = net else { continue };
+        if net.addr().is_ipv4() != want_v4 {
+            return Err(bad(
+                field,
+                format!(
+                    "{net} is not an {} address with a prefix",
+                    if want_v4 { "IPv4" } else { "IPv6" }
+                ),
+            ));
+        }
+        if net.prefix_len() < net.max_prefix_len() && net.addr() == net.network() {
+            return Err(bad(
+                field,
+                format!("{net} is the subnet itself; give the address, e.g. {}/{}",
+                    crate::vip::first_host(&net), net.prefix_len()),
+            ));
+        }
+        if cfg.service.addresses.contains(&net.addr()) {
+            return Err(bad(
+                field,
+                format!("{} is also a clock address in service.addresses", net.addr()),
+            ));
+        }
+        service_addresses.push(net);
+    }
+    let mut routes = Vec::new();
+    for (i, r) in v.routes.iter().enumerate() {
+        if let Some(via) = r.via {
+            if via.is_ipv4() != r.to.addr().is_ipv4() {
+                return Err(bad(
+                    &format!("vip.routes[{i}].via"),
+                    format!("{via} is not of the same family as {}", r.to),
+                ));
+            }
+        }
+        routes.push((r.to.trunc(), r.via));
+    }
+    let repair_interval = duration(origin, "vip.repair_interval", &v.repair_interval)?;
+    if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&repair_interval) {
+        return Err(bad(
+            "vip.repair_interval",
+            "must be between 100ms and 1h".into(),
+        ));
+    }
+    for (i, name) in v.host_interfaces.iter().enumerate() {
+        if !is_interface_name(name) {
+            return Err(bad(
+                &format!("vip.host_interfaces[{i}]"),
+                format!("{name:?} is not an interface name"),
+            ));
+        }
+    }
+    Ok(Some(crate::vip::VipSpec {
+        netns,
+        ns_interface: cfg.service.interface.clone(),
+        host_interface: v.host_interface.clone(),
+        bridge: v.bridge.clone(),
+        create_bridge: v.create_bridge,
+        service_addresses,
+        aliases: cfg.service.addresses.clone(),
+        routes,
+        repair_interval,
+        host_interfaces: v.host_interfaces.clone(),
+    }))
+}
+
+fn validate_dhcp(
+    cfg: &Config,
+    vip: Option<&crate::vip::VipSpec>,
+    origin: &Path,
+) -> Result<Option<crate::dhcp::DhcpSpec>> {
+    let bad =
+        |field: &str, why: String| anyhow!("config {}: field `{field}`: {why}", origin.display());
+    let d = &cfg.dhcp;
+    if !d.enable {
+        return Ok(None);
+    }
+    let Some(vip) = vip else {
+        return Err(bad(
+            "dhcp.enable",
+            "DHCP is served inside the namespace the daemon keeps: it needs a [vip] section"
+                .into(),
+        ));
+    };
+    let Some(IpNet::V4(subnet)) = vip.service_addresses.first().copied() else {
+        return Err(bad("dhcp.enable", "needs an IPv4 vip.service_address".into()));
+    };
+    let in_subnet = |a: std::net::Ipv4Addr| {
+        subnet.contains(&a) && a != subnet.network() && a != subnet.broadcast()
+    };
+    let range = match d.range {
+        Some(r) => r,
+        None => {
+            return Err(bad(
+                "dhcp.range",
+                format!("is needed: the first and last address to lease, inside {}", subnet.trunc()),
+            ))
+        }
+    };
+    if !in_subnet(range[0]) || !in_subnet(range[1]) || range[0] > range[1] {
+        return Err(bad(
+            "dhcp.range",
+            format!(
+                "{} - {} must be an ascending range of host addresses inside {}",
+                range[0],
+                range[1],
+                subnet.trunc()
+            ),
+        ));
+    }
+    if (range[0]..=range[1]).contains(&subnet.addr()) {
+        return Err(bad(
+            "dhcp.range",
+            format!("contains the service address {}", subnet.addr()),
+        ));
+    }
+    if let Some(router) = d.router {
+        if !in_subnet(router) {
+            return Err(bad(
+                "dhcp.router",
+                format!("{router} is not a host address inside {}", subnet.trunc()),
+            ));
+        }
+    }
+    let lease_time = match &d.lease_time {
+        Some(s) => duration(origin, "dhcp.lease_time", s)?,
+        None => Duration::from_secs(3600),
+    };
+    if lease_time < Duration::from_secs(120) {
+        return Err(bad("dhcp.lease_time", "must be at least 2m (dnsmasq's minimum)".into()));
+    }
+    let clock_addresses = cfg
+        .service
+        .addresses
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect::<Vec<_>>();
+    if clock_addresses.is_empty() {
+        return Err(bad(
+            "dhcp.enable",
+            "option 121 routes IPv4 clock addresses, and service.addresses has none".into(),
+        ));
+    }
+    Ok(Some(crate::dhcp::DhcpSpec {
+        netns: vip.netns.clone(),
+        interface: vip.ns_interface.clone(),
+        service: subnet,
+        range: (range[0], range[1]),
+        lease_time,
+        router: d.router,
+        clock_addresses,
+    }))
 }
 
 #[cfg(test)]

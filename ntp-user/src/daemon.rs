@@ -210,11 +210,46 @@ impl EventLog {
     }
 }
 
+/// What a managed daemon keeps across its restarts so that served time goes on without a
+/// jump: the frequency estimate (the published anchor's rate may include a slew under way).
+#[derive(Debug, Clone)]
+pub struct Continuity {
+    pub state_file: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+struct SavedClock {
+    freq_ppm: f64,
+}
+
+impl Continuity {
+    fn load(&self) -> Option<f64> {
+        let bytes = std::fs::read(&self.state_file).ok()?;
+        serde_json::from_slice::<SavedClock>(&bytes)
+            .ok()
+            .map(|c| c.freq_ppm)
+            .filter(|f| f.is_finite() && f.abs() < 1000.0)
+    }
+
+    fn save(&self, freq_ppm: f64) {
+        let tmp = self.state_file.with_extension("tmp");
+        let ok = serde_json::to_vec(&SavedClock { freq_ppm })
+            .ok()
+            .and_then(|b| std::fs::write(&tmp, b).ok())
+            .and_then(|_| std::fs::rename(&tmp, &self.state_file).ok());
+        if ok.is_none() {
+            warn!(file = %self.state_file.display(), "could not save the frequency estimate");
+        }
+    }
+}
+
 /// Disciplines the clock against `upstreams` and publishes it until `shutdown` resolves.
+/// With `continuity`, a synchronized anchor an earlier daemon left in the maps is continued.
 pub async fn run_disciplined(
     responder: &mut Responder,
     config: SystemConfig,
     upstreams: &[String],
+    continuity: Option<Continuity>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let mut addrs = Vec::new();
@@ -240,20 +275,47 @@ pub async fn run_disciplined(
     // sockets.
     let _timestamp_keeper = timestamp_keeper()?;
     // Start from the host clock, unsynchronized; the first synchronization sets the model.
+    // Unless an earlier daemon's synchronized clock is still being served: that goes on.
     let pair = read_clock_pair()?;
-    let initial = ClockModel::new(pair.mono_ns, unix_ns_to_ntp_ns(pair.unix_ns));
-    let mut system = System::new(config, &addrs, initial, pair.mono_ns);
+    let adopted = responder
+        .current_anchor()
+        .filter(|a| a.is_synchronized_at(pair.mono_ns));
+    let mut system = match (adopted, &continuity) {
+        (Some(anchor), Some(c)) => {
+            let freq_ppm = c
+                .load()
+                .unwrap_or_else(|| ntp_common::time::freq_scaled_to_ppm(anchor.freq_scaled));
+            info!(
+                freq_ppm,
+                stratum = anchor.stratum,
+                "continuing the clock the previous daemon served"
+            );
+            System::resume(config, &addrs, &anchor, freq_ppm, pair.mono_ns)
+        }
+        _ => {
+            let initial = ClockModel::new(pair.mono_ns, unix_ns_to_ntp_ns(pair.unix_ns));
+            System::new(config, &addrs, initial, pair.mono_ns)
+        }
+    };
+    let mut saved_freq = f64::NAN;
     let mut log = EventLog::default();
     let (tx, mut rx) = mpsc::channel::<Reply>(256);
     tokio::pin!(shutdown);
     let mut resolve_timer = tokio::time::interval(RESOLVE_RETRY);
     resolve_timer.tick().await;
 
-    let publish =
+    let mut publish =
         |system: &mut System, responder: &mut Responder, log: &mut EventLog| -> Result<()> {
             let (anchor, events) = system.anchor(monotonic_now_ns()?);
             log.log(events);
             responder.publish_anchor(anchor)?;
+            if let Some(c) = &continuity {
+                let f = system.discipline.frequency_ppm();
+                if system.discipline.is_synchronized() && !((f - saved_freq).abs() < 1e-3) {
+                    c.save(f);
+                    saved_freq = f;
+                }
+            }
             Ok(())
         };
     publish(&mut system, responder, &mut log)?;

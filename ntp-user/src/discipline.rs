@@ -33,6 +33,18 @@ impl ClockModel {
         }
     }
 
+    /// The line an anchor describes (a published model, e.g. one an earlier daemon left).
+    pub fn from_anchor(anchor: &TimeAnchor) -> ClockModel {
+        ClockModel {
+            segment: TimeAnchor {
+                mono_ns: anchor.mono_ns,
+                ntp_ns: anchor.ntp_ns,
+                freq_scaled: anchor.freq_scaled,
+                ..Default::default()
+            },
+        }
+    }
+
     /// NTP time (ns since 1900) at a monotonic reading, on the current segment.
     pub fn ntp_at(&self, mono_ns: u64) -> u64 {
         self.segment.ntp_ns_at(mono_ns)
@@ -154,6 +166,18 @@ impl Discipline {
             synchronized: false,
             last_update_ns: None,
             updates: 0,
+        }
+    }
+
+    /// Continues a clock that was already synchronized (an earlier daemon's published model):
+    /// no initial step, `freq_ppm` as the frequency estimate, the model rebased on it at
+    /// `now_ns` without a jump.
+    pub fn resume(config: DisciplineConfig, mut model: ClockModel, freq_ppm: f64, now_ns: u64) -> Discipline {
+        model.rebase(now_ns, freq_ppm);
+        Discipline {
+            freq_ppm,
+            synchronized: true,
+            ..Discipline::new(config, model)
         }
     }
 

@@ -25,14 +25,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(a) => serve_from_args(a),
         Command::Run { config } => {
-            let validated = match &config {
-                Some(path) => ntp_user::config::load(path),
-                None => ntp_user::config::parse(
-                    ntp_user::config::EMBEDDED_DEFAULT,
-                    std::path::Path::new("(embedded default)"),
-                ),
-            };
-            validated.and_then(|v| {
+            load_config(config.as_deref()).and_then(|v| {
                 if let ClockSource::HostClock { identity, .. } = &v.serve_options().clock {
                     tracing::info!(
                         config = %v.source.display(),
@@ -48,6 +41,40 @@ fn main() -> ExitCode {
             println!("{:#?}", v.serve_options());
         }),
         Command::Stats { json } => print_stats(json),
+        Command::Down { config } => load_config(config.as_deref()).and_then(|v| {
+            let vip = v.vip.as_ref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "config {}: no [vip] section, so the daemon created nothing to remove",
+                    v.source.display()
+                )
+            })?;
+            for line in ntp_user::managed::down(vip)? {
+                println!("{line}");
+            }
+            Ok(())
+        }),
+        Command::GuestConfig { config } => load_config(config.as_deref()).map(|v| {
+            let svc = |v4: bool| {
+                v.vip.as_ref().and_then(|vip| {
+                    vip.service_addresses
+                        .iter()
+                        .map(|n| n.addr())
+                        .find(|a| a.is_ipv4() == v4)
+                })
+            };
+            let v4 = svc(true).and_then(|a| match a {
+                std::net::IpAddr::V4(a) => Some(a),
+                _ => None,
+            });
+            let v6 = svc(false).and_then(|a| match a {
+                std::net::IpAddr::V6(a) => Some(a),
+                _ => None,
+            });
+            print!(
+                "{}",
+                ntp_user::dhcp::guest_config(v4, v6, &v.service.addresses)
+            );
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,6 +82,19 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A config file, or the embedded default without one.
+fn load_config(
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<ntp_user::config::Validated> {
+    match path {
+        Some(path) => ntp_user::config::load(path),
+        None => ntp_user::config::parse(
+            ntp_user::config::EMBEDDED_DEFAULT,
+            std::path::Path::new("(embedded default)"),
+        ),
     }
 }
 
@@ -116,5 +156,6 @@ fn serve_from_args(a: ServeArgs) -> anyhow::Result<()> {
         },
         log_packets: a.log_packets,
         clock,
+        managed: None,
     })
 }

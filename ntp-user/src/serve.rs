@@ -53,6 +53,9 @@ pub struct ServeOptions {
     pub params: ServerParams,
     pub log_packets: bool,
     pub clock: ClockSource,
+    /// The plumbing the daemon creates and keeps (None: attach to an existing interface and
+    /// detach on exit).
+    pub managed: Option<(crate::vip::VipSpec, Option<crate::dhcp::DhcpSpec>)>,
 }
 
 /// How the responder ended up attached.
@@ -62,7 +65,10 @@ pub struct Attachment {
     pub peer: Option<String>,
 }
 
-pub fn serve(opts: ServeOptions) -> Result<()> {
+pub fn serve(mut opts: ServeOptions) -> Result<()> {
+    if let Some((vip, dhcp)) = opts.managed.take() {
+        return crate::managed::serve_managed(opts, vip, dhcp);
+    }
     if opts.addresses.is_empty() {
         bail!("serve needs at least one --address to answer for");
     }
@@ -123,7 +129,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
                 publish_interval,
             } => serve_host_clock(&mut responder, identity, *publish_interval, shutdown).await,
             ClockSource::Upstreams { system, upstreams } => {
-                crate::daemon::run_disciplined(&mut responder, system.clone(), upstreams, shutdown)
+                crate::daemon::run_disciplined(&mut responder, system.clone(), upstreams, None, shutdown)
                     .await
             }
         }
@@ -134,13 +140,13 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
 }
 
 /// Resolves on the first SIGINT or SIGTERM.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+pub(crate) fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     Ok(async move {
         tokio::select! {
-            _ = sigterm.recv() => info!("SIGTERM: detaching"),
-            _ = sigint.recv() => info!("SIGINT: detaching"),
+            _ = sigterm.recv() => info!("SIGTERM: stopping"),
+            _ = sigint.recv() => info!("SIGINT: stopping"),
         }
     })
 }
@@ -161,7 +167,7 @@ fn spawn_log_pump(
     }))
 }
 
-async fn serve_host_clock(
+pub(crate) async fn serve_host_clock(
     responder: &mut Responder,
     identity: &HostClockIdentity,
     publish_interval: Duration,

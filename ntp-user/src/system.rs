@@ -157,6 +157,43 @@ impl System {
         }
     }
 
+    /// Continues the clock an earlier daemon published in `anchor` (synchronized, younger
+    /// than its maximum age): same time, `freq_ppm` as frequency (the anchor's own rate may
+    /// include a slew that was under way), same reference until upstreams answer. Served time
+    /// goes on without a jump across the restart.
+    pub fn resume(
+        config: SystemConfig,
+        upstreams: &[SocketAddr],
+        anchor: &TimeAnchor,
+        freq_ppm: f64,
+        now_ns: u64,
+    ) -> System {
+        let model = ClockModel::from_anchor(anchor);
+        let mut system = System::new(config, upstreams, model, now_ns);
+        system.discipline =
+            Discipline::resume(system.config.discipline.clone(), model, freq_ppm, now_ns);
+        // The reference was last updated at the anchor's reference timestamp; dispersion has
+        // grown since at PHI, and `anchor()` goes on adding it from there.
+        let updated_ns = if anchor.reference_ntp_ns != 0 {
+            model.mono_at(anchor.reference_ntp_ns).min(now_ns)
+        } else {
+            anchor.mono_ns
+        };
+        let grown = PHI * anchor.mono_ns.saturating_sub(updated_ns) as f64 * 1e-9;
+        system.reference = Some(Reference {
+            stratum: anchor.stratum,
+            refid: anchor.refid,
+            root_delay: anchor.root_delay_ns as f64 * 1e-9,
+            root_dispersion: (anchor.root_dispersion_ns as f64 * 1e-9 - grown).max(0.0),
+            updated_ns,
+            reference_ntp_ns: anchor.reference_ntp_ns,
+            leap: LEAP_NONE,
+        });
+        // Upstreams are not reachable yet because none was asked: not a loss worth a warning.
+        system.in_holdover = true;
+        system
+    }
+
     /// Adds an upstream (a name that resolved late).
     pub fn add_upstream(&mut self, addr: SocketAddr, now_ns: u64) {
         let mut u = Upstream::new(addr, self.config.poll, now_ns);

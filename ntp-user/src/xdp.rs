@@ -2,12 +2,16 @@
 //! publish anchors, read counters.
 
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
-use aya::Ebpf;
+use aya_obj::programs::XdpAttachType;
+use aya::{Ebpf, EbpfLoader};
 use ntp_common::wire::ipv4_mapped_key;
 use ntp_common::{Counter, ServerParams, TimeAnchor};
 
@@ -17,6 +21,124 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const RESPONDER_PROGRAM: &str = "ntp_responder";
 pub const PEER_PASS_PROGRAM: &str = "ntp_peer_pass";
 pub const COUNTERS_MAP: &str = "COUNTERS";
+
+/// Maps kept in bpffs so that a restarted daemon continues with the same anchor, addresses and
+/// counters while the pinned attachment keeps answering.
+pub const PINNED_MAPS: [&str; 5] = [
+    "ANCHORS",
+    "ANCHOR_ACTIVE",
+    "SERVER_PARAMS",
+    "SERVED_ADDRS",
+    COUNTERS_MAP,
+];
+
+/// Where one instance's pins live.
+pub fn pin_dir(instance: &str) -> PathBuf {
+    Path::new("/sys/fs/bpf/ntp-xdp").join(instance)
+}
+
+/// Mounts bpffs on /sys/fs/bpf unless one is there already.
+pub fn ensure_bpffs() -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let root = Path::new("/sys/fs/bpf");
+    let is_bpffs = nix::sys::statfs::statfs(root)
+        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false);
+    if !is_bpffs {
+        std::fs::create_dir_all(root).context("creating /sys/fs/bpf")?;
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mounting bpffs on /sys/fs/bpf")?;
+    }
+    Ok(())
+}
+
+/// Removes an instance's pins: the pinned attachments go (the responder detaches), then the
+/// maps. Returns what was removed.
+pub fn remove_pins(instance: &str) -> Result<Vec<String>> {
+    let dir = pin_dir(instance);
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(removed);
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    // Links first: nothing may run against maps that are about to go.
+    names.sort_by_key(|n| (!n.starts_with("link_"), n.clone()));
+    for name in names {
+        let path = dir.join(&name);
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        removed.push(format!("unpinned {}", path.display()));
+    }
+    std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    // The shared parent goes when it holds nothing else.
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(removed)
+}
+
+/// How an attachment came about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// A new pinned attachment.
+    New,
+    /// A pinned attachment of an earlier daemon, now running this daemon's program (replaced
+    /// atomically: no packet sees the interface without a program).
+    Adopted,
+}
+
+/// Attaches `prog` to `if_index` (of the calling thread's namespace) through a bpf_link pinned
+/// at `link_path`, or, when such a pin still drives this interface, replaces the program in it.
+/// `attached_prog_id` is the program the interface runs now (IFLA_XDP), which tells a live pin
+/// from one whose device was deleted.
+pub fn attach_pinned(
+    prog: &mut Xdp,
+    if_index: u32,
+    mode: XdpMode,
+    link_path: &Path,
+    attached_prog_id: Option<u32>,
+) -> Result<Attached> {
+    if link_path.exists() {
+        if let Ok(pinned) = PinnedLink::from_pin(link_path) {
+            let fd_link: FdLink = pinned.into();
+            let live = fd_link
+                .info()
+                .is_ok_and(|info| Some(info.program_id()) == attached_prog_id);
+            if live {
+                let link = XdpLink::try_from(fd_link).context("the pinned link is not XDP")?;
+                prog.attach_to_link(link)
+                    .context("replacing the program in the pinned attachment")?;
+                return Ok(Attached::Adopted);
+            }
+        }
+        std::fs::remove_file(link_path)
+            .with_context(|| format!("removing stale pin {}", link_path.display()))?;
+    }
+    let id = prog.attach_to_if_index(if_index, mode)?;
+    let link = prog.take_link(id)?;
+    let fd_link: FdLink = link
+        .try_into()
+        .map_err(|_| anyhow!("the kernel attached XDP without a bpf_link; it cannot be pinned"))?;
+    fd_link
+        .pin(link_path)
+        .with_context(|| format!("pinning the attachment at {}", link_path.display()))?;
+    Ok(Attached::New)
+}
+
+/// A program pinned by a running or earlier daemon (for re-attaching after drift).
+pub fn pinned_program(instance: &str, program: &str) -> Result<Xdp> {
+    let path = pin_dir(instance).join(format!("prog_{program}"));
+    Xdp::from_pin(&path, XdpAttachType::Interface)
+        .with_context(|| format!("opening pinned program {}", path.display()))
+}
 
 /// A reader copies an anchor in well under a microsecond; flipping no faster than this keeps
 /// the double buffer safe without locks (see `load_anchor` in ntp-ebpf).
@@ -72,6 +194,75 @@ impl Responder {
         };
         responder.set_params(ServerParams::DEFAULT)?;
         Ok(responder)
+    }
+
+    /// Loads the programs with their maps pinned under `dir`: maps an earlier daemon left are
+    /// reused as they are (anchor, served addresses, counters), so what the attached program
+    /// serves continues; the programs are pinned too, for re-attachment after drift.
+    pub fn load_pinned(dir: &Path) -> Result<Responder> {
+        ensure_bpffs()?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        check_pinned_layout(dir)?;
+        let paths: Vec<(&str, PathBuf)> =
+            PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
+        for name in [RESPONDER_PROGRAM, PEER_PASS_PROGRAM] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("loading XDP program {name} (verifier)"))?;
+            let pin = dir.join(format!("prog_{name}"));
+            let _ = std::fs::remove_file(&pin);
+            prog.pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        let mut responder = Responder {
+            ebpf,
+            active_slot: 0,
+            last_anchor: None,
+            last_publish: None,
+        };
+        // Continue from what the attached program serves now.
+        let active: u32 = Array::<_, u32>::try_from(responder.map("ANCHOR_ACTIVE")?)?
+            .get(&0, 0)
+            .context("reading ANCHOR_ACTIVE")?
+            .min(ntp_common::anchor::ANCHOR_SLOTS - 1);
+        let anchor: TimeAnchor = Array::<_, TimeAnchor>::try_from(responder.map("ANCHORS")?)?
+            .get(&active, 0)
+            .context("reading ANCHORS")?;
+        responder.active_slot = active;
+        responder.last_anchor = anchor.is_published().then_some(anchor);
+        Ok(responder)
+    }
+
+    /// The anchor the kernel serves now (adopted from an earlier daemon, or last published).
+    pub fn current_anchor(&self) -> Option<TimeAnchor> {
+        self.last_anchor
+    }
+
+    /// Makes the served-address map exactly `addrs` (a pinned map may hold an older config's).
+    pub fn set_served_addresses(&mut self, addrs: &[IpAddr]) -> Result<()> {
+        let mut map: HashMap<_, [u8; 16], u8> = HashMap::try_from(self.map("SERVED_ADDRS")?)?;
+        let wanted: Vec<[u8; 16]> = addrs.iter().map(|a| served_address_key(*a)).collect();
+        let stale: Vec<[u8; 16]> = map.keys().flatten().filter(|k| !wanted.contains(k)).collect();
+        for k in stale {
+            map.remove(&k).context("removing a served address")?;
+        }
+        for k in wanted {
+            map.insert(k, 1, 0).context("adding a served address")?;
+        }
+        Ok(())
+    }
+
+    /// One of the loaded programs, for attaching.
+    pub fn program(&mut self, name: &str) -> Result<&mut Xdp> {
+        Ok(self.xdp(name)?)
     }
 
     /// Routes the program's aya-log records to the `log` facade (diagnostics, off by default).
@@ -192,6 +383,36 @@ impl Responder {
             .map_mut(name)
             .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
     }
+}
+
+/// Refuses maps pinned by a build whose map layout differs: reusing them would make the new
+/// program read garbage. (`ntp-user down` clears them; the restart is then not hitless.)
+fn check_pinned_layout(dir: &Path) -> Result<()> {
+    let expect = [
+        ("ANCHORS", std::mem::size_of::<TimeAnchor>() as u32),
+        ("ANCHOR_ACTIVE", 4),
+        ("SERVER_PARAMS", std::mem::size_of::<ServerParams>() as u32),
+        ("SERVED_ADDRS", 1),
+        (COUNTERS_MAP, 8),
+    ];
+    for (name, value_size) in expect {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        let max_ok = name != COUNTERS_MAP || info.max_entries() == Counter::ALL.len() as u32;
+        if info.value_size() != value_size || !max_ok {
+            bail!(
+                "the map pinned at {} was made by an incompatible build (value size {}, expected \
+                 {value_size}); stop the old daemon and run `ntp-user down` first",
+                path.display(),
+                info.value_size()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn read_counters<T: std::borrow::Borrow<MapData>>(

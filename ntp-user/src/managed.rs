@@ -1,0 +1,410 @@
+//! The daemon on a VIP host: it creates and keeps the namespace plumbing ([`crate::vip`]),
+//! attaches the responder through pinned links, serves DHCP, and leaves the pinned responder
+//! answering when it stops, so that a restart or an upgrade (or a crash) is hitless.
+//! `ntp-user down` removes all of it.
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::programs::XdpMode;
+use tracing::{info, warn};
+
+use crate::dhcp::{self, DhcpSpec};
+use crate::netns;
+use crate::serve::{ClockSource, ServeOptions, XdpModeArg};
+use crate::vip::{self, state_dir, Created, Netlink, VipSpec};
+use crate::xdp::{self, attach_pinned, pin_dir, Attached, Responder};
+use crate::xdp::{PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
+
+/// One daemon per namespace: an exclusive lock held for the daemon's life.
+pub struct DaemonLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl DaemonLock {
+    pub fn path(netns: &str) -> std::path::PathBuf {
+        state_dir(netns).join("daemon.lock")
+    }
+
+    pub fn acquire(netns: &str) -> Result<DaemonLock> {
+        use std::io::Write as _;
+        std::fs::create_dir_all(state_dir(netns))
+            .with_context(|| format!("creating {}", state_dir(netns).display()))?;
+        let path = DaemonLock::path(netns);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let mut lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| {
+                anyhow!(
+                    "another daemon serves namespace {netns} (pid {}; lock {}): {e}",
+                    running_pid(netns).map_or("?".into(), |p| p.to_string()),
+                    path.display()
+                )
+            })?;
+        lock.set_len(0)?;
+        write!(lock, "{}", std::process::id())?;
+        Ok(DaemonLock { _lock: lock })
+    }
+
+    /// Whether a daemon holds the lock now.
+    pub fn held(netns: &str) -> bool {
+        let Ok(file) = File::open(DaemonLock::path(netns)) else {
+            return false;
+        };
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
+    }
+}
+
+fn running_pid(netns: &str) -> Option<u32> {
+    std::fs::read_to_string(DaemonLock::path(netns))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Where each attachment ended up, for the repair pass to restore it the same way.
+#[derive(Debug, Clone)]
+struct AttachPlan {
+    /// Mode of the responder on the namespace end (Driver: the host end carries the pass
+    /// program).
+    ns_mode: XdpMode,
+    host_interfaces: Vec<(String, XdpMode)>,
+}
+
+fn link_pin(netns: &str, what: &str) -> std::path::PathBuf {
+    pin_dir(netns).join(format!("link_{what}"))
+}
+
+fn mode_name(mode: XdpMode) -> &'static str {
+    match mode {
+        XdpMode::Driver => "native",
+        XdpMode::Skb => "generic",
+        _ => "other",
+    }
+}
+
+/// Attaches the responder (and the peer's pass program in native mode), adopting pinned
+/// attachments of an earlier daemon.
+fn attach_all(
+    responder: &mut Responder,
+    spec: &VipSpec,
+    ns: &File,
+    mode: XdpModeArg,
+) -> Result<(AttachPlan, Vec<String>)> {
+    let host = Netlink::open()?;
+    let inside = Netlink::open_in(ns)?;
+    let ns_if = inside
+        .link(&spec.ns_interface)?
+        .with_context(|| format!("{} missing in {}", spec.ns_interface, spec.netns))?;
+    let host_if = host
+        .link(&spec.host_interface)?
+        .with_context(|| format!("{} missing", spec.host_interface))?;
+    let mut notes = Vec::new();
+    let mut ns_mode = None;
+    if mode != XdpModeArg::Generic {
+        // The peer first: a native XDP_TX frame is only delivered to a peer with a program.
+        let native = (|| -> Result<Attached> {
+            let how = attach_pinned(
+                responder.program(PEER_PASS_PROGRAM)?,
+                host_if.index,
+                XdpMode::Driver,
+                &link_pin(&spec.netns, "peer"),
+                host_if.xdp_prog_id,
+            )
+            .context("attaching the pass program to the host end")?;
+            notes.push(format!("pass program on {}: {how:?}", spec.host_interface));
+            netns::within(ns, || {
+                attach_pinned(
+                    responder.program(RESPONDER_PROGRAM)?,
+                    ns_if.index,
+                    XdpMode::Driver,
+                    &link_pin(&spec.netns, "responder"),
+                    ns_if.xdp_prog_id,
+                )
+            })
+        })();
+        match native {
+            Ok(how) => {
+                notes.push(format!("responder on {} (native): {how:?}", spec.ns_interface));
+                ns_mode = Some(XdpMode::Driver);
+            }
+            Err(e) if mode == XdpModeArg::Native => return Err(e),
+            Err(e) => warn!(error = %format!("{e:#}"), "native XDP failed; using generic"),
+        }
+    }
+    let ns_mode = match ns_mode {
+        Some(m) => m,
+        None => {
+            let how = netns::within(ns, || {
+                attach_pinned(
+                    responder.program(RESPONDER_PROGRAM)?,
+                    ns_if.index,
+                    XdpMode::Skb,
+                    &link_pin(&spec.netns, "responder"),
+                    ns_if.xdp_prog_id,
+                )
+            })?;
+            notes.push(format!("responder on {} (generic): {how:?}", spec.ns_interface));
+            XdpMode::Skb
+        }
+    };
+    let mut host_interfaces = Vec::new();
+    for name in &spec.host_interfaces {
+        let link = host
+            .link(name)?
+            .with_context(|| format!("vip.host_interfaces: {name} does not exist"))?;
+        let pin = link_pin(&spec.netns, &format!("host_{name}"));
+        let prog = responder.program(RESPONDER_PROGRAM)?;
+        let (how, m) =
+            match attach_pinned(prog, link.index, XdpMode::Driver, &pin, link.xdp_prog_id) {
+                Ok(how) => (how, XdpMode::Driver),
+                Err(_) => (
+                    attach_pinned(
+                        responder.program(RESPONDER_PROGRAM)?,
+                        link.index,
+                        XdpMode::Skb,
+                        &pin,
+                        link.xdp_prog_id,
+                    )
+                    .with_context(|| format!("attaching the responder to {name}"))?,
+                    XdpMode::Skb,
+                ),
+            };
+        notes.push(format!("responder on host interface {name} ({}): {how:?}", mode_name(m)));
+        host_interfaces.push((name.clone(), m));
+    }
+    Ok((
+        AttachPlan {
+            ns_mode,
+            host_interfaces,
+        },
+        notes,
+    ))
+}
+
+/// Re-attaches from the pinned programs wherever an interface lost its program (a veth
+/// recreated after someone deleted it, an `ip link set xdp off`).
+fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let host = Netlink::open()?;
+    let ns = netns::open_named_netns(&spec.netns)?;
+    let inside = Netlink::open_in(&ns)?;
+    if plan.ns_mode == XdpMode::Driver {
+        if let Some(l) = host.link(&spec.host_interface)? {
+            if l.xdp_prog_id.is_none() {
+                let mut prog = xdp::pinned_program(&spec.netns, PEER_PASS_PROGRAM)?;
+                attach_pinned(&mut prog, l.index, XdpMode::Driver, &link_pin(&spec.netns, "peer"), None)?;
+                out.push(format!("re-attached the pass program to {}", spec.host_interface));
+            }
+        }
+    }
+    if let Some(l) = inside.link(&spec.ns_interface)? {
+        if l.xdp_prog_id.is_none() {
+            let mut prog = xdp::pinned_program(&spec.netns, RESPONDER_PROGRAM)?;
+            netns::within(&ns, || {
+                attach_pinned(
+                    &mut prog,
+                    l.index,
+                    plan.ns_mode,
+                    &link_pin(&spec.netns, "responder"),
+                    None,
+                )
+            })?;
+            out.push(format!(
+                "re-attached the responder to {} ({})",
+                spec.ns_interface,
+                mode_name(plan.ns_mode)
+            ));
+        }
+    }
+    for (name, mode) in &plan.host_interfaces {
+        if let Some(l) = host.link(name)? {
+            if l.xdp_prog_id.is_none() {
+                let mut prog = xdp::pinned_program(&spec.netns, RESPONDER_PROGRAM)?;
+                attach_pinned(&mut prog, l.index, *mode, &link_pin(&spec.netns, &format!("host_{name}")), None)?;
+                out.push(format!("re-attached the responder to host interface {name}"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The repair pass: every `repair_interval`, compare and fix; log every repair.
+fn repair_loop(spec: VipSpec, mut created: Created, plan: AttachPlan, stop: Arc<AtomicBool>) {
+    let host = match Netlink::open() {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "drift repair disabled: no netlink");
+            return;
+        }
+    };
+    let mut next = Instant::now() + spec.repair_interval;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep((next - now).min(Duration::from_millis(100)));
+            continue;
+        }
+        next = now + spec.repair_interval;
+        match vip::ensure(&spec, &mut created, &host) {
+            Ok(changes) => {
+                for change in changes {
+                    warn!(repair = %change, "drift repaired");
+                }
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "drift repair failed; retrying"),
+        }
+        match reattach_lost(&spec, &plan) {
+            Ok(changes) => {
+                for change in changes {
+                    warn!(repair = %change, "drift repaired");
+                }
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "re-attaching failed; retrying"),
+        }
+    }
+}
+
+/// Runs the daemon with the plumbing it owns. Returns on SIGINT/SIGTERM, leaving the pinned
+/// responder and the plumbing in place.
+pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSpec>) -> Result<()> {
+    let _lock = DaemonLock::acquire(&spec.netns)?;
+    let host = Netlink::open()?;
+    let mut created = Created::load(&spec.netns)?.unwrap_or_default();
+    for change in vip::ensure(&spec, &mut created, &host)? {
+        info!(change = %change, "plumbing");
+    }
+    created.save()?;
+    if let Some(pid) = dhcp::stop_stale(&spec.netns)? {
+        info!(pid, "stopped the dnsmasq an earlier daemon left");
+    }
+    let ns = netns::open_named_netns(&spec.netns)?;
+
+    let mut responder = Responder::load_pinned(&pin_dir(&spec.netns))?;
+    let adopted = responder.current_anchor().is_some();
+    responder.set_params(opts.params)?;
+    let mut served: Vec<IpAddr> = spec.served_addresses();
+    for a in &opts.addresses {
+        if !served.contains(a) {
+            served.push(*a);
+        }
+    }
+    responder.set_served_addresses(&served)?;
+    let (plan, notes) = attach_all(&mut responder, &spec, &ns, opts.xdp_mode)?;
+    for note in notes {
+        info!(attachment = %note, "responder");
+    }
+    info!(
+        netns = %spec.netns,
+        interface = %spec.ns_interface,
+        addresses = ?served,
+        mode = mode_name(plan.ns_mode),
+        program_id = responder.program_id()?,
+        adopted_anchor = adopted,
+        pins = %pin_dir(&spec.netns).display(),
+        "responder attached (pinned); serving"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let repair = {
+        let (spec, stop, plan) = (spec.clone(), stop.clone(), plan.clone());
+        std::thread::Builder::new()
+            .name("repair".into())
+            .spawn(move || repair_loop(spec, created, plan, stop))
+            .context("starting the repair thread")?
+    };
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = rt.block_on(async {
+        let shutdown = crate::serve::shutdown_signal()?;
+        let _dhcp = match &dhcp_spec {
+            Some(d) => Some(AbortOnDrop(tokio::spawn(dhcp::supervise(
+                d.clone(),
+                ns.try_clone().context("duplicating the namespace handle")?,
+            )))),
+            None => None,
+        };
+        match &opts.clock {
+            ClockSource::HostClock {
+                identity,
+                publish_interval,
+            } => {
+                crate::serve::serve_host_clock(&mut responder, identity, *publish_interval, shutdown)
+                    .await
+            }
+            ClockSource::Upstreams { system, upstreams } => {
+                crate::daemon::run_disciplined(
+                    &mut responder,
+                    system.clone(),
+                    upstreams,
+                    Some(crate::daemon::Continuity {
+                        state_file: state_dir(&spec.netns).join("clock.json"),
+                    }),
+                    shutdown,
+                )
+                .await
+            }
+        }
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = repair.join();
+    drop(rt); // stops dnsmasq
+    result?;
+    info!(
+        "stopped; the pinned responder keeps answering from the last anchor (LI=3 once it is \
+         older than max_anchor_age). A new daemon adopts it; `ntp-user down` removes everything"
+    );
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `ntp-user down`: removes exactly what the daemon of this config created, and its pins.
+pub fn down(spec: &VipSpec) -> Result<Vec<String>> {
+    if DaemonLock::held(&spec.netns) {
+        bail!(
+            "the daemon for namespace {} is still running (pid {}); stop it first",
+            spec.netns,
+            running_pid(&spec.netns).map_or("?".into(), |p| p.to_string())
+        );
+    }
+    let mut done = Vec::new();
+    if let Some(pid) = dhcp::stop_stale(&spec.netns)? {
+        done.push(format!("stopped dnsmasq (pid {pid})"));
+    }
+    done.extend(xdp::remove_pins(&spec.netns)?);
+    match Created::load(&spec.netns)? {
+        Some(created) => done.extend(vip::teardown(&created, &Netlink::open()?)?),
+        None => done.push(format!(
+            "no record of what a daemon created for {} (nothing else removed)",
+            spec.netns
+        )),
+    }
+    let dir = state_dir(&spec.netns);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        done.push(format!("removed {}", dir.display()));
+    }
+    let _ = std::fs::remove_dir(Path::new("/run/ntp-xdp"));
+    Ok(done)
+}
