@@ -302,6 +302,11 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
     }
     responder.set_served_addresses(&served)?;
     let (plan, notes) = attach_all(&mut responder, &spec, &ns, opts.xdp_mode)?;
+    let links = if notes.iter().any(|n| n.ends_with("Adopted")) {
+        "adopted"
+    } else {
+        "new"
+    };
     for note in notes {
         info!(attachment = %note, "responder");
     }
@@ -311,6 +316,7 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
         addresses = ?served,
         mode = mode_name(plan.ns_mode),
         program_id = responder.program_id()?,
+        links,
         adopted_anchor = adopted,
         pins = %pin_dir(&spec.netns).display(),
         "responder attached (pinned); serving"

@@ -125,3 +125,84 @@ pub fn chronyd_query(ns: &Netns, addr: &str) -> Result<ChronyMeasurement> {
         tests_passed: f[5] == "111" && f[6] == "111" && f[7] == "1111",
     })
 }
+
+/// What a run of sequential queries saw.
+#[derive(Default, Debug)]
+pub struct ClientTally {
+    pub answered: u64,
+    pub lost: u64,
+    /// Replies whose timestamps went backwards against the previous reply's.
+    pub backwards: Vec<String>,
+    /// Replies that said unsynchronized (LI=3).
+    pub unsynchronized: u64,
+}
+
+/// Sends requests one after another from `guest_ns` to `addr`:123 (each waits up to 250 ms for
+/// its reply) until `count` are answered, `deadline` passes or `stop` is set. Checks each reply
+/// echoes its request's transmit timestamp, and that receive and transmit timestamps never go
+/// backwards: requests are sequential, so each is received after the previous reply was sent.
+pub fn sequential_queries(
+    guest_ns: std::fs::File,
+    addr: &str,
+    count: u64,
+    deadline: std::time::Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> ClientTally {
+    use ntp_common::wire::{li_vn_mode, mode, read_be64, MODE_CLIENT, MODE_SERVER};
+    use std::sync::atomic::Ordering;
+    ntp_user::netns::enter(&guest_ns).expect("entering the guest namespace");
+    let sock = std::net::UdpSocket::bind(if addr.contains(':') { "[::]:0" } else { "0.0.0.0:0" })
+        .expect("binding the client socket");
+    sock.connect((addr, 123)).expect("connecting the client socket");
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(250)))
+        .unwrap();
+    let mut tally = ClientTally::default();
+    let (mut last_rx, mut last_tx) = (0u64, 0u64);
+    let mut buf = [0u8; 128];
+    let start = std::time::Instant::now();
+    let mut seq: u64 = 0x5eed_0000_0000_0000 | rand_low();
+    while tally.answered < count && start.elapsed() < deadline && !stop.load(Ordering::Relaxed) {
+        seq += 1;
+        let mut req = [0u8; 48];
+        req[0] = li_vn_mode(0, 4, MODE_CLIENT);
+        req[40..48].copy_from_slice(&seq.to_be_bytes());
+        if sock.send(&req).is_err() {
+            tally.lost += 1;
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        }
+        let reply = loop {
+            match sock.recv(&mut buf) {
+                // A late reply to an earlier request: skip it.
+                Ok(48) if buf[24..32] != seq.to_be_bytes() => continue,
+                Ok(48) => break Some(buf),
+                Ok(n) => panic!("reply of {n} bytes"),
+                Err(_) => break None,
+            }
+        };
+        let Some(reply) = reply else {
+            tally.lost += 1;
+            continue;
+        };
+        assert_eq!(mode(reply[0]), MODE_SERVER);
+        if reply[0] >> 6 == 3 {
+            tally.unsynchronized += 1;
+        }
+        let rx = read_be64(&reply, 32);
+        let tx = read_be64(&reply, 40);
+        if rx <= last_tx || tx <= last_tx || rx <= last_rx {
+            tally.backwards.push(format!(
+                "#{}: rx {rx:#x} tx {tx:#x} after rx {last_rx:#x} tx {last_tx:#x}",
+                tally.answered
+            ));
+        }
+        last_rx = rx;
+        last_tx = tx;
+        tally.answered += 1;
+    }
+    tally
+}
+
+fn rand_low() -> u64 {
+    (std::process::id() as u64) << 24
+}

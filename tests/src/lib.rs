@@ -7,6 +7,7 @@
 pub mod clients;
 pub mod frames;
 pub mod topology;
+pub mod vip;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};

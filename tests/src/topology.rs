@@ -225,16 +225,21 @@ impl ServeProcess {
                 "--xdp-mode",
                 mode,
             ])
-            .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("NTPX_SERVE_LOG")
-                    .unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
-            )
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("spawning ntp-user serve")?;
+            .args(extra);
+        ServeProcess::spawn(cmd, "responder attached")
+    }
+
+    /// Runs `cmd` (an ntp-user command) with its log on a channel, and waits for `ready` in it.
+    pub fn spawn(mut cmd: Command, ready: &str) -> Result<ServeProcess> {
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("NTPX_SERVE_LOG")
+                .unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
+        )
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("spawning ntp-user")?;
         let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -249,8 +254,20 @@ impl ServeProcess {
             log: rx,
             attached: String::new(),
         };
-        serve.attached = serve.wait_for_line("responder attached", Duration::from_secs(20))?;
+        serve.attached = serve.wait_for_line(ready, Duration::from_secs(30))?;
         Ok(serve)
+    }
+
+    /// SIGKILL: the daemon gets no chance to clean up.
+    pub fn kill9(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Log lines received so far (without waiting).
+    pub fn drain_log(&self) -> Vec<String> {
+        self.log.try_iter().collect()
     }
 
     /// The BPF program id the serve process logged.

@@ -2,16 +2,15 @@
 //! requests from the guest namespace while the daemon side republishes, hundreds of times per
 //! second, anchors whose phase jumps back and forth and whose rate swings by ±300 ppm.
 
-use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aya::programs::XdpMode;
+use integration_tests::clients::sequential_queries;
 use integration_tests::topology::Topology;
 use integration_tests::CLOCK_V4;
 use ntp_common::time::{ppm_to_freq_scaled, NANOS_PER_SEC};
-use ntp_common::wire::*;
 use ntp_user::hostclock::{host_clock_anchor, HostClockIdentity};
 use ntp_user::netns;
 use ntp_user::xdp::Responder;
@@ -19,61 +18,6 @@ use ntp_user::xdp::Responder;
 const REQUESTS: u64 = 100_000;
 /// Bounds the loop in time as well as in count.
 const DEADLINE: Duration = Duration::from_secs(120);
-
-#[derive(Default, Debug)]
-struct ClientTally {
-    answered: u64,
-    lost: u64,
-    backwards: Vec<String>,
-}
-
-fn client(guest_ns: std::fs::File, stop: Arc<AtomicBool>) -> ClientTally {
-    netns::enter(&guest_ns).unwrap();
-    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-    sock.connect((CLOCK_V4, 123)).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(250)))
-        .unwrap();
-    let mut tally = ClientTally::default();
-    let (mut last_rx, mut last_tx) = (0u64, 0u64);
-    let mut buf = [0u8; 128];
-    let start = Instant::now();
-    let mut seq: u64 = 0x5eed_0000_0000_0000;
-    while tally.answered < REQUESTS && start.elapsed() < DEADLINE {
-        seq += 1;
-        let mut req = [0u8; 48];
-        req[0] = li_vn_mode(0, 4, MODE_CLIENT);
-        req[40..48].copy_from_slice(&seq.to_be_bytes());
-        sock.send(&req).unwrap();
-        let reply = loop {
-            match sock.recv(&mut buf) {
-                // A late reply to an earlier request: skip it.
-                Ok(48) if buf[24..32] != seq.to_be_bytes() => continue,
-                Ok(48) => break Some(buf),
-                Ok(n) => panic!("reply of {n} bytes"),
-                Err(_) => break None,
-            }
-        };
-        let Some(reply) = reply else {
-            tally.lost += 1;
-            continue;
-        };
-        assert_eq!(mode(reply[0]), MODE_SERVER);
-        let rx = read_be64(&reply, 32);
-        let tx = read_be64(&reply, 40);
-        // Requests are sequential, so each one is received after the previous reply was sent.
-        if rx <= last_tx || tx <= last_tx || rx <= last_rx {
-            tally.backwards.push(format!(
-                "#{}: rx {rx:#x} tx {tx:#x} after rx {last_rx:#x} tx {last_tx:#x}",
-                tally.answered
-            ));
-        }
-        last_rx = rx;
-        last_tx = tx;
-        tally.answered += 1;
-    }
-    stop.store(true, Ordering::Relaxed);
-    tally
-}
 
 #[test]
 fn no_timestamp_goes_backwards_across_anchor_updates() {
@@ -97,7 +41,11 @@ fn no_timestamp_goes_backwards_across_anchor_updates() {
     let stop = Arc::new(AtomicBool::new(false));
     let guest = t.guest.file().unwrap();
     let client_stop = stop.clone();
-    let handle = std::thread::spawn(move || client(guest, client_stop));
+    let handle = std::thread::spawn(move || {
+        let tally = sequential_queries(guest, CLOCK_V4, REQUESTS, DEADLINE, &client_stop);
+        client_stop.store(true, Ordering::Relaxed);
+        tally
+    });
 
     // Phase offsets (µs) and rates (ppm) cycled through: backward jumps must be held, rate
     // swings must not bend time backwards at the moment of the flip.

@@ -1,0 +1,282 @@
+//! A VIP host in a test namespace: the daemon runs there (as on the host's initial namespace)
+//! from a config with a `[vip]` section, so it creates its own service namespace, veth, bridge
+//! and addresses. Guests are namespaces on that bridge.
+//!
+//! The daemon is started by entering the host namespace with setns only (not `ip netns exec`,
+//! which also remounts /sys and would hide the bpffs its pins live in).
+
+use std::os::fd::AsFd as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use crate::topology::{Netns, ServeProcess};
+use crate::{ip, ntp_user_bin, run, unique_name, CLOCK_V4, CLOCK_V6};
+
+/// The udhcpc event script a test guest uses: the address, then the option 121 routes (RFC
+/// 3442), else option 3. Prints what it applied.
+const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
+case "$1" in
+  deconfig) ip -4 addr flush dev "$interface"; ip link set "$interface" up ;;
+  bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    if [ -n "$staticroutes" ]; then
+      set -- $staticroutes
+      while [ $# -ge 2 ]; do ip route replace "$1" via "$2" dev "$interface"; shift 2; done
+    elif [ -n "$router" ]; then
+      ip route replace default via "${router%% *}" dev "$interface"
+    fi
+    echo "lease $ip/$mask staticroutes=[$staticroutes] ntpsrv=[$ntpsrv]"
+    ;;
+esac
+exit 0
+"#;
+
+pub struct VipOptions {
+    /// 169.254.<subnet>.0/24 is the service subnet.
+    pub subnet: u8,
+    pub dhcp: bool,
+    pub repair_interval: &'static str,
+    pub xdp_mode: &'static str,
+    /// Lines for the `[clock]` section, and any further sections (e.g. `[[upstream]]`).
+    pub clock_toml: String,
+}
+
+impl Default for VipOptions {
+    fn default() -> Self {
+        VipOptions {
+            subnet: 60,
+            dhcp: false,
+            repair_interval: "300ms",
+            xdp_mode: "auto",
+            clock_toml: String::new(),
+        }
+    }
+}
+
+pub struct VipHost {
+    /// The VIP host's own namespace (where the daemon runs, the bridge and host veth end live).
+    pub home: Netns,
+    /// The service namespace the daemon creates.
+    pub netns: String,
+    pub ns_if: String,
+    pub host_if: String,
+    pub bridge: String,
+    pub subnet: u8,
+    pub config: PathBuf,
+    dir: PathBuf,
+    daemon: Option<ServeProcess>,
+}
+
+impl VipHost {
+    /// Writes the config and starts the daemon; returns once the responder is attached.
+    pub fn start(opts: VipOptions) -> Result<VipHost> {
+        let home = Netns::new("ntg")?;
+        let dir = std::env::temp_dir().join(unique_name("ntpxdp-vip"));
+        std::fs::create_dir_all(&dir)?;
+        let s = opts.subnet;
+        let mut host = VipHost {
+            home,
+            netns: unique_name("ntv"),
+            ns_if: unique_name("nv"),
+            host_if: unique_name("nh"),
+            bridge: unique_name("nb"),
+            subnet: s,
+            config: dir.join("ntp-xdp.toml"),
+            dir,
+            daemon: None,
+        };
+        let config = format!(
+            r#"[service]
+netns = "{netns}"
+interface = "{ns_if}"
+addresses = ["{CLOCK_V4}", "{CLOCK_V6}"]
+xdp_mode = "{mode}"
+
+[vip]
+host_interface = "{host_if}"
+bridge = "{bridge}"
+create_bridge = true
+service_address = "169.254.{s}.1/24"
+service_address6 = "fd00:ec2:{s}::1/64"
+repair_interval = "{repair}"
+routes = [{{ to = "169.254.{r}.0/24", via = "169.254.{s}.254" }}]
+
+[dhcp]
+enable = {dhcp}
+range = ["169.254.{s}.100", "169.254.{s}.150"]
+router = "169.254.{s}.254"
+lease_time = "10m"
+
+{clock}
+"#,
+            netns = host.netns,
+            ns_if = host.ns_if,
+            host_if = host.host_if,
+            bridge = host.bridge,
+            mode = opts.xdp_mode,
+            repair = opts.repair_interval,
+            r = s.wrapping_add(100),
+            dhcp = opts.dhcp,
+            clock = if opts.clock_toml.is_empty() {
+                "[clock]\nlocal_stratum = 10".to_string()
+            } else {
+                opts.clock_toml.clone()
+            },
+        );
+        std::fs::write(&host.config, config)?;
+        host.start_daemon()?;
+        Ok(host)
+    }
+
+    pub fn service_v4(&self) -> String {
+        format!("169.254.{}.1", self.subnet)
+    }
+
+    /// The route the config asks for inside the namespace.
+    pub fn configured_route(&self) -> String {
+        format!("169.254.{}.0/24", self.subnet.wrapping_add(100))
+    }
+
+    /// `ntp-user ARGS` in the host namespace (setns only: same mount namespace and bpffs).
+    pub fn ntp_user(&self, args: &[&str]) -> Result<Command> {
+        let mut cmd = Command::new(ntp_user_bin());
+        cmd.args(args);
+        let ns = self.home.file()?;
+        // SAFETY: setns is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
+    /// Starts `ntp-user run --config` and waits until the responder is attached.
+    pub fn start_daemon(&mut self) -> Result<&mut ServeProcess> {
+        if self.daemon.is_some() {
+            bail!("the daemon is already running");
+        }
+        let config = self.config.to_string_lossy().into_owned();
+        let cmd = self.ntp_user(&["run", "--config", &config])?;
+        self.daemon = Some(ServeProcess::spawn(cmd, "responder attached")?);
+        Ok(self.daemon.as_mut().unwrap())
+    }
+
+    pub fn daemon(&mut self) -> Result<&mut ServeProcess> {
+        self.daemon.as_mut().ok_or_else(|| anyhow!("the daemon is not running"))
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop_daemon(&mut self) -> Result<bool> {
+        match self.daemon.take() {
+            Some(d) => d.stop(),
+            None => Ok(true),
+        }
+    }
+
+    /// SIGKILL: no cleanup of any kind.
+    pub fn kill_daemon(&mut self) -> Result<()> {
+        match self.daemon.take() {
+            Some(d) => d.kill9(),
+            None => Ok(()),
+        }
+    }
+
+    /// `ntp-user down --config`: its output.
+    pub fn down(&self) -> Result<String> {
+        let config = self.config.to_string_lossy().into_owned();
+        run(&mut self.ntp_user(&["down", "--config", &config])?)
+    }
+
+    /// `ip -n <service namespace> ARGS`
+    pub fn ns_ip(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", &self.netns];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// A guest namespace plugged into the bridge (no address yet).
+    pub fn add_guest(&self) -> Result<Netns> {
+        let guest = Netns::new("ntg")?;
+        let port = unique_name("np");
+        ip(&[
+            "link", "add", &port, "netns", &self.home.name, "type", "veth", "peer", "name",
+            "eth0", "netns", &guest.name,
+        ])?;
+        self.home
+            .ip(&["link", "set", &port, "master", &self.bridge, "up"])?;
+        guest.ip(&["link", "set", "eth0", "up"])?;
+        Ok(guest)
+    }
+
+    /// A static address on the service subnet and the route DHCP would give.
+    pub fn configure_guest_statically(&self, guest: &Netns, host_octet: u8) -> Result<()> {
+        guest.ip(&[
+            "addr",
+            "add",
+            &format!("169.254.{}.{host_octet}/24", self.subnet),
+            "dev",
+            "eth0",
+        ])?;
+        guest.ip(&["route", "add", &format!("{CLOCK_V4}/32"), "via", &self.service_v4()])?;
+        Ok(())
+    }
+
+    /// Runs a real DHCP client (busybox udhcpc) in the guest; returns what it printed.
+    pub fn dhcp_lease(&self, guest: &Netns) -> Result<String> {
+        let script = self.dir.join("udhcpc.sh");
+        std::fs::write(&script, UDHCPC_SCRIPT)?;
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let out = guest
+            .command("busybox")
+            .args(["udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "10", "-T", "1"])
+            .args(["-O", "staticroutes", "-O", "ntpsrv", "-s"])
+            .arg(&script)
+            .output()
+            .context("running busybox udhcpc")?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            bail!("udhcpc got no lease ({}): {text}", out.status);
+        }
+        Ok(text)
+    }
+
+    /// Polls `check` until it returns true or `timeout` passes.
+    pub fn wait_until(
+        timeout: Duration,
+        mut check: impl FnMut() -> Result<bool>,
+    ) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if check()? {
+                return Ok(true);
+            }
+            if Instant::now() > deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for VipHost {
+    fn drop(&mut self) {
+        let _ = self.stop_daemon();
+        let _ = self.down();
+        // Whatever `down` could not remove (a failed test may leave anything) goes too.
+        let _ = ip(&["netns", "del", &self.netns]);
+        let _ = std::fs::remove_dir_all(ntp_user::xdp::pin_dir(&self.netns));
+        let _ = std::fs::remove_dir_all(ntp_user::vip::state_dir(&self.netns));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
