@@ -16,25 +16,9 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use crate::topology::{Netns, ServeProcess};
 use crate::{ip, ntp_user_bin, run, unique_name, CLOCK_V4, CLOCK_V6};
 
-/// The udhcpc event script a test guest uses: the address, then the option 121 routes (RFC
-/// 3442), else option 3. Prints what it applied.
-const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
-case "$1" in
-  deconfig) ip -4 addr flush dev "$interface"; ip link set "$interface" up ;;
-  bound|renew)
-    ip -4 addr flush dev "$interface"
-    ip addr add "$ip/$mask" dev "$interface"
-    if [ -n "$staticroutes" ]; then
-      set -- $staticroutes
-      while [ $# -ge 2 ]; do ip route replace "$1" via "$2" dev "$interface"; shift 2; done
-    elif [ -n "$router" ]; then
-      ip route replace default via "${router%% *}" dev "$interface"
-    fi
-    echo "lease $ip/$mask staticroutes=[$staticroutes] ntpsrv=[$ntpsrv]"
-    ;;
-esac
-exit 0
-"#;
+/// The udhcpc event script test guests (and `cargo xtask demo`) use: the address, then the
+/// option 121 routes (RFC 3442), else option 3. Prints what it applied.
+pub const UDHCPC_SCRIPT: &str = include_str!("../assets/udhcpc.sh");
 
 pub struct VipOptions {
     /// 169.254.<subnet>.0/24 is the service subnet.

@@ -21,12 +21,16 @@ enum Task {
     Setup,
     /// Set up, then build the daemon (with the eBPF object embedded) in release mode.
     Build,
-    /// Set up, build, and run the responder on a demo guest/VIP namespace pair (foreground).
+    /// Set up, build, and run the daemon in the foreground with the embedded default config
+    /// (it creates its namespace, veth, bridge and DHCP); removes what it created on exit.
     Run {
-        /// Extra arguments for `ntp-user serve` (e.g. `-- --xdp-mode generic`).
+        /// Extra arguments for `ntp-user run` (e.g. `-- --config FILE`).
         #[arg(last = true)]
-        serve_args: Vec<String>,
+        run_args: Vec<String>,
     },
+    /// Run, plus a guest namespace that gets its route by DHCP (option 121) and queries the
+    /// clock address with chronyd -Q; removes everything on exit.
+    Demo,
     /// Set up, then run every test: unit tests, kernel fixtures, end-to-end in namespaces.
     Test {
         /// Only tests whose name contains this.
@@ -39,7 +43,8 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::setup(),
         Task::Build => setup::setup().and_then(|()| build(true)).map(|_| ()),
-        Task::Run { serve_args } => run_demo(&serve_args),
+        Task::Run { run_args } => run_daemon(&run_args),
+        Task::Demo => demo(),
         Task::Test { filter } => test(filter.as_deref()),
     };
     match result {
@@ -172,144 +177,19 @@ mod tests {
     }
 }
 
-/// The demo's fixed names and addresses: an embedded default that works on a fresh machine.
-const DEMO_VIP_NS: &str = "ntpxdp-vip";
+/// Names in the embedded default config (ntp-user/src/default-config.toml) the demo relies on.
+const DEFAULT_BRIDGE: &str = "ntpxdp-br0";
 const DEMO_GUEST_NS: &str = "ntpxdp-guest";
-const DEMO_VIP_IF: &str = "ntpxdp-v0";
-const DEMO_GUEST_IF: &str = "ntpxdp-g0";
-const DEMO_SERVICE_V4: &str = "169.254.100.1";
-const DEMO_GUEST_V4: &str = "169.254.100.2";
-const DEMO_SERVICE_V6: &str = "fd00:ec2:100::1";
-const DEMO_GUEST_V6: &str = "fd00:ec2:100::2";
+const DEMO_GUEST_PORT: &str = "ntpxdp-g0";
 const CLOCK_V4: &str = "169.254.169.123";
-const CLOCK_V6: &str = "fd00:ec2::123";
 
 fn ip(args: &[&str]) -> Result<()> {
     status(Command::new("ip").args(args))
 }
 
-/// `ip -n NS ARGS...`
-fn ip_in(ns: &str, args: &[&str]) -> Result<()> {
-    status(Command::new("ip").args(["-n", ns]).args(args))
-}
-
-/// Removes the demo namespaces (and with them the veth), whatever state they are in.
-struct DemoTopology;
-
-impl DemoTopology {
-    fn create() -> Result<DemoTopology> {
-        Self::remove();
-        let t = DemoTopology;
-        ip(&["netns", "add", DEMO_VIP_NS])?;
-        ip(&["netns", "add", DEMO_GUEST_NS])?;
-        ip(&[
-            "link",
-            "add",
-            DEMO_VIP_IF,
-            "netns",
-            DEMO_VIP_NS,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            DEMO_GUEST_IF,
-            "netns",
-            DEMO_GUEST_NS,
-        ])?;
-        let v = |args: &[&str]| ip_in(DEMO_VIP_NS, args);
-        v(&["link", "set", "lo", "up"])?;
-        v(&[
-            "addr",
-            "add",
-            &format!("{DEMO_SERVICE_V4}/24"),
-            "dev",
-            DEMO_VIP_IF,
-        ])?;
-        v(&["addr", "add", &format!("{CLOCK_V4}/32"), "dev", DEMO_VIP_IF])?;
-        v(&[
-            "addr",
-            "add",
-            &format!("{DEMO_SERVICE_V6}/64"),
-            "dev",
-            DEMO_VIP_IF,
-            "nodad",
-        ])?;
-        v(&[
-            "addr",
-            "add",
-            &format!("{CLOCK_V6}/128"),
-            "dev",
-            DEMO_VIP_IF,
-            "nodad",
-        ])?;
-        v(&["link", "set", DEMO_VIP_IF, "up"])?;
-        let g = |args: &[&str]| ip_in(DEMO_GUEST_NS, args);
-        g(&["link", "set", "lo", "up"])?;
-        g(&[
-            "addr",
-            "add",
-            &format!("{DEMO_GUEST_V4}/24"),
-            "dev",
-            DEMO_GUEST_IF,
-        ])?;
-        g(&[
-            "addr",
-            "add",
-            &format!("{DEMO_GUEST_V6}/64"),
-            "dev",
-            DEMO_GUEST_IF,
-            "nodad",
-        ])?;
-        g(&["link", "set", DEMO_GUEST_IF, "up"])?;
-        g(&[
-            "route",
-            "add",
-            &format!("{CLOCK_V4}/32"),
-            "via",
-            DEMO_SERVICE_V4,
-        ])?;
-        g(&[
-            "-6",
-            "route",
-            "add",
-            &format!("{CLOCK_V6}/128"),
-            "via",
-            DEMO_SERVICE_V6,
-        ])?;
-        Ok(t)
-    }
-
-    fn remove() {
-        for ns in [DEMO_VIP_NS, DEMO_GUEST_NS] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-    }
-}
-
-impl Drop for DemoTopology {
-    fn drop(&mut self) {
-        Self::remove();
-    }
-}
-
-fn run_demo(serve_args: &[String]) -> Result<()> {
-    setup::setup()?;
-    require_root("cargo xtask run")?;
-    let bin = build(true)?;
-    let topology = DemoTopology::create()?;
-    eprintln!(
-        "xtask: demo guest namespace {DEMO_GUEST_NS} routes {CLOCK_V4} and {CLOCK_V6} to \
-         {DEMO_VIP_NS}, where the responder answers. Try, in another shell:\n  \
-         ip netns exec {DEMO_GUEST_NS} ntpdig {CLOCK_V4}\n  \
-         ip netns exec {DEMO_GUEST_NS} ntpdig {CLOCK_V6}\n  \
-         {} stats\nCtrl-C stops the responder and removes the namespaces.",
-        bin.display()
-    );
-    // Ctrl-C reaches the whole foreground group: the daemon detaches, and we stay alive to
-    // remove the namespaces afterwards.
+/// Ignores SIGINT here (Ctrl-C reaches the whole foreground group: the daemon stops, and we
+/// stay alive to clean up), and returns a command whose child gets the default back.
+fn command_with_default_sigint(program: &Path) -> Result<Command> {
     // SAFETY: replacing the SIGINT disposition with SIG_IGN has no handler to be unsafe in.
     unsafe {
         nix::sys::signal::signal(
@@ -318,17 +198,7 @@ fn run_demo(serve_args: &[String]) -> Result<()> {
         )
     }
     .context("ignoring SIGINT")?;
-    let mut cmd = Command::new(&bin);
-    if serve_args.is_empty() {
-        // The embedded default config (ntp-user/src/default-config.toml) names the same
-        // namespace and interface as this demo.
-        cmd.arg("run");
-    } else {
-        cmd.args(["serve", "--netns", DEMO_VIP_NS, "--interface", DEMO_VIP_IF])
-            .args(["--address", CLOCK_V4, "--address", CLOCK_V6])
-            .args(serve_args);
-    }
-    // The child must not inherit SIG_IGN, or Ctrl-C would not reach it.
+    let mut cmd = Command::new(program);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         use std::os::unix::process::CommandExt as _;
@@ -341,8 +211,125 @@ fn run_demo(serve_args: &[String]) -> Result<()> {
             .map_err(std::io::Error::from)
         });
     }
+    Ok(cmd)
+}
+
+/// `ntp-user down` with the same config: removes what the daemon created.
+fn down(bin: &Path, run_args: &[String]) -> Result<()> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("down");
+    if let Some(i) = run_args.iter().position(|a| a == "--config") {
+        cmd.args(&run_args[i..(i + 2).min(run_args.len())]);
+    }
+    status(&mut cmd)
+}
+
+/// `cargo xtask run`: the daemon in the foreground with the embedded default config (or the
+/// arguments given, e.g. `-- --config FILE`); what it created is removed when it stops.
+fn run_daemon(run_args: &[String]) -> Result<()> {
+    setup::setup()?;
+    require_root("cargo xtask run")?;
+    let bin = build(true)?;
+    eprintln!(
+        "xtask: the daemon creates namespace ntpxdp-vip (clock addresses {CLOCK_V4} and \
+         fd00:ec2::123), a veth into bridge {DEFAULT_BRIDGE} and DHCP on 169.254.100.0/24.\n  \
+         {} stats        responder counters\n  \
+         cargo xtask demo    a guest that gets its route by DHCP and queries the clock\n\
+         Ctrl-C stops it; then `ntp-user down` removes what it created.",
+        bin.display()
+    );
+    let mut cmd = command_with_default_sigint(&bin)?;
+    cmd.arg("run").args(run_args);
     let result = status(&mut cmd);
-    drop(topology);
-    eprintln!("xtask: demo namespaces removed");
-    result
+    let cleaned = down(&bin, run_args);
+    result.and(cleaned)
+}
+
+/// Removes the demo guest (its bridge port goes with it), whatever state it is in.
+struct DemoGuest;
+
+impl Drop for DemoGuest {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", DEMO_GUEST_NS])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// `cargo xtask demo`: the daemon with the embedded default, a guest namespace on its bridge
+/// that gets its address and the option 121 route from dnsmasq with a real DHCP client, then
+/// `chronyd -Q` against the clock address from the guest. Removes everything on exit.
+fn demo() -> Result<()> {
+    use std::io::BufRead as _;
+    setup::setup()?;
+    require_root("cargo xtask demo")?;
+    let bin = build(true)?;
+    let mut daemon = Command::new(&bin)
+        .arg("run")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting ntp-user run")?;
+    let stderr = daemon.stderr.take().context("daemon stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("  daemon | {line}");
+            if line.contains("responder attached") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let result = (|| -> Result<()> {
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .context("the daemon did not attach the responder within 60 s")?;
+        drop(DemoGuest); // a guest left by an interrupted demo
+        let _guest = DemoGuest;
+        ip(&["netns", "add", DEMO_GUEST_NS])?;
+        ip(&[
+            "link", "add", DEMO_GUEST_PORT, "type", "veth", "peer", "name", "eth0", "netns",
+            DEMO_GUEST_NS,
+        ])?;
+        ip(&["link", "set", DEMO_GUEST_PORT, "master", DEFAULT_BRIDGE, "up"])?;
+        ip(&["-n", DEMO_GUEST_NS, "link", "set", "lo", "up"])?;
+        ip(&["-n", DEMO_GUEST_NS, "link", "set", "eth0", "up"])?;
+        let script = workspace_root().join("tests/assets/udhcpc.sh");
+        eprintln!("xtask: guest {DEMO_GUEST_NS}: DHCP (busybox udhcpc)");
+        status(
+            Command::new("ip")
+                .args(["netns", "exec", DEMO_GUEST_NS, "busybox", "udhcpc", "-i", "eth0"])
+                .args(["-f", "-q", "-n", "-t", "10", "-T", "1", "-O", "staticroutes", "-s"])
+                .arg(&script),
+        )?;
+        eprintln!("xtask: guest routes:");
+        ip(&["-n", DEMO_GUEST_NS, "route"])?;
+        eprintln!("xtask: chronyd -Q {CLOCK_V4} from the guest (query only, no CAP_SYS_TIME):");
+        let dir = std::env::temp_dir().join(format!("ntpxdp-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let conf = dir.join("chrony.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "server {CLOCK_V4} iburst\npidfile {d}/chronyd.pid\ncmdport 0\nbindcmdaddress /\n",
+                d = dir.display()
+            ),
+        )?;
+        let queried = status(
+            Command::new("ip")
+                .args(["netns", "exec", DEMO_GUEST_NS, "setpriv", "--bounding-set", "-sys_time"])
+                .args(["chronyd", "-u", "root", "-Q", "-t", "10", "-f"])
+                .arg(&conf),
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        queried
+    })();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = daemon.wait();
+    let cleaned = down(&bin, &[]);
+    eprintln!("xtask: demo removed");
+    result.and(cleaned)
 }
