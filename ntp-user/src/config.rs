@@ -444,7 +444,10 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpe
         ));
     }
     if v.create_bridge && v.bridge.is_none() {
-        return Err(bad("vip.create_bridge", "is set but no vip.bridge is named".into()));
+        return Err(bad(
+            "vip.create_bridge",
+            "is set but no vip.bridge is named".into(),
+        ));
     }
     let mut service_addresses = Vec::new();
     for (field, net, want_v4) in [
@@ -464,14 +467,20 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpe
         if net.prefix_len() < net.max_prefix_len() && net.addr() == net.network() {
             return Err(bad(
                 field,
-                format!("{net} is the subnet itself; give the address, e.g. {}/{}",
-                    crate::vip::first_host(&net), net.prefix_len()),
+                format!(
+                    "{net} is the subnet itself; give the address, e.g. {}/{}",
+                    crate::vip::first_host(&net),
+                    net.prefix_len()
+                ),
             ));
         }
         if cfg.service.addresses.contains(&net.addr()) {
             return Err(bad(
                 field,
-                format!("{} is also a clock address in service.addresses", net.addr()),
+                format!(
+                    "{} is also a clock address in service.addresses",
+                    net.addr()
+                ),
             ));
         }
         service_addresses.push(net);
@@ -531,12 +540,14 @@ fn validate_dhcp(
     let Some(vip) = vip else {
         return Err(bad(
             "dhcp.enable",
-            "DHCP is served inside the namespace the daemon keeps: it needs a [vip] section"
-                .into(),
+            "DHCP is served inside the namespace the daemon keeps: it needs a [vip] section".into(),
         ));
     };
     let Some(IpNet::V4(subnet)) = vip.service_addresses.first().copied() else {
-        return Err(bad("dhcp.enable", "needs an IPv4 vip.service_address".into()));
+        return Err(bad(
+            "dhcp.enable",
+            "needs an IPv4 vip.service_address".into(),
+        ));
     };
     let in_subnet = |a: std::net::Ipv4Addr| {
         subnet.contains(&a) && a != subnet.network() && a != subnet.broadcast()
@@ -546,7 +557,10 @@ fn validate_dhcp(
         None => {
             return Err(bad(
                 "dhcp.range",
-                format!("is needed: the first and last address to lease, inside {}", subnet.trunc()),
+                format!(
+                    "is needed: the first and last address to lease, inside {}",
+                    subnet.trunc()
+                ),
             ))
         }
     };
@@ -580,7 +594,10 @@ fn validate_dhcp(
         None => Duration::from_secs(3600),
     };
     if lease_time < Duration::from_secs(120) {
-        return Err(bad("dhcp.lease_time", "must be at least 2m (dnsmasq's minimum)".into()));
+        return Err(bad(
+            "dhcp.lease_time",
+            "must be at least 2m (dnsmasq's minimum)".into(),
+        ));
     }
     let clock_addresses = cfg
         .service

@@ -311,7 +311,9 @@ pub async fn run_disciplined(
             responder.publish_anchor(anchor)?;
             if let Some(c) = &continuity {
                 let f = system.discipline.frequency_ppm();
-                if system.discipline.is_synchronized() && !((f - saved_freq).abs() < 1e-3) {
+                if system.discipline.is_synchronized()
+                    && (saved_freq.is_nan() || (f - saved_freq).abs() >= 1e-3)
+                {
                     c.save(f);
                     saved_freq = f;
                 }

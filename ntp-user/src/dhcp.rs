@@ -202,7 +202,9 @@ pub fn guest_config(
     let mut out = String::new();
     let v4: Vec<_> = clock_addresses.iter().filter(|a| a.is_ipv4()).collect();
     let v6: Vec<_> = clock_addresses.iter().filter(|a| a.is_ipv6()).collect();
-    out.push_str("# Route to the clock address: a neutron subnet host route (or DHCP option 121)\n");
+    out.push_str(
+        "# Route to the clock address: a neutron subnet host route (or DHCP option 121)\n",
+    );
     if let Some(gw) = service_v4 {
         for a in &v4 {
             let _ = writeln!(
@@ -251,7 +253,10 @@ mod tests {
             netns: "ntp-vip".into(),
             interface: "ntpv0".into(),
             service: "169.254.100.1/24".parse().unwrap(),
-            range: ("169.254.100.10".parse().unwrap(), "169.254.100.20".parse().unwrap()),
+            range: (
+                "169.254.100.10".parse().unwrap(),
+                "169.254.100.20".parse().unwrap(),
+            ),
             lease_time: Duration::from_secs(3600),
             router,
             clock_addresses: vec!["169.254.169.123".parse().unwrap()],
@@ -263,11 +268,16 @@ mod tests {
         let args = spec(Some("169.254.100.254".parse().unwrap())).dnsmasq_args();
         assert!(args.contains(&"--dhcp-option=option:classless-static-route,169.254.169.123/32,169.254.100.1,0.0.0.0/0,169.254.100.254".to_string()), "{args:?}");
         assert!(args.contains(&"--dhcp-option=option:router,169.254.100.254".to_string()));
-        assert!(args.contains(&"--dhcp-range=169.254.100.10,169.254.100.20,255.255.255.0,3600".to_string()));
+        assert!(args.contains(
+            &"--dhcp-range=169.254.100.10,169.254.100.20,255.255.255.0,3600".to_string()
+        ));
         // Without a router, dnsmasq must not offer itself as one.
         let args = spec(None).dnsmasq_args();
         assert!(args.contains(&"--dhcp-option=option:router".to_string()));
-        assert!(args.contains(&"--dhcp-option=option:classless-static-route,169.254.169.123/32,169.254.100.1".to_string()));
+        assert!(args.contains(
+            &"--dhcp-option=option:classless-static-route,169.254.169.123/32,169.254.100.1"
+                .to_string()
+        ));
     }
 
     #[test]
@@ -275,11 +285,23 @@ mod tests {
         let text = guest_config(
             Some("169.254.100.1".parse().unwrap()),
             None,
-            &["169.254.169.123".parse().unwrap(), "fd00:ec2::123".parse().unwrap()],
+            &[
+                "169.254.169.123".parse().unwrap(),
+                "fd00:ec2::123".parse().unwrap(),
+            ],
         );
-        assert!(text.contains("destination=169.254.169.123/32,gateway=169.254.100.1"), "{text}");
-        assert!(text.contains("server 169.254.169.123 prefer iburst"), "{text}");
-        assert!(text.contains("server fd00:ec2::123 prefer iburst"), "{text}");
+        assert!(
+            text.contains("destination=169.254.169.123/32,gateway=169.254.100.1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("server 169.254.169.123 prefer iburst"),
+            "{text}"
+        );
+        assert!(
+            text.contains("server fd00:ec2::123 prefer iburst"),
+            "{text}"
+        );
         assert!(text.contains("NTP=169.254.169.123 fd00:ec2::123"), "{text}");
     }
 }

@@ -172,7 +172,12 @@ impl Discipline {
     /// Continues a clock that was already synchronized (an earlier daemon's published model):
     /// no initial step, `freq_ppm` as the frequency estimate, the model rebased on it at
     /// `now_ns` without a jump.
-    pub fn resume(config: DisciplineConfig, mut model: ClockModel, freq_ppm: f64, now_ns: u64) -> Discipline {
+    pub fn resume(
+        config: DisciplineConfig,
+        mut model: ClockModel,
+        freq_ppm: f64,
+        now_ns: u64,
+    ) -> Discipline {
         model.rebase(now_ns, freq_ppm);
         Discipline {
             freq_ppm,

@@ -24,18 +24,16 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(a) => serve_from_args(a),
-        Command::Run { config } => {
-            load_config(config.as_deref()).and_then(|v| {
-                if let ClockSource::HostClock { identity, .. } = &v.serve_options().clock {
-                    tracing::info!(
-                        config = %v.source.display(),
-                        "no upstream configured: serving the host clock as local stratum {}",
-                        identity.stratum
-                    );
-                }
-                serve(v.serve_options())
-            })
-        }
+        Command::Run { config } => load_config(config.as_deref()).and_then(|v| {
+            if let ClockSource::HostClock { identity, .. } = &v.serve_options().clock {
+                tracing::info!(
+                    config = %v.source.display(),
+                    "no upstream configured: serving the host clock as local stratum {}",
+                    identity.stratum
+                );
+            }
+            serve(v.serve_options())
+        }),
         Command::CheckConfig { config } => ntp_user::config::load(&config).map(|v| {
             println!("{}: valid", v.source.display());
             println!("{:#?}", v.serve_options());
@@ -86,9 +84,7 @@ fn main() -> ExitCode {
 }
 
 /// A config file, or the embedded default without one.
-fn load_config(
-    path: Option<&std::path::Path>,
-) -> anyhow::Result<ntp_user::config::Validated> {
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<ntp_user::config::Validated> {
     match path {
         Some(path) => ntp_user::config::load(path),
         None => ntp_user::config::parse(

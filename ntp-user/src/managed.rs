@@ -45,12 +45,12 @@ impl DaemonLock {
             .with_context(|| format!("opening {}", path.display()))?;
         let mut lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| {
-                anyhow!(
-                    "another daemon serves namespace {netns} (pid {}; lock {}): {e}",
-                    running_pid(netns).map_or("?".into(), |p| p.to_string()),
-                    path.display()
-                )
-            })?;
+            anyhow!(
+                "another daemon serves namespace {netns} (pid {}; lock {}): {e}",
+                running_pid(netns).map_or("?".into(), |p| p.to_string()),
+                path.display()
+            )
+        })?;
         lock.set_len(0)?;
         write!(lock, "{}", std::process::id())?;
         Ok(DaemonLock { _lock: lock })
@@ -136,7 +136,10 @@ fn attach_all(
         })();
         match native {
             Ok(how) => {
-                notes.push(format!("responder on {} (native): {how:?}", spec.ns_interface));
+                notes.push(format!(
+                    "responder on {} (native): {how:?}",
+                    spec.ns_interface
+                ));
                 ns_mode = Some(XdpMode::Driver);
             }
             Err(e) if mode == XdpModeArg::Native => return Err(e),
@@ -155,7 +158,10 @@ fn attach_all(
                     ns_if.xdp_prog_id,
                 )
             })?;
-            notes.push(format!("responder on {} (generic): {how:?}", spec.ns_interface));
+            notes.push(format!(
+                "responder on {} (generic): {how:?}",
+                spec.ns_interface
+            ));
             XdpMode::Skb
         }
     };
@@ -181,7 +187,10 @@ fn attach_all(
                     XdpMode::Skb,
                 ),
             };
-        notes.push(format!("responder on host interface {name} ({}): {how:?}", mode_name(m)));
+        notes.push(format!(
+            "responder on host interface {name} ({}): {how:?}",
+            mode_name(m)
+        ));
         host_interfaces.push((name.clone(), m));
     }
     Ok((
@@ -204,8 +213,17 @@ fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>> {
         if let Some(l) = host.link(&spec.host_interface)? {
             if l.xdp_prog_id.is_none() {
                 let mut prog = xdp::pinned_program(&spec.netns, PEER_PASS_PROGRAM)?;
-                attach_pinned(&mut prog, l.index, XdpMode::Driver, &link_pin(&spec.netns, "peer"), None)?;
-                out.push(format!("re-attached the pass program to {}", spec.host_interface));
+                attach_pinned(
+                    &mut prog,
+                    l.index,
+                    XdpMode::Driver,
+                    &link_pin(&spec.netns, "peer"),
+                    None,
+                )?;
+                out.push(format!(
+                    "re-attached the pass program to {}",
+                    spec.host_interface
+                ));
             }
         }
     }
@@ -232,8 +250,16 @@ fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>> {
         if let Some(l) = host.link(name)? {
             if l.xdp_prog_id.is_none() {
                 let mut prog = xdp::pinned_program(&spec.netns, RESPONDER_PROGRAM)?;
-                attach_pinned(&mut prog, l.index, *mode, &link_pin(&spec.netns, &format!("host_{name}")), None)?;
-                out.push(format!("re-attached the responder to host interface {name}"));
+                attach_pinned(
+                    &mut prog,
+                    l.index,
+                    *mode,
+                    &link_pin(&spec.netns, &format!("host_{name}")),
+                    None,
+                )?;
+                out.push(format!(
+                    "re-attached the responder to host interface {name}"
+                ));
             }
         }
     }
@@ -349,8 +375,13 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
                 identity,
                 publish_interval,
             } => {
-                crate::serve::serve_host_clock(&mut responder, identity, *publish_interval, shutdown)
-                    .await
+                crate::serve::serve_host_clock(
+                    &mut responder,
+                    identity,
+                    *publish_interval,
+                    shutdown,
+                )
+                .await
             }
             ClockSource::Upstreams { system, upstreams } => {
                 crate::daemon::run_disciplined(

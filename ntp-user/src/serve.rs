@@ -129,8 +129,14 @@ pub fn serve(mut opts: ServeOptions) -> Result<()> {
                 publish_interval,
             } => serve_host_clock(&mut responder, identity, *publish_interval, shutdown).await,
             ClockSource::Upstreams { system, upstreams } => {
-                crate::daemon::run_disciplined(&mut responder, system.clone(), upstreams, None, shutdown)
-                    .await
+                crate::daemon::run_disciplined(
+                    &mut responder,
+                    system.clone(),
+                    upstreams,
+                    None,
+                    shutdown,
+                )
+                .await
             }
         }
     })?;

@@ -206,7 +206,9 @@ impl Netlink {
     where
         F: std::future::Future<Output = Result<T, rtnetlink::Error>>,
     {
-        self.rt.block_on(f).map_err(|e| anyhow!(e).context(what.to_string()))
+        self.rt
+            .block_on(f)
+            .map_err(|e| anyhow!(e).context(what.to_string()))
     }
 
     pub fn add_bridge(&self, name: &str) -> Result<()> {
@@ -232,7 +234,11 @@ impl Netlink {
         let h = self.handle.clone();
         let fd = peer_ns.as_raw_fd();
         self.run(&format!("moving {peer} into its namespace"), async move {
-            h.link().set(peer_link.index).setns_by_fd(fd).execute().await
+            h.link()
+                .set(peer_link.index)
+                .setns_by_fd(fd)
+                .execute()
+                .await
         })
     }
 
@@ -355,7 +361,11 @@ impl Netlink {
             let req = h.route().add().output_interface(oif);
             match (to, via) {
                 (IpNet::V4(n), Some(IpAddr::V4(g))) => {
-                    req.v4().destination_prefix(n.addr(), n.prefix_len()).gateway(g).execute().await
+                    req.v4()
+                        .destination_prefix(n.addr(), n.prefix_len())
+                        .gateway(g)
+                        .execute()
+                        .await
                 }
                 (IpNet::V4(n), _) => {
                     req.v4()
@@ -365,7 +375,11 @@ impl Netlink {
                         .await
                 }
                 (IpNet::V6(n), Some(IpAddr::V6(g))) => {
-                    req.v6().destination_prefix(n.addr(), n.prefix_len()).gateway(g).execute().await
+                    req.v6()
+                        .destination_prefix(n.addr(), n.prefix_len())
+                        .gateway(g)
+                        .execute()
+                        .await
                 }
                 (IpNet::V6(n), _) => {
                     req.v6()
@@ -451,13 +465,31 @@ pub fn create_named_netns(name: &str) -> Result<()> {
     std::fs::create_dir_all(dir).context("creating /run/netns")?;
     // /run/netns is made a shared mount point, so that namespaces created later are seen by
     // processes in other mount namespaces (as iproute2 does).
-    if mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>)
-        .is_err()
+    if mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_SHARED | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .is_err()
     {
-        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-            .context("bind-mounting /run/netns on itself")?;
-        mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED | MsFlags::MS_REC, None::<&str>)
-            .context("making /run/netns a shared mount")?;
+        mount(
+            Some(dir),
+            dir,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .context("bind-mounting /run/netns on itself")?;
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .context("making /run/netns a shared mount")?;
     }
     let path = netns::named_netns_path(name);
     std::fs::OpenOptions::new()
@@ -467,7 +499,8 @@ pub fn create_named_netns(name: &str) -> Result<()> {
         .with_context(|| format!("creating {}", path.display()))?;
     let target = path.clone();
     let made = std::thread::spawn(move || -> Result<()> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("unshare(CLONE_NEWNET)")?;
         mount(
             Some("/proc/thread-self/ns/net"),
             &target,
@@ -520,7 +553,11 @@ pub fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Result<V
                 created.bridge = true;
                 created.bridge_name = Some(name.clone());
                 changes.push(format!("created bridge {name}"));
-                Some(host.link(name)?.context("bridge vanished after creation")?.index)
+                Some(
+                    host.link(name)?
+                        .context("bridge vanished after creation")?
+                        .index,
+                )
             }
             None => bail!(
                 "bridge {name:?} (vip.bridge) does not exist; create it or set vip.create_bridge"
@@ -548,7 +585,10 @@ pub fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Result<V
                 );
             }
             host.delete_link(h.index)?;
-            changes.push(format!("removed {} (its peer was gone)", spec.host_interface));
+            changes.push(format!(
+                "removed {} (its peer was gone)",
+                spec.host_interface
+            ));
         }
         if let Some(n) = &ns_end {
             inside.delete_link(n.index)?;
@@ -617,7 +657,10 @@ pub fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Result<V
             }
             changes.push(match via {
                 Some(g) => format!("added route {to} via {g} in {}", spec.netns),
-                None => format!("added route {to} dev {} in {}", spec.ns_interface, spec.netns),
+                None => format!(
+                    "added route {to} dev {} in {}",
+                    spec.ns_interface, spec.netns
+                ),
             });
         }
     }

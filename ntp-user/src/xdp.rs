@@ -10,8 +10,8 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
-use aya_obj::programs::XdpAttachType;
 use aya::{Ebpf, EbpfLoader};
+use aya_obj::programs::XdpAttachType;
 use ntp_common::wire::ipv4_mapped_key;
 use ntp_common::{Counter, ServerParams, TimeAnchor};
 
@@ -203,13 +203,14 @@ impl Responder {
         ensure_bpffs()?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         check_pinned_layout(dir)?;
-        let paths: Vec<(&str, PathBuf)> =
-            PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+        let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
         for name in [RESPONDER_PROGRAM, PEER_PASS_PROGRAM] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -250,7 +251,11 @@ impl Responder {
     pub fn set_served_addresses(&mut self, addrs: &[IpAddr]) -> Result<()> {
         let mut map: HashMap<_, [u8; 16], u8> = HashMap::try_from(self.map("SERVED_ADDRS")?)?;
         let wanted: Vec<[u8; 16]> = addrs.iter().map(|a| served_address_key(*a)).collect();
-        let stale: Vec<[u8; 16]> = map.keys().flatten().filter(|k| !wanted.contains(k)).collect();
+        let stale: Vec<[u8; 16]> = map
+            .keys()
+            .flatten()
+            .filter(|k| !wanted.contains(k))
+            .collect();
         for k in stale {
             map.remove(&k).context("removing a served address")?;
         }

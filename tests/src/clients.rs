@@ -151,9 +151,14 @@ pub fn sequential_queries(
     use ntp_common::wire::{li_vn_mode, mode, read_be64, MODE_CLIENT, MODE_SERVER};
     use std::sync::atomic::Ordering;
     ntp_user::netns::enter(&guest_ns).expect("entering the guest namespace");
-    let sock = std::net::UdpSocket::bind(if addr.contains(':') { "[::]:0" } else { "0.0.0.0:0" })
-        .expect("binding the client socket");
-    sock.connect((addr, 123)).expect("connecting the client socket");
+    let sock = std::net::UdpSocket::bind(if addr.contains(':') {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    })
+    .expect("binding the client socket");
+    sock.connect((addr, 123))
+        .expect("connecting the client socket");
     sock.set_read_timeout(Some(std::time::Duration::from_millis(250)))
         .unwrap();
     let mut tally = ClientTally::default();

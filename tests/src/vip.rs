@@ -153,7 +153,9 @@ lease_time = "10m"
     }
 
     pub fn daemon(&mut self) -> Result<&mut ServeProcess> {
-        self.daemon.as_mut().ok_or_else(|| anyhow!("the daemon is not running"))
+        self.daemon
+            .as_mut()
+            .ok_or_else(|| anyhow!("the daemon is not running"))
     }
 
     /// SIGTERM and wait.
@@ -190,8 +192,18 @@ lease_time = "10m"
         let guest = Netns::new("ntg")?;
         let port = unique_name("np");
         ip(&[
-            "link", "add", &port, "netns", &self.home.name, "type", "veth", "peer", "name",
-            "eth0", "netns", &guest.name,
+            "link",
+            "add",
+            &port,
+            "netns",
+            &self.home.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &guest.name,
         ])?;
         self.home
             .ip(&["link", "set", &port, "master", &self.bridge, "up"])?;
@@ -208,7 +220,13 @@ lease_time = "10m"
             "dev",
             "eth0",
         ])?;
-        guest.ip(&["route", "add", &format!("{CLOCK_V4}/32"), "via", &self.service_v4()])?;
+        guest.ip(&[
+            "route",
+            "add",
+            &format!("{CLOCK_V4}/32"),
+            "via",
+            &self.service_v4(),
+        ])?;
         Ok(())
     }
 
@@ -219,7 +237,9 @@ lease_time = "10m"
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let out = guest
             .command("busybox")
-            .args(["udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "10", "-T", "1"])
+            .args([
+                "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "10", "-T", "1",
+            ])
             .args(["-O", "staticroutes", "-O", "ntpsrv", "-s"])
             .arg(&script)
             .output()
@@ -236,10 +256,7 @@ lease_time = "10m"
     }
 
     /// Polls `check` until it returns true or `timeout` passes.
-    pub fn wait_until(
-        timeout: Duration,
-        mut check: impl FnMut() -> Result<bool>,
-    ) -> Result<bool> {
+    pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<bool> {
         let deadline = Instant::now() + timeout;
         loop {
             if check()? {

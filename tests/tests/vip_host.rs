@@ -58,12 +58,30 @@ fn the_namespace_forwards_nothing_from_guests_to_the_host() {
     // a guest that routes it via the service address, as an attacker would.
     let host_addr = "169.254.162.1";
     vip.home
-        .ip(&["addr", "add", &format!("{host_addr}/32"), "dev", &vip.bridge])
+        .ip(&[
+            "addr",
+            "add",
+            &format!("{host_addr}/32"),
+            "dev",
+            &vip.bridge,
+        ])
         .unwrap();
-    vip.ns_ip(&["route", "add", &format!("{host_addr}/32"), "dev", &vip.ns_if])
-        .unwrap();
+    vip.ns_ip(&[
+        "route",
+        "add",
+        &format!("{host_addr}/32"),
+        "dev",
+        &vip.ns_if,
+    ])
+    .unwrap();
     guest
-        .ip(&["route", "add", &format!("{host_addr}/32"), "via", &vip.service_v4()])
+        .ip(&[
+            "route",
+            "add",
+            &format!("{host_addr}/32"),
+            "via",
+            &vip.service_v4(),
+        ])
         .unwrap();
     let reached = |vip: &VipHost| -> usize {
         let listener = {
@@ -71,7 +89,8 @@ fn the_namespace_forwards_nothing_from_guests_to_the_host() {
             std::thread::spawn(move || {
                 ntp_user::netns::enter(&home).unwrap();
                 let s = UdpSocket::bind((host_addr, 9999)).unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(1500)))
+                    .unwrap();
                 let mut n = 0;
                 let mut buf = [0u8; 64];
                 while s.recv(&mut buf).is_ok() {
@@ -94,21 +113,37 @@ fn the_namespace_forwards_nothing_from_guests_to_the_host() {
         .unwrap();
         listener.join().unwrap()
     };
-    let forwarding = integration_tests::run(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &vip.netns, "sysctl", "-n", "net.ipv4.ip_forward"]),
-    )
+    let forwarding = integration_tests::run(std::process::Command::new("ip").args([
+        "netns",
+        "exec",
+        &vip.netns,
+        "sysctl",
+        "-n",
+        "net.ipv4.ip_forward",
+    ]))
     .unwrap();
     assert_eq!(forwarding.trim(), "0", "the daemon left forwarding on");
-    assert_eq!(reached(&vip), 0, "a guest reached a host address through the namespace");
+    assert_eq!(
+        reached(&vip),
+        0,
+        "a guest reached a host address through the namespace"
+    );
 
     // Control: with forwarding on, the same packets do reach the host, so the path exists and
     // only the daemon's setting closes it.
     integration_tests::run(std::process::Command::new("ip").args([
-        "netns", "exec", &vip.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1",
+        "netns",
+        "exec",
+        &vip.netns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
     ]))
     .unwrap();
-    assert!(reached(&vip) > 0, "the control path does not work; the test proves nothing");
+    assert!(
+        reached(&vip) > 0,
+        "the control path does not work; the test proves nothing"
+    );
 }
 
 #[test]
@@ -127,7 +162,9 @@ fn drift_is_repaired_and_logged() {
     vip.ns_ip(&["addr", "del", &format!("{CLOCK_V4}/32"), "dev", &vip.ns_if])
         .unwrap();
     vip.ns_ip(&["route", "del", &route]).unwrap();
-    vip.home.ip(&["link", "set", &vip.host_if, "nomaster"]).unwrap();
+    vip.home
+        .ip(&["link", "set", &vip.host_if, "nomaster"])
+        .unwrap();
     vip.ns_ip(&["link", "set", &vip.ns_if, "down"]).unwrap();
     let repaired = VipHost::wait_until(Duration::from_secs(10), || {
         let addrs = vip.ns_ip(&["addr", "show", "dev", &vip.ns_if])?;
@@ -159,7 +196,10 @@ fn drift_is_repaired_and_logged() {
             .is_ok_and(|s| s.contains("prog/xdp")))
     })
     .unwrap();
-    assert!(back, "the responder was not re-attached to a recreated veth");
+    assert!(
+        back,
+        "the responder was not re-attached to a recreated veth"
+    );
     let answered = VipHost::wait_until(Duration::from_secs(10), || {
         Ok(ntpdig(&guest, CLOCK_V4).is_ok())
     })
@@ -220,7 +260,10 @@ fn restarts_and_kill_9_lose_no_request_and_down_leaves_the_host_as_it_was() {
     vip.stop_daemon().unwrap();
     vip.down().unwrap();
     let before = host_state(&vip);
-    assert!(!before.netns_exists && !before.pins_exist && !before.state_exists, "{before:?}");
+    assert!(
+        !before.netns_exists && !before.pins_exist && !before.state_exists,
+        "{before:?}"
+    );
 
     vip.start_daemon().unwrap();
     let guest = vip.add_guest().unwrap();
@@ -256,7 +299,10 @@ fn restarts_and_kill_9_lose_no_request_and_down_leaves_the_host_as_it_was() {
             "the new daemon did not adopt the pinned responder: {line}"
         );
     }
-    assert!(tally.answered > 100, "too few requests to mean anything: {tally:?}");
+    assert!(
+        tally.answered > 100,
+        "too few requests to mean anything: {tally:?}"
+    );
     assert_eq!(tally.lost, 0, "requests went unanswered across restarts");
     assert_eq!(tally.unsynchronized, 0);
     assert!(tally.backwards.is_empty(), "{:?}", tally.backwards);
@@ -285,10 +331,17 @@ fn guest_config_prints_a_host_route_and_client_snippets_chrony_accepts() {
     })
     .unwrap();
     let config = vip.config.to_string_lossy().into_owned();
-    let out = integration_tests::run(&mut vip.ntp_user(&["guest-config", "--config", &config]).unwrap())
-        .unwrap();
+    let out = integration_tests::run(
+        &mut vip
+            .ntp_user(&["guest-config", "--config", &config])
+            .unwrap(),
+    )
+    .unwrap();
     assert!(
-        out.contains(&format!("destination={CLOCK_V4}/32,gateway={}", vip.service_v4())),
+        out.contains(&format!(
+            "destination={CLOCK_V4}/32,gateway={}",
+            vip.service_v4()
+        )),
         "{out}"
     );
     // The chrony lines parse as chrony configuration (-p prints it and exits).
@@ -299,7 +352,12 @@ fn guest_config_prints_a_host_route_and_client_snippets_chrony_accepts() {
         .collect();
     let file = std::env::temp_dir().join(integration_tests::unique_name("guestconf"));
     std::fs::write(&file, &chrony).unwrap();
-    let parsed = integration_tests::run(std::process::Command::new("chronyd").arg("-p").arg("-f").arg(&file));
+    let parsed = integration_tests::run(
+        std::process::Command::new("chronyd")
+            .arg("-p")
+            .arg("-f")
+            .arg(&file),
+    );
     let _ = std::fs::remove_file(&file);
     let parsed = parsed.unwrap();
     assert!(parsed.contains(&format!("server {CLOCK_V4}")), "{parsed}");
@@ -319,7 +377,9 @@ fn a_restarted_daemon_continues_its_disciplined_clock_without_a_jump() {
         ..Default::default()
     })
     .unwrap();
-    vip.home.ip(&["addr", "add", &format!("{upstream}/32"), "dev", "lo"]).unwrap();
+    vip.home
+        .ip(&["addr", "add", &format!("{upstream}/32"), "dev", "lo"])
+        .unwrap();
     let _chrony = ChronyServer::start(&vip.home, 3).unwrap();
     let guest = vip.add_guest().unwrap();
     vip.configure_guest_statically(&guest, 23).unwrap();

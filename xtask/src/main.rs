@@ -163,20 +163,6 @@ impl TestTotals {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::TestTotals;
-
-    #[test]
-    fn totals_from_libtest_lines() {
-        let mut t = TestTotals::default();
-        t.add("test result: ok. 27 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s");
-        t.add("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out");
-        t.add("running 5 tests");
-        assert_eq!((t.passed, t.failed, t.ignored), (30, 2, 1));
-    }
-}
-
 /// Names in the embedded default config (ntp-user/src/default-config.toml) the demo relies on.
 const DEFAULT_BRIDGE: &str = "ntpxdp-br0";
 const DEMO_GUEST_NS: &str = "ntpxdp-guest";
@@ -274,7 +260,10 @@ fn demo() -> Result<()> {
     let stderr = daemon.stderr.take().context("daemon stderr")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             eprintln!("  daemon | {line}");
             if line.contains("responder attached") {
                 let _ = tx.send(());
@@ -288,18 +277,52 @@ fn demo() -> Result<()> {
         let _guest = DemoGuest;
         ip(&["netns", "add", DEMO_GUEST_NS])?;
         ip(&[
-            "link", "add", DEMO_GUEST_PORT, "type", "veth", "peer", "name", "eth0", "netns",
+            "link",
+            "add",
+            DEMO_GUEST_PORT,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
             DEMO_GUEST_NS,
         ])?;
-        ip(&["link", "set", DEMO_GUEST_PORT, "master", DEFAULT_BRIDGE, "up"])?;
+        ip(&[
+            "link",
+            "set",
+            DEMO_GUEST_PORT,
+            "master",
+            DEFAULT_BRIDGE,
+            "up",
+        ])?;
         ip(&["-n", DEMO_GUEST_NS, "link", "set", "lo", "up"])?;
         ip(&["-n", DEMO_GUEST_NS, "link", "set", "eth0", "up"])?;
         let script = workspace_root().join("tests/assets/udhcpc.sh");
         eprintln!("xtask: guest {DEMO_GUEST_NS}: DHCP (busybox udhcpc)");
         status(
             Command::new("ip")
-                .args(["netns", "exec", DEMO_GUEST_NS, "busybox", "udhcpc", "-i", "eth0"])
-                .args(["-f", "-q", "-n", "-t", "10", "-T", "1", "-O", "staticroutes", "-s"])
+                .args([
+                    "netns",
+                    "exec",
+                    DEMO_GUEST_NS,
+                    "busybox",
+                    "udhcpc",
+                    "-i",
+                    "eth0",
+                ])
+                .args([
+                    "-f",
+                    "-q",
+                    "-n",
+                    "-t",
+                    "10",
+                    "-T",
+                    "1",
+                    "-O",
+                    "staticroutes",
+                    "-s",
+                ])
                 .arg(&script),
         )?;
         eprintln!("xtask: guest routes:");
@@ -317,7 +340,14 @@ fn demo() -> Result<()> {
         )?;
         let queried = status(
             Command::new("ip")
-                .args(["netns", "exec", DEMO_GUEST_NS, "setpriv", "--bounding-set", "-sys_time"])
+                .args([
+                    "netns",
+                    "exec",
+                    DEMO_GUEST_NS,
+                    "setpriv",
+                    "--bounding-set",
+                    "-sys_time",
+                ])
                 .args(["chronyd", "-u", "root", "-Q", "-t", "10", "-f"])
                 .arg(&conf),
         );
@@ -332,4 +362,18 @@ fn demo() -> Result<()> {
     let cleaned = down(&bin, &[]);
     eprintln!("xtask: demo removed");
     result.and(cleaned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestTotals;
+
+    #[test]
+    fn totals_from_libtest_lines() {
+        let mut t = TestTotals::default();
+        t.add("test result: ok. 27 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s");
+        t.add("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out");
+        t.add("running 5 tests");
+        assert_eq!((t.passed, t.failed, t.ignored), (30, 2, 1));
+    }
 }

@@ -3,7 +3,8 @@
 //! - nightly Rust with rust-src (the eBPF crate is built with `-Z build-std=core`);
 //! - Debian's LLVM 22 development files, matching the nightly's LLVM, and bpf-linker built
 //!   against them (bpf-linker's default feature wants LLVM 23, which Debian does not ship);
-//! - the tools the tests drive: chrony, ntpsec's ntpdig/ntpdate, iproute2, setpriv, tcpdump.
+//! - the tools the tests drive: chrony, ntpsec's ntpdig/ntpdate, iproute2, setpriv, tcpdump;
+//!   dnsmasq (the daemon's DHCP server) and busybox (udhcpc, the test guests' DHCP client).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -27,6 +28,10 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "ethtool",
     "bpftool",
+    // DHCP for guests (the binary only: dnsmasq-base has no service to start), and the
+    // tests' DHCP client (busybox udhcpc)
+    "dnsmasq-base",
+    "busybox",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
