@@ -695,4 +695,73 @@ addresses = ["169.254.169.123"]
         let e = err(&format!("{MINIMAL}[service2]\n"));
         assert!(e.contains("service2"), "{e}");
     }
+
+    const VIP: &str = r#"
+[service]
+netns = "ntp-vip"
+interface = "ntpv0"
+addresses = ["169.254.169.123", "fd00:ec2::123"]
+
+[vip]
+host_interface = "ntpv0-host"
+service_address = "169.254.100.1/24"
+"#;
+
+    #[test]
+    fn vip_and_dhcp_sections_are_validated() {
+        let v = parse(VIP, Path::new("x.toml")).unwrap();
+        let vip = v.vip.unwrap();
+        assert_eq!(vip.repair_interval, Duration::from_secs(1));
+        assert_eq!(
+            vip.served_addresses(),
+            vec![
+                "169.254.169.123".parse::<IpAddr>().unwrap(),
+                "fd00:ec2::123".parse().unwrap(),
+                "169.254.100.1".parse().unwrap()
+            ]
+        );
+        let e = err(&VIP.replace("netns = \"ntp-vip\"\n", ""));
+        assert!(e.contains("service.netns") && e.contains("[vip]"), "{e}");
+        let e = err(&VIP.replace("169.254.100.1/24", "169.254.100.0/24"));
+        assert!(
+            e.contains("vip.service_address") && e.contains("169.254.100.1/24"),
+            "{e}"
+        );
+        let e = err(&VIP.replace("169.254.100.1/24", "fd00::1/64"));
+        assert!(
+            e.contains("vip.service_address") && e.contains("IPv4"),
+            "{e}"
+        );
+        let e = err(&VIP.replace("ntpv0-host", "this-name-is-far-too-long"));
+        assert!(e.contains("vip.host_interface"), "{e}");
+        let e = err(&format!("{VIP}create_bridge = true\n"));
+        assert!(e.contains("vip.create_bridge"), "{e}");
+        let e = err(&format!(
+            "{VIP}routes = [{{ to = \"169.254.200.0/24\", via = \"fd00::1\" }}]\n"
+        ));
+        assert!(e.contains("vip.routes[0].via"), "{e}");
+        let e = err(&format!("{VIP}[dhcp]\nenable = true\n"));
+        assert!(e.contains("dhcp.range"), "{e}");
+        let e = err(&format!(
+            "{VIP}[dhcp]\nenable = true\nrange = [\"169.254.101.10\", \"169.254.101.20\"]\n"
+        ));
+        assert!(
+            e.contains("dhcp.range") && e.contains("169.254.100.0/24"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{VIP}[dhcp]\nenable = true\nrange = [\"169.254.100.1\", \"169.254.100.20\"]\n"
+        ));
+        assert!(e.contains("service address"), "{e}");
+        let e = err(&format!("{MINIMAL}[dhcp]\nenable = true\n"));
+        assert!(e.contains("dhcp.enable") && e.contains("[vip]"), "{e}");
+        let ok = parse(
+            &format!(
+                "{VIP}[dhcp]\nenable = true\nrange = [\"169.254.100.10\", \"169.254.100.20\"]\nrouter = \"169.254.100.254\"\n"
+            ),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(ok.dhcp.unwrap().clock_addresses.len(), 1);
+    }
 }

@@ -171,22 +171,33 @@ fn attach_all(
             .link(name)?
             .with_context(|| format!("vip.host_interfaces: {name} does not exist"))?;
         let pin = link_pin(&spec.netns, &format!("host_{name}"));
-        let prog = responder.program(RESPONDER_PROGRAM)?;
-        let (how, m) =
-            match attach_pinned(prog, link.index, XdpMode::Driver, &pin, link.xdp_prog_id) {
-                Ok(how) => (how, XdpMode::Driver),
-                Err(_) => (
-                    attach_pinned(
-                        responder.program(RESPONDER_PROGRAM)?,
-                        link.index,
-                        XdpMode::Skb,
-                        &pin,
-                        link.xdp_prog_id,
-                    )
-                    .with_context(|| format!("attaching the responder to {name}"))?,
+        // Native XDP_TX on a veth only delivers when the peer runs a program, and the peer
+        // of a host interface is not ours: veths get generic mode, real NICs native first.
+        let native = if link.kind == Some(netlink_packet_route::link::InfoKind::Veth) {
+            Err(anyhow!("a veth whose peer is not ours"))
+        } else {
+            attach_pinned(
+                responder.program(RESPONDER_PROGRAM)?,
+                link.index,
+                XdpMode::Driver,
+                &pin,
+                link.xdp_prog_id,
+            )
+        };
+        let (how, m) = match native {
+            Ok(how) => (how, XdpMode::Driver),
+            Err(_) => (
+                attach_pinned(
+                    responder.program(RESPONDER_PROGRAM)?,
+                    link.index,
                     XdpMode::Skb,
-                ),
-            };
+                    &pin,
+                    link.xdp_prog_id,
+                )
+                .with_context(|| format!("attaching the responder to {name}"))?,
+                XdpMode::Skb,
+            ),
+        };
         notes.push(format!(
             "responder on host interface {name} ({}): {how:?}",
             mode_name(m)

@@ -28,6 +28,9 @@ pub struct VipOptions {
     pub xdp_mode: &'static str,
     /// Lines for the `[clock]` section, and any further sections (e.g. `[[upstream]]`).
     pub clock_toml: String,
+    /// A physical host of the cluster: a namespace on a host interface (169.254.<subnet+50>.0/24,
+    /// the VIP host at .1), which the daemon serves too (`vip.host_interfaces`).
+    pub physical_host: bool,
 }
 
 impl Default for VipOptions {
@@ -38,6 +41,7 @@ impl Default for VipOptions {
             repair_interval: "300ms",
             xdp_mode: "auto",
             clock_toml: String::new(),
+            physical_host: false,
         }
     }
 }
@@ -52,6 +56,8 @@ pub struct VipHost {
     pub bridge: String,
     pub subnet: u8,
     pub config: PathBuf,
+    /// The physical host namespace and the VIP host's address facing it.
+    pub physical: Option<(Netns, String)>,
     dir: PathBuf,
     daemon: Option<ServeProcess>,
 }
@@ -71,14 +77,43 @@ impl VipHost {
             bridge: unique_name("nb"),
             subnet: s,
             config: dir.join("ntp-xdp.toml"),
+            physical: None,
             dir,
             daemon: None,
         };
+        let (mut host_interfaces, mut internal_addr) = (String::new(), String::new());
+        if opts.physical_host {
+            let p = Netns::new("ntg")?;
+            let (h_if, p_if) = (unique_name("ni"), unique_name("ni"));
+            let net = s.wrapping_add(50);
+            ip(&[
+                "link",
+                "add",
+                &h_if,
+                "netns",
+                &host.home.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &p_if,
+                "netns",
+                &p.name,
+            ])?;
+            host.home
+                .ip(&["addr", "add", &format!("169.254.{net}.1/24"), "dev", &h_if])?;
+            host.home.ip(&["link", "set", &h_if, "up"])?;
+            p.ip(&["addr", "add", &format!("169.254.{net}.2/24"), "dev", &p_if])?;
+            p.ip(&["link", "set", &p_if, "up"])?;
+            host_interfaces = format!("host_interfaces = [\"{h_if}\"]");
+            internal_addr = format!(", \"169.254.{net}.1\"");
+            host.physical = Some((p, format!("169.254.{net}.1")));
+        }
         let config = format!(
             r#"[service]
 netns = "{netns}"
 interface = "{ns_if}"
-addresses = ["{CLOCK_V4}", "{CLOCK_V6}"]
+addresses = ["{CLOCK_V4}", "{CLOCK_V6}"{internal_addr}]
 xdp_mode = "{mode}"
 
 [vip]
@@ -89,6 +124,7 @@ service_address = "169.254.{s}.1/24"
 service_address6 = "fd00:ec2:{s}::1/64"
 repair_interval = "{repair}"
 routes = [{{ to = "169.254.{r}.0/24", via = "169.254.{s}.254" }}]
+{host_interfaces}
 
 [dhcp]
 enable = {dhcp}

@@ -422,3 +422,30 @@ fn a_restarted_daemon_continues_its_disciplined_clock_without_a_jump() {
     assert_eq!(m.stratum, 4);
     assert!(m.offset_s.abs() < 0.001, "{m:?}");
 }
+
+#[test]
+fn physical_hosts_are_served_on_a_host_interface_by_the_same_responder() {
+    let vip = VipHost::start(VipOptions {
+        subnet: 67,
+        physical_host: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let (physical, addr) = vip.physical.as_ref().unwrap();
+    let host_if = vip.home.ip(&["-br", "link"]).unwrap();
+    let d = ntpdig(physical, addr).unwrap();
+    assert_eq!(d.stratum, 10);
+    let m = chronyd_query(physical, addr).unwrap();
+    assert!(m.tests_passed, "{m:?}");
+    // Answered in the kernel: the VIP host runs no NTP server socket, and the interface
+    // carries the responder.
+    assert!(
+        vip.home
+            .ip(&["link", "show"])
+            .unwrap()
+            .matches("prog/xdp")
+            .count()
+            >= 1,
+        "{host_if}"
+    );
+}
