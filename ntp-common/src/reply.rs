@@ -4,8 +4,23 @@
 //! userspace path on a socket buffer, so their headers agree field for field.
 
 use crate::anchor::{ServerParams, TimeAnchor};
+use crate::counters::Counter;
 use crate::time::{ns_to_short, ntp_ns_to_timestamp, phi_growth_ns};
 use crate::wire::*;
+
+/// The NTP-level rule both paths apply to a request's first byte: only client requests (mode
+/// 3) of versions 1-4 are answered. `Some(counter)`: why it is dropped.
+#[inline(always)]
+pub fn request_rejection(li_vn_mode: u8) -> Option<Counter> {
+    if mode(li_vn_mode) != MODE_CLIENT {
+        return Some(Counter::DroppedMode);
+    }
+    let v = version(li_vn_mode);
+    if v < MIN_VERSION || v > MAX_VERSION {
+        return Some(Counter::DroppedVersion);
+    }
+    None
+}
 
 /// What the builder needs from the request, read before the header is overwritten.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use ntp_common::{
         add_words, finish, finish_udp, pseudo_v4, pseudo_v6, udp_request_checksum_ok, verifies,
     },
     counters::COUNTER_COUNT,
-    reply::{write_server_reply, ClientRequest},
+    reply::{request_rejection, write_server_reply, ClientRequest},
     wire::*,
     Counter, ServerParams, TimeAnchor,
 };
@@ -351,13 +351,8 @@ fn ntp_request(
     if seg[0] == 0 && seg[1] == 0 {
         return Err(drop(Counter::DroppedSourcePort));
     }
-    let b0 = seg[UDP_HEADER_LEN + OFF_LI_VN_MODE];
-    if mode(b0) != MODE_CLIENT {
-        return Err(drop(Counter::DroppedMode));
-    }
-    let v = version(b0);
-    if v < MIN_VERSION || v > MAX_VERSION {
-        return Err(drop(Counter::DroppedVersion));
+    if let Some(why) = request_rejection(seg[UDP_HEADER_LEN + OFF_LI_VN_MODE]) {
+        return Err(drop(why));
     }
     // Extension fields or a MAC (NTS, symmetric keys): a userspace server's business.
     if udp_len != NTP_UDP_LEN {

@@ -283,10 +283,11 @@ fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
         "auto" => XdpModeArg::Auto,
         "native" => XdpModeArg::Native,
         "generic" => XdpModeArg::Generic,
+        "off" => XdpModeArg::Off,
         other => {
             return Err(bad(
                 "service.xdp_mode",
-                format!("{other:?} is not one of auto, native, generic"),
+                format!("{other:?} is not one of auto, native, generic, off"),
             ))
         }
     };

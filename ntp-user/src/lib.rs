@@ -14,5 +14,6 @@ pub mod serve;
 pub mod stats;
 pub mod system;
 pub mod upstream;
+pub mod userspace;
 pub mod vip;
 pub mod xdp;

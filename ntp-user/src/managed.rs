@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::dhcp::{self, DhcpSpec};
 use crate::netns;
-use crate::serve::{ClockSource, ServeOptions, XdpModeArg};
+use crate::serve::{AbortOnDrop, ClockSource, ServeOptions, XdpModeArg};
 use crate::vip::{self, state_dir, Created, Netlink, VipSpec};
 use crate::xdp::{self, attach_pinned, pin_dir, Attached, Responder};
 use crate::xdp::{PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
@@ -278,7 +278,12 @@ fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>> {
 }
 
 /// The repair pass: every `repair_interval`, compare and fix; log every repair.
-fn repair_loop(spec: VipSpec, mut created: Created, plan: AttachPlan, stop: Arc<AtomicBool>) {
+fn repair_loop(
+    spec: VipSpec,
+    mut created: Created,
+    plan: Option<AttachPlan>,
+    stop: Arc<AtomicBool>,
+) {
     let host = match Netlink::open() {
         Ok(h) => h,
         Err(e) => {
@@ -302,7 +307,8 @@ fn repair_loop(spec: VipSpec, mut created: Created, plan: AttachPlan, stop: Arc<
             }
             Err(e) => warn!(error = %format!("{e:#}"), "drift repair failed; retrying"),
         }
-        match reattach_lost(&spec, &plan) {
+        let Some(plan) = &plan else { continue };
+        match reattach_lost(&spec, plan) {
             Ok(changes) => {
                 for change in changes {
                     warn!(repair = %change, "drift repaired");
@@ -338,7 +344,20 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
         }
     }
     responder.set_served_addresses(&served)?;
-    let (plan, notes) = attach_all(&mut responder, &spec, &ns, opts.xdp_mode)?;
+    let user_sockets = crate::userspace::bind_sockets(Some(&ns), &served)?;
+    let (plan, notes) = if opts.xdp_mode == XdpModeArg::Off {
+        // A pinned attachment left by an earlier daemon would go on answering: remove it.
+        for what in ["responder", "peer"] {
+            let _ = std::fs::remove_file(link_pin(&spec.netns, what));
+        }
+        (
+            None,
+            vec!["XDP off: the userspace path answers everything".to_string()],
+        )
+    } else {
+        let (plan, notes) = attach_all(&mut responder, &spec, &ns, opts.xdp_mode)?;
+        (Some(plan), notes)
+    };
     let links = if notes.iter().any(|n| n.ends_with("Adopted")) {
         "adopted"
     } else {
@@ -351,7 +370,7 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
         netns = %spec.netns,
         interface = %spec.ns_interface,
         addresses = ?served,
-        mode = mode_name(plan.ns_mode),
+        mode = plan.as_ref().map_or("off", |p| mode_name(p.ns_mode)),
         program_id = responder.program_id()?,
         links,
         adopted_anchor = adopted,
@@ -374,6 +393,12 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
         .context("starting the runtime")?;
     let result = rt.block_on(async {
         let shutdown = crate::serve::shutdown_signal()?;
+        let _userspace = AbortOnDrop(tokio::spawn(crate::serve::userspace_path(
+            user_sockets,
+            responder.subscribe(),
+            opts.params,
+            std::sync::Arc::new(crate::userspace::UserspaceCounters::default()),
+        )));
         let _dhcp = match &dhcp_spec {
             Some(d) => Some(AbortOnDrop(tokio::spawn(dhcp::supervise(
                 d.clone(),
@@ -417,14 +442,6 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
          older than max_anchor_age). A new daemon adopts it; `ntp-user down` removes everything"
     );
     Ok(())
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// `ntp-user down`: removes exactly what the daemon of this config created, and its pins.

@@ -25,6 +25,8 @@ pub enum XdpModeArg {
     Native,
     /// Generic (SKB) mode: works on every device, slower.
     Generic,
+    /// No XDP: the daemon's userspace path answers everything.
+    Off,
 }
 
 /// Where served time comes from.
@@ -94,10 +96,18 @@ pub fn serve(mut opts: ServeOptions) -> Result<()> {
     } else {
         None
     };
-    let attachment = match &service_ns {
-        Some(ns) => netns::within(ns, || attach(&mut responder, &opts, home))?,
-        None => attach(&mut responder, &opts, home)?,
+    let attachment = if opts.xdp_mode == XdpModeArg::Off {
+        Attachment {
+            mode: "off",
+            peer: None,
+        }
+    } else {
+        match &service_ns {
+            Some(ns) => netns::within(ns, || attach(&mut responder, &opts, home))?,
+            None => attach(&mut responder, &opts, home)?,
+        }
     };
+    let user_sockets = crate::userspace::bind_sockets(service_ns.as_ref(), &opts.addresses)?;
     let source = match &opts.clock {
         ClockSource::HostClock { identity, .. } => {
             format!("host clock as local stratum {}", identity.stratum)
@@ -120,9 +130,16 @@ pub fn serve(mut opts: ServeOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let user_counters = std::sync::Arc::new(crate::userspace::UserspaceCounters::default());
     rt.block_on(async {
         let shutdown = shutdown_signal()?;
         let _log_pump = logger.map(spawn_log_pump).transpose()?;
+        let _userspace = AbortOnDrop(tokio::spawn(userspace_path(
+            user_sockets,
+            responder.subscribe(),
+            params,
+            user_counters.clone(),
+        )));
         match &opts.clock {
             ClockSource::HostClock {
                 identity,
@@ -141,8 +158,34 @@ pub fn serve(mut opts: ServeOptions) -> Result<()> {
         }
     })?;
     drop(responder); // detaches both programs
-    info!("responder detached");
+    info!(
+        userspace_answered = user_counters
+            .answered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        "responder detached"
+    );
     Ok(())
+}
+
+/// Aborts a task when dropped (when the runtime's main future ends).
+pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs the userspace path; logs if it ever stops.
+pub(crate) async fn userspace_path(
+    sockets: Vec<std::net::UdpSocket>,
+    anchors: tokio::sync::watch::Receiver<ntp_common::TimeAnchor>,
+    params: ServerParams,
+    counters: std::sync::Arc<crate::userspace::UserspaceCounters>,
+) {
+    if let Err(e) = crate::userspace::serve(sockets, anchors, params, counters).await {
+        tracing::error!(error = %format!("{e:#}"), "the userspace path stopped");
+    }
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

@@ -172,6 +172,8 @@ pub struct Responder {
     active_slot: u32,
     last_anchor: Option<TimeAnchor>,
     last_publish: Option<Instant>,
+    /// Every published anchor, for the userspace path (same anchor as the kernel).
+    published: tokio::sync::watch::Sender<TimeAnchor>,
 }
 
 impl Responder {
@@ -191,6 +193,7 @@ impl Responder {
             active_slot: 0,
             last_anchor: None,
             last_publish: None,
+            published: tokio::sync::watch::Sender::new(TimeAnchor::default()),
         };
         responder.set_params(ServerParams::DEFAULT)?;
         Ok(responder)
@@ -228,6 +231,7 @@ impl Responder {
             active_slot: 0,
             last_anchor: None,
             last_publish: None,
+            published: tokio::sync::watch::Sender::new(TimeAnchor::default()),
         };
         // Continue from what the attached program serves now.
         let active: u32 = Array::<_, u32>::try_from(responder.map("ANCHOR_ACTIVE")?)?
@@ -239,7 +243,13 @@ impl Responder {
             .context("reading ANCHORS")?;
         responder.active_slot = active;
         responder.last_anchor = anchor.is_published().then_some(anchor);
+        responder.published.send_replace(anchor);
         Ok(responder)
+    }
+
+    /// The anchors as they are published, for the userspace path.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<TimeAnchor> {
+        self.published.subscribe()
     }
 
     /// The anchor the kernel serves now (adopted from an earlier daemon, or last published).
@@ -325,6 +335,7 @@ impl Responder {
             .context("flipping the active anchor")?;
         self.active_slot = slot;
         self.last_anchor = Some(anchor);
+        self.published.send_replace(anchor);
         self.last_publish = Some(Instant::now());
         Ok(Publication { slot, held_back_ns })
     }

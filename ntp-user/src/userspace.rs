@@ -1,0 +1,311 @@
+//! The userspace path: UDP sockets in the service namespace, one per served address, that
+//! answer what the responder passes up (requests with extension fields or a MAC, fragments,
+//! IPv6 with extension headers) and everything when XDP is off (`xdp_mode = "off"`).
+//!
+//! The reply is built by the kernel's own builder ([`write_server_reply`]) from the same
+//! anchor the kernel serves, with the kernel's receive timestamp: both paths give the same
+//! header. Requests with extension fields get a plain 48-byte reply without the unknown
+//! fields, as chrony does: never longer than the request.
+
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use ntp_common::reply::{request_rejection, write_server_reply, ClientRequest};
+use ntp_common::wire::{NTP_HEADER_LEN, OFF_LI_VN_MODE};
+use ntp_common::{Counter, ServerParams, TimeAnchor};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tracing::{debug, info};
+
+use crate::hostclock::{monotonic_now_ns, read_clock_pair};
+use crate::netns;
+
+/// Why a request got no answer from the userspace path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unanswered {
+    /// Shorter than an NTP header.
+    Short,
+    /// Mode or version the kernel would drop too.
+    Rejected(Counter),
+    /// From port 0: nowhere to answer.
+    SourcePort,
+    /// No anchor was ever published.
+    NoAnchor,
+}
+
+/// Builds the reply to `request` (sans IO): the 48-byte header, or why there is none.
+pub fn answer(
+    request: &[u8],
+    from_port: u16,
+    anchor: &TimeAnchor,
+    params: &ServerParams,
+    rx_mono: u64,
+    tx_mono: u64,
+    random: u32,
+) -> Result<[u8; NTP_HEADER_LEN], Unanswered> {
+    let Some(hdr) = request.get(..NTP_HEADER_LEN) else {
+        return Err(Unanswered::Short);
+    };
+    let mut reply: [u8; NTP_HEADER_LEN] = hdr.try_into().expect("48 bytes");
+    if from_port == 0 {
+        return Err(Unanswered::SourcePort);
+    }
+    if let Some(why) = request_rejection(reply[OFF_LI_VN_MODE]) {
+        return Err(Unanswered::Rejected(why));
+    }
+    if !anchor.is_published() {
+        return Err(Unanswered::NoAnchor);
+    }
+    let req = ClientRequest::parse(&reply);
+    write_server_reply(&mut reply, &req, anchor, params, rx_mono, tx_mono, random);
+    Ok(reply)
+}
+
+/// What the userspace path did, for logs and `stats`.
+#[derive(Debug, Default)]
+pub struct UserspaceCounters {
+    pub answered: AtomicU64,
+    pub answered_with_extensions: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// Binds a socket on port 123 of each address, inside `ns` when given. IP_FREEBIND: an alias
+/// that is briefly missing (drift being repaired) must not stop the daemon.
+pub fn bind_sockets(ns: Option<&File>, addrs: &[IpAddr]) -> Result<Vec<std::net::UdpSocket>> {
+    let bind = || -> Result<Vec<std::net::UdpSocket>> {
+        use nix::sys::socket::{
+            bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
+        };
+        let mut out = Vec::new();
+        for addr in addrs {
+            let family = if addr.is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            };
+            let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+                .context("socket()")?;
+            setsockopt(&fd, sockopt::IpFreebind, &true).context("IP_FREEBIND")?;
+            setsockopt(&fd, sockopt::ReuseAddr, &true).context("SO_REUSEADDR")?;
+            if addr.is_ipv6() {
+                setsockopt(&fd, sockopt::Ipv6V6Only, &true).context("IPV6_V6ONLY")?;
+            }
+            setsockopt(&fd, sockopt::ReceiveTimestampns, &true).context("SO_TIMESTAMPNS")?;
+            let sa = SockaddrStorage::from(SocketAddr::new(*addr, 123));
+            use std::os::fd::AsRawFd as _;
+            bind(fd.as_raw_fd(), &sa).with_context(|| format!("binding {addr} port 123"))?;
+            let sock = std::net::UdpSocket::from(fd);
+            sock.set_nonblocking(true)?;
+            out.push(sock);
+        }
+        Ok(out)
+    };
+    match ns {
+        Some(ns) => netns::within(ns, bind),
+        None => bind(),
+    }
+}
+
+/// Answers on `sockets` until the task is dropped, from the anchor the kernel serves.
+pub async fn serve(
+    sockets: Vec<std::net::UdpSocket>,
+    anchors: watch::Receiver<TimeAnchor>,
+    params: ServerParams,
+    counters: Arc<UserspaceCounters>,
+) -> Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for sock in sockets {
+        let sock = UdpSocket::from_std(sock).context("registering a server socket")?;
+        info!(address = %sock.local_addr()?, "userspace path listening");
+        let (anchors, counters) = (anchors.clone(), counters.clone());
+        tasks.spawn(async move { serve_socket(sock, anchors, params, counters).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("a userspace server task failed")??;
+    }
+    Ok(())
+}
+
+async fn serve_socket(
+    sock: UdpSocket,
+    anchors: watch::Receiver<TimeAnchor>,
+    params: ServerParams,
+    counters: Arc<UserspaceCounters>,
+) -> Result<()> {
+    loop {
+        let (bytes, from, rx_mono) = recv_timestamped(&sock).await?;
+        let anchor = *anchors.borrow();
+        let tx_mono = monotonic_now_ns()?;
+        match answer(
+            &bytes,
+            from.port(),
+            &anchor,
+            &params,
+            rx_mono,
+            tx_mono,
+            rand::random(),
+        ) {
+            Ok(reply) => {
+                if sock.send_to(&reply, from).await.is_ok() {
+                    counters.answered.fetch_add(1, Ordering::Relaxed);
+                    if bytes.len() > NTP_HEADER_LEN {
+                        counters
+                            .answered_with_extensions
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Err(why) => {
+                counters.dropped.fetch_add(1, Ordering::Relaxed);
+                debug!(%from, ?why, "request not answered");
+            }
+        }
+    }
+}
+
+/// One datagram, its sender and the kernel's receive time as CLOCK_MONOTONIC.
+async fn recv_timestamped(sock: &UdpSocket) -> std::io::Result<(Vec<u8>, SocketAddr, u64)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+    use std::os::fd::AsRawFd as _;
+    loop {
+        sock.readable().await?;
+        let result = sock.try_io(tokio::io::Interest::READABLE, || {
+            let mut buf = [0u8; 2048];
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+            let msg = recvmsg::<SockaddrStorage>(
+                sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(std::io::Error::from)?;
+            let mut kernel_rx = None;
+            for c in msg.cmsgs().map_err(std::io::Error::from)? {
+                if let ControlMessageOwned::ScmTimestampns(ts) = c {
+                    kernel_rx = Some(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64);
+                }
+            }
+            let from = msg
+                .address
+                .and_then(|a| {
+                    a.as_sockaddr_in()
+                        .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                        .or_else(|| {
+                            a.as_sockaddr_in6()
+                                .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+                        })
+                })
+                .ok_or_else(|| std::io::Error::other("datagram without a source address"))?;
+            let n = msg.bytes;
+            Ok((buf[..n].to_vec(), from, kernel_rx))
+        });
+        match result {
+            Ok((bytes, from, kernel_rx)) => {
+                // The kernel stamps in CLOCK_REALTIME: convert by the time waited since.
+                let pair = read_clock_pair().map_err(std::io::Error::other)?;
+                let waited = kernel_rx
+                    .map(|rx| pair.unix_ns.saturating_sub(rx))
+                    .filter(|w| *w < 1_000_000_000)
+                    .unwrap_or(0);
+                return Ok((bytes, from, pair.mono_ns - waited));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ntp_common::wire::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn anchor() -> TimeAnchor {
+        TimeAnchor {
+            mono_ns: 10 * S,
+            ntp_ns: 3_972_000_000 * S,
+            max_age_ns: 30 * S,
+            stratum: 2,
+            refid: [169, 254, 0, 9],
+            ..Default::default()
+        }
+    }
+
+    fn request(b0: u8, extra: usize) -> Vec<u8> {
+        let mut r = vec![0u8; 48 + extra];
+        r[0] = b0;
+        r[40..48].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        r
+    }
+
+    #[test]
+    fn extension_fields_get_a_plain_48_byte_reply() {
+        let req = request(li_vn_mode(0, 4, MODE_CLIENT), 72);
+        let reply = answer(
+            &req,
+            40000,
+            &anchor(),
+            &ServerParams::DEFAULT,
+            11 * S,
+            11 * S + 500,
+            7,
+        )
+        .unwrap();
+        assert_eq!(reply.len(), 48);
+        assert_eq!(mode(reply[0]), MODE_SERVER);
+        assert_eq!(reply[OFF_STRATUM], 2);
+        assert_eq!(
+            reply[OFF_ORIGIN_TS..OFF_ORIGIN_TS + 8],
+            [1, 2, 3, 4, 5, 6, 7, 8]
+        );
+    }
+
+    #[test]
+    fn the_kernel_rules_apply() {
+        let a = anchor();
+        let p = ServerParams::DEFAULT;
+        let ok = li_vn_mode(0, 4, MODE_CLIENT);
+        assert_eq!(
+            answer(&request(ok, 0)[..47], 1, &a, &p, 0, 0, 0),
+            Err(Unanswered::Short)
+        );
+        assert_eq!(
+            answer(&request(ok, 0), 0, &a, &p, 0, 0, 0),
+            Err(Unanswered::SourcePort)
+        );
+        assert_eq!(
+            answer(
+                &request(li_vn_mode(0, 4, MODE_SERVER), 0),
+                1,
+                &a,
+                &p,
+                0,
+                0,
+                0
+            ),
+            Err(Unanswered::Rejected(Counter::DroppedMode))
+        );
+        assert_eq!(
+            answer(
+                &request(li_vn_mode(0, 5, MODE_CLIENT), 0),
+                1,
+                &a,
+                &p,
+                0,
+                0,
+                0
+            ),
+            Err(Unanswered::Rejected(Counter::DroppedVersion))
+        );
+        assert_eq!(
+            answer(&request(ok, 0), 1, &TimeAnchor::default(), &p, 0, 0, 0),
+            Err(Unanswered::NoAnchor)
+        );
+    }
+}
