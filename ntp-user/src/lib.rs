@@ -7,6 +7,7 @@ pub mod discipline;
 pub mod filter;
 pub mod hostclock;
 pub mod leap;
+pub mod loadgen;
 pub mod managed;
 pub mod netns;
 pub mod selection;

@@ -387,6 +387,22 @@ impl Responder {
         })
     }
 
+    /// Runs one frame `repeat` times (BPF_PROG_TEST_RUN): the verdict and the kernel's
+    /// average time per run.
+    pub fn test_run_repeat(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.xdp(RESPONDER_PROGRAM)?;
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        Ok((result.return_value, result.duration))
+    }
+
     fn xdp(&mut self, name: &str) -> Result<&mut Xdp, ProgramError> {
         self.ebpf
             .program_mut(name)

@@ -1,5 +1,6 @@
 //! `cargo xtask setup | build | run | test`: everything a fresh machine needs, in one place.
 
+mod bench;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +32,13 @@ enum Task {
     /// Run, plus a guest namespace that gets its route by DHCP (option 121) and queries the
     /// clock address with chronyd -Q; removes everything on exit.
     Demo,
+    /// Set up, build, and benchmark the responder (generic, native), the userspace path and
+    /// chronyd side by side; writes target/bench/{results.json,rate.svg,table.md}.
+    Bench {
+        /// Seconds at tiny rates: checks the harness runs, measures nothing.
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Set up, then run every test: unit tests, kernel fixtures, end-to-end in namespaces.
     Test {
         /// Only tests whose name contains this.
@@ -45,6 +53,17 @@ fn main() -> ExitCode {
         Task::Build => setup::setup().and_then(|()| build(true)).map(|_| ()),
         Task::Run { run_args } => run_daemon(&run_args),
         Task::Demo => demo(),
+        Task::Bench { smoke } => setup::setup()
+            .and_then(|()| require_root("cargo xtask bench"))
+            .and_then(|()| build(!smoke))
+            .and_then(|bin| {
+                let dir = workspace_root().join(if smoke {
+                    "target/bench-smoke"
+                } else {
+                    "target/bench"
+                });
+                bench::bench(&bin, &dir, smoke)
+            }),
         Task::Test { filter } => test(filter.as_deref()),
     };
     match result {
@@ -120,6 +139,19 @@ fn test(filter: Option<&str>) -> Result<()> {
         totals.add(&line);
     }
     let exit = child.wait()?;
+    // The benchmark harness's smoke mode: it runs, parses and writes its outputs.
+    if filter.is_none() {
+        match bench_smoke(&bin) {
+            Ok(()) => {
+                println!("test bench_smoke ... ok");
+                totals.passed += 1;
+            }
+            Err(e) => {
+                println!("test bench_smoke ... FAILED: {e:#}");
+                totals.failed += 1;
+            }
+        }
+    }
     // One closing line for the whole suite (cargo prints one per test binary).
     println!(
         "\nsummary: {} passed, {} failed, {} skipped",
@@ -130,6 +162,34 @@ fn test(filter: Option<&str>) -> Result<()> {
     }
     if totals.passed == 0 {
         bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench --smoke` in miniature, checked: every target measured, outputs written.
+fn bench_smoke(bin: &Path) -> Result<()> {
+    let dir = workspace_root().join("target/bench-smoke");
+    let _ = std::fs::remove_dir_all(&dir);
+    bench::bench(bin, &dir, true)?;
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("results.json"))?)?;
+    let targets = v["targets"].as_array().context("no targets")?;
+    let names: Vec<&str> = targets.iter().filter_map(|t| t["name"].as_str()).collect();
+    if names != ["xdp-generic", "xdp-native", "userspace", "chronyd"] {
+        bail!("targets measured: {names:?}");
+    }
+    for t in targets {
+        if t["steps"].as_array().is_none_or(|s| s.is_empty())
+            || t["latency"]["rtt_us"]["p50"].as_f64().unwrap_or(0.0) <= 0.0
+        {
+            bail!("{} has no measurements: {t}", t["name"]);
+        }
+    }
+    if v["micro"].as_array().is_none_or(|m| m.len() < 4) {
+        bail!("micro cases missing: {}", v["micro"]);
+    }
+    let svg = std::fs::read_to_string(dir.join("rate.svg"))?;
+    if !svg.contains("<svg") || !svg.contains("chronyd") {
+        bail!("rate.svg is not a plot of the targets");
     }
     Ok(())
 }
