@@ -45,6 +45,8 @@ pub struct LoadResult {
     pub invalid: u64,
     pub lost: u64,
     pub elapsed_s: f64,
+    /// What the generator managed to send: below `offered_per_s` when it is the bottleneck.
+    pub sent_per_s: f64,
     pub replies_per_s: f64,
     pub loss: f64,
     pub rtt_us: Percentiles,
@@ -123,6 +125,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult> {
         invalid: all.invalid,
         lost: all.lost,
         elapsed_s: elapsed,
+        sent_per_s: all.sent as f64 / spec.duration.as_secs_f64(),
         replies_per_s: all.valid as f64 / spec.duration.as_secs_f64(),
         loss: if all.sent == 0 {
             0.0

@@ -19,6 +19,8 @@ const CLOCK: &str = "169.254.169.123";
 #[derive(Debug, Clone, Serialize)]
 struct Step {
     offered: f64,
+    /// What the generator really sent (it is the bottleneck when this falls short).
+    sent_per_s: f64,
     replies_per_s: f64,
     loss: f64,
     rtt_p99_us: f64,
@@ -32,8 +34,10 @@ struct Step {
 struct TargetResult {
     name: String,
     steps: Vec<Step>,
-    /// Highest offered rate with < 0.1 % loss.
+    /// Highest rate sent with < 0.1 % loss.
     loss_free_rate: f64,
+    /// The generator could not send more: the target's limit is above `loss_free_rate`.
+    generator_bound: bool,
     saturation_replies_per_s: f64,
     cpu_ns_per_reply: f64,
     softirq_ns_per_reply: f64,
@@ -319,6 +323,7 @@ fn measure(bin: &Path, t: &Topology, name: &str, s: &Server, smoke: bool) -> Res
         let valid = r["valid"].as_u64().unwrap_or(0).max(1) as f64;
         let st = Step {
             offered: rate,
+            sent_per_s: r["sent_per_s"].as_f64().unwrap_or(0.0),
             replies_per_s: r["replies_per_s"].as_f64().unwrap_or(0.0),
             loss: r["loss"].as_f64().unwrap_or(1.0),
             rtt_p99_us: r["rtt_us"]["p99"].as_f64().unwrap_or(0.0),
@@ -326,8 +331,8 @@ fn measure(bin: &Path, t: &Topology, name: &str, s: &Server, smoke: bool) -> Res
             softirq_ns_per_reply: irq1.saturating_sub(irq0) as f64 / valid,
         };
         eprintln!(
-            "  {name:<16} offered {:>8.0}/s  replies {:>8.0}/s  loss {:>6.3}%  p99 {:>7.1} µs  cpu {:>7.0} ns/reply",
-            st.offered, st.replies_per_s, st.loss * 100.0, st.rtt_p99_us, st.cpu_ns_per_reply
+            "  {name:<16} offered {:>8.0}/s  sent {:>8.0}/s  replies {:>8.0}/s  loss {:>6.3}%  p99 {:>7.1} µs  cpu {:>7.0} ns/reply",
+            st.offered, st.sent_per_s, st.replies_per_s, st.loss * 100.0, st.rtt_p99_us, st.cpu_ns_per_reply
         );
         if latency.is_null() {
             latency = serde_json::json!({
@@ -337,7 +342,8 @@ fn measure(bin: &Path, t: &Topology, name: &str, s: &Server, smoke: bool) -> Res
                 "ts_error_us": r["ts_error_us"],
             });
         }
-        let saturated = st.loss > 0.05;
+        // Beyond what the generator can send, higher steps measure the generator.
+        let saturated = st.loss > 0.05 || st.sent_per_s < 0.9 * st.offered;
         steps.push(st);
         if saturated {
             break;
@@ -347,7 +353,10 @@ fn measure(bin: &Path, t: &Topology, name: &str, s: &Server, smoke: bool) -> Res
     let sat = loadgen(bin, t, None, step)?;
     Ok(TargetResult {
         name: name.to_string(),
-        loss_free_rate: best.as_ref().map_or(0.0, |b| b.offered),
+        loss_free_rate: best.as_ref().map_or(0.0, |b| b.sent_per_s),
+        generator_bound: steps
+            .last()
+            .is_some_and(|s| s.loss < 0.001 && s.sent_per_s < 0.9 * s.offered),
         cpu_ns_per_reply: best.as_ref().map_or(0.0, |b| b.cpu_ns_per_reply),
         softirq_ns_per_reply: best.as_ref().map_or(0.0, |b| b.softirq_ns_per_reply),
         saturation_replies_per_s: sat["replies_per_s"].as_f64().unwrap_or(0.0),
@@ -451,16 +460,17 @@ fn table(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "| target | loss-free rate /s | saturation replies/s | server CPU ns/reply | softirq ns/reply | RTT p50/p99/p99.9 µs | residence p50/p99 ns | timestamp error p50/p99 µs |"
+        "| target | loss-free rate /s (sent) | saturation replies/s | server CPU ns/reply | softirq ns/reply | RTT p50/p99/p99.9 µs | residence p50/p99 ns | timestamp error p50/p99 µs |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     for t in &r.targets {
         let l = &t.latency;
         let _ = writeln!(
             s,
-            "| {} | {:.0}{} | {:.0}{} | {:.0}{} | {:.0} | {:.0}/{:.0}/{:.0} | {:.0}/{:.0} | {:.1}/{:.1} |",
+            "| {} | {:.0}{}{} | {:.0}{} | {:.0}{} | {:.0} | {:.0}/{:.0}/{:.0} | {:.0}/{:.0} | {:.1}/{:.1} |",
             t.name,
             t.loss_free_rate,
+            if t.generator_bound { " ≥ (generator-bound)" } else { "" },
             ratio(t.loss_free_rate, chrony.map(|c| c.loss_free_rate), false),
             t.saturation_replies_per_s,
             ratio(t.saturation_replies_per_s, chrony.map(|c| c.saturation_replies_per_s), false),
@@ -476,6 +486,13 @@ fn table(r: &Report) -> String {
             l["ts_error_us"]["p99"].as_f64().unwrap_or(0.0),
         );
     }
+    let _ =
+        writeln!(
+        s,
+        "\nRatios in parentheses are against chronyd (CPU: chronyd's over the target's). Latency, \
+         residence and timestamp error at the first step ({:.0}/s) for every target.",
+        r.targets.first().map_or(0.0, |t| t.latency["offered"].as_f64().unwrap_or(0.0))
+    );
     let _ = writeln!(s, "\nMicro (BPF_PROG_TEST_RUN, ns per packet):");
     if let Some(cases) = r.micro.as_array() {
         for c in cases {
