@@ -410,7 +410,7 @@ pub fn micro(repeat: u32) -> Result<Vec<(String, u32, f64)>> {
         ("dropped_mode", bad_mode),
     ] {
         let before = r.counters()?;
-        let (verdict, per_run) = r.test_run_repeat(&frame, 1)?;
+        let (verdict, _) = r.test_run_repeat(&frame, 1)?;
         let moved: Vec<&str> = r
             .counters()?
             .iter()
