@@ -90,48 +90,10 @@ async fn send_request(
     Ok(sent_ns)
 }
 
-/// Receives one datagram with the kernel's receive timestamp, as CLOCK_MONOTONIC. The kernel
-/// stamps with CLOCK_REALTIME; the conversion reads both clocks right after, so scheduling
-/// delay between the packet's arrival and this task running does not count as network delay.
+/// Receives one datagram with the kernel's receive timestamp, as CLOCK_MONOTONIC.
 async fn recv_timestamped(sock: &UdpSocket) -> std::io::Result<(Vec<u8>, u64)> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
-    use std::os::fd::AsRawFd as _;
-    loop {
-        sock.readable().await?;
-        let result = sock.try_io(tokio::io::Interest::READABLE, || {
-            let mut buf = [0u8; 1024];
-            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-            let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
-            let msg = recvmsg::<SockaddrStorage>(
-                sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_DONTWAIT,
-            )
-            .map_err(std::io::Error::from)?;
-            let mut kernel_rx = None;
-            for c in msg.cmsgs().map_err(std::io::Error::from)? {
-                if let ControlMessageOwned::ScmTimestampns(ts) = c {
-                    kernel_rx = Some(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64);
-                }
-            }
-            let n = msg.bytes;
-            Ok((buf[..n].to_vec(), kernel_rx))
-        });
-        match result {
-            Ok((bytes, kernel_rx)) => {
-                let pair = read_clock_pair().map_err(std::io::Error::other)?;
-                let waited = kernel_rx
-                    .map(|rx| pair.unix_ns.saturating_sub(rx))
-                    .unwrap_or(0);
-                // A wait of a second or more means the host clock moved under us: ignore it.
-                let waited = if waited < 1_000_000_000 { waited } else { 0 };
-                return Ok((bytes, pair.mono_ns - waited));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    let (bytes, _, rx) = crate::userspace::recv_timestamped(sock).await?;
+    Ok((bytes, rx))
 }
 
 /// A socket that never carries traffic but keeps kernel receive timestamping enabled.

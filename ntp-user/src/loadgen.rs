@@ -281,6 +281,19 @@ fn worker(spec: &LoadSpec, thread: u64) -> Result<ThreadTally> {
     Ok(tally)
 }
 
+/// One message header per buffer, without addresses (the socket is connected).
+fn mmsg_headers(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iovs.iter_mut()
+        .map(|iov| {
+            // SAFETY: a zeroed mmsghdr is a valid empty header.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect()
+}
+
 /// sendmmsg on a connected socket; returns how many datagrams the kernel took.
 fn send_batch(fd: i32, reqs: &[[u8; 48]]) -> usize {
     let mut iovs: Vec<libc::iovec> = reqs
@@ -290,16 +303,7 @@ fn send_batch(fd: i32, reqs: &[[u8; 48]]) -> usize {
             iov_len: 48,
         })
         .collect();
-    // SAFETY: zeroed mmsghdr is valid (no address: the socket is connected).
-    let mut msgs: Vec<libc::mmsghdr> = iovs
-        .iter_mut()
-        .map(|iov| {
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
+    let mut msgs = mmsg_headers(&mut iovs);
     // SAFETY: msgs and the buffers they point to outlive the call.
     let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, libc::MSG_DONTWAIT) };
     n.max(0) as usize
@@ -315,16 +319,7 @@ fn recv_batch(fd: i32, bufs: &mut [[u8; 64]; BATCH]) -> (usize, usize) {
             iov_len: 64,
         })
         .collect();
-    let mut msgs: Vec<libc::mmsghdr> = iovs
-        .iter_mut()
-        .map(|iov| {
-            // SAFETY: a zeroed mmsghdr is valid.
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
+    let mut msgs = mmsg_headers(&mut iovs);
     // SAFETY: as above; no timeout with MSG_DONTWAIT.
     let n = unsafe {
         libc::recvmmsg(

@@ -166,8 +166,13 @@ async fn serve_socket(
     }
 }
 
-/// One datagram, its sender and the kernel's receive time as CLOCK_MONOTONIC.
-async fn recv_timestamped(sock: &UdpSocket) -> std::io::Result<(Vec<u8>, SocketAddr, u64)> {
+/// One datagram, its sender and the kernel's receive time as CLOCK_MONOTONIC (the socket must
+/// have SO_TIMESTAMPNS on). The kernel stamps with CLOCK_REALTIME; the conversion reads both
+/// clocks right after, so scheduling delay between arrival and this task running counts as
+/// what it is: time already passed, not network delay.
+pub(crate) async fn recv_timestamped(
+    sock: &UdpSocket,
+) -> std::io::Result<(Vec<u8>, SocketAddr, u64)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
     use std::os::fd::AsRawFd as _;
     loop {

@@ -334,15 +334,7 @@ impl Netlink {
         })?;
         let mut out = Vec::new();
         for m in msgs {
-            let (mut dst, mut gw, mut oif) = (None, None, None);
-            for a in &m.attributes {
-                match a {
-                    RouteAttribute::Destination(d) => dst = route_ip(d),
-                    RouteAttribute::Gateway(g) => gw = route_ip(g),
-                    RouteAttribute::Oif(i) => oif = Some(*i),
-                    _ => {}
-                }
-            }
+            let (dst, gw, oif) = route_fields(&m);
             let dst = dst.unwrap_or(if v6 {
                 IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
             } else {
@@ -402,14 +394,7 @@ impl Netlink {
             h.route().get(version).execute().try_collect().await
         })?;
         for m in msgs {
-            let (mut dst, mut gw) = (None, None);
-            for a in &m.attributes {
-                match a {
-                    RouteAttribute::Destination(d) => dst = route_ip(d),
-                    RouteAttribute::Gateway(g) => gw = route_ip(g),
-                    _ => {}
-                }
-            }
+            let (dst, gw, _) = route_fields(&m);
             if dst == Some(to.addr())
                 && m.header.destination_prefix_length == to.prefix_len()
                 && gw == via
@@ -422,6 +407,22 @@ impl Netlink {
         }
         Ok(())
     }
+}
+
+/// Destination, gateway and output interface of a route message.
+fn route_fields(
+    m: &netlink_packet_route::route::RouteMessage,
+) -> (Option<IpAddr>, Option<IpAddr>, Option<u32>) {
+    let (mut dst, mut gw, mut oif) = (None, None, None);
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(d) => dst = route_ip(d),
+            RouteAttribute::Gateway(g) => gw = route_ip(g),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    (dst, gw, oif)
 }
 
 fn route_ip(a: &RouteAddress) -> Option<IpAddr> {

@@ -371,25 +371,17 @@ impl Responder {
 
     /// Runs one frame through the responder in the kernel (BPF_PROG_TEST_RUN).
     pub fn test_run(&mut self, frame: &[u8]) -> Result<TestRunOutcome> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let prog = self.xdp(RESPONDER_PROGRAM)?;
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutcome {
-            action: result.return_value,
-            frame: out,
-        })
+        let (action, frame, _) = self.run_frame(frame, 1)?;
+        Ok(TestRunOutcome { action, frame })
     }
 
-    /// Runs one frame `repeat` times (BPF_PROG_TEST_RUN): the verdict and the kernel's
-    /// average time per run.
+    /// Runs one frame `repeat` times: the verdict and the kernel's average time per run.
     pub fn test_run_repeat(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+        let (action, _, per_run) = self.run_frame(frame, repeat)?;
+        Ok((action, per_run))
+    }
+
+    fn run_frame(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, Duration)> {
         let mut out = vec![0u8; frame.len() + 256];
         let prog = self.xdp(RESPONDER_PROGRAM)?;
         let result = prog
@@ -400,7 +392,8 @@ impl Responder {
                 ..Default::default()
             })
             .context("BPF_PROG_TEST_RUN")?;
-        Ok((result.return_value, result.duration))
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out, result.duration))
     }
 
     fn xdp(&mut self, name: &str) -> Result<&mut Xdp, ProgramError> {
