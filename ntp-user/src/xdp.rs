@@ -179,7 +179,14 @@ pub struct Responder {
 impl Responder {
     /// Loads the object and both programs into the kernel (verifier included); attaches nothing.
     pub fn load() -> Result<Responder> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
+        let ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
+        let mut responder = Responder::with_programs_loaded(ebpf, None)?;
+        responder.set_params(ServerParams::DEFAULT)?;
+        Ok(responder)
+    }
+
+    /// Loads (verifies) both programs, pinning them under `pin_dir` when given.
+    fn with_programs_loaded(mut ebpf: Ebpf, pin_dir: Option<&Path>) -> Result<Responder> {
         for name in [RESPONDER_PROGRAM, PEER_PASS_PROGRAM] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -187,16 +194,20 @@ impl Responder {
                 .try_into()?;
             prog.load()
                 .with_context(|| format!("loading XDP program {name} (verifier)"))?;
+            if let Some(dir) = pin_dir {
+                let pin = dir.join(format!("prog_{name}"));
+                let _ = std::fs::remove_file(&pin);
+                prog.pin(&pin)
+                    .with_context(|| format!("pinning {}", pin.display()))?;
+            }
         }
-        let mut responder = Responder {
+        Ok(Responder {
             ebpf,
             active_slot: 0,
             last_anchor: None,
             last_publish: None,
             published: tokio::sync::watch::Sender::new(TimeAnchor::default()),
-        };
-        responder.set_params(ServerParams::DEFAULT)?;
-        Ok(responder)
+        })
     }
 
     /// Loads the programs with their maps pinned under `dir`: maps an earlier daemon left are
@@ -211,28 +222,10 @@ impl Responder {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader
+        let ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
-        for name in [RESPONDER_PROGRAM, PEER_PASS_PROGRAM] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("loading XDP program {name} (verifier)"))?;
-            let pin = dir.join(format!("prog_{name}"));
-            let _ = std::fs::remove_file(&pin);
-            prog.pin(&pin)
-                .with_context(|| format!("pinning {}", pin.display()))?;
-        }
-        let mut responder = Responder {
-            ebpf,
-            active_slot: 0,
-            last_anchor: None,
-            last_publish: None,
-            published: tokio::sync::watch::Sender::new(TimeAnchor::default()),
-        };
+        let mut responder = Responder::with_programs_loaded(ebpf, Some(dir))?;
         // Continue from what the attached program serves now.
         let active: u32 = Array::<_, u32>::try_from(responder.map("ANCHOR_ACTIVE")?)?
             .get(&0, 0)
