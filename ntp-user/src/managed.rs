@@ -457,7 +457,11 @@ pub fn down(spec: &VipSpec) -> Result<Vec<String>> {
     if let Some(pid) = dhcp::stop_stale(&spec.netns)? {
         done.push(format!("stopped dnsmasq (pid {pid})"));
     }
-    done.extend(xdp::remove_pins(&spec.netns)?);
+    {
+        let _bpffs = xdp::bpffs_lock()?;
+        done.extend(xdp::remove_pins(&spec.netns)?);
+        done.extend(xdp::release_bpffs()?);
+    }
     match Created::load(&spec.netns)? {
         Some(created) => done.extend(vip::teardown(&created, &Netlink::open()?)?),
         None => done.push(format!(

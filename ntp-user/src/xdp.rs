@@ -37,14 +37,29 @@ pub fn pin_dir(instance: &str) -> PathBuf {
     Path::new("/sys/fs/bpf/ntp-xdp").join(instance)
 }
 
-/// Mounts bpffs on /sys/fs/bpf unless one is there already.
-pub fn ensure_bpffs() -> Result<()> {
+/// Left by a daemon that mounted bpffs itself, so that the last `down` can unmount it again.
+const BPFFS_MARKER: &str = "/run/ntp-xdp/bpffs-mounted";
+/// What the kernel shows in every fresh bpffs (the bpf_preload iterators): not pins.
+const BPFFS_KERNEL_ENTRIES: [&str; 2] = ["maps.debug", "progs.debug"];
+
+/// Serializes mounting bpffs and pinning into it against `down` unmounting it. The lock is on
+/// /run (always there, never replaced by a mount), not on /sys/fs/bpf, whose inode a mount
+/// changes.
+pub fn bpffs_lock() -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let dir = std::fs::File::open("/run").context("opening /run")?;
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow!("locking /run for bpffs: {e}"))
+}
+
+fn is_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Mounts bpffs on /sys/fs/bpf unless one is there already (call with [`bpffs_lock`] held).
+pub fn ensure_bpffs() -> Result<()> {
     let root = Path::new("/sys/fs/bpf");
-    let is_bpffs = nix::sys::statfs::statfs(root)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-        .unwrap_or(false);
-    if !is_bpffs {
+    if !is_bpffs(root) {
         std::fs::create_dir_all(root).context("creating /sys/fs/bpf")?;
         nix::mount::mount(
             Some("bpf"),
@@ -54,8 +69,34 @@ pub fn ensure_bpffs() -> Result<()> {
             None::<&str>,
         )
         .context("mounting bpffs on /sys/fs/bpf")?;
+        let marker = Path::new(BPFFS_MARKER);
+        if let Some(dir) = marker.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(marker, b"").with_context(|| format!("writing {BPFFS_MARKER}"))?;
     }
     Ok(())
+}
+
+/// Unmounts /sys/fs/bpf if a daemon of ours mounted it and it holds nothing but the kernel's
+/// own entries (call with [`bpffs_lock`] held). Returns what it did.
+pub fn release_bpffs() -> Result<Option<String>> {
+    let root = Path::new("/sys/fs/bpf");
+    if !Path::new(BPFFS_MARKER).exists() || !is_bpffs(root) {
+        return Ok(None);
+    }
+    let unused = std::fs::read_dir(root)
+        .context("reading /sys/fs/bpf")?
+        .flatten()
+        .all(|e| BPFFS_KERNEL_ENTRIES.contains(&&*e.file_name().to_string_lossy()));
+    if !unused {
+        return Ok(None);
+    }
+    nix::mount::umount(root).context("unmounting /sys/fs/bpf")?;
+    std::fs::remove_file(BPFFS_MARKER).with_context(|| format!("removing {BPFFS_MARKER}"))?;
+    Ok(Some(
+        "unmounted the bpffs the daemon had mounted on /sys/fs/bpf".into(),
+    ))
 }
 
 /// Removes an instance's pins: the pinned attachments go (the responder detaches), then the
@@ -214,6 +255,8 @@ impl Responder {
     /// reused as they are (anchor, served addresses, counters), so what the attached program
     /// serves continues; the programs are pinned too, for re-attachment after drift.
     pub fn load_pinned(dir: &Path) -> Result<Responder> {
+        // Held until the programs are pinned: a `down` elsewhere must not unmount in between.
+        let _bpffs = bpffs_lock()?;
         ensure_bpffs()?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         check_pinned_layout(dir)?;

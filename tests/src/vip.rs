@@ -56,8 +56,8 @@ pub struct VipHost {
     pub bridge: String,
     pub subnet: u8,
     pub config: PathBuf,
-    /// The physical host namespace and the VIP host's address facing it.
-    pub physical: Option<(Netns, String)>,
+    /// The physical host namespace, the VIP host's address facing it and its interface there.
+    pub physical: Option<(Netns, String, String)>,
     dir: PathBuf,
     daemon: Option<ServeProcess>,
 }
@@ -107,7 +107,7 @@ impl VipHost {
             p.ip(&["link", "set", &p_if, "up"])?;
             host_interfaces = format!("host_interfaces = [\"{h_if}\"]");
             internal_addr = format!(", \"169.254.{net}.1\"");
-            host.physical = Some((p, format!("169.254.{net}.1")));
+            host.physical = Some((p, format!("169.254.{net}.1"), h_if));
         }
         let config = format!(
             r#"[service]
