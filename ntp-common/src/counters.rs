@@ -52,6 +52,14 @@ counters! {
     DroppedBadAddress = "dropped_bad_address",
     /// No anchor was ever published: there is no time to give.
     DroppedNoAnchor = "dropped_no_anchor",
+    /// Over its source's rate: dropped silently (a KoD went recently).
+    DroppedRateLimited = "dropped_rate_limited",
+    /// Over its source's rate: answered with a RATE kiss-o'-death instead.
+    KodRate = "kod_rate",
+    /// Source denied by the access list: dropped silently.
+    DroppedDenied = "dropped_denied",
+    /// Source denied by the access list: answered with a DENY kiss-o'-death.
+    KodDeny = "kod_deny",
     /// Subset of the answered ones: replies that said LI=3 (unsynchronized or stale anchor).
     AnsweredUnsynchronized = "answered_unsynchronized",
 }

@@ -9,6 +9,7 @@ pub mod anchor;
 pub mod checksum;
 pub mod counters;
 pub mod packet;
+pub mod policy;
 pub mod reply;
 pub mod time;
 pub mod wire;

@@ -92,7 +92,7 @@ pub fn transmit_timestamp(tx_exact: u64, receive: u64, precision: i8, random: u3
 /// Writes a mode 4 reply over `hdr`.
 ///
 /// `rx_mono` and `tx_mono` are CLOCK_MONOTONIC readings at reception and just before sending;
-/// `random` supplies the bits below the precision.
+/// `random` supplies the bits below the precision. Returns the receive timestamp written.
 #[inline(always)]
 pub fn write_server_reply(
     hdr: &mut [u8; NTP_HEADER_LEN],
@@ -102,7 +102,7 @@ pub fn write_server_reply(
     rx_mono: u64,
     tx_mono: u64,
     random: u32,
-) {
+) -> u64 {
     let synced = anchor.is_synchronized_at(rx_mono);
     let (leap, stratum, refid) = if synced {
         (anchor.leap, anchor.stratum, anchor.refid)
@@ -143,6 +143,46 @@ pub fn write_server_reply(
     }
     write_be64(hdr, OFF_RECEIVE_TS, receive);
     write_be64(hdr, OFF_TRANSMIT_TS, transmit);
+    receive
+}
+
+/// Writes a kiss-o'-death (RFC 5905 §7.4) over `hdr`: LI=3, stratum 0 and the kiss code as
+/// reference ID, so no client can take its time; the origin echoes the request and the
+/// receive/transmit timestamps are filled as in a reply (as ntpd does), so that clients match
+/// it to their request and act on it. `min_poll` is the poll exponent the client is asked to
+/// back off to (the request's, if larger).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn write_kiss_of_death(
+    hdr: &mut [u8; NTP_HEADER_LEN],
+    req: &ClientRequest,
+    anchor: &TimeAnchor,
+    params: &ServerParams,
+    rx_mono: u64,
+    tx_mono: u64,
+    random: u32,
+    code: [u8; 4],
+    min_poll: i8,
+) {
+    write_server_reply(hdr, req, anchor, params, rx_mono, tx_mono, random);
+    hdr[OFF_LI_VN_MODE] = li_vn_mode(LEAP_UNSYNCHRONIZED, req.version, MODE_SERVER);
+    hdr[OFF_STRATUM] = STRATUM_UNSPECIFIED;
+    hdr[OFF_POLL] = if req.poll > min_poll {
+        req.poll
+    } else {
+        min_poll
+    } as u8;
+    hdr[OFF_REFID] = code[0];
+    hdr[OFF_REFID + 1] = code[1];
+    hdr[OFF_REFID + 2] = code[2];
+    hdr[OFF_REFID + 3] = code[3];
+}
+
+/// A guest's apparent clock error: its transmit timestamp minus the served receive time, as
+/// a signed 32.32 difference (the era wraps away).
+#[inline(always)]
+pub fn guest_offset_fixed(guest_transmit: [u8; 8], receive: u64) -> i64 {
+    u64::from_be_bytes(guest_transmit).wrapping_sub(receive) as i64
 }
 
 #[cfg(test)]
@@ -262,6 +302,41 @@ mod tests {
             tx & !sub_precision_mask(-24),
             (rx + (1 << 20)) & !sub_precision_mask(-24)
         );
+    }
+
+    #[test]
+    fn kiss_of_death_carries_no_usable_time() {
+        let a = anchor();
+        let mut h = request(3, 5);
+        let req = ClientRequest::parse(&h);
+        write_kiss_of_death(
+            &mut h,
+            &req,
+            &a,
+            &ServerParams::DEFAULT,
+            a.mono_ns,
+            a.mono_ns + 10,
+            7,
+            *b"RATE",
+            8,
+        );
+        assert_eq!(h[0], li_vn_mode(LEAP_UNSYNCHRONIZED, 3, MODE_SERVER));
+        assert_eq!(h[OFF_STRATUM], 0);
+        assert_eq!(&h[OFF_REFID..OFF_REFID + 4], b"RATE");
+        assert_eq!(h[OFF_POLL], 8);
+        assert_eq!(h[OFF_ORIGIN_TS..OFF_ORIGIN_TS + 8], req.transmit);
+        assert_ne!(read_be64(&h, OFF_TRANSMIT_TS), 0);
+    }
+
+    #[test]
+    fn guest_offsets() {
+        let rx = ntp_ns_to_timestamp(3_972_000_000 * SEC);
+        let ahead = (rx + (2u64 << 32)).to_be_bytes();
+        assert_eq!(guest_offset_fixed(ahead, rx), 2 << 32);
+        let behind = (rx - (1u64 << 31)).to_be_bytes();
+        assert_eq!(guest_offset_fixed(behind, rx), -(1 << 31));
+        // Across the era boundary.
+        assert_eq!(guest_offset_fixed(5u64.to_be_bytes(), u64::MAX - 4), 10);
     }
 
     #[test]

@@ -2,13 +2,15 @@
 //!
 //! Every layer is one function with one bounds check. Anything not addressed to a served
 //! address, or not NTP, is passed untouched; malformed NTP is dropped; nothing is ever answered
-//! with more bytes than it carried. Each packet increments exactly one outcome counter.
+//! with more bytes than it carried. Valid requests then pass the access list and their
+//! source's rate limit (over it: dropped, or a kiss-o'-death now and then). Each packet
+//! increments exactly one outcome counter.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use aya_log_ebpf::info;
@@ -18,7 +20,15 @@ use ntp_common::{
         add_words, finish, finish_udp, pseudo_v4, pseudo_v6, udp_request_checksum_ok, verifies,
     },
     counters::COUNTER_COUNT,
-    reply::{request_rejection, write_server_reply, ClientRequest},
+    policy::{
+        admit, kod_due, rate_key_v6, Admission, GuestClock, ResponderPolicy, SourceState,
+        ACL_ALLOW, KISS_DENY, KISS_RATE, POLICY_ACL, POLICY_DEFAULT_DENY, POLICY_GUEST_CLOCKS,
+        POLICY_KOD_DENY, POLICY_RATE_LIMIT,
+    },
+    reply::{
+        guest_offset_fixed, request_rejection, write_kiss_of_death, write_server_reply,
+        ClientRequest,
+    },
     wire::*,
     Counter, ServerParams, TimeAnchor,
 };
@@ -40,6 +50,33 @@ static SERVER_PARAMS: Array<ServerParams> = Array::with_max_entries(1, 0);
 static SERVED_ADDRS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_SERVED_ADDRS, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+#[map]
+static POLICY: Array<ResponderPolicy> = Array::with_max_entries(1, 0);
+/// Access list: prefixes of ::ffff:0:0/96-mapped IPv4 or IPv6 sources → ACL_ALLOW / ACL_DENY.
+#[map]
+static ACL: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(4096, 0);
+/// Rate-limit state per source (IPv4 address, IPv6 /64). LRU: a full table forgets the
+/// longest-idle source, so it never refuses a new one. The daemon sets the size at load.
+#[map]
+static RATE: LruHashMap<[u8; 16], SourceState> = LruHashMap::with_max_entries(65536, 0);
+/// Apparent clock error of each guest (full source address), for the daemon's alarm list.
+#[map]
+static GUESTS: LruHashMap<[u8; 16], GuestClock> = LruHashMap::with_max_entries(65536, 0);
+
+/// What the packet-independent state says for every packet, read once per packet.
+struct Env {
+    rx_mono: u64,
+    params: ServerParams,
+    policy: ResponderPolicy,
+}
+
+/// What the admission step decided for a valid request.
+#[derive(Clone, Copy)]
+enum Admit {
+    Answer,
+    Kod([u8; 4], Counter),
+    Drop(Counter),
+}
 
 #[derive(Clone, Copy)]
 struct Verdict {
@@ -72,17 +109,24 @@ pub fn ntp_responder(ctx: XdpContext) -> u32 {
     // Receive timestamp: as early as possible.
     let rx_mono = unsafe { bpf_ktime_get_ns() };
     // Read once per packet: the reply builder and the log switch both need them.
-    let params = match SERVER_PARAMS.get(0) {
-        Some(p) => *p,
-        None => ServerParams::DEFAULT,
+    let env = Env {
+        rx_mono,
+        params: match SERVER_PARAMS.get(0) {
+            Some(p) => *p,
+            None => ServerParams::DEFAULT,
+        },
+        policy: match POLICY.get(0) {
+            Some(p) => *p,
+            None => ResponderPolicy::OPEN,
+        },
     };
     let pkt = Packet::new(&ctx);
-    let verdict = handle_frame(&pkt, rx_mono, &params);
+    let verdict = handle_frame(&pkt, &env);
     count(verdict.counter);
     if verdict.unsynchronized {
         count(Counter::AnsweredUnsynchronized);
     }
-    if params.flags & PARAM_FLAG_LOG != 0 {
+    if env.params.flags & PARAM_FLAG_LOG != 0 {
         info!(
             &ctx,
             "ntp-xdp: outcome {} action {}", verdict.counter as u32, verdict.action
@@ -126,7 +170,7 @@ fn load_anchor() -> Option<TimeAnchor> {
 }
 
 #[inline(always)]
-fn handle_frame(pkt: &Packet, rx_mono: u64, params: &ServerParams) -> Verdict {
+fn handle_frame(pkt: &Packet, env: &Env) -> Verdict {
     let Some(eth) = pkt.bytes::<ETH_HEADER_LEN>(0) else {
         return pass(Counter::PassedNotIp);
     };
@@ -141,14 +185,14 @@ fn handle_frame(pkt: &Packet, rx_mono: u64, params: &ServerParams) -> Verdict {
         l3 = ETH_HEADER_LEN + VLAN_TAG_LEN;
     }
     match ethertype {
-        ETH_P_IPV4 => handle_ipv4(pkt, l3, rx_mono, params),
-        ETH_P_IPV6 => handle_ipv6(pkt, l3, rx_mono, params),
+        ETH_P_IPV4 => handle_ipv4(pkt, l3, env),
+        ETH_P_IPV6 => handle_ipv6(pkt, l3, env),
         _ => pass(Counter::PassedNotIp),
     }
 }
 
 #[inline(always)]
-fn handle_ipv4(pkt: &Packet, l3: usize, rx_mono: u64, params: &ServerParams) -> Verdict {
+fn handle_ipv4(pkt: &Packet, l3: usize, env: &Env) -> Verdict {
     let Some(ip) = pkt.bytes::<IPV4_MIN_HEADER_LEN>(l3) else {
         return pass(Counter::PassedNotIp);
     };
@@ -213,6 +257,12 @@ fn handle_ipv4(pkt: &Packet, l3: usize, rx_mono: u64, params: &ServerParams) -> 
     if !anchor.is_published() {
         return drop(Counter::DroppedNoAnchor);
     }
+    let source = ipv4_mapped_key(src);
+    let (kod, counter) = match admission(&source, &source, env) {
+        Admit::Answer => (None, Counter::AnsweredV4),
+        Admit::Kod(code, counter) => (Some(code), counter),
+        Admit::Drop(counter) => return drop(counter),
+    };
 
     // Turn the frame around: MACs, addresses, TTL, then a fresh header checksum.
     swap_ethernet(pkt);
@@ -233,11 +283,11 @@ fn handle_ipv4(pkt: &Packet, l3: usize, rx_mono: u64, params: &ServerParams) -> 
     ip[10] = (check >> 8) as u8;
     ip[11] = check as u8;
 
-    let synced = answer(seg, &anchor, params, rx_mono, pseudo);
+    let synced = answer(seg, &anchor, env, pseudo, kod, &source);
     Verdict {
         action: XDP_TX,
-        counter: Counter::AnsweredV4,
-        unsynchronized: !synced,
+        counter,
+        unsynchronized: kod.is_none() && !synced,
     }
 }
 
@@ -251,7 +301,7 @@ fn is_ipv6_extension_header(next: u8) -> bool {
 }
 
 #[inline(always)]
-fn handle_ipv6(pkt: &Packet, l3: usize, rx_mono: u64, params: &ServerParams) -> Verdict {
+fn handle_ipv6(pkt: &Packet, l3: usize, env: &Env) -> Verdict {
     let Some(ip) = pkt.bytes::<IPV6_HEADER_LEN>(l3) else {
         return pass(Counter::PassedNotIp);
     };
@@ -318,6 +368,11 @@ fn handle_ipv6(pkt: &Packet, l3: usize, rx_mono: u64, params: &ServerParams) -> 
     if !anchor.is_published() {
         return drop(Counter::DroppedNoAnchor);
     }
+    let (kod, counter) = match admission(&src, &rate_key_v6(&src), env) {
+        Admit::Answer => (None, Counter::AnsweredV6),
+        Admit::Kod(code, counter) => (Some(code), counter),
+        Admit::Drop(counter) => return drop(counter),
+    };
 
     swap_ethernet(pkt);
     let Some(ip) = pkt.bytes::<IPV6_HEADER_LEN>(l3) else {
@@ -326,11 +381,11 @@ fn handle_ipv6(pkt: &Packet, l3: usize, rx_mono: u64, params: &ServerParams) -> 
     swap::<16>(ip, 8, 24);
     ip[7] = REPLY_TTL;
 
-    let synced = answer(seg, &anchor, params, rx_mono, pseudo);
+    let synced = answer(seg, &anchor, env, pseudo, kod, &src);
     Verdict {
         action: XDP_TX,
-        counter: Counter::AnsweredV6,
-        unsynchronized: !synced,
+        counter,
+        unsynchronized: kod.is_none() && !synced,
     }
 }
 
@@ -393,15 +448,84 @@ fn swap_ethernet(pkt: &Packet) {
     }
 }
 
-/// Writes the NTP reply and the UDP header over the request segment. Returns whether the
-/// reply claims synchronization.
+/// Access list, then the source's rate. `source` is the full address (IPv4 mapped), `rate_key`
+/// the rate table's key for it.
+#[inline(always)]
+fn admission(source: &[u8; 16], rate_key: &[u8; 16], env: &Env) -> Admit {
+    let policy = &env.policy;
+    let mut denied = false;
+    if policy.has(POLICY_ACL) {
+        denied = match ACL.get(Key::new(128, *source)) {
+            Some(v) => *v != ACL_ALLOW,
+            None => policy.has(POLICY_DEFAULT_DENY),
+        };
+    }
+    if denied && !policy.has(POLICY_KOD_DENY) {
+        return Admit::Drop(Counter::DroppedDenied);
+    }
+    if !denied && !policy.has(POLICY_RATE_LIMIT) {
+        return Admit::Answer;
+    }
+    // Concurrent requests of one source on two CPUs may both pass on the same token: the
+    // limit is exact per CPU and at most #CPUs times looser for a source that floods them all.
+    let slot = RATE.get_ptr_mut(rate_key);
+    let mut state = match slot {
+        Some(p) => unsafe { *p },
+        None => SourceState::default(),
+    };
+    let decision = if denied {
+        if kod_due(&mut state, env.rx_mono, policy) {
+            Admit::Kod(KISS_DENY, Counter::KodDeny)
+        } else {
+            Admit::Drop(Counter::DroppedDenied)
+        }
+    } else {
+        match admit(&mut state, env.rx_mono, policy) {
+            Admission::Answer => Admit::Answer,
+            Admission::Limited { kod: true } => Admit::Kod(KISS_RATE, Counter::KodRate),
+            Admission::Limited { kod: false } => Admit::Drop(Counter::DroppedRateLimited),
+        }
+    };
+    match slot {
+        Some(p) => unsafe { *p = state },
+        // A full LRU table evicts its least recently used entry to make room.
+        None => {
+            let _ = RATE.insert(rate_key, &state, 0);
+        }
+    }
+    decision
+}
+
+/// Remembers what a guest's request said about its clock.
+#[inline(always)]
+fn record_guest(source: &[u8; 16], offset_fixed: i64, now: u64) {
+    match GUESTS.get_ptr_mut(source) {
+        Some(g) => unsafe {
+            (*g).offset_fixed = offset_fixed;
+            (*g).requests += 1;
+            (*g).last_seen_ns = now;
+        },
+        None => {
+            let entry = GuestClock {
+                offset_fixed,
+                requests: 1,
+                last_seen_ns: now,
+            };
+            let _ = GUESTS.insert(source, &entry, 0);
+        }
+    }
+}
+
+/// Writes the NTP reply (or a kiss-o'-death with `kod`) and the UDP header over the request
+/// segment. Returns whether a reply claims synchronization.
 #[inline(always)]
 fn answer(
     seg: &mut [u8; NTP_UDP_LEN as usize],
     anchor: &TimeAnchor,
-    params: &ServerParams,
-    rx_mono: u64,
+    env: &Env,
     pseudo: u32,
+    kod: Option<[u8; 4]>,
+    source: &[u8; 16],
 ) -> bool {
     swap::<2>(seg, 0, 2);
     seg[6] = 0;
@@ -412,10 +536,31 @@ fn answer(
     // Transmit timestamp: the last moment before the checksum that covers it.
     let tx_mono = unsafe { bpf_ktime_get_ns() };
     let random = unsafe { bpf_get_prandom_u32() };
-    write_server_reply(hdr, &req, anchor, params, rx_mono, tx_mono, random);
+    let rx_mono = env.rx_mono;
+    match kod {
+        None => {
+            let receive =
+                write_server_reply(hdr, &req, anchor, &env.params, rx_mono, tx_mono, random);
+            // A zero transmit timestamp says nothing about the guest's clock.
+            if env.policy.has(POLICY_GUEST_CLOCKS) && u64::from_be_bytes(req.transmit) != 0 {
+                record_guest(source, guest_offset_fixed(req.transmit, receive), rx_mono);
+            }
+        }
+        Some(code) => write_kiss_of_death(
+            hdr,
+            &req,
+            anchor,
+            &env.params,
+            rx_mono,
+            tx_mono,
+            random,
+            code,
+            env.policy.kod_poll,
+        ),
+    }
     // The pseudo-header sum does not change when source and destination swap.
     let check = finish_udp(add_words(pseudo, seg));
     seg[6] = (check >> 8) as u8;
     seg[7] = check as u8;
-    anchor.is_synchronized_at(rx_mono)
+    kod.is_none() && anchor.is_synchronized_at(rx_mono)
 }

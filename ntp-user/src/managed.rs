@@ -334,7 +334,7 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
     }
     let ns = netns::open_named_netns(&spec.netns)?;
 
-    let mut responder = Responder::load_pinned(&pin_dir(&spec.netns))?;
+    let mut responder = Responder::load_pinned(&pin_dir(&spec.netns), xdp::TableSizes::default())?;
     let adopted = responder.current_anchor().is_some();
     responder.set_params(opts.params)?;
     let mut served: Vec<IpAddr> = spec.served_addresses();

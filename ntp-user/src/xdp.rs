@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use aya_obj::programs::XdpAttachType;
+use ipnet::IpNet;
+use ntp_common::policy::{GuestClock, ResponderPolicy, SourceState, ACL_ALLOW, ACL_DENY};
 use ntp_common::wire::ipv4_mapped_key;
 use ntp_common::{Counter, ServerParams, TimeAnchor};
 
@@ -21,16 +24,105 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub const RESPONDER_PROGRAM: &str = "ntp_responder";
 pub const PEER_PASS_PROGRAM: &str = "ntp_peer_pass";
 pub const COUNTERS_MAP: &str = "COUNTERS";
+pub const RATE_MAP: &str = "RATE";
+pub const GUESTS_MAP: &str = "GUESTS";
 
-/// Maps kept in bpffs so that a restarted daemon continues with the same anchor, addresses and
-/// counters while the pinned attachment keeps answering.
-pub const PINNED_MAPS: [&str; 5] = [
+/// Maps kept in bpffs so that a restarted daemon continues with the same anchor, addresses,
+/// counters, per-source rate state and guest clocks while the pinned attachment keeps
+/// answering. (The policy and access list are rewritten from the config at every start.)
+pub const PINNED_MAPS: [&str; 7] = [
     "ANCHORS",
     "ANCHOR_ACTIVE",
     "SERVER_PARAMS",
     "SERVED_ADDRS",
     COUNTERS_MAP,
+    RATE_MAP,
+    GUESTS_MAP,
 ];
+
+/// Sizes of the per-source tables, set when the object is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSizes {
+    /// Rate-limit state: sources beyond this evict the longest idle.
+    pub rate_sources: u32,
+    /// Guest clock records.
+    pub guests: u32,
+}
+
+impl Default for TableSizes {
+    fn default() -> Self {
+        TableSizes {
+            rate_sources: 65_536,
+            guests: 65_536,
+        }
+    }
+}
+
+/// An access-list entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AclEntry {
+    pub prefix: IpNet,
+    pub allow: bool,
+}
+
+/// The LPM key of a prefix: IPv4 as ::ffff:a.b.c.d/(96 + len).
+pub fn acl_key(prefix: IpNet) -> LpmKey<[u8; 16]> {
+    let prefix = prefix.trunc();
+    match prefix {
+        IpNet::V4(n) => LpmKey::new(96 + n.prefix_len() as u32, ipv4_mapped_key(n.addr().octets())),
+        IpNet::V6(n) => LpmKey::new(n.prefix_len() as u32, n.addr().octets()),
+    }
+}
+
+/// Address of a map key (IPv4-mapped or IPv6).
+pub fn key_address(key: &[u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(*key);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// Read-only handles on the maps operators look at (counters, guest clocks, rate table),
+/// independent of the [`Responder`] the clock loop holds mutably.
+pub struct Observer {
+    counters: PerCpuArray<MapData, u64>,
+    guests: HashMap<MapData, [u8; 16], GuestClock>,
+    rate: HashMap<MapData, [u8; 16], SourceState>,
+}
+
+impl Observer {
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        read_counters(&self.counters)
+    }
+
+    /// Every guest clock record: (source address, record).
+    pub fn guest_clocks(&self) -> Vec<(IpAddr, GuestClock)> {
+        self.guests
+            .iter()
+            .flatten()
+            .map(|(k, v)| (key_address(&k), v))
+            .collect()
+    }
+
+    /// How many sources the rate table tracks now.
+    pub fn rate_sources(&self) -> usize {
+        self.rate.keys().flatten().count()
+    }
+}
+
+fn reopen(ebpf: &Ebpf, name: &str) -> Result<aya::maps::Map> {
+    let map = ebpf
+        .map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+    let id = match map {
+        aya::maps::Map::PerCpuArray(d) | aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => {
+            d.info()?.id()
+        }
+        _ => bail!("map {name} has an unexpected type"),
+    };
+    Ok(aya::maps::Map::from_map_data(MapData::from_id(id)?)?)
+}
 
 /// Where one instance's pins live.
 pub fn pin_dir(instance: &str) -> PathBuf {
@@ -220,10 +312,50 @@ pub struct Responder {
 impl Responder {
     /// Loads the object and both programs into the kernel (verifier included); attaches nothing.
     pub fn load() -> Result<Responder> {
-        let ebpf = Ebpf::load(EBPF_OBJECT).context("loading the eBPF object")?;
+        Responder::load_sized(TableSizes::default())
+    }
+
+    /// [`Responder::load`] with the per-source tables sized.
+    pub fn load_sized(sizes: TableSizes) -> Result<Responder> {
+        let mut loader = EbpfLoader::new();
+        sizes.apply(&mut loader);
+        let ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
         let mut responder = Responder::with_programs_loaded(ebpf, None)?;
         responder.set_params(ServerParams::DEFAULT)?;
         Ok(responder)
+    }
+
+    /// Handles for reading counters and guest records from another task.
+    pub fn observer(&self) -> Result<Observer> {
+        Ok(Observer {
+            counters: PerCpuArray::try_from(reopen(&self.ebpf, COUNTERS_MAP)?)?,
+            guests: HashMap::try_from(reopen(&self.ebpf, GUESTS_MAP)?)?,
+            rate: HashMap::try_from(reopen(&self.ebpf, RATE_MAP)?)?,
+        })
+    }
+
+    /// Who is answered, limited or denied, and whether guest clocks are recorded.
+    pub fn set_policy(&mut self, policy: ResponderPolicy) -> Result<()> {
+        let mut map: Array<_, ResponderPolicy> = Array::try_from(self.map("POLICY")?)?;
+        map.set(0, policy, 0).context("writing POLICY")?;
+        Ok(())
+    }
+
+    /// Makes the access list exactly `entries`.
+    pub fn set_access_list(&mut self, entries: &[AclEntry]) -> Result<()> {
+        let mut map: LpmTrie<_, [u8; 16], u8> = LpmTrie::try_from(self.map("ACL")?)?;
+        let old: Vec<LpmKey<[u8; 16]>> = map.keys().flatten().collect();
+        for k in old {
+            map.remove(&k).context("clearing the access list")?;
+        }
+        for e in entries {
+            let value = if e.allow { ACL_ALLOW } else { ACL_DENY };
+            map.insert(&acl_key(e.prefix), value, 0)
+                .with_context(|| format!("adding {} to the access list", e.prefix))?;
+        }
+        Ok(())
     }
 
     /// Loads (verifies) both programs, pinning them under `pin_dir` when given.
@@ -254,14 +386,16 @@ impl Responder {
     /// Loads the programs with their maps pinned under `dir`: maps an earlier daemon left are
     /// reused as they are (anchor, served addresses, counters), so what the attached program
     /// serves continues; the programs are pinned too, for re-attachment after drift.
-    pub fn load_pinned(dir: &Path) -> Result<Responder> {
+    pub fn load_pinned(dir: &Path, sizes: TableSizes) -> Result<Responder> {
         // Held until the programs are pinned: a `down` elsewhere must not unmount in between.
         let _bpffs = bpffs_lock()?;
         ensure_bpffs()?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         check_pinned_layout(dir)?;
+        drop_resized_tables(dir, sizes)?;
         let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
+        sizes.apply(&mut loader);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -446,6 +580,37 @@ impl Responder {
     }
 }
 
+impl TableSizes {
+    fn apply(&self, loader: &mut EbpfLoader) {
+        loader.map_max_entries(RATE_MAP, self.rate_sources.max(1));
+        loader.map_max_entries(GUESTS_MAP, self.guests.max(1));
+    }
+}
+
+/// The per-source tables are caches: a pin of another size (the config changed) is dropped
+/// and starts empty, rather than refusing to start.
+fn drop_resized_tables(dir: &Path, sizes: TableSizes) -> Result<()> {
+    for (name, want) in [(RATE_MAP, sizes.rate_sources), (GUESTS_MAP, sizes.guests)] {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        if info.max_entries() != want.max(1) {
+            tracing::info!(
+                map = name,
+                old = info.max_entries(),
+                new = want,
+                "table resized by the config; starting it empty"
+            );
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Refuses maps pinned by a build whose map layout differs: reusing them would make the new
 /// program read garbage. (`ntp-user down` clears them; the restart is then not hitless.)
 fn check_pinned_layout(dir: &Path) -> Result<()> {
@@ -455,6 +620,8 @@ fn check_pinned_layout(dir: &Path) -> Result<()> {
         ("SERVER_PARAMS", std::mem::size_of::<ServerParams>() as u32),
         ("SERVED_ADDRS", 1),
         (COUNTERS_MAP, 8),
+        (RATE_MAP, std::mem::size_of::<SourceState>() as u32),
+        (GUESTS_MAP, std::mem::size_of::<GuestClock>() as u32),
     ];
     for (name, value_size) in expect {
         let path = dir.join(name);

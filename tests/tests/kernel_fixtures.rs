@@ -9,7 +9,8 @@ use ntp_common::time::{ns_to_short, ntp_ns_to_timestamp, phi_growth_ns, NANOS_PE
 use ntp_common::wire::*;
 use ntp_common::{Counter, TimeAnchor};
 use ntp_user::hostclock::monotonic_now_ns;
-use ntp_user::xdp::Responder;
+use ntp_common::policy::*;
+use ntp_user::xdp::{AclEntry, Responder, TableSizes};
 use std::net::IpAddr;
 
 const XDP_DROP: u32 = 1;
@@ -29,6 +30,8 @@ enum Expect {
     Reply { version: u8, poll: i8 },
     Pass(Counter),
     Drop(Counter),
+    /// A kiss-o'-death with this code, counted as `counter`.
+    Kod([u8; 4], Counter),
 }
 
 struct Case {
@@ -51,7 +54,11 @@ const ANSWER: Expect = Expect::Reply {
 };
 
 fn responder(state: AnchorState) -> Result<(Responder, TimeAnchor)> {
-    let mut r = Responder::load()?;
+    responder_sized(state, TableSizes::default())
+}
+
+fn responder_sized(state: AnchorState, sizes: TableSizes) -> Result<(Responder, TimeAnchor)> {
+    let mut r = Responder::load_sized(sizes)?;
     r.add_served_address(IpAddr::from(CLOCK_V4))?;
     r.add_served_address(IpAddr::from(CLOCK_V6))?;
     let now = monotonic_now_ns()?;
@@ -447,6 +454,7 @@ fn run_case(r: &mut Responder, anchor: &TimeAnchor, c: &Case, unsynchronized: bo
         Expect::Reply { .. } => (XDP_TX, Counter::AnsweredV4),
         Expect::Pass(counter) => (XDP_PASS, counter),
         Expect::Drop(counter) => (XDP_DROP, counter),
+        Expect::Kod(_, counter) => (XDP_TX, counter),
     };
     if out.action != want_action {
         failures.push(format!(
@@ -458,7 +466,7 @@ fn run_case(r: &mut Responder, anchor: &TimeAnchor, c: &Case, unsynchronized: bo
         let moved = after[counter as usize] - before[counter as usize];
         let want = (counter == want_counter
             || (counter == Counter::AnsweredUnsynchronized
-                && want_action == XDP_TX
+                && matches!(c.expect, Expect::Reply { .. })
                 && unsynchronized)) as u64;
         if moved != want {
             failures.push(format!(
@@ -480,6 +488,11 @@ fn run_case(r: &mut Responder, anchor: &TimeAnchor, c: &Case, unsynchronized: bo
                 mono_before,
                 mono_after,
             ) {
+                failures.push(format!("{}: {e}", c.name));
+            }
+        }
+        Expect::Kod(code, _) => {
+            if let Err(e) = check_kod(&c.frame, &out.frame, code) {
                 failures.push(format!("{}: {e}", c.name));
             }
         }
@@ -630,6 +643,60 @@ fn check_reply(
     Ok(())
 }
 
+/// A kiss-o'-death: the request's size, addresses and ports turned around, checksums valid,
+/// LI=3, stratum 0, the kiss code as refid, the request's transmit as origin.
+fn check_kod(req: &[u8], rep: &[u8], code: [u8; 4]) -> Result<(), String> {
+    if rep.len() != req.len() {
+        return Err(format!("KoD is {} bytes, request {}", rep.len(), req.len()));
+    }
+    let l3 = 14;
+    let l4 = if rep[l3] >> 4 == 4 {
+        let ip = Ipv4HeaderSlice::from_slice(&rep[l3..]).map_err(|e| e.to_string())?;
+        let orig = Ipv4HeaderSlice::from_slice(&req[l3..]).unwrap();
+        if ip.source() != orig.destination() || ip.destination() != orig.source() {
+            return Err("IPv4 addresses not swapped".into());
+        }
+        if ip.header_checksum() != ip.to_header().calc_header_checksum() {
+            return Err("IPv4 header checksum wrong".into());
+        }
+        let l4 = l3 + ip.slice().len();
+        let udp = UdpHeaderSlice::from_slice(&rep[l4..]).unwrap().to_header();
+        if udp.checksum != udp.calc_checksum_ipv4(&ip.to_header(), &rep[l4 + 8..]).unwrap() {
+            return Err("UDP checksum wrong".into());
+        }
+        l4
+    } else {
+        let ip = Ipv6HeaderSlice::from_slice(&rep[l3..]).map_err(|e| e.to_string())?;
+        let orig = Ipv6HeaderSlice::from_slice(&req[l3..]).unwrap();
+        if ip.source() != orig.destination() || ip.destination() != orig.source() {
+            return Err("IPv6 addresses not swapped".into());
+        }
+        let l4 = l3 + 40;
+        let udp = UdpHeaderSlice::from_slice(&rep[l4..]).unwrap().to_header();
+        if udp.checksum != udp.calc_checksum_ipv6(&ip.to_header(), &rep[l4 + 8..]).unwrap() {
+            return Err("UDP checksum wrong".into());
+        }
+        l4
+    };
+    if rep[l4..l4 + 2] != req[l4 + 2..l4 + 4] {
+        return Err("UDP ports not swapped".into());
+    }
+    let ntp = &rep[l4 + 8..];
+    if ntp[0] != li_vn_mode(LEAP_UNSYNCHRONIZED, version(req[l4 + 8]), MODE_SERVER) {
+        return Err(format!("LI/VN/mode {:#x}", ntp[0]));
+    }
+    if ntp[1] != 0 || ntp[12..16] != code {
+        return Err(format!("stratum {} refid {:?}", ntp[1], &ntp[12..16]));
+    }
+    if read_be64(ntp, 24) != read_be64(&req[l4 + 8..], 40) {
+        return Err("origin is not the request's transmit timestamp".into());
+    }
+    if (ntp[2] as i8) < KOD_POLL {
+        return Err(format!("poll {} below the KoD's {KOD_POLL}", ntp[2] as i8));
+    }
+    Ok(())
+}
+
 fn run_table(state: AnchorState, unsynchronized: bool, cases: &[Case]) {
     let (mut r, anchor) = responder(state).unwrap();
     let failures: Vec<String> = cases
@@ -698,9 +765,10 @@ fn the_table_covers_every_outcome() {
     // A counter no fixture reaches is a code path no fixture tests.
     let cases = table();
     let mut reached: Vec<Counter> = vec![Counter::AnsweredUnsynchronized, Counter::DroppedNoAnchor];
-    for c in &cases {
+    let policy_cases = scenarios().into_iter().flat_map(|s| s.steps);
+    for c in cases.iter().chain(policy_cases.collect::<Vec<_>>().iter()) {
         match c.expect {
-            Expect::Pass(x) | Expect::Drop(x) => reached.push(x),
+            Expect::Pass(x) | Expect::Drop(x) | Expect::Kod(_, x) => reached.push(x),
             Expect::Reply { .. } => reached.extend([Counter::AnsweredV4, Counter::AnsweredV6]),
         }
     }
@@ -751,4 +819,268 @@ fn replies_never_exceed_requests_and_drops_never_answer_across_random_mutations(
             panic!("unexpected action {} for mutation at {pos}", out.action);
         }
     }
+}
+
+// ---- Access list and rate limiting: sequences of requests against one policy. ----
+
+const KOD_POLL: i8 = 7;
+
+struct Scenario {
+    name: &'static str,
+    sizes: TableSizes,
+    policy: ResponderPolicy,
+    acl: Vec<AclEntry>,
+    steps: Vec<Case>,
+    /// The rate table must never hold more than this many sources.
+    max_rate_sources: usize,
+}
+
+fn from_v4(src: [u8; 4]) -> Vec<u8> {
+    Frame {
+        src_v4: src,
+        ..Frame::v4(v4_request())
+    }
+    .build()
+}
+
+fn from_v6(src: [u8; 16]) -> Vec<u8> {
+    Frame {
+        src_v6: src,
+        ..Frame::v6(v4_request())
+    }
+    .build()
+}
+
+fn acl(entries: &[(&str, bool)]) -> Vec<AclEntry> {
+    entries
+        .iter()
+        .map(|(p, allow)| AclEntry {
+            prefix: p.parse().unwrap(),
+            allow: *allow,
+        })
+        .collect()
+}
+
+fn limited(rate: f64, burst: u32, kod: bool) -> ResponderPolicy {
+    let mut p = ResponderPolicy::OPEN.with_rate(rate, burst);
+    p.kod_interval_ns = 3600 * NANOS_PER_SEC;
+    p.kod_poll = KOD_POLL;
+    if kod {
+        p.flags |= POLICY_KOD_RATE;
+    }
+    p
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let rate_kod = Expect::Kod(KISS_RATE, Counter::KodRate);
+    let rate_drop = Expect::Drop(Counter::DroppedRateLimited);
+    let deny_kod = Expect::Kod(KISS_DENY, Counter::KodDeny);
+    let denied = Expect::Drop(Counter::DroppedDenied);
+    let other_guest = [169, 254, 8, 9];
+    let mut same_64 = GUEST_V6;
+    same_64[15] = 0x77;
+    let mut other_64 = GUEST_V6;
+    other_64[7] = 1;
+
+    let mut out = Vec::new();
+    // A burst of 4 per source, then one RATE KoD per interval, then silence; other sources
+    // and other /64s keep their own buckets; addresses in one /64 share one.
+    let mut steps = Vec::new();
+    for i in 0..4 {
+        steps.push(case(&format!("v4 burst {i}"), from_v4(GUEST_V4), ANSWER));
+    }
+    steps.push(case("v4 over the burst: KoD", from_v4(GUEST_V4), rate_kod));
+    steps.push(case("v4 again: dropped", from_v4(GUEST_V4), rate_drop));
+    steps.push(case("another v4 source", from_v4(other_guest), ANSWER));
+    for i in 0..4 {
+        steps.push(case(&format!("v6 burst {i}"), from_v6(GUEST_V6), ANSWER));
+    }
+    steps.push(case("v6, same /64: KoD", from_v6(same_64), rate_kod));
+    steps.push(case("v6, same /64: dropped", from_v6(GUEST_V6), rate_drop));
+    steps.push(case("v6, another /64", from_v6(other_64), ANSWER));
+    out.push(Scenario {
+        name: "rate limit with KoD",
+        sizes: TableSizes::default(),
+        policy: limited(0.001, 4, true),
+        acl: vec![],
+        steps,
+        max_rate_sources: 4,
+    });
+
+    // Without KoD: limited requests are only dropped.
+    let mut steps = vec![case("first", from_v4(GUEST_V4), ANSWER)];
+    steps.push(case("second: dropped", from_v4(GUEST_V4), rate_drop));
+    out.push(Scenario {
+        name: "rate limit, silent",
+        sizes: TableSizes::default(),
+        policy: limited(0.001, 1, false),
+        acl: vec![],
+        steps,
+        max_rate_sources: 1,
+    });
+
+    // A deny list with KoD: one DENY KoD, then silence. Others answered.
+    let mut p = ResponderPolicy::OPEN;
+    p.flags |= POLICY_ACL | POLICY_KOD_DENY;
+    p.kod_interval_ns = 3600 * NANOS_PER_SEC;
+    p.kod_poll = KOD_POLL;
+    out.push(Scenario {
+        name: "deny list with KoD",
+        sizes: TableSizes::default(),
+        policy: p,
+        acl: acl(&[("169.254.7.0/24", false), ("fd00:ec2:7::/64", false)]),
+        steps: vec![
+            case("denied: KoD", from_v4(GUEST_V4), deny_kod),
+            case("denied again: dropped", from_v4(GUEST_V4), denied),
+            case("denied v6: KoD", from_v6(GUEST_V6), deny_kod),
+            case("not listed", from_v4(other_guest), ANSWER),
+            case("not listed v6", from_v6(other_64), ANSWER),
+        ],
+        max_rate_sources: 2,
+    });
+
+    // An allow list (everything else denied, silently) with a more specific deny inside it.
+    let mut p = ResponderPolicy::OPEN;
+    p.flags |= POLICY_ACL | POLICY_DEFAULT_DENY;
+    out.push(Scenario {
+        name: "allow list",
+        sizes: TableSizes::default(),
+        policy: p,
+        acl: acl(&[
+            ("169.254.0.0/16", true),
+            ("169.254.7.2/32", false),
+            ("fd00:ec2::/32", true),
+        ]),
+        steps: vec![
+            case("allowed", from_v4(other_guest), ANSWER),
+            case("denied inside the allowed prefix", from_v4(GUEST_V4), denied),
+            case("allowed v6", from_v6(GUEST_V6), ANSWER),
+            case(
+                "v6 outside the allow list",
+                from_v6([0xfd, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]),
+                denied,
+            ),
+            case(
+                "v4 outside the allow list",
+                Frame {
+                    src_v4: [198, 51, 100, 7],
+                    ..Frame::v4(v4_request())
+                }
+                .build(),
+                denied,
+            ),
+        ],
+        max_rate_sources: 0,
+    });
+
+    // More sources than the table holds: every new source is answered (the table never fails
+    // closed), it never grows past its size, and a limited source that was evicted is
+    // forgotten, so it is answered again (it never fails open for the ones it still holds).
+    let mut steps = vec![
+        case("A", from_v4(GUEST_V4), ANSWER),
+        case("A again: limited", from_v4(GUEST_V4), rate_kod),
+        case("A held: dropped", from_v4(GUEST_V4), rate_drop),
+    ];
+    // The kernel's LRU gives a second chance to entries used since they were last looked
+    // at: sources that come back (like the flooder) outlive one-shot ones, so the crowd
+    // here comes back too, and the oldest of all (A) goes.
+    for i in 0..1000u32 {
+        let src = [169, 254, 100 + (i / 250) as u8, (i % 250) as u8 + 1];
+        steps.push(case(&format!("source {i}"), from_v4(src), ANSWER));
+        steps.push(case(&format!("source {i} again"), from_v4(src), rate_kod));
+    }
+    steps.push(case("A after eviction", from_v4(GUEST_V4), ANSWER));
+    // Forgotten entirely: its next excess request gets a KoD again.
+    steps.push(case("A limited again", from_v4(GUEST_V4), rate_kod));
+    out.push(Scenario {
+        name: "LRU eviction",
+        sizes: TableSizes {
+            rate_sources: 64,
+            guests: 64,
+        },
+        policy: limited(0.001, 1, true),
+        acl: vec![],
+        steps,
+        max_rate_sources: 64,
+    });
+    out
+}
+
+#[test]
+fn access_list_and_rate_limit_scenarios() {
+    let mut failures = Vec::new();
+    for s in scenarios() {
+        let (mut r, anchor) = responder_sized(AnchorState::Synchronized, s.sizes).unwrap();
+        r.set_policy(s.policy).unwrap();
+        r.set_access_list(&s.acl).unwrap();
+        let observer = r.observer().unwrap();
+        for c in &s.steps {
+            for f in run_case(&mut r, &anchor, c, false) {
+                failures.push(format!("{}: {f}", s.name));
+            }
+        }
+        let held = observer.rate_sources();
+        if held > s.max_rate_sources {
+            failures.push(format!(
+                "{}: the rate table holds {held} sources (at most {})",
+                s.name, s.max_rate_sources
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn guest_clocks_are_recorded_from_transmit_timestamps() {
+    let (mut r, anchor) = responder(AnchorState::Synchronized).unwrap();
+    let mut p = ResponderPolicy::OPEN;
+    p.flags |= POLICY_GUEST_CLOCKS;
+    r.set_policy(p).unwrap();
+    let observer = r.observer().unwrap();
+
+    // A guest whose clock is 2 s ahead of the served time, twice.
+    let ahead = |mono: u64| {
+        let t = ntp_ns_to_timestamp(anchor.ntp_ns_at(mono) + 2 * NANOS_PER_SEC);
+        let mut req = v4_request();
+        req[40..48].copy_from_slice(&t.to_be_bytes());
+        req
+    };
+    for _ in 0..2 {
+        let now = monotonic_now_ns().unwrap();
+        let out = r.test_run(&Frame::v4(ahead(now)).build()).unwrap();
+        assert_eq!(out.action, XDP_TX);
+    }
+    // A guest that sends a zero transmit timestamp tells nothing about its clock.
+    let mut zero = v4_request();
+    zero[40..48].fill(0);
+    let silent = [169, 254, 9, 9];
+    let out = r
+        .test_run(
+            &Frame {
+                src_v4: silent,
+                ..Frame::v4(zero)
+            }
+            .build(),
+        )
+        .unwrap();
+    assert_eq!(out.action, XDP_TX);
+
+    let records = observer.guest_clocks();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let (addr, g) = records[0];
+    assert_eq!(addr, IpAddr::from(GUEST_V4));
+    assert_eq!(g.requests, 2);
+    // 2 s ahead, less the few microseconds between building the request and the run.
+    let offset = ntp_common::policy::fixed_to_ns(g.offset_fixed);
+    assert!(
+        (1_990_000_000..=2_000_000_000).contains(&offset),
+        "offset {offset} ns"
+    );
+    let now = monotonic_now_ns().unwrap();
+    assert!(g.last_seen_ns <= now && now - g.last_seen_ns < 10 * NANOS_PER_SEC);
 }

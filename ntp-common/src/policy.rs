@@ -1,0 +1,275 @@
+//! Who gets answered: access control, per-source rate limiting and the guest-clock record,
+//! as map value types and pure functions the kernel and the host tests share.
+//!
+//! Rate limiting is GCRA (the "virtual scheduling" form of a token bucket): each source keeps
+//! a theoretical arrival time (TAT). A request at `now` conforms when `TAT - now` is at most
+//! the burst tolerance, and then moves the TAT one emission interval on. That is a token
+//! bucket of `burst` tokens refilled at `rate`, kept in one u64 with no division in the kernel.
+
+/// Rate limiting is on.
+pub const POLICY_RATE_LIMIT: u8 = 1;
+/// Limited sources get a RATE kiss-o'-death (at most one per `kod_interval_ns`); else silence.
+pub const POLICY_KOD_RATE: u8 = 2;
+/// Denied sources get a DENY kiss-o'-death (at most one per `kod_interval_ns`); else silence.
+pub const POLICY_KOD_DENY: u8 = 4;
+/// The access list is consulted.
+pub const POLICY_ACL: u8 = 8;
+/// Sources that match no access-list entry are denied (an allow list is configured).
+pub const POLICY_DEFAULT_DENY: u8 = 16;
+/// Guests' apparent clock errors are recorded.
+pub const POLICY_GUEST_CLOCKS: u8 = 32;
+
+/// Access-list entry values (LPM trie keyed by prefix; the longest match decides).
+pub const ACL_ALLOW: u8 = 1;
+pub const ACL_DENY: u8 = 2;
+
+/// Kiss codes (RFC 5905 §7.4).
+pub const KISS_RATE: [u8; 4] = *b"RATE";
+pub const KISS_DENY: [u8; 4] = *b"DENY";
+
+/// How the responder treats sources, written by the daemon into a one-entry array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ResponderPolicy {
+    /// GCRA emission interval, 1/rate (ns).
+    pub emission_ns: u64,
+    /// How far the TAT may run ahead of now: (burst - 1) × emission (ns).
+    pub burst_tolerance_ns: u64,
+    /// At most one kiss-o'-death per source within this (ns).
+    pub kod_interval_ns: u64,
+    /// `POLICY_*`.
+    pub flags: u8,
+    /// Poll exponent a RATE kiss-o'-death asks for (at least the request's).
+    pub kod_poll: i8,
+    pub _pad: [u8; 6],
+}
+
+impl ResponderPolicy {
+    /// Everything answered, nothing recorded: what a responder does before the daemon says
+    /// otherwise (and what the benchmarks measure as the bare path).
+    pub const OPEN: ResponderPolicy = ResponderPolicy {
+        emission_ns: 0,
+        burst_tolerance_ns: 0,
+        kod_interval_ns: 0,
+        flags: 0,
+        kod_poll: 0,
+        _pad: [0; 6],
+    };
+
+    /// A token bucket of `burst` requests refilled at `per_second`.
+    pub fn with_rate(mut self, per_second: f64, burst: u32) -> ResponderPolicy {
+        let emission = if per_second > 0.0 {
+            (1e9 / per_second) as u64
+        } else {
+            u64::MAX / 4
+        };
+        self.emission_ns = emission.max(1);
+        self.burst_tolerance_ns = self
+            .emission_ns
+            .saturating_mul(burst.saturating_sub(1) as u64);
+        self.flags |= POLICY_RATE_LIMIT;
+        self
+    }
+
+    #[inline(always)]
+    pub fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// Per-source state in the LRU rate table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SourceState {
+    /// GCRA theoretical arrival time (CLOCK_MONOTONIC ns).
+    pub tat_ns: u64,
+    /// When this source last got a kiss-o'-death (0: never).
+    pub last_kod_ns: u64,
+}
+
+/// What a source's request gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    Answer,
+    /// Over its rate: dropped, with a RATE kiss-o'-death when `kod`.
+    Limited { kod: bool },
+}
+
+/// GCRA step for one request at `now_ns` (CLOCK_MONOTONIC). A refused request does not move
+/// the TAT, so a flooder is held at exactly its rate, not shut out.
+#[inline(always)]
+pub fn admit(state: &mut SourceState, now_ns: u64, policy: &ResponderPolicy) -> Admission {
+    let tat = if state.tat_ns > now_ns {
+        state.tat_ns
+    } else {
+        now_ns
+    };
+    if tat - now_ns > policy.burst_tolerance_ns {
+        return Admission::Limited {
+            kod: policy.has(POLICY_KOD_RATE) && kod_due(state, now_ns, policy),
+        };
+    }
+    state.tat_ns = tat.saturating_add(policy.emission_ns);
+    Admission::Answer
+}
+
+/// Whether a kiss-o'-death may go to this source now; if so, records that one went.
+#[inline(always)]
+pub fn kod_due(state: &mut SourceState, now_ns: u64, policy: &ResponderPolicy) -> bool {
+    if state.last_kod_ns != 0 && now_ns.wrapping_sub(state.last_kod_ns) < policy.kod_interval_ns {
+        return false;
+    }
+    // Zero means "never": a (boot-time) zero reading still counts as sent.
+    state.last_kod_ns = if now_ns == 0 { 1 } else { now_ns };
+    true
+}
+
+/// Key of the rate table: an IPv4 source as ::ffff:a.b.c.d, an IPv6 source by its /64 (one
+/// guest usually holds a whole /64, and can pick any address in it).
+#[inline(always)]
+pub const fn rate_key_v6(src: &[u8; 16]) -> [u8; 16] {
+    [
+        src[0], src[1], src[2], src[3], src[4], src[5], src[6], src[7], 0, 0, 0, 0, 0, 0, 0, 0,
+    ]
+}
+
+/// A guest's clock as its requests show it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct GuestClock {
+    /// The guest's transmit timestamp minus the served receive time, in NTP 32.32 units as a
+    /// signed difference (era-proof within ±68 years). It includes the one-way delay.
+    pub offset_fixed: i64,
+    /// Requests seen (answered) since the entry was created.
+    pub requests: u64,
+    /// CLOCK_MONOTONIC reading of the last request.
+    pub last_seen_ns: u64,
+}
+
+/// Converts a 32.32 difference to nanoseconds without 128-bit arithmetic.
+pub fn fixed_to_ns(fixed: i64) -> i64 {
+    let secs = fixed >> 32;
+    let frac = (fixed & 0xffff_ffff) as u64;
+    secs.saturating_mul(1_000_000_000)
+        .saturating_add(((frac * 1_000_000_000) >> 32) as i64)
+}
+
+// SAFETY: repr(C), explicit padding, every bit pattern valid (bytemuck's derive checks it).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ResponderPolicy {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SourceState {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for GuestClock {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+    const S: u64 = 1_000 * MS;
+
+    fn policy() -> ResponderPolicy {
+        let mut p = ResponderPolicy::OPEN.with_rate(2.0, 8);
+        p.kod_interval_ns = 10 * S;
+        p.flags |= POLICY_KOD_RATE;
+        p
+    }
+
+    #[test]
+    fn layout_is_stable() {
+        assert_eq!(core::mem::size_of::<ResponderPolicy>(), 32);
+        assert_eq!(core::mem::size_of::<SourceState>(), 16);
+        assert_eq!(core::mem::size_of::<GuestClock>(), 24);
+    }
+
+    #[test]
+    fn burst_then_rate() {
+        let p = policy();
+        let mut s = SourceState::default();
+        let t0 = 1_000 * S;
+        // A burst of 8 at one instant passes, the 9th is limited (with the one KoD).
+        for i in 0..8 {
+            assert_eq!(admit(&mut s, t0, &p), Admission::Answer, "request {i}");
+        }
+        assert_eq!(admit(&mut s, t0, &p), Admission::Limited { kod: true });
+        assert_eq!(admit(&mut s, t0, &p), Admission::Limited { kod: false });
+        // Refill at 2/s: one more after 500 ms, not two.
+        assert_eq!(admit(&mut s, t0 + 500 * MS, &p), Admission::Answer);
+        assert_eq!(
+            admit(&mut s, t0 + 500 * MS, &p),
+            Admission::Limited { kod: false }
+        );
+        // Ten seconds on: the KoD interval has passed and the bucket is full again.
+        for _ in 0..8 {
+            assert_eq!(admit(&mut s, t0 + 11 * S, &p), Admission::Answer);
+        }
+        assert_eq!(
+            admit(&mut s, t0 + 11 * S, &p),
+            Admission::Limited { kod: true }
+        );
+    }
+
+    #[test]
+    fn a_flood_is_held_at_the_rate() {
+        // 1000 requests/s for 10 s against 2/s with a burst of 8: 8 + 2 × 10 pass.
+        let p = policy();
+        let mut s = SourceState::default();
+        let (mut answered, mut kods) = (0, 0);
+        for i in 0..10_000u64 {
+            match admit(&mut s, 1_000 * S + i * MS, &p) {
+                Admission::Answer => answered += 1,
+                Admission::Limited { kod } => kods += kod as u32,
+            }
+        }
+        assert!((27..=29).contains(&answered), "{answered}");
+        // One KoD per 10 s interval.
+        assert_eq!(kods, 1);
+    }
+
+    #[test]
+    fn iburst_passes_the_defaults() {
+        // ntpd's iburst: 8 requests 2 s apart; chrony's: 4. Default 1/s, burst 8.
+        let p = ResponderPolicy::OPEN.with_rate(1.0, 8);
+        let mut s = SourceState::default();
+        for i in 0..8 {
+            assert_eq!(admit(&mut s, 5 * S + i * 2 * S, &p), Admission::Answer);
+        }
+        // ntpdate -q style: four back to back.
+        let mut s = SourceState::default();
+        for _ in 0..4 {
+            assert_eq!(admit(&mut s, 5 * S, &p), Admission::Answer);
+        }
+    }
+
+    #[test]
+    fn kod_spacing_survives_a_zero_clock() {
+        let p = policy();
+        let mut s = SourceState::default();
+        assert!(kod_due(&mut s, 0, &p));
+        assert!(!kod_due(&mut s, 5 * S, &p));
+        assert!(kod_due(&mut s, 10 * S + 1, &p));
+    }
+
+    #[test]
+    fn ipv6_sources_share_their_64() {
+        let a = [0xfd, 0, 0xe, 0xc2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 5];
+        let mut b = a;
+        b[15] = 9;
+        assert_eq!(rate_key_v6(&a), rate_key_v6(&b));
+        b[7] = 2;
+        assert_ne!(rate_key_v6(&a), rate_key_v6(&b));
+    }
+
+    #[test]
+    fn fixed_point_conversion() {
+        assert_eq!(fixed_to_ns(2 << 32), 2 * S as i64);
+        assert_eq!(fixed_to_ns(-(2 << 32)), -2 * (S as i64));
+        assert_eq!(fixed_to_ns(1 << 31), 500 * MS as i64);
+        assert_eq!(fixed_to_ns(-(1 << 31)), -500 * (MS as i64));
+        assert_eq!(fixed_to_ns(i64::MIN), -(1i64 << 31) * S as i64);
+    }
+}
