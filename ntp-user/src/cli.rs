@@ -70,6 +70,19 @@ pub enum Command {
         #[arg(long, default_value_t = 1_000_000)]
         repeat: u32,
     },
+    /// Ask a running daemon for its clock, upstreams, responder counters, guest clocks and
+    /// alarms (over its control socket).
+    Status {
+        /// The daemon's config (the embedded default without it), to find its control socket.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// The control socket itself.
+        #[arg(long, conflicts_with = "config")]
+        socket: Option<std::path::PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the counters of every responder loaded on this machine.
     Stats {
         /// Machine-readable output.
@@ -132,6 +145,33 @@ pub struct ServeArgs {
     /// Longest interval between polls of an upstream, log2 s (4..=17; default 10 = 1024 s).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i8).range(4..=17))]
     pub upstream_max_poll: i8,
+    /// Sustained requests per second per source (IPv4 address, IPv6 /64).
+    #[arg(long, default_value_t = 2.0)]
+    pub rate_limit: f64,
+    /// Requests a source may send at once.
+    #[arg(long, default_value_t = 16)]
+    pub burst: u32,
+    /// Answer everyone without limit (benchmarks).
+    #[arg(long)]
+    pub no_rate_limit: bool,
+    /// Answer only these prefixes (repeatable); the longest match among --allow/--deny wins.
+    #[arg(long = "allow", value_name = "PREFIX")]
+    pub allow: Vec<ipnet::IpNet>,
+    /// Never answer these prefixes (repeatable).
+    #[arg(long = "deny", value_name = "PREFIX")]
+    pub deny: Vec<ipnet::IpNet>,
+    /// What denied sources get: a DENY kiss-o'-death now and then, or nothing.
+    #[arg(long, default_value = "kod", value_parser = ["kod", "drop"])]
+    pub deny_action: String,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9273); off without it.
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Control socket for `ntp-user status --socket`; off without it.
+    #[arg(long)]
+    pub control_socket: Option<std::path::PathBuf>,
+    /// Guests whose clock is off by more than this are alarmed.
+    #[arg(long, default_value = "100ms")]
+    pub guest_alarm_offset: String,
 }
 
 /// Parses a duration such as `500ms`, `1s` or `2m`.

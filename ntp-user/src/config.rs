@@ -31,6 +31,155 @@ pub struct Config {
     pub vip: Option<VipSection>,
     #[serde(default)]
     pub dhcp: DhcpSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub access: AccessSection,
+    #[serde(default)]
+    pub guest_clocks: GuestClocksSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    #[serde(default)]
+    pub control: ControlSection,
+    #[serde(default)]
+    pub alarms: AlarmsSection,
+}
+
+/// Per-source rate limiting in the responder (a source: an IPv4 address or an IPv6 /64).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub enable: bool,
+    /// Sustained requests per second per source.
+    pub rate: f64,
+    /// Requests a source may send at once (an `iburst` sends 4-8).
+    pub burst: u32,
+    /// Answer a source over its rate with a RATE kiss-o'-death (at most one per
+    /// `kod_interval`); false: drop silently.
+    pub kod: bool,
+    pub kod_interval: String,
+    /// Poll exponent a RATE kiss-o'-death asks the client to back off to.
+    pub kod_poll: i8,
+    /// Sources tracked; beyond it the longest idle is forgotten.
+    pub sources: u32,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            enable: true,
+            rate: 2.0,
+            burst: 16,
+            kod: true,
+            kod_interval: "10s".into(),
+            kod_poll: 6,
+            sources: 65_536,
+        }
+    }
+}
+
+/// Who may ask. The longest matching prefix decides; with an allow list, sources matching
+/// nothing are denied.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessSection {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+    /// "kod" (a DENY kiss-o'-death, at most one per limits.kod_interval) or "drop".
+    pub deny_action: String,
+}
+
+impl Default for AccessSection {
+    fn default() -> Self {
+        AccessSection {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            deny_action: "kod".into(),
+        }
+    }
+}
+
+/// Guests' clocks as their requests show them, and the alarm list of those far off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestClocksSection {
+    pub enable: bool,
+    /// Guests whose apparent clock error exceeds this are in the alarm list.
+    pub alarm_offset: String,
+    /// Guests tracked; beyond it the longest idle is forgotten.
+    pub guests: u32,
+    /// Guests not seen for this long are not listed.
+    pub forget_after: String,
+    /// Transmit timestamps further off than this are taken as random cookies (chrony and
+    /// ntpd-rs do not reveal their time), not as clock errors.
+    pub opaque_beyond: String,
+}
+
+impl Default for GuestClocksSection {
+    fn default() -> Self {
+        GuestClocksSection {
+            enable: true,
+            alarm_offset: "100ms".into(),
+            guests: 65_536,
+            forget_after: "1h".into(),
+            opaque_beyond: "1d".into(),
+        }
+    }
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    pub enable: bool,
+    /// Loopback by default: metrics say who the guests are.
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            enable: true,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9273)),
+        }
+    }
+}
+
+/// The local control socket `ntp-user status` talks to (owner-only).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSection {
+    /// Default: /run/ntp-xdp/NETNS/control.sock with a [vip] section, else none.
+    pub socket: Option<PathBuf>,
+}
+
+/// Alarm thresholds: each alarm is logged once when it is raised and once when it clears,
+/// and exported as a metric.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlarmsSection {
+    /// The clock has not been corrected from an upstream for this long (or never, this long
+    /// after start).
+    pub no_sync_after: String,
+    /// The last measured offset of the clock against its upstreams exceeds this.
+    pub max_offset: String,
+    /// The anchor the kernel serves is older than this (the daemon stopped publishing).
+    pub max_anchor_age: String,
+    /// More than this fraction of the requests in the last `window` were dropped or refused.
+    pub max_drop_fraction: f64,
+    pub window: String,
+}
+
+impl Default for AlarmsSection {
+    fn default() -> Self {
+        AlarmsSection {
+            no_sync_after: "5m".into(),
+            max_offset: "5ms".into(),
+            max_anchor_age: "5s".into(),
+            max_drop_fraction: 0.01,
+            window: "10s".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,6 +323,8 @@ pub struct Validated {
     /// What the daemon creates and keeps (None: attach to an interface that exists).
     pub vip: Option<crate::vip::VipSpec>,
     pub dhcp: Option<crate::dhcp::DhcpSpec>,
+    pub admission: crate::admission::AdmissionSpec,
+    pub observe: crate::observe::ObserveSpec,
 }
 
 impl Validated {
@@ -211,6 +362,8 @@ impl Validated {
             log_packets: self.service.log_packets,
             clock,
             managed: self.vip.clone().map(|v| (v, self.dhcp.clone())),
+            admission: self.admission.clone(),
+            observe: self.observe.clone(),
         }
     }
 }
@@ -361,6 +514,15 @@ fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
     }
     let vip = validate_vip(&cfg, origin)?;
     let dhcp = validate_dhcp(&cfg, vip.as_ref(), origin)?;
+    let admission = validate_admission(&cfg.limits, &cfg.access, &cfg.guest_clocks, origin)?;
+    let observe = validate_observe(
+        &cfg.guest_clocks,
+        &cfg.metrics,
+        &cfg.control,
+        &cfg.alarms,
+        vip.as_ref(),
+        origin,
+    )?;
     let system = SystemConfig {
         poll: PollConfig {
             min_poll: c.min_poll,
@@ -390,6 +552,173 @@ fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
         service: cfg.service,
         vip,
         dhcp,
+        admission,
+        observe,
+    })
+}
+
+/// The responder's admission from the `[limits]`, `[access]` and `[guest_clocks]` sections.
+pub fn validate_admission(
+    l: &LimitsSection,
+    a: &AccessSection,
+    g: &GuestClocksSection,
+    origin: &Path,
+) -> Result<crate::admission::AdmissionSpec> {
+    use ntp_common::policy::*;
+    let bad =
+        |field: &str, why: String| anyhow!("config {}: field `{field}`: {why}", origin.display());
+    let kod_interval = duration(origin, "limits.kod_interval", &l.kod_interval)?;
+    let mut policy = ResponderPolicy::OPEN;
+    if l.enable {
+        if !(l.rate.is_finite() && l.rate > 0.0 && l.rate <= 1e6) {
+            return Err(bad(
+                "limits.rate",
+                format!("{} must be in (0, 1000000] requests per second", l.rate),
+            ));
+        }
+        if l.burst == 0 || l.burst > 1_000_000 {
+            return Err(bad(
+                "limits.burst",
+                format!("{} must be in 1..=1000000", l.burst),
+            ));
+        }
+        policy = policy.with_rate(l.rate, l.burst);
+        if l.kod {
+            policy.flags |= POLICY_KOD_RATE;
+        }
+    }
+    if !(0..=17).contains(&l.kod_poll) {
+        return Err(bad(
+            "limits.kod_poll",
+            format!("{} is outside 0..=17 (log2 seconds)", l.kod_poll),
+        ));
+    }
+    if !(1..=16_777_216).contains(&l.sources) {
+        return Err(bad(
+            "limits.sources",
+            format!("{} must be in 1..=16777216", l.sources),
+        ));
+    }
+    policy.kod_interval_ns = kod_interval.as_nanos().min(u64::MAX as u128) as u64;
+    policy.kod_poll = l.kod_poll;
+    match a.deny_action.as_str() {
+        "kod" => policy.flags |= POLICY_KOD_DENY,
+        "drop" => {}
+        other => {
+            return Err(bad(
+                "access.deny_action",
+                format!("{other:?} is not one of kod, drop"),
+            ))
+        }
+    }
+    let mut acl = Vec::new();
+    for (field, list, allow) in [("access.allow", &a.allow, true), ("access.deny", &a.deny, false)] {
+        for (i, net) in list.iter().enumerate() {
+            if acl
+                .iter()
+                .any(|e: &crate::xdp::AclEntry| e.prefix == net.trunc())
+            {
+                return Err(bad(
+                    &format!("{field}[{i}]"),
+                    format!("{net} is listed twice (in allow and deny, or repeated)"),
+                ));
+            }
+            acl.push(crate::xdp::AclEntry {
+                prefix: net.trunc(),
+                allow,
+            });
+        }
+    }
+    if acl.len() > 4096 {
+        return Err(bad(
+            "access",
+            format!("{} prefixes; at most 4096 fit", acl.len()),
+        ));
+    }
+    if !acl.is_empty() {
+        policy.flags |= POLICY_ACL;
+    }
+    if !a.allow.is_empty() {
+        policy.flags |= POLICY_DEFAULT_DENY;
+    }
+    if g.enable {
+        policy.flags |= POLICY_GUEST_CLOCKS;
+    }
+    if !(1..=16_777_216).contains(&g.guests) {
+        return Err(bad(
+            "guest_clocks.guests",
+            format!("{} must be in 1..=16777216", g.guests),
+        ));
+    }
+    Ok(crate::admission::AdmissionSpec {
+        policy,
+        acl,
+        tables: crate::xdp::TableSizes {
+            rate_sources: l.sources,
+            guests: g.guests,
+        },
+    })
+}
+
+/// Metrics, control socket, guest-clock and alarm thresholds from their sections.
+pub fn validate_observe(
+    g: &GuestClocksSection,
+    metrics: &MetricsSection,
+    control: &ControlSection,
+    a: &AlarmsSection,
+    vip: Option<&crate::vip::VipSpec>,
+    origin: &Path,
+) -> Result<crate::observe::ObserveSpec> {
+    let bad =
+        |field: &str, why: String| anyhow!("config {}: field `{field}`: {why}", origin.display());
+    let alarm_offset = duration(origin, "guest_clocks.alarm_offset", &g.alarm_offset)?;
+    let opaque_beyond = duration(origin, "guest_clocks.opaque_beyond", &g.opaque_beyond)?;
+    if opaque_beyond <= alarm_offset {
+        return Err(bad(
+            "guest_clocks.opaque_beyond",
+            "must be larger than guest_clocks.alarm_offset".into(),
+        ));
+    }
+    if !(a.max_drop_fraction > 0.0 && a.max_drop_fraction <= 1.0) {
+        return Err(bad(
+            "alarms.max_drop_fraction",
+            format!("{} must be in (0, 1]", a.max_drop_fraction),
+        ));
+    }
+    let window = duration(origin, "alarms.window", &a.window)?;
+    if window < Duration::from_secs(1) {
+        return Err(bad("alarms.window", "must be at least 1s".into()));
+    }
+    let control_socket = match (&control.socket, vip) {
+        (Some(p), _) if !p.is_absolute() => {
+            return Err(bad(
+                "control.socket",
+                format!("{} is not an absolute path", p.display()),
+            ))
+        }
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(v)) => Some(crate::vip::state_dir(&v.netns).join("control.sock")),
+        (None, None) => None,
+    };
+    Ok(crate::observe::ObserveSpec {
+        metrics_listen: metrics.enable.then_some(metrics.listen),
+        control_socket,
+        guests: crate::guests::GuestPolicy {
+            enabled: g.enable,
+            alarm_offset_s: alarm_offset.as_secs_f64(),
+            forget_after_s: duration(origin, "guest_clocks.forget_after", &g.forget_after)?
+                .as_secs_f64(),
+            opaque_beyond_s: opaque_beyond.as_secs_f64(),
+        },
+        alarms: crate::alarms::AlarmThresholds {
+            no_sync_after_s: duration(origin, "alarms.no_sync_after", &a.no_sync_after)?
+                .as_secs_f64(),
+            max_offset_s: duration(origin, "alarms.max_offset", &a.max_offset)?.as_secs_f64(),
+            max_anchor_age_s: duration(origin, "alarms.max_anchor_age", &a.max_anchor_age)?
+                .as_secs_f64(),
+            max_drop_fraction: a.max_drop_fraction,
+            window_s: window.as_secs_f64(),
+        },
     })
 }
 
@@ -695,6 +1024,71 @@ addresses = ["169.254.169.123"]
         assert!(e.contains("max_slew"), "{e}");
         let e = err(&format!("{MINIMAL}[service2]\n"));
         assert!(e.contains("service2"), "{e}");
+    }
+
+    #[test]
+    fn limits_access_and_observability_sections() {
+        use ntp_common::policy::*;
+        let v = parse(MINIMAL, Path::new("x.toml")).unwrap();
+        let p = v.admission.policy;
+        // Safe defaults: limited at 2/s with a burst of 16, RATE and DENY KoDs, guest clocks.
+        assert!(p.has(POLICY_RATE_LIMIT) && p.has(POLICY_KOD_RATE) && p.has(POLICY_KOD_DENY));
+        assert!(p.has(POLICY_GUEST_CLOCKS) && !p.has(POLICY_ACL));
+        assert_eq!(p.emission_ns, 500_000_000);
+        assert_eq!(p.burst_tolerance_ns, 15 * 500_000_000);
+        assert_eq!(
+            v.observe.metrics_listen,
+            Some("127.0.0.1:9273".parse().unwrap())
+        );
+        assert_eq!(v.observe.control_socket, None);
+        let v = parse(
+            &format!(
+                "{MINIMAL}[limits]\nenable = false\n[access]\nallow = [\"169.254.0.0/16\"]\n\
+                 deny = [\"169.254.7.0/24\"]\ndeny_action = \"drop\"\n[metrics]\nenable = false\n\
+                 [control]\nsocket = \"/run/x.sock\"\n"
+            ),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let p = v.admission.policy;
+        assert!(!p.has(POLICY_RATE_LIMIT) && !p.has(POLICY_KOD_DENY));
+        assert!(p.has(POLICY_ACL) && p.has(POLICY_DEFAULT_DENY));
+        assert_eq!(v.admission.acl.len(), 2);
+        assert_eq!(v.observe.metrics_listen, None);
+        assert_eq!(
+            v.observe.control_socket.as_deref(),
+            Some(Path::new("/run/x.sock"))
+        );
+        let v = parse(VIP, Path::new("x.toml")).unwrap();
+        assert_eq!(
+            v.observe.control_socket.unwrap(),
+            crate::vip::state_dir("ntp-vip").join("control.sock")
+        );
+
+        for (section, field, want) in [
+            ("[limits]\nrate = 0", "limits.rate", "0"),
+            ("[limits]\nburst = 0", "limits.burst", "0"),
+            ("[limits]\nkod_interval = \"often\"", "limits.kod_interval", "often"),
+            ("[limits]\nsources = 0", "limits.sources", "0"),
+            ("[access]\ndeny_action = \"reject\"", "access.deny_action", "reject"),
+            (
+                "[access]\nallow = [\"169.254.0.0/16\"]\ndeny = [\"169.254.0.0/16\"]",
+                "access.deny[0]",
+                "twice",
+            ),
+            ("[access]\nallow = [\"169.254.0.0/33\"]", "allow", "169.254.0.0/33"),
+            ("[guest_clocks]\nalarm_offset = \"2d\"", "guest_clocks.opaque_beyond", "larger"),
+            ("[metrics]\nlisten = \"localhost\"", "listen", "localhost"),
+            ("[control]\nsocket = \"relative.sock\"", "control.socket", "absolute"),
+            ("[alarms]\nmax_drop_fraction = 2.0", "alarms.max_drop_fraction", "2"),
+            ("[alarms]\nwindow = \"10ms\"", "alarms.window", "1s"),
+        ] {
+            let e = err(&format!("{MINIMAL}{section}\n"));
+            assert!(
+                e.contains("/etc/ntp-xdp.toml") && e.contains(field) && e.contains(want),
+                "{section}: {e}"
+            );
+        }
     }
 
     const VIP: &str = r#"

@@ -212,6 +212,7 @@ pub async fn run_disciplined(
     config: SystemConfig,
     upstreams: &[String],
     continuity: Option<Continuity>,
+    status: crate::status::ClockStatusCell,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let mut addrs = Vec::new();
@@ -268,9 +269,11 @@ pub async fn run_disciplined(
 
     let mut publish =
         |system: &mut System, responder: &mut Responder, log: &mut EventLog| -> Result<()> {
-            let (anchor, events) = system.anchor(monotonic_now_ns()?);
+            let now = monotonic_now_ns()?;
+            let (anchor, events) = system.anchor(now);
             log.log(events);
             responder.publish_anchor(anchor)?;
+            *status.lock().unwrap_or_else(|e| e.into_inner()) = system.status(now, &anchor);
             if let Some(c) = &continuity {
                 let f = system.discipline.frequency_ppm();
                 if system.discipline.is_synchronized()

@@ -1,18 +1,24 @@
 //! ntp-xdp's daemon: loads and feeds the in-kernel responder.
+pub mod admission;
+pub mod alarms;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dhcp;
 pub mod discipline;
 pub mod filter;
+pub mod guests;
 pub mod hostclock;
 pub mod leap;
 pub mod loadgen;
 pub mod managed;
+pub mod metrics;
 pub mod netns;
+pub mod observe;
 pub mod selection;
 pub mod serve;
 pub mod stats;
+pub mod status;
 pub mod system;
 pub mod upstream;
 pub mod userspace;

@@ -44,6 +44,8 @@ pub struct LoadResult {
     pub valid: u64,
     pub invalid: u64,
     pub lost: u64,
+    /// RATE/DENY kiss-o'-death replies to our requests: not valid, not lost.
+    pub kod: u64,
     pub elapsed_s: f64,
     /// What the generator managed to send: below `offered_per_s` when it is the bottleneck.
     pub sent_per_s: f64,
@@ -74,6 +76,7 @@ struct ThreadTally {
     valid: u64,
     invalid: u64,
     lost: u64,
+    kod: u64,
     rtt_ns: Vec<u64>,
     residence_ns: Vec<i64>,
     ts_error_ns: Vec<i64>,
@@ -110,6 +113,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult> {
         all.valid += t.valid;
         all.invalid += t.invalid;
         all.lost += t.lost;
+        all.kod += t.kod;
         all.rtt_ns.extend(t.rtt_ns);
         all.residence_ns.extend(t.residence_ns);
         all.ts_error_ns.extend(t.ts_error_ns);
@@ -124,6 +128,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadResult> {
         valid: all.valid,
         invalid: all.invalid,
         lost: all.lost,
+        kod: all.kod,
         elapsed_s: elapsed,
         sent_per_s: all.sent as f64 / spec.duration.as_secs_f64(),
         replies_per_s: all.valid as f64 / spec.duration.as_secs_f64(),
@@ -245,6 +250,11 @@ fn worker(spec: &LoadSpec, thread: u64) -> Result<ThreadTally> {
                 }
                 slot.open = false;
                 outstanding = outstanding.saturating_sub(1);
+                let code = &reply[OFF_REFID..OFF_REFID + 4];
+                if reply[OFF_STRATUM] == STRATUM_UNSPECIFIED && (code == b"RATE" || code == b"DENY") {
+                    tally.kod += 1;
+                    continue;
+                }
                 tally.valid += 1;
                 if tally.rtt_ns.len() < 2_000_000 {
                     tally

@@ -39,6 +39,11 @@ fn main() -> ExitCode {
             println!("{:#?}", v.serve_options());
         }),
         Command::Stats { json } => print_stats(json),
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => status(config.as_deref(), socket, json),
         Command::Loadgen {
             target,
             netns,
@@ -110,6 +115,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// `ntp-user status`: the report of the daemon behind a control socket.
+fn status(
+    config: Option<&std::path::Path>,
+    socket: Option<std::path::PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let socket = match socket {
+        Some(s) => s,
+        None => {
+            let v = load_config(config)?;
+            v.observe.control_socket.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "config {}: no control socket (set control.socket, or give --socket)",
+                    v.source.display()
+                )
+            })?
+        }
+    };
+    let report = ntp_user::status::query(&socket)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", ntp_user::status::render(&report));
+    }
+    Ok(())
+}
+
 /// A config file, or the embedded default without one.
 fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<ntp_user::config::Validated> {
     match path {
@@ -165,7 +197,41 @@ fn serve_from_args(a: ServeArgs) -> anyhow::Result<()> {
             upstreams: a.upstreams,
         }
     };
+    let origin = std::path::Path::new("(command line)");
+    let limits = ntp_user::config::LimitsSection {
+        enable: !a.no_rate_limit,
+        rate: a.rate_limit,
+        burst: a.burst,
+        ..Default::default()
+    };
+    let access = ntp_user::config::AccessSection {
+        allow: a.allow,
+        deny: a.deny,
+        deny_action: a.deny_action,
+    };
+    let guests = ntp_user::config::GuestClocksSection {
+        alarm_offset: a.guest_alarm_offset,
+        ..Default::default()
+    };
+    let admission = ntp_user::config::validate_admission(&limits, &access, &guests, origin)?;
+    let observe = ntp_user::config::validate_observe(
+        &guests,
+        &ntp_user::config::MetricsSection {
+            enable: a.metrics_listen.is_some(),
+            listen: a
+                .metrics_listen
+                .unwrap_or_else(|| ntp_user::config::MetricsSection::default().listen),
+        },
+        &ntp_user::config::ControlSection {
+            socket: a.control_socket,
+        },
+        &ntp_user::config::AlarmsSection::default(),
+        None,
+        origin,
+    )?;
     serve(ServeOptions {
+        admission,
+        observe,
         netns: a.netns,
         interface: a.interface,
         addresses: a.addresses,

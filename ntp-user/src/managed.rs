@@ -334,9 +334,10 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
     }
     let ns = netns::open_named_netns(&spec.netns)?;
 
-    let mut responder = Responder::load_pinned(&pin_dir(&spec.netns), xdp::TableSizes::default())?;
+    let mut responder = Responder::load_pinned(&pin_dir(&spec.netns), opts.admission.tables)?;
     let adopted = responder.current_anchor().is_some();
     responder.set_params(opts.params)?;
+    opts.admission.apply(&mut responder)?;
     let mut served: Vec<IpAddr> = spec.served_addresses();
     for a in &opts.addresses {
         if !served.contains(a) {
@@ -391,13 +392,22 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let user_counters = Arc::new(crate::userspace::UserspaceCounters::default());
+    let clock_status = crate::status::ClockStatusCell::default();
+    let observatory = crate::observe::Observatory::new(
+        opts.observe.clone(),
+        responder.observer()?,
+        clock_status.clone(),
+        user_counters.clone(),
+    )?;
     let result = rt.block_on(async {
         let shutdown = crate::serve::shutdown_signal()?;
+        let _observe = crate::observe::start(observatory).await?;
         let _userspace = AbortOnDrop(tokio::spawn(crate::serve::userspace_path(
             user_sockets,
             responder.subscribe(),
             opts.params,
-            std::sync::Arc::new(crate::userspace::UserspaceCounters::default()),
+            user_counters,
         )));
         let _dhcp = match &dhcp_spec {
             Some(d) => Some(AbortOnDrop(tokio::spawn(dhcp::supervise(
@@ -415,6 +425,7 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
                     &mut responder,
                     identity,
                     *publish_interval,
+                    clock_status,
                     shutdown,
                 )
                 .await
@@ -427,6 +438,7 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
                     Some(crate::daemon::Continuity {
                         state_file: state_dir(&spec.netns).join("clock.json"),
                     }),
+                    clock_status,
                     shutdown,
                 )
                 .await
@@ -436,6 +448,9 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
     stop.store(true, Ordering::Relaxed);
     let _ = repair.join();
     drop(rt); // stops dnsmasq
+    if let Some(socket) = &opts.observe.control_socket {
+        let _ = std::fs::remove_file(socket);
+    }
     result?;
     info!(
         "stopped; the pinned responder keeps answering from the last anchor (LI=3 once it is \

@@ -58,6 +58,10 @@ pub struct ServeOptions {
     /// The plumbing the daemon creates and keeps (None: attach to an existing interface and
     /// detach on exit).
     pub managed: Option<(crate::vip::VipSpec, Option<crate::dhcp::DhcpSpec>)>,
+    /// Access list, rate limit, guest clock records.
+    pub admission: crate::admission::AdmissionSpec,
+    /// Metrics, control socket, alarms.
+    pub observe: crate::observe::ObserveSpec,
 }
 
 /// How the responder ended up attached.
@@ -82,7 +86,8 @@ pub fn serve(mut opts: ServeOptions) -> Result<()> {
         None => None,
     };
 
-    let mut responder = Responder::load()?;
+    let mut responder = Responder::load_sized(opts.admission.tables)?;
+    opts.admission.apply(&mut responder)?;
     let mut params = opts.params;
     if opts.log_packets {
         params.flags |= PARAM_FLAG_LOG;
@@ -131,8 +136,16 @@ pub fn serve(mut opts: ServeOptions) -> Result<()> {
         .build()
         .context("starting the runtime")?;
     let user_counters = std::sync::Arc::new(crate::userspace::UserspaceCounters::default());
-    rt.block_on(async {
+    let clock_status = crate::status::ClockStatusCell::default();
+    let observatory = crate::observe::Observatory::new(
+        opts.observe.clone(),
+        responder.observer()?,
+        clock_status.clone(),
+        user_counters.clone(),
+    )?;
+    let result = rt.block_on(async {
         let shutdown = shutdown_signal()?;
+        let _observe = crate::observe::start(observatory).await?;
         let _log_pump = logger.map(spawn_log_pump).transpose()?;
         let _userspace = AbortOnDrop(tokio::spawn(userspace_path(
             user_sockets,
@@ -144,19 +157,33 @@ pub fn serve(mut opts: ServeOptions) -> Result<()> {
             ClockSource::HostClock {
                 identity,
                 publish_interval,
-            } => serve_host_clock(&mut responder, identity, *publish_interval, shutdown).await,
+            } => {
+                serve_host_clock(
+                    &mut responder,
+                    identity,
+                    *publish_interval,
+                    clock_status,
+                    shutdown,
+                )
+                .await
+            }
             ClockSource::Upstreams { system, upstreams } => {
                 crate::daemon::run_disciplined(
                     &mut responder,
                     system.clone(),
                     upstreams,
                     None,
+                    clock_status,
                     shutdown,
                 )
                 .await
             }
         }
-    })?;
+    });
+    if let Some(socket) = &opts.observe.control_socket {
+        let _ = std::fs::remove_file(socket);
+    }
+    result?;
     drop(responder); // detaches both programs
     info!(
         userspace_answered = user_counters
@@ -168,7 +195,7 @@ pub fn serve(mut opts: ServeOptions) -> Result<()> {
 }
 
 /// Aborts a task when dropped (when the runtime's main future ends).
-pub(crate) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -220,6 +247,7 @@ pub(crate) async fn serve_host_clock(
     responder: &mut Responder,
     identity: &HostClockIdentity,
     publish_interval: Duration,
+    status: crate::status::ClockStatusCell,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let mut ticker = tokio::time::interval(publish_interval);
@@ -228,7 +256,16 @@ pub(crate) async fn serve_host_clock(
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let publication = responder.publish_anchor(host_clock_anchor(identity)?)?;
+                let anchor = host_clock_anchor(identity)?;
+                let publication = responder.publish_anchor(anchor)?;
+                *status.lock().unwrap_or_else(|e| e.into_inner()) = crate::status::ClockStatus {
+                    reference: format!("host-clock (local stratum {})", identity.stratum),
+                    synchronized: true,
+                    stratum: identity.stratum,
+                    refid: crate::status::refid_text(identity.refid, identity.stratum),
+                    last_sync_mono_ns: Some(anchor.mono_ns),
+                    ..Default::default()
+                };
                 if publication.held_back_ns > 1_000_000 {
                     warn!(
                         held_back_ms = publication.held_back_ns as f64 / 1e6,

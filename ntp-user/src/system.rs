@@ -115,6 +115,9 @@ pub struct System {
     poll_score: i32,
     last_phase: f64,
     clock_jitter: f64,
+    /// For status: the last measured offset, and how the last selection judged each upstream.
+    last_offset_s: Option<f64>,
+    judged: Vec<(usize, &'static str)>,
 }
 
 /// RFC 5905 reference ID of an upstream: its IPv4 address, or the first four bytes of the MD5
@@ -147,6 +150,8 @@ impl System {
             poll_score: 0,
             last_phase: 0.0,
             clock_jitter: 0.0,
+            last_offset_s: None,
+            judged: Vec::new(),
             config,
             reference: None,
             system_peer: None,
@@ -281,10 +286,19 @@ impl System {
         let selection = match select(&cands, self.config.min_sources) {
             Ok(s) => s,
             Err(e) => {
+                self.judged.clear();
                 events.push(SystemEvent::NoSelection(e));
                 return;
             }
         };
+        self.judged = selection
+            .survivors
+            .iter()
+            .enumerate()
+            .map(|(rank, &i)| (i, if rank == 0 { "selected" } else { "candidate" }))
+            .chain(selection.falsetickers.iter().map(|&i| (i, "falseticker")))
+            .chain(selection.outliers.iter().map(|&i| (i, "outlier")))
+            .collect();
         for &f in &selection.falsetickers {
             events.push(SystemEvent::Falseticker {
                 upstream: self.upstreams[f].addr,
@@ -336,7 +350,10 @@ impl System {
                 events.push(SystemEvent::StepRefused { offset_s });
                 return;
             }
-            DisciplineEvent::Stepped { offset_s } => events.push(SystemEvent::Stepped { offset_s }),
+            DisciplineEvent::Stepped { offset_s } => {
+                self.last_offset_s = Some(offset_s);
+                events.push(SystemEvent::Stepped { offset_s })
+            }
             DisciplineEvent::Corrected {
                 phase_s,
                 freq_ppm,
@@ -351,6 +368,7 @@ impl System {
                     + (diff * diff - self.clock_jitter.powi(2)) / 4.0)
                     .sqrt();
                 self.adapt_poll(phase_s.abs() > 4.0 * self.clock_jitter.max(1e-6) || trimmed);
+                self.last_offset_s = Some(phase_s);
                 events.push(SystemEvent::Corrected { phase_s, freq_ppm })
             }
         }
@@ -443,6 +461,64 @@ impl System {
             }
         }
         events.push(SystemEvent::LeapApplied(leap));
+    }
+
+    /// The clock and its upstreams as `ntp-user status` shows them. `anchor` is what was
+    /// published at `now_ns`.
+    pub fn status(&self, now_ns: u64, anchor: &TimeAnchor) -> crate::status::ClockStatus {
+        use crate::status::{refid_text, ClockStatus, SourceStatus};
+        let model = self.discipline.estimate_line(now_ns);
+        let sources = self
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let est = u.estimate(&model, now_ns);
+                let state = match u.state {
+                    UpstreamState::Denied(code) => {
+                        format!("denied ({})", String::from_utf8_lossy(&code))
+                    }
+                    UpstreamState::Active if !u.is_reachable() => "unreachable".into(),
+                    UpstreamState::Active => self
+                        .judged
+                        .iter()
+                        .find(|(j, _)| *j == i)
+                        .map_or("unusable", |(_, s)| s)
+                        .to_string(),
+                };
+                SourceStatus {
+                    address: u.addr.to_string(),
+                    state,
+                    reach: u.reach,
+                    poll: u.poll,
+                    stratum: u.header.map(|h| h.stratum),
+                    offset_s: est.map(|(e, _, _)| e.offset),
+                    delay_s: est.map(|(e, _, _)| e.delay),
+                    jitter_s: est.map(|(e, _, _)| e.jitter),
+                }
+            })
+            .collect();
+        let synced = anchor.is_synchronized_at(now_ns);
+        ClockStatus {
+            reference: "upstream".into(),
+            synchronized: synced,
+            stratum: if synced { anchor.stratum } else { 0 },
+            refid: if synced {
+                refid_text(anchor.refid, anchor.stratum)
+            } else {
+                "INIT".into()
+            },
+            leap: anchor.leap,
+            offset_s: self.last_offset_s,
+            frequency_ppm: self.discipline.frequency_ppm(),
+            root_delay_s: anchor.root_delay_ns as f64 * 1e-9,
+            root_dispersion_s: anchor.root_dispersion_ns as f64 * 1e-9,
+            last_sync_mono_ns: self
+                .reference
+                .filter(|_| self.discipline.is_synchronized())
+                .map(|r| r.updated_ns),
+            sources,
+        }
     }
 
     /// The anchor to publish at `now_ns`, plus events (holdover, leap) that happened.

@@ -68,6 +68,8 @@ pub fn answer(
 #[derive(Debug, Default)]
 pub struct UserspaceCounters {
     pub answered: AtomicU64,
+    /// Of `answered`, to IPv6 clients (IPv4-mapped senders count as IPv4).
+    pub answered_ipv6: AtomicU64,
     pub answered_with_extensions: AtomicU64,
     pub dropped: AtomicU64,
 }
@@ -151,6 +153,9 @@ async fn serve_socket(
             Ok(reply) => {
                 if sock.send_to(&reply, from).await.is_ok() {
                     counters.answered.fetch_add(1, Ordering::Relaxed);
+                    if from.is_ipv6() && from.ip().to_canonical().is_ipv6() {
+                        counters.answered_ipv6.fetch_add(1, Ordering::Relaxed);
+                    }
                     if bytes.len() > NTP_HEADER_LEN {
                         counters
                             .answered_with_extensions

@@ -86,12 +86,20 @@ pub fn key_address(key: &[u8; 16]) -> IpAddr {
 /// Read-only handles on the maps operators look at (counters, guest clocks, rate table),
 /// independent of the [`Responder`] the clock loop holds mutably.
 pub struct Observer {
+    anchors: Array<MapData, TimeAnchor>,
+    active: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
     guests: HashMap<MapData, [u8; 16], GuestClock>,
     rate: HashMap<MapData, [u8; 16], SourceState>,
 }
 
 impl Observer {
+    /// The anchor the kernel serves now.
+    pub fn current_anchor(&self) -> Result<TimeAnchor> {
+        let slot = self.active.get(&0, 0).context("reading ANCHOR_ACTIVE")? & 1;
+        self.anchors.get(&slot, 0).context("reading ANCHORS")
+    }
+
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         read_counters(&self.counters)
     }
@@ -116,9 +124,10 @@ fn reopen(ebpf: &Ebpf, name: &str) -> Result<aya::maps::Map> {
         .map(name)
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
     let id = match map {
-        aya::maps::Map::PerCpuArray(d) | aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => {
-            d.info()?.id()
-        }
+        aya::maps::Map::PerCpuArray(d)
+        | aya::maps::Map::LruHashMap(d)
+        | aya::maps::Map::HashMap(d)
+        | aya::maps::Map::Array(d) => d.info()?.id(),
         _ => bail!("map {name} has an unexpected type"),
     };
     Ok(aya::maps::Map::from_map_data(MapData::from_id(id)?)?)
@@ -330,6 +339,8 @@ impl Responder {
     /// Handles for reading counters and guest records from another task.
     pub fn observer(&self) -> Result<Observer> {
         Ok(Observer {
+            anchors: Array::try_from(reopen(&self.ebpf, "ANCHORS")?)?,
+            active: Array::try_from(reopen(&self.ebpf, "ANCHOR_ACTIVE")?)?,
             counters: PerCpuArray::try_from(reopen(&self.ebpf, COUNTERS_MAP)?)?,
             guests: HashMap::try_from(reopen(&self.ebpf, GUESTS_MAP)?)?,
             rate: HashMap::try_from(reopen(&self.ebpf, RATE_MAP)?)?,

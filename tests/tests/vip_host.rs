@@ -254,6 +254,8 @@ fn restarts_and_kill_9_lose_no_request_and_down_leaves_the_host_as_it_was() {
         subnet: 64,
         xdp_mode: "native",
         dhcp: true,
+        // One guest asks as fast as it can: no per-source limit.
+        clock_toml: "[limits]\nenable = false\n".into(),
         ..Default::default()
     })
     .unwrap();
@@ -372,6 +374,7 @@ fn a_restarted_daemon_continues_its_disciplined_clock_without_a_jump() {
         subnet: 66,
         clock_toml: format!(
             "[clock]\nmin_poll = 1\nmax_poll = 4\nmax_holdover = \"1m\"\n\n\
+             [limits]\nenable = false\n\n\
              [[upstream]]\naddress = \"{upstream}\"\n"
         ),
         ..Default::default()

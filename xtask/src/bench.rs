@@ -152,6 +152,8 @@ fn start_ntp_user(bin: &Path, t: &Topology, mode: &str) -> Result<Server> {
             "2",
             "--peer-netns",
             &t.guest,
+            // One generator address: per-source limiting would measure the limiter.
+            "--no-rate-limit",
         ])
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "info,netlink_packet_route=error")

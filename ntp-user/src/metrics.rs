@@ -1,0 +1,250 @@
+//! The Prometheus exposition of a [`StatusReport`], with the maintained `prometheus-client`
+//! crate. A fresh registry per scrape: every figure is read from the maps or the clock loop
+//! at that moment, so nothing here keeps state of its own.
+
+use std::sync::atomic::AtomicU64;
+
+use anyhow::Result;
+use prometheus_client::encoding::{text::encode, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::alarms::AlarmKind;
+use crate::status::StatusReport;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathFamily {
+    path: &'static str,
+    family: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Code {
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Upstream {
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Guest {
+    guest: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Alarm {
+    alarm: &'static str,
+}
+
+type FGauge = Gauge<f64, AtomicU64>;
+
+fn gauge(reg: &mut Registry, name: &str, help: &str, v: f64) {
+    let g = FGauge::default();
+    g.set(v);
+    reg.register(name, help, g);
+}
+
+fn family_gauge<L>(reg: &mut Registry, name: &str, help: &str, rows: Vec<(L, f64)>)
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let f = Family::<L, FGauge>::default();
+    for (labels, v) in rows {
+        f.get_or_create(&labels).set(v);
+    }
+    reg.register(name, help, f);
+}
+
+/// The text exposition format of `r`.
+pub fn encode_report(r: &StatusReport) -> Result<String> {
+    let mut reg = Registry::with_prefix("ntpxdp");
+    let resp = &r.responder;
+
+    let replies = Family::<PathFamily, Counter>::default();
+    for (path, family, v) in [
+        ("xdp", "ipv4", resp.counter("answered_ipv4")),
+        ("xdp", "ipv6", resp.counter("answered_ipv6")),
+        ("userspace", "ipv4", resp.userspace_answered_ipv4),
+        ("userspace", "ipv6", resp.userspace_answered_ipv6),
+    ] {
+        replies.get_or_create(&PathFamily { path, family }).inc_by(v);
+    }
+    reg.register("replies", "NTP replies sent, by path and address family", replies);
+
+    let dropped = Family::<Reason, Counter>::default();
+    let passed = Family::<Reason, Counter>::default();
+    for (name, v) in &resp.counters {
+        if let Some(reason) = name.strip_prefix("dropped_") {
+            dropped
+                .get_or_create(&Reason {
+                    reason: reason.to_string(),
+                })
+                .inc_by(*v);
+        } else if let Some(reason) = name.strip_prefix("passed_") {
+            passed
+                .get_or_create(&Reason {
+                    reason: reason.to_string(),
+                })
+                .inc_by(*v);
+        }
+    }
+    dropped
+        .get_or_create(&Reason {
+            reason: "userspace_invalid".into(),
+        })
+        .inc_by(resp.userspace_dropped);
+    reg.register("requests_dropped", "Requests dropped, by reason", dropped);
+    reg.register(
+        "packets_passed",
+        "Packets the XDP program left to the kernel, by reason",
+        passed,
+    );
+
+    let kods = Family::<Code, Counter>::default();
+    kods.get_or_create(&Code { code: "RATE" })
+        .inc_by(resp.counter("kod_rate"));
+    kods.get_or_create(&Code { code: "DENY" })
+        .inc_by(resp.counter("kod_deny"));
+    reg.register("kiss_of_death_sent", "Kiss-o'-death replies sent, by code", kods);
+
+    let limited = Counter::<u64>::default();
+    limited.inc_by(resp.counter("dropped_rate_limited") + resp.counter("kod_rate"));
+    reg.register(
+        "rate_limited",
+        "Requests over their source's rate (dropped or answered with RATE)",
+        limited,
+    );
+    let unsync = Counter::<u64>::default();
+    unsync.inc_by(resp.counter("answered_unsynchronized"));
+    reg.register(
+        "replies_unsynchronized",
+        "XDP replies that said LI=3 (unsynchronized or stale anchor)",
+        unsync,
+    );
+    gauge(
+        &mut reg,
+        "rate_limit_sources",
+        "Sources the rate table tracks",
+        resp.rate_limited_sources_tracked as f64,
+    );
+
+    let c = &r.clock;
+    gauge(&mut reg, "clock_synchronized", "1 when the clock is synchronized", c.synchronized as u8 as f64);
+    gauge(&mut reg, "clock_stratum", "Stratum served", c.stratum as f64);
+    gauge(&mut reg, "clock_leap", "Leap indicator served", c.leap as f64);
+    if let Some(o) = c.offset_s {
+        gauge(&mut reg, "clock_offset_seconds", "Last measured offset against the upstreams", o);
+    }
+    gauge(&mut reg, "clock_frequency_ppm", "Frequency correction of the clock model", c.frequency_ppm);
+    gauge(&mut reg, "clock_root_delay_seconds", "Root delay", c.root_delay_s);
+    gauge(&mut reg, "clock_root_dispersion_seconds", "Root dispersion", c.root_dispersion_s);
+    gauge(&mut reg, "clock_root_distance_seconds", "Root distance (delay/2 + dispersion)", c.root_distance_s());
+    if r.anchor.published {
+        gauge(&mut reg, "anchor_age_seconds", "Age of the anchor the kernel serves", r.anchor.age_s);
+    }
+
+    let up = |f: &dyn Fn(&crate::status::SourceStatus) -> Option<f64>| {
+        c.sources
+            .iter()
+            .filter_map(|s| {
+                f(s).map(|v| {
+                    (
+                        Upstream {
+                            upstream: s.address.clone(),
+                        },
+                        v,
+                    )
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    family_gauge(&mut reg, "upstream_reach", "8-bit reachability register", up(&|s| Some(s.reach as f64)));
+    family_gauge(&mut reg, "upstream_selected", "1 for the system peer", up(&|s| Some((s.state == "selected") as u8 as f64)));
+    family_gauge(&mut reg, "upstream_falseticker", "1 when outvoted by the others", up(&|s| Some((s.state == "falseticker") as u8 as f64)));
+    family_gauge(&mut reg, "upstream_offset_seconds", "Filtered offset", up(&|s| s.offset_s));
+    family_gauge(&mut reg, "upstream_delay_seconds", "Round-trip delay", up(&|s| s.delay_s));
+    family_gauge(&mut reg, "upstream_jitter_seconds", "Filter jitter", up(&|s| s.jitter_s));
+
+    let g = &r.guests;
+    gauge(&mut reg, "guests_active", "Guests seen recently", g.active as f64);
+    gauge(&mut reg, "guests_opaque", "Guests whose requests carry no readable clock", g.opaque as f64);
+    gauge(&mut reg, "guest_clock_alarms", "Guests whose clock is off beyond the threshold", g.alarmed.len() as f64);
+    family_gauge(
+        &mut reg,
+        "guest_clock_offset_seconds",
+        "Apparent clock error of each alarmed guest",
+        g.alarmed
+            .iter()
+            .map(|x| {
+                (
+                    Guest {
+                        guest: x.address.to_string(),
+                    },
+                    x.offset_s,
+                )
+            })
+            .collect(),
+    );
+    family_gauge(
+        &mut reg,
+        "alarm",
+        "1 while the alarm is raised",
+        AlarmKind::ALL
+            .iter()
+            .map(|k| {
+                let on = r.alarms.iter().any(|a| a.name == k.name());
+                (Alarm { alarm: k.name() }, on as u8 as f64)
+            })
+            .collect(),
+    );
+    gauge(&mut reg, "uptime_seconds", "Seconds since the daemon started", r.uptime_s);
+
+    let mut out = String::new();
+    encode(&mut out, &reg)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_carries_the_figures() {
+        let mut r = StatusReport::default();
+        r.responder.counters.insert("answered_ipv4".into(), 42);
+        r.responder.counters.insert("dropped_rate_limited".into(), 7);
+        r.responder.counters.insert("kod_rate".into(), 1);
+        r.clock.sources.push(crate::status::SourceStatus {
+            address: "169.254.1.1:123".into(),
+            state: "selected".into(),
+            reach: 255,
+            ..Default::default()
+        });
+        r.alarms.push(crate::alarms::ActiveAlarm {
+            name: "drop_rate".into(),
+            since_s_ago: 1.0,
+            detail: String::new(),
+        });
+        let text = encode_report(&r).unwrap();
+        for want in [
+            "ntpxdp_replies_total{path=\"xdp\",family=\"ipv4\"} 42",
+            "ntpxdp_requests_dropped_total{reason=\"rate_limited\"} 7",
+            "ntpxdp_kiss_of_death_sent_total{code=\"RATE\"} 1",
+            "ntpxdp_rate_limited_total 8",
+            "ntpxdp_upstream_reach{upstream=\"169.254.1.1:123\"} 255",
+            "ntpxdp_alarm{alarm=\"drop_rate\"} 1",
+            "ntpxdp_alarm{alarm=\"no_sync\"} 0",
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! The daemon's operator surface: the status report (built on request from the kernel's
+//! maps and the clock loop's view), alarms evaluated every second, the Prometheus endpoint
+//! and the owner-only control socket `ntp-user status` talks to.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tracing::{debug, info, warn};
+
+use crate::alarms::{AlarmInputs, AlarmThresholds, Alarms};
+use crate::guests::{summarize, GuestPolicy, GuestSummary};
+use crate::hostclock::monotonic_now_ns;
+use crate::serve::AbortOnDrop;
+use crate::status::{
+    refid_text, AnchorStatus, ClockStatusCell, ResponderStatus, StatusReport,
+};
+use crate::userspace::UserspaceCounters;
+use crate::xdp::Observer;
+
+#[derive(Debug, Clone, Default)]
+pub struct ObserveSpec {
+    pub metrics_listen: Option<SocketAddr>,
+    pub control_socket: Option<PathBuf>,
+    pub guests: GuestPolicy,
+    pub alarms: AlarmThresholds,
+}
+
+/// How often alarms are evaluated.
+const ALARM_EVERY: Duration = Duration::from_secs(1);
+/// Walking a large guest table costs two syscalls per guest: alarms reuse a recent walk.
+const GUEST_WALK_MAX_AGE: Duration = Duration::from_secs(5);
+
+pub struct Observatory {
+    spec: ObserveSpec,
+    observer: Observer,
+    clock: ClockStatusCell,
+    userspace: Arc<UserspaceCounters>,
+    alarms: Mutex<Alarms>,
+    guests: Mutex<Option<(Instant, GuestSummary)>>,
+    started_mono_ns: u64,
+}
+
+impl Observatory {
+    pub fn new(
+        spec: ObserveSpec,
+        observer: Observer,
+        clock: ClockStatusCell,
+        userspace: Arc<UserspaceCounters>,
+    ) -> Result<Arc<Observatory>> {
+        Ok(Arc::new(Observatory {
+            alarms: Mutex::new(Alarms::new(spec.alarms.clone())),
+            spec,
+            observer,
+            clock,
+            userspace,
+            guests: Mutex::new(None),
+            started_mono_ns: monotonic_now_ns()?,
+        }))
+    }
+
+    fn guest_summary(&self, max_age: Duration, now_ns: u64) -> GuestSummary {
+        if !self.spec.guests.enabled {
+            return GuestSummary::default();
+        }
+        let mut cache = self.guests.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, s)) = cache.as_ref() {
+            if at.elapsed() <= max_age {
+                return s.clone();
+            }
+        }
+        let s = summarize(&self.observer.guest_clocks(), now_ns, &self.spec.guests);
+        *cache = Some((Instant::now(), s.clone()));
+        s
+    }
+
+    fn report_with(&self, guest_max_age: Duration) -> Result<StatusReport> {
+        let now = monotonic_now_ns()?;
+        let anchor = self.observer.current_anchor()?;
+        let counters = self
+            .observer
+            .counters()?
+            .into_iter()
+            .map(|(c, v)| (c.name().to_string(), v))
+            .collect();
+        let u = &self.userspace;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let (answered, answered6) = (load(&u.answered), load(&u.answered_ipv6));
+        let synced = anchor.is_synchronized_at(now);
+        Ok(StatusReport {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_s: now.saturating_sub(self.started_mono_ns) as f64 * 1e-9,
+            clock: self.clock.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            anchor: AnchorStatus {
+                published: anchor.is_published(),
+                age_s: anchor.age_ns(now) as f64 * 1e-9,
+                max_age_s: anchor.max_age_ns as f64 * 1e-9,
+                stratum: if synced { anchor.stratum } else { 0 },
+                leap: if synced { anchor.leap } else { 3 },
+                refid: refid_text(anchor.refid, anchor.stratum),
+            },
+            responder: ResponderStatus {
+                counters,
+                userspace_answered_ipv4: answered.saturating_sub(answered6),
+                userspace_answered_ipv6: answered6,
+                userspace_dropped: load(&u.dropped),
+                rate_limited_sources_tracked: self.observer.rate_sources(),
+            },
+            guests: self.guest_summary(guest_max_age, now),
+            alarms: self
+                .alarms
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .active(),
+        })
+    }
+
+    /// A report with fresh figures (for `status` and scrapes).
+    pub fn report(&self) -> Result<StatusReport> {
+        self.report_with(Duration::from_millis(500))
+    }
+
+    /// Evaluates the alarms and logs each transition once.
+    pub fn evaluate_alarms(&self) -> Result<()> {
+        let r = self.report_with(GUEST_WALK_MAX_AGE)?;
+        let now_ns = monotonic_now_ns()?;
+        let (judged, refused) = r.responder.judged_and_refused();
+        let inputs = AlarmInputs {
+            now_s: now_ns as f64 * 1e-9,
+            started_s: self.started_mono_ns as f64 * 1e-9,
+            last_sync_s: r.clock.last_sync_mono_ns.map(|t| t as f64 * 1e-9),
+            offset_s: r.clock.offset_s,
+            anchor_age_s: r.anchor.published.then_some(r.anchor.age_s),
+            judged,
+            refused,
+            guests_alarmed: r.guests.alarmed.len(),
+        };
+        let transitions = self
+            .alarms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .evaluate(&inputs);
+        for t in transitions {
+            if t.raised {
+                warn!(alarm = t.kind.name(), detail = %t.detail, "alarm raised");
+            } else {
+                info!(alarm = t.kind.name(), "alarm cleared");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Binds the metrics listener and the control socket (errors here stop the daemon before it
+/// serves half-configured), then runs them and the alarm ticker until the handles drop.
+pub async fn start(obs: Arc<Observatory>) -> Result<Vec<AbortOnDrop>> {
+    let mut tasks = Vec::new();
+    if let Some(addr) = obs.spec.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics.listen {addr}: cannot listen"))?;
+        info!(%addr, "metrics endpoint: http://{addr}/metrics");
+        let o = obs.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let o = o.clone();
+                async move {
+                    // Map walks are blocking syscalls: off the runtime thread.
+                    tokio::task::spawn_blocking(move || scrape(&o))
+                        .await
+                        .unwrap_or_else(|e| {
+                            (
+                                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                                [("content-type", "text/plain")],
+                                format!("{e}\n"),
+                            )
+                        })
+                }
+            }),
+        );
+        tasks.push(AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                warn!(error = %e, "the metrics endpoint stopped");
+            }
+        })));
+    }
+    if let Some(path) = obs.spec.control_socket.clone() {
+        let listener = bind_control(&path)?;
+        info!(socket = %path.display(), "control socket (ntp-user status)");
+        let o = obs.clone();
+        tasks.push(AbortOnDrop(tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let o = o.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = control_session(stream, o).await {
+                                debug!(error = %format!("{e:#}"), "control session failed");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "control socket accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        })));
+    }
+    let o = obs.clone();
+    tasks.push(AbortOnDrop(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(ALARM_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let o = o.clone();
+            // Map walks are blocking syscalls: off the runtime thread that serves clients.
+            match tokio::task::spawn_blocking(move || o.evaluate_alarms()).await {
+                Ok(Err(e)) => warn!(error = %format!("{e:#}"), "alarm evaluation failed"),
+                Err(e) => warn!(error = %e, "alarm evaluation panicked"),
+                Ok(Ok(())) => {}
+            }
+        }
+    })));
+    Ok(tasks)
+}
+
+fn scrape(o: &Observatory) -> (axum::http::StatusCode, [(&'static str, &'static str); 1], String) {
+    const CT: (&str, &str) = (
+        "content-type",
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    );
+    match o.report().and_then(|r| crate::metrics::encode_report(&r)) {
+        Ok(text) => (axum::http::StatusCode::OK, [CT], text),
+        Err(e) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            format!("{e:#}\n"),
+        ),
+    }
+}
+
+/// A Unix socket only its owner (and root) may use: mode 0600, and the peer's uid checked.
+fn bind_control(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket file left by a daemon that was killed: only one daemon runs per instance.
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("control.socket {}: cannot bind", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("control.socket {}: chmod 600", path.display()))?;
+    Ok(listener)
+}
+
+async fn control_session(mut stream: tokio::net::UnixStream, o: Arc<Observatory>) -> Result<()> {
+    let me = nix::unistd::geteuid().as_raw();
+    let peer = stream.peer_cred()?.uid();
+    if peer != me && peer != 0 {
+        stream
+            .write_all(b"error: permission denied (not the daemon's owner)\n")
+            .await?;
+        return Ok(());
+    }
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf))
+        .await
+        .context("no command")??;
+    let command = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+    let answer = match command.as_str() {
+        "status" => {
+            // Walks the maps: a blocking task, not the runtime thread.
+            match tokio::task::spawn_blocking(move || o.report()).await? {
+                Ok(r) => serde_json::to_string(&r)? + "\n",
+                Err(e) => format!("error: {e:#}\n"),
+            }
+        }
+        other => format!("error: unknown command {other:?} (known: status)\n"),
+    };
+    stream.write_all(answer.as_bytes()).await?;
+    stream.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,316 @@
+//! What `ntp-user status` shows and the metrics endpoint exports: one report, built by the
+//! daemon on request, sent as JSON over the control socket and rendered here as tables in the
+//! manner of `chronyc tracking` and `chronyc sources`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read as _, Write as _};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::alarms::ActiveAlarm;
+use crate::guests::GuestSummary;
+
+/// The clock loop's latest view of its clock, shared with the control and metrics tasks.
+pub type ClockStatusCell = Arc<Mutex<ClockStatus>>;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClockStatus {
+    /// "upstream" (the daemon's own disciplined clock) or "host-clock".
+    pub reference: String,
+    pub synchronized: bool,
+    pub stratum: u8,
+    pub refid: String,
+    pub leap: u8,
+    /// Last measured offset of the clock against the selected upstreams (s).
+    pub offset_s: Option<f64>,
+    pub frequency_ppm: f64,
+    pub root_delay_s: f64,
+    pub root_dispersion_s: f64,
+    /// CLOCK_MONOTONIC of the last correction from the reference.
+    pub last_sync_mono_ns: Option<u64>,
+    pub sources: Vec<SourceStatus>,
+}
+
+impl ClockStatus {
+    /// RFC 5905 root distance: what a client adds to its error bound for this server.
+    pub fn root_distance_s(&self) -> f64 {
+        self.root_delay_s / 2.0 + self.root_dispersion_s
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    pub address: String,
+    /// selected, candidate, falseticker, unreachable, denied.
+    pub state: String,
+    pub reach: u8,
+    pub poll: i8,
+    pub stratum: Option<u8>,
+    pub offset_s: Option<f64>,
+    pub delay_s: Option<f64>,
+    pub jitter_s: Option<f64>,
+}
+
+/// The anchor the kernel serves right now, read from its map.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AnchorStatus {
+    pub published: bool,
+    pub age_s: f64,
+    pub max_age_s: f64,
+    pub stratum: u8,
+    pub leap: u8,
+    pub refid: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResponderStatus {
+    /// The XDP program's outcome counters, by name.
+    pub counters: BTreeMap<String, u64>,
+    pub userspace_answered_ipv4: u64,
+    pub userspace_answered_ipv6: u64,
+    pub userspace_dropped: u64,
+    /// Sources the rate table tracks.
+    pub rate_limited_sources_tracked: usize,
+}
+
+impl ResponderStatus {
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters.get(name).copied().unwrap_or(0)
+    }
+
+    /// Requests judged (answered or refused) and refused (dropped or answered with a KoD).
+    pub fn judged_and_refused(&self) -> (u64, u64) {
+        let refused: u64 = self
+            .counters
+            .iter()
+            .filter(|(k, _)| k.starts_with("dropped_") || k.starts_with("kod_"))
+            .map(|(_, v)| v)
+            .sum::<u64>()
+            + self.userspace_dropped;
+        let answered = self.counter("answered_ipv4")
+            + self.counter("answered_ipv6")
+            + self.userspace_answered_ipv4
+            + self.userspace_answered_ipv6;
+        (answered + refused, refused)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub uptime_s: f64,
+    pub clock: ClockStatus,
+    pub anchor: AnchorStatus,
+    pub responder: ResponderStatus,
+    pub guests: GuestSummary,
+    pub alarms: Vec<ActiveAlarm>,
+}
+
+/// A reference ID as people read it: a dotted IPv4 address, or the ASCII code.
+pub fn refid_text(refid: [u8; 4], stratum: u8) -> String {
+    if stratum >= 2 {
+        std::net::Ipv4Addr::from(refid).to_string()
+    } else {
+        refid
+            .iter()
+            .take_while(|b| **b != 0)
+            .map(|b| if b.is_ascii_graphic() { *b as char } else { '?' })
+            .collect()
+    }
+}
+
+fn si(seconds: Option<f64>) -> String {
+    let Some(s) = seconds else {
+        return "-".into();
+    };
+    let a = s.abs();
+    if a >= 1.0 {
+        format!("{s:+.3}s")
+    } else if a >= 1e-3 {
+        format!("{:+.3}ms", s * 1e3)
+    } else {
+        format!("{:+.1}us", s * 1e6)
+    }
+}
+
+/// Human tables: tracking, sources, responder counters, worst guests, alarms.
+pub fn render(r: &StatusReport) -> String {
+    let mut o = String::new();
+    let c = &r.clock;
+    let _ = writeln!(o, "ntp-xdp {} (up {:.0} s)", r.version, r.uptime_s);
+    let _ = writeln!(o, "\nTracking");
+    let rows: Vec<(&str, String)> = vec![
+        ("Reference", c.reference.clone()),
+        ("Synchronized", c.synchronized.to_string()),
+        ("Reference ID", c.refid.clone()),
+        ("Stratum", c.stratum.to_string()),
+        ("Last offset", si(c.offset_s)),
+        ("Frequency", format!("{:+.3} ppm", c.frequency_ppm)),
+        ("Root delay", si(Some(c.root_delay_s))),
+        ("Root dispersion", si(Some(c.root_dispersion_s))),
+        ("Root distance", si(Some(c.root_distance_s()))),
+        ("Leap indicator", c.leap.to_string()),
+        (
+            "Served anchor age",
+            if r.anchor.published {
+                format!("{:.2} s (max {:.0} s)", r.anchor.age_s, r.anchor.max_age_s)
+            } else {
+                "never published".into()
+            },
+        ),
+    ];
+    for (k, v) in rows {
+        let _ = writeln!(o, "  {k:<18}: {v}");
+    }
+    if !c.sources.is_empty() {
+        let _ = writeln!(o, "\nSources");
+        let _ = writeln!(
+            o,
+            "  {:<28} {:<12} {:>2} {:>4} {:>5} {:>12} {:>12} {:>12}",
+            "address", "state", "st", "poll", "reach", "offset", "delay", "jitter"
+        );
+        for s in &c.sources {
+            let _ = writeln!(
+                o,
+                "  {:<28} {:<12} {:>2} {:>4} {:>5o} {:>12} {:>12} {:>12}",
+                s.address,
+                s.state,
+                s.stratum.map_or("-".into(), |x| x.to_string()),
+                s.poll,
+                s.reach,
+                si(s.offset_s),
+                si(s.delay_s),
+                si(s.jitter_s)
+            );
+        }
+    }
+    let _ = writeln!(o, "\nResponder");
+    for (k, v) in &r.responder.counters {
+        if *v > 0 {
+            let _ = writeln!(o, "  {k:<28} {v:>14}");
+        }
+    }
+    let u = &r.responder;
+    let _ = writeln!(
+        o,
+        "  {:<28} {:>14}\n  {:<28} {:>14}\n  {:<28} {:>14}",
+        "userspace_answered",
+        u.userspace_answered_ipv4 + u.userspace_answered_ipv6,
+        "userspace_dropped",
+        u.userspace_dropped,
+        "sources_tracked",
+        u.rate_limited_sources_tracked
+    );
+    let g = &r.guests;
+    let _ = writeln!(
+        o,
+        "\nGuest clocks ({} active, {} without a readable clock, alarm beyond {})",
+        g.active,
+        g.opaque,
+        si(Some(g.alarm_offset_s))
+    );
+    for x in &g.worst {
+        let mark = if x.offset_s.abs() > g.alarm_offset_s {
+            "ALARM"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            o,
+            "  {:<40} {:>12} {:>8} req  seen {:>6.0} s ago  {mark}",
+            x.address.to_string(),
+            si(Some(x.offset_s)),
+            x.requests,
+            x.last_seen_s_ago
+        );
+    }
+    let _ = writeln!(o, "\nAlarms");
+    if r.alarms.is_empty() {
+        let _ = writeln!(o, "  none");
+    }
+    for a in &r.alarms {
+        let _ = writeln!(
+            o,
+            "  {:<14} {} (for {:.0} s)",
+            a.name, a.detail, a.since_s_ago
+        );
+    }
+    o
+}
+
+/// Asks the daemon behind `socket` for its report.
+pub fn query(socket: &Path) -> Result<StatusReport> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to the daemon's control socket {} (is the daemon running, and are you \
+             its owner?)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    stream.write_all(b"status\n")?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .context("reading the daemon's answer")?;
+    if let Some(err) = text.strip_prefix("error: ") {
+        bail!("the daemon says: {}", err.trim());
+    }
+    serde_json::from_str(&text).context("the daemon's answer is not a status report")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refids_read_as_people_expect() {
+        assert_eq!(refid_text([169, 254, 0, 1], 3), "169.254.0.1");
+        assert_eq!(refid_text(*b"LOCL", 10), "76.79.67.76");
+        assert_eq!(refid_text(*b"GPS\0", 1), "GPS");
+        assert_eq!(refid_text(*b"INIT", 0), "INIT");
+    }
+
+    #[test]
+    fn judged_and_refused_count_every_refusal() {
+        let mut r = ResponderStatus::default();
+        for (k, v) in [
+            ("answered_ipv4", 90),
+            ("answered_ipv6", 5),
+            ("dropped_rate_limited", 3),
+            ("kod_rate", 1),
+            ("dropped_mode", 1),
+            ("passed_not_ntp", 1000),
+            ("answered_unsynchronized", 7),
+        ] {
+            r.counters.insert(k.into(), v);
+        }
+        r.userspace_answered_ipv4 = 10;
+        assert_eq!(r.judged_and_refused(), (110, 5));
+    }
+
+    #[test]
+    fn render_shows_every_section() {
+        let mut r = StatusReport::default();
+        r.clock.sources.push(SourceStatus {
+            address: "169.254.1.1:123".into(),
+            state: "selected".into(),
+            reach: 0o377,
+            offset_s: Some(12e-6),
+            ..Default::default()
+        });
+        r.alarms.push(ActiveAlarm {
+            name: "no_sync".into(),
+            since_s_ago: 3.0,
+            detail: "never synchronized".into(),
+        });
+        let text = render(&r);
+        for want in ["Tracking", "Sources", "377", "+12.0us", "Responder", "Guest clocks", "no_sync"] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
+    }
+}
