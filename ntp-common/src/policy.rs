@@ -94,7 +94,9 @@ pub struct SourceState {
 pub enum Admission {
     Answer,
     /// Over its rate: dropped, with a RATE kiss-o'-death when `kod`.
-    Limited { kod: bool },
+    Limited {
+        kod: bool,
+    },
 }
 
 /// GCRA step for one request at `now_ns` (CLOCK_MONOTONIC). A refused request does not move

@@ -133,12 +133,9 @@ impl Alarms {
         ));
         state.push((
             AlarmKind::Offset,
-            i.offset_s.filter(|o| o.abs() > t.max_offset_s).map(|o| {
-                format!(
-                    "last offset {:.6} s exceeds {:.6} s",
-                    o, t.max_offset_s
-                )
-            }),
+            i.offset_s
+                .filter(|o| o.abs() > t.max_offset_s)
+                .map(|o| format!("last offset {:.6} s exceeds {:.6} s", o, t.max_offset_s)),
         ));
         state.push((
             AlarmKind::AnchorAge,
@@ -153,18 +150,23 @@ impl Alarms {
         });
         state.push((
             AlarmKind::DropRate,
-            drop.filter(|(f, _)| *f > t.max_drop_fraction).map(|(f, n)| {
-                format!(
-                    "{:.2}% of {n} requests dropped or refused in the last {:.0} s",
-                    f * 100.0,
-                    t.window_s
-                )
-            }),
+            drop.filter(|(f, _)| *f > t.max_drop_fraction)
+                .map(|(f, n)| {
+                    format!(
+                        "{:.2}% of {n} requests dropped or refused in the last {:.0} s",
+                        f * 100.0,
+                        t.window_s
+                    )
+                }),
         ));
         state.push((
             AlarmKind::GuestClocks,
-            (i.guests_alarmed > 0)
-                .then(|| format!("{} guest clock(s) off beyond the threshold", i.guests_alarmed)),
+            (i.guests_alarmed > 0).then(|| {
+                format!(
+                    "{} guest clock(s) off beyond the threshold",
+                    i.guests_alarmed
+                )
+            }),
         ));
         let mut transitions = Vec::new();
         for (kind, detail) in state {
@@ -292,7 +294,10 @@ mod tests {
         i.now_s = 30.0;
         i.judged = 103_000;
         let t = a.evaluate(&i);
-        assert!(t.iter().any(|t| t.kind == AlarmKind::DropRate && !t.raised), "{t:?}");
+        assert!(
+            t.iter().any(|t| t.kind == AlarmKind::DropRate && !t.raised),
+            "{t:?}"
+        );
     }
 
     #[test]

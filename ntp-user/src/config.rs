@@ -612,7 +612,10 @@ pub fn validate_admission(
         }
     }
     let mut acl = Vec::new();
-    for (field, list, allow) in [("access.allow", &a.allow, true), ("access.deny", &a.deny, false)] {
+    for (field, list, allow) in [
+        ("access.allow", &a.allow, true),
+        ("access.deny", &a.deny, false),
+    ] {
         for (i, net) in list.iter().enumerate() {
             if acl
                 .iter()
@@ -1068,19 +1071,43 @@ addresses = ["169.254.169.123"]
         for (section, field, want) in [
             ("[limits]\nrate = 0", "limits.rate", "0"),
             ("[limits]\nburst = 0", "limits.burst", "0"),
-            ("[limits]\nkod_interval = \"often\"", "limits.kod_interval", "often"),
+            (
+                "[limits]\nkod_interval = \"often\"",
+                "limits.kod_interval",
+                "often",
+            ),
             ("[limits]\nsources = 0", "limits.sources", "0"),
-            ("[access]\ndeny_action = \"reject\"", "access.deny_action", "reject"),
+            (
+                "[access]\ndeny_action = \"reject\"",
+                "access.deny_action",
+                "reject",
+            ),
             (
                 "[access]\nallow = [\"169.254.0.0/16\"]\ndeny = [\"169.254.0.0/16\"]",
                 "access.deny[0]",
                 "twice",
             ),
-            ("[access]\nallow = [\"169.254.0.0/33\"]", "allow", "169.254.0.0/33"),
-            ("[guest_clocks]\nalarm_offset = \"2d\"", "guest_clocks.opaque_beyond", "larger"),
+            (
+                "[access]\nallow = [\"169.254.0.0/33\"]",
+                "allow",
+                "169.254.0.0/33",
+            ),
+            (
+                "[guest_clocks]\nalarm_offset = \"2d\"",
+                "guest_clocks.opaque_beyond",
+                "larger",
+            ),
             ("[metrics]\nlisten = \"localhost\"", "listen", "localhost"),
-            ("[control]\nsocket = \"relative.sock\"", "control.socket", "absolute"),
-            ("[alarms]\nmax_drop_fraction = 2.0", "alarms.max_drop_fraction", "2"),
+            (
+                "[control]\nsocket = \"relative.sock\"",
+                "control.socket",
+                "absolute",
+            ),
+            (
+                "[alarms]\nmax_drop_fraction = 2.0",
+                "alarms.max_drop_fraction",
+                "2",
+            ),
             ("[alarms]\nwindow = \"10ms\"", "alarms.window", "1s"),
         ] {
             let e = err(&format!("{MINIMAL}{section}\n"));

@@ -137,7 +137,9 @@ mod tests {
     #[test]
     fn nobody_alarmed_when_everyone_is_close() {
         let now = 100 * S;
-        let records: Vec<_> = (1..50).map(|i| rec(i, 0.001 * i as f64 / 50.0, now)).collect();
+        let records: Vec<_> = (1..50)
+            .map(|i| rec(i, 0.001 * i as f64 / 50.0, now))
+            .collect();
         let s = summarize(&records, now, &GuestPolicy::default());
         assert!(s.alarmed.is_empty());
         assert_eq!(s.worst.len(), WORST_LISTED);

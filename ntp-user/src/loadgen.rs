@@ -251,7 +251,8 @@ fn worker(spec: &LoadSpec, thread: u64) -> Result<ThreadTally> {
                 slot.open = false;
                 outstanding = outstanding.saturating_sub(1);
                 let code = &reply[OFF_REFID..OFF_REFID + 4];
-                if reply[OFF_STRATUM] == STRATUM_UNSPECIFIED && (code == b"RATE" || code == b"DENY") {
+                if reply[OFF_STRATUM] == STRATUM_UNSPECIFIED && (code == b"RATE" || code == b"DENY")
+                {
                     tally.kod += 1;
                     continue;
                 }

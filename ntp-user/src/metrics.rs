@@ -76,9 +76,15 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         ("userspace", "ipv4", resp.userspace_answered_ipv4),
         ("userspace", "ipv6", resp.userspace_answered_ipv6),
     ] {
-        replies.get_or_create(&PathFamily { path, family }).inc_by(v);
+        replies
+            .get_or_create(&PathFamily { path, family })
+            .inc_by(v);
     }
-    reg.register("replies", "NTP replies sent, by path and address family", replies);
+    reg.register(
+        "replies",
+        "NTP replies sent, by path and address family",
+        replies,
+    );
 
     let dropped = Family::<Reason, Counter>::default();
     let passed = Family::<Reason, Counter>::default();
@@ -114,7 +120,11 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         .inc_by(resp.counter("kod_rate"));
     kods.get_or_create(&Code { code: "DENY" })
         .inc_by(resp.counter("kod_deny"));
-    reg.register("kiss_of_death_sent", "Kiss-o'-death replies sent, by code", kods);
+    reg.register(
+        "kiss_of_death_sent",
+        "Kiss-o'-death replies sent, by code",
+        kods,
+    );
 
     let limited = Counter::<u64>::default();
     limited.inc_by(resp.counter("dropped_rate_limited") + resp.counter("kod_rate"));
@@ -138,18 +148,63 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
     );
 
     let c = &r.clock;
-    gauge(&mut reg, "clock_synchronized", "1 when the clock is synchronized", c.synchronized as u8 as f64);
-    gauge(&mut reg, "clock_stratum", "Stratum served", c.stratum as f64);
-    gauge(&mut reg, "clock_leap", "Leap indicator served", c.leap as f64);
+    gauge(
+        &mut reg,
+        "clock_synchronized",
+        "1 when the clock is synchronized",
+        c.synchronized as u8 as f64,
+    );
+    gauge(
+        &mut reg,
+        "clock_stratum",
+        "Stratum served",
+        c.stratum as f64,
+    );
+    gauge(
+        &mut reg,
+        "clock_leap",
+        "Leap indicator served",
+        c.leap as f64,
+    );
     if let Some(o) = c.offset_s {
-        gauge(&mut reg, "clock_offset_seconds", "Last measured offset against the upstreams", o);
+        gauge(
+            &mut reg,
+            "clock_offset_seconds",
+            "Last measured offset against the upstreams",
+            o,
+        );
     }
-    gauge(&mut reg, "clock_frequency_ppm", "Frequency correction of the clock model", c.frequency_ppm);
-    gauge(&mut reg, "clock_root_delay_seconds", "Root delay", c.root_delay_s);
-    gauge(&mut reg, "clock_root_dispersion_seconds", "Root dispersion", c.root_dispersion_s);
-    gauge(&mut reg, "clock_root_distance_seconds", "Root distance (delay/2 + dispersion)", c.root_distance_s());
+    gauge(
+        &mut reg,
+        "clock_frequency_ppm",
+        "Frequency correction of the clock model",
+        c.frequency_ppm,
+    );
+    gauge(
+        &mut reg,
+        "clock_root_delay_seconds",
+        "Root delay",
+        c.root_delay_s,
+    );
+    gauge(
+        &mut reg,
+        "clock_root_dispersion_seconds",
+        "Root dispersion",
+        c.root_dispersion_s,
+    );
+    gauge(
+        &mut reg,
+        "clock_root_distance_seconds",
+        "Root distance (delay/2 + dispersion)",
+        c.root_distance_s(),
+    );
     if r.anchor.published {
-        gauge(&mut reg, "anchor_age_seconds", "Age of the anchor the kernel serves", r.anchor.age_s);
+        gauge(
+            &mut reg,
+            "anchor_age_seconds",
+            "Age of the anchor the kernel serves",
+            r.anchor.age_s,
+        );
     }
 
     let up = |f: &dyn Fn(&crate::status::SourceStatus) -> Option<f64>| {
@@ -167,17 +222,62 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
             })
             .collect::<Vec<_>>()
     };
-    family_gauge(&mut reg, "upstream_reach", "8-bit reachability register", up(&|s| Some(s.reach as f64)));
-    family_gauge(&mut reg, "upstream_selected", "1 for the system peer", up(&|s| Some((s.state == "selected") as u8 as f64)));
-    family_gauge(&mut reg, "upstream_falseticker", "1 when outvoted by the others", up(&|s| Some((s.state == "falseticker") as u8 as f64)));
-    family_gauge(&mut reg, "upstream_offset_seconds", "Filtered offset", up(&|s| s.offset_s));
-    family_gauge(&mut reg, "upstream_delay_seconds", "Round-trip delay", up(&|s| s.delay_s));
-    family_gauge(&mut reg, "upstream_jitter_seconds", "Filter jitter", up(&|s| s.jitter_s));
+    family_gauge(
+        &mut reg,
+        "upstream_reach",
+        "8-bit reachability register",
+        up(&|s| Some(s.reach as f64)),
+    );
+    family_gauge(
+        &mut reg,
+        "upstream_selected",
+        "1 for the system peer",
+        up(&|s| Some((s.state == "selected") as u8 as f64)),
+    );
+    family_gauge(
+        &mut reg,
+        "upstream_falseticker",
+        "1 when outvoted by the others",
+        up(&|s| Some((s.state == "falseticker") as u8 as f64)),
+    );
+    family_gauge(
+        &mut reg,
+        "upstream_offset_seconds",
+        "Filtered offset",
+        up(&|s| s.offset_s),
+    );
+    family_gauge(
+        &mut reg,
+        "upstream_delay_seconds",
+        "Round-trip delay",
+        up(&|s| s.delay_s),
+    );
+    family_gauge(
+        &mut reg,
+        "upstream_jitter_seconds",
+        "Filter jitter",
+        up(&|s| s.jitter_s),
+    );
 
     let g = &r.guests;
-    gauge(&mut reg, "guests_active", "Guests seen recently", g.active as f64);
-    gauge(&mut reg, "guests_opaque", "Guests whose requests carry no readable clock", g.opaque as f64);
-    gauge(&mut reg, "guest_clock_alarms", "Guests whose clock is off beyond the threshold", g.alarmed.len() as f64);
+    gauge(
+        &mut reg,
+        "guests_active",
+        "Guests seen recently",
+        g.active as f64,
+    );
+    gauge(
+        &mut reg,
+        "guests_opaque",
+        "Guests whose requests carry no readable clock",
+        g.opaque as f64,
+    );
+    gauge(
+        &mut reg,
+        "guest_clock_alarms",
+        "Guests whose clock is off beyond the threshold",
+        g.alarmed.len() as f64,
+    );
     family_gauge(
         &mut reg,
         "guest_clock_offset_seconds",
@@ -206,7 +306,12 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
             })
             .collect(),
     );
-    gauge(&mut reg, "uptime_seconds", "Seconds since the daemon started", r.uptime_s);
+    gauge(
+        &mut reg,
+        "uptime_seconds",
+        "Seconds since the daemon started",
+        r.uptime_s,
+    );
 
     let mut out = String::new();
     encode(&mut out, &reg)?;
@@ -221,7 +326,9 @@ mod tests {
     fn exposition_carries_the_figures() {
         let mut r = StatusReport::default();
         r.responder.counters.insert("answered_ipv4".into(), 42);
-        r.responder.counters.insert("dropped_rate_limited".into(), 7);
+        r.responder
+            .counters
+            .insert("dropped_rate_limited".into(), 7);
         r.responder.counters.insert("kod_rate".into(), 1);
         r.clock.sources.push(crate::status::SourceStatus {
             address: "169.254.1.1:123".into(),

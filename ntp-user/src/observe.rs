@@ -16,9 +16,7 @@ use crate::alarms::{AlarmInputs, AlarmThresholds, Alarms};
 use crate::guests::{summarize, GuestPolicy, GuestSummary};
 use crate::hostclock::monotonic_now_ns;
 use crate::serve::AbortOnDrop;
-use crate::status::{
-    refid_text, AnchorStatus, ClockStatusCell, ResponderStatus, StatusReport,
-};
+use crate::status::{refid_text, AnchorStatus, ClockStatusCell, ResponderStatus, StatusReport};
 use crate::userspace::UserspaceCounters;
 use crate::xdp::Observer;
 
@@ -230,7 +228,13 @@ pub async fn start(obs: Arc<Observatory>) -> Result<Vec<AbortOnDrop>> {
     Ok(tasks)
 }
 
-fn scrape(o: &Observatory) -> (axum::http::StatusCode, [(&'static str, &'static str); 1], String) {
+fn scrape(
+    o: &Observatory,
+) -> (
+    axum::http::StatusCode,
+    [(&'static str, &'static str); 1],
+    String,
+) {
     const CT: (&str, &str) = (
         "content-type",
         "application/openmetrics-text; version=1.0.0; charset=utf-8",

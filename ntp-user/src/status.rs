@@ -118,7 +118,13 @@ pub fn refid_text(refid: [u8; 4], stratum: u8) -> String {
         refid
             .iter()
             .take_while(|b| **b != 0)
-            .map(|b| if b.is_ascii_graphic() { *b as char } else { '?' })
+            .map(|b| {
+                if b.is_ascii_graphic() {
+                    *b as char
+                } else {
+                    '?'
+                }
+            })
             .collect()
     }
 }
@@ -309,7 +315,15 @@ mod tests {
             detail: "never synchronized".into(),
         });
         let text = render(&r);
-        for want in ["Tracking", "Sources", "377", "+12.0us", "Responder", "Guest clocks", "no_sync"] {
+        for want in [
+            "Tracking",
+            "Sources",
+            "377",
+            "+12.0us",
+            "Responder",
+            "Guest clocks",
+            "no_sync",
+        ] {
             assert!(text.contains(want), "{want} missing:\n{text}");
         }
     }

@@ -69,7 +69,10 @@ pub struct AclEntry {
 pub fn acl_key(prefix: IpNet) -> LpmKey<[u8; 16]> {
     let prefix = prefix.trunc();
     match prefix {
-        IpNet::V4(n) => LpmKey::new(96 + n.prefix_len() as u32, ipv4_mapped_key(n.addr().octets())),
+        IpNet::V4(n) => LpmKey::new(
+            96 + n.prefix_len() as u32,
+            ipv4_mapped_key(n.addr().octets()),
+        ),
         IpNet::V6(n) => LpmKey::new(n.prefix_len() as u32, n.addr().octets()),
     }
 }
@@ -615,8 +618,7 @@ fn drop_resized_tables(dir: &Path, sizes: TableSizes) -> Result<()> {
                 new = want,
                 "table resized by the config; starting it empty"
             );
-            std::fs::remove_file(&path)
-                .with_context(|| format!("removing {}", path.display()))?;
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
     Ok(())

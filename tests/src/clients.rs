@@ -148,6 +148,26 @@ pub fn sequential_queries(
     deadline: std::time::Duration,
     stop: &std::sync::atomic::AtomicBool,
 ) -> ClientTally {
+    paced_queries(
+        guest_ns,
+        addr,
+        count,
+        deadline,
+        std::time::Duration::ZERO,
+        stop,
+    )
+}
+
+/// [`sequential_queries`] with `pause` between one reply (or loss) and the next request: a
+/// client polling at a steady rate.
+pub fn paced_queries(
+    guest_ns: std::fs::File,
+    addr: &str,
+    count: u64,
+    deadline: std::time::Duration,
+    pause: std::time::Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> ClientTally {
     use ntp_common::wire::{li_vn_mode, mode, read_be64, MODE_CLIENT, MODE_SERVER};
     use std::sync::atomic::Ordering;
     ntp_user::netns::enter(&guest_ns).expect("entering the guest namespace");
@@ -167,6 +187,9 @@ pub fn sequential_queries(
     let start = std::time::Instant::now();
     let mut seq: u64 = 0x5eed_0000_0000_0000 | rand_low();
     while tally.answered < count && start.elapsed() < deadline && !stop.load(Ordering::Relaxed) {
+        if !pause.is_zero() && tally.answered + tally.lost > 0 {
+            std::thread::sleep(pause);
+        }
         seq += 1;
         let mut req = [0u8; 48];
         req[0] = li_vn_mode(0, 4, MODE_CLIENT);
@@ -210,4 +233,108 @@ pub fn sequential_queries(
 
 fn rand_low() -> u64 {
     (std::process::id() as u64) << 24
+}
+
+/// Sends `count` requests from `ns` to `addr`:123 whose transmit timestamps read the host
+/// clock shifted by `skew_s` (a guest whose clock is that far off); returns how many were
+/// answered with this request's origin.
+pub fn skewed_requests(
+    ns: &crate::topology::Netns,
+    addr: &str,
+    skew_s: f64,
+    count: u32,
+) -> anyhow::Result<u32> {
+    use ntp_common::time::{ntp_ns_to_timestamp, unix_ns_to_ntp_ns};
+    use ntp_common::wire::{li_vn_mode, MODE_CLIENT};
+    let file = ns.file()?;
+    let addr = addr.to_string();
+    std::thread::spawn(move || -> anyhow::Result<u32> {
+        ntp_user::netns::enter(&file)?;
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        sock.connect((addr.as_str(), 123))?;
+        sock.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
+        let mut answered = 0;
+        for _ in 0..count {
+            let unix_ns = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos() as i128
+                + (skew_s * 1e9) as i128;
+            let tx = ntp_ns_to_timestamp(unix_ns_to_ntp_ns(unix_ns as u64));
+            let mut req = [0u8; 48];
+            req[0] = li_vn_mode(0, 4, MODE_CLIENT);
+            req[40..48].copy_from_slice(&tx.to_be_bytes());
+            sock.send(&req)?;
+            let mut buf = [0u8; 128];
+            if let Ok(48) = sock.recv(&mut buf) {
+                if buf[24..32] == req[40..48] {
+                    answered += 1;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(answered)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
+}
+
+/// `GET path` from inside `ns` (the metrics endpoint listens on that namespace's loopback).
+pub fn http_get(
+    ns: &crate::topology::Netns,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let file = ns.file()?;
+    let path = path.to_string();
+    std::thread::spawn(move || -> anyhow::Result<String> {
+        ntp_user::netns::enter(&file)?;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow::anyhow!("no HTTP header end in {text:?}"))?;
+        anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+        Ok(body.to_string())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
+}
+
+/// The value of one sample (`name{labels}` exactly as exposed) in a Prometheus text body.
+pub fn metric(body: &str, sample: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// One client request from `ns` to `addr`:123: the reply, or None after 500 ms.
+pub fn one_query(ns: &crate::topology::Netns, addr: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    use ntp_common::wire::{li_vn_mode, MODE_CLIENT};
+    let file = ns.file()?;
+    let addr = addr.to_string();
+    std::thread::spawn(move || -> anyhow::Result<Option<Vec<u8>>> {
+        ntp_user::netns::enter(&file)?;
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        sock.connect((addr.as_str(), 123))?;
+        sock.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
+        let mut req = [0u8; 48];
+        req[0] = li_vn_mode(0, 4, MODE_CLIENT);
+        req[40..48].copy_from_slice(&0x1234_5678_9abc_def0u64.to_be_bytes());
+        sock.send(&req)?;
+        let mut buf = [0u8; 128];
+        Ok(sock.recv(&mut buf).ok().map(|n| buf[..n].to_vec()))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
 }

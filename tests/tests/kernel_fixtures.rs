@@ -4,12 +4,12 @@
 use anyhow::Result;
 use etherparse::{Ipv4HeaderSlice, Ipv6HeaderSlice, UdpHeaderSlice};
 use integration_tests::frames::*;
+use ntp_common::policy::*;
 use ntp_common::reply::sub_precision_mask;
 use ntp_common::time::{ns_to_short, ntp_ns_to_timestamp, phi_growth_ns, NANOS_PER_SEC};
 use ntp_common::wire::*;
 use ntp_common::{Counter, TimeAnchor};
 use ntp_user::hostclock::monotonic_now_ns;
-use ntp_common::policy::*;
 use ntp_user::xdp::{AclEntry, Responder, TableSizes};
 use std::net::IpAddr;
 
@@ -27,7 +27,10 @@ enum AnchorState {
 
 #[derive(Clone, Copy, Debug)]
 enum Expect {
-    Reply { version: u8, poll: i8 },
+    Reply {
+        version: u8,
+        poll: i8,
+    },
     Pass(Counter),
     Drop(Counter),
     /// A kiss-o'-death with this code, counted as `counter`.
@@ -661,7 +664,11 @@ fn check_kod(req: &[u8], rep: &[u8], code: [u8; 4]) -> Result<(), String> {
         }
         let l4 = l3 + ip.slice().len();
         let udp = UdpHeaderSlice::from_slice(&rep[l4..]).unwrap().to_header();
-        if udp.checksum != udp.calc_checksum_ipv4(&ip.to_header(), &rep[l4 + 8..]).unwrap() {
+        if udp.checksum
+            != udp
+                .calc_checksum_ipv4(&ip.to_header(), &rep[l4 + 8..])
+                .unwrap()
+        {
             return Err("UDP checksum wrong".into());
         }
         l4
@@ -673,7 +680,11 @@ fn check_kod(req: &[u8], rep: &[u8], code: [u8; 4]) -> Result<(), String> {
         }
         let l4 = l3 + 40;
         let udp = UdpHeaderSlice::from_slice(&rep[l4..]).unwrap().to_header();
-        if udp.checksum != udp.calc_checksum_ipv6(&ip.to_header(), &rep[l4 + 8..]).unwrap() {
+        if udp.checksum
+            != udp
+                .calc_checksum_ipv6(&ip.to_header(), &rep[l4 + 8..])
+                .unwrap()
+        {
             return Err("UDP checksum wrong".into());
         }
         l4
@@ -953,7 +964,11 @@ fn scenarios() -> Vec<Scenario> {
         ]),
         steps: vec![
             case("allowed", from_v4(other_guest), ANSWER),
-            case("denied inside the allowed prefix", from_v4(GUEST_V4), denied),
+            case(
+                "denied inside the allowed prefix",
+                from_v4(GUEST_V4),
+                denied,
+            ),
             case("allowed v6", from_v6(GUEST_V6), ANSWER),
             case(
                 "v6 outside the allow list",
