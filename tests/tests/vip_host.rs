@@ -166,26 +166,34 @@ fn drift_is_repaired_and_logged() {
         .ip(&["link", "set", &vip.host_if, "nomaster"])
         .unwrap();
     vip.ns_ip(&["link", "set", &vip.ns_if, "down"]).unwrap();
-    let repaired = VipHost::wait_until(Duration::from_secs(10), || {
-        let addrs = vip.ns_ip(&["addr", "show", "dev", &vip.ns_if])?;
-        let routes = vip.ns_ip(&["route"])?;
-        let host_end = vip.home.ip(&["link", "show", &vip.host_if])?;
-        Ok(addrs.contains(&format!("{CLOCK_V4}/32"))
-            && addrs.contains("state UP")
-            && routes.contains(&route)
-            && host_end.contains(&format!("master {}", vip.bridge)))
-    })
-    .unwrap();
-    assert!(repaired, "drift not repaired within 10 s");
-    let log = vip.daemon().unwrap().drain_log().join("\n");
-    for what in [
+    let wanted = [
         format!("added address {CLOCK_V4}/32"),
         format!("added route {route}"),
         format!("set {} up", vip.ns_if),
         format!("added {} to bridge", vip.host_if),
-    ] {
-        assert!(log.contains(&what), "no repair logged for {what:?}:\n{log}");
+    ];
+    // The state can be visible a moment before the repair pass logs it: collect the log
+    // while waiting for both.
+    let mut log = String::new();
+    let repaired = VipHost::wait_until(Duration::from_secs(10), || {
+        let addrs = vip.ns_ip(&["addr", "show", "dev", &vip.ns_if])?;
+        let routes = vip.ns_ip(&["route"])?;
+        let host_end = vip.home.ip(&["link", "show", &vip.host_if])?;
+        for line in vip.daemon()?.drain_log() {
+            log.push_str(&line);
+            log.push('\n');
+        }
+        Ok(addrs.contains(&format!("{CLOCK_V4}/32"))
+            && addrs.contains("state UP")
+            && routes.contains(&route)
+            && host_end.contains(&format!("master {}", vip.bridge))
+            && wanted.iter().all(|w| log.contains(w)))
+    })
+    .unwrap();
+    for what in &wanted {
+        assert!(log.contains(what), "no repair logged for {what:?}:\n{log}");
     }
+    assert!(repaired, "drift not repaired within 10 s");
     ntpdig(&guest, CLOCK_V4).unwrap();
 
     // The veth deleted outright: recreated, re-attached from the pinned program, serving.
