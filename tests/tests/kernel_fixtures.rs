@@ -1099,3 +1099,45 @@ fn guest_clocks_are_recorded_from_transmit_timestamps() {
     let now = monotonic_now_ns().unwrap();
     assert!(g.last_seen_ns <= now && now - g.last_seen_ns < 10 * NANOS_PER_SEC);
 }
+
+#[test]
+fn truncated_and_garbled_frames_are_never_answered_wrongly() {
+    let (mut r, _) = responder(AnchorState::Synchronized).unwrap();
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for base in [
+        Frame::v4(v4_request()).build(),
+        Frame::v6(v4_request()).build(),
+    ] {
+        // Every truncation: the lengths in the headers no longer hold, so never an answer.
+        // (The kernel refuses test frames shorter than an Ethernet header.)
+        for len in 14..base.len() {
+            let out = r.test_run(&base[..len]).unwrap();
+            assert_ne!(out.action, XDP_TX, "answered a frame cut to {len} bytes");
+        }
+        // Several bytes garbled at once, anywhere after the Ethernet header: whatever is
+        // answered is exactly as long as the request and echoes its transmit timestamp.
+        for _ in 0..3000 {
+            let mut f = base.clone();
+            for _ in 0..1 + next() % 6 {
+                let n = next();
+                let pos = 14 + (n as usize >> 8) % (f.len() - 14);
+                f[pos] = n as u8;
+            }
+            let out = r.test_run(&f).unwrap();
+            if out.action == XDP_TX {
+                assert_eq!(out.frame.len(), f.len());
+                let l4 = f.len() - 48;
+                assert_eq!(out.frame[l4 + 24..l4 + 32], f[l4 + 40..l4 + 48]);
+                assert_eq!(mode(out.frame[l4]), MODE_SERVER);
+            } else {
+                assert!(out.action == XDP_PASS || out.action == XDP_DROP);
+            }
+        }
+    }
+}
