@@ -386,7 +386,9 @@ pub fn ipv4_request_frame(src: [u8; 4], dst: [u8; 4], ntp_b0: u8) -> Vec<u8> {
 }
 
 /// The responder's cost per packet through BPF_PROG_TEST_RUN, for the answered path and the
-/// main drop and pass paths: (case, verdict, ns per run).
+/// main drop and pass paths: (case, verdict, ns per run). Each run gets a fresh copy of the
+/// frame (one run per syscall, the kernel's own timer): repeating in one call would run the
+/// program on its own reply after the first time.
 pub fn micro(repeat: u32) -> Result<Vec<(String, u32, f64)>> {
     use crate::xdp::Responder;
     let mut r = Responder::load()?;
@@ -408,13 +410,31 @@ pub fn micro(repeat: u32) -> Result<Vec<(String, u32, f64)>> {
     );
     let mut bad_sum = good.clone();
     bad_sum[40] ^= 0x55;
+    use ntp_common::policy::*;
+    // The default config's admission (rate limit with KoD, guest clock records) with a rate
+    // no repeat run exhausts: the cost of the lookups on the answered path. Then a rate that
+    // is exhausted at once: the cost of refusing a flood.
+    let mut policed = ResponderPolicy::OPEN.with_rate(1e9, 1_000_000);
+    policed.flags |= POLICY_KOD_RATE | POLICY_GUEST_CLOCKS;
+    policed.kod_interval_ns = 10_000_000_000;
+    let mut flooded = ResponderPolicy::OPEN.with_rate(1e-3, 1);
+    flooded.flags |= POLICY_KOD_RATE | POLICY_GUEST_CLOCKS;
+    flooded.kod_interval_ns = 3_600_000_000_000;
+    let open = ResponderPolicy::OPEN;
     let mut out = Vec::new();
-    for (name, frame) in [
-        ("answered_ipv4", good),
-        ("passed_not_served", not_served),
-        ("dropped_bad_udp_checksum", bad_sum),
-        ("dropped_mode", bad_mode),
+    for (label, name, policy, frame) in [
+        ("answered_ipv4", "answered_ipv4", open, good.clone()),
+        ("passed_not_served", "passed_not_served", open, not_served),
+        ("dropped_bad_udp_checksum", "dropped_bad_udp_checksum", open, bad_sum),
+        ("dropped_mode", "dropped_mode", open, bad_mode),
+        ("answered_ipv4 (rate limit + guest clocks)", "answered_ipv4", policed, good.clone()),
+        ("dropped_rate_limited", "kod_rate", flooded, good),
     ] {
+        r.set_policy(policy)?;
+        if policy.emission_ns > 1_000_000_000 {
+            // Spend the source's one token: what follows is refused.
+            r.test_run_repeat(&frame, 1)?;
+        }
         let before = r.counters()?;
         let (verdict, _) = r.test_run_repeat(&frame, 1)?;
         let moved: Vec<&str> = r
@@ -425,10 +445,14 @@ pub fn micro(repeat: u32) -> Result<Vec<(String, u32, f64)>> {
             .map(|((c, _), _)| c.name())
             .collect();
         if moved != [name] {
-            bail!("micro case {name}: the responder counted {moved:?} (verdict {verdict})");
+            bail!("micro case {label}: the responder counted {moved:?} (verdict {verdict})");
         }
-        let (_, per_run) = r.test_run_repeat(&frame, repeat)?;
-        out.push((name.to_string(), verdict, per_run.as_nanos() as f64));
+        let (steady, per_run) = r.test_run_mean(&frame, repeat)?;
+        // The refused case answers its first excess request with a KoD, then drops.
+        if steady != verdict && name != "kod_rate" {
+            bail!("micro case {label}: verdict {steady} in the timed runs, {verdict} first");
+        }
+        out.push((label.to_string(), steady, per_run.as_nanos() as f64));
     }
     Ok(out)
 }

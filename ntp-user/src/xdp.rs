@@ -560,9 +560,28 @@ impl Responder {
     }
 
     /// Runs one frame `repeat` times: the verdict and the kernel's average time per run.
+    /// The kernel runs the program on the same buffer each time, so after a reply (written
+    /// in place) the later runs see the reply, not the request: use [`Self::test_run_mean`]
+    /// to time a path that rewrites the frame.
     pub fn test_run_repeat(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
         let (action, _, per_run) = self.run_frame(frame, repeat)?;
         Ok((action, per_run))
+    }
+
+    /// Runs a fresh copy of `frame` `runs` times, one run per syscall: the last verdict (all
+    /// must agree) and the kernel's mean time for one run (its timer included).
+    pub fn test_run_mean(&mut self, frame: &[u8], runs: u32) -> Result<(u32, Duration)> {
+        let mut total = Duration::ZERO;
+        let mut verdict = None;
+        for _ in 0..runs.max(1) {
+            let (action, _, took) = self.run_frame(frame, 1)?;
+            if verdict.is_some_and(|v| v != action) {
+                bail!("the verdict changed between runs of one frame ({verdict:?} then {action})");
+            }
+            verdict = Some(action);
+            total += took;
+        }
+        Ok((verdict.unwrap_or(0), total / runs.max(1)))
     }
 
     fn run_frame(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, Duration)> {
