@@ -69,6 +69,44 @@ impl TimeAnchor {
     }
 }
 
+/// The longest a held-back anchor takes to hand over to the model it was held above, and the
+/// fastest it may run slow to get there (as a fraction, 2^-32 units): 500 ppm.
+pub const HOLD_ABSORB_NS: u64 = 1_000_000_000;
+pub const HOLD_MAX_SLOW_SCALED: i64 = 2_147_484; // 500e-6 × 2^32
+
+/// Keeps served time monotonic across an update: if `next` would serve, at its own reference
+/// point, less than `prev` serves there, it starts at `prev`'s time instead and runs slow
+/// (by what it was held back over [`HOLD_ABSORB_NS`], at most 500 ppm), so that it meets its
+/// model's line again rather than staying ahead of it for good. `prev` must be a synchronized
+/// anchor (an LI=3 one is not time clients keep). Returns how far `next` was raised (ns).
+pub fn hold_monotonic(prev: &TimeAnchor, next: &mut TimeAnchor) -> u64 {
+    let floor = prev.ntp_ns_at(next.mono_ns);
+    if next.ntp_ns >= floor {
+        return 0;
+    }
+    let held = floor - next.ntp_ns;
+    next.ntp_ns = floor;
+    // held / HOLD_ABSORB_NS as a 2^-32 fraction, without 128-bit arithmetic.
+    let slow = if held >= HOLD_ABSORB_NS {
+        HOLD_MAX_SLOW_SCALED
+    } else {
+        // Rounded up, so that a hold of a few ns is gone after one absorb period.
+        let s = (((held << 32) + HOLD_ABSORB_NS - 1) / HOLD_ABSORB_NS) as i64;
+        if s > HOLD_MAX_SLOW_SCALED {
+            HOLD_MAX_SLOW_SCALED
+        } else {
+            s
+        }
+    };
+    let f = next.freq_scaled - slow;
+    next.freq_scaled = if f < -crate::time::MAX_FREQ_SCALED {
+        -crate::time::MAX_FREQ_SCALED
+    } else {
+        f
+    };
+    held
+}
+
 /// Header parameters that belong to the server rather than to the clock model.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -162,6 +200,47 @@ mod tests {
                 t += 7;
             }
         }
+    }
+
+    #[test]
+    fn a_held_anchor_runs_slow_until_the_model_meets_it() {
+        // The model steps back 1 s (a host clock set back, say) and is republished each
+        // second; served time never goes back and meets the model again at ~500 ppm.
+        let mut prev = anchor(0.0);
+        let mut model_ntp = prev.ntp_ns - NANOS_PER_SEC;
+        let mut served = prev.ntp_ns;
+        let mut met = None;
+        for i in 1..5_000u64 {
+            let mono = prev.mono_ns + NANOS_PER_SEC;
+            model_ntp += NANOS_PER_SEC;
+            let mut next = TimeAnchor {
+                mono_ns: mono,
+                ntp_ns: model_ntp,
+                ..prev
+            };
+            next.freq_scaled = 0;
+            let held = hold_monotonic(&prev, &mut next);
+            assert!(next.ntp_ns >= prev.ntp_ns_at(mono), "backwards at {i}");
+            assert!(next.ntp_ns >= served);
+            served = next.ntp_ns;
+            if held == 0 && met.is_none() {
+                met = Some(i);
+            }
+            prev = next;
+        }
+        // 1 s at 500 ppm: 2000 s.
+        let met = met.expect("never met the model");
+        assert!((1990..=2010).contains(&met), "{met}");
+        // A tiny hold (rounding) is absorbed within the next second, not at 500 ppm.
+        let prev = anchor(0.0);
+        let mut next = TimeAnchor {
+            mono_ns: prev.mono_ns + NANOS_PER_SEC,
+            ntp_ns: prev.ntp_ns + NANOS_PER_SEC - 20,
+            ..prev
+        };
+        assert_eq!(hold_monotonic(&prev, &mut next), 20);
+        let slow_ppm = -crate::time::freq_scaled_to_ppm(next.freq_scaled);
+        assert!((0.015..0.025).contains(&slow_ppm), "{slow_ppm}");
     }
 
     #[test]

@@ -425,9 +425,19 @@ pub fn micro(repeat: u32) -> Result<Vec<(String, u32, f64)>> {
     for (label, name, policy, frame) in [
         ("answered_ipv4", "answered_ipv4", open, good.clone()),
         ("passed_not_served", "passed_not_served", open, not_served),
-        ("dropped_bad_udp_checksum", "dropped_bad_udp_checksum", open, bad_sum),
+        (
+            "dropped_bad_udp_checksum",
+            "dropped_bad_udp_checksum",
+            open,
+            bad_sum,
+        ),
         ("dropped_mode", "dropped_mode", open, bad_mode),
-        ("answered_ipv4 (rate limit + guest clocks)", "answered_ipv4", policed, good.clone()),
+        (
+            "answered_ipv4 (rate limit + guest clocks)",
+            "answered_ipv4",
+            policed,
+            good.clone(),
+        ),
         ("dropped_rate_limited", "kod_rate", flooded, good),
     ] {
         r.set_policy(policy)?;

@@ -106,6 +106,9 @@ pub struct System {
     pub reference: Option<Reference>,
     system_peer: Option<usize>,
     pending_leap: Option<Leap>,
+    /// The last leap taken (NTP time): upstreams' headers go on saying LI=1 for a poll or two
+    /// after it, which must not schedule another one a month later.
+    last_leap_ntp: Option<u64>,
     /// The leap being smeared, and whether the model has taken it yet.
     smear: Option<(Leap, bool)>,
     in_holdover: bool,
@@ -118,7 +121,18 @@ pub struct System {
     /// For status: the last measured offset, and how the last selection judged each upstream.
     last_offset_s: Option<f64>,
     judged: Vec<(usize, &'static str)>,
+    /// An inserted leap second without smear: from (mono, ntp) the served time runs at half
+    /// speed until the stepped-back model meets it (~2 s), instead of repeating a second.
+    leap_hold: Option<(u64, u64)>,
+    /// Monotonic time of the last anchor asked for: wakeups before it are past.
+    last_anchor_mono: u64,
 }
+
+/// After a leap, announcements are ignored this long (two days): no two leaps are closer.
+const LEAP_QUIET_NS: u64 = 2 * 86_400 * NANOS_PER_SEC;
+
+/// The slowest an anchor can run: half speed (the anchor's rate field holds ±0.5).
+const HALF_SPEED: i64 = -ntp_common::time::MAX_FREQ_SCALED;
 
 /// RFC 5905 reference ID of an upstream: its IPv4 address, or the first four bytes of the MD5
 /// of its IPv6 address.
@@ -152,10 +166,13 @@ impl System {
             clock_jitter: 0.0,
             last_offset_s: None,
             judged: Vec::new(),
+            leap_hold: None,
+            last_anchor_mono: 0,
             config,
             reference: None,
             system_peer: None,
             pending_leap: None,
+            last_leap_ntp: None,
             smear: None,
             in_holdover: false,
             holdover_expired: false,
@@ -218,11 +235,47 @@ impl System {
     /// The earliest instant something is due: a poll, or the end of a slew (after which the
     /// anchor must be republished at once, or the kernel would extrapolate a stale rate).
     pub fn next_wakeup_ns(&self) -> Option<u64> {
+        // A leap must be taken (and a hold ended) on time, or the kernel would serve the old
+        // line past it.
+        let leap = self
+            .pending_leap
+            .map(|l| self.discipline.model.mono_at(l.at_ntp_ns) + 1_000);
         self.upstreams
             .iter()
             .filter_map(Upstream::next_poll_ns)
             .chain(self.discipline.slew_end_ns())
+            .chain(leap)
+            .chain(self.leap_hold_end())
+            .chain(self.smear_edges().filter(|m| *m > self.last_anchor_mono))
             .min()
+    }
+
+    /// Where the smear window opens and closes (the anchor's rate changes there).
+    fn smear_edges(&self) -> impl Iterator<Item = u64> {
+        let model = self.discipline.model;
+        self.smear.into_iter().flat_map(move |(l, applied)| {
+            // Unleaped time u is the model's time, plus the leap's second once taken.
+            let to_model = move |u: u64| {
+                if applied {
+                    u.wrapping_add_signed(l.step_ns())
+                } else {
+                    u
+                }
+            };
+            [
+                l.at_ntp_ns - crate::leap::SMEAR_HALF_WINDOW_NS,
+                l.at_ntp_ns + crate::leap::SMEAR_HALF_WINDOW_NS,
+            ]
+            .map(|u| model.mono_at(to_model(u)) + 1_000)
+        })
+    }
+
+    /// When the half-speed line of a leap hold meets the stepped-back model.
+    fn leap_hold_end(&self) -> Option<u64> {
+        let (mono, _) = self.leap_hold?;
+        let model_rate = 1.0 + self.discipline.model.freq_ppm() * 1e-6;
+        let hold_rate = 1.0 + HALF_SPEED as f64 / (1u64 << 32) as f64;
+        Some(mono + (1e9 / (model_rate - hold_rate)).ceil() as u64 + 1_000)
     }
 
     /// Requests due at `now_ns`: (upstream index, bytes). `cookie` supplies unpredictable
@@ -418,7 +471,12 @@ impl System {
     fn schedule_leap(&mut self, leap: u8, now_ns: u64, events: &mut Vec<SystemEvent>) {
         let now_ntp = self.discipline.model.ntp_at(now_ns);
         match leap {
-            1 | 2 if self.pending_leap.is_none() => {
+            1 | 2
+                if self.pending_leap.is_none()
+                    && !self
+                        .last_leap_ntp
+                        .is_some_and(|l| now_ntp < l + LEAP_QUIET_NS) =>
+            {
                 let l = Leap {
                     insert: leap == 1,
                     at_ntp_ns: end_of_month_ntp_ns(now_ntp),
@@ -450,11 +508,16 @@ impl System {
             return;
         }
         let at_mono = model.mono_at(leap.at_ntp_ns);
+        if leap.insert && !self.config.leap_smear {
+            // Served time goes on from where it is now, at half speed, rather than back.
+            self.leap_hold = Some((now_ns, model.ntp_at(now_ns)));
+        }
         self.discipline.apply_leap(at_mono, leap.step_ns());
         for u in &mut self.upstreams {
             u.filter.shift_before(at_mono, leap.step_ns());
         }
         self.pending_leap = None;
+        self.last_leap_ntp = Some(leap.at_ntp_ns);
         if let Some((l, applied)) = &mut self.smear {
             if *l == leap {
                 *applied = true;
@@ -524,6 +587,7 @@ impl System {
     /// The anchor to publish at `now_ns`, plus events (holdover, leap) that happened.
     pub fn anchor(&mut self, now_ns: u64) -> (TimeAnchor, Vec<SystemEvent>) {
         let mut events = Vec::new();
+        self.last_anchor_mono = now_ns;
         self.discipline.advance(now_ns);
         self.apply_due_leap(now_ns, &mut events);
         let model = self.discipline.model;
@@ -548,6 +612,21 @@ impl System {
                 anchor.freq_scaled = ppm_to_freq_scaled(model.freq_ppm() + leap.smear_rate_ppm());
             } else if applied {
                 self.smear = None;
+            }
+        }
+        if let Some((mono, ntp)) = self.leap_hold {
+            let hold = TimeAnchor {
+                mono_ns: mono,
+                ntp_ns: ntp,
+                freq_scaled: HALF_SPEED,
+                ..Default::default()
+            };
+            let held = hold.ntp_ns_at(now_ns);
+            if held > anchor.ntp_ns {
+                anchor.ntp_ns = held;
+                anchor.freq_scaled = HALF_SPEED;
+            } else {
+                self.leap_hold = None;
             }
         }
         let Some(r) = self.reference.filter(|_| self.discipline.is_synchronized()) else {

@@ -485,7 +485,10 @@ impl Responder {
     /// Publishes a clock model. The inactive slot is written first, then the index flips, so
     /// the kernel reads either the old or the new anchor whole. If the new model would put the
     /// time at its own reference point behind what the old one serves there, the time is held
-    /// at the old value: guests never see time go backwards across an update.
+    /// at the old value and runs slow until the model meets it ([`hold_monotonic`]): guests
+    /// never see time go backwards across an update.
+    ///
+    /// [`hold_monotonic`]: ntp_common::anchor::hold_monotonic
     pub fn publish_anchor(&mut self, mut anchor: TimeAnchor) -> Result<Publication> {
         if let Some(last) = self.last_publish {
             let since = last.elapsed();
@@ -500,11 +503,7 @@ impl Responder {
             .last_anchor
             .filter(|p| p.is_published() && p.leap != ntp_common::wire::LEAP_UNSYNCHRONIZED)
         {
-            let floor = prev.ntp_ns_at(anchor.mono_ns);
-            if anchor.ntp_ns < floor {
-                held_back_ns = floor - anchor.ntp_ns;
-                anchor.ntp_ns = floor;
-            }
+            held_back_ns = ntp_common::anchor::hold_monotonic(&prev, &mut anchor);
         }
         let slot = 1 - self.active_slot;
         {

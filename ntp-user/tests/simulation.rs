@@ -42,16 +42,46 @@ struct World {
     jitter_mean_ns: f64,
     servers: Vec<Server>,
     system: System,
+    /// The last anchor as the responder serves it (held up if needed), and as the model gave it.
     last_anchor: Option<TimeAnchor>,
+    last_raw: Option<TimeAnchor>,
     events: Vec<SystemEvent>,
     /// Served-time errors observed at publish instants after `measure_from` (ns).
     errors: Vec<f64>,
     measure_from: u64,
     backwards: u64,
+    /// True NTP time at the start (ns since 1900).
+    epoch: u64,
+    /// A leap second inserted at this NTP time (pre-leap scale), announced by the servers
+    /// from the start.
+    leap_at: Option<u64>,
+    /// Publications whose model had to be held up by the responder's monotonic floor by more
+    /// than a millisecond (the model itself went back).
+    big_holds: u64,
+    /// Every publication: (true time since start, served time at that instant, LI).
+    served: Vec<(u64, u64, u8)>,
 }
 
 impl World {
     fn new(
+        seed: u64,
+        epsilon_ppm: f64,
+        falseticker: bool,
+        config: SystemConfig,
+        initial_error_ns: i64,
+    ) -> World {
+        World::new_at(
+            EPOCH,
+            seed,
+            epsilon_ppm,
+            falseticker,
+            config,
+            initial_error_ns,
+        )
+    }
+
+    fn new_at(
+        epoch: u64,
         seed: u64,
         epsilon_ppm: f64,
         falseticker: bool,
@@ -83,7 +113,7 @@ impl World {
         let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
         let mono0 = 1_000 * S;
         // The daemon's first guess is the host clock, which may be far off.
-        let initial = ClockModel::new(mono0, EPOCH.wrapping_add_signed(initial_error_ns));
+        let initial = ClockModel::new(mono0, epoch.wrapping_add_signed(initial_error_ns));
         World {
             rng,
             t: 0,
@@ -94,15 +124,21 @@ impl World {
             servers,
             system: System::new(config, &addrs, initial, mono0),
             last_anchor: None,
+            last_raw: None,
             events: Vec::new(),
             errors: Vec::new(),
             measure_from: u64::MAX,
             backwards: 0,
+            epoch,
+            leap_at: None,
+            big_holds: 0,
+            served: Vec::new(),
         }
     }
 
+    /// True NTP time (UTC) at `t`: after an inserted leap, one second less.
     fn true_ntp(&self, t: u64) -> u64 {
-        EPOCH + t
+        utc(self.epoch + t, self.leap_at)
     }
 
     fn exp(&mut self, mean: f64) -> f64 {
@@ -131,16 +167,45 @@ impl World {
 
     fn publish(&mut self) {
         let now = self.mono_now();
-        let (anchor, events) = self.system.anchor(now);
+        let (mut anchor, events) = self.system.anchor(now);
         self.events.extend(events);
-        if let Some(prev) = self.last_anchor {
-            // The kernel serves prev until the flip: the new line must not start below it.
+        if let Some(raw) = self.last_raw.replace(anchor) {
+            // The model's own line must not start below its last one beyond rounding: the
+            // rate field's half unit (2^-33) over a 16 s publication interval is 2 ns, and
+            // the smear's own division as much again. The responder's floor absorbs those.
+            let prev = raw;
             if prev.leap != LEAP_UNSYNCHRONIZED
-                && anchor.ntp_ns + 1 < prev.ntp_ns_at(anchor.mono_ns)
+                && anchor.ntp_ns + 4 < prev.ntp_ns_at(anchor.mono_ns)
             {
                 self.backwards += 1;
+                if std::env::var("NTPX_DEBUG").is_ok() {
+                    let at = self.leap_at.map_or(0, |l| l as i128 - self.epoch as i128);
+                    eprintln!(
+                        "back by {} ns at t = {} s from the leap",
+                        prev.ntp_ns_at(anchor.mono_ns) - anchor.ntp_ns,
+                        (self.t as i128 - at) as f64 * 1e-9
+                    );
+                }
             }
         }
+        if let Some(prev) = self.last_anchor {
+            // What the responder does at every publication (Responder::publish_anchor).
+            if prev.is_published() && prev.leap != LEAP_UNSYNCHRONIZED {
+                let held = ntp_common::anchor::hold_monotonic(&prev, &mut anchor);
+                if held > 1_000_000 {
+                    self.big_holds += 1;
+                    if std::env::var("NTPX_DEBUG").is_ok() {
+                        let at = self.leap_at.map_or(0, |l| l as i128 - self.epoch as i128);
+                        eprintln!(
+                            "held {held} ns at t = {} s from the leap",
+                            (self.t as i128 - at) as f64 * 1e-9
+                        );
+                    }
+                }
+            }
+        }
+        self.served
+            .push((self.t, anchor.ntp_ns_at(now), anchor.leap));
         if self.t >= self.measure_from && anchor.leap != LEAP_UNSYNCHRONIZED {
             let err = anchor.ntp_ns_at(now) as i128 - self.true_ntp(self.t) as i128;
             self.errors.push(err as f64);
@@ -199,7 +264,10 @@ impl World {
         let t_arrive = self.t + (out + self.exp(jitter)) as u64;
         let t_leave = t_arrive + 15_000;
         let t_back = t_leave + (inb + self.exp(jitter)) as u64;
-        let server_time = |t: u64| (EPOCH + t).wrapping_add_signed(err);
+        let (epoch, leap_at) = (self.epoch, self.leap_at);
+        let server_time = |t: u64| utc(epoch + t, leap_at).wrapping_add_signed(err);
+        // Servers announce the leap until it has happened on their clocks.
+        let announcing = leap_at.is_some_and(|l| epoch + t_arrive < l);
         let h = NtpHeader {
             version: 4,
             mode: MODE_SERVER,
@@ -213,7 +281,7 @@ impl World {
             origin_ts: r.transmit_ts,
             receive_ts: ntp_ns_to_timestamp(server_time(t_arrive)),
             transmit_ts: ntp_ns_to_timestamp(server_time(t_leave)),
-            leap: 0,
+            leap: announcing as u8,
         };
         Some((t_back, id, h.serialize().to_vec()))
     }
@@ -246,6 +314,14 @@ impl World {
 }
 
 const HOUR: u64 = 3600 * S;
+
+/// UTC on the NTP scale for unleaped time `u`: an inserted leap at `leap_at` repeats a second.
+fn utc(u: u64, leap_at: Option<u64>) -> u64 {
+    match leap_at {
+        Some(l) if u >= l => u - S,
+        _ => u,
+    }
+}
 
 fn converge_and_measure(seed: u64, epsilon_ppm: f64, wander: f64) -> World {
     let mut w = World::new(seed, epsilon_ppm, true, SystemConfig::default(), 0);
@@ -478,4 +554,148 @@ fn large_offsets_after_sync_are_slewed_at_the_limit_or_refused() {
         err.abs() < 1_000_000,
         "a refused offset moved the clock by {err} ns"
     );
+}
+
+/// A leap at the end of the month that contains EPOCH, and a world that starts `before` it.
+fn leap_world(before: u64, smear: bool) -> (World, u64) {
+    let leap = ntp_user::leap::end_of_month_ntp_ns(EPOCH);
+    let config = SystemConfig {
+        leap_smear: smear,
+        ..SystemConfig::default()
+    };
+    let mut w = World::new_at(leap - before, 7, 200.0, true, config, 0);
+    w.leap_at = Some(leap);
+    (w, leap)
+}
+
+#[test]
+fn an_announced_leap_second_is_passed_on_then_taken_without_going_back() {
+    let (mut w, leap) = leap_world(4 * HOUR, false);
+    let at = leap - w.epoch;
+    w.run(at + 2 * HOUR, 16 * S);
+    assert!(w
+        .events
+        .iter()
+        .any(|e| matches!(e, SystemEvent::LeapScheduled(l) if l.insert && l.at_ntp_ns == leap)));
+    assert!(w
+        .events
+        .iter()
+        .any(|e| matches!(e, SystemEvent::LeapApplied(_))));
+    let synced: Vec<_> = w
+        .served
+        .iter()
+        .filter(|(_, _, li)| *li != LEAP_UNSYNCHRONIZED)
+        .collect();
+    // Before the leap, once synchronized, replies warn of it (LI=1); after it, never.
+    let warned = synced
+        .iter()
+        .filter(|(t, _, li)| *t + 60 * S < at && *li == 1)
+        .count();
+    let unwarned = synced
+        .iter()
+        .filter(|(t, _, li)| *t + 60 * S < at && *li != 1)
+        .count();
+    assert!(
+        warned > 100 && unwarned < 5,
+        "LI=1 in {warned}, not in {unwarned} before the leap"
+    );
+    assert!(synced
+        .iter()
+        .filter(|(t, _, _)| *t > at)
+        .all(|(_, _, li)| *li == 0));
+    // The model itself takes the leap without going back: the responder's floor only ever
+    // absorbs rounding, and served time never decreases.
+    assert_eq!(w.big_holds, 0, "the leap was left to the responder's floor");
+    assert_eq!(w.backwards, 0);
+    let mut last = 0;
+    for (t, served, _) in &synced {
+        assert!(*served >= last, "served time went back at t = {t}");
+        last = *served;
+    }
+    // During the second that repeats, served time runs ahead of UTC by at most that second;
+    // about two seconds later (half speed) it is back on UTC.
+    let bias = w.asymmetry_bias_ns();
+    for (t, served, _) in &synced {
+        let err = *served as f64 - w_true(&w, *t) as f64 - bias;
+        if *t >= at && *t < at + 3 * S {
+            assert!(
+                (-1e5..=1.0001e9).contains(&err),
+                "t = leap + {} ns: error {err}",
+                t - at
+            );
+        } else if *t >= at + 3 * S && *t < at + 2 * HOUR {
+            assert!(
+                err.abs() < OFFSET_BOUND_NS * 2.0,
+                "t = leap + {} s: error {err}",
+                (t - at) / S
+            );
+        }
+    }
+    let held: Vec<_> = synced
+        .iter()
+        .filter(|(t, _, _)| *t >= at && *t < at + 3 * S)
+        .collect();
+    assert!(!held.is_empty(), "no publication during the hold");
+}
+
+fn w_true(w: &World, t: u64) -> u64 {
+    w.true_ntp(t)
+}
+
+#[test]
+fn a_smeared_leap_is_never_announced_and_follows_the_ramp() {
+    let (mut w, leap) = leap_world(14 * HOUR, true);
+    let at = leap - w.epoch;
+    w.run(at + 14 * HOUR, 16 * S);
+    assert!(w
+        .events
+        .iter()
+        .any(|e| matches!(e, SystemEvent::LeapApplied(_))));
+    let synced: Vec<_> = w
+        .served
+        .iter()
+        .filter(|(_, _, li)| *li != LEAP_UNSYNCHRONIZED)
+        .collect();
+    assert!(synced.len() > 1000);
+    // A smeared leap is never announced: clients would apply it twice.
+    assert!(
+        synced.iter().all(|(_, _, li)| *li == 0),
+        "LI set while smearing"
+    );
+    assert_eq!(w.big_holds, 0);
+    assert_eq!(w.backwards, 0);
+    let bias = w.asymmetry_bias_ns();
+    let l = ntp_user::leap::Leap {
+        insert: true,
+        at_ntp_ns: leap,
+    };
+    let mut worst: f64 = 0.0;
+    for (t, served, _) in &synced {
+        // Converged (after the first two hours): served = u − smear(u), u = unleaped time.
+        if *t < 2 * HOUR {
+            continue;
+        }
+        let u = w.epoch + t;
+        let want = u as f64 - l.smear_ns(u) as f64;
+        let err = *served as f64 - want - bias;
+        worst = worst.max(err.abs());
+    }
+    // The ramp is 11.6 ppm for a day: the loop follows a rate step as well as it tracks its
+    // oscillator, so the error stays near the convergence bound.
+    assert!(
+        worst < OFFSET_BOUND_NS * 2.0,
+        "max |served - smeared UTC| {worst} ns"
+    );
+    // Halfway through the window half the second is smeared in; after it, plain UTC.
+    let (_, at_leap, _) = synced
+        .iter()
+        .min_by_key(|(t, _, _)| t.abs_diff(at))
+        .unwrap();
+    let half = *at_leap as f64 - (leap as f64 - 0.5e9);
+    assert!(
+        half.abs() < 1e6,
+        "at the leap, served is {half} ns from the ramp's midpoint"
+    );
+    let (t_end, end, _) = synced.last().unwrap();
+    assert!((*end as f64 - w.true_ntp(*t_end) as f64 - bias).abs() < OFFSET_BOUND_NS * 2.0);
 }
