@@ -340,6 +340,7 @@ impl Validated {
         } else {
             ClockSource::HostClock {
                 identity: HostClockIdentity {
+                    follow_kernel_sync: self.reference == Reference::HostClock,
                     stratum: self.system.stratum_override.unwrap_or(self.local_stratum),
                     refid: self.refid_override.unwrap_or(*b"LOCL"),
                     max_age_ns: self.system.max_anchor_age_ns,

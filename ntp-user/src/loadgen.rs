@@ -395,6 +395,7 @@ pub fn micro(repeat: u32) -> Result<Vec<(String, u32, f64)>> {
     let clock = [169, 254, 169, 123];
     r.add_served_address(std::net::IpAddr::from(clock))?;
     let identity = crate::hostclock::HostClockIdentity {
+        follow_kernel_sync: false,
         stratum: 2,
         refid: *b"BNCH",
         max_age_ns: 3600 * 1_000_000_000,

@@ -176,6 +176,7 @@ fn serve_from_args(a: ServeArgs) -> anyhow::Result<()> {
     let clock = if a.upstreams.is_empty() {
         ClockSource::HostClock {
             identity: HostClockIdentity {
+                follow_kernel_sync: false,
                 stratum: a.stratum,
                 refid: a.refid,
                 max_age_ns,

@@ -253,17 +253,32 @@ pub(crate) async fn serve_host_clock(
     let mut ticker = tokio::time::interval(publish_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    let mut kernel_unsynced = false;
     loop {
         tokio::select! {
             _ = ticker.tick() => {
                 let anchor = host_clock_anchor(identity)?;
+                let unsynced = anchor.leap == ntp_common::wire::LEAP_UNSYNCHRONIZED;
+                if unsynced != kernel_unsynced {
+                    kernel_unsynced = unsynced;
+                    if unsynced {
+                        warn!("the kernel says the host clock is unsynchronized: serving LI=3");
+                    } else {
+                        info!("the kernel says the host clock is synchronized: serving it");
+                    }
+                }
                 let publication = responder.publish_anchor(anchor)?;
                 *status.lock().unwrap_or_else(|e| e.into_inner()) = crate::status::ClockStatus {
-                    reference: format!("host-clock (local stratum {})", identity.stratum),
-                    synchronized: true,
+                    reference: if identity.follow_kernel_sync {
+                        "host-clock (kernel clock disciplined by another daemon)".into()
+                    } else {
+                        format!("host clock as local stratum {}", identity.stratum)
+                    },
+                    synchronized: !unsynced,
+                    root_dispersion_s: anchor.root_dispersion_ns as f64 * 1e-9,
                     stratum: identity.stratum,
                     refid: crate::status::refid_text(identity.refid, identity.stratum),
-                    last_sync_mono_ns: Some(anchor.mono_ns),
+                    last_sync_mono_ns: (!unsynced).then_some(anchor.mono_ns),
                     ..Default::default()
                 };
                 if publication.held_back_ns > 1_000_000 {

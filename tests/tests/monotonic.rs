@@ -25,6 +25,7 @@ fn no_timestamp_goes_backwards_across_anchor_updates() {
     let mut r = Responder::load().unwrap();
     r.add_served_address(CLOCK_V4.parse().unwrap()).unwrap();
     let identity = HostClockIdentity {
+        follow_kernel_sync: false,
         stratum: 2,
         refid: [169, 254, 0, 1],
         max_age_ns: 10 * NANOS_PER_SEC,

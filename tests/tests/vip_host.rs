@@ -467,3 +467,41 @@ fn physical_hosts_are_served_on_a_host_interface_by_the_same_responder() {
     let m = chronyd_query(physical, addr).unwrap();
     assert!(m.tests_passed, "{m:?}");
 }
+
+#[test]
+fn host_clock_mode_follows_the_kernels_synchronization_flag() {
+    use integration_tests::clients::one_query;
+    use ntp_user::hostclock::kernel_clock_state;
+    // reference = "host-clock": the host clock is disciplined by someone else (chrony, PTP),
+    // so what the kernel says of it is what guests are told.
+    let vip = VipHost::start(VipOptions {
+        subnet: 67,
+        clock_toml: "[clock]\nreference = \"host-clock\"\nstratum = 2\nrefid = \"PTP\"\n".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let guest = vip.add_guest().unwrap();
+    vip.configure_guest_statically(&guest, 21).unwrap();
+    let before = kernel_clock_state().unwrap();
+    let reply = one_query(&guest, CLOCK_V4).unwrap().expect("no reply");
+    let after = kernel_clock_state().unwrap();
+    assert_eq!(
+        before.synchronized, after.synchronized,
+        "the kernel's state changed meanwhile"
+    );
+    eprintln!("kernel clock: {before:?}");
+    let li = reply[0] >> 6;
+    if before.synchronized {
+        assert_eq!((li, reply[1], &reply[12..16]), (0, 2, &b"PTP\0"[..]));
+        // Root dispersion: the kernel's maximum error (µs → NTP short format), which grows
+        // by 500 ppm between the daemon's updates of the kernel clock by its owner.
+        let disp_us = u32::from_be_bytes(reply[8..12].try_into().unwrap()) as f64 / 65.536;
+        assert!(
+            (disp_us - before.max_error_us as f64).abs() <= 1_000.0 + 0.0005 * 2e6,
+            "dispersion {disp_us} µs, kernel max error {} µs",
+            before.max_error_us
+        );
+    } else {
+        assert_eq!((li, reply[1], &reply[12..16]), (3, 0, &b"INIT"[..]));
+    }
+}
