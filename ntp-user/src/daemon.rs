@@ -23,7 +23,7 @@ use ntp_common::time::unix_ns_to_ntp_ns;
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// How long a request waits for its answer.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Names that did not resolve are tried again this often.
+/// Names that did not resolve, or whose upstream was lost, are resolved again this often.
 const RESOLVE_RETRY: Duration = Duration::from_secs(60);
 
 /// Resolves `host` or `host:port` (default port 123).
@@ -45,6 +45,67 @@ pub async fn resolve(name: &str) -> Result<SocketAddr> {
     addrs
         .next()
         .with_context(|| format!("upstream {name:?} resolved to no address"))
+}
+
+/// The configured upstream names and the upstreams they became (sans IO): a name that never
+/// resolved is tried again, and so is one whose upstream was lost (eight polls unanswered),
+/// since the name may point elsewhere now. Literal addresses are never re-resolved.
+#[derive(Debug, Default)]
+pub struct UpstreamNames {
+    entries: Vec<(String, Option<usize>)>,
+}
+
+impl UpstreamNames {
+    pub fn new(names: &[String]) -> UpstreamNames {
+        UpstreamNames {
+            entries: names.iter().map(|n| (n.clone(), None)).collect(),
+        }
+    }
+
+    fn is_literal(name: &str) -> bool {
+        name.parse::<SocketAddr>().is_ok()
+            || name.parse::<std::net::IpAddr>().is_ok()
+            || name
+                .rsplit_once(':')
+                .is_some_and(|(h, _)| h.parse::<std::net::Ipv4Addr>().is_ok())
+    }
+
+    /// Names to resolve now.
+    pub fn due(&self, system: &System) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|(name, id)| match id {
+                None => true,
+                Some(i) => !Self::is_literal(name) && system.upstreams[*i].is_lost(),
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// `name` resolved to `addr`: a new upstream, a moved one, or nothing new. Returns what
+    /// changed, for the log.
+    pub fn resolved(
+        &mut self,
+        name: &str,
+        addr: SocketAddr,
+        system: &mut System,
+        now_ns: u64,
+    ) -> Option<String> {
+        let entry = self.entries.iter_mut().find(|(n, _)| n == name)?;
+        match entry.1 {
+            None => {
+                system.add_upstream(addr, now_ns);
+                entry.1 = Some(system.upstreams.len() - 1);
+                Some(format!("{name} resolved to {addr}"))
+            }
+            Some(i) if system.upstreams[i].addr != addr => {
+                let old = system.upstreams[i].addr;
+                system.replace_upstream(i, addr, now_ns);
+                Some(format!("{name} moved from {old} to {addr}"))
+            }
+            Some(_) => None,
+        }
+    }
 }
 
 struct Reply {
@@ -215,23 +276,21 @@ pub async fn run_disciplined(
     status: crate::status::ClockStatusCell,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
-    let mut addrs = Vec::new();
-    let mut unresolved = Vec::new();
+    if upstreams.is_empty() {
+        bail!("no upstream configured");
+    }
+    let mut names = UpstreamNames::new(upstreams);
+    let mut first = Vec::new();
     for name in upstreams {
         match resolve(name).await {
             Ok(a) => {
                 info!(upstream = %name, address = %a, "upstream configured");
-                addrs.push(a);
+                first.push((name.clone(), a));
             }
-            Err(e) => {
-                warn!(error = %format!("{e:#}"), "upstream not resolved; will retry");
-                unresolved.push(name.clone());
-            }
+            Err(e) => warn!(error = %format!("{e:#}"), "upstream not resolved; will retry"),
         }
     }
-    if addrs.is_empty() && unresolved.is_empty() {
-        bail!("no upstream configured");
-    }
+    let addrs: Vec<SocketAddr> = first.iter().map(|(_, a)| *a).collect();
     // Kernel software receive timestamps are switched on lazily and off again when the last
     // socket asking for them closes; a packet arriving in between is stamped when read. One
     // socket that asks for them for the daemon's whole life keeps them on for the per-request
@@ -260,6 +319,16 @@ pub async fn run_disciplined(
             System::new(config, &addrs, initial, pair.mono_ns)
         }
     };
+    // The first resolutions are the system's first upstreams, in order.
+    for (i, (name, _)) in first.iter().enumerate() {
+        if let Some(e) = names
+            .entries
+            .iter_mut()
+            .find(|(n, id)| n == name && id.is_none())
+        {
+            e.1 = Some(i);
+        }
+    }
     let mut saved_freq = f64::NAN;
     let mut log = EventLog::default();
     let (tx, mut rx) = mpsc::channel::<Reply>(256);
@@ -310,18 +379,19 @@ pub async fn run_disciplined(
                 // The model may have changed: the kernel must not extrapolate the old rate.
                 publish(&mut system, responder, &mut log)?;
             }
-            _ = resolve_timer.tick(), if !unresolved.is_empty() => {
-                let mut still = Vec::new();
-                for name in unresolved.drain(..) {
+            _ = resolve_timer.tick() => {
+                for name in names.due(&system) {
                     match resolve(&name).await {
                         Ok(a) => {
-                            info!(upstream = %name, address = %a, "upstream resolved");
-                            system.add_upstream(a, monotonic_now_ns()?);
+                            if let Some(change) =
+                                names.resolved(&name, a, &mut system, monotonic_now_ns()?)
+                            {
+                                info!(upstream = %name, address = %a, %change, "upstream resolved");
+                            }
                         }
-                        Err(_) => still.push(name),
+                        Err(e) => debug!(upstream = %name, error = %format!("{e:#}"), "not resolved"),
                     }
                 }
-                unresolved = still;
             }
             _ = &mut shutdown => break,
         }
@@ -332,6 +402,44 @@ pub async fn run_disciplined(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_resolved_again_when_their_upstream_is_lost() {
+        let a: SocketAddr = "169.254.1.1:123".parse().unwrap();
+        let b: SocketAddr = "169.254.1.2:123".parse().unwrap();
+        let initial = ClockModel::new(0, 3_900_000_000 * 1_000_000_000);
+        let mut system = System::new(SystemConfig::default(), &[a], initial, 0);
+        let names_list = vec!["ntp.example".to_string(), "169.254.1.9".to_string()];
+        let mut names = UpstreamNames::new(&names_list);
+        names.entries[0].1 = Some(0);
+        // The literal never resolved (say the first attempt failed): due; the name is not.
+        assert_eq!(names.due(&system), ["169.254.1.9"]);
+        assert!(names
+            .resolved("169.254.1.9", b, &mut system, 0)
+            .is_some_and(|c| c.contains("resolved")));
+        assert_eq!(system.upstreams.len(), 2);
+        assert!(names.due(&system).is_empty());
+        // Eight polls, no answer: the name is resolved again (not the literal).
+        for i in 0..8u64 {
+            for u in &mut system.upstreams {
+                u.poll(i * 16_000_000_000, i);
+            }
+        }
+        assert_eq!(names.due(&system), ["ntp.example"]);
+        // Same address: nothing changes. Another: the upstream is replaced, fresh.
+        assert_eq!(names.resolved("ntp.example", a, &mut system, 1), None);
+        let moved: SocketAddr = "169.254.1.3:123".parse().unwrap();
+        let change = names
+            .resolved("ntp.example", moved, &mut system, 2)
+            .unwrap();
+        assert!(
+            change.contains("169.254.1.1:123") && change.contains("169.254.1.3:123"),
+            "{change}"
+        );
+        assert_eq!(system.upstreams[0].addr, moved);
+        assert_eq!(system.upstreams[0].polls, 0);
+        assert!(names.due(&system).is_empty());
+    }
 
     #[tokio::test]
     async fn kernel_receive_timestamps_arrive() {

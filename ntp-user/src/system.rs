@@ -223,6 +223,17 @@ impl System {
         self.upstreams.push(u);
     }
 
+    /// Replaces upstream `id` with a fresh one at `addr` (its name now resolves elsewhere).
+    pub fn replace_upstream(&mut self, id: usize, addr: SocketAddr, now_ns: u64) {
+        let mut u = Upstream::new(addr, self.config.poll, now_ns);
+        u.set_poll_limit(self.poll_limit);
+        self.upstreams[id] = u;
+        self.judged.retain(|(j, _)| *j != id);
+        if self.system_peer == Some(id) {
+            self.system_peer = None;
+        }
+    }
+
     /// The poll exponent the clock's health currently allows.
     pub fn poll_limit(&self) -> i8 {
         self.poll_limit

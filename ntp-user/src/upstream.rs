@@ -100,6 +100,8 @@ pub struct Upstream {
     pub state: UpstreamState,
     pub filter: ClockFilter,
     pub header: Option<PeerHeader>,
+    /// Requests sent so far.
+    pub polls: u64,
     next_poll_ns: u64,
     burst_left: u8,
     good_at_poll: u32,
@@ -117,6 +119,7 @@ impl Upstream {
             state: UpstreamState::Active,
             filter: ClockFilter::default(),
             header: None,
+            polls: 0,
             next_poll_ns: now_ns,
             burst_left: if config.iburst { BURST_COUNT } else { 1 },
             good_at_poll: 0,
@@ -147,6 +150,11 @@ impl Upstream {
         self.reach != 0
     }
 
+    /// Polled long enough (eight times) without one answer in the register: lost.
+    pub fn is_lost(&self) -> bool {
+        self.state == UpstreamState::Active && self.polls >= 8 && self.reach == 0
+    }
+
     /// Builds the next request. `cookie` must be unpredictable (it goes out as the transmit
     /// timestamp; the server echoes it as origin, so only a real answer can match it).
     pub fn poll(&mut self, now_ns: u64, cookie: u64) -> [u8; NTP_HEADER_LEN] {
@@ -158,6 +166,7 @@ impl Upstream {
             }
         }
         self.reach <<= 1;
+        self.polls += 1;
         self.outstanding = Some(Outstanding {
             cookie,
             sent_mono_ns: now_ns,
