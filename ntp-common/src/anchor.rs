@@ -91,7 +91,7 @@ pub fn hold_monotonic(prev: &TimeAnchor, next: &mut TimeAnchor) -> u64 {
         HOLD_MAX_SLOW_SCALED
     } else {
         // Rounded up, so that a hold of a few ns is gone after one absorb period.
-        let s = (((held << 32) + HOLD_ABSORB_NS - 1) / HOLD_ABSORB_NS) as i64;
+        let s = (held << 32).div_ceil(HOLD_ABSORB_NS) as i64;
         if s > HOLD_MAX_SLOW_SCALED {
             HOLD_MAX_SLOW_SCALED
         } else {

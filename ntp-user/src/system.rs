@@ -484,9 +484,9 @@ impl System {
         match leap {
             1 | 2
                 if self.pending_leap.is_none()
-                    && !self
+                    && self
                         .last_leap_ntp
-                        .is_some_and(|l| now_ntp < l + LEAP_QUIET_NS) =>
+                        .is_none_or(|l| now_ntp >= l + LEAP_QUIET_NS) =>
             {
                 let l = Leap {
                     insert: leap == 1,
