@@ -392,14 +392,8 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let user_counters = Arc::new(crate::userspace::UserspaceCounters::default());
-    let clock_status = crate::status::ClockStatusCell::default();
-    let observatory = crate::observe::Observatory::new(
-        opts.observe.clone(),
-        responder.observer()?,
-        clock_status.clone(),
-        user_counters.clone(),
-    )?;
+    let (observatory, clock_status, user_counters) =
+        crate::observe::Observatory::for_responder(&opts.observe, &responder)?;
     let result = rt.block_on(async {
         let shutdown = crate::serve::shutdown_signal()?;
         let _observe = crate::observe::start(observatory).await?;

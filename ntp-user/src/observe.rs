@@ -44,6 +44,23 @@ pub struct Observatory {
 }
 
 impl Observatory {
+    /// An observatory over `responder`'s maps, with a fresh clock-status cell (for the clock
+    /// loop) and userspace counters (for the userspace path) that it reads.
+    pub fn for_responder(
+        spec: &ObserveSpec,
+        responder: &crate::xdp::Responder,
+    ) -> Result<(Arc<Observatory>, ClockStatusCell, Arc<UserspaceCounters>)> {
+        let counters = Arc::new(UserspaceCounters::default());
+        let clock = ClockStatusCell::default();
+        let obs = Observatory::new(
+            spec.clone(),
+            responder.observer()?,
+            clock.clone(),
+            counters.clone(),
+        )?;
+        Ok((obs, clock, counters))
+    }
+
     pub fn new(
         spec: ObserveSpec,
         observer: Observer,

@@ -135,14 +135,8 @@ pub fn serve(mut opts: ServeOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let user_counters = std::sync::Arc::new(crate::userspace::UserspaceCounters::default());
-    let clock_status = crate::status::ClockStatusCell::default();
-    let observatory = crate::observe::Observatory::new(
-        opts.observe.clone(),
-        responder.observer()?,
-        clock_status.clone(),
-        user_counters.clone(),
-    )?;
+    let (observatory, clock_status, user_counters) =
+        crate::observe::Observatory::for_responder(&opts.observe, &responder)?;
     let result = rt.block_on(async {
         let shutdown = shutdown_signal()?;
         let _observe = crate::observe::start(observatory).await?;
