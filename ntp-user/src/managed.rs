@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::dhcp::{self, DhcpSpec};
 use crate::netns;
-use crate::serve::{AbortOnDrop, ClockSource, ServeOptions, XdpModeArg};
+use crate::serve::{AbortOnDrop, ServeOptions, XdpModeArg};
 use crate::vip::{self, state_dir, Created, Netlink, VipSpec};
 use crate::xdp::{self, attach_pinned, pin_dir, Attached, Responder};
 use crate::xdp::{PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
@@ -410,34 +410,17 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
             )))),
             None => None,
         };
-        match &opts.clock {
-            ClockSource::HostClock {
-                identity,
-                publish_interval,
-            } => {
-                crate::serve::serve_host_clock(
-                    &mut responder,
-                    identity,
-                    *publish_interval,
-                    clock_status,
-                    shutdown,
-                )
-                .await
-            }
-            ClockSource::Upstreams { system, upstreams } => {
-                crate::daemon::run_disciplined(
-                    &mut responder,
-                    system.clone(),
-                    upstreams,
-                    Some(crate::daemon::Continuity {
-                        state_file: state_dir(&spec.netns).join("clock.json"),
-                    }),
-                    clock_status,
-                    shutdown,
-                )
-                .await
-            }
-        }
+        let continuity = crate::daemon::Continuity {
+            state_file: state_dir(&spec.netns).join("clock.json"),
+        };
+        crate::serve::run_clock(
+            &opts.clock,
+            &mut responder,
+            Some(continuity),
+            clock_status,
+            shutdown,
+        )
+        .await
     });
     stop.store(true, Ordering::Relaxed);
     let _ = repair.join();

@@ -147,32 +147,7 @@ pub fn serve(mut opts: ServeOptions) -> Result<()> {
             params,
             user_counters.clone(),
         )));
-        match &opts.clock {
-            ClockSource::HostClock {
-                identity,
-                publish_interval,
-            } => {
-                serve_host_clock(
-                    &mut responder,
-                    identity,
-                    *publish_interval,
-                    clock_status,
-                    shutdown,
-                )
-                .await
-            }
-            ClockSource::Upstreams { system, upstreams } => {
-                crate::daemon::run_disciplined(
-                    &mut responder,
-                    system.clone(),
-                    upstreams,
-                    None,
-                    clock_status,
-                    shutdown,
-                )
-                .await
-            }
-        }
+        run_clock(&opts.clock, &mut responder, None, clock_status, shutdown).await
     });
     if let Some(socket) = &opts.observe.control_socket {
         let _ = std::fs::remove_file(socket);
@@ -235,6 +210,34 @@ fn spawn_log_pump(
             guard.clear_ready();
         }
     }))
+}
+
+/// Runs the clock `source` and publishes it until `shutdown`: the host clock, or the daemon's
+/// own disciplined one (continuing across restarts with `continuity`).
+pub(crate) async fn run_clock(
+    source: &ClockSource,
+    responder: &mut Responder,
+    continuity: Option<crate::daemon::Continuity>,
+    status: crate::status::ClockStatusCell,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    match source {
+        ClockSource::HostClock {
+            identity,
+            publish_interval,
+        } => serve_host_clock(responder, identity, *publish_interval, status, shutdown).await,
+        ClockSource::Upstreams { system, upstreams } => {
+            crate::daemon::run_disciplined(
+                responder,
+                system.clone(),
+                upstreams,
+                continuity,
+                status,
+                shutdown,
+            )
+            .await
+        }
+    }
 }
 
 pub(crate) async fn serve_host_clock(
