@@ -422,6 +422,8 @@ pub fn micro(repeat: u32) -> Result<Vec<(String, u32, f64)>> {
     flooded.flags |= POLICY_KOD_RATE | POLICY_GUEST_CLOCKS;
     flooded.kod_interval_ns = 3_600_000_000_000;
     let open = ResponderPolicy::OPEN;
+    let mut guests_only = ResponderPolicy::OPEN;
+    guests_only.flags |= POLICY_GUEST_CLOCKS;
     let mut out = Vec::new();
     for (label, name, policy, frame) in [
         ("answered_ipv4", "answered_ipv4", open, good.clone()),
@@ -434,6 +436,12 @@ pub fn micro(repeat: u32) -> Result<Vec<(String, u32, f64)>> {
         ),
         ("dropped_mode", "dropped_mode", open, bad_mode),
         (
+            "answered_ipv4 (guest clocks)",
+            "answered_ipv4",
+            guests_only,
+            good.clone(),
+        ),
+        (
             "answered_ipv4 (rate limit + guest clocks)",
             "answered_ipv4",
             policed,
@@ -444,10 +452,10 @@ pub fn micro(repeat: u32) -> Result<Vec<(String, u32, f64)>> {
         r.set_policy(policy)?;
         if policy.emission_ns > 1_000_000_000 {
             // Spend the source's one token: what follows is refused.
-            r.test_run_repeat(&frame, 1)?;
+            r.test_run(&frame)?;
         }
         let before = r.counters()?;
-        let (verdict, _) = r.test_run_repeat(&frame, 1)?;
+        let verdict = r.test_run(&frame)?.action;
         let moved: Vec<&str> = r
             .counters()?
             .iter()

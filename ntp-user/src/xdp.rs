@@ -554,26 +554,19 @@ impl Responder {
 
     /// Runs one frame through the responder in the kernel (BPF_PROG_TEST_RUN).
     pub fn test_run(&mut self, frame: &[u8]) -> Result<TestRunOutcome> {
-        let (action, frame, _) = self.run_frame(frame, 1)?;
+        let (action, frame, _) = self.run_frame(frame)?;
         Ok(TestRunOutcome { action, frame })
     }
 
-    /// Runs one frame `repeat` times: the verdict and the kernel's average time per run.
-    /// The kernel runs the program on the same buffer each time, so after a reply (written
-    /// in place) the later runs see the reply, not the request: use [`Self::test_run_mean`]
-    /// to time a path that rewrites the frame.
-    pub fn test_run_repeat(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
-        let (action, _, per_run) = self.run_frame(frame, repeat)?;
-        Ok((action, per_run))
-    }
-
-    /// Runs a fresh copy of `frame` `runs` times, one run per syscall: the last verdict (all
-    /// must agree) and the kernel's mean time for one run (its timer included).
+    /// Runs a fresh copy of `frame` `runs` times, one run per syscall: the verdict (all must
+    /// agree) and the kernel's mean time for one run (its timer included). One call with a
+    /// `repeat` count would not do: the kernel runs every repetition on the same buffer, so
+    /// after a reply (written in place) the later runs would see the reply.
     pub fn test_run_mean(&mut self, frame: &[u8], runs: u32) -> Result<(u32, Duration)> {
         let mut total = Duration::ZERO;
         let mut verdict = None;
         for _ in 0..runs.max(1) {
-            let (action, _, took) = self.run_frame(frame, 1)?;
+            let (action, _, took) = self.run_frame(frame)?;
             if verdict.is_some_and(|v| v != action) {
                 bail!("the verdict changed between runs of one frame ({verdict:?} then {action})");
             }
@@ -583,14 +576,15 @@ impl Responder {
         Ok((verdict.unwrap_or(0), total / runs.max(1)))
     }
 
-    fn run_frame(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, Duration)> {
+    /// One run of the responder on `frame`: verdict, output frame, the kernel's time for it.
+    fn run_frame(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>, Duration)> {
         let mut out = vec![0u8; frame.len() + 256];
         let prog = self.xdp(RESPONDER_PROGRAM)?;
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
-                repeat,
+                repeat: 1,
                 ..Default::default()
             })
             .context("BPF_PROG_TEST_RUN")?;

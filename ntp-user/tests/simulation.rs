@@ -286,6 +286,14 @@ impl World {
         Some((t_back, id, h.serialize().to_vec()))
     }
 
+    /// The publications that claimed synchronization: (true time, served time, LI).
+    fn synchronized_publications(&self) -> Vec<&(u64, u64, u8)> {
+        self.served
+            .iter()
+            .filter(|(_, _, li)| *li != LEAP_UNSYNCHRONIZED)
+            .collect()
+    }
+
     fn stats(&self) -> (f64, f64) {
         let n = self.errors.len() as f64;
         let mean = self.errors.iter().sum::<f64>() / n;
@@ -581,11 +589,7 @@ fn an_announced_leap_second_is_passed_on_then_taken_without_going_back() {
         .events
         .iter()
         .any(|e| matches!(e, SystemEvent::LeapApplied(_))));
-    let synced: Vec<_> = w
-        .served
-        .iter()
-        .filter(|(_, _, li)| *li != LEAP_UNSYNCHRONIZED)
-        .collect();
+    let synced = w.synchronized_publications();
     // Before the leap, once synchronized, replies warn of it (LI=1); after it, never.
     let warned = synced
         .iter()
@@ -616,7 +620,7 @@ fn an_announced_leap_second_is_passed_on_then_taken_without_going_back() {
     // about two seconds later (half speed) it is back on UTC.
     let bias = w.asymmetry_bias_ns();
     for (t, served, _) in &synced {
-        let err = *served as f64 - w_true(&w, *t) as f64 - bias;
+        let err = *served as f64 - w.true_ntp(*t) as f64 - bias;
         if *t >= at && *t < at + 3 * S {
             assert!(
                 (-1e5..=1.0001e9).contains(&err),
@@ -638,10 +642,6 @@ fn an_announced_leap_second_is_passed_on_then_taken_without_going_back() {
     assert!(!held.is_empty(), "no publication during the hold");
 }
 
-fn w_true(w: &World, t: u64) -> u64 {
-    w.true_ntp(t)
-}
-
 #[test]
 fn a_smeared_leap_is_never_announced_and_follows_the_ramp() {
     let (mut w, leap) = leap_world(14 * HOUR, true);
@@ -651,11 +651,7 @@ fn a_smeared_leap_is_never_announced_and_follows_the_ramp() {
         .events
         .iter()
         .any(|e| matches!(e, SystemEvent::LeapApplied(_))));
-    let synced: Vec<_> = w
-        .served
-        .iter()
-        .filter(|(_, _, li)| *li != LEAP_UNSYNCHRONIZED)
-        .collect();
+    let synced = w.synchronized_publications();
     assert!(synced.len() > 1000);
     // A smeared leap is never announced: clients would apply it twice.
     assert!(
