@@ -11,6 +11,11 @@ use crate::serve::XdpModeArg;
 #[command(
     name = "ntp-user",
     version,
+    long_version = concat!(
+        env!("CARGO_PKG_VERSION"),
+        "\nresponder built with ",
+        env!("NTP_EBPF_TOOLCHAIN")
+    ),
     about = "ntp-xdp: in-kernel NTP responder and its daemon"
 )]
 pub struct Cli {

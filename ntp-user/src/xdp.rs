@@ -720,3 +720,29 @@ pub fn loaded_responder_stats() -> Result<Vec<ResponderStats>> {
     }
     Ok(found)
 }
+
+#[cfg(test)]
+mod object_tests {
+    /// The embedded object was compiled by the pinned eBPF toolchain (its DWARF producer names
+    /// that rustc), not by whatever "nightly" the machine has: proves the pin holds.
+    #[test]
+    fn the_object_comes_from_the_pinned_toolchain() {
+        let toolchain = env!("NTP_EBPF_TOOLCHAIN");
+        let out = std::process::Command::new("rustup")
+            .args(["run", toolchain, "rustc", "-V"])
+            .output()
+            .expect("rustup run");
+        assert!(out.status.success(), "{toolchain} is not installed");
+        // "rustc 1.98.0-nightly (3daae5e42 2026-06-14)"
+        let version = String::from_utf8(out.stdout).unwrap();
+        let version = version.trim().strip_prefix("rustc ").unwrap();
+        let producer = format!("rustc version {version}");
+        let found = super::EBPF_OBJECT
+            .windows(producer.len())
+            .any(|w| w == producer.as_bytes());
+        assert!(
+            found,
+            "the eBPF object was not built by {toolchain} ({producer})"
+        );
+    }
+}

@@ -1,20 +1,30 @@
 //! Installs what the build and the tests need, and nothing that is already there.
 //!
-//! - nightly Rust with rust-src (the eBPF crate is built with `-Z build-std=core`);
-//! - Debian's LLVM 22 development files, matching the nightly's LLVM, and bpf-linker built
-//!   against them (bpf-linker's default feature wants LLVM 23, which Debian does not ship);
+//! - the eBPF crate's dated nightly with rust-src, as `ntp-ebpf/rust-toolchain.toml` names it
+//!   (the crate is built with `-Z build-std=core`); plain "nightly" is never installed or updated;
+//! - Debian's LLVM development files of major `BPF_LLVM_MAJOR`, and bpf-linker (pinned version)
+//!   built against them; then a check that the nightly's LLVM major is the linker's;
 //! - the tools the tests drive: chrony, ntpsec's ntpdig/ntpdate, iproute2, setpriv, tcpdump;
 //!   dnsmasq (the daemon's DHCP server) and busybox (udhcpc, the test guests' DHCP client).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{bail, Context as _, Result};
 
 use crate::status;
 
+/// The LLVM major that bpf-linker is built against (the newest Debian ships). The eBPF
+/// toolchain's rustc must be on the same major: its bitcode is read by this LLVM.
+const BPF_LLVM_MAJOR: u32 = 22;
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// The eBPF crate's toolchain file: the one place the dated nightly is named.
+const EBPF_TOOLCHAIN_FILE: &str = include_str!("../../ntp-ebpf/rust-toolchain.toml");
+
 const APT_PACKAGES: &[&str] = &[
-    // bpf-linker's build
+    // bpf-linker's build (LLVM of BPF_LLVM_MAJOR)
     "llvm-22-dev",
     "libpolly-22-dev",
     "zlib1g-dev",
@@ -34,41 +44,76 @@ const APT_PACKAGES: &[&str] = &[
     "busybox",
 ];
 
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-
 pub fn setup() -> Result<()> {
-    ensure_nightly()?;
+    let toolchain = ebpf_toolchain()?;
+    ensure_toolchain(&toolchain)?;
     ensure_apt_packages()?;
     ensure_bpf_linker()?;
-    Ok(())
+    check_llvm_majors(&toolchain)
 }
 
-fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+/// `[toolchain] channel` of ntp-ebpf/rust-toolchain.toml, e.g. "nightly-2026-06-15".
+pub fn ebpf_toolchain() -> Result<String> {
+    let doc: toml::Table = EBPF_TOOLCHAIN_FILE
+        .parse()
+        .context("parsing ntp-ebpf/rust-toolchain.toml")?;
+    let channel = doc
+        .get("toolchain")
+        .and_then(|t| t.get("channel"))
+        .and_then(|c| c.as_str())
+        .context("ntp-ebpf/rust-toolchain.toml has no [toolchain] channel")?;
+    if channel == "nightly" || channel == "stable" || channel == "beta" {
+        bail!(
+            "ntp-ebpf/rust-toolchain.toml names the moving channel {channel:?}; pin a dated \
+             nightly whose LLVM major is {BPF_LLVM_MAJOR}"
+        );
+    }
+    Ok(channel.to_owned())
 }
 
-fn ensure_nightly() -> Result<()> {
+/// Installs exactly the eBPF toolchain with rust-src (idempotent: rustup skips what is there).
+fn ensure_toolchain(toolchain: &str) -> Result<()> {
     let installed = Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .args(["component", "list", "--toolchain", toolchain, "--installed"])
         .output();
     if let Ok(out) = installed {
         if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("rust-src") {
             return Ok(());
         }
     }
-    eprintln!("setup: installing the nightly toolchain with rust-src");
+    eprintln!("setup: installing the eBPF toolchain {toolchain} with rust-src");
     status(Command::new("rustup").args([
         "toolchain",
         "install",
-        "nightly",
+        toolchain,
         "--profile",
         "minimal",
         "--component",
         "rust-src",
     ]))
+}
+
+/// The LLVM major a rustc was built on, from `rustc -vV` ("LLVM version: 22.1.6").
+fn rustc_llvm_major(toolchain: &str) -> Result<u32> {
+    let out = Command::new("rustup")
+        .args(["run", toolchain, "rustc", "-vV"])
+        .output()
+        .with_context(|| format!("running rustc -vV of {toolchain}"))?;
+    if !out.status.success() {
+        bail!(
+            "rustc -vV of {toolchain} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    llvm_major_of_rustc(&String::from_utf8_lossy(&out.stdout))
+        .with_context(|| format!("no LLVM version in rustc -vV of {toolchain}"))
+}
+
+fn llvm_major_of_rustc(version_verbose: &str) -> Option<u32> {
+    let v = version_verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))?;
+    v.split('.').next()?.trim().parse().ok()
 }
 
 fn missing_apt_packages() -> Vec<&'static str> {
@@ -139,25 +184,134 @@ fn ensure_apt_packages() -> Result<()> {
     Ok(())
 }
 
-fn ensure_bpf_linker() -> Result<()> {
-    if succeeds(Command::new("bpf-linker").arg("--version")) {
-        return Ok(());
+/// bpf-linker on PATH: its version and the LLVM major of the libLLVM it loads (ldd).
+struct InstalledLinker {
+    version: String,
+    llvm_major: Option<u32>,
+}
+
+fn installed_bpf_linker() -> Option<InstalledLinker> {
+    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
+    if !out.status.success() {
+        return None;
     }
-    eprintln!("setup: building bpf-linker against LLVM 22 (about a minute)");
+    // "bpf-linker 0.13.0"
+    let version = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)?
+        .to_owned();
+    let path = Command::new("sh")
+        .args(["-c", "command -v bpf-linker"])
+        .output()
+        .ok()?;
+    let path = String::from_utf8_lossy(&path.stdout).trim().to_owned();
+    let ldd = Command::new("ldd").arg(&path).output().ok()?;
+    let llvm_major = llvm_major_of_ldd(&String::from_utf8_lossy(&ldd.stdout));
+    Some(InstalledLinker {
+        version,
+        llvm_major,
+    })
+}
+
+/// "libLLVM.so.22.1 => /usr/lib/llvm-22/lib/libLLVM.so.22.1" (or "libLLVM-22.so") → 22.
+fn llvm_major_of_ldd(ldd: &str) -> Option<u32> {
+    ldd.lines().find_map(|l| {
+        let name = l.split_whitespace().next()?;
+        let rest = name
+            .strip_prefix("libLLVM.so.")
+            .or_else(|| name.strip_prefix("libLLVM-"))?;
+        rest.split(['.', '-']).next()?.parse().ok()
+    })
+}
+
+/// Installs the pinned bpf-linker against Debian's LLVM unless exactly that one is there.
+fn ensure_bpf_linker() -> Result<()> {
+    if let Some(linker) = installed_bpf_linker() {
+        if linker.version == BPF_LINKER_VERSION && linker.llvm_major == Some(BPF_LLVM_MAJOR) {
+            return Ok(());
+        }
+        eprintln!(
+            "setup: bpf-linker {} (LLVM {}) is not the pinned {BPF_LINKER_VERSION} for LLVM \
+             {BPF_LLVM_MAJOR}; reinstalling",
+            linker.version,
+            linker
+                .llvm_major
+                .map_or_else(|| "unknown".to_owned(), |m| m.to_string())
+        );
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {BPF_LLVM_MAJOR} (about a minute)");
     // LLVM_SYS_221_PREFIX is read by llvm-sys, LLVM_PREFIX by bpf-linker's own build script
     // (without it, it follows /usr/bin/llvm-config, which may be another LLVM).
     status(
         Command::new("cargo")
             .args([
                 "install",
+                "--force",
                 "bpf-linker",
                 "--version",
-                "0.13.0",
+                BPF_LINKER_VERSION,
                 "--no-default-features",
                 "--features",
-                "llvm-22",
+                &format!("llvm-{BPF_LLVM_MAJOR}"),
             ])
             .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )
+}
+
+/// Fails before any build when the eBPF toolchain's LLVM is not bpf-linker's: otherwise the
+/// link fails deep in ntp-user's build script with "ERROR llvm: Invalid record".
+fn check_llvm_majors(toolchain: &str) -> Result<()> {
+    let rustc_major = rustc_llvm_major(toolchain)?;
+    let linker = installed_bpf_linker().context("bpf-linker is not on PATH after setup")?;
+    let linker_major = linker
+        .llvm_major
+        .context("cannot tell which LLVM bpf-linker loads (no libLLVM in ldd's output)")?;
+    llvm_majors_agree(toolchain, rustc_major, linker_major)
+}
+
+fn llvm_majors_agree(toolchain: &str, rustc_major: u32, linker_major: u32) -> Result<()> {
+    if rustc_major != linker_major {
+        bail!(
+            "the eBPF toolchain {toolchain} is built on LLVM {rustc_major}, but bpf-linker \
+             loads LLVM {linker_major}: its bitcode would fail to link (\"Invalid record\"). \
+             Set ntp-ebpf/rust-toolchain.toml to a dated nightly built on LLVM {linker_major} \
+             (`rustup run nightly-YYYY-MM-DD rustc -vV` shows it), or move BPF_LLVM_MAJOR in \
+             xtask/src/setup.rs to {rustc_major} where Debian ships llvm-{rustc_major}-dev."
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ebpf_toolchain_is_a_dated_nightly() {
+        let t = ebpf_toolchain().unwrap();
+        assert!(t.starts_with("nightly-20"), "{t}");
+    }
+
+    #[test]
+    fn llvm_major_from_rustc_and_ldd() {
+        let vv =
+            "rustc 1.98.0-nightly (3daae5e42 2026-06-14)\nbinary: rustc\nLLVM version: 22.1.6\n";
+        assert_eq!(llvm_major_of_rustc(vv), Some(22));
+        assert_eq!(llvm_major_of_rustc("rustc 1.0\n"), None);
+        let ldd = "\tlinux-vdso.so.1 (0x0)\n\tlibLLVM.so.22.1 => /usr/lib/llvm-22/lib/libLLVM.so.22.1 (0x0)\n";
+        assert_eq!(llvm_major_of_ldd(ldd), Some(22));
+        assert_eq!(llvm_major_of_ldd("\tlibLLVM-23.so => /x (0x0)\n"), Some(23));
+        assert_eq!(llvm_major_of_ldd("\tlibc.so.6 => /lib/libc.so.6\n"), None);
+    }
+
+    #[test]
+    fn a_mismatch_names_both_versions_and_the_fix() {
+        llvm_majors_agree("nightly-2026-06-15", 22, 22).unwrap();
+        let e = llvm_majors_agree("nightly", 23, 22)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LLVM 23") && e.contains("LLVM 22"), "{e}");
+        assert!(e.contains("rust-toolchain.toml"), "{e}");
+    }
 }
