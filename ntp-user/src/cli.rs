@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::serve::XdpModeArg;
+use crate::daemon::standalone::XdpModeArg;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -1,26 +1,19 @@
 //! ntp-xdp's daemon: loads and feeds the in-kernel responder.
-pub mod admission;
-pub mod alarms;
+//!
+//! Folders by concern; the arrows run one way (`config` and `daemon` at the top, `clock` at
+//! the bottom):
+//!
+//! - [`clock`]: the sans-IO clock core (filter, selection, discipline, leap, the system).
+//! - [`responder`]: the eBPF object and its maps, pins, publication, the userspace path.
+//! - [`host`]: netlink, network namespaces, the VIP plumbing, DHCP, the host clock.
+//! - [`observe`]: status report, alarms, metrics, guest clocks, the control socket.
+//! - [`daemon`]: the one runtime: the clock task, standalone and managed modes, repair.
+//! - [`config`]: the TOML schema, its validation and its lowering to daemon options.
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
-pub mod dhcp;
-pub mod discipline;
-pub mod filter;
-pub mod guests;
-pub mod hostclock;
-pub mod leap;
+pub mod host;
 pub mod loadgen;
-pub mod managed;
-pub mod metrics;
-pub mod netns;
 pub mod observe;
-pub mod selection;
-pub mod serve;
-pub mod stats;
-pub mod status;
-pub mod system;
-pub mod upstream;
-pub mod userspace;
-pub mod vip;
-pub mod xdp;
+pub mod responder;

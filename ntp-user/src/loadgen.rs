@@ -15,8 +15,8 @@ use ntp_common::time::{ntp_ns_to_timestamp, timestamp_diff_ns, unix_ns_to_ntp_ns
 use ntp_common::wire::*;
 use serde::Serialize;
 
-use crate::hostclock::read_clock_pair;
-use crate::netns;
+use crate::host::hostclock::read_clock_pair;
+use crate::host::netns;
 
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
@@ -390,17 +390,17 @@ pub fn ipv4_request_frame(src: [u8; 4], dst: [u8; 4], ntp_b0: u8) -> Vec<u8> {
 /// frame (one run per syscall, the kernel's own timer): repeating in one call would run the
 /// program on its own reply after the first time.
 pub fn micro(repeat: u32) -> Result<Vec<(String, u32, f64)>> {
-    use crate::xdp::Responder;
+    use crate::responder::Responder;
     let mut r = Responder::load()?;
     let clock = [169, 254, 169, 123];
     r.add_served_address(std::net::IpAddr::from(clock))?;
-    let identity = crate::hostclock::HostClockIdentity {
+    let identity = crate::host::hostclock::HostClockIdentity {
         follow_kernel_sync: false,
         stratum: 2,
         refid: *b"BNCH",
         max_age_ns: 3600 * 1_000_000_000,
     };
-    r.publish_anchor(crate::hostclock::host_clock_anchor(&identity)?)?;
+    r.publish_anchor(crate::host::hostclock::host_clock_anchor(&identity)?)?;
     let good = ipv4_request_frame([169, 254, 1, 2], clock, li_vn_mode(0, 4, MODE_CLIENT));
     let mut bad_mode = good.clone();
     bad_mode[42] = li_vn_mode(0, 4, MODE_SERVER);

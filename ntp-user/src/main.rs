@@ -4,10 +4,10 @@ use clap::Parser as _;
 use ntp_common::ServerParams;
 use ntp_user::cli::ServeArgs;
 use ntp_user::cli::{Cli, Command};
-use ntp_user::hostclock::HostClockIdentity;
-use ntp_user::serve::{serve, ClockSource, ServeOptions};
-use ntp_user::stats::print_stats;
-use ntp_user::system::SystemConfig;
+use ntp_user::clock::system::SystemConfig;
+use ntp_user::daemon::standalone::{serve, ClockSource, ServeOptions};
+use ntp_user::host::hostclock::HostClockIdentity;
+use ntp_user::responder::stats::print_stats;
 
 /// netlink-packet-route warns about every attribute newer than itself; that is noise here.
 const DEFAULT_LOG_FILTER: &str = "info,netlink_packet_route=error";
@@ -78,7 +78,7 @@ fn main() -> ExitCode {
                     v.source.display()
                 )
             })?;
-            for line in ntp_user::managed::down(vip)? {
+            for line in ntp_user::daemon::managed::down(vip)? {
                 println!("{line}");
             }
             Ok(())
@@ -102,7 +102,7 @@ fn main() -> ExitCode {
             });
             print!(
                 "{}",
-                ntp_user::dhcp::guest_config(v4, v6, &v.service.addresses)
+                ntp_user::host::dhcp::guest_config(v4, v6, &v.service.addresses)
             );
         }),
     };
@@ -133,11 +133,11 @@ fn status(
             })?
         }
     };
-    let report = ntp_user::status::query(&socket)?;
+    let report = ntp_user::observe::status::query(&socket)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", ntp_user::status::render(&report));
+        print!("{}", ntp_user::observe::status::render(&report));
     }
     Ok(())
 }
@@ -189,7 +189,7 @@ fn serve_from_args(a: ServeArgs) -> anyhow::Result<()> {
                 min_sources: a.min_sources,
                 max_anchor_age_ns: max_age_ns,
                 max_holdover_ns: a.max_holdover.as_nanos().min(u64::MAX as u128) as u64,
-                poll: ntp_user::upstream::PollConfig {
+                poll: ntp_user::clock::upstream::PollConfig {
                     max_poll: a.upstream_max_poll,
                     ..Default::default()
                 },

@@ -11,8 +11,8 @@ use ntp_common::packet::NtpHeader;
 use ntp_common::time::{ntp_ns_to_timestamp, NANOS_PER_SEC};
 use ntp_common::wire::{LEAP_UNSYNCHRONIZED, MODE_SERVER};
 use ntp_common::TimeAnchor;
-use ntp_user::discipline::ClockModel;
-use ntp_user::system::{System, SystemConfig, SystemEvent};
+use ntp_user::clock::discipline::ClockModel;
+use ntp_user::clock::system::{System, SystemConfig, SystemEvent};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -539,7 +539,7 @@ fn large_offsets_after_sync_are_slewed_at_the_limit_or_refused() {
 
     // Above the panic threshold: refused.
     let config = SystemConfig {
-        discipline: ntp_user::discipline::DisciplineConfig {
+        discipline: ntp_user::clock::discipline::DisciplineConfig {
             panic_threshold_s: 10.0,
             ..Default::default()
         },
@@ -566,7 +566,7 @@ fn large_offsets_after_sync_are_slewed_at_the_limit_or_refused() {
 
 /// A leap at the end of the month that contains EPOCH, and a world that starts `before` it.
 fn leap_world(before: u64, smear: bool) -> (World, u64) {
-    let leap = ntp_user::leap::end_of_month_ntp_ns(EPOCH);
+    let leap = ntp_user::clock::leap::end_of_month_ntp_ns(EPOCH);
     let config = SystemConfig {
         leap_smear: smear,
         ..SystemConfig::default()
@@ -661,7 +661,7 @@ fn a_smeared_leap_is_never_announced_and_follows_the_ramp() {
     assert_eq!(w.big_holds, 0);
     assert_eq!(w.backwards, 0);
     let bias = w.asymmetry_bias_ns();
-    let l = ntp_user::leap::Leap {
+    let l = ntp_user::clock::leap::Leap {
         insert: true,
         at_ntp_ns: leap,
     };

@@ -170,7 +170,7 @@ pub fn paced_queries(
 ) -> ClientTally {
     use ntp_common::wire::{li_vn_mode, mode, read_be64, MODE_CLIENT, MODE_SERVER};
     use std::sync::atomic::Ordering;
-    ntp_user::netns::enter(&guest_ns).expect("entering the guest namespace");
+    ntp_user::host::netns::enter(&guest_ns).expect("entering the guest namespace");
     let sock = std::net::UdpSocket::bind(if addr.contains(':') {
         "[::]:0"
     } else {
@@ -249,7 +249,7 @@ pub fn skewed_requests(
     let file = ns.file()?;
     let addr = addr.to_string();
     std::thread::spawn(move || -> anyhow::Result<u32> {
-        ntp_user::netns::enter(&file)?;
+        ntp_user::host::netns::enter(&file)?;
         let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
         sock.connect((addr.as_str(), 123))?;
         sock.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
@@ -288,7 +288,7 @@ pub fn http_get(
     let file = ns.file()?;
     let path = path.to_string();
     std::thread::spawn(move || -> anyhow::Result<String> {
-        ntp_user::netns::enter(&file)?;
+        ntp_user::host::netns::enter(&file)?;
         let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))?;
         s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
         write!(
@@ -324,7 +324,7 @@ pub fn one_query(ns: &crate::topology::Netns, addr: &str) -> anyhow::Result<Opti
     let file = ns.file()?;
     let addr = addr.to_string();
     std::thread::spawn(move || -> anyhow::Result<Option<Vec<u8>>> {
-        ntp_user::netns::enter(&file)?;
+        ntp_user::host::netns::enter(&file)?;
         let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
         sock.connect((addr.as_str(), 123))?;
         sock.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;

@@ -10,7 +10,7 @@ use integration_tests::clients::{
 };
 use integration_tests::vip::{VipHost, VipOptions};
 use integration_tests::{run, CLOCK_V4};
-use ntp_user::status::StatusReport;
+use ntp_user::observe::status::StatusReport;
 
 const METRICS: &str = "127.0.0.1:9273";
 
@@ -291,7 +291,7 @@ fn wrong_guest_clocks_are_alarmed_and_metrics_and_status_follow_traffic() {
     ] {
         assert!(text.contains(want), "{want} missing:\n{text}");
     }
-    let socket = ntp_user::vip::state_dir(&vip.netns).join("control.sock");
+    let socket = ntp_user::host::vip::state_dir(&vip.netns).join("control.sock");
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);

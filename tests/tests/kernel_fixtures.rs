@@ -9,8 +9,8 @@ use ntp_common::reply::sub_precision_mask;
 use ntp_common::time::{ns_to_short, ntp_ns_to_timestamp, phi_growth_ns, NANOS_PER_SEC};
 use ntp_common::wire::*;
 use ntp_common::{Counter, TimeAnchor};
-use ntp_user::hostclock::monotonic_now_ns;
-use ntp_user::xdp::{AclEntry, Responder, TableSizes};
+use ntp_user::host::hostclock::monotonic_now_ns;
+use ntp_user::responder::{AclEntry, Responder, TableSizes};
 use std::net::IpAddr;
 
 const XDP_DROP: u32 = 1;

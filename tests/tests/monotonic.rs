@@ -11,9 +11,9 @@ use integration_tests::clients::sequential_queries;
 use integration_tests::topology::Topology;
 use integration_tests::CLOCK_V4;
 use ntp_common::time::{ppm_to_freq_scaled, NANOS_PER_SEC};
-use ntp_user::hostclock::{host_clock_anchor, HostClockIdentity};
-use ntp_user::netns;
-use ntp_user::xdp::Responder;
+use ntp_user::host::hostclock::{host_clock_anchor, HostClockIdentity};
+use ntp_user::host::netns;
+use ntp_user::responder::Responder;
 
 const REQUESTS: u64 = 100_000;
 /// Bounds the loop in time as well as in count.

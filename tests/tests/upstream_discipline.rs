@@ -10,7 +10,7 @@ use integration_tests::topology::{link_namespaces, ChronyServer, Netns, ServePro
 use integration_tests::CLOCK_V4;
 use ntp_common::packet::NtpHeader;
 use ntp_common::wire::{LEAP_UNSYNCHRONIZED, MODE_SERVER};
-use ntp_user::netns;
+use ntp_user::host::netns;
 
 const UPSTREAM_STRATUM: u8 = 3;
 

@@ -16,7 +16,7 @@ fn exchange(guest: &Netns, addr: &str, request: Vec<u8>) -> Option<Vec<u8>> {
     let ns = guest.file().unwrap();
     let addr = addr.to_string();
     std::thread::spawn(move || {
-        ntp_user::netns::enter(&ns).unwrap();
+        ntp_user::host::netns::enter(&ns).unwrap();
         let sock = UdpSocket::bind(if addr.contains(':') {
             "[::]:0"
         } else {

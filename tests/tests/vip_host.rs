@@ -87,7 +87,7 @@ fn the_namespace_forwards_nothing_from_guests_to_the_host() {
         let listener = {
             let home = vip.home.file().unwrap();
             std::thread::spawn(move || {
-                ntp_user::netns::enter(&home).unwrap();
+                ntp_user::host::netns::enter(&home).unwrap();
                 let s = UdpSocket::bind((host_addr, 9999)).unwrap();
                 s.set_read_timeout(Some(Duration::from_millis(1500)))
                     .unwrap();
@@ -102,7 +102,7 @@ fn the_namespace_forwards_nothing_from_guests_to_the_host() {
         std::thread::sleep(Duration::from_millis(200));
         let g = guest.file().unwrap();
         std::thread::spawn(move || {
-            ntp_user::netns::enter(&g).unwrap();
+            ntp_user::host::netns::enter(&g).unwrap();
             let s = UdpSocket::bind("0.0.0.0:0").unwrap();
             for _ in 0..5 {
                 let _ = s.send_to(b"reach the host?", (host_addr, 9999));
@@ -249,8 +249,8 @@ fn host_state(vip: &VipHost) -> HostState {
     HostState {
         netns_exists,
         host_links,
-        pins_exist: ntp_user::xdp::pin_dir(&vip.netns).exists(),
-        state_exists: ntp_user::vip::state_dir(&vip.netns).exists(),
+        pins_exist: ntp_user::responder::pin_dir(&vip.netns).exists(),
+        state_exists: ntp_user::host::vip::state_dir(&vip.netns).exists(),
         dnsmasq_running,
     }
 }
@@ -471,7 +471,7 @@ fn physical_hosts_are_served_on_a_host_interface_by_the_same_responder() {
 #[test]
 fn host_clock_mode_follows_the_kernels_synchronization_flag() {
     use integration_tests::clients::one_query;
-    use ntp_user::hostclock::kernel_clock_state;
+    use ntp_user::host::hostclock::kernel_clock_state;
     // reference = "host-clock": the host clock is disciplined by someone else (chrony, PTP),
     // so what the kernel says of it is what guests are told.
     let vip = VipHost::start(VipOptions {

@@ -223,7 +223,7 @@ impl TestTotals {
     }
 }
 
-/// Names in the embedded default config (ntp-user/src/default-config.toml) the demo relies on.
+/// Names in the embedded default config (ntp-user/src/config/default-config.toml) the demo relies on.
 const DEFAULT_BRIDGE: &str = "ntpxdp-br0";
 const DEMO_GUEST_NS: &str = "ntpxdp-guest";
 const DEMO_GUEST_PORT: &str = "ntpxdp-g0";

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::alarms::ActiveAlarm;
-use crate::guests::GuestSummary;
+use crate::observe::alarms::ActiveAlarm;
+use crate::observe::guests::GuestSummary;
 
 /// The clock loop's latest view of its clock, shared with the control and metrics tasks.
 pub type ClockStatusCell = Arc<Mutex<ClockStatus>>;

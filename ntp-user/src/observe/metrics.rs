@@ -11,8 +11,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::alarms::AlarmKind;
-use crate::status::StatusReport;
+use crate::observe::alarms::AlarmKind;
+use crate::observe::status::StatusReport;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PathFamily {
@@ -207,7 +207,7 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         );
     }
 
-    let up = |f: &dyn Fn(&crate::status::SourceStatus) -> Option<f64>| {
+    let up = |f: &dyn Fn(&crate::observe::status::SourceStatus) -> Option<f64>| {
         c.sources
             .iter()
             .filter_map(|s| {
@@ -330,13 +330,13 @@ mod tests {
             .counters
             .insert("dropped_rate_limited".into(), 7);
         r.responder.counters.insert("kod_rate".into(), 1);
-        r.clock.sources.push(crate::status::SourceStatus {
+        r.clock.sources.push(crate::observe::status::SourceStatus {
             address: "169.254.1.1:123".into(),
             state: "selected".into(),
             reach: 255,
             ..Default::default()
         });
-        r.alarms.push(crate::alarms::ActiveAlarm {
+        r.alarms.push(crate::observe::alarms::ActiveAlarm {
             name: "drop_rate".into(),
             since_s_ago: 1.0,
             detail: String::new(),

@@ -16,7 +16,7 @@ use ipnet::Ipv4Net;
 use tokio::io::AsyncBufReadExt as _;
 use tracing::{info, warn};
 
-use crate::vip::state_dir;
+use crate::host::vip::state_dir;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DhcpSpec {

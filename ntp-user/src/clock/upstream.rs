@@ -8,8 +8,8 @@ use ntp_common::packet::NtpHeader;
 use ntp_common::time::{short_to_ns, timestamp_to_ntp_ns, NANOS_PER_SEC};
 use ntp_common::wire::*;
 
-use crate::discipline::ClockModel;
-use crate::filter::{ClockFilter, PeerEstimate, Sample, PHI};
+use crate::clock::discipline::ClockModel;
+use crate::clock::filter::{ClockFilter, PeerEstimate, Sample, PHI};
 
 /// Samples with more root distance than this are not used (RFC 5905 MAXDIST).
 pub const MAX_DISTANCE: f64 = 1.5;

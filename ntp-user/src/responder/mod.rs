@@ -1,6 +1,10 @@
 //! The responder as the daemon sees it: load the embedded eBPF object, fill its maps, attach it,
 //! publish anchors, read counters.
 
+pub mod admission;
+pub mod stats;
+pub mod userspace;
+
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

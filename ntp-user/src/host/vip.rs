@@ -21,7 +21,7 @@ use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlag, LinkInfo, Li
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
 use serde::{Deserialize, Serialize};
 
-use crate::netns;
+use crate::host::netns;
 
 /// What the daemon creates and keeps on a VIP host.
 #[derive(Debug, Clone, PartialEq)]

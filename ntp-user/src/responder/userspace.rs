@@ -20,8 +20,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tracing::{debug, info};
 
-use crate::hostclock::{monotonic_now_ns, read_clock_pair};
-use crate::netns;
+use crate::host::hostclock::{monotonic_now_ns, read_clock_pair};
+use crate::host::netns;
 
 /// Why a request got no answer from the userspace path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! The daemon on a VIP host: it creates and keeps the namespace plumbing ([`crate::vip`]),
+//! The daemon on a VIP host: it creates and keeps the namespace plumbing ([`crate::host::vip`]),
 //! attaches the responder through pinned links, serves DHCP, and leaves the pinned responder
 //! answering when it stops, so that a restart or an upgrade (or a crash) is hitless.
 //! `ntp-user down` removes all of it.
@@ -14,12 +14,12 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::programs::XdpMode;
 use tracing::{info, warn};
 
-use crate::dhcp::{self, DhcpSpec};
-use crate::netns;
-use crate::serve::{AbortOnDrop, ServeOptions, XdpModeArg};
-use crate::vip::{self, state_dir, Created, Netlink, VipSpec};
-use crate::xdp::{self, attach_pinned, pin_dir, Attached, Responder};
-use crate::xdp::{PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
+use crate::daemon::standalone::{AbortOnDrop, ServeOptions, XdpModeArg};
+use crate::host::dhcp::{self, DhcpSpec};
+use crate::host::netns;
+use crate::host::vip::{self, state_dir, Created, Netlink, VipSpec};
+use crate::responder::{self, attach_pinned, pin_dir, Attached, Responder};
+use crate::responder::{PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
 
 /// One daemon per namespace: an exclusive lock held for the daemon's life.
 pub struct DaemonLock {
@@ -223,7 +223,7 @@ fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>> {
     if plan.ns_mode == XdpMode::Driver {
         if let Some(l) = host.link(&spec.host_interface)? {
             if l.xdp_prog_id.is_none() {
-                let mut prog = xdp::pinned_program(&spec.netns, PEER_PASS_PROGRAM)?;
+                let mut prog = responder::pinned_program(&spec.netns, PEER_PASS_PROGRAM)?;
                 attach_pinned(
                     &mut prog,
                     l.index,
@@ -240,7 +240,7 @@ fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>> {
     }
     if let Some(l) = inside.link(&spec.ns_interface)? {
         if l.xdp_prog_id.is_none() {
-            let mut prog = xdp::pinned_program(&spec.netns, RESPONDER_PROGRAM)?;
+            let mut prog = responder::pinned_program(&spec.netns, RESPONDER_PROGRAM)?;
             netns::within(&ns, || {
                 attach_pinned(
                     &mut prog,
@@ -260,7 +260,7 @@ fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>> {
     for (name, mode) in &plan.host_interfaces {
         if let Some(l) = host.link(name)? {
             if l.xdp_prog_id.is_none() {
-                let mut prog = xdp::pinned_program(&spec.netns, RESPONDER_PROGRAM)?;
+                let mut prog = responder::pinned_program(&spec.netns, RESPONDER_PROGRAM)?;
                 attach_pinned(
                     &mut prog,
                     l.index,
@@ -345,7 +345,7 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
         }
     }
     responder.set_served_addresses(&served)?;
-    let user_sockets = crate::userspace::bind_sockets(Some(&ns), &served)?;
+    let user_sockets = crate::responder::userspace::bind_sockets(Some(&ns), &served)?;
     let (plan, notes) = if opts.xdp_mode == XdpModeArg::Off {
         // A pinned attachment left by an earlier daemon would go on answering: remove it.
         for what in ["responder", "peer"] {
@@ -395,9 +395,9 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
     let (observatory, clock_status, user_counters) =
         crate::observe::Observatory::for_responder(&opts.observe, &responder)?;
     let result = rt.block_on(async {
-        let shutdown = crate::serve::shutdown_signal()?;
+        let shutdown = crate::daemon::standalone::shutdown_signal()?;
         let _observe = crate::observe::start(observatory).await?;
-        let _userspace = AbortOnDrop(tokio::spawn(crate::serve::userspace_path(
+        let _userspace = AbortOnDrop(tokio::spawn(crate::daemon::standalone::userspace_path(
             user_sockets,
             responder.subscribe(),
             opts.params,
@@ -410,10 +410,10 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
             )))),
             None => None,
         };
-        let continuity = crate::daemon::Continuity {
+        let continuity = crate::daemon::clock_task::Continuity {
             state_file: state_dir(&spec.netns).join("clock.json"),
         };
-        crate::serve::run_clock(
+        crate::daemon::standalone::run_clock(
             &opts.clock,
             &mut responder,
             Some(continuity),
@@ -450,9 +450,9 @@ pub fn down(spec: &VipSpec) -> Result<Vec<String>> {
         done.push(format!("stopped dnsmasq (pid {pid})"));
     }
     {
-        let _bpffs = xdp::bpffs_lock()?;
-        done.extend(xdp::remove_pins(&spec.netns)?);
-        done.extend(xdp::release_bpffs()?);
+        let _bpffs = responder::bpffs_lock()?;
+        done.extend(responder::remove_pins(&spec.netns)?);
+        done.extend(responder::release_bpffs()?);
     }
     match Created::load(&spec.netns)? {
         Some(created) => done.extend(vip::teardown(&created, &Netlink::open()?)?),

@@ -10,10 +10,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::cli::parse_refid;
-use crate::discipline::DisciplineConfig;
-use crate::serve::XdpModeArg;
-use crate::system::SystemConfig;
-use crate::upstream::PollConfig;
+use crate::clock::discipline::DisciplineConfig;
+use crate::clock::system::SystemConfig;
+use crate::clock::upstream::PollConfig;
+use crate::daemon::standalone::XdpModeArg;
 
 /// The configuration `cargo xtask run` and `ntp-user run` use when given no file: serve the
 /// host clock as a local stratum on the demo namespace pair.
@@ -321,17 +321,17 @@ pub struct Validated {
     pub local_stratum: u8,
     pub refid_override: Option<[u8; 4]>,
     /// What the daemon creates and keeps (None: attach to an interface that exists).
-    pub vip: Option<crate::vip::VipSpec>,
-    pub dhcp: Option<crate::dhcp::DhcpSpec>,
-    pub admission: crate::admission::AdmissionSpec,
+    pub vip: Option<crate::host::vip::VipSpec>,
+    pub dhcp: Option<crate::host::dhcp::DhcpSpec>,
+    pub admission: crate::responder::admission::AdmissionSpec,
     pub observe: crate::observe::ObserveSpec,
 }
 
 impl Validated {
     /// What `serve` runs for this configuration.
-    pub fn serve_options(&self) -> crate::serve::ServeOptions {
-        use crate::hostclock::HostClockIdentity;
-        use crate::serve::ClockSource;
+    pub fn serve_options(&self) -> crate::daemon::standalone::ServeOptions {
+        use crate::daemon::standalone::ClockSource;
+        use crate::host::hostclock::HostClockIdentity;
         let clock = if self.reference == Reference::Upstream && !self.upstreams.is_empty() {
             ClockSource::Upstreams {
                 system: self.system.clone(),
@@ -348,7 +348,7 @@ impl Validated {
                 publish_interval: Duration::from_secs(1),
             }
         };
-        crate::serve::ServeOptions {
+        crate::daemon::standalone::ServeOptions {
             netns: self.service.netns.clone(),
             interface: self.service.interface.clone(),
             addresses: self.service.addresses.clone(),
@@ -564,7 +564,7 @@ pub fn validate_admission(
     a: &AccessSection,
     g: &GuestClocksSection,
     origin: &Path,
-) -> Result<crate::admission::AdmissionSpec> {
+) -> Result<crate::responder::admission::AdmissionSpec> {
     use ntp_common::policy::*;
     let bad =
         |field: &str, why: String| anyhow!("config {}: field `{field}`: {why}", origin.display());
@@ -620,14 +620,14 @@ pub fn validate_admission(
         for (i, net) in list.iter().enumerate() {
             if acl
                 .iter()
-                .any(|e: &crate::xdp::AclEntry| e.prefix == net.trunc())
+                .any(|e: &crate::responder::AclEntry| e.prefix == net.trunc())
             {
                 return Err(bad(
                     &format!("{field}[{i}]"),
                     format!("{net} is listed twice (in allow and deny, or repeated)"),
                 ));
             }
-            acl.push(crate::xdp::AclEntry {
+            acl.push(crate::responder::AclEntry {
                 prefix: net.trunc(),
                 allow,
             });
@@ -654,10 +654,10 @@ pub fn validate_admission(
             format!("{} must be in 1..=16777216", g.guests),
         ));
     }
-    Ok(crate::admission::AdmissionSpec {
+    Ok(crate::responder::admission::AdmissionSpec {
         policy,
         acl,
-        tables: crate::xdp::TableSizes {
+        tables: crate::responder::TableSizes {
             rate_sources: l.sources,
             guests: g.guests,
         },
@@ -670,7 +670,7 @@ pub fn validate_observe(
     metrics: &MetricsSection,
     control: &ControlSection,
     a: &AlarmsSection,
-    vip: Option<&crate::vip::VipSpec>,
+    vip: Option<&crate::host::vip::VipSpec>,
     origin: &Path,
 ) -> Result<crate::observe::ObserveSpec> {
     let bad =
@@ -701,20 +701,20 @@ pub fn validate_observe(
             ))
         }
         (Some(p), _) => Some(p.clone()),
-        (None, Some(v)) => Some(crate::vip::state_dir(&v.netns).join("control.sock")),
+        (None, Some(v)) => Some(crate::host::vip::state_dir(&v.netns).join("control.sock")),
         (None, None) => None,
     };
     Ok(crate::observe::ObserveSpec {
         metrics_listen: metrics.enable.then_some(metrics.listen),
         control_socket,
-        guests: crate::guests::GuestPolicy {
+        guests: crate::observe::guests::GuestPolicy {
             enabled: g.enable,
             alarm_offset_s: alarm_offset.as_secs_f64(),
             forget_after_s: duration(origin, "guest_clocks.forget_after", &g.forget_after)?
                 .as_secs_f64(),
             opaque_beyond_s: opaque_beyond.as_secs_f64(),
         },
-        alarms: crate::alarms::AlarmThresholds {
+        alarms: crate::observe::alarms::AlarmThresholds {
             no_sync_after_s: duration(origin, "alarms.no_sync_after", &a.no_sync_after)?
                 .as_secs_f64(),
             max_offset_s: duration(origin, "alarms.max_offset", &a.max_offset)?.as_secs_f64(),
@@ -734,7 +734,7 @@ fn is_interface_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpec>> {
+fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::host::vip::VipSpec>> {
     let bad =
         |field: &str, why: String| anyhow!("config {}: field `{field}`: {why}", origin.display());
     let Some(v) = &cfg.vip else {
@@ -803,7 +803,7 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpe
                 field,
                 format!(
                     "{net} is the subnet itself; give the address, e.g. {}/{}",
-                    crate::vip::first_host(&net),
+                    crate::host::vip::first_host(&net),
                     net.prefix_len()
                 ),
             ));
@@ -846,7 +846,7 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpe
             ));
         }
     }
-    Ok(Some(crate::vip::VipSpec {
+    Ok(Some(crate::host::vip::VipSpec {
         netns,
         ns_interface: cfg.service.interface.clone(),
         host_interface: v.host_interface.clone(),
@@ -862,9 +862,9 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpe
 
 fn validate_dhcp(
     cfg: &Config,
-    vip: Option<&crate::vip::VipSpec>,
+    vip: Option<&crate::host::vip::VipSpec>,
     origin: &Path,
-) -> Result<Option<crate::dhcp::DhcpSpec>> {
+) -> Result<Option<crate::host::dhcp::DhcpSpec>> {
     let bad =
         |field: &str, why: String| anyhow!("config {}: field `{field}`: {why}", origin.display());
     let d = &cfg.dhcp;
@@ -948,7 +948,7 @@ fn validate_dhcp(
             "option 121 routes IPv4 clock addresses, and service.addresses has none".into(),
         ));
     }
-    Ok(Some(crate::dhcp::DhcpSpec {
+    Ok(Some(crate::host::dhcp::DhcpSpec {
         netns: vip.netns.clone(),
         interface: vip.ns_interface.clone(),
         service: subnet,
@@ -1066,7 +1066,7 @@ addresses = ["169.254.169.123"]
         let v = parse(VIP, Path::new("x.toml")).unwrap();
         assert_eq!(
             v.observe.control_socket.unwrap(),
-            crate::vip::state_dir("ntp-vip").join("control.sock")
+            crate::host::vip::state_dir("ntp-vip").join("control.sock")
         );
 
         for (section, field, want) in [

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use ntp_common::policy::ResponderPolicy;
 
-use crate::xdp::{AclEntry, Responder, TableSizes};
+use crate::responder::{AclEntry, Responder, TableSizes};
 
 #[derive(Debug, Clone)]
 pub struct AdmissionSpec {

@@ -11,11 +11,11 @@ use ntp_common::wire::{
 };
 use ntp_common::TimeAnchor;
 
-use crate::discipline::{ClockModel, Discipline, DisciplineConfig, DisciplineEvent};
-use crate::filter::PHI;
-use crate::leap::{end_of_month_ntp_ns, Leap};
-use crate::selection::{select, Candidate, SelectError};
-use crate::upstream::{PollConfig, Rejection, Upstream, UpstreamState};
+use crate::clock::discipline::{ClockModel, Discipline, DisciplineConfig, DisciplineEvent};
+use crate::clock::filter::PHI;
+use crate::clock::leap::{end_of_month_ntp_ns, Leap};
+use crate::clock::selection::{select, Candidate, SelectError};
+use crate::clock::upstream::{PollConfig, Rejection, Upstream, UpstreamState};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SystemConfig {
@@ -274,8 +274,8 @@ impl System {
                 }
             };
             [
-                l.at_ntp_ns - crate::leap::SMEAR_HALF_WINDOW_NS,
-                l.at_ntp_ns + crate::leap::SMEAR_HALF_WINDOW_NS,
+                l.at_ntp_ns - crate::clock::leap::SMEAR_HALF_WINDOW_NS,
+                l.at_ntp_ns + crate::clock::leap::SMEAR_HALF_WINDOW_NS,
             ]
             .map(|u| model.mono_at(to_model(u)) + 1_000)
         })
@@ -539,8 +539,8 @@ impl System {
 
     /// The clock and its upstreams as `ntp-user status` shows them. `anchor` is what was
     /// published at `now_ns`.
-    pub fn status(&self, now_ns: u64, anchor: &TimeAnchor) -> crate::status::ClockStatus {
-        use crate::status::{refid_text, ClockStatus, SourceStatus};
+    pub fn status(&self, now_ns: u64, anchor: &TimeAnchor) -> crate::observe::status::ClockStatus {
+        use crate::observe::status::{refid_text, ClockStatus, SourceStatus};
         let model = self.discipline.estimate_line(now_ns);
         let sources = self
             .upstreams

@@ -5,7 +5,7 @@
 //! always computed against the *current* clock model, so corrections the model made since a
 //! sample was taken never leave stale offsets behind (what chrony does by slewing its samples).
 
-use crate::discipline::ClockModel;
+use crate::clock::discipline::ClockModel;
 
 /// Frequency tolerance: dispersion grows 15 µs per second of sample age (RFC 5905 PHI).
 pub const PHI: f64 = 15e-6;

@@ -13,10 +13,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::discipline::ClockModel;
-use crate::hostclock::{monotonic_now_ns, read_clock_pair};
-use crate::system::{System, SystemConfig, SystemEvent};
-use crate::xdp::Responder;
+use crate::clock::discipline::ClockModel;
+use crate::clock::system::{System, SystemConfig, SystemEvent};
+use crate::host::hostclock::{monotonic_now_ns, read_clock_pair};
+use crate::responder::Responder;
 use ntp_common::time::unix_ns_to_ntp_ns;
 
 /// Longest gap between publications: keeps the anchor's age far below its maximum.
@@ -153,7 +153,7 @@ async fn send_request(
 
 /// Receives one datagram with the kernel's receive timestamp, as CLOCK_MONOTONIC.
 async fn recv_timestamped(sock: &UdpSocket) -> std::io::Result<(Vec<u8>, u64)> {
-    let (bytes, _, rx) = crate::userspace::recv_timestamped(sock).await?;
+    let (bytes, _, rx) = crate::responder::userspace::recv_timestamped(sock).await?;
     Ok((bytes, rx))
 }
 
@@ -273,7 +273,7 @@ pub async fn run_disciplined(
     config: SystemConfig,
     upstreams: &[String],
     continuity: Option<Continuity>,
-    status: crate::status::ClockStatusCell,
+    status: crate::observe::status::ClockStatusCell,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     if upstreams.is_empty() {

@@ -2,6 +2,11 @@
 //! maps and the clock loop's view), alarms evaluated every second, the Prometheus endpoint
 //! and the owner-only control socket `ntp-user status` talks to.
 
+pub mod alarms;
+pub mod guests;
+pub mod metrics;
+pub mod status;
+
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
@@ -12,13 +17,15 @@ use anyhow::{Context as _, Result};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::{debug, info, warn};
 
-use crate::alarms::{AlarmInputs, AlarmThresholds, Alarms};
-use crate::guests::{summarize, GuestPolicy, GuestSummary};
-use crate::hostclock::monotonic_now_ns;
-use crate::serve::AbortOnDrop;
-use crate::status::{refid_text, AnchorStatus, ClockStatusCell, ResponderStatus, StatusReport};
-use crate::userspace::UserspaceCounters;
-use crate::xdp::Observer;
+use crate::daemon::standalone::AbortOnDrop;
+use crate::host::hostclock::monotonic_now_ns;
+use crate::observe::alarms::{AlarmInputs, AlarmThresholds, Alarms};
+use crate::observe::guests::{summarize, GuestPolicy, GuestSummary};
+use crate::observe::status::{
+    refid_text, AnchorStatus, ClockStatusCell, ResponderStatus, StatusReport,
+};
+use crate::responder::userspace::UserspaceCounters;
+use crate::responder::Observer;
 
 #[derive(Debug, Clone, Default)]
 pub struct ObserveSpec {
@@ -48,7 +55,7 @@ impl Observatory {
     /// loop) and userspace counters (for the userspace path) that it reads.
     pub fn for_responder(
         spec: &ObserveSpec,
-        responder: &crate::xdp::Responder,
+        responder: &crate::responder::Responder,
     ) -> Result<(Arc<Observatory>, ClockStatusCell, Arc<UserspaceCounters>)> {
         let counters = Arc::new(UserspaceCounters::default());
         let clock = ClockStatusCell::default();
@@ -256,7 +263,10 @@ fn scrape(
         "content-type",
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
     );
-    match o.report().and_then(|r| crate::metrics::encode_report(&r)) {
+    match o
+        .report()
+        .and_then(|r| crate::observe::metrics::encode_report(&r))
+    {
         Ok(text) => (axum::http::StatusCode::OK, [CT], text),
         Err(e) => (
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,

@@ -4,7 +4,7 @@ use std::io::Write as _;
 
 use anyhow::Result;
 
-use crate::xdp::loaded_responder_stats;
+use crate::responder::loaded_responder_stats;
 
 pub fn print_stats(json: bool) -> Result<()> {
     let all = loaded_responder_stats()?;

@@ -12,10 +12,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
-use crate::hostclock::{host_clock_anchor, HostClockIdentity};
-use crate::netns;
-use crate::system::SystemConfig;
-use crate::xdp::Responder;
+use crate::clock::system::SystemConfig;
+use crate::host::hostclock::{host_clock_anchor, HostClockIdentity};
+use crate::host::netns;
+use crate::responder::Responder;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpModeArg {
@@ -57,9 +57,12 @@ pub struct ServeOptions {
     pub clock: ClockSource,
     /// The plumbing the daemon creates and keeps (None: attach to an existing interface and
     /// detach on exit).
-    pub managed: Option<(crate::vip::VipSpec, Option<crate::dhcp::DhcpSpec>)>,
+    pub managed: Option<(
+        crate::host::vip::VipSpec,
+        Option<crate::host::dhcp::DhcpSpec>,
+    )>,
     /// Access list, rate limit, guest clock records.
-    pub admission: crate::admission::AdmissionSpec,
+    pub admission: crate::responder::admission::AdmissionSpec,
     /// Metrics, control socket, alarms.
     pub observe: crate::observe::ObserveSpec,
 }
@@ -73,7 +76,7 @@ pub struct Attachment {
 
 pub fn serve(mut opts: ServeOptions) -> Result<()> {
     if let Some((vip, dhcp)) = opts.managed.take() {
-        return crate::managed::serve_managed(opts, vip, dhcp);
+        return crate::daemon::managed::serve_managed(opts, vip, dhcp);
     }
     if opts.addresses.is_empty() {
         bail!("serve needs at least one --address to answer for");
@@ -112,7 +115,8 @@ pub fn serve(mut opts: ServeOptions) -> Result<()> {
             None => attach(&mut responder, &opts, home)?,
         }
     };
-    let user_sockets = crate::userspace::bind_sockets(service_ns.as_ref(), &opts.addresses)?;
+    let user_sockets =
+        crate::responder::userspace::bind_sockets(service_ns.as_ref(), &opts.addresses)?;
     let source = match &opts.clock {
         ClockSource::HostClock { identity, .. } => {
             format!("host clock as local stratum {}", identity.stratum)
@@ -177,9 +181,9 @@ pub(crate) async fn userspace_path(
     sockets: Vec<std::net::UdpSocket>,
     anchors: tokio::sync::watch::Receiver<ntp_common::TimeAnchor>,
     params: ServerParams,
-    counters: std::sync::Arc<crate::userspace::UserspaceCounters>,
+    counters: std::sync::Arc<crate::responder::userspace::UserspaceCounters>,
 ) {
-    if let Err(e) = crate::userspace::serve(sockets, anchors, params, counters).await {
+    if let Err(e) = crate::responder::userspace::serve(sockets, anchors, params, counters).await {
         tracing::error!(error = %format!("{e:#}"), "the userspace path stopped");
     }
 }
@@ -217,8 +221,8 @@ fn spawn_log_pump(
 pub(crate) async fn run_clock(
     source: &ClockSource,
     responder: &mut Responder,
-    continuity: Option<crate::daemon::Continuity>,
-    status: crate::status::ClockStatusCell,
+    continuity: Option<crate::daemon::clock_task::Continuity>,
+    status: crate::observe::status::ClockStatusCell,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     match source {
@@ -227,7 +231,7 @@ pub(crate) async fn run_clock(
             publish_interval,
         } => serve_host_clock(responder, identity, *publish_interval, status, shutdown).await,
         ClockSource::Upstreams { system, upstreams } => {
-            crate::daemon::run_disciplined(
+            crate::daemon::clock_task::run_disciplined(
                 responder,
                 system.clone(),
                 upstreams,
@@ -244,7 +248,7 @@ pub(crate) async fn serve_host_clock(
     responder: &mut Responder,
     identity: &HostClockIdentity,
     publish_interval: Duration,
-    status: crate::status::ClockStatusCell,
+    status: crate::observe::status::ClockStatusCell,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let mut ticker = tokio::time::interval(publish_interval);
@@ -265,7 +269,7 @@ pub(crate) async fn serve_host_clock(
                     }
                 }
                 let publication = responder.publish_anchor(anchor)?;
-                *status.lock().unwrap_or_else(|e| e.into_inner()) = crate::status::ClockStatus {
+                *status.lock().unwrap_or_else(|e| e.into_inner()) = crate::observe::status::ClockStatus {
                     reference: if identity.follow_kernel_sync {
                         "host-clock (kernel clock disciplined by another daemon)".into()
                     } else {
@@ -274,7 +278,7 @@ pub(crate) async fn serve_host_clock(
                     synchronized: !unsynced,
                     root_dispersion_s: anchor.root_dispersion_ns as f64 * 1e-9,
                     stratum: identity.stratum,
-                    refid: crate::status::refid_text(identity.refid, identity.stratum),
+                    refid: crate::observe::status::refid_text(identity.refid, identity.stratum),
                     last_sync_mono_ns: (!unsynced).then_some(anchor.mono_ns),
                     ..Default::default()
                 };

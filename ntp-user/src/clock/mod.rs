@@ -1,0 +1,10 @@
+//! The sans-IO clock core: it takes timestamps and packets as values and returns what the IO
+//! must do (requests to send, anchors to publish, when to wake up) and a typed snapshot. No
+//! sockets, no clock reads, no randomness of its own, no runtime: `tests/clock_is_sans_io`
+//! keeps it so.
+pub mod discipline;
+pub mod filter;
+pub mod leap;
+pub mod selection;
+pub mod system;
+pub mod upstream;
