@@ -43,6 +43,39 @@ pub const LEAP_ADD_SECOND: u8 = 1;
 pub const LEAP_DEL_SECOND: u8 = 2;
 pub const LEAP_UNSYNCHRONIZED: u8 = 3;
 
+/// The leap indicator (RFC 5905 LI), typed; `bits` is what goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Leap {
+    #[default]
+    None,
+    /// The last minute of the day has 61 seconds.
+    InsertSecond,
+    /// The last minute of the day has 59 seconds.
+    DeleteSecond,
+    /// The clock is not synchronized.
+    Unsynchronized,
+}
+
+impl Leap {
+    pub const fn from_bits(li: u8) -> Leap {
+        match li & 3 {
+            LEAP_NONE => Leap::None,
+            LEAP_ADD_SECOND => Leap::InsertSecond,
+            LEAP_DEL_SECOND => Leap::DeleteSecond,
+            _ => Leap::Unsynchronized,
+        }
+    }
+
+    pub const fn bits(self) -> u8 {
+        match self {
+            Leap::None => LEAP_NONE,
+            Leap::InsertSecond => LEAP_ADD_SECOND,
+            Leap::DeleteSecond => LEAP_DEL_SECOND,
+            Leap::Unsynchronized => LEAP_UNSYNCHRONIZED,
+        }
+    }
+}
+
 /// Stratum sent while unsynchronized (RFC 5905: 0 = unspecified/invalid, refid is a kiss code).
 pub const STRATUM_UNSPECIFIED: u8 = 0;
 pub const MAX_STRATUM: u8 = 15;

@@ -1,11 +1,36 @@
 //! Command-line interface.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::daemon::standalone::XdpModeArg;
+use crate::config::parse_refid;
+use crate::responder::XdpModePref;
+
+/// `--xdp-mode`: the CLI's spelling of [`XdpModePref`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpModeArg {
+    /// Native where it works (on a veth: when the peer can get a pass program), else generic.
+    Auto,
+    /// Driver mode; on a veth the peer gets a pass program so XDP_TX frames are delivered.
+    Native,
+    /// Generic (SKB) mode: works on every device, slower.
+    Generic,
+    /// No XDP: the daemon's userspace path answers everything.
+    Off,
+}
+
+impl From<XdpModeArg> for XdpModePref {
+    fn from(a: XdpModeArg) -> XdpModePref {
+        match a {
+            XdpModeArg::Auto => XdpModePref::Auto,
+            XdpModeArg::Native => XdpModePref::Native,
+            XdpModeArg::Generic => XdpModePref::Generic,
+            XdpModeArg::Off => XdpModePref::Off,
+        }
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -183,22 +208,6 @@ pub struct ServeArgs {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration like 500ms or 2s: {e}"))
-}
-
-/// Parses a reference ID: an IPv4 address (stratum 2+ convention) or 1-4 ASCII characters,
-/// NUL-padded (stratum 1 and local clocks).
-pub fn parse_refid(s: &str) -> Result<[u8; 4], String> {
-    if let Ok(v4) = s.parse::<Ipv4Addr>() {
-        return Ok(v4.octets());
-    }
-    if s.is_empty() || s.len() > 4 || !s.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!(
-            "{s:?} is neither an IPv4 address nor 1-4 printable ASCII characters"
-        ));
-    }
-    let mut id = [0u8; 4];
-    id[..s.len()].copy_from_slice(s.as_bytes());
-    Ok(id)
 }
 
 #[cfg(test)]

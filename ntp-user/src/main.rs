@@ -5,7 +5,7 @@ use ntp_common::ServerParams;
 use ntp_user::cli::ServeArgs;
 use ntp_user::cli::{Cli, Command};
 use ntp_user::clock::system::SystemConfig;
-use ntp_user::daemon::standalone::{serve, ClockSource, ServeOptions};
+use ntp_user::daemon::{run as serve, ClockSource, ServeOptions};
 use ntp_user::host::hostclock::HostClockIdentity;
 use ntp_user::responder::stats::print_stats;
 
@@ -236,7 +236,7 @@ fn serve_from_args(a: ServeArgs) -> anyhow::Result<()> {
         netns: a.netns,
         interface: a.interface,
         addresses: a.addresses,
-        xdp_mode: a.xdp_mode,
+        xdp_mode: a.xdp_mode.into(),
         peer_netns: a.peer_netns,
         params: ServerParams {
             precision: a.precision,

@@ -233,8 +233,8 @@ impl World {
             let mut cookie_rng = StdRng::seed_from_u64(self.t);
             let requests = self.system.due_requests(now, || cookie_rng.gen());
             let mut replies = Vec::new();
-            for (id, req) in requests {
-                if let Some(r) = self.answer(id, &req) {
+            for req in requests {
+                if let Some(r) = self.answer(req.id, &req.packet) {
                     replies.push(r);
                 }
             }
@@ -375,7 +375,7 @@ fn check_converged_within(w: &World, label: &str, bound_ns: f64) {
     let (mean, max) = w.stats();
     let bias = w.asymmetry_bias_ns();
     let worst = w.errors.iter().fold(0f64, |m, e| m.max((e - bias).abs()));
-    let freq_err = w.system.discipline.frequency_ppm() - w.true_freq_ppm();
+    let freq_err = w.system.frequency_ppm() - w.true_freq_ppm();
     eprintln!(
         "{label}: {} samples, mean error {:.1} µs, max |error| {:.1} µs, max |error - bias| {:.1} µs \
          (bias {:.1} µs), frequency error {:.4} ppm, poll limit {}",
@@ -408,7 +408,7 @@ fn check_converged_within(w: &World, label: &str, bound_ns: f64) {
         "{label}: the falseticker was never recognised"
     );
     let peer = w.system.system_peer().expect("a system peer");
-    assert_ne!(w.system.upstreams[peer].addr, false_addr);
+    assert_ne!(w.system.upstream_addr(peer), Some(false_addr));
 }
 
 #[test]

@@ -5,6 +5,8 @@
 pub mod discipline;
 pub mod filter;
 pub mod leap;
+pub mod names;
 pub mod selection;
+pub mod snapshot;
 pub mod system;
 pub mod upstream;

@@ -7,7 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use md5::{Digest as _, Md5};
 use ntp_common::time::{ppm_to_freq_scaled, NANOS_PER_SEC};
 use ntp_common::wire::{
-    LEAP_ADD_SECOND, LEAP_DEL_SECOND, LEAP_NONE, LEAP_UNSYNCHRONIZED, MAX_STRATUM,
+    Leap as LeapIndicator, LEAP_ADD_SECOND, LEAP_DEL_SECOND, LEAP_NONE, LEAP_UNSYNCHRONIZED,
+    MAX_STRATUM,
 };
 use ntp_common::TimeAnchor;
 
@@ -15,6 +16,7 @@ use crate::clock::discipline::{ClockModel, Discipline, DisciplineConfig, Discipl
 use crate::clock::filter::PHI;
 use crate::clock::leap::{end_of_month_ntp_ns, Leap};
 use crate::clock::selection::{select, Candidate, SelectError};
+use crate::clock::snapshot::{ClockReference, ClockSnapshot, SourceSnapshot, SourceState};
 use crate::clock::upstream::{PollConfig, Rejection, Upstream, UpstreamState};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -99,11 +101,20 @@ pub struct Reference {
 /// Samples an upstream needs before its estimate may set the clock the first time.
 const FIRST_STEP_SAMPLES: usize = 4;
 
+/// A request the IO must send now: `packet` to upstream `id` at `addr`; the IO reports back
+/// with [`System::on_sent`] and [`System::on_response`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendRequest {
+    pub id: usize,
+    pub addr: SocketAddr,
+    pub packet: [u8; 48],
+}
+
 pub struct System {
-    pub config: SystemConfig,
-    pub upstreams: Vec<Upstream>,
-    pub discipline: Discipline,
-    pub reference: Option<Reference>,
+    pub(in crate::clock) config: SystemConfig,
+    pub(in crate::clock) upstreams: Vec<Upstream>,
+    pub(in crate::clock) discipline: Discipline,
+    pub(in crate::clock) reference: Option<Reference>,
     system_peer: Option<usize>,
     pending_leap: Option<Leap>,
     /// The last leap taken (NTP time): upstreams' headers go on saying LI=1 for a poll or two
@@ -120,7 +131,7 @@ pub struct System {
     clock_jitter: f64,
     /// For status: the last measured offset, and how the last selection judged each upstream.
     last_offset_s: Option<f64>,
-    judged: Vec<(usize, &'static str)>,
+    judged: Vec<(usize, SourceState)>,
     /// An inserted leap second without smear: from (mono, ntp) the served time runs at half
     /// speed until the stepped-back model meets it (~2 s), instead of repeating a second.
     leap_hold: Option<(u64, u64)>,
@@ -289,20 +300,55 @@ impl System {
         Some(mono + (1e9 / (model_rate - hold_rate)).ceil() as u64 + 1_000)
     }
 
-    /// Requests due at `now_ns`: (upstream index, bytes). `cookie` supplies unpredictable
-    /// transmit timestamps.
+    /// Requests due at `now_ns`. `cookie` supplies unpredictable transmit timestamps.
     pub fn due_requests(
         &mut self,
         now_ns: u64,
         mut cookie: impl FnMut() -> u64,
-    ) -> Vec<(usize, [u8; 48])> {
+    ) -> Vec<SendRequest> {
         let mut out = Vec::new();
         for (i, u) in self.upstreams.iter_mut().enumerate() {
             if u.next_poll_ns().is_some_and(|t| t <= now_ns) {
-                out.push((i, u.poll(now_ns, cookie())));
+                out.push(SendRequest {
+                    id: i,
+                    addr: u.addr,
+                    packet: u.poll(now_ns, cookie()),
+                });
             }
         }
         out
+    }
+
+    /// The request to upstream `id` left at `sent_ns` (the origin its answer is measured from).
+    pub fn on_sent(&mut self, id: usize, sent_ns: u64) {
+        if let Some(u) = self.upstreams.get_mut(id) {
+            u.mark_sent(sent_ns);
+        }
+    }
+
+    pub fn upstream_count(&self) -> usize {
+        self.upstreams.len()
+    }
+
+    pub fn upstream_addr(&self, id: usize) -> Option<SocketAddr> {
+        self.upstreams.get(id).map(|u| u.addr)
+    }
+
+    /// Eight polls unanswered.
+    pub fn upstream_is_lost(&self, id: usize) -> bool {
+        self.upstreams.get(id).is_some_and(|u| u.is_lost())
+    }
+
+    pub fn config(&self) -> &SystemConfig {
+        &self.config
+    }
+
+    pub fn frequency_ppm(&self) -> f64 {
+        self.discipline.frequency_ppm()
+    }
+
+    pub fn is_synchronized(&self) -> bool {
+        self.discipline.is_synchronized()
     }
 
     /// A datagram from upstream `id`, received at `recv_ns`.
@@ -359,9 +405,26 @@ impl System {
             .survivors
             .iter()
             .enumerate()
-            .map(|(rank, &i)| (i, if rank == 0 { "selected" } else { "candidate" }))
-            .chain(selection.falsetickers.iter().map(|&i| (i, "falseticker")))
-            .chain(selection.outliers.iter().map(|&i| (i, "outlier")))
+            .map(|(rank, &i)| {
+                let state = if rank == 0 {
+                    SourceState::Selected
+                } else {
+                    SourceState::Candidate
+                };
+                (i, state)
+            })
+            .chain(
+                selection
+                    .falsetickers
+                    .iter()
+                    .map(|&i| (i, SourceState::Falseticker)),
+            )
+            .chain(
+                selection
+                    .outliers
+                    .iter()
+                    .map(|&i| (i, SourceState::Outlier)),
+            )
             .collect();
         for &f in &selection.falsetickers {
             events.push(SystemEvent::Falseticker {
@@ -539,8 +602,7 @@ impl System {
 
     /// The clock and its upstreams as `ntp-user status` shows them. `anchor` is what was
     /// published at `now_ns`.
-    pub fn status(&self, now_ns: u64, anchor: &TimeAnchor) -> crate::observe::status::ClockStatus {
-        use crate::observe::status::{refid_text, ClockStatus, SourceStatus};
+    pub fn snapshot(&self, now_ns: u64, anchor: &TimeAnchor) -> ClockSnapshot {
         let model = self.discipline.estimate_line(now_ns);
         let sources = self
             .upstreams
@@ -549,19 +611,16 @@ impl System {
             .map(|(i, u)| {
                 let est = u.estimate(&model, now_ns);
                 let state = match u.state {
-                    UpstreamState::Denied(code) => {
-                        format!("denied ({})", String::from_utf8_lossy(&code))
-                    }
-                    UpstreamState::Active if !u.is_reachable() => "unreachable".into(),
+                    UpstreamState::Denied(code) => SourceState::Denied(code),
+                    UpstreamState::Active if !u.is_reachable() => SourceState::Unreachable,
                     UpstreamState::Active => self
                         .judged
                         .iter()
                         .find(|(j, _)| *j == i)
-                        .map_or("unusable", |(_, s)| s)
-                        .to_string(),
+                        .map_or(SourceState::Unusable, |(_, s)| *s),
                 };
-                SourceStatus {
-                    address: u.addr.to_string(),
+                SourceSnapshot {
+                    addr: u.addr,
                     state,
                     reach: u.reach,
                     poll: u.poll,
@@ -573,16 +632,12 @@ impl System {
             })
             .collect();
         let synced = anchor.is_synchronized_at(now_ns);
-        ClockStatus {
-            reference: "upstream".into(),
+        ClockSnapshot {
+            reference: ClockReference::Upstreams,
             synchronized: synced,
             stratum: if synced { anchor.stratum } else { 0 },
-            refid: if synced {
-                refid_text(anchor.refid, anchor.stratum)
-            } else {
-                "INIT".into()
-            },
-            leap: anchor.leap,
+            refid: synced.then_some(anchor.refid),
+            leap: LeapIndicator::from_bits(anchor.leap),
             offset_s: self.last_offset_s,
             frequency_ppm: self.discipline.frequency_ppm(),
             root_delay_s: anchor.root_delay_ns as f64 * 1e-9,

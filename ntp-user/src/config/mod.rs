@@ -1,7 +1,7 @@
 //! The daemon's TOML configuration, validated as a whole before anything is started: an error
 //! names the file, the field and the reason.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,11 +9,26 @@ use anyhow::{anyhow, Result};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::cli::parse_refid;
 use crate::clock::discipline::DisciplineConfig;
 use crate::clock::system::SystemConfig;
 use crate::clock::upstream::PollConfig;
-use crate::daemon::standalone::XdpModeArg;
+use crate::responder::XdpModePref;
+
+/// Parses a reference ID: an IPv4 address (stratum 2+ convention) or 1-4 ASCII characters,
+/// NUL-padded (stratum 1 and local clocks).
+pub fn parse_refid(s: &str) -> Result<[u8; 4], String> {
+    if let Ok(v4) = s.parse::<Ipv4Addr>() {
+        return Ok(v4.octets());
+    }
+    if s.is_empty() || s.len() > 4 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{s:?} is neither an IPv4 address nor 1-4 printable ASCII characters"
+        ));
+    }
+    let mut id = [0u8; 4];
+    id[..s.len()].copy_from_slice(s.as_bytes());
+    Ok(id)
+}
 
 /// The configuration `cargo xtask run` and `ntp-user run` use when given no file: serve the
 /// host clock as a local stratum on the demo namespace pair.
@@ -314,7 +329,7 @@ pub enum Reference {
 pub struct Validated {
     pub source: PathBuf,
     pub service: ServiceSection,
-    pub xdp_mode: XdpModeArg,
+    pub xdp_mode: XdpModePref,
     pub reference: Reference,
     pub system: SystemConfig,
     pub upstreams: Vec<UpstreamSection>,
@@ -329,8 +344,8 @@ pub struct Validated {
 
 impl Validated {
     /// What `serve` runs for this configuration.
-    pub fn serve_options(&self) -> crate::daemon::standalone::ServeOptions {
-        use crate::daemon::standalone::ClockSource;
+    pub fn serve_options(&self) -> crate::daemon::ServeOptions {
+        use crate::daemon::ClockSource;
         use crate::host::hostclock::HostClockIdentity;
         let clock = if self.reference == Reference::Upstream && !self.upstreams.is_empty() {
             ClockSource::Upstreams {
@@ -348,7 +363,7 @@ impl Validated {
                 publish_interval: Duration::from_secs(1),
             }
         };
-        crate::daemon::standalone::ServeOptions {
+        crate::daemon::ServeOptions {
             netns: self.service.netns.clone(),
             interface: self.service.interface.clone(),
             addresses: self.service.addresses.clone(),
@@ -434,10 +449,10 @@ fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
         ));
     }
     let xdp_mode = match s.xdp_mode.as_str() {
-        "auto" => XdpModeArg::Auto,
-        "native" => XdpModeArg::Native,
-        "generic" => XdpModeArg::Generic,
-        "off" => XdpModeArg::Off,
+        "auto" => XdpModePref::Auto,
+        "native" => XdpModePref::Native,
+        "generic" => XdpModePref::Generic,
+        "off" => XdpModePref::Off,
         other => {
             return Err(bad(
                 "service.xdp_mode",
@@ -989,7 +1004,7 @@ addresses = ["169.254.169.123"]
         assert_eq!(v.system.discipline.max_slew_ppm, 500.0);
         assert_eq!(v.system.poll.min_poll, 4);
         assert_eq!(v.system.poll.max_poll, 10);
-        assert_eq!(v.xdp_mode, XdpModeArg::Auto);
+        assert_eq!(v.xdp_mode, XdpModePref::Auto);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::clock::discipline::ClockModel;
+use crate::clock::names::UpstreamNames;
 use crate::clock::system::{System, SystemConfig, SystemEvent};
 use crate::host::hostclock::{monotonic_now_ns, read_clock_pair};
 use crate::responder::Responder;
@@ -45,67 +46,6 @@ pub async fn resolve(name: &str) -> Result<SocketAddr> {
     addrs
         .next()
         .with_context(|| format!("upstream {name:?} resolved to no address"))
-}
-
-/// The configured upstream names and the upstreams they became (sans IO): a name that never
-/// resolved is tried again, and so is one whose upstream was lost (eight polls unanswered),
-/// since the name may point elsewhere now. Literal addresses are never re-resolved.
-#[derive(Debug, Default)]
-pub struct UpstreamNames {
-    entries: Vec<(String, Option<usize>)>,
-}
-
-impl UpstreamNames {
-    pub fn new(names: &[String]) -> UpstreamNames {
-        UpstreamNames {
-            entries: names.iter().map(|n| (n.clone(), None)).collect(),
-        }
-    }
-
-    fn is_literal(name: &str) -> bool {
-        name.parse::<SocketAddr>().is_ok()
-            || name.parse::<std::net::IpAddr>().is_ok()
-            || name
-                .rsplit_once(':')
-                .is_some_and(|(h, _)| h.parse::<std::net::Ipv4Addr>().is_ok())
-    }
-
-    /// Names to resolve now.
-    pub fn due(&self, system: &System) -> Vec<String> {
-        self.entries
-            .iter()
-            .filter(|(name, id)| match id {
-                None => true,
-                Some(i) => !Self::is_literal(name) && system.upstreams[*i].is_lost(),
-            })
-            .map(|(n, _)| n.clone())
-            .collect()
-    }
-
-    /// `name` resolved to `addr`: a new upstream, a moved one, or nothing new. Returns what
-    /// changed, for the log.
-    pub fn resolved(
-        &mut self,
-        name: &str,
-        addr: SocketAddr,
-        system: &mut System,
-        now_ns: u64,
-    ) -> Option<String> {
-        let entry = self.entries.iter_mut().find(|(n, _)| n == name)?;
-        match entry.1 {
-            None => {
-                system.add_upstream(addr, now_ns);
-                entry.1 = Some(system.upstreams.len() - 1);
-                Some(format!("{name} resolved to {addr}"))
-            }
-            Some(i) if system.upstreams[i].addr != addr => {
-                let old = system.upstreams[i].addr;
-                system.replace_upstream(i, addr, now_ns);
-                Some(format!("{name} moved from {old} to {addr}"))
-            }
-            Some(_) => None,
-        }
-    }
 }
 
 struct Reply {
@@ -273,7 +213,7 @@ pub async fn run_disciplined(
     config: SystemConfig,
     upstreams: &[String],
     continuity: Option<Continuity>,
-    status: crate::observe::status::ClockStatusCell,
+    status: crate::observe::status::ClockSnapshotCell,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     if upstreams.is_empty() {
@@ -321,13 +261,7 @@ pub async fn run_disciplined(
     };
     // The first resolutions are the system's first upstreams, in order.
     for (i, (name, _)) in first.iter().enumerate() {
-        if let Some(e) = names
-            .entries
-            .iter_mut()
-            .find(|(n, id)| n == name && id.is_none())
-        {
-            e.1 = Some(i);
-        }
+        names.bind(name, i);
     }
     let mut saved_freq = f64::NAN;
     let mut log = EventLog::default();
@@ -336,31 +270,31 @@ pub async fn run_disciplined(
     let mut resolve_timer = tokio::time::interval(RESOLVE_RETRY);
     resolve_timer.tick().await;
 
-    let mut publish =
-        |system: &mut System, responder: &mut Responder, log: &mut EventLog| -> Result<()> {
-            let now = monotonic_now_ns()?;
-            let (anchor, events) = system.anchor(now);
-            log.log(events);
-            responder.publish_anchor(anchor)?;
-            *status.lock().unwrap_or_else(|e| e.into_inner()) = system.status(now, &anchor);
-            if let Some(c) = &continuity {
-                let f = system.discipline.frequency_ppm();
-                if system.discipline.is_synchronized()
-                    && (saved_freq.is_nan() || (f - saved_freq).abs() >= 1e-3)
-                {
-                    c.save(f);
-                    saved_freq = f;
-                }
+    let mut publish = |system: &mut System,
+                       responder: &mut Responder,
+                       log: &mut EventLog|
+     -> Result<()> {
+        let now = monotonic_now_ns()?;
+        let (anchor, events) = system.anchor(now);
+        log.log(events);
+        responder.publish_anchor(anchor)?;
+        *status.lock().unwrap_or_else(|e| e.into_inner()) = system.snapshot(now, &anchor);
+        if let Some(c) = &continuity {
+            let f = system.frequency_ppm();
+            if system.is_synchronized() && (saved_freq.is_nan() || (f - saved_freq).abs() >= 1e-3) {
+                c.save(f);
+                saved_freq = f;
             }
-            Ok(())
-        };
+        }
+        Ok(())
+    };
     publish(&mut system, responder, &mut log)?;
     loop {
         let now = monotonic_now_ns()?;
-        for (id, req) in system.due_requests(now, rand::random::<u64>) {
-            let addr = system.upstreams[id].addr;
-            match send_request(id, addr, req, tx.clone()).await {
-                Ok(sent) => system.upstreams[id].mark_sent(sent),
+        for req in system.due_requests(now, rand::random::<u64>) {
+            let addr = req.addr;
+            match send_request(req.id, addr, req.packet, tx.clone()).await {
+                Ok(sent) => system.on_sent(req.id, sent),
                 Err(e) => debug!(%addr, error = %format!("{e:#}"), "request not sent"),
             }
         }
@@ -402,44 +336,6 @@ pub async fn run_disciplined(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_are_resolved_again_when_their_upstream_is_lost() {
-        let a: SocketAddr = "169.254.1.1:123".parse().unwrap();
-        let b: SocketAddr = "169.254.1.2:123".parse().unwrap();
-        let initial = ClockModel::new(0, 3_900_000_000 * 1_000_000_000);
-        let mut system = System::new(SystemConfig::default(), &[a], initial, 0);
-        let names_list = vec!["ntp.example".to_string(), "169.254.1.9".to_string()];
-        let mut names = UpstreamNames::new(&names_list);
-        names.entries[0].1 = Some(0);
-        // The literal never resolved (say the first attempt failed): due; the name is not.
-        assert_eq!(names.due(&system), ["169.254.1.9"]);
-        assert!(names
-            .resolved("169.254.1.9", b, &mut system, 0)
-            .is_some_and(|c| c.contains("resolved")));
-        assert_eq!(system.upstreams.len(), 2);
-        assert!(names.due(&system).is_empty());
-        // Eight polls, no answer: the name is resolved again (not the literal).
-        for i in 0..8u64 {
-            for u in &mut system.upstreams {
-                u.poll(i * 16_000_000_000, i);
-            }
-        }
-        assert_eq!(names.due(&system), ["ntp.example"]);
-        // Same address: nothing changes. Another: the upstream is replaced, fresh.
-        assert_eq!(names.resolved("ntp.example", a, &mut system, 1), None);
-        let moved: SocketAddr = "169.254.1.3:123".parse().unwrap();
-        let change = names
-            .resolved("ntp.example", moved, &mut system, 2)
-            .unwrap();
-        assert!(
-            change.contains("169.254.1.1:123") && change.contains("169.254.1.3:123"),
-            "{change}"
-        );
-        assert_eq!(system.upstreams[0].addr, moved);
-        assert_eq!(system.upstreams[0].polls, 0);
-        assert!(names.due(&system).is_empty());
-    }
 
     #[tokio::test]
     async fn kernel_receive_timestamps_arrive() {

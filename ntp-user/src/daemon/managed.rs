@@ -14,12 +14,12 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::programs::XdpMode;
 use tracing::{info, warn};
 
-use crate::daemon::standalone::{AbortOnDrop, ServeOptions, XdpModeArg};
+use crate::daemon::{runtime, serve_responder, AbortOnDrop, ServeOptions};
 use crate::host::dhcp::{self, DhcpSpec};
 use crate::host::netns;
 use crate::host::vip::{self, state_dir, Created, Netlink, VipSpec};
 use crate::responder::{self, attach_pinned, pin_dir, Attached, Responder};
-use crate::responder::{PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
+use crate::responder::{XdpModePref, PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
 
 /// One daemon per namespace: an exclusive lock held for the daemon's life.
 pub struct DaemonLock {
@@ -100,7 +100,7 @@ fn attach_all(
     responder: &mut Responder,
     spec: &VipSpec,
     ns: &File,
-    mode: XdpModeArg,
+    mode: XdpModePref,
 ) -> Result<(AttachPlan, Vec<String>)> {
     let host = Netlink::open()?;
     let inside = Netlink::open_in(ns)?;
@@ -112,7 +112,7 @@ fn attach_all(
         .with_context(|| format!("{} missing", spec.host_interface))?;
     let mut notes = Vec::new();
     let mut ns_mode = None;
-    if mode != XdpModeArg::Generic {
+    if mode != XdpModePref::Generic {
         // The peer first: a native XDP_TX frame is only delivered to a peer with a program.
         let native = (|| -> Result<Attached> {
             let how = attach_pinned(
@@ -142,7 +142,7 @@ fn attach_all(
                 ));
                 ns_mode = Some(XdpMode::Driver);
             }
-            Err(e) if mode == XdpModeArg::Native => return Err(e),
+            Err(e) if mode == XdpModePref::Native => return Err(e),
             Err(e) => warn!(error = %format!("{e:#}"), "native XDP failed; using generic"),
         }
     }
@@ -346,7 +346,7 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
     }
     responder.set_served_addresses(&served)?;
     let user_sockets = crate::responder::userspace::bind_sockets(Some(&ns), &served)?;
-    let (plan, notes) = if opts.xdp_mode == XdpModeArg::Off {
+    let (plan, notes) = if opts.xdp_mode == XdpModePref::Off {
         // A pinned attachment left by an earlier daemon would go on answering: remove it.
         for what in ["responder", "peer"] {
             let _ = std::fs::remove_file(link_pin(&spec.netns, what));
@@ -388,46 +388,30 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
             .context("starting the repair thread")?
     };
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let (observatory, clock_status, user_counters) =
-        crate::observe::Observatory::for_responder(&opts.observe, &responder)?;
-    let result = rt.block_on(async {
-        let shutdown = crate::daemon::standalone::shutdown_signal()?;
-        let _observe = crate::observe::start(observatory).await?;
-        let _userspace = AbortOnDrop(tokio::spawn(crate::daemon::standalone::userspace_path(
-            user_sockets,
-            responder.subscribe(),
-            opts.params,
-            user_counters,
-        )));
-        let _dhcp = match &dhcp_spec {
-            Some(d) => Some(AbortOnDrop(tokio::spawn(dhcp::supervise(
-                d.clone(),
-                ns.try_clone().context("duplicating the namespace handle")?,
-            )))),
-            None => None,
-        };
-        let continuity = crate::daemon::clock_task::Continuity {
-            state_file: state_dir(&spec.netns).join("clock.json"),
-        };
-        crate::daemon::standalone::run_clock(
-            &opts.clock,
-            &mut responder,
-            Some(continuity),
-            clock_status,
-            shutdown,
-        )
-        .await
-    });
+    let rt = runtime()?;
+    let continuity = crate::daemon::clock_task::Continuity {
+        state_file: state_dir(&spec.netns).join("clock.json"),
+    };
+    let result = serve_responder(
+        &rt,
+        &opts,
+        &mut responder,
+        user_sockets,
+        Some(continuity),
+        || {
+            let mut tasks = Vec::new();
+            if let Some(d) = &dhcp_spec {
+                tasks.push(AbortOnDrop(tokio::spawn(dhcp::supervise(
+                    d.clone(),
+                    ns.try_clone().context("duplicating the namespace handle")?,
+                ))));
+            }
+            Ok(tasks)
+        },
+    );
     stop.store(true, Ordering::Relaxed);
     let _ = repair.join();
     drop(rt); // stops dnsmasq
-    if let Some(socket) = &opts.observe.control_socket {
-        let _ = std::fs::remove_file(socket);
-    }
     result?;
     info!(
         "stopped; the pinned responder keeps answering from the last anchor (LI=3 once it is \

@@ -1,5 +1,227 @@
 //! The daemon: one runtime that runs the clock task, the userspace path, observability and,
-//! in managed mode, the plumbing's repair and DHCP.
+//! in managed mode, DHCP and the plumbing's repair. [`run`] is its entry point; the standalone
+//! mode (`ntp-user serve`, an existing interface) and the managed mode (a VIP host's own
+//! namespace, pinned and hitless) differ only in how they set the responder up.
 pub mod clock_task;
 pub mod managed;
 pub mod standalone;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use ntp_common::ServerParams;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+use crate::clock::snapshot::{ClockReference, ClockSnapshot};
+use crate::clock::system::SystemConfig;
+use crate::host::hostclock::{host_clock_anchor, HostClockIdentity};
+use crate::observe::status::ClockSnapshotCell;
+use crate::observe::Observatory;
+use crate::responder::userspace::UserspaceCounters;
+use crate::responder::{Responder, XdpModePref};
+
+/// Where served time comes from.
+#[derive(Debug, Clone)]
+pub enum ClockSource {
+    /// The host clock as it is (already disciplined by chrony/PTP, or no upstream at all:
+    /// a local stratum like chrony's `local stratum 10`).
+    HostClock {
+        identity: HostClockIdentity,
+        publish_interval: Duration,
+    },
+    /// The daemon's own clock, disciplined against these upstreams.
+    Upstreams {
+        system: SystemConfig,
+        upstreams: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub netns: Option<String>,
+    pub interface: String,
+    pub addresses: Vec<IpAddr>,
+    pub xdp_mode: XdpModePref,
+    pub peer_netns: Option<String>,
+    pub params: ServerParams,
+    pub log_packets: bool,
+    pub clock: ClockSource,
+    /// The plumbing the daemon creates and keeps (None: attach to an existing interface and
+    /// detach on exit).
+    pub managed: Option<(
+        crate::host::vip::VipSpec,
+        Option<crate::host::dhcp::DhcpSpec>,
+    )>,
+    /// Access list, rate limit, guest clock records.
+    pub admission: crate::responder::admission::AdmissionSpec,
+    /// Metrics, control socket, alarms.
+    pub observe: crate::observe::ObserveSpec,
+}
+
+/// Runs the daemon until SIGINT/SIGTERM: the managed mode when `opts.managed` is set,
+/// otherwise the standalone one.
+pub fn run(mut opts: ServeOptions) -> Result<()> {
+    match opts.managed.take() {
+        Some((vip, dhcp)) => managed::serve_managed(opts, vip, dhcp),
+        None => standalone::serve(opts),
+    }
+}
+
+/// The daemon's one runtime. Current-thread: the clock task, the userspace path and the
+/// control tasks are light; map walks and other blocking calls go to `spawn_blocking`.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
+/// What both modes run once the responder is set up: observability, the userspace path,
+/// the mode's own tasks, and the clock task until shutdown. Returns the userspace counters.
+pub(crate) fn serve_responder(
+    rt: &tokio::runtime::Runtime,
+    opts: &ServeOptions,
+    responder: &mut Responder,
+    user_sockets: Vec<std::net::UdpSocket>,
+    continuity: Option<clock_task::Continuity>,
+    mode_tasks: impl FnOnce() -> Result<Vec<AbortOnDrop>>,
+) -> Result<Arc<UserspaceCounters>> {
+    let (observatory, clock_status, user_counters) =
+        Observatory::for_responder(&opts.observe, responder)?;
+    let result = rt.block_on(async {
+        let shutdown = shutdown_signal()?;
+        let _observe: Vec<AbortOnDrop> = crate::observe::start(observatory)
+            .await?
+            .into_iter()
+            .map(AbortOnDrop)
+            .collect();
+        let _userspace = AbortOnDrop(tokio::spawn(userspace_path(
+            user_sockets,
+            responder.subscribe(),
+            opts.params,
+            user_counters.clone(),
+        )));
+        let _mode_tasks = mode_tasks()?;
+        run_clock(&opts.clock, responder, continuity, clock_status, shutdown).await
+    });
+    if let Some(socket) = &opts.observe.control_socket {
+        let _ = std::fs::remove_file(socket);
+    }
+    result.map(|()| user_counters)
+}
+
+/// Aborts a task when dropped (when the runtime's main future ends).
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs the userspace path; logs if it ever stops.
+async fn userspace_path(
+    sockets: Vec<std::net::UdpSocket>,
+    anchors: tokio::sync::watch::Receiver<ntp_common::TimeAnchor>,
+    params: ServerParams,
+    counters: Arc<UserspaceCounters>,
+) {
+    if let Err(e) = crate::responder::userspace::serve(sockets, anchors, params, counters).await {
+        tracing::error!(error = %format!("{e:#}"), "the userspace path stopped");
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: stopping"),
+            _ = sigint.recv() => info!("SIGINT: stopping"),
+        }
+    })
+}
+
+/// Runs the clock `source` and publishes it until `shutdown`: the host clock, or the daemon's
+/// own disciplined one (continuing across restarts with `continuity`).
+async fn run_clock(
+    source: &ClockSource,
+    responder: &mut Responder,
+    continuity: Option<clock_task::Continuity>,
+    status: ClockSnapshotCell,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    match source {
+        ClockSource::HostClock {
+            identity,
+            publish_interval,
+        } => serve_host_clock(responder, identity, *publish_interval, status, shutdown).await,
+        ClockSource::Upstreams { system, upstreams } => {
+            clock_task::run_disciplined(
+                responder,
+                system.clone(),
+                upstreams,
+                continuity,
+                status,
+                shutdown,
+            )
+            .await
+        }
+    }
+}
+
+async fn serve_host_clock(
+    responder: &mut Responder,
+    identity: &HostClockIdentity,
+    publish_interval: Duration,
+    status: ClockSnapshotCell,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let mut ticker = tokio::time::interval(publish_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    let mut kernel_unsynced = false;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let anchor = host_clock_anchor(identity)?;
+                let unsynced = anchor.leap == ntp_common::wire::LEAP_UNSYNCHRONIZED;
+                if unsynced != kernel_unsynced {
+                    kernel_unsynced = unsynced;
+                    if unsynced {
+                        warn!("the kernel says the host clock is unsynchronized: serving LI=3");
+                    } else {
+                        info!("the kernel says the host clock is synchronized: serving it");
+                    }
+                }
+                let publication = responder.publish_anchor(anchor)?;
+                *status.lock().unwrap_or_else(|e| e.into_inner()) = ClockSnapshot {
+                    reference: if identity.follow_kernel_sync {
+                        ClockReference::KernelDisciplined
+                    } else {
+                        ClockReference::LocalStratum(identity.stratum)
+                    },
+                    synchronized: !unsynced,
+                    root_dispersion_s: anchor.root_dispersion_ns as f64 * 1e-9,
+                    stratum: identity.stratum,
+                    refid: Some(identity.refid),
+                    leap: ntp_common::wire::Leap::from_bits(anchor.leap),
+                    last_sync_mono_ns: (!unsynced).then_some(anchor.mono_ns),
+                    ..Default::default()
+                };
+                if publication.held_back_ns > 1_000_000 {
+                    warn!(
+                        held_back_ms = publication.held_back_ns as f64 / 1e6,
+                        "host clock went backwards; holding served time until it catches up"
+                    );
+                }
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    Ok(())
+}

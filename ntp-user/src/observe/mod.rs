@@ -17,12 +17,11 @@ use anyhow::{Context as _, Result};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::{debug, info, warn};
 
-use crate::daemon::standalone::AbortOnDrop;
 use crate::host::hostclock::monotonic_now_ns;
 use crate::observe::alarms::{AlarmInputs, AlarmThresholds, Alarms};
 use crate::observe::guests::{summarize, GuestPolicy, GuestSummary};
 use crate::observe::status::{
-    refid_text, AnchorStatus, ClockStatusCell, ResponderStatus, StatusReport,
+    refid_text, AnchorStatus, ClockSnapshotCell, ResponderStatus, StatusReport,
 };
 use crate::responder::userspace::UserspaceCounters;
 use crate::responder::Observer;
@@ -43,7 +42,7 @@ const GUEST_WALK_MAX_AGE: Duration = Duration::from_secs(5);
 pub struct Observatory {
     spec: ObserveSpec,
     observer: Observer,
-    clock: ClockStatusCell,
+    clock: ClockSnapshotCell,
     userspace: Arc<UserspaceCounters>,
     alarms: Mutex<Alarms>,
     guests: Mutex<Option<(Instant, GuestSummary)>>,
@@ -56,9 +55,9 @@ impl Observatory {
     pub fn for_responder(
         spec: &ObserveSpec,
         responder: &crate::responder::Responder,
-    ) -> Result<(Arc<Observatory>, ClockStatusCell, Arc<UserspaceCounters>)> {
+    ) -> Result<(Arc<Observatory>, ClockSnapshotCell, Arc<UserspaceCounters>)> {
         let counters = Arc::new(UserspaceCounters::default());
-        let clock = ClockStatusCell::default();
+        let clock = ClockSnapshotCell::default();
         let obs = Observatory::new(
             spec.clone(),
             responder.observer()?,
@@ -71,7 +70,7 @@ impl Observatory {
     pub fn new(
         spec: ObserveSpec,
         observer: Observer,
-        clock: ClockStatusCell,
+        clock: ClockSnapshotCell,
         userspace: Arc<UserspaceCounters>,
     ) -> Result<Arc<Observatory>> {
         Ok(Arc::new(Observatory {
@@ -116,7 +115,7 @@ impl Observatory {
         Ok(StatusReport {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_s: now.saturating_sub(self.started_mono_ns) as f64 * 1e-9,
-            clock: self.clock.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            clock: (&*self.clock.lock().unwrap_or_else(|e| e.into_inner())).into(),
             anchor: AnchorStatus {
                 published: anchor.is_published(),
                 age_s: anchor.age_ns(now) as f64 * 1e-9,
@@ -179,7 +178,7 @@ impl Observatory {
 
 /// Binds the metrics listener and the control socket (errors here stop the daemon before it
 /// serves half-configured), then runs them and the alarm ticker until the handles drop.
-pub async fn start(obs: Arc<Observatory>) -> Result<Vec<AbortOnDrop>> {
+pub async fn start(obs: Arc<Observatory>) -> Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
     if let Some(addr) = obs.spec.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -205,17 +204,17 @@ pub async fn start(obs: Arc<Observatory>) -> Result<Vec<AbortOnDrop>> {
                 }
             }),
         );
-        tasks.push(AbortOnDrop(tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 warn!(error = %e, "the metrics endpoint stopped");
             }
-        })));
+        }));
     }
     if let Some(path) = obs.spec.control_socket.clone() {
         let listener = bind_control(&path)?;
         info!(socket = %path.display(), "control socket (ntp-user status)");
         let o = obs.clone();
-        tasks.push(AbortOnDrop(tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
@@ -232,10 +231,10 @@ pub async fn start(obs: Arc<Observatory>) -> Result<Vec<AbortOnDrop>> {
                     }
                 }
             }
-        })));
+        }));
     }
     let o = obs.clone();
-    tasks.push(AbortOnDrop(tokio::spawn(async move {
+    tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(ALARM_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -248,7 +247,7 @@ pub async fn start(obs: Arc<Observatory>) -> Result<Vec<AbortOnDrop>> {
                 Ok(Ok(())) => {}
             }
         }
-    })));
+    }));
     Ok(tasks)
 }
 

@@ -11,11 +11,12 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::snapshot::ClockSnapshot;
 use crate::observe::alarms::ActiveAlarm;
 use crate::observe::guests::GuestSummary;
 
-/// The clock loop's latest view of its clock, shared with the control and metrics tasks.
-pub type ClockStatusCell = Arc<Mutex<ClockStatus>>;
+/// The clock task's latest snapshot of its clock, shared with the control and metrics tasks.
+pub type ClockSnapshotCell = Arc<Mutex<ClockSnapshot>>;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClockStatus {
@@ -33,6 +34,39 @@ pub struct ClockStatus {
     /// CLOCK_MONOTONIC of the last correction from the reference.
     pub last_sync_mono_ns: Option<u64>,
     pub sources: Vec<SourceStatus>,
+}
+
+impl From<&ClockSnapshot> for ClockStatus {
+    fn from(c: &ClockSnapshot) -> ClockStatus {
+        ClockStatus {
+            reference: c.reference.describe(),
+            synchronized: c.synchronized,
+            stratum: c.stratum,
+            refid: c
+                .refid
+                .map_or_else(|| "INIT".into(), |r| refid_text(r, c.stratum)),
+            leap: c.leap.bits(),
+            offset_s: c.offset_s,
+            frequency_ppm: c.frequency_ppm,
+            root_delay_s: c.root_delay_s,
+            root_dispersion_s: c.root_dispersion_s,
+            last_sync_mono_ns: c.last_sync_mono_ns,
+            sources: c
+                .sources
+                .iter()
+                .map(|s| SourceStatus {
+                    address: s.addr.to_string(),
+                    state: s.state.describe(),
+                    reach: s.reach,
+                    poll: s.poll,
+                    stratum: s.stratum,
+                    offset_s: s.offset_s,
+                    delay_s: s.delay_s,
+                    jitter_s: s.jitter_s,
+                })
+                .collect(),
+        }
+    }
 }
 
 impl ClockStatus {

@@ -22,6 +22,19 @@ use ntp_common::policy::{GuestClock, ResponderPolicy, SourceState, ACL_ALLOW, AC
 use ntp_common::wire::ipv4_mapped_key;
 use ntp_common::{Counter, ServerParams, TimeAnchor};
 
+/// How the responder is attached: what the config's `xdp_mode` and `serve --xdp-mode` ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpModePref {
+    /// Native where it works (on a veth: when the peer can get a pass program), else generic.
+    Auto,
+    /// Driver mode; on a veth the peer gets a pass program so XDP_TX frames are delivered.
+    Native,
+    /// Generic (SKB) mode: works on every device, slower.
+    Generic,
+    /// No XDP: the daemon's userspace path answers everything.
+    Off,
+}
+
 /// The compiled `ntp-ebpf` object, embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ntp-ebpf"));
 
