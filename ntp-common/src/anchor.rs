@@ -142,6 +142,32 @@ unsafe impl aya::Pod for TimeAnchor {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ServerParams {}
 
+/// Reads the live anchor of the double buffer without locks and without assuming anything
+/// about how often the daemon publishes. `generation` reads `ANCHOR_ACTIVE[0]` (bumped once
+/// per publication; the live slot is its low bit), `slot` copies one slot. The writer only
+/// ever writes the slot that is not live, then bumps the generation; so a copy during which the
+/// generation did not move is whole. If it moved, one more try on the new slot; if it moved
+/// again, `None` (the daemon is rewriting as fast as this reads: no answer beats a torn one).
+#[inline(always)]
+pub fn read_published<A>(
+    generation: impl Fn() -> Option<u32>,
+    slot: impl Fn(u32) -> Option<A>,
+) -> Option<A> {
+    let first = generation()?;
+    let anchor = slot(first & 1)?;
+    let second = generation()?;
+    if second == first {
+        return Some(anchor);
+    }
+    let anchor = slot(second & 1)?;
+    let third = generation()?;
+    if third == second {
+        Some(anchor)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,5 +277,121 @@ mod tests {
         a.leap = LEAP_UNSYNCHRONIZED;
         assert!(!a.is_synchronized_at(a.mono_ns));
         assert!(!TimeAnchor::default().is_published());
+    }
+
+    /// A model of the double buffer: every interleaving of writer steps between the reader's
+    /// steps (a slot is copied in two halves on both sides, as memcpy may be), checked for a
+    /// torn read. Publication n writes (n, n) into slot n & 1, then sets the generation to n.
+    mod double_buffer {
+        use super::super::read_published;
+        use core::cell::{Cell, RefCell};
+
+        struct Model {
+            slots: RefCell<[(u32, u32); 2]>,
+            generation: Cell<u32>,
+            /// Writer steps done: 3 per publication (half, half, flip).
+            done: Cell<u32>,
+            /// Writer steps to run at each reader yield point, in order.
+            schedule: RefCell<[u8; 8]>,
+            point: Cell<usize>,
+        }
+
+        impl Model {
+            fn new(schedule: [u8; 8]) -> Model {
+                Model {
+                    slots: RefCell::new([(0, 0); 2]),
+                    generation: Cell::new(0),
+                    done: Cell::new(0),
+                    schedule: RefCell::new(schedule),
+                    point: Cell::new(0),
+                }
+            }
+            fn writer_step(&self) {
+                let step = self.done.get();
+                let n = step / 3 + 1;
+                let slot = (n & 1) as usize;
+                match step % 3 {
+                    0 => self.slots.borrow_mut()[slot].0 = n,
+                    1 => self.slots.borrow_mut()[slot].1 = n,
+                    _ => self.generation.set(n),
+                }
+                self.done.set(step + 1);
+            }
+            fn yield_point(&self) {
+                let i = self.point.get();
+                self.point.set(i + 1);
+                let k = self.schedule.borrow().get(i).copied().unwrap_or(0);
+                for _ in 0..k {
+                    self.writer_step();
+                }
+            }
+            fn generation(&self) -> Option<u32> {
+                self.yield_point();
+                Some(self.generation.get())
+            }
+            fn slot(&self, i: u32) -> Option<(u32, u32)> {
+                self.yield_point();
+                let a = self.slots.borrow()[i as usize].0;
+                self.yield_point();
+                let b = self.slots.borrow()[i as usize].1;
+                Some((a, b))
+            }
+            /// The reader of an earlier build: it compared only the low bits of the index.
+            fn read_low_bit_only(&self) -> Option<(u32, u32)> {
+                let first = self.generation()? & 1;
+                let anchor = self.slot(first)?;
+                let second = self.generation()? & 1;
+                if second == first {
+                    return Some(anchor);
+                }
+                self.slot(second)
+            }
+        }
+
+        fn schedules() -> impl Iterator<Item = [u8; 8]> {
+            (0..5u32.pow(8)).map(|mut code| {
+                let mut s = [0u8; 8];
+                for v in &mut s {
+                    *v = (code % 5) as u8;
+                    code /= 5;
+                }
+                s
+            })
+        }
+
+        #[test]
+        fn no_interleaving_tears_a_read() {
+            let mut answered = 0u32;
+            for schedule in schedules() {
+                let m = Model::new(schedule);
+                // Two publications before the reader starts: both slots hold something.
+                for _ in 0..6 {
+                    m.writer_step();
+                }
+                let read = read_published(|| m.generation(), |i| m.slot(i));
+                if let Some((a, b)) = read {
+                    assert_eq!(a, b, "torn read under schedule {schedule:?}");
+                    answered += 1;
+                }
+                // At most one publication during the read: it is always answered.
+                let writer_steps: u32 = schedule.iter().map(|&k| k as u32).sum();
+                if writer_steps <= 3 {
+                    assert!(read.is_some(), "no answer under schedule {schedule:?}");
+                }
+            }
+            assert!(answered > 0);
+        }
+
+        #[test]
+        fn the_low_bit_reader_could_tear() {
+            let torn = schedules().any(|schedule| {
+                let m = Model::new(schedule);
+                for _ in 0..6 {
+                    m.writer_step();
+                }
+                m.read_low_bit_only().is_some_and(|(a, b)| a != b)
+            });
+            assert!(torn, "the model should find the old reader's torn read");
+        }
     }
 }

@@ -8,6 +8,7 @@
 pub mod anchor;
 pub mod checksum;
 pub mod counters;
+pub mod maps;
 pub mod packet;
 pub mod policy;
 pub mod reply;

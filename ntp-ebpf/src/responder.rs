@@ -38,7 +38,8 @@ use crate::packet::{be16, swap, Packet};
 /// How many addresses one responder can serve (clock aliases and service addresses).
 const MAX_SERVED_ADDRS: u32 = 64;
 
-/// The daemon's clock model, double-buffered; `ANCHOR_ACTIVE[0]` names the live slot.
+/// The daemon's clock model, double-buffered; `ANCHOR_ACTIVE[0]` is the publication
+/// generation, whose low bit names the live slot.
 #[map]
 static ANCHORS: Array<TimeAnchor> = Array::with_max_entries(ANCHOR_SLOTS, 0);
 #[map]
@@ -160,13 +161,10 @@ fn is_served(key: &[u8; 16]) -> bool {
 #[inline(always)]
 fn load_anchor() -> Option<TimeAnchor> {
     let active = ANCHOR_ACTIVE.get_ptr(0)?;
-    let first = unsafe { core::ptr::read_volatile(active) } & 1;
-    let anchor = unsafe { core::ptr::read_volatile(ANCHORS.get_ptr(first)?) };
-    let second = unsafe { core::ptr::read_volatile(active) } & 1;
-    if second == first {
-        return Some(anchor);
-    }
-    Some(unsafe { core::ptr::read_volatile(ANCHORS.get_ptr(second)?) })
+    ntp_common::anchor::read_published(
+        || Some(unsafe { core::ptr::read_volatile(active) }),
+        |slot| Some(unsafe { core::ptr::read_volatile(ANCHORS.get_ptr(slot)?) }),
+    )
 }
 
 #[inline(always)]

@@ -1141,3 +1141,51 @@ fn truncated_and_garbled_frames_are_never_answered_wrongly() {
         }
     }
 }
+
+/// Removes a test's pin directory and releases bpffs if a daemon of ours mounted it.
+struct PinDirGuard(std::path::PathBuf);
+
+impl Drop for PinDirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+        if let Ok(_lock) = ntp_user::responder::bpffs_lock() {
+            let _ = ntp_user::responder::release_bpffs();
+        }
+        let _ = std::fs::remove_dir("/run/ntp-xdp");
+    }
+}
+
+/// Maps pinned by a build with another map layout (its fingerprint directory) are never
+/// adopted: the daemon refuses with the way out, rather than serve misread anchors. Maps of
+/// this build's layout are adopted, with the anchor and its generation.
+#[test]
+fn pins_of_another_layout_are_refused() -> Result<()> {
+    let instance = format!("ntv-layout-{}", std::process::id());
+    let dir = ntp_user::responder::pin_dir(&instance);
+    let _guard = PinDirGuard(dir.clone());
+    // This build's layout: pinned, published, then adopted by a second load.
+    let (anchor, generation) = {
+        let mut r = Responder::load_pinned(&dir, TableSizes::default())?;
+        let (_, anchor) = responder(AnchorState::Synchronized)?;
+        let p = r.publish_anchor(anchor)?;
+        (anchor, p.generation)
+    };
+    let mut again = Responder::load_pinned(&dir, TableSizes::default())?;
+    assert_eq!(again.current_anchor(), Some(anchor));
+    assert_eq!(again.publish_anchor(anchor)?.generation, generation + 1);
+    drop(again);
+    // Another build's maps beside ours: refused, naming the way out.
+    std::fs::create_dir(dir.join("maps-00000000deadbeef"))?;
+    let err = match Responder::load_pinned(&dir, TableSizes::default()) {
+        Ok(_) => panic!("maps of another layout were adopted"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("another map layout") && err.contains("ntp-user down"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -1,10 +1,15 @@
 //! Who the responder answers: the policy (rate limit, kiss-o'-death, guest clock records),
 //! the access list and the table sizes, as one value that config and CLI build.
 
-use anyhow::Result;
-use ntp_common::policy::ResponderPolicy;
+use std::net::IpAddr;
 
-use crate::responder::{AclEntry, Responder, TableSizes};
+use anyhow::Result;
+use aya::maps::lpm_trie::Key as LpmKey;
+use ipnet::IpNet;
+use ntp_common::policy::ResponderPolicy;
+use ntp_common::wire::ipv4_mapped_key;
+
+use crate::responder::{Responder, TableSizes};
 
 #[derive(Debug, Clone)]
 pub struct AdmissionSpec {
@@ -27,5 +32,33 @@ impl AdmissionSpec {
     pub fn apply(&self, responder: &mut Responder) -> Result<()> {
         responder.set_access_list(&self.acl)?;
         responder.set_policy(self.policy)
+    }
+}
+
+/// An access-list entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AclEntry {
+    pub prefix: IpNet,
+    pub allow: bool,
+}
+
+/// The LPM key of a prefix: IPv4 as ::ffff:a.b.c.d/(96 + len).
+pub fn acl_key(prefix: IpNet) -> LpmKey<[u8; 16]> {
+    let prefix = prefix.trunc();
+    match prefix {
+        IpNet::V4(n) => LpmKey::new(
+            96 + n.prefix_len() as u32,
+            ipv4_mapped_key(n.addr().octets()),
+        ),
+        IpNet::V6(n) => LpmKey::new(n.prefix_len() as u32, n.addr().octets()),
+    }
+}
+
+/// Address of a map key (IPv4-mapped or IPv6).
+pub fn key_address(key: &[u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(*key);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
     }
 }
