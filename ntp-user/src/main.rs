@@ -78,7 +78,7 @@ fn main() -> ExitCode {
                     v.source.display()
                 )
             })?;
-            for line in ntp_user::daemon::managed::down(vip)? {
+            for line in ntp_user::daemon::down(vip)? {
                 println!("{line}");
             }
             Ok(())

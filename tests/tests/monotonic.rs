@@ -12,6 +12,7 @@ use integration_tests::topology::Topology;
 use integration_tests::CLOCK_V4;
 use ntp_common::time::{ppm_to_freq_scaled, NANOS_PER_SEC};
 use ntp_user::host::hostclock::{host_clock_anchor, HostClockIdentity};
+use ntp_user::host::netlink::Netlink;
 use ntp_user::host::netns;
 use ntp_user::responder::Responder;
 
@@ -33,11 +34,15 @@ fn no_timestamp_goes_backwards_across_anchor_updates() {
     r.publish_anchor(host_clock_anchor(&identity).unwrap())
         .unwrap();
     let vip = t.vip.file().unwrap();
-    netns::within(&vip, || {
-        let link = netns::link_facts(Some(&t.vip_if), None)?.unwrap();
-        Ok(r.attach_responder(link.index, XdpMode::Skb)?)
-    })
-    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let link = rt
+        .block_on(async { Netlink::open_in(&vip)?.link(&t.vip_if).await })
+        .unwrap()
+        .unwrap();
+    netns::within(&vip, || Ok(r.attach_responder(link.index, XdpMode::Skb)?)).unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
     let guest = t.guest.file().unwrap();

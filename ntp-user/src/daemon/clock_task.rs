@@ -98,12 +98,12 @@ async fn recv_timestamped(sock: &UdpSocket) -> std::io::Result<(Vec<u8>, u64)> {
 }
 
 /// A socket that never carries traffic but keeps kernel receive timestamping enabled.
-pub fn timestamp_keeper() -> Result<std::net::UdpSocket> {
+pub async fn timestamp_keeper() -> Result<std::net::UdpSocket> {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").context("binding the timestamp keeper")?;
     nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
         .context("SO_TIMESTAMPNS")?;
     // Enabling is deferred to a kernel work item: give it a moment.
-    std::thread::sleep(Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_millis(20)).await;
     Ok(sock)
 }
 
@@ -235,7 +235,7 @@ pub async fn run_disciplined(
     // socket asking for them closes; a packet arriving in between is stamped when read. One
     // socket that asks for them for the daemon's whole life keeps them on for the per-request
     // sockets.
-    let _timestamp_keeper = timestamp_keeper()?;
+    let _timestamp_keeper = timestamp_keeper().await?;
     // Start from the host clock, unsynchronized; the first synchronization sets the model.
     // Unless an earlier daemon's synchronized clock is still being served: that goes on.
     let pair = read_clock_pair()?;
@@ -339,7 +339,7 @@ mod tests {
 
     #[tokio::test]
     async fn kernel_receive_timestamps_arrive() {
-        let _keeper = timestamp_keeper().unwrap();
+        let _keeper = timestamp_keeper().await.unwrap();
         let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         nix::sys::socket::setsockopt(

@@ -6,18 +6,16 @@
 use std::fs::File;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::programs::XdpMode;
 use tracing::{info, warn};
 
-use crate::daemon::{runtime, serve_responder, AbortOnDrop, ServeOptions};
+use crate::daemon::{serve_responder, AbortOnDrop, ServeOptions};
 use crate::host::dhcp::{self, DhcpSpec};
+use crate::host::netlink::Netlink;
 use crate::host::netns;
-use crate::host::vip::{self, state_dir, Created, Netlink, VipSpec};
+use crate::host::vip::{self, state_dir, Created, VipSpec};
 use crate::responder::{self, attach_pinned, pin_dir, Attached, Responder};
 use crate::responder::{XdpModePref, PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
 
@@ -94,21 +92,44 @@ fn mode_name(mode: XdpMode) -> &'static str {
     }
 }
 
+/// One attachment as it came about, for the log and for telling a hitless restart (every
+/// link adopted) from a fresh start.
+#[derive(Debug, Clone)]
+struct AttachNote {
+    program: &'static str,
+    interface: String,
+    mode: XdpMode,
+    how: Attached,
+}
+
+impl AttachNote {
+    fn new(program: &'static str, interface: &str, mode: XdpMode, how: Attached) -> AttachNote {
+        AttachNote {
+            program,
+            interface: interface.to_string(),
+            mode,
+            how,
+        }
+    }
+}
+
 /// Attaches the responder (and the peer's pass program in native mode), adopting pinned
 /// attachments of an earlier daemon.
-fn attach_all(
+async fn attach_all(
     responder: &mut Responder,
     spec: &VipSpec,
     ns: &File,
     mode: XdpModePref,
-) -> Result<(AttachPlan, Vec<String>)> {
+) -> Result<(AttachPlan, Vec<AttachNote>)> {
     let host = Netlink::open()?;
     let inside = Netlink::open_in(ns)?;
     let ns_if = inside
-        .link(&spec.ns_interface)?
+        .link(&spec.ns_interface)
+        .await?
         .with_context(|| format!("{} missing in {}", spec.ns_interface, spec.netns))?;
     let host_if = host
-        .link(&spec.host_interface)?
+        .link(&spec.host_interface)
+        .await?
         .with_context(|| format!("{} missing", spec.host_interface))?;
     let mut notes = Vec::new();
     let mut ns_mode = None;
@@ -123,7 +144,12 @@ fn attach_all(
                 host_if.xdp_prog_id,
             )
             .context("attaching the pass program to the host end")?;
-            notes.push(format!("pass program on {}: {how:?}", spec.host_interface));
+            notes.push(AttachNote::new(
+                "pass program",
+                &spec.host_interface,
+                XdpMode::Driver,
+                how,
+            ));
             netns::within(ns, || {
                 attach_pinned(
                     responder.program(RESPONDER_PROGRAM)?,
@@ -136,9 +162,11 @@ fn attach_all(
         })();
         match native {
             Ok(how) => {
-                notes.push(format!(
-                    "responder on {} (native): {how:?}",
-                    spec.ns_interface
+                notes.push(AttachNote::new(
+                    "responder",
+                    &spec.ns_interface,
+                    XdpMode::Driver,
+                    how,
                 ));
                 ns_mode = Some(XdpMode::Driver);
             }
@@ -158,9 +186,11 @@ fn attach_all(
                     ns_if.xdp_prog_id,
                 )
             })?;
-            notes.push(format!(
-                "responder on {} (generic): {how:?}",
-                spec.ns_interface
+            notes.push(AttachNote::new(
+                "responder",
+                &spec.ns_interface,
+                XdpMode::Skb,
+                how,
             ));
             XdpMode::Skb
         }
@@ -168,7 +198,8 @@ fn attach_all(
     let mut host_interfaces = Vec::new();
     for name in &spec.host_interfaces {
         let link = host
-            .link(name)?
+            .link(name)
+            .await?
             .with_context(|| format!("vip.host_interfaces: {name} does not exist"))?;
         let pin = link_pin(&spec.netns, &format!("host_{name}"));
         // Native XDP_TX on a veth only delivers when the peer runs a program, and the peer
@@ -198,10 +229,7 @@ fn attach_all(
                 XdpMode::Skb,
             ),
         };
-        notes.push(format!(
-            "responder on host interface {name} ({}): {how:?}",
-            mode_name(m)
-        ));
+        notes.push(AttachNote::new("responder on host interface", name, m, how));
         host_interfaces.push((name.clone(), m));
     }
     Ok((
@@ -215,13 +243,13 @@ fn attach_all(
 
 /// Re-attaches from the pinned programs wherever an interface lost its program (a veth
 /// recreated after someone deleted it, an `ip link set xdp off`).
-fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>> {
+async fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>> {
     let mut out = Vec::new();
     let host = Netlink::open()?;
     let ns = netns::open_named_netns(&spec.netns)?;
     let inside = Netlink::open_in(&ns)?;
     if plan.ns_mode == XdpMode::Driver {
-        if let Some(l) = host.link(&spec.host_interface)? {
+        if let Some(l) = host.link(&spec.host_interface).await? {
             if l.xdp_prog_id.is_none() {
                 let mut prog = responder::pinned_program(&spec.netns, PEER_PASS_PROGRAM)?;
                 attach_pinned(
@@ -238,7 +266,7 @@ fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>> {
             }
         }
     }
-    if let Some(l) = inside.link(&spec.ns_interface)? {
+    if let Some(l) = inside.link(&spec.ns_interface).await? {
         if l.xdp_prog_id.is_none() {
             let mut prog = responder::pinned_program(&spec.netns, RESPONDER_PROGRAM)?;
             netns::within(&ns, || {
@@ -258,7 +286,7 @@ fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>> {
         }
     }
     for (name, mode) in &plan.host_interfaces {
-        if let Some(l) = host.link(name)? {
+        if let Some(l) = host.link(name).await? {
             if l.xdp_prog_id.is_none() {
                 let mut prog = responder::pinned_program(&spec.netns, RESPONDER_PROGRAM)?;
                 attach_pinned(
@@ -277,13 +305,9 @@ fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// The repair pass: every `repair_interval`, compare and fix; log every repair.
-fn repair_loop(
-    spec: VipSpec,
-    mut created: Created,
-    plan: Option<AttachPlan>,
-    stop: Arc<AtomicBool>,
-) {
+/// The repair pass, a task on the daemon's runtime: every `repair_interval`, compare and fix;
+/// log every repair.
+async fn repair(spec: VipSpec, mut created: Created, plan: Option<AttachPlan>) {
     let host = match Netlink::open() {
         Ok(h) => h,
         Err(e) => {
@@ -291,15 +315,12 @@ fn repair_loop(
             return;
         }
     };
-    let mut next = Instant::now() + spec.repair_interval;
-    while !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        if now < next {
-            std::thread::sleep((next - now).min(Duration::from_millis(100)));
-            continue;
-        }
-        next = now + spec.repair_interval;
-        match vip::ensure(&spec, &mut created, &host) {
+    let mut tick = tokio::time::interval(spec.repair_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is now: start-up has just ensured everything
+    loop {
+        tick.tick().await;
+        match vip::ensure(&spec, &mut created, &host).await {
             Ok(changes) => {
                 for change in changes {
                     warn!(repair = %change, "drift repaired");
@@ -308,7 +329,7 @@ fn repair_loop(
             Err(e) => warn!(error = %format!("{e:#}"), "drift repair failed; retrying"),
         }
         let Some(plan) = &plan else { continue };
-        match reattach_lost(&spec, plan) {
+        match reattach_lost(&spec, plan).await {
             Ok(changes) => {
                 for change in changes {
                     warn!(repair = %change, "drift repaired");
@@ -321,11 +342,15 @@ fn repair_loop(
 
 /// Runs the daemon with the plumbing it owns. Returns on SIGINT/SIGTERM, leaving the pinned
 /// responder and the plumbing in place.
-pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSpec>) -> Result<()> {
+pub async fn serve_managed(
+    opts: ServeOptions,
+    spec: VipSpec,
+    dhcp_spec: Option<DhcpSpec>,
+) -> Result<()> {
     let _lock = DaemonLock::acquire(&spec.netns)?;
     let host = Netlink::open()?;
     let mut created = Created::load(&spec.netns)?.unwrap_or_default();
-    for change in vip::ensure(&spec, &mut created, &host)? {
+    for change in vip::ensure(&spec, &mut created, &host).await? {
         info!(change = %change, "plumbing");
     }
     created.save()?;
@@ -351,21 +376,27 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
         for what in ["responder", "peer"] {
             let _ = std::fs::remove_file(link_pin(&spec.netns, what));
         }
-        (
-            None,
-            vec!["XDP off: the userspace path answers everything".to_string()],
-        )
+        info!("XDP off: the userspace path answers everything");
+        (None, Vec::new())
     } else {
-        let (plan, notes) = attach_all(&mut responder, &spec, &ns, opts.xdp_mode)?;
+        let (plan, notes) = attach_all(&mut responder, &spec, &ns, opts.xdp_mode).await?;
         (Some(plan), notes)
     };
-    let links = if notes.iter().any(|n| n.ends_with("Adopted")) {
+    let links = if notes.is_empty() {
+        "none"
+    } else if notes.iter().all(|n| n.how == Attached::Adopted) {
         "adopted"
     } else {
         "new"
     };
-    for note in notes {
-        info!(attachment = %note, "responder");
+    for n in &notes {
+        info!(
+            program = n.program,
+            interface = %n.interface,
+            mode = mode_name(n.mode),
+            how = ?n.how,
+            "responder"
+        );
     }
     info!(
         netns = %spec.netns,
@@ -379,39 +410,23 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
         "responder attached (pinned); serving"
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let repair = {
-        let (spec, stop, plan) = (spec.clone(), stop.clone(), plan.clone());
-        std::thread::Builder::new()
-            .name("repair".into())
-            .spawn(move || repair_loop(spec, created, plan, stop))
-            .context("starting the repair thread")?
-    };
-
-    let rt = runtime()?;
     let continuity = crate::daemon::clock_task::Continuity {
         state_file: state_dir(&spec.netns).join("clock.json"),
     };
-    let result = serve_responder(
-        &rt,
-        &opts,
-        &mut responder,
-        user_sockets,
-        Some(continuity),
-        || {
-            let mut tasks = Vec::new();
-            if let Some(d) = &dhcp_spec {
-                tasks.push(AbortOnDrop(tokio::spawn(dhcp::supervise(
-                    d.clone(),
-                    ns.try_clone().context("duplicating the namespace handle")?,
-                ))));
-            }
-            Ok(tasks)
-        },
-    );
-    stop.store(true, Ordering::Relaxed);
-    let _ = repair.join();
-    drop(rt); // stops dnsmasq
+    let mut tasks = vec![AbortOnDrop(tokio::spawn(repair(
+        spec.clone(),
+        created,
+        plan,
+    )))];
+    if let Some(d) = &dhcp_spec {
+        tasks.push(AbortOnDrop(tokio::spawn(dhcp::supervise(
+            d.clone(),
+            ns.try_clone().context("duplicating the namespace handle")?,
+        ))));
+    }
+    let result =
+        serve_responder(&opts, &mut responder, user_sockets, Some(continuity), tasks).await;
+    // The repair and DHCP tasks stop here (dnsmasq with its supervisor).
     result?;
     info!(
         "stopped; the pinned responder keeps answering from the last anchor (LI=3 once it is \
@@ -421,7 +436,7 @@ pub fn serve_managed(opts: ServeOptions, spec: VipSpec, dhcp_spec: Option<DhcpSp
 }
 
 /// `ntp-user down`: removes exactly what the daemon of this config created, and its pins.
-pub fn down(spec: &VipSpec) -> Result<Vec<String>> {
+pub async fn down(spec: &VipSpec) -> Result<Vec<String>> {
     if DaemonLock::held(&spec.netns) {
         bail!(
             "the daemon for namespace {} is still running (pid {}); stop it first",
@@ -439,7 +454,7 @@ pub fn down(spec: &VipSpec) -> Result<Vec<String>> {
         done.extend(responder::release_bpffs()?);
     }
     match Created::load(&spec.netns)? {
-        Some(created) => done.extend(vip::teardown(&created, &Netlink::open()?)?),
+        Some(created) => done.extend(vip::teardown(&created, &Netlink::open()?).await?),
         None => done.push(format!(
             "no record of what a daemon created for {} (nothing else removed)",
             spec.netns

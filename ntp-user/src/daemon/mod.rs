@@ -64,15 +64,26 @@ pub struct ServeOptions {
 /// Runs the daemon until SIGINT/SIGTERM: the managed mode when `opts.managed` is set,
 /// otherwise the standalone one.
 pub fn run(mut opts: ServeOptions) -> Result<()> {
-    match opts.managed.take() {
-        Some((vip, dhcp)) => managed::serve_managed(opts, vip, dhcp),
-        None => standalone::serve(opts),
-    }
+    let rt = runtime()?;
+    let result = rt.block_on(async {
+        match opts.managed.take() {
+            Some((vip, dhcp)) => managed::serve_managed(opts, vip, dhcp).await,
+            None => standalone::serve(opts).await,
+        }
+    });
+    // Dropping the runtime drops every task still on it: dnsmasq's supervisor stops it.
+    drop(rt);
+    result
 }
 
-/// The daemon's one runtime. Current-thread: the clock task, the userspace path and the
+/// `ntp-user down`: removes what the daemon of `spec` created (see [`managed::down`]).
+pub fn down(spec: &crate::host::vip::VipSpec) -> Result<Vec<String>> {
+    runtime()?.block_on(managed::down(spec))
+}
+
+/// The daemon's one runtime (everything, set-up included, runs on it). Current-thread: the clock task, the userspace path and the
 /// control tasks are light; map walks and other blocking calls go to `spawn_blocking`.
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -81,17 +92,16 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// What both modes run once the responder is set up: observability, the userspace path,
 /// the mode's own tasks, and the clock task until shutdown. Returns the userspace counters.
-pub(crate) fn serve_responder(
-    rt: &tokio::runtime::Runtime,
+pub(crate) async fn serve_responder(
     opts: &ServeOptions,
     responder: &mut Responder,
     user_sockets: Vec<std::net::UdpSocket>,
     continuity: Option<clock_task::Continuity>,
-    mode_tasks: impl FnOnce() -> Result<Vec<AbortOnDrop>>,
+    mode_tasks: Vec<AbortOnDrop>,
 ) -> Result<Arc<UserspaceCounters>> {
     let (observatory, clock_status, user_counters) =
         Observatory::for_responder(&opts.observe, responder)?;
-    let result = rt.block_on(async {
+    let result = async {
         let shutdown = shutdown_signal()?;
         let _observe: Vec<AbortOnDrop> = crate::observe::start(observatory)
             .await?
@@ -104,9 +114,10 @@ pub(crate) fn serve_responder(
             opts.params,
             user_counters.clone(),
         )));
-        let _mode_tasks = mode_tasks()?;
+        let _mode_tasks = mode_tasks;
         run_clock(&opts.clock, responder, continuity, clock_status, shutdown).await
-    });
+    }
+    .await;
     if let Some(socket) = &opts.observe.control_socket {
         let _ = std::fs::remove_file(socket);
     }

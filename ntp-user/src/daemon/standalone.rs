@@ -8,7 +8,8 @@ use ntp_common::anchor::PARAM_FLAG_LOG;
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
-use crate::daemon::{runtime, serve_responder, AbortOnDrop, ClockSource, ServeOptions};
+use crate::daemon::{serve_responder, AbortOnDrop, ClockSource, ServeOptions};
+use crate::host::netlink::Netlink;
 use crate::host::netns;
 use crate::responder::{Responder, XdpModePref};
 
@@ -19,7 +20,7 @@ pub struct Attachment {
     pub peer: Option<String>,
 }
 
-pub fn serve(mut opts: ServeOptions) -> Result<()> {
+pub async fn serve(mut opts: ServeOptions) -> Result<()> {
     if opts.addresses.is_empty() {
         bail!("serve needs at least one --address to answer for");
     }
@@ -52,8 +53,8 @@ pub fn serve(mut opts: ServeOptions) -> Result<()> {
         }
     } else {
         match &service_ns {
-            Some(ns) => netns::within(ns, || attach(&mut responder, &opts, home))?,
-            None => attach(&mut responder, &opts, home)?,
+            Some(ns) => attach(&mut responder, &opts, Some(ns), home).await?,
+            None => attach(&mut responder, &opts, None, home).await?,
         }
     };
     let user_sockets =
@@ -76,15 +77,14 @@ pub fn serve(mut opts: ServeOptions) -> Result<()> {
         "responder attached; serving the {source}"
     );
 
-    let rt = runtime()?;
-    let user_counters = serve_responder(&rt, &opts, &mut responder, user_sockets, None, || {
-        Ok(logger
-            .map(spawn_log_pump)
-            .transpose()?
-            .into_iter()
-            .map(AbortOnDrop)
-            .collect())
-    })?;
+    let log_pump: Vec<AbortOnDrop> = logger
+        .map(spawn_log_pump)
+        .transpose()?
+        .into_iter()
+        .map(AbortOnDrop)
+        .collect();
+    let user_counters =
+        serve_responder(&opts, &mut responder, user_sockets, None, log_pump).await?;
     drop(responder); // detaches both programs
     info!(
         userspace_answered = user_counters
@@ -113,8 +113,22 @@ fn spawn_log_pump(
 
 /// Attaches according to the requested mode; on a veth in native mode, the peer gets the pass
 /// program first so that no XDP_TX reply is ever lost to a peer without one.
-fn attach(responder: &mut Responder, opts: &ServeOptions, home: File) -> Result<Attachment> {
-    let local = netns::link_facts(Some(&opts.interface), None)?.with_context(|| {
+async fn attach(
+    responder: &mut Responder,
+    opts: &ServeOptions,
+    service_ns: Option<&File>,
+    home: File,
+) -> Result<Attachment> {
+    // Interface indexes are the service namespace's: attach from inside it.
+    let inside = |f: &mut dyn FnMut() -> Result<()>| match service_ns {
+        Some(ns) => netns::within(ns, f),
+        None => f(),
+    };
+    let nl = match service_ns {
+        Some(ns) => Netlink::open_in(ns)?,
+        None => Netlink::open()?,
+    };
+    let local = nl.link(&opts.interface).await?.with_context(|| {
         format!(
             "interface {:?} not found in network namespace {}",
             opts.interface,
@@ -132,16 +146,18 @@ fn attach(responder: &mut Responder, opts: &ServeOptions, home: File) -> Result<
                 c
             }
         };
-        match netns::find_veth_peer(&local, candidates)? {
+        match netns::find_veth_peer(&nl, &local, candidates).await? {
             Some(peer) => {
                 netns::within(&peer.netns, || {
                     responder
                         .attach_peer_pass(peer.index)
                         .context("attaching the pass program to the veth peer")
                 })?;
-                responder
-                    .attach_responder(local.index, XdpMode::Driver)
-                    .context("attaching the responder in native mode")?;
+                inside(&mut || {
+                    responder
+                        .attach_responder(local.index, XdpMode::Driver)
+                        .context("attaching the responder in native mode")
+                })?;
                 return Ok(Attachment {
                     mode: "native",
                     peer: Some(format!("ifindex {} in {}", peer.index, peer.netns_label)),
@@ -158,7 +174,12 @@ fn attach(responder: &mut Responder, opts: &ServeOptions, home: File) -> Result<
             ),
         }
     } else if want_native {
-        match responder.attach_responder(local.index, XdpMode::Driver) {
+        let mut native = Ok(());
+        inside(&mut || {
+            native = responder.attach_responder(local.index, XdpMode::Driver);
+            Ok(())
+        })?;
+        match native {
             Ok(()) => {
                 return Ok(Attachment {
                     mode: "native",
@@ -171,9 +192,11 @@ fn attach(responder: &mut Responder, opts: &ServeOptions, home: File) -> Result<
             Err(e) => warn!(error = %e, "native XDP not available; falling back to generic"),
         }
     }
-    responder
-        .attach_responder(local.index, XdpMode::Skb)
-        .context("attaching the responder in generic mode")?;
+    inside(&mut || {
+        responder
+            .attach_responder(local.index, XdpMode::Skb)
+            .context("attaching the responder in generic mode")
+    })?;
     Ok(Attachment {
         mode: "generic",
         peer: None,

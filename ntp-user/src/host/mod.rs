@@ -2,5 +2,6 @@
 //! DHCP (dnsmasq) and the host clock.
 pub mod dhcp;
 pub mod hostclock;
+pub mod netlink;
 pub mod netns;
 pub mod vip;

@@ -1,15 +1,13 @@
-//! Network namespaces and the facts about links the attach logic needs (over rtnetlink).
+//! Network namespaces: named ones under /run/netns (created and removed as `ip netns` does),
+//! entering one for a moment, and finding the namespace of a veth's peer.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _, Result};
-use futures::{StreamExt as _, TryStreamExt as _};
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
-use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
-use netlink_packet_route::RouteNetlinkMessage;
 use nix::sched::{setns, CloneFlags};
+
+use crate::host::netlink::{Link, Netlink};
 
 /// Where `ip netns add NAME` puts a namespace.
 pub fn named_netns_path(name: &str) -> PathBuf {
@@ -45,80 +43,6 @@ pub fn within<T>(ns: &File, f: impl FnOnce() -> Result<T>) -> Result<T> {
     result
 }
 
-/// What the attach logic needs to know about a link.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LinkFacts {
-    pub index: u32,
-    pub name: String,
-    pub kind: Option<String>,
-    /// IFLA_LINK: for a veth, the peer's ifindex (in the peer's namespace).
-    pub link: Option<u32>,
-    /// IFLA_LINK_NETNSID: the peer's namespace as an ID local to this namespace; absent when
-    /// the peer is in this same namespace.
-    pub link_netnsid: Option<i32>,
-}
-
-impl LinkFacts {
-    pub fn is_veth(&self) -> bool {
-        self.kind.as_deref() == Some("veth")
-    }
-}
-
-/// Queries one link in the calling thread's namespace, by name or index.
-pub fn link_facts(name: Option<&str>, index: Option<u32>) -> Result<Option<LinkFacts>> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting a netlink runtime")?;
-    rt.block_on(async {
-        // The socket binds to the namespace the thread is in now.
-        let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-        let task = tokio::spawn(conn);
-        let mut request = handle.link().get();
-        if let Some(name) = name {
-            request = request.match_name(name.to_string());
-        }
-        if let Some(index) = index {
-            request = request.match_index(index);
-        }
-        let reply = request.execute().try_next().await;
-        task.abort();
-        let msg = match reply {
-            Ok(Some(msg)) => msg,
-            Ok(None) => return Ok(None),
-            // ENODEV: no such link.
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -19 => return Ok(None),
-            Err(e) => return Err(anyhow!(e).context("RTM_GETLINK")),
-        };
-        let mut facts = LinkFacts {
-            index: msg.header.index,
-            name: String::new(),
-            kind: None,
-            link: None,
-            link_netnsid: None,
-        };
-        for attr in msg.attributes {
-            match attr {
-                LinkAttribute::IfName(n) => facts.name = n,
-                LinkAttribute::Link(l) => facts.link = Some(l),
-                LinkAttribute::NetnsId(id) => facts.link_netnsid = Some(id),
-                LinkAttribute::LinkInfo(infos) => {
-                    for info in infos {
-                        if let LinkInfo::Kind(kind) = info {
-                            facts.kind = Some(match kind {
-                                InfoKind::Veth => "veth".to_string(),
-                                other => format!("{other:?}").to_lowercase(),
-                            });
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(Some(facts))
-    })
-}
-
 /// The far end of a veth: its namespace and index.
 pub struct VethPeer {
     pub netns: File,
@@ -126,58 +50,19 @@ pub struct VethPeer {
     pub index: u32,
 }
 
-/// The ID the calling thread's namespace uses for the namespace `ns` (RTM_GETNSID), if any.
-pub fn nsid_of(ns: &File) -> Result<Option<i32>> {
-    use std::os::fd::AsRawFd as _;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting a netlink runtime")?;
-    rt.block_on(async {
-        let (conn, mut handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-        let task = tokio::spawn(conn);
-        let mut msg = NsidMessage::default();
-        msg.attributes
-            .push(NsidAttribute::Fd(ns.as_raw_fd() as u32));
-        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetNsId(msg));
-        req.header.flags = NLM_F_REQUEST;
-        let mut replies = handle
-            .request(req)
-            .map_err(|e| anyhow!(e).context("RTM_GETNSID"))?;
-        let mut id = None;
-        while let Some(reply) = replies.next().await {
-            match reply.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNsId(m)) => {
-                    for attr in m.attributes {
-                        if let NsidAttribute::Id(v) = attr {
-                            id = (v >= 0).then_some(v);
-                        }
-                    }
-                }
-                NetlinkPayload::Error(e) if e.code.is_some() => {
-                    task.abort();
-                    return Err(anyhow!("RTM_GETNSID: {e}"));
-                }
-                _ => {}
-            }
-        }
-        task.abort();
-        Ok(id)
-    })
-}
-
-/// Finds the namespace holding the peer of veth `local` (which lives in the calling thread's
-/// namespace). Interface indexes repeat across namespaces (every new namespace's first veth is
-/// often ifindex 2), so a candidate is matched by identity: the kernel's ID for the candidate,
+/// Finds the namespace holding the peer of veth `local` (which lives in the namespace of the
+/// session `here`). Interface indexes repeat across namespaces (every new namespace's first
+/// veth is often ifindex 2), so a candidate is matched by identity: the kernel's ID for the candidate,
 /// seen from here, must equal the ID `local` names its peer's namespace by.
-pub fn find_veth_peer(
-    local: &LinkFacts,
+pub async fn find_veth_peer(
+    here: &Netlink,
+    local: &Link,
     candidates: Vec<(String, File)>,
 ) -> Result<Option<VethPeer>> {
-    let Some(peer_index) = local.link else {
+    let Some(peer_index) = local.peer_index else {
         return Ok(None);
     };
-    let Some(peer_nsid) = local.link_netnsid else {
+    let Some(peer_nsid) = local.peer_netnsid else {
         // Both ends in this namespace.
         return Ok(Some(VethPeer {
             netns: current_netns()?,
@@ -186,10 +71,11 @@ pub fn find_veth_peer(
         }));
     };
     for (label, ns) in candidates {
-        if nsid_of(&ns)? != Some(peer_nsid) {
+        if here.nsid_of(&ns).await? != Some(peer_nsid) {
             continue;
         }
-        let facts = within(&ns, || link_facts(None, Some(peer_index)))?;
+        let there = Netlink::open_in(&ns)?;
+        let facts = there.link_by_index(peer_index).await?;
         if facts.is_some_and(|f| f.is_veth()) {
             return Ok(Some(VethPeer {
                 netns: ns,
@@ -213,4 +99,74 @@ pub fn named_namespaces() -> Vec<(String, File)> {
         }
     }
     out
+}
+
+/// Creates the named namespace as `ip netns add` does: an empty file under /run/netns with a
+/// new network namespace bind-mounted on it (by a short-lived thread that unshares).
+pub fn create_named_netns(name: &str) -> Result<()> {
+    use nix::mount::{mount, MsFlags};
+    let dir = Path::new("/run/netns");
+    std::fs::create_dir_all(dir).context("creating /run/netns")?;
+    // /run/netns is made a shared mount point, so that namespaces created later are seen by
+    // processes in other mount namespaces (as iproute2 does).
+    if mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_SHARED | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .is_err()
+    {
+        mount(
+            Some(dir),
+            dir,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .context("bind-mounting /run/netns on itself")?;
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .context("making /run/netns a shared mount")?;
+    }
+    let path = named_netns_path(name);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let target = path.clone();
+    let made = std::thread::spawn(move || -> Result<()> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("unshare(CLONE_NEWNET)")?;
+        mount(
+            Some("/proc/thread-self/ns/net"),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .with_context(|| format!("bind-mounting the new namespace on {}", target.display()))
+    })
+    .join()
+    .map_err(|_| anyhow!("the namespace-creating thread panicked"))?;
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Removes a named namespace (its veth ends go with it).
+pub fn delete_named_netns(name: &str) -> Result<()> {
+    let path = named_netns_path(name);
+    nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH)
+        .with_context(|| format!("unmounting {}", path.display()))?;
+    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
 }
