@@ -5,7 +5,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use ntp_common::ServerParams;
+
+use crate::clock::system::SystemConfig;
 use crate::config::parse_refid;
+use crate::daemon::{ClockSource, ServeOptions};
+use crate::host::hostclock::HostClockIdentity;
 use crate::responder::XdpModePref;
 
 /// `--xdp-mode`: the CLI's spelling of [`XdpModePref`].
@@ -208,6 +213,108 @@ pub struct ServeArgs {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration like 500ms or 2s: {e}"))
+}
+
+impl ServeArgs {
+    /// `serve`'s flags as daemon options. The flags are another source of the same settings
+    /// as a config file's sections, so they go through the same validators.
+    pub fn into_options(self) -> anyhow::Result<ServeOptions> {
+        let a = self;
+        if a.poll_min > a.poll_max {
+            anyhow::bail!(
+                "--poll-min ({}) is above --poll-max ({})",
+                a.poll_min,
+                a.poll_max
+            );
+        }
+        if !a.upstreams.is_empty() && (a.min_sources == 0 || a.min_sources > a.upstreams.len()) {
+            anyhow::bail!(
+                "--min-sources {} must be between 1 and the {} upstreams given",
+                a.min_sources,
+                a.upstreams.len()
+            );
+        }
+        let max_age_ns = a.max_anchor_age.as_nanos().min(u64::MAX as u128) as u64;
+        if !a.upstreams.is_empty() {
+            crate::config::check_holdover(a.max_holdover, a.upstream_max_poll)
+                .map_err(|why| anyhow::anyhow!("--max-holdover: {why}"))?;
+        }
+        let clock = if a.upstreams.is_empty() {
+            ClockSource::HostClock {
+                identity: HostClockIdentity {
+                    follow_kernel_sync: false,
+                    stratum: a.stratum,
+                    refid: a.refid,
+                    max_age_ns,
+                },
+                publish_interval: a.publish_interval,
+            }
+        } else {
+            ClockSource::Upstreams {
+                system: SystemConfig {
+                    min_sources: a.min_sources,
+                    max_anchor_age_ns: max_age_ns,
+                    max_holdover_ns: a.max_holdover.as_nanos().min(u64::MAX as u128) as u64,
+                    poll: crate::clock::upstream::PollConfig {
+                        max_poll: a.upstream_max_poll,
+                        ..Default::default()
+                    },
+                    ..SystemConfig::default()
+                },
+                upstreams: a.upstreams,
+            }
+        };
+        let origin = std::path::Path::new("(command line)");
+        let limits = crate::config::LimitsSection {
+            enable: !a.no_rate_limit,
+            rate: a.rate_limit,
+            burst: a.burst,
+            ..Default::default()
+        };
+        let access = crate::config::AccessSection {
+            allow: a.allow,
+            deny: a.deny,
+            deny_action: a.deny_action,
+        };
+        let guests = crate::config::GuestClocksSection {
+            alarm_offset: a.guest_alarm_offset,
+            ..Default::default()
+        };
+        let admission = crate::config::validate_admission(&limits, &access, &guests, origin)?;
+        let observe = crate::config::validate_observe(
+            &guests,
+            &crate::config::MetricsSection {
+                enable: a.metrics_listen.is_some(),
+                listen: a
+                    .metrics_listen
+                    .unwrap_or_else(|| crate::config::MetricsSection::default().listen),
+            },
+            &crate::config::ControlSection {
+                socket: a.control_socket,
+            },
+            &crate::config::AlarmsSection::default(),
+            None,
+            origin,
+        )?;
+        Ok(ServeOptions {
+            admission,
+            observe,
+            netns: a.netns,
+            interface: a.interface,
+            addresses: a.addresses,
+            xdp_mode: a.xdp_mode.into(),
+            peer_netns: a.peer_netns,
+            params: ServerParams {
+                precision: a.precision,
+                poll_min: a.poll_min,
+                poll_max: a.poll_max,
+                ..ServerParams::DEFAULT
+            },
+            log_packets: a.log_packets,
+            clock,
+            managed: None,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,8 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use ntp_common::ServerParams;
-use ntp_user::cli::ServeArgs;
 use ntp_user::cli::{Cli, Command};
-use ntp_user::clock::system::SystemConfig;
-use ntp_user::daemon::{run as serve, ClockSource, ServeOptions};
-use ntp_user::host::hostclock::HostClockIdentity;
+use ntp_user::daemon::{run as serve, ClockSource};
 use ntp_user::responder::stats::print_stats;
 
 /// netlink-packet-route warns about every attribute newer than itself; that is noise here.
@@ -23,7 +19,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Serve(a) => serve_from_args(a),
+        Command::Serve(a) => a.into_options().and_then(serve),
         Command::Run { config } => load_config(config.as_deref()).and_then(|v| {
             if let ClockSource::HostClock { identity, .. } = &v.serve_options().clock {
                 tracing::info!(
@@ -151,101 +147,4 @@ fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<ntp_user::confi
             std::path::Path::new("(embedded default)"),
         ),
     }
-}
-
-fn serve_from_args(a: ServeArgs) -> anyhow::Result<()> {
-    if a.poll_min > a.poll_max {
-        anyhow::bail!(
-            "--poll-min ({}) is above --poll-max ({})",
-            a.poll_min,
-            a.poll_max
-        );
-    }
-    if !a.upstreams.is_empty() && (a.min_sources == 0 || a.min_sources > a.upstreams.len()) {
-        anyhow::bail!(
-            "--min-sources {} must be between 1 and the {} upstreams given",
-            a.min_sources,
-            a.upstreams.len()
-        );
-    }
-    let max_age_ns = a.max_anchor_age.as_nanos().min(u64::MAX as u128) as u64;
-    if !a.upstreams.is_empty() {
-        ntp_user::config::check_holdover(a.max_holdover, a.upstream_max_poll)
-            .map_err(|why| anyhow::anyhow!("--max-holdover: {why}"))?;
-    }
-    let clock = if a.upstreams.is_empty() {
-        ClockSource::HostClock {
-            identity: HostClockIdentity {
-                follow_kernel_sync: false,
-                stratum: a.stratum,
-                refid: a.refid,
-                max_age_ns,
-            },
-            publish_interval: a.publish_interval,
-        }
-    } else {
-        ClockSource::Upstreams {
-            system: SystemConfig {
-                min_sources: a.min_sources,
-                max_anchor_age_ns: max_age_ns,
-                max_holdover_ns: a.max_holdover.as_nanos().min(u64::MAX as u128) as u64,
-                poll: ntp_user::clock::upstream::PollConfig {
-                    max_poll: a.upstream_max_poll,
-                    ..Default::default()
-                },
-                ..SystemConfig::default()
-            },
-            upstreams: a.upstreams,
-        }
-    };
-    let origin = std::path::Path::new("(command line)");
-    let limits = ntp_user::config::LimitsSection {
-        enable: !a.no_rate_limit,
-        rate: a.rate_limit,
-        burst: a.burst,
-        ..Default::default()
-    };
-    let access = ntp_user::config::AccessSection {
-        allow: a.allow,
-        deny: a.deny,
-        deny_action: a.deny_action,
-    };
-    let guests = ntp_user::config::GuestClocksSection {
-        alarm_offset: a.guest_alarm_offset,
-        ..Default::default()
-    };
-    let admission = ntp_user::config::validate_admission(&limits, &access, &guests, origin)?;
-    let observe = ntp_user::config::validate_observe(
-        &guests,
-        &ntp_user::config::MetricsSection {
-            enable: a.metrics_listen.is_some(),
-            listen: a
-                .metrics_listen
-                .unwrap_or_else(|| ntp_user::config::MetricsSection::default().listen),
-        },
-        &ntp_user::config::ControlSection {
-            socket: a.control_socket,
-        },
-        &ntp_user::config::AlarmsSection::default(),
-        None,
-        origin,
-    )?;
-    serve(ServeOptions {
-        admission,
-        observe,
-        netns: a.netns,
-        interface: a.interface,
-        addresses: a.addresses,
-        xdp_mode: a.xdp_mode.into(),
-        peer_netns: a.peer_netns,
-        params: ServerParams {
-            precision: a.precision,
-            poll_min: a.poll_min,
-            poll_max: a.poll_max,
-            ..ServerParams::DEFAULT
-        },
-        log_packets: a.log_packets,
-        clock,
-        managed: None,
-    })
 }

@@ -1,0 +1,298 @@
+//! The TOML schema: one struct per section, as operators write it (strings for durations and
+//! modes); [`super::validate`] turns it into the daemon's types.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub service: ServiceSection,
+    #[serde(default)]
+    pub clock: ClockSection,
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<UpstreamSection>,
+    /// Present: the daemon creates and keeps the namespace, veth, addresses and routes.
+    pub vip: Option<VipSection>,
+    #[serde(default)]
+    pub dhcp: DhcpSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub access: AccessSection,
+    #[serde(default)]
+    pub guest_clocks: GuestClocksSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    #[serde(default)]
+    pub control: ControlSection,
+    #[serde(default)]
+    pub alarms: AlarmsSection,
+}
+
+/// Per-source rate limiting in the responder (a source: an IPv4 address or an IPv6 /64).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub enable: bool,
+    /// Sustained requests per second per source.
+    pub rate: f64,
+    /// Requests a source may send at once (an `iburst` sends 4-8).
+    pub burst: u32,
+    /// Answer a source over its rate with a RATE kiss-o'-death (at most one per
+    /// `kod_interval`); false: drop silently.
+    pub kod: bool,
+    pub kod_interval: String,
+    /// Poll exponent a RATE kiss-o'-death asks the client to back off to.
+    pub kod_poll: i8,
+    /// Sources tracked; beyond it the longest idle is forgotten.
+    pub sources: u32,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            enable: true,
+            rate: 2.0,
+            burst: 16,
+            kod: true,
+            kod_interval: "10s".into(),
+            kod_poll: 6,
+            sources: 65_536,
+        }
+    }
+}
+
+/// Who may ask. The longest matching prefix decides; with an allow list, sources matching
+/// nothing are denied.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessSection {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+    /// "kod" (a DENY kiss-o'-death, at most one per limits.kod_interval) or "drop".
+    pub deny_action: String,
+}
+
+impl Default for AccessSection {
+    fn default() -> Self {
+        AccessSection {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            deny_action: "kod".into(),
+        }
+    }
+}
+
+/// Guests' clocks as their requests show them, and the alarm list of those far off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestClocksSection {
+    pub enable: bool,
+    /// Guests whose apparent clock error exceeds this are in the alarm list.
+    pub alarm_offset: String,
+    /// Guests tracked; beyond it the longest idle is forgotten.
+    pub guests: u32,
+    /// Guests not seen for this long are not listed.
+    pub forget_after: String,
+    /// Transmit timestamps further off than this are taken as random cookies (chrony and
+    /// ntpd-rs do not reveal their time), not as clock errors.
+    pub opaque_beyond: String,
+}
+
+impl Default for GuestClocksSection {
+    fn default() -> Self {
+        GuestClocksSection {
+            enable: true,
+            alarm_offset: "100ms".into(),
+            guests: 65_536,
+            forget_after: "1h".into(),
+            opaque_beyond: "1d".into(),
+        }
+    }
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    pub enable: bool,
+    /// Loopback by default: metrics say who the guests are.
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            enable: true,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9273)),
+        }
+    }
+}
+
+/// The local control socket `ntp-user status` talks to (owner-only).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSection {
+    /// Default: /run/ntp-xdp/NETNS/control.sock with a [vip] section, else none.
+    pub socket: Option<PathBuf>,
+}
+
+/// Alarm thresholds: each alarm is logged once when it is raised and once when it clears,
+/// and exported as a metric.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlarmsSection {
+    /// The clock has not been corrected from an upstream for this long (or never, this long
+    /// after start).
+    pub no_sync_after: String,
+    /// The last measured offset of the clock against its upstreams exceeds this.
+    pub max_offset: String,
+    /// The anchor the kernel serves is older than this (the daemon stopped publishing).
+    pub max_anchor_age: String,
+    /// More than this fraction of the requests in the last `window` were dropped or refused.
+    pub max_drop_fraction: f64,
+    pub window: String,
+}
+
+impl Default for AlarmsSection {
+    fn default() -> Self {
+        AlarmsSection {
+            no_sync_after: "5m".into(),
+            max_offset: "5ms".into(),
+            max_anchor_age: "5s".into(),
+            max_drop_fraction: 0.01,
+            window: "10s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSection {
+    /// The host end of the veth (`service.interface` is the namespace end).
+    pub host_interface: String,
+    /// Bridge the host end joins, so that guests on it reach the namespace.
+    pub bridge: Option<String>,
+    /// Create `bridge` when it does not exist (and remove it on `down`).
+    #[serde(default)]
+    pub create_bridge: bool,
+    /// The address guests route the clock addresses to, with its subnet (e.g. 169.254.100.1/24).
+    pub service_address: IpNet,
+    /// An IPv6 service address with its prefix (optional).
+    pub service_address6: Option<IpNet>,
+    /// Routes back to guest subnets that are not on the service subnet.
+    #[serde(default)]
+    pub routes: Vec<RouteSection>,
+    /// How often what exists is compared with what should (drift repair).
+    #[serde(default = "default_repair_interval")]
+    pub repair_interval: String,
+    /// Host interfaces on the internal network to serve too (physical hosts of the cluster).
+    #[serde(default)]
+    pub host_interfaces: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub to: IpNet,
+    pub via: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DhcpSection {
+    /// Run dnsmasq in the namespace for the service subnet (needs [vip]).
+    pub enable: bool,
+    /// First and last address to lease.
+    pub range: Option<[std::net::Ipv4Addr; 2]>,
+    pub lease_time: Option<String>,
+    /// The guests' default gateway: sent as option 3 and as 0.0.0.0/0 in option 121, since
+    /// RFC 3442 clients ignore option 3 when option 121 is present.
+    pub router: Option<std::net::Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    /// Named network namespace holding `interface` (default: the daemon's own).
+    pub netns: Option<String>,
+    pub interface: String,
+    pub addresses: Vec<IpAddr>,
+    #[serde(default = "default_xdp_mode")]
+    pub xdp_mode: String,
+    pub peer_netns: Option<String>,
+    #[serde(default = "default_precision")]
+    pub precision: i8,
+    #[serde(default)]
+    pub log_packets: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClockSection {
+    /// "upstream" (discipline against [[upstream]]) or "host-clock" (serve the kernel clock).
+    pub reference: String,
+    pub min_poll: i8,
+    pub max_poll: i8,
+    pub min_sources: usize,
+    pub max_slew_ppm: f64,
+    pub panic_threshold: String,
+    pub max_holdover: String,
+    pub max_anchor_age: String,
+    pub leap_smear: bool,
+    pub stratum: Option<u8>,
+    pub refid: Option<String>,
+    /// Stratum announced when serving the host clock (no upstream configured).
+    pub local_stratum: u8,
+}
+
+impl Default for ClockSection {
+    fn default() -> Self {
+        ClockSection {
+            reference: "upstream".into(),
+            min_poll: 4,
+            max_poll: 10,
+            min_sources: 1,
+            max_slew_ppm: 500.0,
+            panic_threshold: "1000s".into(),
+            max_holdover: "1h".into(),
+            max_anchor_age: "30s".into(),
+            leap_smear: false,
+            stratum: None,
+            refid: None,
+            local_stratum: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// Host name or address, optionally with :port (default 123).
+    pub address: String,
+    #[serde(default = "default_true")]
+    pub iburst: bool,
+}
+
+fn default_repair_interval() -> String {
+    "1s".into()
+}
+fn default_xdp_mode() -> String {
+    "auto".into()
+}
+fn default_precision() -> i8 {
+    -24
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reference {
+    Upstream,
+    HostClock,
+}

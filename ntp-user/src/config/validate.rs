@@ -1,0 +1,605 @@
+//! Validation: every field checked, each error naming the file, the field and the reason
+//! ([`ConfigError`]), before anything is started.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+use ipnet::IpNet;
+
+use super::schema::*;
+use super::{ConfigError, Validated};
+use crate::clock::discipline::DisciplineConfig;
+use crate::clock::system::SystemConfig;
+use crate::clock::upstream::PollConfig;
+use crate::responder::XdpModePref;
+
+/// Parses a reference ID: an IPv4 address (stratum 2+ convention) or 1-4 ASCII characters,
+/// NUL-padded (stratum 1 and local clocks).
+pub fn parse_refid(s: &str) -> Result<[u8; 4], String> {
+    if let Ok(v4) = s.parse::<Ipv4Addr>() {
+        return Ok(v4.octets());
+    }
+    if s.is_empty() || s.len() > 4 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{s:?} is neither an IPv4 address nor 1-4 printable ASCII characters"
+        ));
+    }
+    let mut id = [0u8; 4];
+    id[..s.len()].copy_from_slice(s.as_bytes());
+    Ok(id)
+}
+
+/// The clock is updated at most once per poll: a holdover shorter than two of the longest
+/// poll intervals would declare it unsynchronized between ordinary polls.
+pub fn check_holdover(max_holdover: Duration, max_poll: i8) -> std::result::Result<(), String> {
+    let needed = Duration::from_secs(2u64 << max_poll.clamp(0, 17));
+    if max_holdover < needed {
+        return Err(format!(
+            "{} is shorter than two polls at max_poll {max_poll} ({}); raise it or lower max_poll",
+            humantime::format_duration(max_holdover),
+            humantime::format_duration(needed)
+        ));
+    }
+    Ok(())
+}
+
+fn duration(origin: &Path, field: &str, value: &str) -> Result<Duration> {
+    humantime::parse_duration(value).map_err(|e| {
+        ConfigError::field(
+            origin,
+            field,
+            format!("{value:?} is not a duration like 30s or 1h ({e})"),
+        )
+        .into()
+    })
+}
+
+pub(super) fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
+    let bad =
+        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
+    let s = &cfg.service;
+    if s.interface.is_empty() || s.interface.len() > 15 {
+        return Err(bad(
+            "service.interface",
+            "must be 1-15 characters (an interface name)".into(),
+        ));
+    }
+    if s.addresses.is_empty() {
+        return Err(bad(
+            "service.addresses",
+            "at least one address to answer for is needed".into(),
+        ));
+    }
+    if !(-32..=0).contains(&s.precision) {
+        return Err(bad(
+            "service.precision",
+            format!("{} is outside -32..=0 (log2 seconds)", s.precision),
+        ));
+    }
+    let xdp_mode = match s.xdp_mode.as_str() {
+        "auto" => XdpModePref::Auto,
+        "native" => XdpModePref::Native,
+        "generic" => XdpModePref::Generic,
+        "off" => XdpModePref::Off,
+        other => {
+            return Err(bad(
+                "service.xdp_mode",
+                format!("{other:?} is not one of auto, native, generic, off"),
+            ))
+        }
+    };
+    let c = &cfg.clock;
+    let reference = match c.reference.as_str() {
+        "upstream" => Reference::Upstream,
+        "host-clock" => Reference::HostClock,
+        other => {
+            return Err(bad(
+                "clock.reference",
+                format!("{other:?} is not one of upstream, host-clock"),
+            ))
+        }
+    };
+    if !(0..=17).contains(&c.min_poll) || !(0..=17).contains(&c.max_poll) || c.min_poll > c.max_poll
+    {
+        return Err(bad(
+            "clock.min_poll",
+            format!(
+                "poll bounds {}..{} must satisfy 0 <= min_poll <= max_poll <= 17",
+                c.min_poll, c.max_poll
+            ),
+        ));
+    }
+    if reference == Reference::Upstream && !cfg.upstreams.is_empty() {
+        if c.min_sources == 0 || c.min_sources > cfg.upstreams.len() {
+            return Err(bad(
+                "clock.min_sources",
+                format!(
+                    "{} must be between 1 and the {} configured upstreams",
+                    c.min_sources,
+                    cfg.upstreams.len()
+                ),
+            ));
+        }
+    }
+    if !(c.max_slew_ppm > 0.0 && c.max_slew_ppm <= 100_000.0) {
+        return Err(bad(
+            "clock.max_slew_ppm",
+            format!("{} must be in (0, 100000]", c.max_slew_ppm),
+        ));
+    }
+    let panic = duration(origin, "clock.panic_threshold", &c.panic_threshold)?;
+    let holdover = duration(origin, "clock.max_holdover", &c.max_holdover)?;
+    let max_age = duration(origin, "clock.max_anchor_age", &c.max_anchor_age)?;
+    check_holdover(holdover, c.max_poll).map_err(|why| bad("clock.max_holdover", why))?;
+    if max_age < Duration::from_secs(2) {
+        return Err(bad(
+            "clock.max_anchor_age",
+            "must be at least 2s (the anchor is republished every second)".into(),
+        ));
+    }
+    for (field, v) in [
+        ("clock.stratum", c.stratum),
+        ("clock.local_stratum", Some(c.local_stratum)),
+    ] {
+        if let Some(v) = v {
+            if !(1..=15).contains(&v) {
+                return Err(bad(field, format!("{v} is outside 1..=15")));
+            }
+        }
+    }
+    let refid_override = match &c.refid {
+        Some(r) => Some(parse_refid(r).map_err(|e| bad("clock.refid", e))?),
+        None => None,
+    };
+    for (i, u) in cfg.upstreams.iter().enumerate() {
+        if u.address.trim().is_empty() {
+            return Err(bad(&format!("upstream[{i}].address"), "is empty".into()));
+        }
+    }
+    let vip = validate_vip(&cfg, origin)?;
+    let dhcp = validate_dhcp(&cfg, vip.as_ref(), origin)?;
+    let admission = validate_admission(&cfg.limits, &cfg.access, &cfg.guest_clocks, origin)?;
+    let observe = validate_observe(
+        &cfg.guest_clocks,
+        &cfg.metrics,
+        &cfg.control,
+        &cfg.alarms,
+        vip.as_ref(),
+        origin,
+    )?;
+    let system = SystemConfig {
+        poll: PollConfig {
+            min_poll: c.min_poll,
+            max_poll: c.max_poll,
+            iburst: true,
+        },
+        discipline: DisciplineConfig {
+            max_slew_ppm: c.max_slew_ppm,
+            panic_threshold_s: panic.as_secs_f64(),
+            ..DisciplineConfig::default()
+        },
+        min_sources: c.min_sources.max(1),
+        max_holdover_ns: holdover.as_nanos().min(u64::MAX as u128) as u64,
+        max_anchor_age_ns: max_age.as_nanos().min(u64::MAX as u128) as u64,
+        leap_smear: c.leap_smear,
+        stratum_override: c.stratum,
+        refid_override,
+    };
+    Ok(Validated {
+        source: origin.to_path_buf(),
+        xdp_mode,
+        reference,
+        system,
+        local_stratum: c.local_stratum,
+        refid_override,
+        upstreams: cfg.upstreams,
+        service: cfg.service,
+        vip,
+        dhcp,
+        admission,
+        observe,
+    })
+}
+
+/// The responder's admission from the `[limits]`, `[access]` and `[guest_clocks]` sections.
+pub fn validate_admission(
+    l: &LimitsSection,
+    a: &AccessSection,
+    g: &GuestClocksSection,
+    origin: &Path,
+) -> Result<crate::responder::admission::AdmissionSpec> {
+    use ntp_common::policy::*;
+    let bad =
+        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
+    let kod_interval = duration(origin, "limits.kod_interval", &l.kod_interval)?;
+    let mut policy = ResponderPolicy::OPEN;
+    if l.enable {
+        if !(l.rate.is_finite() && l.rate > 0.0 && l.rate <= 1e6) {
+            return Err(bad(
+                "limits.rate",
+                format!("{} must be in (0, 1000000] requests per second", l.rate),
+            ));
+        }
+        if l.burst == 0 || l.burst > 1_000_000 {
+            return Err(bad(
+                "limits.burst",
+                format!("{} must be in 1..=1000000", l.burst),
+            ));
+        }
+        policy = policy.with_rate(l.rate, l.burst);
+        if l.kod {
+            policy.flags |= POLICY_KOD_RATE;
+        }
+    }
+    if !(0..=17).contains(&l.kod_poll) {
+        return Err(bad(
+            "limits.kod_poll",
+            format!("{} is outside 0..=17 (log2 seconds)", l.kod_poll),
+        ));
+    }
+    if !(1..=16_777_216).contains(&l.sources) {
+        return Err(bad(
+            "limits.sources",
+            format!("{} must be in 1..=16777216", l.sources),
+        ));
+    }
+    policy.kod_interval_ns = kod_interval.as_nanos().min(u64::MAX as u128) as u64;
+    policy.kod_poll = l.kod_poll;
+    match a.deny_action.as_str() {
+        "kod" => policy.flags |= POLICY_KOD_DENY,
+        "drop" => {}
+        other => {
+            return Err(bad(
+                "access.deny_action",
+                format!("{other:?} is not one of kod, drop"),
+            ))
+        }
+    }
+    let mut acl = Vec::new();
+    for (field, list, allow) in [
+        ("access.allow", &a.allow, true),
+        ("access.deny", &a.deny, false),
+    ] {
+        for (i, net) in list.iter().enumerate() {
+            if acl
+                .iter()
+                .any(|e: &crate::responder::AclEntry| e.prefix == net.trunc())
+            {
+                return Err(bad(
+                    &format!("{field}[{i}]"),
+                    format!("{net} is listed twice (in allow and deny, or repeated)"),
+                ));
+            }
+            acl.push(crate::responder::AclEntry {
+                prefix: net.trunc(),
+                allow,
+            });
+        }
+    }
+    if acl.len() > 4096 {
+        return Err(bad(
+            "access",
+            format!("{} prefixes; at most 4096 fit", acl.len()),
+        ));
+    }
+    if !acl.is_empty() {
+        policy.flags |= POLICY_ACL;
+    }
+    if !a.allow.is_empty() {
+        policy.flags |= POLICY_DEFAULT_DENY;
+    }
+    if g.enable {
+        policy.flags |= POLICY_GUEST_CLOCKS;
+    }
+    if !(1..=16_777_216).contains(&g.guests) {
+        return Err(bad(
+            "guest_clocks.guests",
+            format!("{} must be in 1..=16777216", g.guests),
+        ));
+    }
+    Ok(crate::responder::admission::AdmissionSpec {
+        policy,
+        acl,
+        tables: crate::responder::TableSizes {
+            rate_sources: l.sources,
+            guests: g.guests,
+        },
+    })
+}
+
+/// Metrics, control socket, guest-clock and alarm thresholds from their sections.
+pub fn validate_observe(
+    g: &GuestClocksSection,
+    metrics: &MetricsSection,
+    control: &ControlSection,
+    a: &AlarmsSection,
+    vip: Option<&crate::host::vip::VipSpec>,
+    origin: &Path,
+) -> Result<crate::observe::ObserveSpec> {
+    let bad =
+        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
+    let alarm_offset = duration(origin, "guest_clocks.alarm_offset", &g.alarm_offset)?;
+    let opaque_beyond = duration(origin, "guest_clocks.opaque_beyond", &g.opaque_beyond)?;
+    if opaque_beyond <= alarm_offset {
+        return Err(bad(
+            "guest_clocks.opaque_beyond",
+            "must be larger than guest_clocks.alarm_offset".into(),
+        ));
+    }
+    if !(a.max_drop_fraction > 0.0 && a.max_drop_fraction <= 1.0) {
+        return Err(bad(
+            "alarms.max_drop_fraction",
+            format!("{} must be in (0, 1]", a.max_drop_fraction),
+        ));
+    }
+    let window = duration(origin, "alarms.window", &a.window)?;
+    if window < Duration::from_secs(1) {
+        return Err(bad("alarms.window", "must be at least 1s".into()));
+    }
+    let control_socket = match (&control.socket, vip) {
+        (Some(p), _) if !p.is_absolute() => {
+            return Err(bad(
+                "control.socket",
+                format!("{} is not an absolute path", p.display()),
+            ))
+        }
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(v)) => Some(crate::host::vip::state_dir(&v.netns).join("control.sock")),
+        (None, None) => None,
+    };
+    Ok(crate::observe::ObserveSpec {
+        metrics_listen: metrics.enable.then_some(metrics.listen),
+        control_socket,
+        guests: crate::observe::guests::GuestPolicy {
+            enabled: g.enable,
+            alarm_offset_s: alarm_offset.as_secs_f64(),
+            forget_after_s: duration(origin, "guest_clocks.forget_after", &g.forget_after)?
+                .as_secs_f64(),
+            opaque_beyond_s: opaque_beyond.as_secs_f64(),
+        },
+        alarms: crate::observe::alarms::AlarmThresholds {
+            no_sync_after_s: duration(origin, "alarms.no_sync_after", &a.no_sync_after)?
+                .as_secs_f64(),
+            max_offset_s: duration(origin, "alarms.max_offset", &a.max_offset)?.as_secs_f64(),
+            max_anchor_age_s: duration(origin, "alarms.max_anchor_age", &a.max_anchor_age)?
+                .as_secs_f64(),
+            max_drop_fraction: a.max_drop_fraction,
+            window_s: window.as_secs_f64(),
+        },
+    })
+}
+
+fn is_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::host::vip::VipSpec>> {
+    let bad =
+        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
+    let Some(v) = &cfg.vip else {
+        return Ok(None);
+    };
+    let Some(netns) = cfg.service.netns.clone() else {
+        return Err(bad(
+            "service.netns",
+            "[vip] needs the name of the namespace to create and keep".into(),
+        ));
+    };
+    if netns.is_empty() || netns.len() > 64 || netns.contains('/') || netns.starts_with('.') {
+        return Err(bad(
+            "service.netns",
+            format!("{netns:?} is not a namespace name (1-64 characters, no '/')"),
+        ));
+    }
+    if !is_interface_name(&cfg.service.interface) {
+        return Err(bad(
+            "service.interface",
+            format!("{:?} is not an interface name", cfg.service.interface),
+        ));
+    }
+    for (field, name) in [
+        ("vip.host_interface", Some(&v.host_interface)),
+        ("vip.bridge", v.bridge.as_ref()),
+    ] {
+        if let Some(name) = name {
+            if !is_interface_name(name) {
+                return Err(bad(
+                    field,
+                    format!("{name:?} is not an interface name (1-15 of A-Z a-z 0-9 - _ .)"),
+                ));
+            }
+        }
+    }
+    if v.host_interface == cfg.service.interface || v.bridge.as_ref() == Some(&v.host_interface) {
+        return Err(bad(
+            "vip.host_interface",
+            "must differ from service.interface and vip.bridge".into(),
+        ));
+    }
+    if v.create_bridge && v.bridge.is_none() {
+        return Err(bad(
+            "vip.create_bridge",
+            "is set but no vip.bridge is named".into(),
+        ));
+    }
+    let mut service_addresses = Vec::new();
+    for (field, net, want_v4) in [
+        ("vip.service_address", Some(v.service_address), true),
+        ("vip.service_address6", v.service_address6, false),
+    ] {
+        let Some(net) = net else { continue };
+        if net.addr().is_ipv4() != want_v4 {
+            return Err(bad(
+                field,
+                format!(
+                    "{net} is not an {} address with a prefix",
+                    if want_v4 { "IPv4" } else { "IPv6" }
+                ),
+            ));
+        }
+        if net.prefix_len() < net.max_prefix_len() && net.addr() == net.network() {
+            return Err(bad(
+                field,
+                format!(
+                    "{net} is the subnet itself; give the address, e.g. {}/{}",
+                    crate::host::vip::first_host(&net),
+                    net.prefix_len()
+                ),
+            ));
+        }
+        if cfg.service.addresses.contains(&net.addr()) {
+            return Err(bad(
+                field,
+                format!(
+                    "{} is also a clock address in service.addresses",
+                    net.addr()
+                ),
+            ));
+        }
+        service_addresses.push(net);
+    }
+    let mut routes = Vec::new();
+    for (i, r) in v.routes.iter().enumerate() {
+        if let Some(via) = r.via {
+            if via.is_ipv4() != r.to.addr().is_ipv4() {
+                return Err(bad(
+                    &format!("vip.routes[{i}].via"),
+                    format!("{via} is not of the same family as {}", r.to),
+                ));
+            }
+        }
+        routes.push((r.to.trunc(), r.via));
+    }
+    let repair_interval = duration(origin, "vip.repair_interval", &v.repair_interval)?;
+    if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&repair_interval) {
+        return Err(bad(
+            "vip.repair_interval",
+            "must be between 100ms and 1h".into(),
+        ));
+    }
+    for (i, name) in v.host_interfaces.iter().enumerate() {
+        if !is_interface_name(name) {
+            return Err(bad(
+                &format!("vip.host_interfaces[{i}]"),
+                format!("{name:?} is not an interface name"),
+            ));
+        }
+    }
+    Ok(Some(crate::host::vip::VipSpec {
+        netns,
+        ns_interface: cfg.service.interface.clone(),
+        host_interface: v.host_interface.clone(),
+        bridge: v.bridge.clone(),
+        create_bridge: v.create_bridge,
+        service_addresses,
+        aliases: cfg.service.addresses.clone(),
+        routes,
+        repair_interval,
+        host_interfaces: v.host_interfaces.clone(),
+    }))
+}
+
+fn validate_dhcp(
+    cfg: &Config,
+    vip: Option<&crate::host::vip::VipSpec>,
+    origin: &Path,
+) -> Result<Option<crate::host::dhcp::DhcpSpec>> {
+    let bad =
+        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
+    let d = &cfg.dhcp;
+    if !d.enable {
+        return Ok(None);
+    }
+    let Some(vip) = vip else {
+        return Err(bad(
+            "dhcp.enable",
+            "DHCP is served inside the namespace the daemon keeps: it needs a [vip] section".into(),
+        ));
+    };
+    let Some(IpNet::V4(subnet)) = vip.service_addresses.first().copied() else {
+        return Err(bad(
+            "dhcp.enable",
+            "needs an IPv4 vip.service_address".into(),
+        ));
+    };
+    let in_subnet = |a: std::net::Ipv4Addr| {
+        subnet.contains(&a) && a != subnet.network() && a != subnet.broadcast()
+    };
+    let range = match d.range {
+        Some(r) => r,
+        None => {
+            return Err(bad(
+                "dhcp.range",
+                format!(
+                    "is needed: the first and last address to lease, inside {}",
+                    subnet.trunc()
+                ),
+            ))
+        }
+    };
+    if !in_subnet(range[0]) || !in_subnet(range[1]) || range[0] > range[1] {
+        return Err(bad(
+            "dhcp.range",
+            format!(
+                "{} - {} must be an ascending range of host addresses inside {}",
+                range[0],
+                range[1],
+                subnet.trunc()
+            ),
+        ));
+    }
+    if (range[0]..=range[1]).contains(&subnet.addr()) {
+        return Err(bad(
+            "dhcp.range",
+            format!("contains the service address {}", subnet.addr()),
+        ));
+    }
+    if let Some(router) = d.router {
+        if !in_subnet(router) {
+            return Err(bad(
+                "dhcp.router",
+                format!("{router} is not a host address inside {}", subnet.trunc()),
+            ));
+        }
+    }
+    let lease_time = match &d.lease_time {
+        Some(s) => duration(origin, "dhcp.lease_time", s)?,
+        None => Duration::from_secs(3600),
+    };
+    if lease_time < Duration::from_secs(120) {
+        return Err(bad(
+            "dhcp.lease_time",
+            "must be at least 2m (dnsmasq's minimum)".into(),
+        ));
+    }
+    let clock_addresses = cfg
+        .service
+        .addresses
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect::<Vec<_>>();
+    if clock_addresses.is_empty() {
+        return Err(bad(
+            "dhcp.enable",
+            "option 121 routes IPv4 clock addresses, and service.addresses has none".into(),
+        ));
+    }
+    Ok(Some(crate::host::dhcp::DhcpSpec {
+        netns: vip.netns.clone(),
+        interface: vip.ns_interface.clone(),
+        service: subnet,
+        range: (range[0], range[1]),
+        lease_time,
+        router: d.router,
+        clock_addresses,
+    }))
+}
