@@ -34,16 +34,21 @@ counters! {
     PassedFragment = "passed_fragment",
     /// IPv6 with extension headers.
     PassedIpv6ExtHeader = "passed_ipv6_ext_header",
-    /// NTP requests with extension fields or a MAC (NTS, symmetric keys): for userspace.
+    /// NTP requests with extension fields or a MAC (NTS, symmetric keys), admitted by the
+    /// access list and not over their source's rate: for the userspace path.
     PassedExtension = "passed_extension",
+    /// NTP packets that are not client requests (replies to the host's own client, symmetric
+    /// peers, control queries): the host's business, not the responder's.
+    PassedNotClient = "passed_not_client",
+    /// Frames addressed to another MAC than the interface's (flooded unknown unicast):
+    /// answering would teach the bridge a false location of that MAC.
+    PassedOtherHost = "passed_other_host",
     /// Frame shorter than its headers or the lengths they announce.
     DroppedShort = "dropped_short",
     /// Header lengths that contradict each other.
     DroppedBadLength = "dropped_bad_length",
     DroppedBadIpChecksum = "dropped_bad_ip_checksum",
     DroppedBadUdpChecksum = "dropped_bad_udp_checksum",
-    /// NTP mode other than 3 (client).
-    DroppedMode = "dropped_mode",
     /// NTP version 0 or 5-7.
     DroppedVersion = "dropped_version",
     /// UDP source port 0: nothing to reply to.

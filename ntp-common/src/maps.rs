@@ -4,7 +4,7 @@
 //! static); `ntp-user` checks at test time that the object holds exactly these.
 
 use crate::anchor::{ServerParams, TimeAnchor};
-use crate::policy::{GuestClock, ResponderPolicy, SourceState};
+use crate::policy::{GuestClock, ResponderPolicy, SourceKey, SourceState};
 
 /// The anchor's two slots.
 pub const ANCHORS: &str = "ANCHORS";
@@ -17,8 +17,13 @@ pub const POLICY: &str = "POLICY";
 pub const ACL: &str = "ACL";
 pub const RATE: &str = "RATE";
 pub const GUESTS: &str = "GUESTS";
+/// The MACs of the interfaces the responder is attached to (8 bytes, the last two zero) →
+/// their ifindex: only frames sent to the receiving interface's own MAC are answered.
+pub const OWN_MACS: &str = "OWN_MACS";
+/// Per-CPU state of the global kiss-o'-death budget.
+pub const KOD_BUDGET: &str = "KOD_BUDGET";
 
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 11] = [
     ANCHORS,
     ANCHOR_ACTIVE,
     SERVER_PARAMS,
@@ -28,6 +33,8 @@ pub const ALL: [&str; 9] = [
     ACL,
     RATE,
     GUESTS,
+    OWN_MACS,
+    KOD_BUDGET,
 ];
 
 pub const RESPONDER_PROGRAM: &str = "ntp_responder";
@@ -64,7 +71,7 @@ pub const LAYOUT_FINGERPRINT: u64 = {
         crate::anchor::ANCHOR_SLOTS as usize,
         // Bump to force a new layout when a meaning changes without a size or offset.
         1,
-        0,
+        size_of::<SourceKey>(),
         0,
         0,
         0,

@@ -42,7 +42,15 @@ pub struct ResponderPolicy {
     pub flags: u8,
     /// Poll exponent a RATE kiss-o'-death asks for (at least the request's).
     pub kod_poll: i8,
-    pub _pad: [u8; 6],
+    /// IPv6 sources share a rate bucket per this prefix (16..=64; one guest usually holds a
+    /// whole /64 and can pick any address in it).
+    pub v6_prefix_len: u8,
+    pub _pad: [u8; 5],
+    /// All sources together: at most one kiss-o'-death per this (ns) per CPU on average, with
+    /// `kod_global_tolerance_ns` of burst (a spoofed-source flood meets every source's first
+    /// KoD; this keeps the total bounded). 0: no global cap.
+    pub kod_global_emission_ns: u64,
+    pub kod_global_tolerance_ns: u64,
 }
 
 impl ResponderPolicy {
@@ -54,7 +62,10 @@ impl ResponderPolicy {
         kod_interval_ns: 0,
         flags: 0,
         kod_poll: 0,
-        _pad: [0; 6],
+        v6_prefix_len: 64,
+        _pad: [0; 5],
+        kod_global_emission_ns: 0,
+        kod_global_tolerance_ns: 0,
     };
 
     /// A token bucket of `burst` requests refilled at `per_second`.
@@ -72,9 +83,43 @@ impl ResponderPolicy {
         self
     }
 
+    /// At most `per_second` kiss-o'-death packets in all (per CPU), with a burst of `burst`.
+    pub fn with_global_kod_cap(mut self, per_second: f64, burst: u32) -> ResponderPolicy {
+        if per_second > 0.0 {
+            self.kod_global_emission_ns = ((1e9 / per_second) as u64).max(1);
+            self.kod_global_tolerance_ns = self
+                .kod_global_emission_ns
+                .saturating_mul(burst.saturating_sub(1) as u64);
+        }
+        self
+    }
+
     #[inline(always)]
     pub fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0
+    }
+}
+
+/// Who a request is from, as the rate and guest tables key it: the address (IPv4 as
+/// ::ffff:a.b.c.d) and the VLAN it came on (0: untagged), so tenants with overlapping
+/// addresses on different VLANs never share a bucket or a record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SourceKey {
+    pub addr: [u8; 16],
+    pub vlan: u16,
+    pub _pad: [u8; 2],
+}
+
+impl SourceKey {
+    #[inline(always)]
+    pub const fn new(addr: [u8; 16], vlan: u16) -> SourceKey {
+        SourceKey {
+            addr,
+            vlan,
+            _pad: [0; 2],
+        }
     }
 }
 
@@ -97,6 +142,33 @@ pub enum Admission {
     Limited {
         kod: bool,
     },
+}
+
+/// Whether a request at `now_ns` would conform, without taking its token: the kernel's check
+/// before it passes a request up to the userspace path, which takes the token itself (so one
+/// request is never charged twice, and a source that has used its tokens is dropped in the
+/// kernel instead of costing the userspace path).
+#[inline(always)]
+pub fn would_admit(state: &SourceState, now_ns: u64, policy: &ResponderPolicy) -> bool {
+    state.tat_ns <= now_ns || state.tat_ns - now_ns <= policy.burst_tolerance_ns
+}
+
+/// The global kiss-o'-death budget: GCRA on one shared state. Returns whether a KoD may go.
+#[inline(always)]
+pub fn global_kod_allowed(state: &mut SourceState, now_ns: u64, policy: &ResponderPolicy) -> bool {
+    if policy.kod_global_emission_ns == 0 {
+        return true;
+    }
+    let tat = if state.tat_ns > now_ns {
+        state.tat_ns
+    } else {
+        now_ns
+    };
+    if tat - now_ns > policy.kod_global_tolerance_ns {
+        return false;
+    }
+    state.tat_ns = tat.saturating_add(policy.kod_global_emission_ns);
+    true
 }
 
 /// GCRA step for one request at `now_ns` (CLOCK_MONOTONIC). A refused request does not move
@@ -128,13 +200,51 @@ pub fn kod_due(state: &mut SourceState, now_ns: u64, policy: &ResponderPolicy) -
     true
 }
 
-/// Key of the rate table: an IPv4 source as ::ffff:a.b.c.d, an IPv6 source by its /64 (one
-/// guest usually holds a whole /64, and can pick any address in it).
+/// Key of the rate table: an IPv4 source as ::ffff:a.b.c.d, an IPv6 source by its prefix of
+/// `prefix_len` bits (clamped to 16..=64), each with its VLAN.
 #[inline(always)]
-pub const fn rate_key_v6(src: &[u8; 16]) -> [u8; 16] {
-    [
-        src[0], src[1], src[2], src[3], src[4], src[5], src[6], src[7], 0, 0, 0, 0, 0, 0, 0, 0,
-    ]
+pub fn rate_key(src: &[u8; 16], is_v4: bool, vlan: u16, prefix_len: u8) -> SourceKey {
+    if is_v4 {
+        return SourceKey::new(*src, vlan);
+    }
+    let bits = if prefix_len < 16 {
+        16
+    } else if prefix_len > 64 {
+        64
+    } else {
+        prefix_len
+    } as usize;
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 8 {
+        let keep = if (i + 1) * 8 <= bits {
+            0xff
+        } else if i * 8 >= bits {
+            0
+        } else {
+            0xffu8 << (8 - (bits - i * 8))
+        };
+        addr[i] = src[i] & keep;
+        i += 1;
+    }
+    SourceKey::new(addr, vlan)
+}
+
+/// IPv6 sources never answered: unspecified and loopback (::/96, which holds ::1 and the
+/// deprecated IPv4-compatible form), IPv4-mapped (::ffff:0:0/96: an IPv4 guest's address
+/// seen through IPv6, which would match its IPv4 access rules and records), and multicast.
+#[inline(always)]
+pub fn v6_source_is_bogus(src: &[u8; 16]) -> bool {
+    if src[0] == 0xff {
+        return true;
+    }
+    let mut high = 0u8;
+    let mut i = 0;
+    while i < 10 {
+        high |= src[i];
+        i += 1;
+    }
+    high == 0 && ((src[10] == 0 && src[11] == 0) || (src[10] == 0xff && src[11] == 0xff))
 }
 
 /// A guest's clock as its requests show it.
@@ -166,6 +276,8 @@ unsafe impl aya::Pod for ResponderPolicy {}
 unsafe impl aya::Pod for SourceState {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for GuestClock {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SourceKey {}
 
 #[cfg(test)]
 mod tests {
@@ -183,7 +295,8 @@ mod tests {
 
     #[test]
     fn layout_is_stable() {
-        assert_eq!(core::mem::size_of::<ResponderPolicy>(), 32);
+        assert_eq!(core::mem::size_of::<ResponderPolicy>(), 48);
+        assert_eq!(core::mem::size_of::<SourceKey>(), 20);
         assert_eq!(core::mem::size_of::<SourceState>(), 16);
         assert_eq!(core::mem::size_of::<GuestClock>(), 24);
     }
@@ -257,13 +370,88 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_sources_share_their_64() {
+    fn ipv6_sources_share_their_prefix() {
         let a = [0xfd, 0, 0xe, 0xc2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 5];
         let mut b = a;
         b[15] = 9;
-        assert_eq!(rate_key_v6(&a), rate_key_v6(&b));
+        assert_eq!(rate_key(&a, false, 0, 64), rate_key(&b, false, 0, 64));
         b[7] = 2;
-        assert_ne!(rate_key_v6(&a), rate_key_v6(&b));
+        assert_ne!(rate_key(&a, false, 0, 64), rate_key(&b, false, 0, 64));
+        // A /56 holds both; a /63 too (bit 63 differs only in the /64).
+        assert_eq!(rate_key(&a, false, 0, 56), rate_key(&b, false, 0, 56));
+        let mut c = a;
+        c[7] = 0;
+        assert_eq!(rate_key(&a, false, 0, 63), rate_key(&c, false, 0, 63));
+        assert_ne!(rate_key(&a, false, 0, 64), rate_key(&c, false, 0, 64));
+        // Out of range is clamped: /128 aggregates as /64, /8 as /16.
+        assert_eq!(rate_key(&a, false, 0, 128), rate_key(&a, false, 0, 64));
+        assert_eq!(rate_key(&a, false, 0, 8), rate_key(&a, false, 0, 16));
+    }
+
+    #[test]
+    fn vlans_never_share_a_bucket() {
+        let v4 = crate::wire::ipv4_mapped_key([169, 254, 10, 20]);
+        assert_ne!(rate_key(&v4, true, 10, 64), rate_key(&v4, true, 20, 64));
+        assert_eq!(rate_key(&v4, true, 10, 64), SourceKey::new(v4, 10));
+    }
+
+    #[test]
+    fn bogus_ipv6_sources() {
+        let mut mapped = crate::wire::ipv4_mapped_key([169, 254, 1, 2]);
+        assert!(v6_source_is_bogus(&mapped));
+        let mut loopback = [0u8; 16];
+        loopback[15] = 1;
+        assert!(v6_source_is_bogus(&loopback));
+        assert!(v6_source_is_bogus(&[0u8; 16]));
+        let mut mc = [0u8; 16];
+        mc[0] = 0xff;
+        assert!(v6_source_is_bogus(&mc));
+        let ula = [0xfd, 0, 0xe, 0xc2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 5];
+        assert!(!v6_source_is_bogus(&ula));
+        let mut ll = [0u8; 16];
+        ll[0] = 0xfe;
+        ll[1] = 0x80;
+        ll[15] = 7;
+        assert!(!v6_source_is_bogus(&ll));
+        // NAT64's well-known prefix 64:ff9b::/96 is a real source.
+        mapped[0] = 0;
+        mapped[1] = 0x64;
+        mapped[2] = 0xff;
+        mapped[3] = 0x9b;
+        mapped[10] = 0;
+        mapped[11] = 0;
+        assert!(!v6_source_is_bogus(&mapped));
+    }
+
+    #[test]
+    fn the_peek_takes_no_token() {
+        let p = policy();
+        let mut s = SourceState::default();
+        for _ in 0..100 {
+            assert!(would_admit(&s, 5 * S, &p));
+        }
+        for _ in 0..8 {
+            assert_eq!(admit(&mut s, 5 * S, &p), Admission::Answer);
+        }
+        assert!(!would_admit(&s, 5 * S, &p));
+        assert!(would_admit(&s, 5 * S + 500 * MS, &p));
+    }
+
+    #[test]
+    fn the_global_kod_cap_holds_a_spoofed_flood() {
+        // 100 KoD/s with a burst of 10, a million distinct sources in one second.
+        let p = policy().with_global_kod_cap(100.0, 10);
+        let mut g = SourceState::default();
+        let sent = (0..1_000_000u64)
+            .filter(|i| global_kod_allowed(&mut g, 5 * S + i * 1_000, &p))
+            .count();
+        assert!((100..=111).contains(&sent), "{sent}");
+        let uncapped = policy();
+        assert!(global_kod_allowed(
+            &mut SourceState::default(),
+            0,
+            &uncapped
+        ));
     }
 
     #[test]

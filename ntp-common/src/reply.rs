@@ -9,11 +9,12 @@ use crate::time::{ns_to_short, ntp_ns_to_timestamp, phi_growth_ns};
 use crate::wire::*;
 
 /// The NTP-level rule both paths apply to a request's first byte: only client requests (mode
-/// 3) of versions 1-4 are answered. `Some(counter)`: why it is dropped.
+/// 3) of versions 1-4 are answered. `Some(counter)`: why not (`PassedNotClient` for other
+/// modes, which are passed to the host; a bad version is dropped).
 #[inline(always)]
 pub fn request_rejection(li_vn_mode: u8) -> Option<Counter> {
     if mode(li_vn_mode) != MODE_CLIENT {
-        return Some(Counter::DroppedMode);
+        return Some(Counter::PassedNotClient);
     }
     let v = version(li_vn_mode);
     if v < MIN_VERSION || v > MAX_VERSION {

@@ -1,12 +1,172 @@
 //! The in-kernel NTP responder. Built for `bpfel-unknown-none` by `ntp-user/build.rs`; on the
 //! host this crate is an empty stub so that workspace tooling keeps working.
+//!
+//! One path for every packet: [`parse`] describes the request whatever its family (or gives
+//! the verdict), [`admit`] decides who is answered, [`respond`] turns the frame around. Each
+//! packet increments exactly one outcome counter. Anything not addressed to a served address
+//! on this interface's MAC, or not NTP, is passed untouched; malformed NTP is dropped;
+//! nothing is ever answered with more bytes than it carried.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod admit;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
-mod responder;
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod respond;
+
+#[cfg(target_arch = "bpf")]
+pub use program::*;
+
+#[cfg(target_arch = "bpf")]
+mod program {
+    use aya_ebpf::{
+        bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+        helpers::bpf_ktime_get_ns,
+        macros::xdp,
+        programs::XdpContext,
+    };
+    use aya_log_ebpf::info;
+    use ntp_common::{
+        anchor::PARAM_FLAG_LOG,
+        policy::{ResponderPolicy, POLICY_GUEST_CLOCKS},
+        Counter, ServerParams, TimeAnchor,
+    };
+
+    use crate::admit::{admission, admits_upward, Admit};
+    use crate::maps::{ANCHORS, ANCHOR_ACTIVE, COUNTERS, POLICY, SERVER_PARAMS};
+    use crate::packet::Packet;
+    use crate::parse::parse;
+    use crate::respond::{answer, turn_around, ReplyContext};
+
+    #[derive(Clone, Copy)]
+    pub struct Verdict {
+        pub action: u32,
+        pub counter: Counter,
+        /// For answered packets: the reply said LI=3.
+        pub unsynchronized: bool,
+    }
+
+    #[inline(always)]
+    pub const fn pass(counter: Counter) -> Verdict {
+        Verdict {
+            action: XDP_PASS,
+            counter,
+            unsynchronized: false,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn drop(counter: Counter) -> Verdict {
+        Verdict {
+            action: XDP_DROP,
+            counter,
+            unsynchronized: false,
+        }
+    }
+
+    #[xdp]
+    pub fn ntp_responder(ctx: XdpContext) -> u32 {
+        // Receive timestamp: as early as possible.
+        let rx_mono = unsafe { bpf_ktime_get_ns() };
+        let params = match SERVER_PARAMS.get(0) {
+            Some(p) => *p,
+            None => ServerParams::DEFAULT,
+        };
+        let pkt = Packet::new(&ctx);
+        let verdict = handle(&pkt, ctx.ingress_ifindex() as u32, rx_mono, &params);
+        count(verdict.counter);
+        if verdict.unsynchronized {
+            count(Counter::AnsweredUnsynchronized);
+        }
+        if params.flags & PARAM_FLAG_LOG != 0 {
+            info!(
+                &ctx,
+                "ntp-xdp: outcome {} action {}", verdict.counter as u32, verdict.action
+            );
+        }
+        verdict.action
+    }
+
+    /// Attached to the far end of a veth in native mode: XDP_TX on veth only delivers when
+    /// the peer has an XDP program (kernel 6.x), and this one lets everything through.
+    #[xdp]
+    pub fn ntp_peer_pass(_ctx: XdpContext) -> u32 {
+        XDP_PASS
+    }
+
+    #[inline(always)]
+    fn count(counter: Counter) {
+        if let Some(p) = COUNTERS.get_ptr_mut(counter as u32) {
+            // Per-CPU slot: no other writer.
+            unsafe { *p += 1 };
+        }
+    }
+
+    #[inline(always)]
+    fn load_anchor() -> Option<TimeAnchor> {
+        let active = ANCHOR_ACTIVE.get_ptr(0)?;
+        ntp_common::anchor::read_published(
+            || Some(unsafe { core::ptr::read_volatile(active) }),
+            |slot| Some(unsafe { core::ptr::read_volatile(ANCHORS.get_ptr(slot)?) }),
+        )
+    }
+
+    #[inline(always)]
+    fn handle(pkt: &Packet, ifindex: u32, rx_mono: u64, params: &ServerParams) -> Verdict {
+        let req = match parse(pkt, ifindex) {
+            Ok(req) => req,
+            Err(verdict) => return verdict,
+        };
+        let policy = match POLICY.get(0) {
+            Some(p) => *p,
+            None => ResponderPolicy::OPEN,
+        };
+        if req.extended {
+            // The userspace path answers it; admitted here first, so a denied or flooding
+            // source costs the kernel a lookup, not the daemon a wakeup.
+            return match admits_upward(&req, rx_mono, &policy) {
+                Ok(()) => pass(Counter::PassedExtension),
+                Err(counter) => drop(counter),
+            };
+        }
+        let Some(anchor) = load_anchor() else {
+            return drop(Counter::DroppedNoAnchor);
+        };
+        if !anchor.is_published() {
+            return drop(Counter::DroppedNoAnchor);
+        }
+        let (kod, counter) = match admission(&req, rx_mono, &policy) {
+            Admit::Answer if req.v4 => (None, Counter::AnsweredV4),
+            Admit::Answer => (None, Counter::AnsweredV6),
+            Admit::Kod(code, counter) => (Some(code), counter),
+            Admit::Drop(counter) => return drop(counter),
+        };
+        if turn_around(pkt, &req).is_none() {
+            return drop(Counter::DroppedShort);
+        }
+        let cx = ReplyContext {
+            anchor: &anchor,
+            params,
+            guest_clocks: policy.has(POLICY_GUEST_CLOCKS),
+            kod_poll: policy.kod_poll,
+            rx_mono,
+        };
+        let Some(synced) = answer(pkt, &req, &cx, kod) else {
+            return drop(Counter::DroppedShort);
+        };
+        Verdict {
+            action: XDP_TX,
+            counter,
+            unsynchronized: kod.is_none() && !synced,
+        }
+    }
+}
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -288,6 +288,8 @@ impl ServeArgs {
                 listen: a
                     .metrics_listen
                     .unwrap_or_else(|| crate::config::MetricsSection::default().listen),
+                // An address given on the command line is asked for explicitly.
+                allow_remote: true,
             },
             &crate::config::ControlSection {
                 socket: a.control_socket,

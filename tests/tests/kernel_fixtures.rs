@@ -62,6 +62,9 @@ fn responder(state: AnchorState) -> Result<(Responder, TimeAnchor)> {
 
 fn responder_sized(state: AnchorState, sizes: TableSizes) -> Result<(Responder, TimeAnchor)> {
     let mut r = Responder::load_sized(sizes)?;
+    // BPF_PROG_TEST_RUN delivers on the loopback device (ifindex 1): the fixtures' frames
+    // are sent to VIP_MAC, as if it were that device's own.
+    r.set_own_macs(&[(VIP_MAC, 1)])?;
     r.add_served_address(IpAddr::from(CLOCK_V4))?;
     r.add_served_address(IpAddr::from(CLOCK_V6))?;
     let now = monotonic_now_ns()?;
@@ -274,19 +277,54 @@ fn table() -> Vec<Case> {
         Expect::Pass(Counter::PassedNotIp),
     ));
 
-    // Malformed NTP to a served address: dropped.
+    // NTP that is not a client request (replies to the host's own client, symmetric peers,
+    // control queries): passed to the host, never answered here.
     for mode in [0u8, 1, 2, 4, 5, 6, 7] {
         cases.push(case(
             &format!("mode {mode}"),
             Frame::v4(ntp_request(4, mode, 6)).build(),
-            Expect::Drop(Counter::DroppedMode),
+            Expect::Pass(Counter::PassedNotClient),
         ));
     }
     cases.push(case(
         "mode 7 over IPv6",
         Frame::v6(ntp_request(2, 7, 0)).build(),
-        Expect::Drop(Counter::DroppedMode),
+        Expect::Pass(Counter::PassedNotClient),
     ));
+    // A frame a bridge flooded for another MAC (unknown unicast): not ours to answer.
+    let mut other_mac = v4.build();
+    other_mac[0..6].copy_from_slice(&[0x02, 0x00, 0x5e, 0x00, 0x00, 0x99]);
+    cases.push(case(
+        "sent to another MAC",
+        other_mac,
+        Expect::Pass(Counter::PassedOtherHost),
+    ));
+    // IPv6 sources that are never answered: IPv4-mapped (would match IPv4 rules and records),
+    // loopback, IPv4-compatible.
+    let mut mapped = [0u8; 16];
+    mapped[10] = 0xff;
+    mapped[11] = 0xff;
+    mapped[12..].copy_from_slice(&GUEST_V4);
+    let mut loopback = [0u8; 16];
+    loopback[15] = 1;
+    let mut compatible = [0u8; 16];
+    compatible[12..].copy_from_slice(&GUEST_V4);
+    for (name, src) in [
+        ("IPv4-mapped IPv6 source", mapped),
+        ("::1 source", loopback),
+        ("IPv4-compatible IPv6 source", compatible),
+    ] {
+        cases.push(case(
+            name,
+            Frame {
+                src_v6: src,
+                ..v6.clone()
+            }
+            .build(),
+            Expect::Drop(Counter::DroppedBadAddress),
+        ));
+    }
+    // Malformed NTP to a served address: dropped.
     for version in [0u8, 5, 6, 7] {
         cases.push(case(
             &format!("version {version}"),
@@ -988,6 +1026,103 @@ fn scenarios() -> Vec<Scenario> {
         max_rate_sources: 0,
     });
 
+    // Requests with extension fields are admitted in the kernel before they are passed up:
+    // a denied source's padded request is dropped here, and one over its rate too; one with
+    // tokens left is passed without taking one (the userspace path takes it).
+    let padded = |src: [u8; 4]| {
+        let mut payload = v4_request();
+        payload.extend_from_slice(&[0u8; 20]);
+        Frame {
+            src_v4: src,
+            ..Frame::v4(payload)
+        }
+        .build()
+    };
+    let mut p = limited(0.001, 1, false);
+    p.flags |= POLICY_ACL;
+    out.push(Scenario {
+        name: "extension fields are admitted before they are passed",
+        sizes: TableSizes::default(),
+        policy: p,
+        acl: acl(&[("169.254.7.0/24", false)]),
+        steps: vec![
+            case("denied, padded", padded(GUEST_V4), denied),
+            case(
+                "padded, tokens left",
+                padded(other_guest),
+                Expect::Pass(Counter::PassedExtension),
+            ),
+            case(
+                "padded again: still a token",
+                padded(other_guest),
+                Expect::Pass(Counter::PassedExtension),
+            ),
+            case("plain takes the token", from_v4(other_guest), ANSWER),
+            case("padded, over the rate", padded(other_guest), rate_drop),
+        ],
+        max_rate_sources: 1,
+    });
+
+    // VLANs: the same address on two VLANs is two sources.
+    let on_vlan = |id: u16| {
+        Frame {
+            vlan: Some(Vlan::Dot1q(id)),
+            ..Frame::v4(v4_request())
+        }
+        .build()
+    };
+    out.push(Scenario {
+        name: "VLANs keep their own buckets",
+        sizes: TableSizes::default(),
+        policy: limited(0.001, 1, false),
+        acl: vec![],
+        steps: vec![
+            case("vlan 10", on_vlan(10), ANSWER),
+            case("vlan 10 again: limited", on_vlan(10), rate_drop),
+            case("vlan 20, same address", on_vlan(20), ANSWER),
+            case("untagged, same address", from_v4(GUEST_V4), ANSWER),
+        ],
+        max_rate_sources: 3,
+    });
+
+    // The IPv6 aggregation prefix is a setting: with /48, two /64s of one /48 share.
+    let mut p = limited(0.001, 1, false);
+    p.v6_prefix_len = 48;
+    out.push(Scenario {
+        name: "IPv6 aggregated per /48",
+        sizes: TableSizes::default(),
+        policy: p,
+        acl: vec![],
+        steps: vec![
+            case("one /64", from_v6(GUEST_V6), ANSWER),
+            case(
+                "another /64 of the /48: limited",
+                from_v6(other_64),
+                rate_drop,
+            ),
+        ],
+        max_rate_sources: 1,
+    });
+
+    // A spoofed-source flood: every source's first excess request would earn a KoD; the
+    // global budget (here one, and no refill to speak of) lets one through.
+    let p = limited(0.001, 1, true).with_global_kod_cap(1e-6, 1);
+    let mut steps = Vec::new();
+    for i in 0..5u8 {
+        let src = [169, 254, 50, i + 1];
+        steps.push(case(&format!("spoofed {i}"), from_v4(src), ANSWER));
+        let over = if i == 0 { rate_kod } else { rate_drop };
+        steps.push(case(&format!("spoofed {i} over"), from_v4(src), over));
+    }
+    out.push(Scenario {
+        name: "global KoD budget",
+        sizes: TableSizes::default(),
+        policy: p,
+        acl: vec![],
+        steps,
+        max_rate_sources: 5,
+    });
+
     // More sources than the table holds: every new source is answered (the table never fails
     // closed), it never grows past its size, and a limited source that was evicted is
     // forgotten, so it is answered again (it never fails open for the ones it still holds).
@@ -1023,6 +1158,10 @@ fn scenarios() -> Vec<Scenario> {
 
 #[test]
 fn access_list_and_rate_limit_scenarios() {
+    // The global KoD budget is per CPU: every run on one CPU.
+    let mut cpu0 = nix::sched::CpuSet::new();
+    cpu0.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu0).unwrap();
     let mut failures = Vec::new();
     for s in scenarios() {
         let (mut r, anchor) = responder_sized(AnchorState::Synchronized, s.sizes).unwrap();
@@ -1087,7 +1226,7 @@ fn guest_clocks_are_recorded_from_transmit_timestamps() {
 
     let records = observer.guest_clocks();
     assert_eq!(records.len(), 1, "{records:?}");
-    let (addr, g) = records[0];
+    let (addr, _vlan, g) = records[0];
     assert_eq!(addr, IpAddr::from(GUEST_V4));
     assert_eq!(g.requests, 2);
     // 2 s ahead, less the few microseconds between building the request and the run.

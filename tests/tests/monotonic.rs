@@ -42,6 +42,7 @@ fn no_timestamp_goes_backwards_across_anchor_updates() {
         .block_on(async { Netlink::open_in(&vip)?.link(&t.vip_if).await })
         .unwrap()
         .unwrap();
+    r.set_own_macs(&[(link.mac.unwrap(), link.index)]).unwrap();
     netns::within(&vip, || Ok(r.attach_responder(link.index, XdpMode::Skb)?)).unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));

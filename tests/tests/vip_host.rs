@@ -212,8 +212,13 @@ fn drift_is_repaired_and_logged() {
         Ok(ntpdig(&guest, CLOCK_V4).is_ok())
     })
     .unwrap();
-    assert!(answered, "no answer after the veth was recreated");
     let log = vip.daemon().unwrap().drain_log().join("\n");
+    assert!(
+        answered,
+        "no answer after the veth was recreated\nguest neighbours: {}\nnamespace end: {}\n{log}",
+        guest.ip(&["neigh"]).unwrap_or_default(),
+        vip.ns_ip(&["link", "show", &vip.ns_if]).unwrap_or_default(),
+    );
     assert!(log.contains("re-attached the responder"), "{log}");
 }
 

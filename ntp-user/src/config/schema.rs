@@ -50,6 +50,11 @@ pub struct LimitsSection {
     pub kod_poll: i8,
     /// Sources tracked; beyond it the longest idle is forgotten.
     pub sources: u32,
+    /// IPv6 sources share one bucket per prefix of this length (16..=64).
+    pub ipv6_prefix: u8,
+    /// Kiss-o'-death packets per second in all, whatever their sources (a spoofed-source
+    /// flood meets every source's first KoD; this bounds the total). Per CPU.
+    pub kod_global_rate: f64,
 }
 
 impl Default for LimitsSection {
@@ -62,6 +67,8 @@ impl Default for LimitsSection {
             kod_interval: "10s".into(),
             kod_poll: 6,
             sources: 65_536,
+            ipv6_prefix: 64,
+            kod_global_rate: 1000.0,
         }
     }
 }
@@ -122,6 +129,8 @@ pub struct MetricsSection {
     pub enable: bool,
     /// Loopback by default: metrics say who the guests are.
     pub listen: std::net::SocketAddr,
+    /// A non-loopback `listen` must be asked for explicitly.
+    pub allow_remote: bool,
 }
 
 impl Default for MetricsSection {
@@ -129,6 +138,7 @@ impl Default for MetricsSection {
         MetricsSection {
             enable: true,
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9273)),
+            allow_remote: false,
         }
     }
 }

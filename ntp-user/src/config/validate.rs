@@ -139,6 +139,22 @@ pub(super) fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
             "must be at least 2s (the anchor is republished every second)".into(),
         ));
     }
+    // A stopped daemon's pinned responder serves its last anchor this long as synchronized:
+    // beyond an hour, a dead daemon would go unnoticed by guests for too long.
+    if max_age > Duration::from_secs(3600) {
+        return Err(bad(
+            "clock.max_anchor_age",
+            "must be at most 1h (guests are told LI=3 once the daemon stopped this long ago)"
+                .into(),
+        ));
+    }
+    // Zero would refuse every correction after the first: the clock could never follow.
+    if panic < Duration::from_millis(1) {
+        return Err(bad(
+            "clock.panic_threshold",
+            "must be at least 1ms (0 would refuse every correction)".into(),
+        ));
+    }
     for (field, v) in [
         ("clock.stratum", c.stratum),
         ("clock.local_stratum", Some(c.local_stratum)),
@@ -214,7 +230,30 @@ pub fn validate_admission(
     let bad =
         |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
     let kod_interval = duration(origin, "limits.kod_interval", &l.kod_interval)?;
-    let mut policy = ResponderPolicy::OPEN;
+    // Zero would send a KoD for every refused request: a reflector, not a limiter.
+    if kod_interval < Duration::from_secs(1) {
+        return Err(bad(
+            "limits.kod_interval",
+            "must be at least 1s (one kiss-o'-death per source per interval)".into(),
+        ));
+    }
+    if !(16..=64).contains(&l.ipv6_prefix) {
+        return Err(bad(
+            "limits.ipv6_prefix",
+            format!("{} is outside 16..=64", l.ipv6_prefix),
+        ));
+    }
+    if !(l.kod_global_rate.is_finite() && l.kod_global_rate > 0.0 && l.kod_global_rate <= 1e6) {
+        return Err(bad(
+            "limits.kod_global_rate",
+            format!("{} must be in (0, 1000000] per second", l.kod_global_rate),
+        ));
+    }
+    let mut policy = ResponderPolicy::OPEN.with_global_kod_cap(
+        l.kod_global_rate,
+        (l.kod_global_rate / 10.0).clamp(1.0, 1e5) as u32,
+    );
+    policy.v6_prefix_len = l.ipv6_prefix;
     if l.enable {
         if !(l.rate.is_finite() && l.rate > 0.0 && l.rate <= 1e6) {
             return Err(bad(
@@ -337,6 +376,16 @@ pub fn validate_observe(
     let window = duration(origin, "alarms.window", &a.window)?;
     if window < Duration::from_secs(1) {
         return Err(bad("alarms.window", "must be at least 1s".into()));
+    }
+    if metrics.enable && !metrics.listen.ip().is_loopback() && !metrics.allow_remote {
+        return Err(bad(
+            "metrics.listen",
+            format!(
+                "{} is not a loopback address; the metrics name guests, so set \
+                 metrics.allow_remote = true to serve them beyond this host",
+                metrics.listen
+            ),
+        ));
     }
     let control_socket = match (&control.socket, vip) {
         (Some(p), _) if !p.is_absolute() => {

@@ -16,7 +16,7 @@ use crate::host::dhcp::{self, DhcpSpec};
 use crate::host::netlink::Netlink;
 use crate::host::netns;
 use crate::host::vip::{self, state_dir, Created, VipSpec};
-use crate::responder::{self, attach_pinned, pin_dir, Attached, Responder};
+use crate::responder::{self, attach_pinned, pin_dir, Attached, OwnMacs, Responder};
 use crate::responder::{XdpModePref, PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
 
 /// One daemon per namespace: an exclusive lock held for the daemon's life.
@@ -232,6 +232,7 @@ async fn attach_all(
         notes.push(AttachNote::new("responder on host interface", name, m, how));
         host_interfaces.push((name.clone(), m));
     }
+    responder.set_own_macs(&own_macs_now(spec, &host, &inside).await?)?;
     Ok((
         AttachPlan {
             ns_mode,
@@ -305,9 +306,36 @@ async fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>>
     Ok(out)
 }
 
+/// The MACs of the interfaces the responder answers on, as they are now: the namespace end
+/// of the veth (recreated by a repair, it has a new MAC and index) and the host interfaces.
+async fn own_macs_now(
+    spec: &VipSpec,
+    host: &Netlink,
+    inside: &Netlink,
+) -> Result<Vec<([u8; 6], u32)>> {
+    let mut out = Vec::new();
+    let mut add = |link: Option<crate::host::netlink::Link>| {
+        if let Some(l) = link {
+            if let Some(mac) = l.mac {
+                out.push((mac, l.index));
+            }
+        }
+    };
+    add(inside.link(&spec.ns_interface).await?);
+    for name in &spec.host_interfaces {
+        add(host.link(name).await?);
+    }
+    Ok(out)
+}
+
 /// The repair pass, a task on the daemon's runtime: every `repair_interval`, compare and fix;
 /// log every repair.
-async fn repair(spec: VipSpec, mut created: Created, plan: Option<AttachPlan>) {
+async fn repair(
+    spec: VipSpec,
+    mut created: Created,
+    plan: Option<AttachPlan>,
+    mut own_macs: Option<OwnMacs>,
+) {
     let host = match Netlink::open() {
         Ok(h) => h,
         Err(e) => {
@@ -336,6 +364,16 @@ async fn repair(spec: VipSpec, mut created: Created, plan: Option<AttachPlan>) {
                 }
             }
             Err(e) => warn!(error = %format!("{e:#}"), "re-attaching failed; retrying"),
+        }
+        if let Some(table) = &mut own_macs {
+            let macs =
+                match netns::open_named_netns(&spec.netns).and_then(|ns| Netlink::open_in(&ns)) {
+                    Ok(inside) => own_macs_now(&spec, &host, &inside).await,
+                    Err(e) => Err(e),
+                };
+            if let Err(e) = macs.and_then(|m| table.set(&m)) {
+                warn!(error = %format!("{e:#}"), "registering the interfaces' MACs failed; retrying");
+            }
         }
     }
 }
@@ -413,10 +451,12 @@ pub async fn serve_managed(
     let continuity = crate::daemon::clock_task::Continuity {
         state_file: state_dir(&spec.netns).join("clock.json"),
     };
+    let own_macs = plan.as_ref().map(|_| responder.own_macs()).transpose()?;
     let mut tasks = vec![AbortOnDrop(tokio::spawn(repair(
         spec.clone(),
         created,
         plan,
+        own_macs,
     )))];
     if let Some(d) = &dhcp_spec {
         tasks.push(AbortOnDrop(tokio::spawn(dhcp::supervise(

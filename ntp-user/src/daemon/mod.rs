@@ -20,7 +20,7 @@ use crate::clock::system::SystemConfig;
 use crate::host::hostclock::{host_clock_anchor, HostClockIdentity};
 use crate::observe::status::ClockSnapshotCell;
 use crate::observe::Observatory;
-use crate::responder::userspace::UserspaceCounters;
+use crate::responder::userspace::{UserspaceAdmission, UserspaceCounters};
 use crate::responder::{Responder, XdpModePref};
 
 /// Where served time comes from.
@@ -112,6 +112,7 @@ pub(crate) async fn serve_responder(
             user_sockets,
             responder.subscribe(),
             opts.params,
+            responder.userspace_admission(opts.admission.policy)?,
             user_counters.clone(),
         )));
         let _mode_tasks = mode_tasks;
@@ -138,9 +139,12 @@ async fn userspace_path(
     sockets: Vec<std::net::UdpSocket>,
     anchors: tokio::sync::watch::Receiver<ntp_common::TimeAnchor>,
     params: ServerParams,
+    admission: UserspaceAdmission,
     counters: Arc<UserspaceCounters>,
 ) {
-    if let Err(e) = crate::responder::userspace::serve(sockets, anchors, params, counters).await {
+    if let Err(e) =
+        crate::responder::userspace::serve(sockets, anchors, params, admission, counters).await
+    {
         tracing::error!(error = %format!("{e:#}"), "the userspace path stopped");
     }
 }

@@ -136,6 +136,14 @@ async fn attach(
         )
     })?;
 
+    // Only frames sent to this interface's own MAC are answered.
+    match local.mac {
+        Some(mac) => responder.set_own_macs(&[(mac, local.index)])?,
+        None => {
+            warn!(interface = %opts.interface, "the interface has no MAC: nothing will be answered")
+        }
+    }
+
     let want_native = opts.xdp_mode != XdpModePref::Generic;
     if want_native && local.is_veth() {
         let candidates = match &opts.peer_netns {

@@ -28,6 +28,8 @@ pub struct Link {
     /// this namespace).
     pub peer_index: Option<u32>,
     pub peer_netnsid: Option<i32>,
+    /// Its MAC address (Ethernet-like links).
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Link {
@@ -95,10 +97,12 @@ impl Netlink {
             xdp_prog_id: None,
             peer_index: None,
             peer_netnsid: None,
+            mac: None,
         };
         for attr in msg.attributes {
             match attr {
                 LinkAttribute::IfName(n) => link.name = n,
+                LinkAttribute::Address(a) => link.mac = a.as_slice().try_into().ok(),
                 LinkAttribute::Controller(c) => link.controller = Some(c),
                 LinkAttribute::Link(l) => link.peer_index = Some(l),
                 LinkAttribute::NetnsId(id) => link.peer_netnsid = Some(id),
@@ -203,6 +207,14 @@ impl Netlink {
         let h = self.handle.clone();
         self.run("setting a link up", async move {
             h.link().set(index).up().execute().await
+        })
+        .await
+    }
+
+    pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<()> {
+        let h = self.handle.clone();
+        self.run("setting a link's MAC", async move {
+            h.link().set(index).address(mac.to_vec()).execute().await
         })
         .await
     }

@@ -82,6 +82,10 @@ pub struct Created {
     pub host_interface: String,
     pub ns_interface: String,
     pub bridge_name: Option<String>,
+    /// The MAC of the namespace end: a recreated veth gets it back, so guests' ARP and
+    /// neighbour caches stay right (the responder answers only frames sent to its own MAC).
+    #[serde(default)]
+    pub ns_mac: Option<[u8; 6]>,
 }
 
 impl Created {
@@ -112,26 +116,30 @@ impl Created {
     }
 }
 
-/// Forwarding sysctls that must be off in the namespace: it serves time and DHCP, and must
-/// never become a path from a guest to the host.
-const FORWARDING_SYSCTLS: [&str; 2] = [
-    "/proc/sys/net/ipv4/ip_forward",
-    "/proc/sys/net/ipv6/conf/all/forwarding",
+/// Sysctls of the namespace, with the value each must have: forwarding off (it serves time and
+/// DHCP, and must never become a path from a guest to the host), and address announcements
+/// on (a gratuitous ARP / unsolicited NA when the veth comes up: after a repair recreated it
+/// with a new MAC, guests must not keep sending to the old one).
+const NAMESPACE_SYSCTLS: [(&str, &str); 4] = [
+    ("/proc/sys/net/ipv4/ip_forward", "0"),
+    ("/proc/sys/net/ipv6/conf/all/forwarding", "0"),
+    ("/proc/sys/net/ipv4/conf/all/arp_notify", "1"),
+    ("/proc/sys/net/ipv6/conf/all/ndisc_notify", "1"),
 ];
 
-/// Turns forwarding off in the calling thread's namespace; names each one that was on.
-fn forwarding_off() -> Result<Vec<String>> {
+/// Sets the namespace's sysctls in the calling thread's namespace; names each one changed.
+fn namespace_sysctls() -> Result<Vec<String>> {
     let mut changed = Vec::new();
-    for path in FORWARDING_SYSCTLS {
+    for (path, want) in NAMESPACE_SYSCTLS {
         let now = match std::fs::read_to_string(path) {
             Ok(v) => v,
             // IPv6 disabled on this host: nothing to forward.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(anyhow!(e).context(format!("reading {path}"))),
         };
-        if now.trim() != "0" {
-            std::fs::write(path, "0").with_context(|| format!("writing 0 to {path}"))?;
-            changed.push(format!("forwarding turned off ({path} was {})", now.trim()));
+        if now.trim() != want {
+            std::fs::write(path, want).with_context(|| format!("writing {want} to {path}"))?;
+            changed.push(format!("{path} set to {want} (was {})", now.trim()));
         }
     }
     Ok(changed)
@@ -217,10 +225,23 @@ pub async fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Re
         .link(&spec.host_interface)
         .await?
         .context("host veth end vanished")?;
-    let ns_end = inside
+    let mut ns_end = inside
         .link(&spec.ns_interface)
         .await?
         .context("namespace veth end vanished")?;
+    match (created.ns_mac, ns_end.mac) {
+        (Some(want), Some(have)) if want != have => {
+            inside.set_mac(ns_end.index, want).await?;
+            ns_end.mac = Some(want);
+            changes.push(format!(
+                "gave {} its MAC back ({})",
+                spec.ns_interface,
+                mac_text(&want)
+            ));
+        }
+        (None, Some(have)) => created.ns_mac = Some(have),
+        _ => {}
+    }
     if let Some(bridge) = bridge_index {
         if host_end.controller != Some(bridge) {
             host.set_controller(host_end.index, bridge).await?;
@@ -235,17 +256,6 @@ pub async fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Re
         host.set_up(host_end.index).await?;
         changes.push(format!("set {} up", spec.host_interface));
     }
-    if !ns_end.up {
-        inside.set_up(ns_end.index).await?;
-        changes.push(format!("set {} up", spec.ns_interface));
-    }
-    if let Some(lo) = inside.link("lo").await? {
-        if !lo.up {
-            inside.set_up(lo.index).await?;
-            changes.push(format!("set lo up in {}", spec.netns));
-        }
-    }
-
     // Addresses on the namespace end.
     let have = inside.addresses(ns_end.index).await?;
     for net in spec.wanted_addresses() {
@@ -255,6 +265,19 @@ pub async fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Re
                 created.addresses.push(net);
             }
             changes.push(format!("added address {net} to {}", spec.ns_interface));
+        }
+    }
+
+    // Up only once its addresses are on: bringing it up then announces them (arp_notify,
+    // ndisc_notify), so guests that knew the MAC of a deleted veth learn the new one at once.
+    if !ns_end.up {
+        inside.set_up(ns_end.index).await?;
+        changes.push(format!("set {} up", spec.ns_interface));
+    }
+    if let Some(lo) = inside.link("lo").await? {
+        if !lo.up {
+            inside.set_up(lo.index).await?;
+            changes.push(format!("set lo up in {}", spec.netns));
         }
     }
 
@@ -280,11 +303,18 @@ pub async fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Re
         }
     }
 
-    changes.extend(netns::within(&ns, forwarding_off)?);
+    changes.extend(netns::within(&ns, namespace_sysctls)?);
     if !changes.is_empty() {
         created.save()?;
     }
     Ok(changes)
+}
+
+fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Removes what `created` says the daemon made. Returns one line per removal.

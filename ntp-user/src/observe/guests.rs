@@ -17,6 +17,17 @@ pub struct GuestPolicy {
     pub opaque_beyond_s: f64,
 }
 
+impl GuestReport {
+    /// The guest as operators name it: its address, and its VLAN where tagged.
+    pub fn name(&self) -> String {
+        if self.vlan == 0 {
+            self.address.to_string()
+        } else {
+            format!("{}@vlan{}", self.address, self.vlan)
+        }
+    }
+}
+
 impl Default for GuestPolicy {
     fn default() -> Self {
         GuestPolicy {
@@ -31,6 +42,9 @@ impl Default for GuestPolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GuestReport {
     pub address: IpAddr,
+    /// The VLAN the guest's requests came on (0: untagged): tenants may reuse addresses.
+    #[serde(default)]
+    pub vlan: u16,
     /// The guest's clock minus served time, one-way delay included (s).
     pub offset_s: f64,
     pub requests: u64,
@@ -56,7 +70,7 @@ pub const WORST_LISTED: usize = 10;
 pub const ALARMED_LISTED: usize = 1000;
 
 pub fn summarize(
-    records: &[(IpAddr, GuestClock)],
+    records: &[(IpAddr, u16, GuestClock)],
     now_mono_ns: u64,
     policy: &GuestPolicy,
 ) -> GuestSummary {
@@ -65,7 +79,7 @@ pub fn summarize(
         alarm_offset_s: policy.alarm_offset_s,
         ..Default::default()
     };
-    for (addr, g) in records {
+    for (addr, vlan, g) in records {
         let ago = now_mono_ns.saturating_sub(g.last_seen_ns) as f64 * 1e-9;
         if ago > policy.forget_after_s {
             continue;
@@ -78,6 +92,7 @@ pub fn summarize(
         }
         readable.push(GuestReport {
             address: *addr,
+            vlan: *vlan,
             offset_s,
             requests: g.requests,
             last_seen_s_ago: ago,
@@ -100,9 +115,10 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
-    fn rec(last: u8, offset_s: f64, seen_ns: u64) -> (IpAddr, GuestClock) {
+    fn rec(last: u8, offset_s: f64, seen_ns: u64) -> (IpAddr, u16, GuestClock) {
         (
             IpAddr::from([169, 254, 100, last]),
+            0,
             GuestClock {
                 offset_fixed: (offset_s * 4_294_967_296.0) as i64,
                 requests: 3,

@@ -284,14 +284,7 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         "Apparent clock error of each alarmed guest",
         g.alarmed
             .iter()
-            .map(|x| {
-                (
-                    Guest {
-                        guest: x.address.to_string(),
-                    },
-                    x.offset_s,
-                )
-            })
+            .map(|x| (Guest { guest: x.name() }, x.offset_s))
             .collect(),
     );
     family_gauge(

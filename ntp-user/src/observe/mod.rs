@@ -280,8 +280,24 @@ fn bind_control(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    // A socket file left by a daemon that was killed: only one daemon runs per instance.
-    let _ = std::fs::remove_file(path);
+    // A socket file left by a daemon that was killed (only one daemon runs per instance) is
+    // replaced; anything else at that path is not ours to remove.
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            std::fs::remove_file(path).with_context(|| {
+                format!(
+                    "control.socket {}: removing the stale socket",
+                    path.display()
+                )
+            })?;
+        }
+        Ok(_) => anyhow::bail!(
+            "control.socket {}: a file that is not a socket is there; choose another path or \
+             remove it",
+            path.display()
+        ),
+        Err(_) => {}
+    }
     let listener = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("control.socket {}: cannot bind", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))

@@ -262,7 +262,7 @@ pub fn render(r: &StatusReport) -> String {
         let _ = writeln!(
             o,
             "  {:<40} {:>12} {:>8} req  seen {:>6.0} s ago  {mark}",
-            x.address.to_string(),
+            x.name(),
             si(Some(x.offset_s)),
             x.requests,
             x.last_seen_s_ago
@@ -323,7 +323,7 @@ mod tests {
             ("answered_ipv6", 5),
             ("dropped_rate_limited", 3),
             ("kod_rate", 1),
-            ("dropped_mode", 1),
+            ("dropped_version", 1),
             ("passed_not_ntp", 1000),
             ("answered_unsynchronized", 7),
         ] {

@@ -77,6 +77,47 @@ pub fn served_address_key(addr: IpAddr) -> [u8; 16] {
     }
 }
 
+/// The responder's table of own MACs (see [`Responder::set_own_macs`]).
+pub struct OwnMacs<T = MapData>(HashMap<T, [u8; 8], u32>);
+
+impl OwnMacs<MapData> {
+    fn open(ebpf: &Ebpf) -> Result<OwnMacs> {
+        Ok(OwnMacs(HashMap::try_from(observer::reopen(
+            ebpf,
+            maps::OWN_MACS,
+        )?)?))
+    }
+}
+
+impl<'a> OwnMacs<&'a mut MapData> {
+    fn from_map(map: &'a mut aya::maps::Map) -> Result<Self> {
+        Ok(OwnMacs(HashMap::try_from(map)?))
+    }
+}
+
+impl<T: std::borrow::BorrowMut<MapData>> OwnMacs<T> {
+    /// Makes the table exactly `macs`.
+    pub fn set(&mut self, macs: &[([u8; 6], u32)]) -> Result<()> {
+        let key = |m: &[u8; 6]| [m[0], m[1], m[2], m[3], m[4], m[5], 0, 0];
+        let wanted: Vec<([u8; 8], u32)> = macs.iter().map(|(m, i)| (key(m), *i)).collect();
+        let stale: Vec<[u8; 8]> = self
+            .0
+            .keys()
+            .flatten()
+            .filter(|k| !wanted.iter().any(|(w, _)| w == k))
+            .collect();
+        for k in stale {
+            self.0.remove(&k).context("removing an own MAC")?;
+        }
+        for (k, ifindex) in wanted {
+            self.0
+                .insert(k, ifindex, 0)
+                .context("registering an own MAC")?;
+        }
+        Ok(())
+    }
+}
+
 /// What one publication did to the anchor the daemon asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Publication {
@@ -227,6 +268,26 @@ impl Responder {
             map.insert(k, 1, 0).context("adding a served address")?;
         }
         Ok(())
+    }
+
+    /// Makes the table of own MACs exactly `macs` (MAC, ifindex of the attached interface
+    /// that owns it): frames to any other MAC are passed, never answered.
+    pub fn set_own_macs(&mut self, macs: &[([u8; 6], u32)]) -> Result<()> {
+        OwnMacs::from_map(self.map(maps::OWN_MACS)?)?.set(macs)
+    }
+
+    /// A handle on the own-MAC table for another task (the repair pass re-registers the MAC
+    /// of an interface it recreated).
+    pub fn own_macs(&self) -> Result<OwnMacs> {
+        OwnMacs::open(&self.ebpf)
+    }
+
+    /// Admission for the userspace path: the same maps, through handles of its own.
+    pub fn userspace_admission(
+        &self,
+        policy: ResponderPolicy,
+    ) -> Result<userspace::UserspaceAdmission> {
+        userspace::UserspaceAdmission::new(&self.ebpf, policy)
     }
 
     /// One of the loaded programs, for attaching.

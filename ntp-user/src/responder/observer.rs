@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::Ebpf;
 use ntp_common::maps;
-use ntp_common::policy::{GuestClock, SourceState};
+use ntp_common::policy::{GuestClock, SourceKey, SourceState};
 use ntp_common::{Counter, TimeAnchor};
 
 use super::admission::key_address;
@@ -20,8 +20,8 @@ pub struct Observer {
     anchors: Array<MapData, TimeAnchor>,
     active: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
-    guests: HashMap<MapData, [u8; 16], GuestClock>,
-    rate: HashMap<MapData, [u8; 16], SourceState>,
+    guests: HashMap<MapData, SourceKey, GuestClock>,
+    rate: HashMap<MapData, SourceKey, SourceState>,
 }
 
 impl Observer {
@@ -46,12 +46,12 @@ impl Observer {
         read_counters(&self.counters)
     }
 
-    /// Every guest clock record: (source address, record).
-    pub fn guest_clocks(&self) -> Vec<(IpAddr, GuestClock)> {
+    /// Every guest clock record: (source address, VLAN, record).
+    pub fn guest_clocks(&self) -> Vec<(IpAddr, u16, GuestClock)> {
         self.guests
             .iter()
             .flatten()
-            .map(|(k, v)| (key_address(&k), v))
+            .map(|(k, v)| (key_address(&k.addr), k.vlan, v))
             .collect()
     }
 
@@ -68,6 +68,7 @@ pub(super) fn reopen(ebpf: &Ebpf, name: &str) -> Result<aya::maps::Map> {
     let id = match map {
         aya::maps::Map::PerCpuArray(d)
         | aya::maps::Map::LruHashMap(d)
+        | aya::maps::Map::LpmTrie(d)
         | aya::maps::Map::HashMap(d)
         | aya::maps::Map::Array(d) => d.info()?.id(),
         _ => bail!("map {name} has an unexpected type"),

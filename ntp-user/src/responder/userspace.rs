@@ -2,6 +2,10 @@
 //! answer what the responder passes up (requests with extension fields or a MAC, fragments,
 //! IPv6 with extension headers) and everything when XDP is off (`xdp_mode = "off"`).
 //!
+//! Every request it answers passes the same admission as the kernel's: the access list (the
+//! same LPM map) and the source's rate (the same RATE map, where it takes the token the
+//! kernel only peeked at before passing the request up).
+//!
 //! The reply is built by the kernel's own builder ([`write_server_reply`]) from the same
 //! anchor the kernel serves, with the kernel's receive timestamp: both paths give the same
 //! header. Requests with extension fields get a plain 48-byte reply without the unknown
@@ -13,7 +17,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use ntp_common::reply::{request_rejection, write_server_reply, ClientRequest};
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::{HashMap, MapData};
+use ntp_common::policy::{
+    admit, global_kod_allowed, kod_due, rate_key, v6_source_is_bogus, Admission, ResponderPolicy,
+    SourceKey, SourceState, ACL_ALLOW, KISS_DENY, KISS_RATE, POLICY_ACL, POLICY_DEFAULT_DENY,
+    POLICY_KOD_DENY, POLICY_RATE_LIMIT,
+};
+use ntp_common::reply::{
+    request_rejection, write_kiss_of_death, write_server_reply, ClientRequest,
+};
+use ntp_common::wire::ipv4_mapped_key;
 use ntp_common::wire::{NTP_HEADER_LEN, OFF_LI_VN_MODE};
 use ntp_common::{Counter, ServerParams, TimeAnchor};
 use tokio::net::UdpSocket;
@@ -34,6 +48,88 @@ pub enum Unanswered {
     SourcePort,
     /// No anchor was ever published.
     NoAnchor,
+    /// Denied by the access list or over its rate (no KoD due).
+    NotAdmitted,
+}
+
+/// What admission decided for a request the userspace path would answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admitted {
+    Answer,
+    /// A kiss-o'-death with this code instead of time.
+    Kod([u8; 4]),
+    /// Nothing: denied, over its rate, or a source that is never answered.
+    Drop,
+}
+
+/// The userspace path's admission: the kernel's maps, read and written through handles of
+/// its own, and the same policy.
+pub struct UserspaceAdmission {
+    policy: ResponderPolicy,
+    acl: LpmTrie<MapData, [u8; 16], u8>,
+    rate: HashMap<MapData, SourceKey, SourceState>,
+    /// The global KoD budget of this path (the kernel keeps its own per CPU).
+    kod_budget: SourceState,
+}
+
+impl UserspaceAdmission {
+    pub fn new(ebpf: &aya::Ebpf, policy: ResponderPolicy) -> Result<UserspaceAdmission> {
+        use super::observer::reopen;
+        use ntp_common::maps;
+        Ok(UserspaceAdmission {
+            policy,
+            acl: LpmTrie::try_from(reopen(ebpf, maps::ACL)?)?,
+            rate: HashMap::try_from(reopen(ebpf, maps::RATE)?)?,
+            kod_budget: SourceState::default(),
+        })
+    }
+
+    /// Access list, then the source's rate, at `now` (CLOCK_MONOTONIC ns).
+    pub fn admit(&mut self, from: IpAddr, now: u64) -> Admitted {
+        let (addr, v4) = match from.to_canonical() {
+            IpAddr::V4(a) => (ipv4_mapped_key(a.octets()), true),
+            IpAddr::V6(a) => (a.octets(), false),
+        };
+        if !v4 && v6_source_is_bogus(&addr) {
+            return Admitted::Drop;
+        }
+        let p = self.policy;
+        let denied = p.has(POLICY_ACL)
+            && match self.acl.get(&LpmKey::new(128, addr), 0) {
+                Ok(v) => v != ACL_ALLOW,
+                Err(_) => p.has(POLICY_DEFAULT_DENY),
+            };
+        if denied && !p.has(POLICY_KOD_DENY) {
+            return Admitted::Drop;
+        }
+        if !denied && !p.has(POLICY_RATE_LIMIT) {
+            return Admitted::Answer;
+        }
+        // Sockets do not see VLAN tags: the stack delivers only untagged frames here.
+        let key = rate_key(&addr, v4, 0, p.v6_prefix_len);
+        let mut state = self.rate.get(&key, 0).unwrap_or_default();
+        let decision = if denied {
+            if kod_due(&mut state, now, &p) && global_kod_allowed(&mut self.kod_budget, now, &p) {
+                Admitted::Kod(KISS_DENY)
+            } else {
+                Admitted::Drop
+            }
+        } else {
+            match admit(&mut state, now, &p) {
+                Admission::Answer => Admitted::Answer,
+                Admission::Limited { kod: true }
+                    if global_kod_allowed(&mut self.kod_budget, now, &p) =>
+                {
+                    Admitted::Kod(KISS_RATE)
+                }
+                Admission::Limited { .. } => Admitted::Drop,
+            }
+        };
+        if let Err(e) = self.rate.insert(key, state, 0) {
+            debug!(error = %e, "rate table update failed");
+        }
+        decision
+    }
 }
 
 /// Builds the reply to `request` (sans IO): the 48-byte header, or why there is none.
@@ -62,6 +158,24 @@ pub fn answer(
     let req = ClientRequest::parse(&reply);
     write_server_reply(&mut reply, &req, anchor, params, rx_mono, tx_mono, random);
     Ok(reply)
+}
+
+/// Turns an answer into a kiss-o'-death with `code` (sans IO), as the kernel does.
+pub fn kiss_of_death(
+    request: &[u8],
+    anchor: &TimeAnchor,
+    params: &ServerParams,
+    times: (u64, u64),
+    random: u32,
+    code: [u8; 4],
+    kod_poll: i8,
+) -> Option<[u8; NTP_HEADER_LEN]> {
+    let mut reply: [u8; NTP_HEADER_LEN] = request.get(..NTP_HEADER_LEN)?.try_into().ok()?;
+    let req = ClientRequest::parse(&reply);
+    write_kiss_of_death(
+        &mut reply, &req, anchor, params, times.0, times.1, random, code, kod_poll,
+    );
+    Some(reply)
 }
 
 /// What the userspace path did, for logs and `stats`.
@@ -116,14 +230,16 @@ pub async fn serve(
     sockets: Vec<std::net::UdpSocket>,
     anchors: watch::Receiver<TimeAnchor>,
     params: ServerParams,
+    admission: UserspaceAdmission,
     counters: Arc<UserspaceCounters>,
 ) -> Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
+    let admission = Arc::new(std::sync::Mutex::new(admission));
     for sock in sockets {
         let sock = UdpSocket::from_std(sock).context("registering a server socket")?;
         info!(address = %sock.local_addr()?, "userspace path listening");
-        let (anchors, counters) = (anchors.clone(), counters.clone());
-        tasks.spawn(async move { serve_socket(sock, anchors, params, counters).await });
+        let (anchors, counters, admission) = (anchors.clone(), counters.clone(), admission.clone());
+        tasks.spawn(async move { serve_socket(sock, anchors, params, admission, counters).await });
     }
     while let Some(done) = tasks.join_next().await {
         done.context("a userspace server task failed")??;
@@ -135,13 +251,14 @@ async fn serve_socket(
     sock: UdpSocket,
     anchors: watch::Receiver<TimeAnchor>,
     params: ServerParams,
+    admission: Arc<std::sync::Mutex<UserspaceAdmission>>,
     counters: Arc<UserspaceCounters>,
 ) -> Result<()> {
     loop {
         let (bytes, from, rx_mono) = recv_timestamped(&sock).await?;
         let anchor = *anchors.borrow();
         let tx_mono = monotonic_now_ns()?;
-        match answer(
+        let reply = answer(
             &bytes,
             from.port(),
             &anchor,
@@ -149,7 +266,40 @@ async fn serve_socket(
             rx_mono,
             tx_mono,
             rand::random(),
-        ) {
+        );
+        // Valid requests only: admission comes after the checks, as in the kernel.
+        let admitted = match &reply {
+            Ok(_) => admission
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .admit(from.ip(), rx_mono),
+            Err(_) => Admitted::Drop,
+        };
+        let reply = match (reply, admitted) {
+            (Ok(r), Admitted::Answer) => Ok(r),
+            (Ok(_), Admitted::Kod(code)) => {
+                let kod_poll = admission
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .policy
+                    .kod_poll;
+                kiss_of_death(
+                    &bytes,
+                    &anchor,
+                    &params,
+                    (rx_mono, tx_mono),
+                    rand::random(),
+                    code,
+                    kod_poll,
+                )
+                .ok_or(Unanswered::Short)
+            }
+            (Ok(_), Admitted::Drop) => Err(Unanswered::NotAdmitted),
+            (Err(e), _) => Err(e),
+        };
+        // Never more to a source than one header per request, whatever it asked.
+        yield_if_busy().await;
+        match reply {
             Ok(reply) => {
                 if sock.send_to(&reply, from).await.is_ok() {
                     counters.answered.fetch_add(1, Ordering::Relaxed);
@@ -169,6 +319,12 @@ async fn serve_socket(
             }
         }
     }
+}
+
+/// Lets the clock task and the control tasks run between requests: a flood on the userspace
+/// path must never starve the clock (tokio's budget makes the yield cheap when idle).
+async fn yield_if_busy() {
+    tokio::task::consume_budget().await;
 }
 
 /// One datagram, its sender and the kernel's receive time as CLOCK_MONOTONIC (the socket must
@@ -299,7 +455,7 @@ mod tests {
                 0,
                 0
             ),
-            Err(Unanswered::Rejected(Counter::DroppedMode))
+            Err(Unanswered::Rejected(Counter::PassedNotClient))
         );
         assert_eq!(
             answer(

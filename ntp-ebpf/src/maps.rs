@@ -1,0 +1,51 @@
+//! The responder's maps. Their names are `ntp_common::maps` constants (aya names a map after
+//! its static); the daemon writes them, the programs read them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use ntp_common::{
+    anchor::ANCHOR_SLOTS,
+    counters::COUNTER_COUNT,
+    policy::{GuestClock, ResponderPolicy, SourceKey, SourceState},
+    ServerParams, TimeAnchor,
+};
+
+/// How many addresses one responder can serve (clock aliases and service addresses).
+const MAX_SERVED_ADDRS: u32 = 64;
+/// How many interfaces one responder can be attached to.
+const MAX_INTERFACES: u32 = 64;
+
+/// The daemon's clock model, double-buffered; `ANCHOR_ACTIVE[0]` is the publication
+/// generation, whose low bit names the live slot (see `ntp_common::anchor::read_published`).
+#[map]
+pub static ANCHORS: Array<TimeAnchor> = Array::with_max_entries(ANCHOR_SLOTS, 0);
+#[map]
+pub static ANCHOR_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+pub static SERVER_PARAMS: Array<ServerParams> = Array::with_max_entries(1, 0);
+/// Destination addresses answered: IPv6 as is, IPv4 as ::ffff:a.b.c.d. The value is unused.
+#[map]
+pub static SERVED_ADDRS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_SERVED_ADDRS, 0);
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+#[map]
+pub static POLICY: Array<ResponderPolicy> = Array::with_max_entries(1, 0);
+/// Access list: prefixes of ::ffff:0:0/96-mapped IPv4 or IPv6 sources → ACL_ALLOW / ACL_DENY.
+#[map]
+pub static ACL: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(4096, 0);
+/// Rate-limit state per source (IPv4 address or IPv6 prefix, with its VLAN). LRU: a full
+/// table forgets the longest-idle source, so it never refuses a new one. Sized at load.
+#[map]
+pub static RATE: LruHashMap<SourceKey, SourceState> = LruHashMap::with_max_entries(65536, 0);
+/// Apparent clock error of each guest (full source address and VLAN), for the alarm list.
+#[map]
+pub static GUESTS: LruHashMap<SourceKey, GuestClock> = LruHashMap::with_max_entries(65536, 0);
+/// MAC (padded to 8 bytes) → ifindex of the attached interface that owns it. Keyed by MAC:
+/// ifindexes repeat across namespaces, MACs do not.
+#[map]
+pub static OWN_MACS: HashMap<[u8; 8], u32> = HashMap::with_max_entries(MAX_INTERFACES, 0);
+/// The global kiss-o'-death budget, per CPU (no atomics on the fast path).
+#[map]
+pub static KOD_BUDGET: PerCpuArray<SourceState> = PerCpuArray::with_max_entries(1, 0);

@@ -1,0 +1,121 @@
+//! Turning a request around in place: Ethernet and IP addresses swapped, the NTP reply (or a
+//! kiss-o'-death) written over the request, fresh checksums. Never more bytes than came in.
+
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use ntp_common::{
+    checksum::{add_words, finish, finish_udp},
+    policy::{GuestClock, SourceKey},
+    reply::{guest_offset_fixed, write_kiss_of_death, write_server_reply, ClientRequest},
+    wire::*,
+    ServerParams, TimeAnchor,
+};
+
+use crate::maps::GUESTS;
+use crate::packet::{swap, Packet};
+use crate::parse::{ipv4_header_sum, Request};
+
+/// Swaps the frame's MACs and IP addresses, sets the TTL / hop limit, and (IPv4) writes a
+/// fresh header checksum. `None`: the frame changed under us (never, in practice).
+#[inline(always)]
+pub fn turn_around(pkt: &Packet, req: &Request) -> Option<()> {
+    let eth = pkt.bytes::<ETH_HEADER_LEN>(0)?;
+    swap::<6>(eth, 0, 6);
+    if req.v4 {
+        let ip = pkt.bytes::<IPV4_MIN_HEADER_LEN>(req.l3)?;
+        swap::<4>(ip, 12, 16);
+        ip[8] = REPLY_TTL;
+        ip[10] = 0;
+        ip[11] = 0;
+        let sum = ipv4_header_sum(pkt, req.l3, req.ihl)?;
+        let ip = pkt.bytes::<IPV4_MIN_HEADER_LEN>(req.l3)?;
+        let check = finish(sum);
+        ip[10] = (check >> 8) as u8;
+        ip[11] = check as u8;
+    } else {
+        let ip = pkt.bytes::<IPV6_HEADER_LEN>(req.l3)?;
+        swap::<16>(ip, 8, 24);
+        ip[7] = REPLY_TTL;
+    }
+    Some(())
+}
+
+/// Remembers what a guest's request said about its clock.
+#[inline(always)]
+fn record_guest(key: &SourceKey, offset_fixed: i64, now: u64) {
+    match GUESTS.get_ptr_mut(key) {
+        Some(g) => unsafe {
+            (*g).offset_fixed = offset_fixed;
+            (*g).requests += 1;
+            (*g).last_seen_ns = now;
+        },
+        None => {
+            let entry = GuestClock {
+                offset_fixed,
+                requests: 1,
+                last_seen_ns: now,
+            };
+            let _ = GUESTS.insert(key, &entry, 0);
+        }
+    }
+}
+
+/// What the reply is built from besides the request: the anchor, the server's header fields,
+/// the policy (guest records, KoD poll) and the receive time.
+pub struct ReplyContext<'a> {
+    pub anchor: &'a TimeAnchor,
+    pub params: &'a ServerParams,
+    pub guest_clocks: bool,
+    pub kod_poll: i8,
+    pub rx_mono: u64,
+}
+
+/// Writes the NTP reply (or a kiss-o'-death with `kod`) and the UDP header over the request
+/// segment. Returns whether a reply claims synchronization.
+#[inline(always)]
+pub fn answer(
+    pkt: &Packet,
+    req: &Request,
+    cx: &ReplyContext,
+    kod: Option<[u8; 4]>,
+) -> Option<bool> {
+    let seg = pkt.bytes::<{ NTP_UDP_LEN as usize }>(req.l4)?;
+    swap::<2>(seg, 0, 2);
+    seg[6] = 0;
+    seg[7] = 0;
+    // SAFETY: the NTP header is the last 48 of the segment's 56 bytes.
+    let hdr = unsafe { &mut *(seg.as_mut_ptr().add(UDP_HEADER_LEN) as *mut [u8; NTP_HEADER_LEN]) };
+    let request = ClientRequest::parse(hdr);
+    // Transmit timestamp: the last moment before the checksum that covers it.
+    let tx_mono = unsafe { bpf_ktime_get_ns() };
+    let random = unsafe { bpf_get_prandom_u32() };
+    let rx_mono = cx.rx_mono;
+    match kod {
+        None => {
+            let receive = write_server_reply(
+                hdr, &request, cx.anchor, cx.params, rx_mono, tx_mono, random,
+            );
+            // A zero transmit timestamp says nothing about the guest's clock.
+            if cx.guest_clocks && u64::from_be_bytes(request.transmit) != 0 {
+                // The full address (no prefix aggregation) and its VLAN.
+                let key = SourceKey::new(req.src, req.vlan);
+                record_guest(&key, guest_offset_fixed(request.transmit, receive), rx_mono);
+            }
+        }
+        Some(code) => write_kiss_of_death(
+            hdr,
+            &request,
+            cx.anchor,
+            cx.params,
+            rx_mono,
+            tx_mono,
+            random,
+            code,
+            cx.kod_poll,
+        ),
+    }
+    // The pseudo-header sum does not change when source and destination swap.
+    let check = finish_udp(add_words(req.pseudo, seg));
+    seg[6] = (check >> 8) as u8;
+    seg[7] = check as u8;
+    Some(kod.is_none() && cx.anchor.is_synchronized_at(rx_mono))
+}
