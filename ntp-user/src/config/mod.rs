@@ -308,4 +308,55 @@ service_address = "169.254.100.1/24"
             .to_string()
             .starts_with("config /etc/x.toml: field `service.precision`: "));
     }
+
+    /// Values that would break the service are refused, each naming its field and why.
+    #[test]
+    fn values_that_break_the_service_are_refused() {
+        for (section, field, why) in [
+            (
+                "[limits]\nkod_interval = \"0s\"",
+                "limits.kod_interval",
+                "at least 1s",
+            ),
+            (
+                "[clock]\npanic_threshold = \"0s\"",
+                "clock.panic_threshold",
+                "at least 1ms",
+            ),
+            (
+                "[clock]\nmax_anchor_age = \"30d\"",
+                "clock.max_anchor_age",
+                "at most 1h",
+            ),
+            (
+                "[limits]\nipv6_prefix = 128",
+                "limits.ipv6_prefix",
+                "16..=64",
+            ),
+            (
+                "[limits]\nkod_global_rate = 0",
+                "limits.kod_global_rate",
+                "(0, 1000000]",
+            ),
+            (
+                "[metrics]\nlisten = \"0.0.0.0:9273\"",
+                "metrics.listen",
+                "allow_remote",
+            ),
+        ] {
+            let e = err(&format!("{MINIMAL}{section}\n"));
+            assert!(e.contains(field) && e.contains(why), "{section}: {e}");
+        }
+        // A remote metrics endpoint asked for explicitly is fine; the IPv6 prefix is applied.
+        let v = parse(
+            &format!(
+                "{MINIMAL}[metrics]\nlisten = \"0.0.0.0:9273\"\nallow_remote = true\n\
+                 [limits]\nipv6_prefix = 56\nkod_global_rate = 50\n"
+            ),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(v.admission.policy.v6_prefix_len, 56);
+        assert_eq!(v.admission.policy.kod_global_emission_ns, 20_000_000);
+    }
 }

@@ -39,13 +39,44 @@ const ALARM_EVERY: Duration = Duration::from_secs(1);
 /// Walking a large guest table costs two syscalls per guest: alarms reuse a recent walk.
 const GUEST_WALK_MAX_AGE: Duration = Duration::from_secs(5);
 
+/// A value computed at most once per `max_age`: map walks cost two syscalls per entry, and a
+/// scraper (or anyone with the control socket) must not be able to make the daemon walk a
+/// 64k-entry table on every request.
+struct Recent<T> {
+    value: Mutex<Option<(Instant, T)>>,
+}
+
+impl<T: Clone> Recent<T> {
+    fn new() -> Recent<T> {
+        Recent {
+            value: Mutex::new(None),
+        }
+    }
+
+    fn get(&self, max_age: Duration, now: Instant, compute: impl FnOnce() -> T) -> T {
+        let mut cache = self.value.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, v)) = cache.as_ref() {
+            if now.saturating_duration_since(*at) <= max_age {
+                return v.clone();
+            }
+        }
+        let v = compute();
+        *cache = Some((now, v.clone()));
+        v
+    }
+}
+
+/// How old a walk of the rate or guest table may be when a report is built.
+const WALK_MAX_AGE: Duration = Duration::from_secs(1);
+
 pub struct Observatory {
     spec: ObserveSpec,
     observer: Observer,
     clock: ClockSnapshotCell,
     userspace: Arc<UserspaceCounters>,
     alarms: Mutex<Alarms>,
-    guests: Mutex<Option<(Instant, GuestSummary)>>,
+    guests: Recent<GuestSummary>,
+    rate_sources: Recent<usize>,
     started_mono_ns: u64,
 }
 
@@ -79,7 +110,8 @@ impl Observatory {
             observer,
             clock,
             userspace,
-            guests: Mutex::new(None),
+            guests: Recent::new(),
+            rate_sources: Recent::new(),
             started_mono_ns: monotonic_now_ns()?,
         }))
     }
@@ -88,15 +120,9 @@ impl Observatory {
         if !self.spec.guests.enabled {
             return GuestSummary::default();
         }
-        let mut cache = self.guests.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, s)) = cache.as_ref() {
-            if at.elapsed() <= max_age {
-                return s.clone();
-            }
-        }
-        let s = summarize(&self.observer.guest_clocks(), now_ns, &self.spec.guests);
-        *cache = Some((Instant::now(), s.clone()));
-        s
+        self.guests.get(max_age, Instant::now(), || {
+            summarize(&self.observer.guest_clocks(), now_ns, &self.spec.guests)
+        })
     }
 
     fn report_with(&self, guest_max_age: Duration) -> Result<StatusReport> {
@@ -129,7 +155,11 @@ impl Observatory {
                 userspace_answered_ipv4: answered.saturating_sub(answered6),
                 userspace_answered_ipv6: answered6,
                 userspace_dropped: load(&u.dropped),
-                rate_limited_sources_tracked: self.observer.rate_sources(),
+                rate_limited_sources_tracked: self.rate_sources.get(
+                    WALK_MAX_AGE,
+                    Instant::now(),
+                    || self.observer.rate_sources(),
+                ),
             },
             guests: self.guest_summary(guest_max_age, now),
             alarms: self
@@ -140,9 +170,10 @@ impl Observatory {
         })
     }
 
-    /// A report with fresh figures (for `status` and scrapes).
+    /// A report with fresh counters (for `status` and scrapes); table walks at most a second
+    /// old.
     pub fn report(&self) -> Result<StatusReport> {
-        self.report_with(Duration::from_millis(500))
+        self.report_with(WALK_MAX_AGE)
     }
 
     /// Evaluates the alarms and logs each transition once.
@@ -332,4 +363,50 @@ async fn control_session(mut stream: tokio::net::UnixStream, o: Arc<Observatory>
     stream.write_all(answer.as_bytes()).await?;
     stream.shutdown().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recent_value_is_computed_once_per_window() {
+        let r = Recent::new();
+        let t0 = Instant::now();
+        let mut walks = 0;
+        for ms in [0, 10, 500, 999, 1000] {
+            r.get(
+                Duration::from_secs(1),
+                t0 + Duration::from_millis(ms),
+                || {
+                    walks += 1;
+                    walks
+                },
+            );
+        }
+        assert_eq!(walks, 1, "one walk within the second");
+        let v = r.get(
+            Duration::from_secs(1),
+            t0 + Duration::from_millis(1001),
+            || 42,
+        );
+        assert_eq!(v, 42, "a new walk after it");
+    }
+
+    #[tokio::test]
+    async fn the_control_socket_replaces_only_a_stale_socket() {
+        let dir = std::env::temp_dir().join(format!("ntpxdp-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        // A stale socket (a killed daemon's): replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        bind_control(&path).unwrap();
+        // Anything else: left alone, with a clear error.
+        let other = dir.join("precious.txt");
+        std::fs::write(&other, b"keep me").unwrap();
+        let e = format!("{:#}", bind_control(&other).unwrap_err());
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&other).unwrap(), b"keep me");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
