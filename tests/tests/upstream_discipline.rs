@@ -179,3 +179,147 @@ fn serves_disciplined_time_from_real_upstreams_and_holds_over() {
         .unwrap();
     assert!(serve.stop().unwrap(), "daemon did not exit cleanly");
 }
+
+/// A DNS server that reads every query and answers none, on 127.0.0.1:53 of a namespace.
+struct SilentResolver {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    queries: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SilentResolver {
+    fn start(ns: &Netns) -> SilentResolver {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let queries = std::sync::Arc::new(AtomicU64::new(0));
+        let file = ns.file().unwrap();
+        let (s, q) = (stop.clone(), queries.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            netns::enter(&file).unwrap();
+            let sock = UdpSocket::bind("127.0.0.1:53").unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            ready_tx.send(()).unwrap();
+            let mut buf = [0u8; 512];
+            while !s.load(Ordering::Relaxed) {
+                if sock.recv(&mut buf).is_ok() {
+                    q.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        ready_rx.recv().unwrap();
+        SilentResolver {
+            stop,
+            queries,
+            thread: Some(thread),
+        }
+    }
+
+    fn queries(&self) -> u64 {
+        self.queries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for SilentResolver {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Removes `/etc/netns/NAME` (where `ip netns exec` finds a namespace's own resolv.conf).
+struct NetnsEtc(std::path::PathBuf);
+
+impl NetnsEtc {
+    fn resolv_conf(ns: &Netns, text: &str) -> NetnsEtc {
+        let dir = std::path::Path::new("/etc/netns").join(&ns.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("resolv.conf"), text).unwrap();
+        NetnsEtc(dir)
+    }
+}
+
+impl Drop for NetnsEtc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir("/etc/netns");
+    }
+}
+
+/// An upstream given by name whose resolver never answers: the clock task must not wait for
+/// it. With a literal upstream beside it, the daemon synchronizes and publishes on time
+/// (max_anchor_age is 2 s, so a stall shows as LI=3 or silence) while the name's lookups
+/// time out in the background.
+#[test]
+fn a_resolver_that_never_answers_never_stalls_the_clock() {
+    let t = Topology::new(56).unwrap();
+    let host = Netns::new("nth").unwrap();
+    let ns = Netns::new("ntu").unwrap();
+    link_namespaces(&host, "169.254.57.2/24", &ns, "169.254.57.1/24").unwrap();
+    let _upstream = ChronyServer::start(&ns, UPSTREAM_STRATUM).unwrap();
+    // The daemon's resolver: a socket on its namespace's loopback that reads queries and
+    // never answers (nothing leaves the test's namespaces).
+    let silent = SilentResolver::start(&host);
+    let _resolv = NetnsEtc::resolv_conf(
+        &host,
+        "nameserver 127.0.0.1\noptions timeout:30 attempts:3\n",
+    );
+    let args = [
+        "--upstream",
+        "169.254.57.1",
+        "--upstream",
+        "ntp.blackholed.test",
+        "--min-sources",
+        "1",
+        "--upstream-max-poll",
+        "4",
+        "--max-anchor-age",
+        "2s",
+        "--no-rate-limit",
+    ];
+    let mut serve = ServeProcess::start_in(Some(&host), &t, "generic", &args).unwrap();
+    wait_for_or(
+        "the first synchronization from the literal upstream",
+        Duration::from_secs(30),
+        &mut || {
+            query(&t.guest, CLOCK_V4)
+                .is_some_and(|h| h.stratum == UPSTREAM_STRATUM + 1 && h.leap == 0)
+        },
+        || {
+            while let Ok(line) = serve.log.try_recv() {
+                eprintln!("serve: {line}");
+            }
+        },
+    );
+    // Twenty seconds of queries, four a second: every one answered as synchronized, while
+    // the name's first lookup (30 s per attempt) is still hanging.
+    let start = Instant::now();
+    let (mut answered, mut stale) = (0, 0);
+    while start.elapsed() < Duration::from_secs(20) {
+        match query(&t.guest, CLOCK_V4) {
+            Some(h) if h.leap == 0 => answered += 1,
+            _ => stale += 1,
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let mut log = Vec::new();
+    while let Ok(line) = serve.log.try_recv() {
+        log.push(line);
+    }
+    assert_eq!(
+        stale,
+        0,
+        "{stale} queries unanswered or LI=3 ({answered} fine):\n{}",
+        log.join("\n")
+    );
+    assert!(answered >= 60, "{answered}");
+    // The lookup is under way and has not finished (it will time out, then be retried).
+    assert!(silent.queries() > 0, "the daemon never asked the resolver");
+    assert!(
+        !log.iter().any(|l| l.contains("upstream resolved")),
+        "{}",
+        log.join("\n")
+    );
+}

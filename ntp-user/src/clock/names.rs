@@ -21,11 +21,7 @@ impl UpstreamNames {
     }
 
     fn is_literal(name: &str) -> bool {
-        name.parse::<SocketAddr>().is_ok()
-            || name.parse::<std::net::IpAddr>().is_ok()
-            || name
-                .rsplit_once(':')
-                .is_some_and(|(h, _)| h.parse::<std::net::Ipv4Addr>().is_ok())
+        literal_address(name).is_some()
     }
 
     /// The upstream `name` first resolved to is the system's upstream `id`.
@@ -77,6 +73,18 @@ impl UpstreamNames {
     }
 }
 
+/// An upstream given as an address, not a name: `a.b.c.d`, `a.b.c.d:port`, a bare IPv6
+/// address or `[v6]:port` (port 123 unless given). Never needs DNS.
+pub fn literal_address(name: &str) -> Option<SocketAddr> {
+    if let Ok(a) = name.parse::<SocketAddr>() {
+        return Some(a);
+    }
+    if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+        return Some(SocketAddr::new(ip, 123));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +127,22 @@ mod tests {
         assert_eq!(system.upstreams[0].addr, moved);
         assert_eq!(system.upstreams[0].polls, 0);
         assert!(names.due(&system).is_empty());
+    }
+
+    #[test]
+    fn literal_addresses_need_no_dns() {
+        let v4: SocketAddr = "169.254.1.1:123".parse().unwrap();
+        assert_eq!(literal_address("169.254.1.1"), Some(v4));
+        assert_eq!(literal_address("169.254.1.1:123"), Some(v4));
+        assert_eq!(
+            literal_address("fd00::1"),
+            Some("[fd00::1]:123".parse().unwrap())
+        );
+        assert_eq!(
+            literal_address("[fd00::1]:1123"),
+            Some("[fd00::1]:1123".parse().unwrap())
+        );
+        assert_eq!(literal_address("ntp.example"), None);
+        assert_eq!(literal_address("ntp.example:123"), None);
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::clock::discipline::ClockModel;
-use crate::clock::names::UpstreamNames;
+use crate::clock::names::{literal_address, UpstreamNames};
 use crate::clock::system::{System, SystemConfig, SystemEvent};
 use crate::host::hostclock::{monotonic_now_ns, read_clock_pair};
 use crate::responder::Responder;
@@ -26,6 +26,25 @@ const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Names that did not resolve, or whose upstream was lost, are resolved again this often.
 const RESOLVE_RETRY: Duration = Duration::from_secs(60);
+/// One resolution's limit: a resolver that never answers costs a retry, never a stall.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a resolution came to: the name and its address, or why not.
+type Resolution = (String, Result<SocketAddr>);
+
+/// Resolves `name` in a task of its own, within [`RESOLVE_TIMEOUT`], and sends the outcome:
+/// the clock loop never waits for DNS, it hands names over and takes answers as they come.
+fn spawn_resolution(name: String, answers: mpsc::UnboundedSender<Resolution>) {
+    tokio::spawn(async move {
+        let r = match tokio::time::timeout(RESOLVE_TIMEOUT, resolve(&name)).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!(
+                "resolving upstream {name:?}: no answer within {RESOLVE_TIMEOUT:?}"
+            )),
+        };
+        let _ = answers.send((name, r));
+    });
+}
 
 /// Resolves `host` or `host:port` (default port 123).
 pub async fn resolve(name: &str) -> Result<SocketAddr> {
@@ -220,17 +239,18 @@ pub async fn run_disciplined(
         bail!("no upstream configured");
     }
     let mut names = UpstreamNames::new(upstreams);
-    let mut first = Vec::new();
-    for name in upstreams {
-        match resolve(name).await {
-            Ok(a) => {
-                info!(upstream = %name, address = %a, "upstream configured");
-                first.push((name.clone(), a));
-            }
-            Err(e) => warn!(error = %format!("{e:#}"), "upstream not resolved; will retry"),
-        }
+    // Addresses are upstreams at once; names are resolved by tasks of their own, and become
+    // upstreams when they answer. Publishing never waits for DNS.
+    let first: Vec<(String, SocketAddr)> = upstreams
+        .iter()
+        .filter_map(|n| literal_address(n).map(|a| (n.clone(), a)))
+        .collect();
+    for (name, a) in &first {
+        info!(upstream = %name, address = %a, "upstream configured");
     }
     let addrs: Vec<SocketAddr> = first.iter().map(|(_, a)| *a).collect();
+    let (resolved_tx, mut resolved_rx) = mpsc::unbounded_channel::<Resolution>();
+    let mut resolving: HashSet<String> = HashSet::new();
     // Kernel software receive timestamps are switched on lazily and off again when the last
     // socket asking for them closes; a packet arriving in between is stamped when read. One
     // socket that asks for them for the daemon's whole life keeps them on for the per-request
@@ -267,8 +287,9 @@ pub async fn run_disciplined(
     let mut log = EventLog::default();
     let (tx, mut rx) = mpsc::channel::<Reply>(256);
     tokio::pin!(shutdown);
+    // The first tick is at once: names are asked for as the loop starts.
     let mut resolve_timer = tokio::time::interval(RESOLVE_RETRY);
-    resolve_timer.tick().await;
+    resolve_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut publish = |system: &mut System,
                        responder: &mut Responder,
@@ -315,16 +336,26 @@ pub async fn run_disciplined(
             }
             _ = resolve_timer.tick() => {
                 for name in names.due(&system) {
-                    match resolve(&name).await {
-                        Ok(a) => {
-                            if let Some(change) =
-                                names.resolved(&name, a, &mut system, monotonic_now_ns()?)
-                            {
-                                info!(upstream = %name, address = %a, %change, "upstream resolved");
-                            }
-                        }
-                        Err(e) => debug!(upstream = %name, error = %format!("{e:#}"), "not resolved"),
+                    if resolving.insert(name.clone()) {
+                        spawn_resolution(name, resolved_tx.clone());
                     }
+                }
+            }
+            Some((name, result)) = resolved_rx.recv() => {
+                resolving.remove(&name);
+                match result {
+                    Ok(a) => {
+                        if let Some(change) =
+                            names.resolved(&name, a, &mut system, monotonic_now_ns()?)
+                        {
+                            info!(upstream = %name, address = %a, %change, "upstream resolved");
+                        }
+                    }
+                    Err(e) => warn!(
+                        upstream = %name,
+                        error = %format!("{e:#}"),
+                        "upstream not resolved; will retry"
+                    ),
                 }
             }
             _ = &mut shutdown => break,
