@@ -198,7 +198,8 @@ impl SilentResolver {
         let thread = std::thread::spawn(move || {
             netns::enter(&file).unwrap();
             let sock = UdpSocket::bind("127.0.0.1:53").unwrap();
-            sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
             ready_tx.send(()).unwrap();
             let mut buf = [0u8; 512];
             while !s.load(Ordering::Relaxed) {

@@ -66,10 +66,16 @@ impl std::fmt::Display for Rejection {
     }
 }
 
+/// After DENY or RSTR, the first back-off (an hour) and the longest (a day).
+const DENY_BACKOFF_MIN_NS: u64 = 3600 * NANOS_PER_SEC;
+const DENY_BACKOFF_MAX_NS: u64 = 86_400 * NANOS_PER_SEC;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UpstreamState {
     Active,
-    /// DENY or RSTR: the server asked us to stop. Never polled again.
+    /// DENY or RSTR: the server asked us to stop. Not polled until `denied_until_ns` (an
+    /// hour, doubling to a day while it keeps refusing); meanwhile its name, if it has one,
+    /// is resolved again (a pool may give another server).
     Denied([u8; 4]),
 }
 
@@ -104,6 +110,9 @@ pub struct Upstream {
     pub polls: u64,
     next_poll_ns: u64,
     burst_left: u8,
+    /// While denied: when to try once more, and how long the last back-off was.
+    denied_until_ns: u64,
+    deny_backoff_ns: u64,
     good_at_poll: u32,
     poll_limit: i8,
     outstanding: Option<Outstanding>,
@@ -122,6 +131,8 @@ impl Upstream {
             polls: 0,
             next_poll_ns: now_ns,
             burst_left: if config.iburst { BURST_COUNT } else { 1 },
+            denied_until_ns: 0,
+            deny_backoff_ns: 0,
             good_at_poll: 0,
             poll_limit: config.max_poll,
             outstanding: None,
@@ -143,21 +154,35 @@ impl Upstream {
     }
 
     pub fn next_poll_ns(&self) -> Option<u64> {
-        matches!(self.state, UpstreamState::Active).then_some(self.next_poll_ns)
+        match self.state {
+            UpstreamState::Active => Some(self.next_poll_ns),
+            UpstreamState::Denied(_) => Some(self.denied_until_ns),
+        }
     }
 
     pub fn is_reachable(&self) -> bool {
         self.reach != 0
     }
 
-    /// Polled long enough (eight times) without one answer in the register: lost.
+    /// Polled long enough (eight times) without one answer in the register, or refusing
+    /// service: lost (its name is worth resolving again).
     pub fn is_lost(&self) -> bool {
-        self.state == UpstreamState::Active && self.polls >= 8 && self.reach == 0
+        match self.state {
+            UpstreamState::Active => self.polls >= 8 && self.reach == 0,
+            UpstreamState::Denied(_) => true,
+        }
     }
 
     /// Builds the next request. `cookie` must be unpredictable (it goes out as the transmit
     /// timestamp; the server echoes it as origin, so only a real answer can match it).
     pub fn poll(&mut self, now_ns: u64, cookie: u64) -> [u8; NTP_HEADER_LEN] {
+        if let UpstreamState::Denied(_) = self.state {
+            // The back-off is over: one more try, from a clean register.
+            self.state = UpstreamState::Active;
+            self.outstanding = None;
+            self.reach = 0;
+            self.burst_left = 1;
+        }
         if self.outstanding.is_some() {
             // The previous request went unanswered.
             self.good_at_poll = 0;
@@ -278,7 +303,14 @@ impl Upstream {
                     .next_poll_ns
                     .max(sent_ns + (NANOS_PER_SEC << self.poll.clamp(0, 17)));
             }
-            b"DENY" | b"RSTR" => self.state = UpstreamState::Denied(code),
+            b"DENY" | b"RSTR" => {
+                self.state = UpstreamState::Denied(code);
+                self.deny_backoff_ns =
+                    (self.deny_backoff_ns * 2).clamp(DENY_BACKOFF_MIN_NS, DENY_BACKOFF_MAX_NS);
+                self.denied_until_ns = sent_ns + self.deny_backoff_ns;
+                self.reach = 0;
+                self.header = None;
+            }
             _ => {}
         }
     }
@@ -448,7 +480,19 @@ mod tests {
         h.refid = *b"DENY";
         let _ = u.on_response(&h.serialize(), recv, &model);
         assert_eq!(u.state, UpstreamState::Denied(*b"DENY"));
-        assert_eq!(u.next_poll_ns(), None);
+        // Backed off an hour (not forever), and lost: its name is resolved again.
+        assert_eq!(u.next_poll_ns(), Some(S + 3600 * S));
+        assert!(u.is_lost());
+        // After the hour: one more try; refused again, the back-off doubles.
+        let req = u.poll(S + 3600 * S, 9);
+        assert_eq!(u.state, UpstreamState::Active);
+        let (resp, recv) = answer(&req, &model, S + 3600 * S, 0, 1_000);
+        let mut h = NtpHeader::parse(&resp).unwrap();
+        h.stratum = 0;
+        h.refid = *b"RSTR";
+        let _ = u.on_response(&h.serialize(), recv, &model);
+        assert_eq!(u.state, UpstreamState::Denied(*b"RSTR"));
+        assert_eq!(u.next_poll_ns(), Some(S + 3600 * S + 7200 * S));
 
         let mut u = upstream();
         let before = u.poll;

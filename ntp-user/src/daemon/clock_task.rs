@@ -143,7 +143,8 @@ impl EventLog {
                 }
                 SystemEvent::Denied { upstream, code } => error!(
                     %upstream, code = %String::from_utf8_lossy(&code),
-                    "upstream refused service (kiss-o'-death); no longer polled"
+                    "upstream refused service (kiss-o'-death): backed off (an hour, doubling to a \
+                     day); its name is resolved again"
                 ),
                 SystemEvent::SystemPeerChanged { upstream } => {
                     self.no_selection = false;
