@@ -1328,3 +1328,60 @@ fn pins_of_another_layout_are_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// The NTP header of a reply frame (IPv4, no options).
+fn reply_header(frame: &[u8]) -> ntp_common::packet::NtpHeader {
+    ntp_common::packet::NtpHeader::parse(&frame[42..]).expect("an NTP reply")
+}
+
+/// A model (here: the host clock in host-clock mode) that goes back a little is held: served
+/// time never goes backwards and stays synchronized. One that goes back far (an hour) is not
+/// held for the 83 days 500 ppm would take: served time steps back, replies say LI=3 for a
+/// while, and the publication says so (the daemon logs an error).
+#[test]
+fn a_small_step_back_is_held_and_a_large_one_is_stepped_with_li3() {
+    let (mut r, anchor) = responder(AnchorState::Synchronized).unwrap();
+    let frame = Frame::v4(v4_request()).build();
+    let before = r.test_run(&frame).unwrap();
+    let t_before = reply_header(&before.frame).transmit_ts;
+
+    // 10 ms back: held.
+    let mut small = anchor;
+    small.mono_ns = monotonic_now_ns().unwrap();
+    small.ntp_ns = anchor.ntp_ns_at(small.mono_ns) - 10_000_000;
+    let p = r.publish_anchor(small).unwrap();
+    assert!(
+        p.held_back_ns >= 9_000_000 && p.stepped_back_ns == 0,
+        "{p:?}"
+    );
+    let h = reply_header(&r.test_run(&frame).unwrap().frame);
+    assert_eq!(h.leap, LEAP_NONE);
+    assert!(h.transmit_ts >= t_before, "served time went backwards");
+
+    // An hour back: stepped, LI=3.
+    let mut large = anchor;
+    large.mono_ns = monotonic_now_ns().unwrap();
+    large.ntp_ns = anchor.ntp_ns_at(large.mono_ns) - 3600 * NANOS_PER_SEC;
+    let p = r.publish_anchor(large).unwrap();
+    assert!(
+        p.stepped_back_ns > 3599 * NANOS_PER_SEC && p.held_back_ns == 0,
+        "{p:?}"
+    );
+    let h = reply_header(&r.test_run(&frame).unwrap().frame);
+    assert_eq!(
+        h.leap, LEAP_UNSYNCHRONIZED,
+        "a step back must not be served as synchronized"
+    );
+    let served = ntp_common::time::timestamp_to_ntp_ns(h.transmit_ts, anchor.ntp_ns);
+    assert!(
+        served < anchor.ntp_ns_at(large.mono_ns) - 3590 * NANOS_PER_SEC,
+        "served time was held instead of stepped"
+    );
+    // Anchors published within the next minutes stay LI=3.
+    let mut next = large;
+    next.mono_ns += NANOS_PER_SEC;
+    next.ntp_ns += NANOS_PER_SEC;
+    r.publish_anchor(next).unwrap();
+    let h = reply_header(&r.test_run(&frame).unwrap().frame);
+    assert_eq!(h.leap, LEAP_UNSYNCHRONIZED);
+}

@@ -299,7 +299,14 @@ pub async fn run_disciplined(
         let now = monotonic_now_ns()?;
         let (anchor, events) = system.anchor(now);
         log.log(events);
-        responder.publish_anchor(anchor)?;
+        let publication = responder.publish_anchor(anchor)?;
+        if publication.stepped_back_ns > 0 {
+            error!(
+                stepped_back_s = publication.stepped_back_ns as f64 * 1e-9,
+                "the clock went back too far to hold served time: stepped back, serving LI=3 \
+                 for a while"
+            );
+        }
         *status.lock().unwrap_or_else(|e| e.into_inner()) = system.snapshot(now, &anchor);
         if let Some(c) = &continuity {
             let f = system.frequency_ppm();

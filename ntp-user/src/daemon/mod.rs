@@ -228,7 +228,14 @@ async fn serve_host_clock(
                     last_sync_mono_ns: (!unsynced).then_some(anchor.mono_ns),
                     ..Default::default()
                 };
-                if publication.held_back_ns > 1_000_000 {
+                if publication.stepped_back_ns > 0 {
+                    tracing::error!(
+                        stepped_back_s = publication.stepped_back_ns as f64 * 1e-9,
+                        unsynchronized_for_s = crate::responder::STEP_UNSYNC_NS / 1_000_000_000,
+                        "the host clock went back too far to hold served time: stepped back, \
+                         serving LI=3 for a while"
+                    );
+                } else if publication.held_back_ns > 1_000_000 {
                     warn!(
                         held_back_ms = publication.held_back_ns as f64 / 1e6,
                         "host clock went backwards; holding served time until it catches up"

@@ -77,6 +77,14 @@ pub fn served_address_key(addr: IpAddr) -> [u8; 16] {
     }
 }
 
+/// The most served time is held above a model that went back (it then runs slow, at 500 ppm at
+/// most, until the model meets it): a second takes ~33 min to absorb. Beyond it, holding
+/// would serve time ahead of the model for days (an hour: 83 days); the daemon steps instead.
+pub const MAX_HOLD_NS: u64 = 1_000_000_000;
+/// After such a step, replies say LI=3 this long, so clients see the discontinuity for what it
+/// is rather than take the earlier time as synchronized.
+pub const STEP_UNSYNC_NS: u64 = 300 * 1_000_000_000;
+
 /// The responder's table of own MACs (see [`Responder::set_own_macs`]).
 pub struct OwnMacs<T = MapData>(HashMap<T, [u8; 8], u32>);
 
@@ -123,6 +131,9 @@ impl<T: std::borrow::BorrowMut<MapData>> OwnMacs<T> {
 pub struct Publication {
     /// The generation now live (its slot is `generation & 1`).
     pub generation: u32,
+    /// The model went back by more than [`MAX_HOLD_NS`]: served time was stepped back by this
+    /// much instead of held, and replies say LI=3 for [`STEP_UNSYNC_NS`].
+    pub stepped_back_ns: u64,
     /// How far the requested time was raised so that served time never goes backwards.
     pub held_back_ns: u64,
 }
@@ -134,6 +145,8 @@ pub struct Responder {
     /// moved meanwhile, so no timing between publications is assumed.
     generation: u32,
     last_anchor: Option<TimeAnchor>,
+    /// After a step back beyond [`MAX_HOLD_NS`]: anchors say LI=3 until this monotonic time.
+    unsynchronized_until: Option<u64>,
     /// Every published anchor, for the userspace path (same anchor as the kernel).
     published: tokio::sync::watch::Sender<TimeAnchor>,
 }
@@ -203,6 +216,7 @@ impl Responder {
             ebpf,
             generation: 0,
             last_anchor: None,
+            unsynchronized_until: None,
             published: tokio::sync::watch::Sender::new(TimeAnchor::default()),
         })
     }
@@ -322,13 +336,30 @@ impl Responder {
     /// [`hold_monotonic`]: ntp_common::anchor::hold_monotonic
     pub fn publish_anchor(&mut self, mut anchor: TimeAnchor) -> Result<Publication> {
         let mut held_back_ns = 0;
+        let mut stepped_back_ns = 0;
         // Replies from an unsynchronized anchor (LI=3) are not time clients keep, so the first
         // synchronized anchor may start below them (the daemon's one initial step).
         if let Some(prev) = self
             .last_anchor
             .filter(|p| p.is_published() && p.leap != ntp_common::wire::LEAP_UNSYNCHRONIZED)
         {
-            held_back_ns = ntp_common::anchor::hold_monotonic(&prev, &mut anchor);
+            let mut held = anchor;
+            let back = ntp_common::anchor::hold_monotonic(&prev, &mut held);
+            if back > MAX_HOLD_NS {
+                // Too far to hold: step, and say so to clients for a while.
+                stepped_back_ns = back;
+                self.unsynchronized_until = Some(anchor.mono_ns.saturating_add(STEP_UNSYNC_NS));
+            } else {
+                anchor = held;
+                held_back_ns = back;
+            }
+        }
+        if let Some(until) = self.unsynchronized_until {
+            if anchor.mono_ns < until {
+                anchor.leap = ntp_common::wire::LEAP_UNSYNCHRONIZED;
+            } else {
+                self.unsynchronized_until = None;
+            }
         }
         let generation = self.generation.wrapping_add(1);
         {
@@ -346,6 +377,7 @@ impl Responder {
         self.published.send_replace(anchor);
         Ok(Publication {
             generation,
+            stepped_back_ns,
             held_back_ns,
         })
     }
