@@ -32,6 +32,29 @@ fn exchange(guest: &Netns, addr: &str, request: Vec<u8>) -> Option<Vec<u8>> {
     .unwrap()
 }
 
+/// Sends all `requests` at once from one socket, then collects replies until a second passes
+/// without one.
+fn burst(guest: &Netns, addr: &str, requests: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let ns = guest.file().unwrap();
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        ntp_user::host::netns::enter(&ns).unwrap();
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        for r in &requests {
+            sock.send_to(r, (addr.as_str(), 123)).unwrap();
+        }
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = sock.recv(&mut buf) {
+            out.push(buf[..n].to_vec());
+        }
+        out
+    })
+    .join()
+    .unwrap()
+}
+
 fn request(transmit: u64, extra: usize) -> Vec<u8> {
     let mut r = vec![0u8; 48 + extra];
     r[0] = li_vn_mode(0, 4, MODE_CLIENT);
@@ -149,5 +172,58 @@ fn with_xdp_off_the_userspace_path_serves_real_clients() {
         let m = chronyd_query(&t.guest, addr).unwrap_or_else(|e| panic!("{addr}: {e:#}"));
         assert!(m.tests_passed, "{addr}: {m:?}");
         assert_eq!(m.stratum, 5);
+    }
+}
+
+/// Every request that gets time has passed the access list and the rate limit, whichever
+/// path answers it: a denied guest's request padded with a MAC-sized tail is dropped in the
+/// kernel (it used to get a full LI=0 reply from userspace), and with XDP off the userspace
+/// path itself refuses it; a guest over its rate gets no more than its burst through
+/// userspace either (the kernel peeks, userspace takes the tokens).
+#[test]
+fn the_userspace_path_applies_the_access_list_and_the_rate_limit() {
+    for (subnet, mode) in [(73u8, "generic"), (74, "off")] {
+        let t = Topology::new(subnet).unwrap();
+        let guest_net = format!("{}/32", t.guest_v4);
+        let serve = ServeProcess::start_in(
+            None,
+            &t,
+            mode,
+            &["--deny", &guest_net, "--deny-action", "drop"],
+        )
+        .unwrap();
+        for extra in [0, 20] {
+            assert_eq!(
+                exchange(&t.guest, CLOCK_V4, request(0x0bad_0bad_0000_0001, extra)),
+                None,
+                "{mode}: a denied guest got an answer to a request with {extra} extra bytes"
+            );
+        }
+        // IPv6 is not denied: answered, padded or not.
+        assert!(
+            exchange(&t.guest, CLOCK_V6, request(7, 20)).is_some(),
+            "{mode}"
+        );
+        drop(serve);
+
+        // A burst of 3 at 1/s: ten padded requests back to back get at most 3 with time.
+        let serve =
+            ServeProcess::start_in(None, &t, mode, &["--rate-limit", "1", "--burst", "3"]).unwrap();
+        let replies = burst(
+            &t.guest,
+            CLOCK_V4,
+            (0..10u64).map(|i| request(0x1000 + i, 20)).collect(),
+        );
+        let with_time = replies
+            .iter()
+            .filter(|r| r[0] >> 6 != LEAP_UNSYNCHRONIZED)
+            .count();
+
+        assert!(
+            (1..=4).contains(&with_time),
+            "{mode}: {with_time} of 10 padded requests got time at 1/s with a burst of 3 (replies: {:?})",
+            replies.iter().map(|r| (r.len(), r[0] >> 6, r[OFF_STRATUM])).collect::<Vec<_>>()
+        );
+        drop(serve);
     }
 }

@@ -254,6 +254,10 @@ async fn serve_socket(
     admission: Arc<std::sync::Mutex<UserspaceAdmission>>,
     counters: Arc<UserspaceCounters>,
 ) -> Result<()> {
+    // Requests that arrive before the first publication wait in the socket rather than be
+    // dropped for want of an anchor (a daemon starting, or restarting, answers them all).
+    let mut first = anchors.clone();
+    let _ = first.wait_for(|a| a.is_published()).await;
     loop {
         let (bytes, from, rx_mono) = recv_timestamped(&sock).await?;
         let anchor = *anchors.borrow();
