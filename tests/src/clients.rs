@@ -320,6 +320,16 @@ pub fn metric(body: &str, sample: &str) -> Option<f64> {
 
 /// One client request from `ns` to `addr`:123: the reply, or None after 500 ms.
 pub fn one_query(ns: &crate::topology::Netns, addr: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    one_query_with_tail(ns, addr, 0)
+}
+
+/// [`one_query`] with `tail` bytes after the header (20: a key ID and MD5 digest, as a
+/// symmetric-key client sends): what the responder passes up to the userspace path.
+pub fn one_query_with_tail(
+    ns: &crate::topology::Netns,
+    addr: &str,
+    tail: usize,
+) -> anyhow::Result<Option<Vec<u8>>> {
     use ntp_common::wire::{li_vn_mode, MODE_CLIENT};
     let file = ns.file()?;
     let addr = addr.to_string();
@@ -328,7 +338,7 @@ pub fn one_query(ns: &crate::topology::Netns, addr: &str) -> anyhow::Result<Opti
         let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
         sock.connect((addr.as_str(), 123))?;
         sock.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
-        let mut req = [0u8; 48];
+        let mut req = vec![0u8; 48 + tail];
         req[0] = li_vn_mode(0, 4, MODE_CLIENT);
         req[40..48].copy_from_slice(&0x1234_5678_9abc_def0u64.to_be_bytes());
         sock.send(&req)?;

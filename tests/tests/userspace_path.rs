@@ -182,7 +182,7 @@ fn with_xdp_off_the_userspace_path_serves_real_clients() {
 /// userspace either (the kernel peeks, userspace takes the tokens).
 #[test]
 fn the_userspace_path_applies_the_access_list_and_the_rate_limit() {
-    for (subnet, mode) in [(73u8, "generic"), (74, "off")] {
+    for (subnet, mode) in [(75u8, "generic"), (76, "off")] {
         let t = Topology::new(subnet).unwrap();
         let guest_net = format!("{}/32", t.guest_v4);
         let serve = ServeProcess::start_in(

@@ -510,3 +510,49 @@ fn host_clock_mode_follows_the_kernels_synchronization_flag() {
         assert_eq!((li, reply[1], &reply[12..16]), (3, 0, &b"INIT"[..]));
     }
 }
+
+/// Every repair restores the whole service, not only the responder: after the service
+/// namespace is deleted underneath the daemon, and after the veth is deleted, a new guest
+/// gets a DHCP lease (dnsmasq follows into the new plumbing) and a request with a MAC tail is
+/// answered (the userspace path's sockets are bound again in the new namespace).
+#[test]
+fn repairs_restore_dhcp_and_the_userspace_path() {
+    use integration_tests::clients::one_query_with_tail;
+    let mut vip = VipHost::start(VipOptions {
+        subnet: 68,
+        dhcp: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let first = vip.add_guest().unwrap();
+    vip.dhcp_lease(&first).unwrap();
+    assert!(one_query_with_tail(&first, CLOCK_V4, 20).unwrap().is_some());
+
+    for what in ["namespace deleted", "veth deleted"] {
+        if what == "namespace deleted" {
+            ip(&["netns", "del", &vip.netns]).unwrap();
+        } else {
+            vip.home.ip(&["link", "del", &vip.host_if]).unwrap();
+        }
+        let back = VipHost::wait_until(Duration::from_secs(15), || {
+            Ok(vip
+                .ns_ip(&["link", "show", &vip.ns_if])
+                .is_ok_and(|s| s.contains("prog/xdp")))
+        })
+        .unwrap();
+        assert!(back, "{what}: the responder was not re-attached");
+        let guest = vip.add_guest().unwrap();
+        let lease = vip.dhcp_lease(&guest);
+        let answered = VipHost::wait_until(Duration::from_secs(10), || {
+            Ok(one_query_with_tail(&guest, CLOCK_V4, 20)?.is_some())
+        })
+        .unwrap();
+        let log = vip.daemon().unwrap().drain_log().join("\n");
+        assert!(lease.is_ok(), "{what}: no DHCP lease: {lease:?}\n{log}");
+        assert!(answered, "{what}: a MAC-tailed request went unanswered\n{log}");
+        assert!(
+            log.contains("restarting dnsmasq") && log.contains("binding the userspace path again"),
+            "{what}: {log}"
+        );
+    }
+}

@@ -11,11 +11,12 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::programs::XdpMode;
 use tracing::{info, warn};
 
-use crate::daemon::{serve_responder, AbortOnDrop, ServeOptions};
+use crate::daemon::{serve_responder, AbortOnDrop, ServeOptions, UserSockets};
 use crate::host::dhcp::{self, DhcpSpec};
 use crate::host::netlink::Netlink;
 use crate::host::netns;
 use crate::host::vip::{self, state_dir, Created, VipSpec};
+use crate::responder::userspace::SocketPlace;
 use crate::responder::{self, attach_pinned, pin_dir, Attached, OwnMacs, Responder};
 use crate::responder::{XdpModePref, PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
 
@@ -335,6 +336,7 @@ async fn repair(
     mut created: Created,
     plan: Option<AttachPlan>,
     mut own_macs: Option<OwnMacs>,
+    plumbing: tokio::sync::watch::Sender<u64>,
 ) {
     let host = match Netlink::open() {
         Ok(h) => h,
@@ -349,9 +351,13 @@ async fn repair(
     loop {
         tick.tick().await;
         match vip::ensure(&spec, &mut created, &host).await {
-            Ok(changes) => {
-                for change in changes {
+            Ok(ensured) => {
+                for change in ensured.changes {
                     warn!(repair = %change, "drift repaired");
+                }
+                if ensured.recreated {
+                    // The userspace path and dnsmasq follow into the new plumbing.
+                    plumbing.send_modify(|epoch| *epoch += 1);
                 }
             }
             Err(e) => warn!(error = %format!("{e:#}"), "drift repair failed; retrying"),
@@ -388,7 +394,7 @@ pub async fn serve_managed(
     let _lock = DaemonLock::acquire(&spec.netns)?;
     let host = Netlink::open()?;
     let mut created = Created::load(&spec.netns)?.unwrap_or_default();
-    for change in vip::ensure(&spec, &mut created, &host).await? {
+    for change in vip::ensure(&spec, &mut created, &host).await?.changes {
         info!(change = %change, "plumbing");
     }
     created.save()?;
@@ -452,18 +458,30 @@ pub async fn serve_managed(
         state_file: state_dir(&spec.netns).join("clock.json"),
     };
     let own_macs = plan.as_ref().map(|_| responder.own_macs()).transpose()?;
-    let mut tasks = vec![AbortOnDrop(tokio::spawn(repair(
+    // Bumped by the repair pass whenever it recreates the namespace or the veth.
+    let (plumbing, plumbing_rx) = tokio::sync::watch::channel(0u64);
+    let mut tasks = Vec::new();
+    if let Some(d) = &dhcp_spec {
+        tasks.push(AbortOnDrop(tokio::spawn(dhcp::supervise(
+            d.clone(),
+            plumbing_rx.clone(),
+        ))));
+    }
+    tasks.push(AbortOnDrop(tokio::spawn(repair(
         spec.clone(),
         created,
         plan,
         own_macs,
-    )))];
-    if let Some(d) = &dhcp_spec {
-        tasks.push(AbortOnDrop(tokio::spawn(dhcp::supervise(
-            d.clone(),
-            ns.try_clone().context("duplicating the namespace handle")?,
-        ))));
-    }
+        plumbing,
+    ))));
+    let user_sockets = UserSockets {
+        sockets: user_sockets,
+        place: SocketPlace {
+            netns: Some(spec.netns.clone()),
+            addresses: served.clone(),
+        },
+        plumbing: plumbing_rx,
+    };
     let result =
         serve_responder(&opts, &mut responder, user_sockets, Some(continuity), tasks).await;
     // The repair and DHCP tasks stop here (dnsmasq with its supervisor).

@@ -20,7 +20,7 @@ use crate::clock::system::SystemConfig;
 use crate::host::hostclock::{host_clock_anchor, HostClockIdentity};
 use crate::observe::status::ClockSnapshotCell;
 use crate::observe::Observatory;
-use crate::responder::userspace::{UserspaceAdmission, UserspaceCounters};
+use crate::responder::userspace::{SocketPlace, UserspaceAdmission, UserspaceCounters};
 use crate::responder::{Responder, XdpModePref};
 
 /// Where served time comes from.
@@ -92,10 +92,18 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// What both modes run once the responder is set up: observability, the userspace path,
 /// the mode's own tasks, and the clock task until shutdown. Returns the userspace counters.
+/// The userspace path's sockets as bound at start, where to bind them again, and the plumbing
+/// epoch that says when (managed mode; it never moves in standalone mode).
+pub(crate) struct UserSockets {
+    pub sockets: Vec<std::net::UdpSocket>,
+    pub place: SocketPlace,
+    pub plumbing: tokio::sync::watch::Receiver<u64>,
+}
+
 pub(crate) async fn serve_responder(
     opts: &ServeOptions,
     responder: &mut Responder,
-    user_sockets: Vec<std::net::UdpSocket>,
+    user_sockets: UserSockets,
     continuity: Option<clock_task::Continuity>,
     mode_tasks: Vec<AbortOnDrop>,
 ) -> Result<Arc<UserspaceCounters>> {
@@ -136,14 +144,21 @@ impl Drop for AbortOnDrop {
 
 /// Runs the userspace path; logs if it ever stops.
 async fn userspace_path(
-    sockets: Vec<std::net::UdpSocket>,
+    sockets: UserSockets,
     anchors: tokio::sync::watch::Receiver<ntp_common::TimeAnchor>,
     params: ServerParams,
     admission: UserspaceAdmission,
     counters: Arc<UserspaceCounters>,
 ) {
-    if let Err(e) =
-        crate::responder::userspace::serve(sockets, anchors, params, admission, counters).await
+    let UserSockets {
+        sockets,
+        place,
+        plumbing,
+    } = sockets;
+    if let Err(e) = crate::responder::userspace::serve(
+        sockets, place, plumbing, anchors, params, admission, counters,
+    )
+    .await
     {
         tracing::error!(error = %format!("{e:#}"), "the userspace path stopped");
     }

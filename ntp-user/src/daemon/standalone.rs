@@ -57,8 +57,17 @@ pub async fn serve(mut opts: ServeOptions) -> Result<()> {
             None => attach(&mut responder, &opts, None, home).await?,
         }
     };
-    let user_sockets =
-        crate::responder::userspace::bind_sockets(service_ns.as_ref(), &opts.addresses)?;
+    let place = crate::responder::userspace::SocketPlace {
+        netns: opts.netns.clone(),
+        addresses: opts.addresses.clone(),
+    };
+    // An attached interface is not ours to recreate: the sockets stay where they are bound.
+    let (_never, plumbing) = tokio::sync::watch::channel(0u64);
+    let user_sockets = crate::daemon::UserSockets {
+        sockets: crate::responder::userspace::bind_sockets(service_ns.as_ref(), &opts.addresses)?,
+        place,
+        plumbing,
+    };
     let source = match &opts.clock {
         ClockSource::HostClock { identity, .. } => {
             format!("host clock as local stratum {}", identity.stratum)

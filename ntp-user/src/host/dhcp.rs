@@ -136,13 +136,28 @@ pub fn stop_stale(spec_netns: &str) -> Result<Option<i32>> {
 /// child is killed then). If the daemon dies, dnsmasq goes on serving leases until the next
 /// daemon replaces it ([`stop_stale`]); it drops root to its own user, which also clears any
 /// parent-death signal.
-pub async fn supervise(spec: DhcpSpec, ns: File) {
+///
+/// When `plumbing` moves on (a repair recreated the namespace or the veth dnsmasq was bound
+/// to), the running dnsmasq is stopped and a new one started in the namespace as it is now.
+pub async fn supervise(spec: DhcpSpec, mut plumbing: tokio::sync::watch::Receiver<u64>) {
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = tokio::time::Instant::now();
-        match run_once(&spec, &ns).await {
-            Ok(status) => warn!(%status, "dnsmasq exited; restarting it"),
-            Err(e) => warn!(error = %format!("{e:#}"), "dnsmasq could not run; retrying"),
+        let run = async {
+            let ns = crate::host::netns::open_named_netns(&spec.netns)?;
+            run_once(&spec, &ns).await
+        };
+        tokio::select! {
+            outcome = run => match outcome {
+                Ok(status) => warn!(%status, "dnsmasq exited; restarting it"),
+                Err(e) => warn!(error = %format!("{e:#}"), "dnsmasq could not run; retrying"),
+            },
+            Ok(()) = plumbing.changed() => {
+                // Dropping the run killed the old dnsmasq (kill_on_drop).
+                info!(netns = %spec.netns, "plumbing recreated: restarting dnsmasq in it");
+                backoff = Duration::from_secs(1);
+                continue;
+            }
         }
         if started.elapsed() > Duration::from_secs(60) {
             backoff = Duration::from_secs(1);

@@ -145,10 +145,21 @@ fn namespace_sysctls() -> Result<Vec<String>> {
     Ok(changed)
 }
 
+/// What [`ensure`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ensured {
+    /// One line per change, for the log (empty: everything was as it should be).
+    pub changes: Vec<String>,
+    /// The namespace or the veth was (re)created: whatever was bound to the old ones (the
+    /// userspace path's sockets, dnsmasq) must follow.
+    pub recreated: bool,
+}
+
 /// Brings what exists in line with `spec`, from the daemon's own namespace. Returns one line per
 /// change made (empty: everything was as it should be). `created` records what was made.
-pub async fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Result<Vec<String>> {
+pub async fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Result<Ensured> {
     let mut changes = Vec::new();
+    let mut recreated = false;
     created.netns_name = spec.netns.clone();
     created.host_interface = spec.host_interface.clone();
     created.ns_interface = spec.ns_interface.clone();
@@ -156,6 +167,7 @@ pub async fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Re
     if !netns::named_netns_path(&spec.netns).exists() {
         create_named_netns(&spec.netns)?;
         created.netns = true;
+        recreated = true;
         changes.push(format!("created network namespace {}", spec.netns));
     }
     let ns = netns::open_named_netns(&spec.netns)?;
@@ -216,6 +228,7 @@ pub async fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Re
         host.add_veth(&spec.host_interface, &spec.ns_interface, &ns)
             .await?;
         created.veth = true;
+        recreated = true;
         changes.push(format!(
             "created veth {} (host) / {} (in {})",
             spec.host_interface, spec.ns_interface, spec.netns
@@ -307,7 +320,7 @@ pub async fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Re
     if !changes.is_empty() {
         created.save()?;
     }
-    Ok(changes)
+    Ok(Ensured { changes, recreated })
 }
 
 fn mac_text(mac: &[u8; 6]) -> String {

@@ -225,26 +225,70 @@ pub fn bind_sockets(ns: Option<&File>, addrs: &[IpAddr]) -> Result<Vec<std::net:
     }
 }
 
-/// Answers on `sockets` until the task is dropped, from the anchor the kernel serves.
+/// Where the userspace path's sockets live: the addresses, in the namespace of this name (the
+/// current one without), so that they can be bound again in a recreated namespace.
+#[derive(Debug, Clone)]
+pub struct SocketPlace {
+    pub netns: Option<String>,
+    pub addresses: Vec<IpAddr>,
+}
+
+impl SocketPlace {
+    pub fn bind(&self) -> Result<Vec<std::net::UdpSocket>> {
+        match &self.netns {
+            Some(name) => bind_sockets(Some(&netns::open_named_netns(name)?), &self.addresses),
+            None => bind_sockets(None, &self.addresses),
+        }
+    }
+}
+
+/// Answers on `sockets` until the task is dropped, from the anchor the kernel serves. When
+/// `plumbing` moves on (the namespace or veth was recreated), the sockets are bound again at
+/// `place`: the old ones would be left in an orphaned namespace.
 pub async fn serve(
     sockets: Vec<std::net::UdpSocket>,
+    place: SocketPlace,
+    mut plumbing: watch::Receiver<u64>,
     anchors: watch::Receiver<TimeAnchor>,
     params: ServerParams,
     admission: UserspaceAdmission,
     counters: Arc<UserspaceCounters>,
 ) -> Result<()> {
-    let mut tasks = tokio::task::JoinSet::new();
     let admission = Arc::new(std::sync::Mutex::new(admission));
-    for sock in sockets {
-        let sock = UdpSocket::from_std(sock).context("registering a server socket")?;
-        info!(address = %sock.local_addr()?, "userspace path listening");
-        let (anchors, counters, admission) = (anchors.clone(), counters.clone(), admission.clone());
-        tasks.spawn(async move { serve_socket(sock, anchors, params, admission, counters).await });
+    let mut sockets = Some(sockets);
+    loop {
+        let socks = match sockets.take() {
+            Some(s) => s,
+            None => match place.bind() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "binding the userspace path again failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for sock in socks {
+            let sock = UdpSocket::from_std(sock).context("registering a server socket")?;
+            info!(address = %sock.local_addr()?, "userspace path listening");
+            let (anchors, counters, admission) =
+                (anchors.clone(), counters.clone(), admission.clone());
+            tasks.spawn(
+                async move { serve_socket(sock, anchors, params, admission, counters).await },
+            );
+        }
+        tokio::select! {
+            Some(done) = tasks.join_next() => {
+                done.context("a userspace server task failed")??;
+            }
+            Ok(()) = plumbing.changed() => {
+                info!("plumbing recreated: binding the userspace path again");
+                tasks.abort_all();
+            }
+            else => return Ok(()),
+        }
     }
-    while let Some(done) = tasks.join_next().await {
-        done.context("a userspace server task failed")??;
-    }
-    Ok(())
 }
 
 async fn serve_socket(
