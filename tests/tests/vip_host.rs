@@ -549,10 +549,50 @@ fn repairs_restore_dhcp_and_the_userspace_path() {
         .unwrap();
         let log = vip.daemon().unwrap().drain_log().join("\n");
         assert!(lease.is_ok(), "{what}: no DHCP lease: {lease:?}\n{log}");
-        assert!(answered, "{what}: a MAC-tailed request went unanswered\n{log}");
+        assert!(
+            answered,
+            "{what}: a MAC-tailed request went unanswered\n{log}"
+        );
         assert!(
             log.contains("restarting dnsmasq") && log.contains("binding the userspace path again"),
             "{what}: {log}"
         );
     }
+}
+
+/// Attachments follow the config across restarts: a host interface taken out of
+/// `vip.host_interfaces` loses the pinned responder an earlier daemon left on it (it would
+/// otherwise go on answering from maps nobody updates).
+#[test]
+fn a_host_interface_taken_out_of_the_config_is_released() {
+    let mut vip = VipHost::start(VipOptions {
+        subnet: 69,
+        physical_host: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let host_if = {
+        let (physical, addr, host_if) = vip.physical.as_ref().unwrap();
+        ntpdig(physical, addr).unwrap();
+        host_if.clone()
+    };
+    vip.stop_daemon().unwrap();
+    let config = std::fs::read_to_string(&vip.config).unwrap();
+    let without: String = config
+        .lines()
+        .filter(|l| !l.starts_with("host_interfaces"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&vip.config, without).unwrap();
+    vip.start_daemon().unwrap();
+    let log = vip.daemon().unwrap().drain_log().join("\n");
+    let link = vip.home.ip(&["link", "show", &host_if]).unwrap();
+    assert!(
+        !link.contains("prog/xdp") && !link.contains("xdpgeneric"),
+        "the responder stayed on {host_if}:\n{link}\n{log}"
+    );
+    // The clock address on the service side is still served.
+    let guest = vip.add_guest().unwrap();
+    vip.configure_guest_statically(&guest, 21).unwrap();
+    ntpdig(&guest, CLOCK_V4).unwrap();
 }

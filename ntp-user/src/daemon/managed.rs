@@ -85,6 +85,33 @@ fn link_pin(netns: &str, what: &str) -> std::path::PathBuf {
     pin_dir(netns).join(format!("link_{what}"))
 }
 
+/// Removes the pins of attachments the config does not ask for (a host interface taken out of
+/// `vip.host_interfaces`; every one with `xdp_mode = "off"`): the kernel detaches a program
+/// when its last link reference goes. Returns the pins removed.
+fn release_unwanted_links(spec: &VipSpec, mode: XdpModePref) -> Result<Vec<String>> {
+    let Ok(entries) = std::fs::read_dir(pin_dir(&spec.netns)) else {
+        return Ok(Vec::new());
+    };
+    let mut released = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(what) = name.strip_prefix("link_") else {
+            continue;
+        };
+        let wanted = mode != XdpModePref::Off
+            && match what.strip_prefix("host_") {
+                Some(interface) => spec.host_interfaces.iter().any(|h| h == interface),
+                None => true,
+            };
+        if !wanted {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+            released.push(what.to_string());
+        }
+    }
+    Ok(released)
+}
+
 fn mode_name(mode: XdpMode) -> &'static str {
     match mode {
         XdpMode::Driver => "native",
@@ -415,11 +442,12 @@ pub async fn serve_managed(
     }
     responder.set_served_addresses(&served)?;
     let user_sockets = crate::responder::userspace::bind_sockets(Some(&ns), &served)?;
+    // Attachments an earlier daemon pinned that this config no longer asks for would go on
+    // answering from maps nobody updates: release them.
+    for gone in release_unwanted_links(&spec, opts.xdp_mode)? {
+        info!(attachment = %gone, "released an attachment the config no longer asks for");
+    }
     let (plan, notes) = if opts.xdp_mode == XdpModePref::Off {
-        // A pinned attachment left by an earlier daemon would go on answering: remove it.
-        for what in ["responder", "peer"] {
-            let _ = std::fs::remove_file(link_pin(&spec.netns, what));
-        }
         info!("XDP off: the userspace path answers everything");
         (None, Vec::new())
     } else {
