@@ -34,6 +34,24 @@ fn query(ns: &Netns, addr: &str) -> Option<NtpHeader> {
     .ok()?
 }
 
+/// Waits until the guest is answered LI=0 at the upstreams' stratum + 1 (the log is printed if
+/// it never is).
+fn wait_for_first_sync(t: &Topology, serve: &mut ServeProcess) {
+    wait_for_or(
+        "the first synchronization",
+        Duration::from_secs(30),
+        &mut || {
+            query(&t.guest, CLOCK_V4)
+                .is_some_and(|h| h.stratum == UPSTREAM_STRATUM + 1 && h.leap == 0)
+        },
+        || {
+            while let Ok(line) = serve.log.try_recv() {
+                eprintln!("serve: {line}");
+            }
+        },
+    );
+}
+
 fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     wait_for_or(what, timeout, &mut ok, || {})
 }
@@ -96,19 +114,7 @@ fn serves_disciplined_time_from_real_upstreams_and_holds_over() {
     );
 
     // Before the first synchronization the responder says LI=3; after it, stratum N+1.
-    wait_for_or(
-        "the first synchronization",
-        Duration::from_secs(30),
-        &mut || {
-            query(&t.guest, CLOCK_V4)
-                .is_some_and(|h| h.stratum == UPSTREAM_STRATUM + 1 && h.leap == 0)
-        },
-        || {
-            while let Ok(line) = serve.log.try_recv() {
-                eprintln!("serve: {line}");
-            }
-        },
-    );
+    wait_for_first_sync(&t, &mut serve);
     serve
         .wait_for_line("source selected", Duration::from_secs(5))
         .unwrap();
@@ -281,19 +287,7 @@ fn a_resolver_that_never_answers_never_stalls_the_clock() {
         "--no-rate-limit",
     ];
     let mut serve = ServeProcess::start_in(Some(&host), &t, "generic", &args).unwrap();
-    wait_for_or(
-        "the first synchronization from the literal upstream",
-        Duration::from_secs(30),
-        &mut || {
-            query(&t.guest, CLOCK_V4)
-                .is_some_and(|h| h.stratum == UPSTREAM_STRATUM + 1 && h.leap == 0)
-        },
-        || {
-            while let Ok(line) = serve.log.try_recv() {
-                eprintln!("serve: {line}");
-            }
-        },
-    );
+    wait_for_first_sync(&t, &mut serve);
     // Twenty seconds of queries, four a second: every one answered as synchronized, while
     // the name's first lookup (30 s per attempt) is still hanging.
     let start = Instant::now();

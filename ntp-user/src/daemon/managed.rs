@@ -159,6 +159,18 @@ async fn attach_all(
         .link(&spec.host_interface)
         .await?
         .with_context(|| format!("{} missing", spec.host_interface))?;
+    // The responder on the namespace end, in `mode`, through its pinned link.
+    let attach_ns_end = |responder: &mut Responder, mode: XdpMode| {
+        netns::within(ns, || {
+            attach_pinned(
+                responder.program(RESPONDER_PROGRAM)?,
+                ns_if.index,
+                mode,
+                &link_pin(&spec.netns, "responder"),
+                ns_if.xdp_prog_id,
+            )
+        })
+    };
     let mut notes = Vec::new();
     let mut ns_mode = None;
     if mode != XdpModePref::Generic {
@@ -178,15 +190,7 @@ async fn attach_all(
                 XdpMode::Driver,
                 how,
             ));
-            netns::within(ns, || {
-                attach_pinned(
-                    responder.program(RESPONDER_PROGRAM)?,
-                    ns_if.index,
-                    XdpMode::Driver,
-                    &link_pin(&spec.netns, "responder"),
-                    ns_if.xdp_prog_id,
-                )
-            })
+            attach_ns_end(responder, XdpMode::Driver)
         })();
         match native {
             Ok(how) => {
@@ -205,15 +209,7 @@ async fn attach_all(
     let ns_mode = match ns_mode {
         Some(m) => m,
         None => {
-            let how = netns::within(ns, || {
-                attach_pinned(
-                    responder.program(RESPONDER_PROGRAM)?,
-                    ns_if.index,
-                    XdpMode::Skb,
-                    &link_pin(&spec.netns, "responder"),
-                    ns_if.xdp_prog_id,
-                )
-            })?;
+            let how = attach_ns_end(responder, XdpMode::Skb)?;
             notes.push(AttachNote::new(
                 "responder",
                 &spec.ns_interface,

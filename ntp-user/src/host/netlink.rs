@@ -299,19 +299,26 @@ impl Netlink {
         Ok(())
     }
 
-    /// Main-table unicast routes of one family: destination, gateway, output interface.
-    pub async fn routes(&self, v6: bool) -> Result<Vec<(IpNet, Option<IpAddr>, Option<u32>)>> {
+    /// Every route message of one family.
+    async fn route_messages(
+        &self,
+        v6: bool,
+    ) -> Result<Vec<netlink_packet_route::route::RouteMessage>> {
         let h = self.handle.clone();
         let version = if v6 {
             rtnetlink::IpVersion::V6
         } else {
             rtnetlink::IpVersion::V4
         };
-        let msgs: Vec<_> = self
-            .run("RTM_GETROUTE", async move {
-                h.route().get(version).execute().try_collect().await
-            })
-            .await?;
+        self.run("RTM_GETROUTE", async move {
+            h.route().get(version).execute().try_collect().await
+        })
+        .await
+    }
+
+    /// Main-table unicast routes of one family: destination, gateway, output interface.
+    pub async fn routes(&self, v6: bool) -> Result<Vec<(IpNet, Option<IpAddr>, Option<u32>)>> {
+        let msgs = self.route_messages(v6).await?;
         let mut out = Vec::new();
         for m in msgs {
             let (dst, gw, oif) = route_fields(&m);
@@ -365,17 +372,7 @@ impl Netlink {
     }
 
     pub async fn delete_route(&self, to: IpNet, via: Option<IpAddr>) -> Result<()> {
-        let h = self.handle.clone();
-        let version = if to.addr().is_ipv6() {
-            rtnetlink::IpVersion::V6
-        } else {
-            rtnetlink::IpVersion::V4
-        };
-        let msgs: Vec<_> = self
-            .run("RTM_GETROUTE", async move {
-                h.route().get(version).execute().try_collect().await
-            })
-            .await?;
+        let msgs = self.route_messages(to.addr().is_ipv6()).await?;
         for m in msgs {
             let (dst, gw, _) = route_fields(&m);
             if dst == Some(to.addr())
