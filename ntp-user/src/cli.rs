@@ -80,31 +80,6 @@ pub enum Command {
         #[arg(long)]
         config: Option<std::path::PathBuf>,
     },
-    /// Benchmark load generator (used by `cargo xtask bench`); prints JSON.
-    #[command(hide = true)]
-    Loadgen {
-        #[arg(long)]
-        target: std::net::SocketAddr,
-        #[arg(long)]
-        netns: Option<String>,
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        /// Open loop at this many requests/s; without it, closed loop with --window.
-        #[arg(long)]
-        rate: Option<u64>,
-        #[arg(long, default_value_t = 64)]
-        window: usize,
-        #[arg(long, default_value = "1s", value_parser = parse_duration)]
-        duration: Duration,
-        #[arg(long, default_value_t = 50_000_000)]
-        max_requests: u64,
-    },
-    /// The responder's per-packet cost through BPF_PROG_TEST_RUN; prints JSON.
-    #[command(hide = true)]
-    BenchMicro {
-        #[arg(long, default_value_t = 1_000_000)]
-        repeat: u32,
-    },
     /// Ask a running daemon for its clock, upstreams, responder counters, guest clocks and
     /// alarms (over its control socket).
     Status {

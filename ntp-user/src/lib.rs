@@ -14,6 +14,5 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod host;
-pub mod loadgen;
 pub mod observe;
 pub mod responder;

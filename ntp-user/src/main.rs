@@ -40,33 +40,6 @@ fn main() -> ExitCode {
             socket,
             json,
         } => status(config.as_deref(), socket, json),
-        Command::Loadgen {
-            target,
-            netns,
-            threads,
-            rate,
-            window,
-            duration,
-            max_requests,
-        } => ntp_user::loadgen::run(&ntp_user::loadgen::LoadSpec {
-            target,
-            netns,
-            threads,
-            rate,
-            window,
-            duration: duration.min(std::time::Duration::from_secs(120)),
-            max_requests,
-        })
-        .map(|r| println!("{}", serde_json::to_string(&r).expect("serializable"))),
-        Command::BenchMicro { repeat } => ntp_user::loadgen::micro(repeat).map(|cases| {
-            let v: Vec<serde_json::Value> = cases
-                .into_iter()
-                .map(|(case, verdict, ns)| {
-                    serde_json::json!({"case": case, "verdict": verdict, "ns_per_packet": ns})
-                })
-                .collect();
-            println!("{}", serde_json::Value::Array(v));
-        }),
         Command::Down { config } => load_config(config.as_deref()).and_then(|v| {
             let vip = v.vip.as_ref().ok_or_else(|| {
                 anyhow::anyhow!(

@@ -46,6 +46,14 @@ pub fn ip(args: &[&str]) -> Result<String> {
 
 /// Path of the `ntp-user` binary under test: `NTP_USER_BIN` (set by `cargo xtask test`), else
 /// the debug build next to this workspace.
+/// The load generator (`xtask/loadgen`), built beside ntp-user by `cargo xtask test`.
+pub fn ntp_loadgen_bin() -> std::path::PathBuf {
+    match std::env::var_os("NTP_LOADGEN_BIN") {
+        Some(p) => p.into(),
+        None => ntp_user_bin().with_file_name("ntp-loadgen"),
+    }
+}
+
 pub fn ntp_user_bin() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("NTP_USER_BIN") {
         return p.into();

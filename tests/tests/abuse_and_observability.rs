@@ -62,8 +62,8 @@ fn a_flooding_guest_is_limited_and_another_guest_is_not_harmed() {
     };
     // The flooder: open loop at the generator's full rate, bounded to 8 s.
     let out = run(
-        std::process::Command::new(integration_tests::ntp_user_bin()).args([
-            "loadgen",
+        std::process::Command::new(integration_tests::ntp_loadgen_bin()).args([
+            "run",
             "--netns",
             &flooder.name,
             "--target",

@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: the same load generator (`ntp-user loadgen`) against four servers on
+//! `cargo xtask bench`: the same load generator (`ntp-loadgen run`) against four servers on
 //! one guest → VIP veth, in one run: the XDP responder in generic and in native mode, the
 //! daemon's userspace path (`--xdp-mode off`), and chronyd from Debian as a plain server.
 //! Writes target/bench/results.json, target/bench/rate.svg and prints a table with ratios to
@@ -223,9 +223,9 @@ fn start_chronyd(t: &Topology) -> Result<Server> {
 }
 
 fn loadgen(bin: &Path, t: &Topology, rate: Option<f64>, duration: Duration) -> Result<Value> {
-    let mut cmd = Command::new(bin);
+    let mut cmd = Command::new(crate::loadgen_bin(bin));
     cmd.args([
-        "loadgen",
+        "run",
         "--target",
         &format!("{CLOCK}:123"),
         "--netns",
@@ -241,7 +241,7 @@ fn loadgen(bin: &Path, t: &Topology, rate: Option<f64>, duration: Duration) -> R
         Some(r) => cmd.args(["--rate", &format!("{}", r as u64)]),
         None => cmd.args(["--window", "256"]),
     };
-    let out = cmd.output().context("running ntp-user loadgen")?;
+    let out = cmd.output().context("running ntp-loadgen run")?;
     if !out.status.success() {
         bail!("loadgen failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -402,21 +402,17 @@ pub fn bench(bin: &Path, out_dir: &Path, smoke: bool) -> Result<()> {
         drop(server);
         std::thread::sleep(Duration::from_millis(200));
     }
-    let micro_out = Command::new(bin)
-        .args([
-            "bench-micro",
-            "--repeat",
-            if smoke { "1000" } else { "200000" },
-        ])
+    let micro_out = Command::new(crate::loadgen_bin(bin))
+        .args(["micro", "--repeat", if smoke { "1000" } else { "200000" }])
         .output()
-        .context("running ntp-user bench-micro")?;
+        .context("running ntp-loadgen micro")?;
     if !micro_out.status.success() {
         bail!(
-            "bench-micro: {}",
+            "ntp-loadgen micro: {}",
             String::from_utf8_lossy(&micro_out.stderr)
         );
     }
-    let micro: Value = serde_json::from_slice(&micro_out.stdout).context("bench-micro output")?;
+    let micro: Value = serde_json::from_slice(&micro_out.stdout).context("ntp-loadgen micro output")?;
     drop(t);
     let report = Report {
         machine: machine(),

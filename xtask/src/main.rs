@@ -97,11 +97,16 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Builds ntp-user; returns the binary's path.
+/// The load generator, built beside ntp-user by [`build`].
+pub fn loadgen_bin(ntp_user: &Path) -> PathBuf {
+    ntp_user.with_file_name("ntp-loadgen")
+}
+
+/// Builds ntp-user (and the load generator); returns ntp-user's path.
 fn build(release: bool) -> Result<PathBuf> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
-        .args(["build", "-p", "ntp-user"]);
+        .args(["build", "-p", "ntp-user", "-p", "ntp-loadgen"]);
     if release {
         cmd.arg("--release");
     }
@@ -126,6 +131,7 @@ fn test(filter: Option<&str>) -> Result<()> {
             "ntp-ebpf",
         ])
         .env("NTP_USER_BIN", &bin)
+        .env("NTP_LOADGEN_BIN", loadgen_bin(&bin))
         .stdout(std::process::Stdio::piped());
     if let Some(f) = filter {
         cmd.args(["--", f]);

@@ -211,7 +211,7 @@ impl Continuity {
         serde_json::from_slice::<SavedClock>(&bytes)
             .ok()
             .map(|c| c.freq_ppm)
-            .filter(|f| f.is_finite() && f.abs() < 1000.0)
+            .filter(|f| f.is_finite() && f.abs() < crate::clock::discipline::MAX_FREQ_PPM)
     }
 
     fn save(&self, freq_ppm: f64) {

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::clock::snapshot::{ClockReference, ClockSnapshot};
 use crate::clock::system::SystemConfig;
-use crate::host::hostclock::{host_clock_anchor, HostClockIdentity};
+use crate::host::hostclock::HostClockIdentity;
 use crate::observe::status::ClockSnapshotCell;
 use crate::observe::Observatory;
 use crate::responder::userspace::{SocketPlace, UserspaceAdmission, UserspaceCounters};
@@ -215,10 +215,16 @@ async fn serve_host_clock(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut kernel_unsynced = false;
+    let mut rate = crate::host::hostclock::HostClockRate::default();
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let anchor = host_clock_anchor(identity)?;
+                let pair = crate::host::hostclock::read_clock_pair()?;
+                let anchor = crate::host::hostclock::host_clock_anchor_at(
+                    identity,
+                    pair,
+                    rate.update(pair),
+                )?;
                 let unsynced = anchor.leap == ntp_common::wire::LEAP_UNSYNCHRONIZED;
                 if unsynced != kernel_unsynced {
                     kernel_unsynced = unsynced;

@@ -70,9 +70,75 @@ pub fn kernel_clock_state() -> Result<KernelClockState> {
     })
 }
 
+/// The host clock's rate against CLOCK_MONOTONIC, learned from successive readings (sans IO).
+///
+/// Usually 0: whoever disciplines the host clock (chrony, PTP) adjusts the kernel's frequency,
+/// which both clocks share. But some hypervisors keep a guest's CLOCK_REALTIME on time by
+/// stepping it (seen here: +0.5 ms every 100 ms, a monotonic clock 0.5 % slow); between
+/// publications the kernel extrapolates on CLOCK_MONOTONIC, so served time would lag the
+/// host clock by up to the publish interval times that rate. The slope over the last
+/// [`RATE_WINDOW_NS`] of readings corrects it; a jump (a step of the host clock) restarts it.
+#[derive(Debug, Clone, Default)]
+pub struct HostClockRate {
+    readings: std::collections::VecDeque<ClockPair>,
+}
+
+/// The span of readings the rate is taken over.
+pub const RATE_WINDOW_NS: u64 = 16 * NANOS_PER_SEC;
+/// A difference between successive readings beyond this is a step, not a rate.
+const STEP_NS: i64 = 50_000_000;
+/// Rates beyond this are not a clock's: ignored.
+const MAX_RATE_PPM: f64 = 20_000.0;
+
+impl HostClockRate {
+    /// Takes a reading; returns the rate (ppm) of CLOCK_REALTIME against CLOCK_MONOTONIC.
+    pub fn update(&mut self, pair: ClockPair) -> f64 {
+        let offset = |p: &ClockPair| p.unix_ns as i64 - p.mono_ns as i64;
+        if let Some(last) = self.readings.back() {
+            let mono_gap = pair.mono_ns.saturating_sub(last.mono_ns) as i64;
+            let offset_gap = offset(&pair) - offset(last);
+            // More than STEP_NS beyond what a maximal rate explains over the gap: a step.
+            if (offset_gap.abs() as f64) > STEP_NS as f64 + mono_gap as f64 * MAX_RATE_PPM * 1e-6 {
+                self.readings.clear();
+            }
+        }
+        self.readings.push_back(pair);
+        while self
+            .readings
+            .front()
+            .is_some_and(|f| pair.mono_ns.saturating_sub(f.mono_ns) > RATE_WINDOW_NS)
+            && self.readings.len() > 2
+        {
+            self.readings.pop_front();
+        }
+        let (Some(first), Some(last)) = (self.readings.front(), self.readings.back()) else {
+            return 0.0;
+        };
+        let span = last.mono_ns.saturating_sub(first.mono_ns);
+        if span < NANOS_PER_SEC {
+            return 0.0;
+        }
+        let ppm = (offset(last) - offset(first)) as f64 / span as f64 * 1e6;
+        if ppm.abs() > MAX_RATE_PPM {
+            0.0
+        } else {
+            ppm
+        }
+    }
+}
+
 /// An anchor that serves the host clock as it is now.
 pub fn host_clock_anchor(identity: &HostClockIdentity) -> Result<TimeAnchor> {
-    let pair = read_clock_pair()?;
+    host_clock_anchor_at(identity, read_clock_pair()?, 0.0)
+}
+
+/// An anchor that serves the host clock read as `pair`, running at `rate_ppm` against
+/// CLOCK_MONOTONIC (see [`HostClockRate`]).
+pub fn host_clock_anchor_at(
+    identity: &HostClockIdentity,
+    pair: ClockPair,
+    rate_ppm: f64,
+) -> Result<TimeAnchor> {
     let ntp_ns = unix_ns_to_ntp_ns(pair.unix_ns);
     let (leap, dispersion_ns) = if identity.follow_kernel_sync {
         let k = kernel_clock_state()?;
@@ -90,7 +156,7 @@ pub fn host_clock_anchor(identity: &HostClockIdentity) -> Result<TimeAnchor> {
     Ok(TimeAnchor {
         mono_ns: pair.mono_ns,
         ntp_ns,
-        freq_scaled: 0,
+        freq_scaled: ntp_common::time::ppm_to_freq_scaled(rate_ppm),
         max_age_ns: identity.max_age_ns,
         reference_ntp_ns: ntp_ns,
         root_delay_ns: 0,
@@ -100,4 +166,41 @@ pub fn host_clock_anchor(identity: &HostClockIdentity) -> Result<TimeAnchor> {
         stratum: identity.stratum,
         _pad: [0; 2],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = NANOS_PER_SEC;
+
+    fn pair(mono_ns: u64, unix_ns: u64) -> ClockPair {
+        ClockPair { mono_ns, unix_ns }
+    }
+
+    #[test]
+    fn a_host_clock_stepped_forward_in_small_steps_has_a_rate() {
+        // +0.5 ms every 100 ms: 5000 ppm, read once a second.
+        let mut r = HostClockRate::default();
+        let base = 1_700_000_000 * S;
+        let mut rate = 0.0;
+        for i in 0..20u64 {
+            let mono = 100 * S + i * S;
+            rate = r.update(pair(mono, base + i * S + i * 5_000_000));
+        }
+        assert!((rate - 5000.0).abs() < 1.0, "{rate}");
+    }
+
+    #[test]
+    fn a_plain_host_clock_has_none_and_a_step_restarts_the_estimate() {
+        let mut r = HostClockRate::default();
+        let base = 1_700_000_000 * S;
+        for i in 0..10u64 {
+            assert_eq!(r.update(pair(100 * S + i * S, base + i * S)), 0.0);
+        }
+        // Set back an hour: a step, not a rate.
+        let rate = r.update(pair(110 * S, base + 10 * S - 3600 * S));
+        assert_eq!(rate, 0.0);
+        assert_eq!(r.update(pair(111 * S, base + 11 * S - 3600 * S)), 0.0);
+    }
 }

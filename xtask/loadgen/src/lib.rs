@@ -1,4 +1,4 @@
-//! The benchmark's load generator (`ntp-user loadgen`, driven by `cargo xtask bench`): threads
+//! The benchmark's load generator (`ntp-loadgen run`, driven by `cargo xtask bench`): threads
 //! in a guest namespace send NTP client requests with sendmmsg and collect replies with
 //! recvmmsg, open-loop at a paced rate or closed-loop with a window of outstanding requests.
 //! Every reply is validated (length, mode 4, origin = a request's cookie); round-trip time,
@@ -15,8 +15,8 @@ use ntp_common::time::{ntp_ns_to_timestamp, timestamp_diff_ns, unix_ns_to_ntp_ns
 use ntp_common::wire::*;
 use serde::Serialize;
 
-use crate::host::hostclock::read_clock_pair;
-use crate::host::netns;
+use ntp_user::host::hostclock::read_clock_pair;
+use ntp_user::host::netns;
 
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
@@ -390,19 +390,19 @@ pub fn ipv4_request_frame(src: [u8; 4], dst: [u8; 4], ntp_b0: u8) -> Vec<u8> {
 /// frame (one run per syscall, the kernel's own timer): repeating in one call would run the
 /// program on its own reply after the first time.
 pub fn micro(repeat: u32) -> Result<Vec<(String, u32, f64)>> {
-    use crate::responder::Responder;
+    use ntp_user::responder::Responder;
     let mut r = Responder::load()?;
     let clock = [169, 254, 169, 123];
     r.add_served_address(std::net::IpAddr::from(clock))?;
     // BPF_PROG_TEST_RUN delivers on the loopback device (ifindex 1): the frames' MAC is its.
     r.set_own_macs(&[([0x02, 0, 0, 0, 0, 1], 1)])?;
-    let identity = crate::host::hostclock::HostClockIdentity {
+    let identity = ntp_user::host::hostclock::HostClockIdentity {
         follow_kernel_sync: false,
         stratum: 2,
         refid: *b"BNCH",
         max_age_ns: 3600 * 1_000_000_000,
     };
-    r.publish_anchor(crate::host::hostclock::host_clock_anchor(&identity)?)?;
+    r.publish_anchor(ntp_user::host::hostclock::host_clock_anchor(&identity)?)?;
     let good = ipv4_request_frame([169, 254, 1, 2], clock, li_vn_mode(0, 4, MODE_CLIENT));
     let mut bad_mode = good.clone();
     bad_mode[42] = li_vn_mode(0, 4, MODE_SERVER);
