@@ -80,6 +80,12 @@ pub enum Command {
         #[arg(long)]
         config: Option<std::path::PathBuf>,
     },
+    /// Exit 0 when the daemon behind the control socket serves a fresh, synchronized clock:
+    /// keepalived's health check on a redundant VIP host.
+    Health {
+        #[arg(long)]
+        socket: std::path::PathBuf,
+    },
     /// Ask a running daemon for its clock, upstreams, responder counters, guest clocks and
     /// alarms (over its control socket).
     Status {

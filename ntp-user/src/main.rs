@@ -40,6 +40,7 @@ fn main() -> ExitCode {
             socket,
             json,
         } => status(config.as_deref(), socket, json),
+        Command::Health { socket } => ntp_user::observe::status::query_health(&socket),
         Command::Down { config } => load_config(config.as_deref()).and_then(|v| {
             let vip = v.vip.as_ref().ok_or_else(|| {
                 anyhow::anyhow!(

@@ -412,7 +412,8 @@ pub fn bench(bin: &Path, out_dir: &Path, smoke: bool) -> Result<()> {
             String::from_utf8_lossy(&micro_out.stderr)
         );
     }
-    let micro: Value = serde_json::from_slice(&micro_out.stdout).context("ntp-loadgen micro output")?;
+    let micro: Value =
+        serde_json::from_slice(&micro_out.stdout).context("ntp-loadgen micro output")?;
     drop(t);
     let report = Report {
         machine: machine(),

@@ -42,6 +42,8 @@ const APT_PACKAGES: &[&str] = &[
     // tests' DHCP client (busybox udhcpc)
     "dnsmasq-base",
     "busybox",
+    // VRRP for redundant VIP hosts (the daemon runs it; its service is never started)
+    "keepalived",
 ];
 
 pub fn setup() -> Result<()> {

@@ -17,6 +17,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamSection>,
     /// Present: the daemon creates and keeps the namespace, veth, addresses and routes.
     pub vip: Option<VipSection>,
+    /// Present: the addresses move to a standby VIP host when this one fails (keepalived).
+    pub redundancy: Option<RedundancySection>,
     #[serde(default)]
     pub dhcp: DhcpSection,
     #[serde(default)]
@@ -203,6 +205,36 @@ pub struct VipSection {
     /// Host interfaces on the internal network to serve too (physical hosts of the cluster).
     #[serde(default)]
     pub host_interfaces: Vec<String>,
+}
+
+/// Redundant VIP hosts: keepalived (VRRP) moves the service and clock addresses to a standby
+/// when this host fails. Absent: a single VIP host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedundancySection {
+    /// The VRRP group the VIP hosts share (1-255), unique on the link.
+    pub virtual_router_id: u8,
+    /// This host's priority (1-254): the highest healthy host becomes master at start; after
+    /// that a recovered host never takes the addresses back (no preemption).
+    #[serde(default = "default_priority")]
+    pub priority: u8,
+    /// VRRPv3 advertisement interval (10ms-40s); a master is declared dead after ~3 of them.
+    #[serde(default = "default_advert_interval")]
+    pub advert_interval: String,
+    /// This host's own address on the service side, with the subnet (the VRRP source); the
+    /// service address itself moves between hosts.
+    pub own_address: IpNet,
+    /// The other VIP hosts' own addresses (unicast VRRP); empty: multicast.
+    #[serde(default)]
+    pub unicast_peers: Vec<IpAddr>,
+}
+
+fn default_priority() -> u8 {
+    100
+}
+
+fn default_advert_interval() -> String {
+    "1s".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]

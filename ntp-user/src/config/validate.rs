@@ -174,7 +174,7 @@ pub(super) fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
             return Err(bad(&format!("upstream[{i}].address"), "is empty".into()));
         }
     }
-    let vip = validate_vip(&cfg, origin)?;
+    let mut vip = validate_vip(&cfg, origin)?;
     let dhcp = validate_dhcp(&cfg, vip.as_ref(), origin)?;
     let admission = validate_admission(&cfg.limits, &cfg.access, &cfg.guest_clocks, origin)?;
     let observe = validate_observe(
@@ -185,6 +185,7 @@ pub(super) fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
         vip.as_ref(),
         origin,
     )?;
+    validate_redundancy(&cfg, &mut vip, observe.control_socket.as_deref(), origin)?;
     let system = SystemConfig {
         poll: PollConfig {
             min_poll: c.min_poll,
@@ -551,7 +552,108 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::host::vip::
         routes,
         repair_interval,
         host_interfaces: v.host_interfaces.clone(),
+        redundancy: None,
     }))
+}
+
+/// `[redundancy]`: checked against the `[vip]` it extends; keepalived's health check asks
+/// the daemon's control socket.
+fn validate_redundancy(
+    cfg: &Config,
+    vip: &mut Option<crate::host::vip::VipSpec>,
+    control_socket: Option<&Path>,
+    origin: &Path,
+) -> Result<()> {
+    let bad =
+        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
+    let Some(r) = &cfg.redundancy else {
+        return Ok(());
+    };
+    let Some(v) = vip.as_mut() else {
+        return Err(bad(
+            "redundancy",
+            "needs a [vip] section (the addresses that move are the VIP host's)".into(),
+        ));
+    };
+    if r.virtual_router_id == 0 {
+        return Err(bad(
+            "redundancy.virtual_router_id",
+            "must be 1..=255".into(),
+        ));
+    }
+    if !(1..=254).contains(&r.priority) {
+        return Err(bad(
+            "redundancy.priority",
+            format!("{} is outside 1..=254", r.priority),
+        ));
+    }
+    let advert = duration(origin, "redundancy.advert_interval", &r.advert_interval)?;
+    if !(Duration::from_millis(10)..=Duration::from_secs(40)).contains(&advert) {
+        return Err(bad(
+            "redundancy.advert_interval",
+            "must be between 10ms and 40s (VRRPv3 centiseconds)".into(),
+        ));
+    }
+    let service = v.service_addresses[0];
+    let own = r.own_address;
+    if !own.addr().is_ipv4()
+        || own.prefix_len() != service.prefix_len()
+        || !service.contains(&own.addr())
+    {
+        return Err(bad(
+            "redundancy.own_address",
+            format!(
+                "{own} must be an IPv4 address in the service subnet {}, with its prefix",
+                service.trunc()
+            ),
+        ));
+    }
+    if own.addr() == service.addr() {
+        return Err(bad(
+            "redundancy.own_address",
+            "is the service address itself, which moves between hosts".into(),
+        ));
+    }
+    for (i, p) in r.unicast_peers.iter().enumerate() {
+        if !p.is_ipv4() || !service.contains(p) || *p == own.addr() || *p == service.addr() {
+            return Err(bad(
+                &format!("redundancy.unicast_peers[{i}]"),
+                format!(
+                    "{p} must be another host's own address in {}",
+                    service.trunc()
+                ),
+            ));
+        }
+    }
+    let socket = control_socket.ok_or_else(|| {
+        bad(
+            "control.socket",
+            "redundancy needs the control socket (keepalived's health check asks it)".into(),
+        )
+    })?;
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "ntp-user".into());
+    v.redundancy = Some(crate::host::vip::Redundancy {
+        own_address: own,
+        keepalived: crate::host::keepalived::KeepalivedSpec {
+            netns: v.netns.clone(),
+            interface: v.ns_interface.clone(),
+            virtual_router_id: r.virtual_router_id,
+            priority: r.priority,
+            advert_interval: advert,
+            own_address: own.addr(),
+            unicast_peers: r.unicast_peers.clone(),
+            virtual_addresses: v.virtual_addresses(),
+            health_command: vec![
+                exe,
+                "health".into(),
+                "--socket".into(),
+                socket.display().to_string(),
+            ],
+        },
+    });
+    Ok(())
 }
 
 fn validate_dhcp(

@@ -9,10 +9,13 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::programs::XdpMode;
-use tracing::{info, warn};
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
 
 use crate::daemon::{serve_responder, AbortOnDrop, ServeOptions, UserSockets};
 use crate::host::dhcp::{self, DhcpSpec};
+use crate::host::keepalived;
 use crate::host::netlink::Netlink;
 use crate::host::netns;
 use crate::host::vip::{self, state_dir, Created, VipSpec};
@@ -424,6 +427,9 @@ pub async fn serve_managed(
     if let Some(pid) = dhcp::stop_stale(&spec.netns)? {
         info!(pid, "stopped the dnsmasq an earlier daemon left");
     }
+    if let Some(pid) = keepalived::stop_stale(&spec.netns)? {
+        info!(pid, "stopped the keepalived an earlier daemon left");
+    }
     let ns = netns::open_named_netns(&spec.netns)?;
 
     let mut responder = Responder::load_pinned(&pin_dir(&spec.netns), opts.admission.tables)?;
@@ -436,7 +442,13 @@ pub async fn serve_managed(
             served.push(*a);
         }
     }
-    responder.set_served_addresses(&served)?;
+    // A redundant VIP host serves the addresses only while it holds them (the role watcher
+    // sets them): a standby whose frames still reach it must not answer as a second clock.
+    responder.set_served_addresses(if spec.redundancy.is_some() {
+        &[]
+    } else {
+        &served
+    })?;
     let user_sockets = crate::responder::userspace::bind_sockets(Some(&ns), &served)?;
     // Attachments an earlier daemon pinned that this config no longer asks for would go on
     // answering from maps nobody updates: release them.
@@ -484,11 +496,29 @@ pub async fn serve_managed(
     let own_macs = plan.as_ref().map(|_| responder.own_macs()).transpose()?;
     // Bumped by the repair pass whenever it recreates the namespace or the veth.
     let (plumbing, plumbing_rx) = tokio::sync::watch::channel(0u64);
+    // Whether this host serves (DHCP included): always, unless it is a redundant VIP host's
+    // standby.
+    let (is_master, is_master_rx) = tokio::sync::watch::channel(spec.redundancy.is_none());
+    let vrrp = crate::observe::status::VrrpCell::default();
     let mut tasks = Vec::new();
     if let Some(d) = &dhcp_spec {
         tasks.push(AbortOnDrop(tokio::spawn(dhcp::supervise(
             d.clone(),
             plumbing_rx.clone(),
+            is_master_rx.clone(),
+        ))));
+    }
+    if let Some(r) = &spec.redundancy {
+        tasks.push(AbortOnDrop(tokio::spawn(keepalived::supervise(
+            r.keepalived.clone(),
+            plumbing_rx.clone(),
+        ))));
+        tasks.push(AbortOnDrop(tokio::spawn(watch_role(
+            spec.clone(),
+            served.clone(),
+            responder.served_addrs()?,
+            is_master,
+            vrrp.clone(),
         ))));
     }
     tasks.push(AbortOnDrop(tokio::spawn(repair(
@@ -506,8 +536,15 @@ pub async fn serve_managed(
         },
         plumbing: plumbing_rx,
     };
-    let result =
-        serve_responder(&opts, &mut responder, user_sockets, Some(continuity), tasks).await;
+    let result = serve_responder(
+        &opts,
+        &mut responder,
+        user_sockets,
+        Some(continuity),
+        tasks,
+        vrrp,
+    )
+    .await;
     // The repair and DHCP tasks stop here (dnsmasq with its supervisor).
     result?;
     info!(
@@ -515,6 +552,67 @@ pub async fn serve_managed(
          older than max_anchor_age). A new daemon adopts it; `ntp-user down` removes everything"
     );
     Ok(())
+}
+
+/// How often a redundant VIP host looks at which addresses it holds.
+const ROLE_POLL: Duration = Duration::from_millis(100);
+
+/// A redundant VIP host's role, from the addresses keepalived put on the namespace end: the
+/// service address there means master. The responder serves the addresses, and dnsmasq
+/// runs, only while this host is master; each change is logged and shown in status.
+async fn watch_role(
+    spec: VipSpec,
+    served: Vec<IpAddr>,
+    mut served_map: crate::responder::ServedAddrs,
+    is_master: tokio::sync::watch::Sender<bool>,
+    vrrp: crate::observe::status::VrrpCell,
+) {
+    let Some(service) = spec.service_addresses.first().copied() else {
+        return;
+    };
+    let mut master = None;
+    let mut transitions = 0u64;
+    let mut tick = tokio::time::interval(ROLE_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let holds = async {
+            let ns = netns::open_named_netns(&spec.netns)?;
+            let inside = Netlink::open_in(&ns)?;
+            let Some(link) = inside.link(&spec.ns_interface).await? else {
+                return Ok(false);
+            };
+            anyhow::Ok(inside.addresses(link.index).await?.contains(&service))
+        }
+        .await;
+        let now_master = match holds {
+            Ok(h) => h,
+            Err(e) => {
+                debug!(error = %format!("{e:#}"), "reading the VRRP addresses failed");
+                continue;
+            }
+        };
+        if master == Some(now_master) {
+            continue;
+        }
+        let set = served_map.set(if now_master { &served } else { &[] });
+        if let Err(e) = set {
+            warn!(error = %format!("{e:#}"), "setting the served addresses failed; retrying");
+            continue;
+        }
+        if master.is_some() {
+            transitions += 1;
+        }
+        master = Some(now_master);
+        let role = if now_master { "master" } else { "backup" };
+        info!(role, "VRRP role: {role}");
+        is_master.send_replace(now_master);
+        *vrrp.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(crate::observe::status::VrrpStatus {
+                role: role.into(),
+                transitions,
+            });
+    }
 }
 
 /// `ntp-user down`: removes exactly what the daemon of this config created, and its pins.
@@ -529,6 +627,9 @@ pub async fn down(spec: &VipSpec) -> Result<Vec<String>> {
     let mut done = Vec::new();
     if let Some(pid) = dhcp::stop_stale(&spec.netns)? {
         done.push(format!("stopped dnsmasq (pid {pid})"));
+    }
+    if let Some(pid) = keepalived::stop_stale(&spec.netns)? {
+        done.push(format!("stopped keepalived (pid {pid})"));
     }
     {
         let _bpffs = responder::bpffs_lock()?;

@@ -106,9 +106,10 @@ pub(crate) async fn serve_responder(
     user_sockets: UserSockets,
     continuity: Option<clock_task::Continuity>,
     mode_tasks: Vec<AbortOnDrop>,
+    vrrp: crate::observe::status::VrrpCell,
 ) -> Result<Arc<UserspaceCounters>> {
     let (observatory, clock_status, user_counters) =
-        Observatory::for_responder(&opts.observe, responder)?;
+        Observatory::for_responder(&opts.observe, responder, vrrp)?;
     let result = async {
         let shutdown = shutdown_signal()?;
         let _observe: Vec<AbortOnDrop> = crate::observe::start(observatory)

@@ -92,8 +92,15 @@ pub async fn serve(mut opts: ServeOptions) -> Result<()> {
         .into_iter()
         .map(AbortOnDrop)
         .collect();
-    let user_counters =
-        serve_responder(&opts, &mut responder, user_sockets, None, log_pump).await?;
+    let user_counters = serve_responder(
+        &opts,
+        &mut responder,
+        user_sockets,
+        None,
+        log_pump,
+        Default::default(),
+    )
+    .await?;
     drop(responder); // detaches both programs
     info!(
         userspace_answered = user_counters

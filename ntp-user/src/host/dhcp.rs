@@ -106,30 +106,7 @@ impl DhcpSpec {
 /// Stops a dnsmasq an earlier daemon left running for this namespace (by its pid file, and
 /// only if that process is dnsmasq using that pid file).
 pub fn stop_stale(spec_netns: &str) -> Result<Option<i32>> {
-    let pid_file = state_dir(spec_netns).join("dnsmasq.pid");
-    let Ok(text) = std::fs::read_to_string(&pid_file) else {
-        return Ok(None);
-    };
-    let Ok(pid) = text.trim().parse::<i32>() else {
-        return Ok(None);
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cmdline = String::from_utf8_lossy(&cmdline);
-    let argv0 = cmdline.split('\0').next().unwrap_or("");
-    if !argv0.ends_with("dnsmasq") || !cmdline.contains(&*pid_file.to_string_lossy()) {
-        return Ok(None);
-    }
-    let pid = nix::unistd::Pid::from_raw(pid);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
-        .context("stopping a stale dnsmasq")?;
-    for _ in 0..50 {
-        if nix::sys::signal::kill(pid, None).is_err() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = std::fs::remove_file(&pid_file);
-    Ok(Some(pid.as_raw()))
+    crate::host::stop_by_pid_file(&state_dir(spec_netns).join("dnsmasq.pid"), "dnsmasq")
 }
 
 /// Runs dnsmasq inside `ns` and restarts it whenever it exits, until the task is dropped (the
@@ -139,9 +116,21 @@ pub fn stop_stale(spec_netns: &str) -> Result<Option<i32>> {
 ///
 /// When `plumbing` moves on (a repair recreated the namespace or the veth dnsmasq was bound
 /// to), the running dnsmasq is stopped and a new one started in the namespace as it is now.
-pub async fn supervise(spec: DhcpSpec, mut plumbing: tokio::sync::watch::Receiver<u64>) {
+///
+/// It runs only while `active` says so: on redundant VIP hosts only the master hands out
+/// leases (the standby's dnsmasq would offer addresses the master already leased).
+pub async fn supervise(
+    spec: DhcpSpec,
+    mut plumbing: tokio::sync::watch::Receiver<u64>,
+    mut active: tokio::sync::watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_secs(1);
     loop {
+        while !*active.borrow_and_update() {
+            if active.changed().await.is_err() {
+                return;
+            }
+        }
         let started = tokio::time::Instant::now();
         let run = async {
             let ns = crate::host::netns::open_named_netns(&spec.netns)?;
@@ -156,6 +145,10 @@ pub async fn supervise(spec: DhcpSpec, mut plumbing: tokio::sync::watch::Receive
                 // Dropping the run killed the old dnsmasq (kill_on_drop).
                 info!(netns = %spec.netns, "plumbing recreated: restarting dnsmasq in it");
                 backoff = Duration::from_secs(1);
+                continue;
+            }
+            Ok(()) = active.changed() => {
+                info!(netns = %spec.netns, "not the VRRP master any more: dnsmasq stopped");
                 continue;
             }
         }

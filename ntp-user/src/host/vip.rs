@@ -39,11 +39,32 @@ pub struct VipSpec {
     pub repair_interval: Duration,
     /// Host interfaces (daemon's namespace) the responder is attached to as well.
     pub host_interfaces: Vec<String>,
+    /// Redundant VIP hosts: keepalived owns the service and clock addresses (they are on the
+    /// master only), this host keeps its own address.
+    pub redundancy: Option<Redundancy>,
+}
+
+/// What a redundant VIP host keeps besides what keepalived moves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Redundancy {
+    /// This host's own address on the namespace end (the VRRP source).
+    pub own_address: IpNet,
+    pub keepalived: crate::host::keepalived::KeepalivedSpec,
 }
 
 impl VipSpec {
-    /// Every address on the namespace end, as it should be configured.
+    /// Every address on the namespace end that the daemon keeps there. With redundancy the
+    /// service and clock addresses are keepalived's (on the master only: absent on a standby
+    /// is right, and drift repair leaves them alone); the daemon keeps the host's own.
     pub fn wanted_addresses(&self) -> Vec<IpNet> {
+        if let Some(r) = &self.redundancy {
+            return vec![r.own_address];
+        }
+        self.virtual_addresses()
+    }
+
+    /// The service and clock addresses.
+    pub fn virtual_addresses(&self) -> Vec<IpNet> {
         let mut out = self.service_addresses.clone();
         out.extend(self.aliases.iter().map(|a| IpNet::from(*a)));
         out

@@ -305,6 +305,20 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         "Seconds since the daemon started",
         r.uptime_s,
     );
+    if let Some(v) = &r.vrrp {
+        gauge(
+            &mut reg,
+            "vrrp_master",
+            "1 while this redundant VIP host holds the service and clock addresses",
+            if v.role == "master" { 1.0 } else { 0.0 },
+        );
+        gauge(
+            &mut reg,
+            "vrrp_transitions",
+            "VRRP role changes since the daemon started",
+            v.transitions as f64,
+        );
+    }
 
     let mut out = String::new();
     encode(&mut out, &reg)?;

@@ -66,6 +66,9 @@ impl<T: Clone> Recent<T> {
     }
 }
 
+/// The anchor is republished every second: older than this, the clock task is stuck.
+const HEALTHY_ANCHOR_AGE: Duration = Duration::from_secs(3);
+
 /// How old a walk of the rate or guest table may be when a report is built.
 const WALK_MAX_AGE: Duration = Duration::from_secs(1);
 
@@ -77,6 +80,8 @@ pub struct Observatory {
     alarms: Mutex<Alarms>,
     guests: Recent<GuestSummary>,
     rate_sources: Recent<usize>,
+    /// Set by a redundant VIP host's role watcher.
+    vrrp: status::VrrpCell,
     started_mono_ns: u64,
 }
 
@@ -86,6 +91,7 @@ impl Observatory {
     pub fn for_responder(
         spec: &ObserveSpec,
         responder: &crate::responder::Responder,
+        vrrp: status::VrrpCell,
     ) -> Result<(Arc<Observatory>, ClockSnapshotCell, Arc<UserspaceCounters>)> {
         let counters = Arc::new(UserspaceCounters::default());
         let clock = ClockSnapshotCell::default();
@@ -94,6 +100,7 @@ impl Observatory {
             responder.observer()?,
             clock.clone(),
             counters.clone(),
+            vrrp,
         )?;
         Ok((obs, clock, counters))
     }
@@ -103,6 +110,7 @@ impl Observatory {
         observer: Observer,
         clock: ClockSnapshotCell,
         userspace: Arc<UserspaceCounters>,
+        vrrp: status::VrrpCell,
     ) -> Result<Arc<Observatory>> {
         Ok(Arc::new(Observatory {
             alarms: Mutex::new(Alarms::new(spec.alarms.clone())),
@@ -112,6 +120,7 @@ impl Observatory {
             userspace,
             guests: Recent::new(),
             rate_sources: Recent::new(),
+            vrrp,
             started_mono_ns: monotonic_now_ns()?,
         }))
     }
@@ -167,6 +176,7 @@ impl Observatory {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .active(),
+            vrrp: self.vrrp.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         })
     }
 
@@ -174,6 +184,25 @@ impl Observatory {
     /// old.
     pub fn report(&self) -> Result<StatusReport> {
         self.report_with(WALK_MAX_AGE)
+    }
+
+    /// Whether this host should hold the service addresses: the kernel serves a fresh,
+    /// synchronized anchor (the daemon publishes every second; a frozen or unsynchronized one
+    /// fails this). keepalived asks it every second through `ntp-user health`.
+    pub fn health(&self) -> std::result::Result<(), String> {
+        let now = monotonic_now_ns().map_err(|e| e.to_string())?;
+        let anchor = self.observer.current_anchor().map_err(|e| e.to_string())?;
+        if !anchor.is_published() {
+            return Err("no anchor published".into());
+        }
+        let age = anchor.age_ns(now);
+        if age > HEALTHY_ANCHOR_AGE.as_nanos() as u64 {
+            return Err(format!("the anchor is {:.1} s old", age as f64 * 1e-9));
+        }
+        if !anchor.is_synchronized_at(now) {
+            return Err("the clock is not synchronized".into());
+        }
+        Ok(())
     }
 
     /// Evaluates the alarms and logs each transition once.
@@ -358,7 +387,11 @@ async fn control_session(mut stream: tokio::net::UnixStream, o: Arc<Observatory>
                 Err(e) => format!("error: {e:#}\n"),
             }
         }
-        other => format!("error: unknown command {other:?} (known: status)\n"),
+        "health" => match o.health() {
+            Ok(()) => "ok\n".to_string(),
+            Err(why) => format!("unhealthy: {why}\n"),
+        },
+        other => format!("error: unknown command {other:?} (known: status, health)\n"),
     };
     stream.write_all(answer.as_bytes()).await?;
     stream.shutdown().await?;

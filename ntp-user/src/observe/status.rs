@@ -142,7 +142,22 @@ pub struct StatusReport {
     pub responder: ResponderStatus,
     pub guests: GuestSummary,
     pub alarms: Vec<ActiveAlarm>,
+    /// With `[redundancy]`: this host's VRRP role.
+    #[serde(default)]
+    pub vrrp: Option<VrrpStatus>,
 }
+
+/// A redundant VIP host's VRRP state, as the daemon sees it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VrrpStatus {
+    /// "master" (the service and clock addresses are here) or "backup".
+    pub role: String,
+    /// Role changes since the daemon started.
+    pub transitions: u64,
+}
+
+/// The role watcher's view, shared with the control and metrics tasks.
+pub type VrrpCell = Arc<Mutex<Option<VrrpStatus>>>;
 
 /// A reference ID as people read it: a dotted IPv4 address, or the ASCII code.
 pub fn refid_text(refid: [u8; 4], stratum: u8) -> String {
@@ -182,6 +197,13 @@ pub fn render(r: &StatusReport) -> String {
     let mut o = String::new();
     let c = &r.clock;
     let _ = writeln!(o, "ntp-xdp {} (up {:.0} s)", r.version, r.uptime_s);
+    if let Some(v) = &r.vrrp {
+        let _ = writeln!(
+            o,
+            "VRRP: {} ({} role changes since start)",
+            v.role, v.transitions
+        );
+    }
     let _ = writeln!(o, "\nTracking");
     let rows: Vec<(&str, String)> = vec![
         ("Reference", c.reference.clone()),
@@ -282,8 +304,9 @@ pub fn render(r: &StatusReport) -> String {
     o
 }
 
-/// Asks the daemon behind `socket` for its report.
-pub fn query(socket: &Path) -> Result<StatusReport> {
+/// Sends `command` to the daemon behind `socket` and reads its whole answer, within
+/// `timeout` (a frozen daemon does not answer: that is an answer too).
+fn ask(socket: &Path, command: &str, timeout: std::time::Duration) -> Result<String> {
     let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
         format!(
             "connecting to the daemon's control socket {} (is the daemon running, and are you \
@@ -291,12 +314,29 @@ pub fn query(socket: &Path) -> Result<StatusReport> {
             socket.display()
         )
     })?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    stream.write_all(b"status\n")?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(format!("{command}\n").as_bytes())?;
     let mut text = String::new();
     stream
         .read_to_string(&mut text)
         .context("reading the daemon's answer")?;
+    Ok(text)
+}
+
+/// Asks the daemon whether it should hold the service addresses (`ntp-user health`, run by
+/// keepalived every second): Ok, or why not.
+pub fn query_health(socket: &Path) -> Result<()> {
+    let text = ask(socket, "health", std::time::Duration::from_millis(800))?;
+    match text.trim() {
+        "ok" => Ok(()),
+        other => bail!("{other}"),
+    }
+}
+
+/// Asks the daemon behind `socket` for its report.
+pub fn query(socket: &Path) -> Result<StatusReport> {
+    let text = ask(socket, "status", std::time::Duration::from_secs(10))?;
     if let Some(err) = text.strip_prefix("error: ") {
         bail!("the daemon says: {}", err.trim());
     }

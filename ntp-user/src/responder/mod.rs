@@ -85,6 +85,36 @@ pub const MAX_HOLD_NS: u64 = 1_000_000_000;
 /// is rather than take the earlier time as synchronized.
 pub const STEP_UNSYNC_NS: u64 = 300 * 1_000_000_000;
 
+/// The responder's served-address map, held by another task.
+pub struct ServedAddrs(HashMap<MapData, [u8; 16], u8>);
+
+impl ServedAddrs {
+    /// Makes the map exactly `addrs`.
+    pub fn set(&mut self, addrs: &[IpAddr]) -> Result<()> {
+        set_served(&mut self.0, addrs)
+    }
+}
+
+/// Makes a served-address map exactly `addrs` (stale ones out first).
+fn set_served<T: std::borrow::BorrowMut<MapData>>(
+    map: &mut HashMap<T, [u8; 16], u8>,
+    addrs: &[IpAddr],
+) -> Result<()> {
+    let wanted: Vec<[u8; 16]> = addrs.iter().map(|a| served_address_key(*a)).collect();
+    let stale: Vec<[u8; 16]> = map
+        .keys()
+        .flatten()
+        .filter(|k| !wanted.contains(k))
+        .collect();
+    for k in stale {
+        map.remove(&k).context("removing a served address")?;
+    }
+    for k in wanted {
+        map.insert(k, 1, 0).context("adding a served address")?;
+    }
+    Ok(())
+}
+
 /// The responder's table of own MACs (see [`Responder::set_own_macs`]).
 pub struct OwnMacs<T = MapData>(HashMap<T, [u8; 8], u32>);
 
@@ -269,25 +299,22 @@ impl Responder {
     /// Makes the served-address map exactly `addrs` (a pinned map may hold an older config's).
     pub fn set_served_addresses(&mut self, addrs: &[IpAddr]) -> Result<()> {
         let mut map: HashMap<_, [u8; 16], u8> = HashMap::try_from(self.map(maps::SERVED_ADDRS)?)?;
-        let wanted: Vec<[u8; 16]> = addrs.iter().map(|a| served_address_key(*a)).collect();
-        let stale: Vec<[u8; 16]> = map
-            .keys()
-            .flatten()
-            .filter(|k| !wanted.contains(k))
-            .collect();
-        for k in stale {
-            map.remove(&k).context("removing a served address")?;
-        }
-        for k in wanted {
-            map.insert(k, 1, 0).context("adding a served address")?;
-        }
-        Ok(())
+        set_served(&mut map, addrs)
     }
 
     /// Makes the table of own MACs exactly `macs` (MAC, ifindex of the attached interface
     /// that owns it): frames to any other MAC are passed, never answered.
     pub fn set_own_macs(&mut self, macs: &[([u8; 6], u32)]) -> Result<()> {
         OwnMacs::from_map(self.map(maps::OWN_MACS)?)?.set(macs)
+    }
+
+    /// A handle on the served-address map for another task (a redundant VIP host's role
+    /// watcher: the addresses are served only while this host holds them).
+    pub fn served_addrs(&self) -> Result<ServedAddrs> {
+        Ok(ServedAddrs(HashMap::try_from(observer::reopen(
+            &self.ebpf,
+            maps::SERVED_ADDRS,
+        )?)?))
     }
 
     /// A handle on the own-MAC table for another task (the repair pass re-registers the MAC

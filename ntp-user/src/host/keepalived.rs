@@ -1,0 +1,259 @@
+//! keepalived (VRRP), run by the daemon inside the service namespace the way OpenStack
+//! neutron's HA routers run it in theirs: it owns the virtual addresses (the service and clock
+//! addresses), moves them to a standby when this host fails, and sends the gratuitous ARPs and
+//! unsolicited neighbour advertisements. The daemon writes its configuration, supervises it,
+//! and is tracked by it (`ntp-user health`): a dead, frozen or unsynchronized daemon gives the
+//! addresses up. No preemption: a recovered host comes back as standby.
+
+use std::net::IpAddr;
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use ipnet::IpNet;
+use tokio::io::AsyncBufReadExt as _;
+use tracing::{info, warn};
+
+use crate::host::vip::state_dir;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeepalivedSpec {
+    pub netns: String,
+    /// The interface VRRP speaks on and the addresses live on (the namespace end).
+    pub interface: String,
+    pub virtual_router_id: u8,
+    pub priority: u8,
+    pub advert_interval: Duration,
+    /// This host's own address on that interface: the VRRP source (unicast_src_ip).
+    pub own_address: IpAddr,
+    /// Unicast peers (empty: multicast to 224.0.0.18).
+    pub unicast_peers: Vec<IpAddr>,
+    /// The addresses that move: IPv4 ones are advertised, IPv6 ones follow them.
+    pub virtual_addresses: Vec<IpNet>,
+    /// The health check keepalived runs every second (`ntp-user health --socket ...`).
+    pub health_command: Vec<String>,
+}
+
+impl KeepalivedSpec {
+    pub fn config_file(&self) -> PathBuf {
+        state_dir(&self.netns).join("keepalived.conf")
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        state_dir(&self.netns).join("keepalived.pid")
+    }
+
+    fn vrrp_pid_file(&self) -> PathBuf {
+        state_dir(&self.netns).join("keepalived-vrrp.pid")
+    }
+
+    /// keepalived.conf for this host.
+    pub fn config_text(&self) -> String {
+        // One quoted string: keepalived splits it into the program and its arguments.
+        let script = format!("\"{}\"", self.health_command.join(" ").replace('"', ""));
+        let (v4, v6): (Vec<&IpNet>, Vec<&IpNet>) = self
+            .virtual_addresses
+            .iter()
+            .partition(|n| n.addr().is_ipv4());
+        let list = |nets: &[&IpNet]| {
+            nets.iter()
+                .map(|n| format!("    {n} dev {}\n", self.interface))
+                .collect::<String>()
+        };
+        let peers = if self.unicast_peers.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "  unicast_src_ip {}\n  unicast_peer {{\n{}  }}\n",
+                self.own_address,
+                self.unicast_peers
+                    .iter()
+                    .map(|p| format!("    {p}\n"))
+                    .collect::<String>()
+            )
+        };
+        format!(
+            "# Written by ntp-user for namespace {netns}; rewritten at every start.\n\
+             global_defs {{\n  router_id ntpxdp-{netns}\n  script_user root\n  \
+             vrrp_version 3\n  vrrp_garp_master_repeat 3\n  vrrp_garp_master_refresh 60\n}}\n\
+             vrrp_script ntpxdp_health {{\n  script {script}\n  interval 1\n  timeout 1\n  \
+             fall 2\n  rise 2\n}}\n\
+             vrrp_instance ntpxdp {{\n  state BACKUP\n  nopreempt\n  interface {ifname}\n  \
+             virtual_router_id {vrid}\n  priority {prio}\n  advert_int {advert}\n{peers}  \
+             virtual_ipaddress {{\n{v4}  }}\n  virtual_ipaddress_excluded {{\n{v6}  }}\n  \
+             track_script {{\n    ntpxdp_health\n  }}\n}}\n",
+            netns = self.netns,
+            ifname = self.interface,
+            vrid = self.virtual_router_id,
+            prio = self.priority,
+            advert = self.advert_interval.as_secs_f64(),
+            v4 = list(&v4),
+            v6 = list(&v6),
+        )
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--dont-fork".into(),
+            "--log-console".into(),
+            "--log-detail".into(),
+            "--vrrp".into(),
+            format!("--use-file={}", self.config_file().display()),
+            format!("--pid={}", self.pid_file().display()),
+            format!("--vrrp_pid={}", self.vrrp_pid_file().display()),
+        ]
+    }
+}
+
+/// Stops a keepalived an earlier daemon left running for this namespace: the parent (which
+/// takes its VRRP child with it and releases the addresses), and the VRRP child too in case
+/// the parent was killed without a chance to.
+pub fn stop_stale(netns: &str) -> Result<Option<i32>> {
+    let parent =
+        crate::host::stop_by_pid_file(&state_dir(netns).join("keepalived.pid"), "keepalived")?;
+    let child = crate::host::stop_by_pid_file(
+        &state_dir(netns).join("keepalived-vrrp.pid"),
+        "keepalived",
+    )?;
+    Ok(parent.or(child))
+}
+
+/// Stops a running keepalived with SIGTERM when dropped (the supervisor's task ended): it
+/// then stops its VRRP child, which releases the addresses. SIGKILL would orphan the child,
+/// which would go on holding them.
+struct TermOnDrop(Option<u32>);
+
+impl Drop for TermOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+}
+
+fn keepalived_path() -> &'static Path {
+    for p in ["/usr/sbin/keepalived", "/usr/bin/keepalived"] {
+        if Path::new(p).exists() {
+            return Path::new(p);
+        }
+    }
+    Path::new("keepalived")
+}
+
+/// Runs keepalived inside the service namespace and restarts it when it exits (or when
+/// `plumbing` says the namespace or veth was recreated), until the task is dropped (the child
+/// is killed then: its addresses go with it, and a standby takes over).
+pub async fn supervise(spec: KeepalivedSpec, mut plumbing: tokio::sync::watch::Receiver<u64>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = tokio::time::Instant::now();
+        tokio::select! {
+            outcome = run_once(&spec) => match outcome {
+                Ok(status) => warn!(%status, "keepalived exited; restarting it"),
+                Err(e) => warn!(error = %format!("{e:#}"), "keepalived could not run; retrying"),
+            },
+            Ok(()) = plumbing.changed() => {
+                info!(netns = %spec.netns, "plumbing recreated: restarting keepalived in it");
+                backoff = Duration::from_secs(1);
+                continue;
+            }
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_secs(1);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn run_once(spec: &KeepalivedSpec) -> Result<std::process::ExitStatus> {
+    std::fs::create_dir_all(state_dir(&spec.netns)).context("creating the state directory")?;
+    std::fs::write(spec.config_file(), spec.config_text())
+        .with_context(|| format!("writing {}", spec.config_file().display()))?;
+    let ns = crate::host::netns::open_named_netns(&spec.netns)?;
+    let mut cmd = tokio::process::Command::new(keepalived_path());
+    cmd.args(spec.args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe syscalls run between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .context("starting keepalived (is it installed?)")?;
+    let _stop = TermOnDrop(child.id());
+    info!(pid = child.id(), netns = %spec.netns, interface = %spec.interface,
+          vrid = spec.virtual_router_id, priority = spec.priority, "keepalived (VRRP) running");
+    for out in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(out).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                info!(target: "keepalived", "{line}");
+            }
+        });
+    }
+    Ok(child.wait().await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configuration_names_everything_that_moves() {
+        let spec = KeepalivedSpec {
+            netns: "ntpxdp-vip".into(),
+            interface: "ntpxdp-v0".into(),
+            virtual_router_id: 51,
+            priority: 150,
+            advert_interval: Duration::from_millis(500),
+            own_address: "169.254.100.2".parse().unwrap(),
+            unicast_peers: vec!["169.254.100.3".parse().unwrap()],
+            virtual_addresses: vec![
+                "169.254.100.1/24".parse().unwrap(),
+                "169.254.169.123/32".parse().unwrap(),
+                "fd00:ec2::123/128".parse().unwrap(),
+            ],
+            health_command: vec!["/usr/bin/ntp-user".into(), "health".into()],
+        };
+        let c = spec.config_text();
+        for want in [
+            "state BACKUP",
+            "nopreempt",
+            "virtual_router_id 51",
+            "priority 150",
+            "advert_int 0.5",
+            "unicast_src_ip 169.254.100.2",
+            "169.254.100.3",
+            "169.254.100.1/24 dev ntpxdp-v0",
+            "169.254.169.123/32 dev ntpxdp-v0",
+            "virtual_ipaddress_excluded {\n    fd00:ec2::123/128 dev ntpxdp-v0",
+            "script \"/usr/bin/ntp-user health\"",
+            "track_script",
+        ] {
+            assert!(c.contains(want), "{want:?} missing from:\n{c}");
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! Redundant VIP hosts with real keepalived (VRRPv3, unicast peers): two daemons, each with
+//! its own service namespace on one guest bridge, share the service and clock addresses. A
+//! guest polls the clock address 20 times a second throughout; the master's daemon is killed
+//! (kill -9), and the addresses move to the standby. Measured: the longest gap between answered
+//! requests; asserted: no LI=3, no reply going backwards, the old master restarted stays
+//! standby (no second switch).
+
+use std::os::fd::AsFd as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration_tests::clients::one_query;
+use integration_tests::topology::{Netns, ServeProcess};
+use integration_tests::{ip, ntp_user_bin, run, unique_name, CLOCK_V4};
+use ntp_common::packet::NtpHeader;
+
+const SUBNET: u8 = 81;
+
+/// One VIP host of the pair: its service namespace, veth and config (the daemons share the
+/// test's "host" namespace and its bridge, standing for two machines on one guest network).
+struct Host {
+    netns: String,
+    config: PathBuf,
+    stratum: u8,
+    daemon: Option<ServeProcess>,
+}
+
+struct Pair {
+    home: Netns,
+    hosts: Vec<Host>,
+    dir: PathBuf,
+}
+
+impl Pair {
+    fn start() -> Pair {
+        let home = Netns::new("nth").unwrap();
+        let bridge = unique_name("nb");
+        home.ip(&["link", "add", &bridge, "type", "bridge"])
+            .unwrap();
+        home.ip(&["link", "set", &bridge, "up"]).unwrap();
+        let dir = std::env::temp_dir().join(unique_name("ntpxdp-vrrp"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vrid = 100 + (std::process::id() % 100) as u8;
+        let mut hosts = Vec::new();
+        for i in 0..2u8 {
+            let netns = unique_name("ntv");
+            let (ns_if, host_if) = (unique_name("nv"), unique_name("nh"));
+            let config = dir.join(format!("host{i}.toml"));
+            let stratum = 10 + i;
+            std::fs::write(
+                &config,
+                format!(
+                    r#"[service]
+netns = "{netns}"
+interface = "{ns_if}"
+addresses = ["{CLOCK_V4}"]
+xdp_mode = "generic"
+
+[clock]
+local_stratum = {stratum}
+
+[vip]
+host_interface = "{host_if}"
+bridge = "{bridge}"
+service_address = "169.254.{SUBNET}.1/24"
+repair_interval = "1s"
+
+[redundancy]
+virtual_router_id = {vrid}
+priority = {prio}
+advert_interval = "1s"
+own_address = "169.254.{SUBNET}.{own}/24"
+unicast_peers = ["169.254.{SUBNET}.{peer}"]
+
+[limits]
+enable = false
+
+[metrics]
+enable = false
+"#,
+                    prio = 150 - 50 * i,
+                    own = 2 + i,
+                    peer = 3 - i,
+                ),
+            )
+            .unwrap();
+            hosts.push(Host {
+                netns,
+                config,
+                stratum,
+                daemon: None,
+            });
+        }
+        let mut pair = Pair { home, hosts, dir };
+        for i in 0..2 {
+            pair.start_daemon(i);
+        }
+        pair
+    }
+
+    fn ntp_user(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(ntp_user_bin());
+        cmd.args(args);
+        let ns = self.home.file().unwrap();
+        // SAFETY: setns is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    fn start_daemon(&mut self, i: usize) {
+        let config = self.hosts[i].config.display().to_string();
+        let cmd = self.ntp_user(&["run", "--config", &config]);
+        self.hosts[i].daemon = Some(ServeProcess::spawn(cmd, "responder attached").unwrap());
+    }
+
+    fn status(&self, i: usize) -> serde_json::Value {
+        let socket = format!("/run/ntp-xdp/{}/control.sock", self.hosts[i].netns);
+        let out = run(Command::new(ntp_user_bin()).args(["status", "--socket", &socket, "--json"]))
+            .unwrap();
+        serde_json::from_str(&out).unwrap()
+    }
+
+    fn add_guest(&self) -> Netns {
+        let guest = Netns::new("ntg").unwrap();
+        let port = unique_name("np");
+        let bridge = self
+            .home
+            .ip(&["-o", "link", "show", "type", "bridge"])
+            .unwrap();
+        let bridge = bridge.split(':').nth(1).unwrap().trim().to_string();
+        ip(&[
+            "link",
+            "add",
+            &port,
+            "netns",
+            &self.home.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &guest.name,
+        ])
+        .unwrap();
+        self.home
+            .ip(&["link", "set", &port, "master", &bridge, "up"])
+            .unwrap();
+        guest.ip(&["link", "set", "eth0", "up"]).unwrap();
+        guest
+            .ip(&[
+                "addr",
+                "add",
+                &format!("169.254.{SUBNET}.21/24"),
+                "dev",
+                "eth0",
+            ])
+            .unwrap();
+        guest
+            .ip(&[
+                "route",
+                "add",
+                &format!("{CLOCK_V4}/32"),
+                "via",
+                &format!("169.254.{SUBNET}.1"),
+            ])
+            .unwrap();
+        guest
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            drop(h.daemon.take());
+        }
+        for h in &self.hosts {
+            let config = h.config.display().to_string();
+            let _ = self.ntp_user(&["down", "--config", &config]).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What the guest saw of one request.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    at: Instant,
+    stratum: u8,
+    leap: u8,
+    transmit: u64,
+}
+
+/// Polls the clock address 20 times a second until `stop`; every answer, in order.
+fn poll(guest: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<Seen>, u64)> {
+    let name = guest.name.clone();
+    std::thread::spawn(move || {
+        let guest = Netns { name };
+        let mut seen = Vec::new();
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let t = Instant::now();
+            sent += 1;
+            if let Ok(Some(reply)) = one_query(&guest, CLOCK_V4) {
+                if let Some(h) = NtpHeader::parse(&reply) {
+                    seen.push(Seen {
+                        at: Instant::now(),
+                        stratum: h.stratum,
+                        leap: h.leap,
+                        transmit: h.transmit_ts,
+                    });
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50).saturating_sub(t.elapsed()));
+        }
+        std::mem::forget(guest); // the test owns the namespace
+        (seen, sent)
+    })
+}
+
+fn wait_until(timeout: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+#[test]
+fn the_addresses_move_to_the_standby_when_the_master_daemon_is_killed() {
+    let mut pair = Pair::start();
+    let guest = pair.add_guest();
+    // One master is elected (both start as BACKUP, without preemption).
+    let mut master_stratum = 0;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            match one_query(&guest, CLOCK_V4).ok().flatten() {
+                Some(r) => {
+                    master_stratum = NtpHeader::parse(&r).map_or(0, |h| h.stratum);
+                    master_stratum != 0
+                }
+                None => false,
+            }
+        }),
+        "no VIP host took the addresses"
+    );
+    let master = pair
+        .hosts
+        .iter()
+        .position(|h| h.stratum == master_stratum)
+        .unwrap();
+    let standby = 1 - master;
+    assert_eq!(pair.status(master)["vrrp"]["role"], "master");
+    assert_eq!(pair.status(standby)["vrrp"]["role"], "backup");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = poll(&guest, stop.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    let killed_at = Instant::now();
+    pair.hosts[master].daemon.take().unwrap().kill9().unwrap();
+    let standby_stratum = pair.hosts[standby].stratum;
+    let moved = wait_until(Duration::from_secs(20), || {
+        one_query(&guest, CLOCK_V4)
+            .ok()
+            .flatten()
+            .and_then(|r| NtpHeader::parse(&r))
+            .is_some_and(|h| h.stratum == standby_stratum)
+    });
+    assert!(
+        moved,
+        "the standby never answered after the master's daemon was killed"
+    );
+    let moved_after = killed_at.elapsed();
+    // The old master comes back: as standby, and the guest sees no second switch.
+    pair.start_daemon(master);
+    std::thread::sleep(Duration::from_secs(6));
+    stop.store(true, Ordering::Relaxed);
+    let (seen, sent) = poller.join().unwrap();
+
+    let after_move: Vec<&Seen> = seen
+        .iter()
+        .skip_while(|s| s.stratum != standby_stratum)
+        .collect();
+    assert!(
+        after_move.iter().all(|s| s.stratum == standby_stratum),
+        "a second switch back to the old master"
+    );
+    assert!(seen.iter().all(|s| s.leap == 0), "a reply said LI=3");
+    let gap = seen
+        .windows(2)
+        .map(|w| w[1].at - w[0].at)
+        .max()
+        .unwrap_or_default();
+    let backwards = seen
+        .windows(2)
+        .filter_map(|w| {
+            let d = ntp_common::time::timestamp_diff_ns(w[1].transmit, w[0].transmit);
+            (d < 0).then_some(-d)
+        })
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "kill -9 of the master's daemon: {} of {sent} requests answered, longest gap {:?}, \
+         standby answering {:?} after the kill, worst step back {} µs",
+        seen.len(),
+        gap,
+        moved_after,
+        backwards / 1000
+    );
+    // Both hosts serve this machine's clock: they disagree by microseconds at most.
+    assert!(backwards < 1_000_000, "a reply went back {backwards} ns");
+    assert!(gap < Duration::from_secs(10), "longest gap {gap:?}");
+    assert_eq!(pair.status(master)["vrrp"]["role"], "backup");
+    assert_eq!(pair.status(standby)["vrrp"]["role"], "master");
+}
