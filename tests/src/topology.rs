@@ -305,6 +305,11 @@ impl ServeProcess {
         self.terminate()
     }
 
+    /// The process ID (to signal it: SIGSTOP for a frozen daemon).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn terminate(&mut self) -> Result<bool> {
         if let Some(status) = self.child.try_wait()? {
             return Ok(status.success());

@@ -1,9 +1,11 @@
 //! Redundant VIP hosts with real keepalived (VRRPv3, unicast peers): two daemons, each with
 //! its own service namespace on one guest bridge, share the service and clock addresses. A
-//! guest polls the clock address 20 times a second throughout; the master's daemon is killed
-//! (kill -9), and the addresses move to the standby. Measured: the longest gap between answered
-//! requests; asserted: no LI=3, no reply going backwards, the old master restarted stays
-//! standby (no second switch).
+//! guest polls the clock address 20 times a second throughout; the master fails (its daemon
+//! killed with -9, its daemon frozen with SIGSTOP, its keepalived killed), and the addresses
+//! move to the standby. Measured (printed): the longest gap between answered requests;
+//! asserted: no LI=3, no reply going backwards, a generous bound on the gap, and the old
+//! master, back, stays standby (no second switch). Each host serves its own local stratum
+//! (10, 11), so the guest can tell who answers.
 
 use std::os::fd::AsFd as _;
 use std::os::unix::process::CommandExt as _;
@@ -238,8 +240,43 @@ fn wait_until(timeout: Duration, mut ok: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// How the master fails.
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    /// kill -9 of its daemon (the pinned responder and keepalived live on; the health check
+    /// fails, so keepalived gives the addresses up).
+    DaemonKilled,
+    /// SIGSTOP of its daemon: alive but frozen (the health check times out).
+    DaemonFrozen,
+    /// kill -9 of its keepalived (the addresses stay on its interface; the standby stops
+    /// hearing it and takes them; the daemon starts a new keepalived, which releases them).
+    KeepalivedKilled,
+}
+
 #[test]
-fn the_addresses_move_to_the_standby_when_the_master_daemon_is_killed() {
+fn the_addresses_move_when_the_master_daemon_is_killed() {
+    failover(Failure::DaemonKilled);
+}
+
+#[test]
+fn the_addresses_move_when_the_master_daemon_is_frozen() {
+    failover(Failure::DaemonFrozen);
+}
+
+#[test]
+fn the_addresses_move_when_the_masters_keepalived_is_killed() {
+    failover(Failure::KeepalivedKilled);
+}
+
+fn signal_pid_file(path: &str, signal: nix::sys::signal::Signal) {
+    if let Ok(pid) = std::fs::read_to_string(path) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+        }
+    }
+}
+
+fn failover(failure: Failure) {
     let mut pair = Pair::start();
     let guest = pair.add_guest();
     // One master is elected (both start as BACKUP, without preemption).
@@ -269,7 +306,20 @@ fn the_addresses_move_to_the_standby_when_the_master_daemon_is_killed() {
     let poller = poll(&guest, stop.clone());
     std::thread::sleep(Duration::from_secs(2));
     let killed_at = Instant::now();
-    pair.hosts[master].daemon.take().unwrap().kill9().unwrap();
+    let state = format!("/run/ntp-xdp/{}", pair.hosts[master].netns);
+    let daemon_pid =
+        nix::unistd::Pid::from_raw(pair.hosts[master].daemon.as_ref().unwrap().pid() as i32);
+    match failure {
+        Failure::DaemonKilled => pair.hosts[master].daemon.take().unwrap().kill9().unwrap(),
+        Failure::DaemonFrozen => {
+            nix::sys::signal::kill(daemon_pid, nix::sys::signal::Signal::SIGSTOP).unwrap()
+        }
+        Failure::KeepalivedKilled => {
+            for f in ["keepalived-vrrp.pid", "keepalived.pid"] {
+                signal_pid_file(&format!("{state}/{f}"), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
     let standby_stratum = pair.hosts[standby].stratum;
     let moved = wait_until(Duration::from_secs(20), || {
         one_query(&guest, CLOCK_V4)
@@ -284,7 +334,14 @@ fn the_addresses_move_to_the_standby_when_the_master_daemon_is_killed() {
     );
     let moved_after = killed_at.elapsed();
     // The old master comes back: as standby, and the guest sees no second switch.
-    pair.start_daemon(master);
+    match failure {
+        Failure::DaemonKilled => pair.start_daemon(master),
+        Failure::DaemonFrozen => {
+            nix::sys::signal::kill(daemon_pid, nix::sys::signal::Signal::SIGCONT).unwrap()
+        }
+        // Its daemon restarts keepalived by itself.
+        Failure::KeepalivedKilled => {}
+    }
     std::thread::sleep(Duration::from_secs(6));
     stop.store(true, Ordering::Relaxed);
     let (seen, sent) = poller.join().unwrap();
@@ -312,8 +369,8 @@ fn the_addresses_move_to_the_standby_when_the_master_daemon_is_killed() {
         .max()
         .unwrap_or(0);
     eprintln!(
-        "kill -9 of the master's daemon: {} of {sent} requests answered, longest gap {:?}, \
-         standby answering {:?} after the kill, worst step back {} µs",
+        "{failure:?}: {} of {sent} requests answered, longest gap {:?}, \
+         standby answering {:?} after the failure, worst step back {} µs",
         seen.len(),
         gap,
         moved_after,

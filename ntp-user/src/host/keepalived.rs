@@ -113,10 +113,8 @@ impl KeepalivedSpec {
 pub fn stop_stale(netns: &str) -> Result<Option<i32>> {
     let parent =
         crate::host::stop_by_pid_file(&state_dir(netns).join("keepalived.pid"), "keepalived")?;
-    let child = crate::host::stop_by_pid_file(
-        &state_dir(netns).join("keepalived-vrrp.pid"),
-        "keepalived",
-    )?;
+    let child =
+        crate::host::stop_by_pid_file(&state_dir(netns).join("keepalived-vrrp.pid"), "keepalived")?;
     Ok(parent.or(child))
 }
 
@@ -176,6 +174,9 @@ async fn run_once(spec: &KeepalivedSpec) -> Result<std::process::ExitStatus> {
     std::fs::write(spec.config_file(), spec.config_text())
         .with_context(|| format!("writing {}", spec.config_file().display()))?;
     let ns = crate::host::netns::open_named_netns(&spec.netns)?;
+    // A keepalived killed outright leaves its addresses behind: a new one starts from none
+    // (it adds them again if it becomes master), so this host never holds them as a standby.
+    release_addresses(spec, &ns).await?;
     let mut cmd = tokio::process::Command::new(keepalived_path());
     cmd.args(spec.args())
         .stdin(Stdio::null())
@@ -215,6 +216,22 @@ async fn run_once(spec: &KeepalivedSpec) -> Result<std::process::ExitStatus> {
         });
     }
     Ok(child.wait().await?)
+}
+
+/// Removes the virtual addresses from the interface (those present).
+async fn release_addresses(spec: &KeepalivedSpec, ns: &std::fs::File) -> Result<()> {
+    let inside = crate::host::netlink::Netlink::open_in(ns)?;
+    let Some(link) = inside.link(&spec.interface).await? else {
+        return Ok(());
+    };
+    let present = inside.addresses(link.index).await?;
+    for net in &spec.virtual_addresses {
+        if present.contains(net) {
+            inside.delete_address(link.index, *net).await?;
+            info!(address = %net, "released a virtual address a stopped keepalived left");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
