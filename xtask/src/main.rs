@@ -1,6 +1,7 @@
 //! `cargo xtask setup | build | run | test`: everything a fresh machine needs, in one place.
 
 mod bench;
+mod failover;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -30,8 +31,12 @@ enum Task {
         run_args: Vec<String>,
     },
     /// Run, plus a guest namespace that gets its route by DHCP (option 121) and queries the
-    /// clock address with chronyd -Q; removes everything on exit.
-    Demo,
+    /// clock address with chronyd -Q; removes everything on exit. With --failover: two
+    /// redundant VIP hosts, the master killed while a guest polls; prints the longest gap.
+    Demo {
+        #[arg(long)]
+        failover: bool,
+    },
     /// Set up, build, and benchmark the responder (generic, native), the userspace path and
     /// chronyd side by side; writes target/bench/{results.json,rate.svg,table.md}.
     Bench {
@@ -52,7 +57,11 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::Build => setup::setup().and_then(|()| build(true)).map(|_| ()),
         Task::Run { run_args } => run_daemon(&run_args),
-        Task::Demo => demo(),
+        Task::Demo { failover: false } => demo(),
+        Task::Demo { failover: true } => setup::setup()
+            .and_then(|()| require_root("cargo xtask demo --failover"))
+            .and_then(|()| build(true))
+            .and_then(|bin| failover::demo(&bin)),
         Task::Bench { smoke } => setup::setup()
             .and_then(|()| require_root("cargo xtask bench"))
             .and_then(|()| build(!smoke))
