@@ -35,15 +35,25 @@ struct Pair {
     home: Netns,
     hosts: Vec<Host>,
     dir: PathBuf,
+    /// The bridge the guests are on.
+    guest_bridge: String,
+    /// With uplinks: each host's own bridge joins the guests' through this veth end.
+    uplinks: Vec<String>,
 }
 
 impl Pair {
-    fn start() -> Pair {
+    /// Two VIP hosts on one guest bridge; with `with_uplinks`, each host has a bridge of its
+    /// own joined to the guests' bridge by an uplink that its daemon tracks.
+    fn start(with_uplinks: bool, advert: &str) -> Pair {
         let home = Netns::new("nth").unwrap();
-        let bridge = unique_name("nb");
-        home.ip(&["link", "add", &bridge, "type", "bridge"])
-            .unwrap();
-        home.ip(&["link", "set", &bridge, "up"]).unwrap();
+        let new_bridge = || {
+            let b = unique_name("nb");
+            home.ip(&["link", "add", &b, "type", "bridge"]).unwrap();
+            home.ip(&["link", "set", &b, "up"]).unwrap();
+            b
+        };
+        let guest_bridge = new_bridge();
+        let mut uplinks = Vec::new();
         let dir = std::env::temp_dir().join(unique_name("ntpxdp-vrrp"));
         std::fs::create_dir_all(&dir).unwrap();
         let vrid = 100 + (std::process::id() % 100) as u8;
@@ -53,6 +63,21 @@ impl Pair {
             let (ns_if, host_if) = (unique_name("nv"), unique_name("nh"));
             let config = dir.join(format!("host{i}.toml"));
             let stratum = 10 + i;
+            let (bridge, track) = if with_uplinks {
+                let own = new_bridge();
+                let (up, up_far) = (unique_name("nu"), unique_name("nu"));
+                home.ip(&["link", "add", &up, "type", "veth", "peer", "name", &up_far])
+                    .unwrap();
+                home.ip(&["link", "set", &up, "master", &own, "up"])
+                    .unwrap();
+                home.ip(&["link", "set", &up_far, "master", &guest_bridge, "up"])
+                    .unwrap();
+                let track = format!("track_interfaces = [\"{up}\"]");
+                uplinks.push(up);
+                (own, track)
+            } else {
+                (guest_bridge.clone(), String::new())
+            };
             std::fs::write(
                 &config,
                 format!(
@@ -74,9 +99,10 @@ repair_interval = "1s"
 [redundancy]
 virtual_router_id = {vrid}
 priority = {prio}
-advert_interval = "1s"
+advert_interval = "{advert}"
 own_address = "169.254.{SUBNET}.{own}/24"
 unicast_peers = ["169.254.{SUBNET}.{peer}"]
+{track}
 
 [limits]
 enable = false
@@ -97,7 +123,13 @@ enable = false
                 daemon: None,
             });
         }
-        let mut pair = Pair { home, hosts, dir };
+        let mut pair = Pair {
+            home,
+            hosts,
+            dir,
+            guest_bridge,
+            uplinks,
+        };
         for i in 0..2 {
             pair.start_daemon(i);
         }
@@ -134,11 +166,7 @@ enable = false
     fn add_guest(&self) -> Netns {
         let guest = Netns::new("ntg").unwrap();
         let port = unique_name("np");
-        let bridge = self
-            .home
-            .ip(&["-o", "link", "show", "type", "bridge"])
-            .unwrap();
-        let bridge = bridge.split(':').nth(1).unwrap().trim().to_string();
+        let bridge = self.guest_bridge.clone();
         ip(&[
             "link",
             "add",
@@ -251,6 +279,11 @@ enum Failure {
     /// kill -9 of its keepalived (the addresses stay on its interface; the standby stops
     /// hearing it and takes them; the daemon starts a new keepalived, which releases them).
     KeepalivedKilled,
+    /// Its uplink to the guests' network set down (the daemon tracks it: unhealthy, it gives
+    /// the addresses up; the standby stops hearing it and takes them).
+    UplinkDown,
+    /// The same with 300 ms advertisements (VRRPv3 allows centiseconds).
+    UplinkDownFastAdverts,
 }
 
 #[test]
@@ -268,6 +301,16 @@ fn the_addresses_move_when_the_masters_keepalived_is_killed() {
     failover(Failure::KeepalivedKilled);
 }
 
+#[test]
+fn the_addresses_move_when_the_masters_uplink_goes_down() {
+    failover(Failure::UplinkDown);
+}
+
+#[test]
+fn the_addresses_move_sooner_with_subsecond_advertisements() {
+    failover(Failure::UplinkDownFastAdverts);
+}
+
 fn signal_pid_file(path: &str, signal: nix::sys::signal::Signal) {
     if let Ok(pid) = std::fs::read_to_string(path) {
         if let Ok(pid) = pid.trim().parse::<i32>() {
@@ -277,30 +320,40 @@ fn signal_pid_file(path: &str, signal: nix::sys::signal::Signal) {
 }
 
 fn failover(failure: Failure) {
-    let mut pair = Pair::start();
+    let uplinks = matches!(
+        failure,
+        Failure::UplinkDown | Failure::UplinkDownFastAdverts
+    );
+    let advert = match failure {
+        Failure::UplinkDownFastAdverts => "300ms",
+        _ => "1s",
+    };
+    let mut pair = Pair::start(uplinks, advert);
     let guest = pair.add_guest();
-    // One master is elected (both start as BACKUP, without preemption).
-    let mut master_stratum = 0;
+    // One master is elected (both start as BACKUP, without preemption): settled when one
+    // daemon says master, the other backup, and the guest is answered by the master.
+    let role = |pair: &Pair, i: usize| {
+        let s = pair.status(i);
+        s["vrrp"]["role"].as_str().unwrap_or("").to_string()
+    };
+    let mut master = usize::MAX;
     assert!(
-        wait_until(Duration::from_secs(20), || {
-            match one_query(&guest, CLOCK_V4).ok().flatten() {
-                Some(r) => {
-                    master_stratum = NtpHeader::parse(&r).map_or(0, |h| h.stratum);
-                    master_stratum != 0
-                }
-                None => false,
-            }
+        wait_until(Duration::from_secs(30), || {
+            let roles = [role(&pair, 0), role(&pair, 1)];
+            let Some(m) = roles.iter().position(|r| r == "master") else {
+                return false;
+            };
+            let answered = one_query(&guest, CLOCK_V4)
+                .ok()
+                .flatten()
+                .and_then(|r| NtpHeader::parse(&r))
+                .map(|h| h.stratum);
+            master = m;
+            roles[1 - m] == "backup" && answered == Some(pair.hosts[m].stratum)
         }),
         "no VIP host took the addresses"
     );
-    let master = pair
-        .hosts
-        .iter()
-        .position(|h| h.stratum == master_stratum)
-        .unwrap();
     let standby = 1 - master;
-    assert_eq!(pair.status(master)["vrrp"]["role"], "master");
-    assert_eq!(pair.status(standby)["vrrp"]["role"], "backup");
 
     let stop = Arc::new(AtomicBool::new(false));
     let poller = poll(&guest, stop.clone());
@@ -318,6 +371,11 @@ fn failover(failure: Failure) {
             for f in ["keepalived-vrrp.pid", "keepalived.pid"] {
                 signal_pid_file(&format!("{state}/{f}"), nix::sys::signal::Signal::SIGKILL);
             }
+        }
+        Failure::UplinkDown | Failure::UplinkDownFastAdverts => {
+            pair.home
+                .ip(&["link", "set", &pair.uplinks[master], "down"])
+                .unwrap();
         }
     }
     let standby_stratum = pair.hosts[standby].stratum;
@@ -341,6 +399,20 @@ fn failover(failure: Failure) {
         }
         // Its daemon restarts keepalived by itself.
         Failure::KeepalivedKilled => {}
+        Failure::UplinkDown | Failure::UplinkDownFastAdverts => {
+            // Back only once the old master has noticed and given the addresses up: a link
+            // that comes back sooner meets two masters, and VRRP keeps the higher priority
+            // (README: when the hosts lose each other).
+            assert!(
+                wait_until(Duration::from_secs(10), || {
+                    pair.status(master)["vrrp"]["role"] == "backup"
+                }),
+                "the master kept the addresses with its uplink down"
+            );
+            pair.home
+                .ip(&["link", "set", &pair.uplinks[master], "up"])
+                .unwrap();
+        }
     }
     std::thread::sleep(Duration::from_secs(6));
     stop.store(true, Ordering::Relaxed);

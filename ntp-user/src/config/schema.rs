@@ -227,6 +227,11 @@ pub struct RedundancySection {
     /// The other VIP hosts' own addresses (unicast VRRP); empty: multicast.
     #[serde(default)]
     pub unicast_peers: Vec<IpAddr>,
+    /// Interfaces of the daemon's namespace that connect this host to the guests (its
+    /// uplinks): while one is down or without carrier, the host is unhealthy and gives the
+    /// addresses up; back, it stays standby.
+    #[serde(default)]
+    pub track_interfaces: Vec<String>,
 }
 
 fn default_priority() -> u8 {

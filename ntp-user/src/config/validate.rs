@@ -625,6 +625,14 @@ fn validate_redundancy(
             ));
         }
     }
+    for (i, name) in r.track_interfaces.iter().enumerate() {
+        if !is_interface_name(name) {
+            return Err(bad(
+                &format!("redundancy.track_interfaces[{i}]"),
+                format!("{name:?} is not an interface name"),
+            ));
+        }
+    }
     let socket = control_socket.ok_or_else(|| {
         bad(
             "control.socket",
@@ -636,6 +644,7 @@ fn validate_redundancy(
         .unwrap_or_else(|_| "ntp-user".into());
     v.redundancy = Some(crate::host::vip::Redundancy {
         own_address: own,
+        track_interfaces: r.track_interfaces.clone(),
         keepalived: crate::host::keepalived::KeepalivedSpec {
             netns: v.netns.clone(),
             interface: v.ns_interface.clone(),

@@ -572,10 +572,45 @@ async fn watch_role(
     };
     let mut master = None;
     let mut transitions = 0u64;
+    let tracked = spec
+        .redundancy
+        .as_ref()
+        .map(|r| r.track_interfaces.clone())
+        .unwrap_or_default();
+    let host = match Netlink::open() {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "VRRP role watcher disabled: no netlink");
+            return;
+        }
+    };
+    let mut uplinks_down: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(ROLE_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // Uplinks: down, or without carrier, makes this host unhealthy (the health check
+        // fails and keepalived gives the addresses up).
+        let mut down = Vec::new();
+        for name in &tracked {
+            match host.link(name).await {
+                Ok(Some(l)) if l.up && l.carrier => {}
+                Ok(_) => down.push(name.clone()),
+                Err(e) => debug!(error = %format!("{e:#}"), "reading an uplink failed"),
+            }
+        }
+        if down != uplinks_down {
+            for name in down.iter().filter(|n| !uplinks_down.contains(n)) {
+                warn!(uplink = %name, "uplink down: giving the addresses up");
+            }
+            for name in uplinks_down.iter().filter(|n| !down.contains(n)) {
+                info!(uplink = %name, "uplink back");
+            }
+            uplinks_down = down;
+            if let Some(v) = vrrp.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                v.uplinks_down = uplinks_down.clone();
+            }
+        }
         let holds = async {
             let ns = netns::open_named_netns(&spec.netns)?;
             let inside = Netlink::open_in(&ns)?;
@@ -611,6 +646,7 @@ async fn watch_role(
             Some(crate::observe::status::VrrpStatus {
                 role: role.into(),
                 transitions,
+                uplinks_down: uplinks_down.clone(),
             });
     }
 }

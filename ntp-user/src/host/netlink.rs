@@ -30,6 +30,8 @@ pub struct Link {
     pub peer_netnsid: Option<i32>,
     /// Its MAC address (Ethernet-like links).
     pub mac: Option<[u8; 6]>,
+    /// It has carrier (IFF_LOWER_UP): its peer or cable is there and up.
+    pub carrier: bool,
 }
 
 impl Link {
@@ -98,6 +100,7 @@ impl Netlink {
             peer_index: None,
             peer_netnsid: None,
             mac: None,
+            carrier: msg.header.flags.contains(&LinkFlag::LowerUp),
         };
         for attr in msg.attributes {
             match attr {

@@ -50,6 +50,8 @@ pub struct Redundancy {
     /// This host's own address on the namespace end (the VRRP source).
     pub own_address: IpNet,
     pub keepalived: crate::host::keepalived::KeepalivedSpec,
+    /// Uplinks in the daemon's namespace whose failure makes this host unhealthy.
+    pub track_interfaces: Vec<String>,
 }
 
 impl VipSpec {

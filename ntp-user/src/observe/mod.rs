@@ -202,6 +202,11 @@ impl Observatory {
         if !anchor.is_synchronized_at(now) {
             return Err("the clock is not synchronized".into());
         }
+        if let Some(v) = self.vrrp.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            if !v.uplinks_down.is_empty() {
+                return Err(format!("uplink down: {}", v.uplinks_down.join(", ")));
+            }
+        }
         Ok(())
     }
 

@@ -154,6 +154,9 @@ pub struct VrrpStatus {
     pub role: String,
     /// Role changes since the daemon started.
     pub transitions: u64,
+    /// Tracked uplinks that are down now (the host is unhealthy while any is).
+    #[serde(default)]
+    pub uplinks_down: Vec<String>,
 }
 
 /// The role watcher's view, shared with the control and metrics tasks.
@@ -200,8 +203,14 @@ pub fn render(r: &StatusReport) -> String {
     if let Some(v) = &r.vrrp {
         let _ = writeln!(
             o,
-            "VRRP: {} ({} role changes since start)",
-            v.role, v.transitions
+            "VRRP: {} ({} role changes since start){}",
+            v.role,
+            v.transitions,
+            if v.uplinks_down.is_empty() {
+                String::new()
+            } else {
+                format!("; uplinks down: {}", v.uplinks_down.join(", "))
+            }
         );
     }
     let _ = writeln!(o, "\nTracking");
