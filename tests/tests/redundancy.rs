@@ -405,9 +405,13 @@ fn failover(failure: Failure) {
             // (README: when the hosts lose each other).
             assert!(
                 wait_until(Duration::from_secs(10), || {
-                    pair.status(master)["vrrp"]["role"] == "backup"
+                    let s = pair.status(master);
+                    s["vrrp"]["role"] == "backup"
+                        && s["alarms"]
+                            .as_array()
+                            .is_some_and(|a| a.iter().any(|a| a["name"] == "vrrp_fault"))
                 }),
-                "the master kept the addresses with its uplink down"
+                "the master kept the addresses with its uplink down, or raised no vrrp_fault"
             );
             pair.home
                 .ip(&["link", "set", &pair.uplinks[master], "up"])

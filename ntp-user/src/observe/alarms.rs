@@ -39,15 +39,19 @@ pub enum AlarmKind {
     DropRate,
     /// Guests whose clocks are off by more than the guest threshold.
     GuestClocks,
+    /// A redundant VIP host that cannot hold the addresses (its health check fails: the
+    /// clock unsynchronized or stale, an uplink down): it is, or will be, in VRRP FAULT.
+    VrrpFault,
 }
 
 impl AlarmKind {
-    pub const ALL: [AlarmKind; 5] = [
+    pub const ALL: [AlarmKind; 6] = [
         AlarmKind::NoSync,
         AlarmKind::Offset,
         AlarmKind::AnchorAge,
         AlarmKind::DropRate,
         AlarmKind::GuestClocks,
+        AlarmKind::VrrpFault,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +61,7 @@ impl AlarmKind {
             AlarmKind::AnchorAge => "anchor_age",
             AlarmKind::DropRate => "drop_rate",
             AlarmKind::GuestClocks => "guest_clocks",
+            AlarmKind::VrrpFault => "vrrp_fault",
         }
     }
 }
@@ -74,6 +79,8 @@ pub struct AlarmInputs {
     pub judged: u64,
     pub refused: u64,
     pub guests_alarmed: usize,
+    /// With redundancy: why this host is unhealthy (None: healthy, or no redundancy).
+    pub vrrp_unhealthy: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,6 +174,12 @@ impl Alarms {
                     i.guests_alarmed
                 )
             }),
+        ));
+        state.push((
+            AlarmKind::VrrpFault,
+            i.vrrp_unhealthy
+                .as_ref()
+                .map(|why| format!("this VIP host cannot hold the addresses: {why}")),
         ));
         let mut transitions = Vec::new();
         for (kind, detail) in state {
@@ -309,5 +322,26 @@ mod tests {
         let kinds: Vec<_> = a.evaluate(&i).into_iter().map(|t| t.kind).collect();
         assert_eq!(kinds, [AlarmKind::AnchorAge, AlarmKind::GuestClocks]);
         assert!(a.is_active(AlarmKind::GuestClocks));
+    }
+
+    #[test]
+    fn an_unhealthy_redundant_host_raises_vrrp_fault() {
+        let mut a = Alarms::new(AlarmThresholds::default());
+        let mut i = AlarmInputs {
+            now_s: 10.0,
+            last_sync_s: Some(9.0),
+            vrrp_unhealthy: Some("uplink down: eth1".into()),
+            ..Default::default()
+        };
+        let t = a.evaluate(&i);
+        assert!(t
+            .iter()
+            .any(|t| t.kind == AlarmKind::VrrpFault && t.raised && t.detail.contains("eth1")));
+        i.now_s = 11.0;
+        i.vrrp_unhealthy = None;
+        let t = a.evaluate(&i);
+        assert!(t
+            .iter()
+            .any(|t| t.kind == AlarmKind::VrrpFault && !t.raised));
     }
 }

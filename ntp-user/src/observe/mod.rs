@@ -224,6 +224,7 @@ impl Observatory {
             judged,
             refused,
             guests_alarmed: r.guests.alarmed.len(),
+            vrrp_unhealthy: r.vrrp.as_ref().and_then(|_| self.health().err()),
         };
         let transitions = self
             .alarms
