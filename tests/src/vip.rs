@@ -20,6 +20,29 @@ use crate::{ip, ntp_user_bin, run, unique_name, CLOCK_V4, CLOCK_V6};
 /// option 121 routes (RFC 3442), else option 3. Prints what it applied.
 pub const UDHCPC_SCRIPT: &str = include_str!("../assets/udhcpc.sh");
 
+/// A guest namespace whose `eth0` is a port of `bridge` in `home` (no address yet).
+pub fn guest_on_bridge(home: &Netns, bridge: &str) -> Result<Netns> {
+    let guest = Netns::new("ntg")?;
+    let port = unique_name("np");
+    ip(&[
+        "link",
+        "add",
+        &port,
+        "netns",
+        &home.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &guest.name,
+    ])?;
+    home.ip(&["link", "set", &port, "master", bridge, "up"])?;
+    guest.ip(&["link", "set", "eth0", "up"])?;
+    Ok(guest)
+}
+
 pub struct VipOptions {
     /// 169.254.<subnet>.0/24 is the service subnet.
     pub subnet: u8,
@@ -225,26 +248,7 @@ lease_time = "10m"
 
     /// A guest namespace plugged into the bridge (no address yet).
     pub fn add_guest(&self) -> Result<Netns> {
-        let guest = Netns::new("ntg")?;
-        let port = unique_name("np");
-        ip(&[
-            "link",
-            "add",
-            &port,
-            "netns",
-            &self.home.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &guest.name,
-        ])?;
-        self.home
-            .ip(&["link", "set", &port, "master", &self.bridge, "up"])?;
-        guest.ip(&["link", "set", "eth0", "up"])?;
-        Ok(guest)
+        guest_on_bridge(&self.home, &self.bridge)
     }
 
     /// A static address on the service subnet and the route DHCP would give.

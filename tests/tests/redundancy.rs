@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::clients::one_query;
 use integration_tests::topology::{Netns, ServeProcess};
-use integration_tests::{ip, ntp_user_bin, run, unique_name, CLOCK_V4};
+use integration_tests::{ntp_user_bin, run, unique_name, CLOCK_V4};
 use ntp_common::packet::NtpHeader;
 
 const SUBNET: u8 = 81;
@@ -164,28 +164,8 @@ enable = false
     }
 
     fn add_guest(&self) -> Netns {
-        let guest = Netns::new("ntg").unwrap();
-        let port = unique_name("np");
-        let bridge = self.guest_bridge.clone();
-        ip(&[
-            "link",
-            "add",
-            &port,
-            "netns",
-            &self.home.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &guest.name,
-        ])
-        .unwrap();
-        self.home
-            .ip(&["link", "set", &port, "master", &bridge, "up"])
-            .unwrap();
-        guest.ip(&["link", "set", "eth0", "up"]).unwrap();
+        let guest =
+            integration_tests::vip::guest_on_bridge(&self.home, &self.guest_bridge).unwrap();
         guest
             .ip(&[
                 "addr",
