@@ -54,6 +54,8 @@ pub struct VipOptions {
     /// A physical host of the cluster: a namespace on a host interface (169.254.<subnet+50>.0/24,
     /// the VIP host at .1), which the daemon serves too (`vip.host_interfaces`).
     pub physical_host: bool,
+    /// Router advertisements with the IPv6 clock route (radvd).
+    pub ipv6_ra: bool,
 }
 
 impl Default for VipOptions {
@@ -65,6 +67,7 @@ impl Default for VipOptions {
             xdp_mode: "auto",
             clock_toml: String::new(),
             physical_host: false,
+            ipv6_ra: false,
         }
     }
 }
@@ -148,6 +151,7 @@ service_address6 = "fd00:ec2:{s}::1/64"
 repair_interval = "{repair}"
 routes = [{{ to = "169.254.{r}.0/24", via = "169.254.{s}.254" }}]
 {host_interfaces}
+ipv6_route_advertisements = {ra}
 
 [dhcp]
 enable = {dhcp}
@@ -165,6 +169,7 @@ lease_time = "10m"
             repair = opts.repair_interval,
             r = s.wrapping_add(100),
             dhcp = opts.dhcp,
+            ra = opts.ipv6_ra,
             clock = if opts.clock_toml.is_empty() {
                 "[clock]\nlocal_stratum = 10".to_string()
             } else {

@@ -596,3 +596,53 @@ fn a_host_interface_taken_out_of_the_config_is_released() {
     vip.configure_guest_statically(&guest, 21).unwrap();
     ntpdig(&guest, CLOCK_V4).unwrap();
 }
+
+/// IPv6 guests learn the route to the clock address from router advertisements (radvd in the
+/// service namespace: a Route Information Option, RFC 4191, and the service prefix for
+/// SLAAC), then sync over IPv6 with ntpdig.
+#[test]
+fn ipv6_guests_learn_the_clock_route_from_router_advertisements() {
+    let vip = VipHost::start(VipOptions {
+        subnet: 70,
+        ipv6_ra: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let guest = vip.add_guest().unwrap();
+    for (key, value) in [
+        ("accept_ra", "1"),
+        ("accept_ra_rt_info_max_plen", "128"),
+        ("autoconf", "1"),
+    ] {
+        integration_tests::run(
+            guest
+                .command("sysctl")
+                .args(["-qw", &format!("net.ipv6.conf.eth0.{key}={value}")]),
+        )
+        .unwrap();
+    }
+    // Down and up: the guest solicits a router at once.
+    guest.ip(&["link", "set", "eth0", "down"]).unwrap();
+    guest.ip(&["link", "set", "eth0", "up"]).unwrap();
+    let learned = VipHost::wait_until(Duration::from_secs(30), || {
+        let routes = guest.ip(&["-6", "route"])?;
+        let addrs = guest.ip(&["-6", "addr", "show", "dev", "eth0"])?;
+        Ok(routes.contains("fd00:ec2::123 via fe80")
+            && addrs.contains(&format!("fd00:ec2:{}:", vip.subnet))
+            && !addrs.contains("tentative"))
+    })
+    .unwrap();
+    assert!(
+        learned,
+        "no clock route or address from router advertisements:\n{}\n{}",
+        guest.ip(&["-6", "route"]).unwrap_or_default(),
+        guest.ip(&["-6", "addr"]).unwrap_or_default()
+    );
+    let routes = guest.ip(&["-6", "route"]).unwrap();
+    assert!(
+        !routes.contains("default"),
+        "the VIP host advertised itself as a default router:\n{routes}"
+    );
+    let d = ntpdig(&guest, "fd00:ec2::123").unwrap();
+    assert_eq!(d.stratum, 10);
+}

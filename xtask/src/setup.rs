@@ -44,6 +44,8 @@ const APT_PACKAGES: &[&str] = &[
     "busybox",
     // VRRP for redundant VIP hosts (the daemon runs it; its service is never started)
     "keepalived",
+    // router advertisements with the route to the IPv6 clock address
+    "radvd",
 ];
 
 pub fn setup() -> Result<()> {

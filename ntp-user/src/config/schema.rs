@@ -205,6 +205,11 @@ pub struct VipSection {
     /// Host interfaces on the internal network to serve too (physical hosts of the cluster).
     #[serde(default)]
     pub host_interfaces: Vec<String>,
+    /// Router advertisements on the service side (radvd): a route to each IPv6 clock address
+    /// (RFC 4191) and the service prefix for SLAAC; never a default router. Needs
+    /// `service_address6`.
+    #[serde(default)]
+    pub ipv6_route_advertisements: bool,
 }
 
 /// Redundant VIP hosts: keepalived (VRRP) moves the service and clock addresses to a standby

@@ -542,7 +542,7 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::host::vip::
         }
     }
     Ok(Some(crate::host::vip::VipSpec {
-        netns,
+        netns: netns.clone(),
         ns_interface: cfg.service.interface.clone(),
         host_interface: v.host_interface.clone(),
         bridge: v.bridge.clone(),
@@ -553,6 +553,29 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::host::vip::
         repair_interval,
         host_interfaces: v.host_interfaces.clone(),
         redundancy: None,
+        router_advertisements: match (v.ipv6_route_advertisements, v.service_address6) {
+            (false, _) => None,
+            (true, None) => {
+                return Err(bad(
+                    "vip.ipv6_route_advertisements",
+                    "needs vip.service_address6 (the advertisements come from it)".into(),
+                ))
+            }
+            (true, Some(s6)) => {
+                if !cfg.service.addresses.iter().any(|a| a.is_ipv6()) {
+                    return Err(bad(
+                        "vip.ipv6_route_advertisements",
+                        "service.addresses has no IPv6 clock address to route to".into(),
+                    ));
+                }
+                crate::host::radvd::for_vip(
+                    &netns,
+                    &cfg.service.interface,
+                    s6,
+                    &cfg.service.addresses,
+                )
+            }
+        },
     }))
 }
 

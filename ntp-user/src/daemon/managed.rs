@@ -15,10 +15,10 @@ use tracing::{debug, info, warn};
 
 use crate::daemon::{serve_responder, AbortOnDrop, ServeOptions, UserSockets};
 use crate::host::dhcp::{self, DhcpSpec};
-use crate::host::keepalived;
 use crate::host::netlink::Netlink;
 use crate::host::netns;
 use crate::host::vip::{self, state_dir, Created, VipSpec};
+use crate::host::{helper, keepalived, radvd};
 use crate::responder::userspace::SocketPlace;
 use crate::responder::{self, attach_pinned, pin_dir, Attached, OwnMacs, Responder};
 use crate::responder::{XdpModePref, PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
@@ -430,6 +430,9 @@ pub async fn serve_managed(
     if let Some(pid) = keepalived::stop_stale(&spec.netns)? {
         info!(pid, "stopped the keepalived an earlier daemon left");
     }
+    if let Some(pid) = radvd::stop_stale(&spec.netns)? {
+        info!(pid, "stopped the radvd an earlier daemon left");
+    }
     let ns = netns::open_named_netns(&spec.netns)?;
 
     let mut responder = Responder::load_pinned(&pin_dir(&spec.netns), opts.admission.tables)?;
@@ -502,17 +505,28 @@ pub async fn serve_managed(
     let vrrp = crate::observe::status::VrrpCell::default();
     let mut tasks = Vec::new();
     if let Some(d) = &dhcp_spec {
-        tasks.push(AbortOnDrop(tokio::spawn(dhcp::supervise(
+        tasks.push(AbortOnDrop(tokio::spawn(helper::supervise(
             d.clone(),
             plumbing_rx.clone(),
             is_master_rx.clone(),
         ))));
     }
-    if let Some(r) = &spec.redundancy {
-        tasks.push(AbortOnDrop(tokio::spawn(keepalived::supervise(
-            r.keepalived.clone(),
+    if let Some(ra) = &spec.router_advertisements {
+        // Like DHCP: only from the host that holds the addresses.
+        tasks.push(AbortOnDrop(tokio::spawn(helper::supervise(
+            ra.clone(),
             plumbing_rx.clone(),
+            is_master_rx.clone(),
         ))));
+    }
+    if let Some(r) = &spec.redundancy {
+        let (r_keepalived, plumbing_rx_k) = (r.keepalived.clone(), plumbing_rx.clone());
+        // keepalived runs on every host of the group, master or not.
+        let (_always, always) = tokio::sync::watch::channel(true);
+        tasks.push(AbortOnDrop(tokio::spawn(async move {
+            let _always = _always;
+            helper::supervise(r_keepalived, plumbing_rx_k, always).await
+        })));
         tasks.push(AbortOnDrop(tokio::spawn(watch_role(
             spec.clone(),
             served.clone(),
@@ -666,6 +680,9 @@ pub async fn down(spec: &VipSpec) -> Result<Vec<String>> {
     }
     if let Some(pid) = keepalived::stop_stale(&spec.netns)? {
         done.push(format!("stopped keepalived (pid {pid})"));
+    }
+    if let Some(pid) = radvd::stop_stale(&spec.netns)? {
+        done.push(format!("stopped radvd (pid {pid})"));
     }
     {
         let _bpffs = responder::bpffs_lock()?;

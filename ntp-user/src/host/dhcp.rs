@@ -4,17 +4,12 @@
 //! option 3 when option 121 is present. For platforms that run DHCP already, [`guest_config`]
 //! prints the equivalent host route and client snippets.
 
-use std::fs::File;
 use std::net::Ipv4Addr;
-use std::os::fd::AsFd as _;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use ipnet::Ipv4Net;
-use tokio::io::AsyncBufReadExt as _;
-use tracing::{info, warn};
 
 use crate::host::vip::state_dir;
 
@@ -109,94 +104,28 @@ pub fn stop_stale(spec_netns: &str) -> Result<Option<i32>> {
     crate::host::stop_by_pid_file(&state_dir(spec_netns).join("dnsmasq.pid"), "dnsmasq")
 }
 
-/// Runs dnsmasq inside `ns` and restarts it whenever it exits, until the task is dropped (the
-/// child is killed then). If the daemon dies, dnsmasq goes on serving leases until the next
-/// daemon replaces it ([`stop_stale`]); it drops root to its own user, which also clears any
-/// parent-death signal.
-///
-/// When `plumbing` moves on (a repair recreated the namespace or the veth dnsmasq was bound
-/// to), the running dnsmasq is stopped and a new one started in the namespace as it is now.
-///
-/// It runs only while `active` says so: on redundant VIP hosts only the master hands out
-/// leases (the standby's dnsmasq would offer addresses the master already leased).
-pub async fn supervise(
-    spec: DhcpSpec,
-    mut plumbing: tokio::sync::watch::Receiver<u64>,
-    mut active: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        while !*active.borrow_and_update() {
-            if active.changed().await.is_err() {
-                return;
-            }
-        }
-        let started = tokio::time::Instant::now();
-        let run = async {
-            let ns = crate::host::netns::open_named_netns(&spec.netns)?;
-            run_once(&spec, &ns).await
-        };
-        tokio::select! {
-            outcome = run => match outcome {
-                Ok(status) => warn!(%status, "dnsmasq exited; restarting it"),
-                Err(e) => warn!(error = %format!("{e:#}"), "dnsmasq could not run; retrying"),
-            },
-            Ok(()) = plumbing.changed() => {
-                // Dropping the run killed the old dnsmasq (kill_on_drop).
-                info!(netns = %spec.netns, "plumbing recreated: restarting dnsmasq in it");
-                backoff = Duration::from_secs(1);
-                continue;
-            }
-            Ok(()) = active.changed() => {
-                info!(netns = %spec.netns, "not the VRRP master any more: dnsmasq stopped");
-                continue;
-            }
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            backoff = Duration::from_secs(1);
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+impl crate::host::helper::Helper for DhcpSpec {
+    fn name(&self) -> &'static str {
+        "dnsmasq"
     }
-}
 
-async fn run_once(spec: &DhcpSpec, ns: &File) -> Result<std::process::ExitStatus> {
-    std::fs::create_dir_all(state_dir(&spec.netns)).context("creating the state directory")?;
-    let ns_fd = ns.try_clone().context("duplicating the namespace handle")?;
-    let mut cmd = tokio::process::Command::new(dnsmasq_path());
-    cmd.args(spec.dnsmasq_args())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    // SAFETY: only async-signal-safe syscalls run between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sched::setns(ns_fd.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-            Ok(())
-        });
+    fn netns(&self) -> &str {
+        &self.netns
     }
-    let mut child = cmd.spawn().context("starting dnsmasq (is it installed?)")?;
-    info!(pid = child.id(), netns = %spec.netns, interface = %spec.interface,
-          range = %format!("{}-{}", spec.range.0, spec.range.1), "dnsmasq serving DHCP");
-    if let Some(stderr) = child.stderr.take() {
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                info!(target: "dnsmasq", "{line}");
-            }
-        });
-    }
-    Ok(child.wait().await?)
-}
 
-fn dnsmasq_path() -> &'static Path {
-    for p in ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"] {
-        if Path::new(p).exists() {
-            return Path::new(p);
-        }
+    /// If the daemon dies, dnsmasq goes on serving leases until the next daemon replaces it
+    /// ([`stop_stale`]); it drops root to its own user, which also clears any parent-death
+    /// signal.
+    fn command(&self) -> Result<(PathBuf, Vec<String>)> {
+        Ok((
+            crate::host::helper::program_path(&[
+                "/usr/sbin/dnsmasq",
+                "/usr/bin/dnsmasq",
+                "dnsmasq",
+            ]),
+            self.dnsmasq_args(),
+        ))
     }
-    Path::new("dnsmasq")
 }
 
 /// What a platform with its own DHCP (OpenStack neutron) configures instead, and what guests

@@ -3,18 +3,16 @@
 //! addresses), moves them to a standby when this host fails, and sends the gratuitous ARPs and
 //! unsolicited neighbour advertisements. The daemon writes its configuration, supervises it,
 //! and is tracked by it (`ntp-user health`): a dead, frozen or unsynchronized daemon gives the
-//! addresses up. No preemption: a recovered host comes back as standby.
+//! addresses up. No preemption: a recovered host comes back as standby. Supervised as every
+//! helper is ([`crate::host::helper`]).
 
 use std::net::IpAddr;
-use std::os::fd::AsFd as _;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use ipnet::IpNet;
-use tokio::io::AsyncBufReadExt as _;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::host::vip::state_dir;
 
@@ -118,104 +116,37 @@ pub fn stop_stale(netns: &str) -> Result<Option<i32>> {
     Ok(parent.or(child))
 }
 
-/// Stops a running keepalived with SIGTERM when dropped (the supervisor's task ended): it
-/// then stops its VRRP child, which releases the addresses. SIGKILL would orphan the child,
-/// which would go on holding them.
-struct TermOnDrop(Option<u32>);
+impl crate::host::helper::Helper for KeepalivedSpec {
+    fn name(&self) -> &'static str {
+        "keepalived"
+    }
 
-impl Drop for TermOnDrop {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
+    fn netns(&self) -> &str {
+        &self.netns
     }
-}
 
-fn keepalived_path() -> &'static Path {
-    for p in ["/usr/sbin/keepalived", "/usr/bin/keepalived"] {
-        if Path::new(p).exists() {
-            return Path::new(p);
-        }
+    fn command(&self) -> Result<(PathBuf, Vec<String>)> {
+        std::fs::write(self.config_file(), self.config_text())
+            .with_context(|| format!("writing {}", self.config_file().display()))?;
+        Ok((
+            crate::host::helper::program_path(&[
+                "/usr/sbin/keepalived",
+                "/usr/bin/keepalived",
+                "keepalived",
+            ]),
+            self.args(),
+        ))
     }
-    Path::new("keepalived")
-}
 
-/// Runs keepalived inside the service namespace and restarts it when it exits (or when
-/// `plumbing` says the namespace or veth was recreated), until the task is dropped (the child
-/// is killed then: its addresses go with it, and a standby takes over).
-pub async fn supervise(spec: KeepalivedSpec, mut plumbing: tokio::sync::watch::Receiver<u64>) {
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        let started = tokio::time::Instant::now();
-        tokio::select! {
-            outcome = run_once(&spec) => match outcome {
-                Ok(status) => warn!(%status, "keepalived exited; restarting it"),
-                Err(e) => warn!(error = %format!("{e:#}"), "keepalived could not run; retrying"),
-            },
-            Ok(()) = plumbing.changed() => {
-                info!(netns = %spec.netns, "plumbing recreated: restarting keepalived in it");
-                backoff = Duration::from_secs(1);
-                continue;
-            }
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            backoff = Duration::from_secs(1);
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+    /// A keepalived killed outright leaves its addresses behind: a new one starts from none
+    /// (it adds them again if it becomes master), so this host never holds them as a standby.
+    fn before_start(
+        &self,
+        ns: &std::fs::File,
+    ) -> impl std::future::Future<Output = Result<()>> + Send {
+        let ns = ns.try_clone();
+        async move { release_addresses(self, &ns.context("duplicating the namespace handle")?).await }
     }
-}
-
-async fn run_once(spec: &KeepalivedSpec) -> Result<std::process::ExitStatus> {
-    std::fs::create_dir_all(state_dir(&spec.netns)).context("creating the state directory")?;
-    std::fs::write(spec.config_file(), spec.config_text())
-        .with_context(|| format!("writing {}", spec.config_file().display()))?;
-    let ns = crate::host::netns::open_named_netns(&spec.netns)?;
-    // A keepalived killed outright leaves its addresses behind: a new one starts from none
-    // (it adds them again if it becomes master), so this host never holds them as a standby.
-    release_addresses(spec, &ns).await?;
-    let mut cmd = tokio::process::Command::new(keepalived_path());
-    cmd.args(spec.args())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: only async-signal-safe syscalls run between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .context("starting keepalived (is it installed?)")?;
-    let _stop = TermOnDrop(child.id());
-    info!(pid = child.id(), netns = %spec.netns, interface = %spec.interface,
-          vrid = spec.virtual_router_id, priority = spec.priority, "keepalived (VRRP) running");
-    for out in [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(out).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                info!(target: "keepalived", "{line}");
-            }
-        });
-    }
-    Ok(child.wait().await?)
 }
 
 /// Removes the virtual addresses from the interface (those present).

@@ -1,10 +1,12 @@
 //! The host plumbing: netlink, network namespaces, the VIP host's namespace/veth/addresses,
 //! DHCP (dnsmasq) and the host clock.
 pub mod dhcp;
+pub mod helper;
 pub mod hostclock;
 pub mod keepalived;
 pub mod netlink;
 pub mod netns;
+pub mod radvd;
 pub mod vip;
 
 use std::path::Path;

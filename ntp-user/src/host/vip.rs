@@ -42,6 +42,8 @@ pub struct VipSpec {
     /// Redundant VIP hosts: keepalived owns the service and clock addresses (they are on the
     /// master only), this host keeps its own address.
     pub redundancy: Option<Redundancy>,
+    /// Router advertisements with the route to the IPv6 clock addresses (radvd).
+    pub router_advertisements: Option<crate::host::radvd::RadvdSpec>,
 }
 
 /// What a redundant VIP host keeps besides what keepalived moves.

@@ -1,0 +1,136 @@
+//! The helper daemons the daemon runs inside its service namespace (dnsmasq, keepalived,
+//! radvd), supervised one way: started with its namespace entered, its output logged under its
+//! name, restarted when it exits (backing off to 30 s), restarted in the new namespace when a
+//! repair recreated the plumbing, run only while `active` (a standby VIP host runs no DHCP or
+//! RA), and stopped with SIGTERM when the supervisor ends (keepalived then releases its
+//! addresses, radvd sends its final advertisement).
+
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use tokio::io::AsyncBufReadExt as _;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::host::vip::state_dir;
+
+/// One helper daemon.
+pub trait Helper: Send + Sync + 'static {
+    /// Its program name (the log target, and what a stale pid must be).
+    fn name(&self) -> &'static str;
+    /// The service namespace it runs in.
+    fn netns(&self) -> &str;
+    /// Its command line; writes its configuration file if it has one.
+    fn command(&self) -> Result<(PathBuf, Vec<String>)>;
+    /// What to do before each start (a new keepalived releases the addresses a killed one
+    /// left behind).
+    fn before_start(
+        &self,
+        _ns: &std::fs::File,
+    ) -> impl std::future::Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// The first of `candidates` that exists (else the bare name, for PATH).
+pub fn program_path(candidates: &[&'static str]) -> PathBuf {
+    candidates
+        .iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new(candidates[candidates.len() - 1]))
+        .to_path_buf()
+}
+
+/// Supervises `helper` until dropped; see the module's description.
+pub async fn supervise<H: Helper>(
+    helper: H,
+    mut plumbing: watch::Receiver<u64>,
+    mut active: watch::Receiver<bool>,
+) {
+    let name = helper.name();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        while !*active.borrow_and_update() {
+            if active.changed().await.is_err() {
+                return;
+            }
+        }
+        let started = tokio::time::Instant::now();
+        tokio::select! {
+            outcome = run_once(&helper) => match outcome {
+                Ok(status) => warn!(%status, "{name} exited; restarting it"),
+                Err(e) => warn!(error = %format!("{e:#}"), "{name} could not run; retrying"),
+            },
+            Ok(()) = plumbing.changed() => {
+                info!(netns = %helper.netns(), "plumbing recreated: restarting {name} in it");
+                backoff = Duration::from_secs(1);
+                continue;
+            }
+            Ok(()) = active.changed() => {
+                info!(netns = %helper.netns(), "not the VRRP master any more: {name} stopped");
+                continue;
+            }
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_secs(1);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Sends SIGTERM to a helper when dropped (its supervisor's run ended).
+struct TermOnDrop(Option<u32>);
+
+impl Drop for TermOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+}
+
+async fn run_once<H: Helper>(helper: &H) -> Result<std::process::ExitStatus> {
+    let name = helper.name();
+    std::fs::create_dir_all(state_dir(helper.netns())).context("creating the state directory")?;
+    let ns = crate::host::netns::open_named_netns(helper.netns())?;
+    helper.before_start(&ns).await?;
+    let (program, args) = helper.command()?;
+    let mut cmd = tokio::process::Command::new(&program);
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe syscalls run between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {name} ({}; is it installed?)", program.display()))?;
+    let _stop = TermOnDrop(child.id());
+    info!(pid = child.id(), netns = %helper.netns(), "{name} running");
+    let outputs: [Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>; 2] = [
+        child.stdout.take().map(|s| Box::new(s) as _),
+        child.stderr.take().map(|s| Box::new(s) as _),
+    ];
+    for out in outputs.into_iter().flatten() {
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(out).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                info!("{name}: {line}");
+            }
+        });
+    }
+    Ok(child.wait().await?)
+}
