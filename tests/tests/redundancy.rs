@@ -211,29 +211,55 @@ struct Seen {
 }
 
 /// Polls the clock address 20 times a second until `stop`; every answer, in order.
-fn poll(guest: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<Seen>, u64)> {
-    let name = guest.name.clone();
+/// What the poller saw: every answer in order, how many requests went out, and how many got a
+/// second answer (two hosts answering one request).
+struct Polled {
+    seen: Vec<Seen>,
+    sent: u64,
+    duplicates: u64,
+}
+
+/// Polls the clock address 20 times a second until `stop`, each request from a fresh socket
+/// whose request carries its own cookie; after an answer, the socket is read 30 ms more for a
+/// second one.
+fn poll(guest: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Polled> {
+    let file = guest.file().unwrap();
     std::thread::spawn(move || {
-        let guest = Netns { name };
-        let mut seen = Vec::new();
-        let mut sent = 0u64;
+        ntp_user::host::netns::enter(&file).unwrap();
+        let mut p = Polled {
+            seen: Vec::new(),
+            sent: 0,
+            duplicates: 0,
+        };
         while !stop.load(Ordering::Relaxed) {
             let t = Instant::now();
-            sent += 1;
-            if let Ok(Some(reply)) = one_query(&guest, CLOCK_V4) {
-                if let Some(h) = NtpHeader::parse(&reply) {
-                    seen.push(Seen {
+            p.sent += 1;
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            sock.connect((CLOCK_V4, 123)).unwrap();
+            let cookie = 0x5eed_0000_0000_0000u64 | p.sent;
+            let req = NtpHeader::client_request(6, cookie).serialize();
+            sock.send(&req).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut buf = [0u8; 128];
+            if let Ok(n) = sock.recv(&mut buf) {
+                if let Some(h) = NtpHeader::parse(&buf[..n]).filter(|h| h.origin_ts == cookie) {
+                    p.seen.push(Seen {
                         at: Instant::now(),
                         stratum: h.stratum,
                         leap: h.leap,
                         transmit: h.transmit_ts,
                     });
                 }
+                sock.set_read_timeout(Some(Duration::from_millis(30)))
+                    .unwrap();
+                if sock.recv(&mut buf).is_ok() {
+                    p.duplicates += 1;
+                }
             }
             std::thread::sleep(Duration::from_millis(50).saturating_sub(t.elapsed()));
         }
-        std::mem::forget(guest); // the test owns the namespace
-        (seen, sent)
+        p
     })
 }
 
@@ -400,7 +426,12 @@ fn failover(failure: Failure) {
     }
     std::thread::sleep(Duration::from_secs(6));
     stop.store(true, Ordering::Relaxed);
-    let (seen, sent) = poller.join().unwrap();
+    let Polled {
+        seen,
+        sent,
+        duplicates,
+    } = poller.join().unwrap();
+    assert_eq!(duplicates, 0, "{duplicates} requests got two answers");
 
     let after_move: Vec<&Seen> = seen
         .iter()
