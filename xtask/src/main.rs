@@ -1,6 +1,7 @@
 //! `cargo xtask setup | build | run | test`: everything a fresh machine needs, in one place.
 
 mod bench;
+mod deb;
 mod failover;
 mod setup;
 
@@ -44,6 +45,8 @@ enum Task {
         #[arg(long)]
         smoke: bool,
     },
+    /// Set up, build in release mode, and package: target/deb/ntp-xdp_VERSION_ARCH.deb.
+    Deb,
     /// Set up, then run every test: unit tests, kernel fixtures, end-to-end in namespaces.
     Test {
         /// Only tests whose name contains this.
@@ -73,6 +76,11 @@ fn main() -> ExitCode {
                 });
                 bench::bench(&bin, &dir, smoke)
             }),
+        Task::Deb => setup::setup().and_then(|()| build(true)).and_then(|bin| {
+            let deb = deb::build_deb(&bin, &workspace_root().join("target/deb"))?;
+            println!("{}", deb.display());
+            Ok(())
+        }),
         Task::Test { filter } => test(filter.as_deref()),
     };
     match result {
@@ -163,6 +171,19 @@ fn test(filter: Option<&str>) -> Result<()> {
             }
             Err(e) => {
                 println!("test bench_smoke ... FAILED: {e:#}");
+                totals.failed += 1;
+            }
+        }
+    }
+    // The Debian package: installed into a scratch root, verified, purged.
+    if filter.is_none() {
+        match deb::check_package(&bin, &workspace_root().join("target/deb-check")) {
+            Ok(()) => {
+                println!("test debian_package ... ok");
+                totals.passed += 1;
+            }
+            Err(e) => {
+                println!("test debian_package ... FAILED: {e:#}");
                 totals.failed += 1;
             }
         }

@@ -1,0 +1,176 @@
+//! `cargo xtask deb`: a Debian package of the daemon, built with dpkg-deb: `ntp-user` in
+//! /usr/bin, the documented default config as a conffile in /etc/ntp-xdp, the systemd unit
+//! (no CAP_SYS_TIME, the clock protected), maintainer scripts (`ntp-user down` on removal),
+//! and the runtime dependencies. `cargo xtask test` checks it: installed into a scratch root,
+//! the unit verified by systemd-analyze, the config accepted, and a purge leaves nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{status, workspace_root};
+
+const PACKAGE: &str = "ntp-xdp";
+
+fn architecture() -> Result<String> {
+    let out = Command::new("dpkg")
+        .arg("--print-architecture")
+        .output()
+        .context("dpkg --print-architecture")?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn install(src: &Path, dst: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = dst.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::copy(src, dst).with_context(|| format!("copying {}", src.display()))?;
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// Builds the package around `bin` into `out_dir`; returns its path.
+pub fn build_deb(bin: &Path, out_dir: &Path) -> Result<PathBuf> {
+    let root = workspace_root();
+    let version = env!("CARGO_PKG_VERSION");
+    let arch = architecture()?;
+    let stage = out_dir.join("stage");
+    let _ = std::fs::remove_dir_all(&stage);
+    install(bin, &stage.join("usr/bin/ntp-user"), 0o755)?;
+    install(
+        &root.join("ntp-user/src/config/default-config.toml"),
+        &stage.join("etc/ntp-xdp/ntp-xdp.toml"),
+        0o644,
+    )?;
+    install(
+        &root.join("xtask/deb/ntp-xdp.service"),
+        &stage.join("lib/systemd/system/ntp-xdp.service"),
+        0o644,
+    )?;
+    install(
+        &root.join("README.md"),
+        &stage.join("usr/share/doc/ntp-xdp/README.md"),
+        0o644,
+    )?;
+    for script in ["postinst", "prerm", "postrm"] {
+        install(
+            &root.join("xtask/deb").join(script),
+            &stage.join("DEBIAN").join(script),
+            0o755,
+        )?;
+    }
+    std::fs::write(
+        stage.join("DEBIAN/conffiles"),
+        "/etc/ntp-xdp/ntp-xdp.toml\n",
+    )?;
+    std::fs::write(
+        stage.join("DEBIAN/control"),
+        format!(
+            "Package: {PACKAGE}\nVersion: {version}\nArchitecture: {arch}\n\
+             Maintainer: ntp-xdp developers <ntp-xdp@localhost>\nSection: net\n\
+             Priority: optional\nDepends: libc6, dnsmasq-base, iproute2\n\
+             Recommends: keepalived, radvd\n\
+             Description: in-kernel NTP responder for cloud guests\n \
+             An XDP program answers NTP client requests on a VIP host's service namespace\n \
+             from a clock the daemon disciplines against upstream servers; the daemon owns\n \
+             the namespace, veth, addresses, DHCP (option 121), router advertisements and,\n \
+             with keepalived, the failover to a standby host.\n"
+        ),
+    )?;
+    let deb = out_dir.join(format!("{PACKAGE}_{version}_{arch}.deb"));
+    status(
+        Command::new("dpkg-deb")
+            .args(["--root-owner-group", "--build"])
+            .arg(&stage)
+            .arg(&deb),
+    )?;
+    Ok(deb)
+}
+
+/// What a scratch-root dpkg needs, and the flags that keep it there.
+fn dpkg(scratch: &Path) -> Command {
+    let mut cmd = Command::new("dpkg");
+    cmd.arg(format!("--root={}", scratch.display()))
+        .args([
+            "--force-script-chrootless",
+            "--force-depends",
+            "--force-not-root",
+        ])
+        .env("DPKG_ROOT", scratch);
+    cmd
+}
+
+/// The package installed into a scratch root: files where they belong, the unit verified by
+/// systemd-analyze against this machine's units, the config accepted by `ntp-user
+/// check-config`; purged: nothing of it left.
+pub fn check_package(bin: &Path, work: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(work);
+    let deb = build_deb(bin, work)?;
+    let scratch = work.join("root");
+    let admin = scratch.join("var/lib/dpkg");
+    for d in ["info", "updates", "triggers"] {
+        std::fs::create_dir_all(admin.join(d))?;
+    }
+    std::fs::write(admin.join("status"), "")?;
+    status(dpkg(&scratch).arg("-i").arg(&deb))?;
+    for f in [
+        "usr/bin/ntp-user",
+        "etc/ntp-xdp/ntp-xdp.toml",
+        "lib/systemd/system/ntp-xdp.service",
+    ] {
+        if !scratch.join(f).exists() {
+            bail!("the package did not install /{f}");
+        }
+    }
+    let check = Command::new(scratch.join("usr/bin/ntp-user"))
+        .args(["check-config", "--config"])
+        .arg(scratch.join("etc/ntp-xdp/ntp-xdp.toml"))
+        .output()?;
+    if !check.status.success() {
+        bail!(
+            "ntp-user check-config refused the installed config: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+    // systemd-analyze verify inside the scratch root, with this machine's units beside ours
+    // (the unit's dependencies: sysinit.target, network-online.target, ...).
+    let units = scratch.join("lib/systemd/system");
+    for dir in ["/usr/lib/systemd/system", "/lib/systemd/system"] {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let dst = units.join(e.file_name());
+            if !dst.exists() && e.path().is_file() {
+                let _ = std::fs::copy(e.path(), dst);
+            }
+        }
+    }
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", scratch.display()))
+        .arg("/lib/systemd/system/ntp-xdp.service")
+        .output()
+        .context("running systemd-analyze verify")?;
+    let said = String::from_utf8_lossy(&verify.stderr).to_string()
+        + &String::from_utf8_lossy(&verify.stdout);
+    let complaints: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("ntp-xdp.service") && !l.trim().is_empty())
+        .collect();
+    if !verify.status.success() || !complaints.is_empty() {
+        bail!("systemd-analyze verify: {}", said.trim());
+    }
+    status(dpkg(&scratch).args(["--purge", PACKAGE]))?;
+    for f in [
+        "usr/bin/ntp-user",
+        "etc/ntp-xdp",
+        "lib/systemd/system/ntp-xdp.service",
+        "usr/share/doc/ntp-xdp",
+    ] {
+        if scratch.join(f).exists() {
+            bail!("purging the package left /{f}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(work);
+    Ok(())
+}
