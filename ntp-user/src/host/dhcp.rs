@@ -118,11 +118,7 @@ impl crate::host::helper::Helper for DhcpSpec {
     /// signal.
     fn command(&self) -> Result<(PathBuf, Vec<String>)> {
         Ok((
-            crate::host::helper::program_path(&[
-                "/usr/sbin/dnsmasq",
-                "/usr/bin/dnsmasq",
-                "dnsmasq",
-            ]),
+            crate::host::helper::program_path(self.name()),
             self.dnsmasq_args(),
         ))
     }

@@ -35,14 +35,18 @@ pub trait Helper: Send + Sync + 'static {
     }
 }
 
-/// The first of `candidates` that exists (else the bare name, for PATH).
-pub fn program_path(candidates: &[&'static str]) -> PathBuf {
-    candidates
+/// Where Debian installs `name` (/usr/sbin, else /usr/bin; else the bare name, for PATH).
+pub fn program_path(name: &str) -> PathBuf {
+    ["/usr/sbin", "/usr/bin"]
         .iter()
-        .map(Path::new)
+        .map(|d| Path::new(d).join(name))
         .find(|p| p.exists())
-        .unwrap_or_else(|| Path::new(candidates[candidates.len() - 1]))
-        .to_path_buf()
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Writes a helper's configuration file (rewritten at every start).
+pub fn write_config(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Supervises `helper` until dropped; see the module's description.

@@ -126,16 +126,8 @@ impl crate::host::helper::Helper for KeepalivedSpec {
     }
 
     fn command(&self) -> Result<(PathBuf, Vec<String>)> {
-        std::fs::write(self.config_file(), self.config_text())
-            .with_context(|| format!("writing {}", self.config_file().display()))?;
-        Ok((
-            crate::host::helper::program_path(&[
-                "/usr/sbin/keepalived",
-                "/usr/bin/keepalived",
-                "keepalived",
-            ]),
-            self.args(),
-        ))
+        crate::host::helper::write_config(&self.config_file(), &self.config_text())?;
+        Ok((crate::host::helper::program_path(self.name()), self.args()))
     }
 
     /// A keepalived killed outright leaves its addresses behind: a new one starts from none

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use ipnet::{IpNet, Ipv6Net};
 
 use crate::host::vip::state_dir;
@@ -57,10 +57,9 @@ impl crate::host::helper::Helper for RadvdSpec {
     }
 
     fn command(&self) -> Result<(PathBuf, Vec<String>)> {
-        std::fs::write(self.config_file(), self.config_text())
-            .with_context(|| format!("writing {}", self.config_file().display()))?;
+        crate::host::helper::write_config(&self.config_file(), &self.config_text())?;
         Ok((
-            crate::host::helper::program_path(&["/usr/sbin/radvd", "/usr/bin/radvd", "radvd"]),
+            crate::host::helper::program_path(self.name()),
             vec![
                 "--nodaemon".into(),
                 "--logmethod=stderr".into(),
