@@ -45,7 +45,7 @@ pub const PEER_PASS_PROGRAM: &str = "ntp_peer_pass";
 /// would misread (the pins live under a directory named after it).
 pub const LAYOUT_FINGERPRINT: u64 = {
     use core::mem::{offset_of, size_of};
-    let parts: [usize; 30] = [
+    let parts = [
         size_of::<TimeAnchor>(),
         offset_of!(TimeAnchor, mono_ns),
         offset_of!(TimeAnchor, ntp_ns),
@@ -69,15 +69,9 @@ pub const LAYOUT_FINGERPRINT: u64 = {
         // The anchor's slot selection: the generation word (this build: u32, slot = gen & 1).
         size_of::<u32>(),
         crate::anchor::ANCHOR_SLOTS as usize,
+        size_of::<SourceKey>(),
         // Bump to force a new layout when a meaning changes without a size or offset.
         1,
-        size_of::<SourceKey>(),
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
     ];
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut i = 0;

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::{ip, plug_guest};
+
 const HOME: &str = "ntpxdp-fo-home";
 const GUEST: &str = "ntpxdp-fo-guest";
 const BRIDGE: &str = "ntpxdp-fobr";
@@ -64,10 +66,6 @@ fn in_home(bin: &Path) -> Command {
     cmd
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    crate::status(Command::new("ip").args(args))
-}
-
 fn config(i: u8) -> String {
     format!(
         r#"[service]
@@ -99,73 +97,58 @@ enable = false
     )
 }
 
-/// One query from the guest: the reply's stratum, if one came within 300 ms.
-fn query(sock: &UdpSocket) -> Option<u8> {
+/// One query from the guest, its transmit timestamp a cookie the answer must echo as its
+/// origin (a late answer to an earlier query is not this one's): the answer's stratum.
+fn query(sock: &UdpSocket, cookie: u64) -> Option<u8> {
     let mut req = [0u8; 48];
     req[0] = 0x23; // LI 0, version 4, mode 3
+    req[40..48].copy_from_slice(&cookie.to_be_bytes());
     sock.send_to(&req, (CLOCK, 123)).ok()?;
     let mut buf = [0u8; 128];
-    let n = sock.recv(&mut buf).ok()?;
-    (n >= 48 && buf[0] & 7 == 4).then_some(buf[1])
+    loop {
+        let n = sock.recv(&mut buf).ok()?;
+        if n >= 48 && buf[24..32] == cookie.to_be_bytes() {
+            return (buf[0] & 7 == 4).then_some(buf[1]);
+        }
+    }
 }
 
 pub fn demo(bin: &Path) -> Result<()> {
     let dir = std::env::temp_dir().join("ntpxdp-failover-demo");
     std::fs::create_dir_all(&dir)?;
+    let configs: Vec<PathBuf> = (0..2u8)
+        .map(|i| dir.join(format!("host{i}.toml")))
+        .collect();
+    for (i, path) in configs.iter().enumerate() {
+        std::fs::write(path, config(i as u8))?;
+    }
     let mut cleanup = Cleanup {
         bin: bin.to_path_buf(),
-        configs: Vec::new(),
+        configs: configs.clone(),
         daemons: Vec::new(),
     };
+    // What an interrupted demo left (`down` of its configs, its namespaces).
     drop(Cleanup {
         bin: bin.to_path_buf(),
-        configs: vec![],
+        configs: configs.clone(),
         daemons: vec![],
-    }); // what an interrupted demo left
+    });
     ip(&["netns", "add", HOME])?;
     ip(&["netns", "add", GUEST])?;
     ip(&["-n", HOME, "link", "add", BRIDGE, "type", "bridge"])?;
     ip(&["-n", HOME, "link", "set", BRIDGE, "up"])?;
-    for i in 0..2u8 {
-        let path = dir.join(format!("host{i}.toml"));
-        std::fs::write(&path, config(i))?;
-        cleanup.configs.push(path.clone());
+    for (i, path) in configs.iter().enumerate() {
         eprintln!("xtask: VIP host {i} (local stratum {})", 10 + i);
         let child = in_home(bin)
             .args(["run", "--config"])
-            .arg(&path)
+            .arg(path)
             .env("NO_COLOR", "1")
             .stderr(Stdio::null())
             .spawn()
             .context("starting a daemon")?;
         cleanup.daemons.push(child);
     }
-    ip(&[
-        "link",
-        "add",
-        "ntpxdp-fog",
-        "netns",
-        HOME,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        GUEST,
-    ])?;
-    ip(&[
-        "-n",
-        HOME,
-        "link",
-        "set",
-        "ntpxdp-fog",
-        "master",
-        BRIDGE,
-        "up",
-    ])?;
-    ip(&["-n", GUEST, "link", "set", "lo", "up"])?;
-    ip(&["-n", GUEST, "link", "set", "eth0", "up"])?;
+    plug_guest(Some(HOME), "ntpxdp-fog", BRIDGE, GUEST)?;
     ip(&[
         "-n",
         GUEST,
@@ -192,7 +175,9 @@ pub fn demo(bin: &Path) -> Result<()> {
         sock.set_read_timeout(Some(Duration::from_millis(300)))?;
         // Until a master answers (30 s at most), then 20 s of polling at 20/s.
         let start = Instant::now();
-        while query(&sock).is_none() {
+        let mut cookie = 0x5eed_0000_0000_0000u64;
+        while query(&sock, cookie).is_none() {
+            cookie += 1;
             if start.elapsed() > Duration::from_secs(30) {
                 bail!("no VIP host took the addresses within 30 s");
             }
@@ -203,7 +188,8 @@ pub fn demo(bin: &Path) -> Result<()> {
         while start.elapsed() < Duration::from_secs(20) {
             let t = Instant::now();
             sent += 1;
-            if let Some(stratum) = query(&sock) {
+            cookie += 1;
+            if let Some(stratum) = query(&sock, cookie) {
                 seen.push((Instant::now(), stratum));
             }
             std::thread::sleep(Duration::from_millis(50).saturating_sub(t.elapsed()));

@@ -269,6 +269,24 @@ fn ip(args: &[&str]) -> Result<()> {
     status(Command::new("ip").args(args))
 }
 
+/// Plugs the guest namespace `guest` into `bridge` (in namespace `home`, or the current one)
+/// through a veth: `port` on the bridge, `eth0` in the guest, both up with the guest's `lo`.
+fn plug_guest(home: Option<&str>, port: &str, bridge: &str, guest: &str) -> Result<()> {
+    let mut add = vec!["link", "add", port];
+    if let Some(h) = home {
+        add.extend(["netns", h]);
+    }
+    add.extend(["type", "veth", "peer", "name", "eth0", "netns", guest]);
+    ip(&add)?;
+    let in_home = |args: &[&str]| match home {
+        Some(h) => ip(&[&["-n", h], args].concat()),
+        None => ip(args),
+    };
+    in_home(&["link", "set", port, "master", bridge, "up"])?;
+    ip(&["-n", guest, "link", "set", "lo", "up"])?;
+    ip(&["-n", guest, "link", "set", "eth0", "up"])
+}
+
 /// Ignores SIGINT here (Ctrl-C reaches the whole foreground group: the daemon stops, and we
 /// stay alive to clean up), and returns a command whose child gets the default back.
 fn command_with_default_sigint(program: &Path) -> Result<Command> {
@@ -372,28 +390,7 @@ fn demo() -> Result<()> {
         drop(DemoGuest); // a guest left by an interrupted demo
         let _guest = DemoGuest;
         ip(&["netns", "add", DEMO_GUEST_NS])?;
-        ip(&[
-            "link",
-            "add",
-            DEMO_GUEST_PORT,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            DEMO_GUEST_NS,
-        ])?;
-        ip(&[
-            "link",
-            "set",
-            DEMO_GUEST_PORT,
-            "master",
-            DEFAULT_BRIDGE,
-            "up",
-        ])?;
-        ip(&["-n", DEMO_GUEST_NS, "link", "set", "lo", "up"])?;
-        ip(&["-n", DEMO_GUEST_NS, "link", "set", "eth0", "up"])?;
+        plug_guest(None, DEMO_GUEST_PORT, DEFAULT_BRIDGE, DEMO_GUEST_NS)?;
         let script = workspace_root().join("tests/assets/udhcpc.sh");
         eprintln!("xtask: guest {DEMO_GUEST_NS}: DHCP (busybox udhcpc)");
         status(

@@ -339,10 +339,6 @@ impl System {
         self.upstreams.get(id).is_some_and(|u| u.is_lost())
     }
 
-    pub fn config(&self) -> &SystemConfig {
-        &self.config
-    }
-
     pub fn frequency_ppm(&self) -> f64 {
         self.discipline.frequency_ppm()
     }

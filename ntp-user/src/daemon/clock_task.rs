@@ -48,14 +48,14 @@ fn spawn_resolution(name: String, answers: mpsc::UnboundedSender<Resolution>) {
 
 /// Resolves `host` or `host:port` (default port 123).
 pub async fn resolve(name: &str) -> Result<SocketAddr> {
-    let with_port = if name.parse::<SocketAddr>().is_ok()
-        || name
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.contains(':') && p.parse::<u16>().is_ok())
+    if let Some(a) = literal_address(name) {
+        return Ok(a);
+    }
+    let with_port = if name
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
     {
         name.to_string()
-    } else if name.contains(':') && !name.starts_with('[') {
-        format!("[{name}]:123") // a bare IPv6 address
     } else {
         format!("{name}:123")
     };

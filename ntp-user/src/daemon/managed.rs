@@ -374,6 +374,8 @@ async fn repair(
     let mut tick = tokio::time::interval(spec.repair_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the first tick is now: start-up has just ensured everything
+                       // The own-MAC table needs writing again only after an interface was recreated.
+    let mut macs_stale = false;
     loop {
         tick.tick().await;
         match vip::ensure(&spec, &mut created, &host).await {
@@ -382,8 +384,10 @@ async fn repair(
                     warn!(repair = %change, "drift repaired");
                 }
                 if ensured.recreated {
-                    // The userspace path and dnsmasq follow into the new plumbing.
+                    // The userspace path and the helpers follow into the new plumbing, and
+                    // the namespace end has a new ifindex to register with its MAC.
                     plumbing.send_modify(|epoch| *epoch += 1);
+                    macs_stale = true;
                 }
             }
             Err(e) => warn!(error = %format!("{e:#}"), "drift repair failed; retrying"),
@@ -391,11 +395,15 @@ async fn repair(
         let Some(plan) = &plan else { continue };
         match reattach_lost(&spec, plan).await {
             Ok(changes) => {
+                macs_stale |= !changes.is_empty();
                 for change in changes {
                     warn!(repair = %change, "drift repaired");
                 }
             }
             Err(e) => warn!(error = %format!("{e:#}"), "re-attaching failed; retrying"),
+        }
+        if !macs_stale {
+            continue;
         }
         if let Some(table) = &mut own_macs {
             let macs =
@@ -403,8 +411,11 @@ async fn repair(
                     Ok(inside) => own_macs_now(&spec, &host, &inside).await,
                     Err(e) => Err(e),
                 };
-            if let Err(e) = macs.and_then(|m| table.set(&m)) {
-                warn!(error = %format!("{e:#}"), "registering the interfaces' MACs failed; retrying");
+            match macs.and_then(|m| table.set(&m)) {
+                Ok(()) => macs_stale = false,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "registering the interfaces' MACs failed; retrying")
+                }
             }
         }
     }
@@ -599,6 +610,7 @@ async fn watch_role(
         }
     };
     let mut uplinks_down: Vec<String> = Vec::new();
+    let mut inside: Option<Netlink> = None;
     let mut tick = tokio::time::interval(ROLE_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -625,18 +637,24 @@ async fn watch_role(
                 v.uplinks_down = uplinks_down.clone();
             }
         }
+        // One session in the service namespace, opened again when the namespace end is not
+        // found there (a repair recreated the namespace: the old session is in the old one).
         let holds = async {
-            let ns = netns::open_named_netns(&spec.netns)?;
-            let inside = Netlink::open_in(&ns)?;
-            let Some(link) = inside.link(&spec.ns_interface).await? else {
+            if inside.is_none() {
+                inside = Some(Netlink::open_in(&netns::open_named_netns(&spec.netns)?)?);
+            }
+            let nl = inside.as_ref().expect("opened above");
+            let Some(link) = nl.link(&spec.ns_interface).await? else {
+                inside = None;
                 return Ok(false);
             };
-            anyhow::Ok(inside.addresses(link.index).await?.contains(&service))
+            anyhow::Ok(nl.addresses(link.index).await?.contains(&service))
         }
         .await;
         let now_master = match holds {
             Ok(h) => h,
             Err(e) => {
+                inside = None;
                 debug!(error = %format!("{e:#}"), "reading the VRRP addresses failed");
                 continue;
             }

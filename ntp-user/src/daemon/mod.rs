@@ -71,7 +71,7 @@ pub fn run(mut opts: ServeOptions) -> Result<()> {
             None => standalone::serve(opts).await,
         }
     });
-    // Dropping the runtime drops every task still on it: dnsmasq's supervisor stops it.
+    // Dropping the runtime drops every task still on it: the helpers get their SIGTERM.
     drop(rt);
     result
 }
@@ -81,8 +81,9 @@ pub fn down(spec: &crate::host::vip::VipSpec) -> Result<Vec<String>> {
     runtime()?.block_on(managed::down(spec))
 }
 
-/// The daemon's one runtime (everything, set-up included, runs on it). Current-thread: the clock task, the userspace path and the
-/// control tasks are light; map walks and other blocking calls go to `spawn_blocking`.
+/// The daemon's one runtime (everything, set-up included, runs on it). Current-thread: the
+/// clock task, the userspace path and the control tasks are light; map walks and other
+/// blocking calls go to `spawn_blocking`.
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -90,8 +91,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the runtime")
 }
 
-/// What both modes run once the responder is set up: observability, the userspace path,
-/// the mode's own tasks, and the clock task until shutdown. Returns the userspace counters.
 /// The userspace path's sockets as bound at start, where to bind them again, and the plumbing
 /// epoch that says when (managed mode; it never moves in standalone mode).
 pub(crate) struct UserSockets {
@@ -100,6 +99,8 @@ pub(crate) struct UserSockets {
     pub plumbing: tokio::sync::watch::Receiver<u64>,
 }
 
+/// What both modes run once the responder is set up: observability, the userspace path,
+/// the mode's own tasks, and the clock task until shutdown. Returns the userspace counters.
 pub(crate) async fn serve_responder(
     opts: &ServeOptions,
     responder: &mut Responder,

@@ -108,6 +108,11 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
             reason: "userspace_invalid".into(),
         })
         .inc_by(resp.userspace_dropped);
+    dropped
+        .get_or_create(&Reason {
+            reason: "userspace_refused".into(),
+        })
+        .inc_by(resp.userspace_refused);
     reg.register("requests_dropped", "Requests dropped, by reason", dropped);
     reg.register(
         "packets_passed",

@@ -164,6 +164,7 @@ impl Observatory {
                 userspace_answered_ipv4: answered.saturating_sub(answered6),
                 userspace_answered_ipv6: answered6,
                 userspace_dropped: load(&u.dropped),
+                userspace_refused: load(&u.refused),
                 rate_limited_sources_tracked: self.rate_sources.get(
                     WALK_MAX_AGE,
                     Instant::now(),

@@ -107,6 +107,9 @@ pub struct ResponderStatus {
     pub userspace_answered_ipv4: u64,
     pub userspace_answered_ipv6: u64,
     pub userspace_dropped: u64,
+    /// Valid requests the userspace path refused (access list, rate limit).
+    #[serde(default)]
+    pub userspace_refused: u64,
     /// Sources the rate table tracks.
     pub rate_limited_sources_tracked: usize,
 }
@@ -124,7 +127,8 @@ impl ResponderStatus {
             .filter(|(k, _)| k.starts_with("dropped_") || k.starts_with("kod_"))
             .map(|(_, v)| v)
             .sum::<u64>()
-            + self.userspace_dropped;
+            + self.userspace_dropped
+            + self.userspace_refused;
         let answered = self.counter("answered_ipv4")
             + self.counter("answered_ipv6")
             + self.userspace_answered_ipv4
@@ -268,11 +272,13 @@ pub fn render(r: &StatusReport) -> String {
     let u = &r.responder;
     let _ = writeln!(
         o,
-        "  {:<28} {:>14}\n  {:<28} {:>14}\n  {:<28} {:>14}",
+        "  {:<28} {:>14}\n  {:<28} {:>14}\n  {:<28} {:>14}\n  {:<28} {:>14}",
         "userspace_answered",
         u.userspace_answered_ipv4 + u.userspace_answered_ipv6,
         "userspace_dropped",
         u.userspace_dropped,
+        "userspace_refused",
+        u.userspace_refused,
         "sources_tracked",
         u.rate_limited_sources_tracked
     );

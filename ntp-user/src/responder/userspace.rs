@@ -48,16 +48,17 @@ pub enum Unanswered {
     SourcePort,
     /// No anchor was ever published.
     NoAnchor,
-    /// Denied by the access list or over its rate (no KoD due).
-    NotAdmitted,
 }
 
 /// What admission decided for a request the userspace path would answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admitted {
     Answer,
-    /// A kiss-o'-death with this code instead of time.
-    Kod([u8; 4]),
+    /// A kiss-o'-death with this code instead of time, asking for at least this poll.
+    Kod {
+        code: [u8; 4],
+        poll: i8,
+    },
     /// Nothing: denied, over its rate, or a source that is never answered.
     Drop,
 }
@@ -110,7 +111,10 @@ impl UserspaceAdmission {
         let mut state = self.rate.get(&key, 0).unwrap_or_default();
         let decision = if denied {
             if kod_due(&mut state, now, &p) && global_kod_allowed(&mut self.kod_budget, now, &p) {
-                Admitted::Kod(KISS_DENY)
+                Admitted::Kod {
+                    code: KISS_DENY,
+                    poll: p.kod_poll,
+                }
             } else {
                 Admitted::Drop
             }
@@ -120,7 +124,10 @@ impl UserspaceAdmission {
                 Admission::Limited { kod: true }
                     if global_kod_allowed(&mut self.kod_budget, now, &p) =>
                 {
-                    Admitted::Kod(KISS_RATE)
+                    Admitted::Kod {
+                        code: KISS_RATE,
+                        poll: p.kod_poll,
+                    }
                 }
                 Admission::Limited { .. } => Admitted::Drop,
             }
@@ -185,7 +192,10 @@ pub struct UserspaceCounters {
     /// Of `answered`, to IPv6 clients (IPv4-mapped senders count as IPv4).
     pub answered_ipv6: AtomicU64,
     pub answered_with_extensions: AtomicU64,
+    /// Invalid requests (short, bad mode or version, port 0, no anchor yet).
     pub dropped: AtomicU64,
+    /// Valid requests refused by the access list or the rate limit (KoD or silence).
+    pub refused: AtomicU64,
 }
 
 /// Binds a socket on port 123 of each address, inside `ns` when given. IP_FREEBIND: an alias
@@ -323,32 +333,10 @@ async fn serve_socket(
                 .admit(from.ip(), rx_mono),
             Err(_) => Admitted::Drop,
         };
-        let reply = match (reply, admitted) {
-            (Ok(r), Admitted::Answer) => Ok(r),
-            (Ok(_), Admitted::Kod(code)) => {
-                let kod_poll = admission
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .policy
-                    .kod_poll;
-                kiss_of_death(
-                    &bytes,
-                    &anchor,
-                    &params,
-                    (rx_mono, tx_mono),
-                    rand::random(),
-                    code,
-                    kod_poll,
-                )
-                .ok_or(Unanswered::Short)
-            }
-            (Ok(_), Admitted::Drop) => Err(Unanswered::NotAdmitted),
-            (Err(e), _) => Err(e),
-        };
-        // Never more to a source than one header per request, whatever it asked.
+        // Let the clock task run between requests, whatever a flood sends.
         yield_if_busy().await;
-        match reply {
-            Ok(reply) => {
+        match (reply, admitted) {
+            (Ok(reply), Admitted::Answer) => {
                 if sock.send_to(&reply, from).await.is_ok() {
                     counters.answered.fetch_add(1, Ordering::Relaxed);
                     if from.is_ipv6() && from.ip().to_canonical().is_ipv6() {
@@ -361,7 +349,19 @@ async fn serve_socket(
                     }
                 }
             }
-            Err(why) => {
+            // Refused (access list, rate limit): a KoD or silence, counted as refused.
+            (Ok(_), refusal) => {
+                counters.refused.fetch_add(1, Ordering::Relaxed);
+                if let Admitted::Kod { code, poll } = refusal {
+                    let times = (rx_mono, tx_mono);
+                    if let Some(kod) =
+                        kiss_of_death(&bytes, &anchor, &params, times, rand::random(), code, poll)
+                    {
+                        let _ = sock.send_to(&kod, from).await;
+                    }
+                }
+            }
+            (Err(why), _) => {
                 counters.dropped.fetch_add(1, Ordering::Relaxed);
                 debug!(%from, ?why, "request not answered");
             }
