@@ -296,6 +296,8 @@ impl ServeArgs {
             log_packets: a.log_packets,
             clock,
             managed: None,
+            // NTS needs a certificate and a key file: configured in `[nts]` (`ntp-user run`).
+            nts: None,
         })
     }
 }

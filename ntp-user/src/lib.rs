@@ -4,6 +4,7 @@
 //! the bottom):
 //!
 //! - [`clock`]: the sans-IO clock core (filter, selection, discipline, leap, the system).
+//! - [`nts`]: Network Time Security: the key exchange, cookies, protected packets.
 //! - [`responder`]: the eBPF object and its maps, pins, publication, the userspace path.
 //! - [`host`]: netlink, network namespaces, the VIP plumbing, DHCP, the host clock.
 //! - [`observe`]: status report, alarms, metrics, guest clocks, the control socket.
@@ -14,5 +15,6 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod host;
+pub mod nts;
 pub mod observe;
 pub mod responder;

@@ -24,6 +24,7 @@ pub struct Validated {
     pub dhcp: Option<crate::host::dhcp::DhcpSpec>,
     pub admission: crate::responder::admission::AdmissionSpec,
     pub observe: crate::observe::ObserveSpec,
+    pub nts: Option<crate::nts::server::NtsSpec>,
 }
 
 impl Validated {
@@ -64,6 +65,7 @@ impl Validated {
             managed: self.vip.clone().map(|v| (v, self.dhcp.clone())),
             admission: self.admission.clone(),
             observe: self.observe.clone(),
+            nts: self.nts.clone(),
         }
     }
 }

@@ -33,6 +33,41 @@ pub struct Config {
     pub control: ControlSection,
     #[serde(default)]
     pub alarms: AlarmsSection,
+    /// Present: Network Time Security (RFC 8915) for guests that ask for it.
+    pub nts: Option<NtsSection>,
+}
+
+/// NTS: the key exchange over TLS 1.3 and NTS-protected replies from the userspace path.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NtsSection {
+    /// PEM certificate chain (leaf first), valid for the name or address guests use.
+    pub certificate_chain: PathBuf,
+    /// PEM private key of the leaf certificate.
+    pub private_key: PathBuf,
+    /// Where the key exchange listens (TCP), in the service namespace. Default: every
+    /// served address (the clock addresses and, with [vip], the service address).
+    #[serde(default)]
+    pub listen: Vec<IpAddr>,
+    #[serde(default = "default_nts_port")]
+    pub port: u16,
+    /// The cookie keys, kept across restarts; hosts that share it share cookies.
+    /// Default: /var/lib/ntp-xdp/nts-keys.json.
+    pub key_file: Option<PathBuf>,
+    /// How often a new cookie key is made (cookies stay good for three more).
+    #[serde(default = "default_nts_rotation")]
+    pub key_rotation: String,
+    /// The NTP server the key exchange names, per family. Default: the first clock address
+    /// of `service.addresses` of the family the guest used.
+    pub ntp_server: Option<Vec<IpAddr>>,
+}
+
+fn default_nts_port() -> u16 {
+    crate::nts::KE_PORT
+}
+
+fn default_nts_rotation() -> String {
+    "1d".into()
 }
 
 /// Per-source rate limiting in the responder (a source: an IPv4 address or an IPv6 /64).

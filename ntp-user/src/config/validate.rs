@@ -186,6 +186,10 @@ pub(super) fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
         origin,
     )?;
     validate_redundancy(&cfg, &mut vip, observe.control_socket.as_deref(), origin)?;
+    let nts = match &cfg.nts {
+        Some(n) => Some(validate_nts(n, &cfg.service, vip.as_ref(), origin)?),
+        None => None,
+    };
     let system = SystemConfig {
         poll: PollConfig {
             min_poll: c.min_poll,
@@ -217,6 +221,81 @@ pub(super) fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
         dhcp,
         admission,
         observe,
+        nts,
+    })
+}
+
+/// The `[nts]` section: the certificate and key load and go together, the addresses are
+/// served ones, the rotation is sane.
+pub fn validate_nts(
+    n: &NtsSection,
+    service: &ServiceSection,
+    vip: Option<&crate::host::vip::VipSpec>,
+    origin: &Path,
+) -> Result<crate::nts::server::NtsSpec> {
+    let bad =
+        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
+    crate::nts::server::tls_config(&n.certificate_chain, &n.private_key)
+        .map_err(|e| bad("nts.certificate_chain", format!("{e:#}")))?;
+    let served = match vip {
+        Some(v) => v.served_addresses(),
+        None => service.addresses.clone(),
+    };
+    let listen = if n.listen.is_empty() {
+        served.clone()
+    } else {
+        n.listen.clone()
+    };
+    for (i, a) in listen.iter().enumerate() {
+        if !served.contains(a) {
+            return Err(bad(
+                &format!("nts.listen[{i}]"),
+                format!("{a} is not an address this host serves time on ({served:?})"),
+            ));
+        }
+    }
+    if n.port == 0 {
+        return Err(bad("nts.port", "must not be 0".into()));
+    }
+    let key_rotation = duration(origin, "nts.key_rotation", &n.key_rotation)?;
+    if key_rotation < Duration::from_secs(1) || key_rotation > Duration::from_secs(30 * 86400) {
+        return Err(bad(
+            "nts.key_rotation",
+            "must be between 1s and 30d (cookies outlive it by three rotations)".into(),
+        ));
+    }
+    let key_file = n
+        .key_file
+        .clone()
+        .unwrap_or_else(|| "/var/lib/ntp-xdp/nts-keys.json".into());
+    if key_file.file_name().is_none() {
+        return Err(bad("nts.key_file", "must name a file".into()));
+    }
+    let pick = |v4: bool| -> Result<Option<IpAddr>> {
+        match &n.ntp_server {
+            Some(list) => {
+                let mut it = list.iter().filter(|a| a.is_ipv4() == v4);
+                let first = it.next().copied();
+                if it.next().is_some() {
+                    return Err(bad(
+                        "nts.ntp_server",
+                        "at most one address per family".into(),
+                    ));
+                }
+                Ok(first)
+            }
+            None => Ok(service.addresses.iter().find(|a| a.is_ipv4() == v4).copied()),
+        }
+    };
+    Ok(crate::nts::server::NtsSpec {
+        certificate_chain: n.certificate_chain.clone(),
+        private_key: n.private_key.clone(),
+        listen,
+        port: n.port,
+        key_file,
+        key_rotation,
+        ntp_server_v4: pick(true)?,
+        ntp_server_v6: pick(false)?,
     })
 }
 

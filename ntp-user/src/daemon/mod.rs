@@ -20,7 +20,7 @@ use crate::clock::system::SystemConfig;
 use crate::host::hostclock::HostClockIdentity;
 use crate::observe::status::ClockSnapshotCell;
 use crate::observe::Observatory;
-use crate::responder::userspace::{SocketPlace, UserspaceAdmission, UserspaceCounters};
+use crate::responder::userspace::{SharedAdmission, SocketPlace, UserspaceCounters};
 use crate::responder::{Responder, XdpModePref};
 
 /// Where served time comes from.
@@ -59,6 +59,8 @@ pub struct ServeOptions {
     pub admission: crate::responder::admission::AdmissionSpec,
     /// Metrics, control socket, alarms.
     pub observe: crate::observe::ObserveSpec,
+    /// Network Time Security (None: off).
+    pub nts: Option<crate::nts::server::NtsSpec>,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM: the managed mode when `opts.managed` is set,
@@ -109,8 +111,16 @@ pub(crate) async fn serve_responder(
     mode_tasks: Vec<AbortOnDrop>,
     vrrp: crate::observe::status::VrrpCell,
 ) -> Result<Arc<UserspaceCounters>> {
-    let (observatory, clock_status, user_counters) =
-        Observatory::for_responder(&opts.observe, responder, vrrp)?;
+    let nts = match &opts.nts {
+        Some(spec) => Some(start_nts(spec, &user_sockets)?),
+        None => None,
+    };
+    let (observatory, clock_status, user_counters) = Observatory::for_responder(
+        &opts.observe,
+        responder,
+        vrrp,
+        nts.as_ref().map(|n| n.state.clone()),
+    )?;
     let result = async {
         let shutdown = shutdown_signal()?;
         let _observe: Vec<AbortOnDrop> = crate::observe::start(observatory)
@@ -118,12 +128,18 @@ pub(crate) async fn serve_responder(
             .into_iter()
             .map(AbortOnDrop)
             .collect();
+        let admission: SharedAdmission = Arc::new(std::sync::Mutex::new(
+            responder.userspace_admission(opts.admission.policy)?,
+        ));
+        let nts_state = nts.as_ref().map(|n| n.state.clone());
+        let _key_exchange = nts.map(|n| AbortOnDrop(tokio::spawn(n.serve(admission.clone()))));
         let _userspace = AbortOnDrop(tokio::spawn(userspace_path(
             user_sockets,
             responder.subscribe(),
             opts.params,
-            responder.userspace_admission(opts.admission.policy)?,
+            admission,
             user_counters.clone(),
+            nts_state,
         )));
         let _mode_tasks = mode_tasks;
         run_clock(&opts.clock, responder, continuity, clock_status, shutdown).await
@@ -133,6 +149,59 @@ pub(crate) async fn serve_responder(
         let _ = std::fs::remove_file(socket);
     }
     result.map(|()| user_counters)
+}
+
+/// NTS, set up before anything serves: the keys loaded (or made), the certificate read, the
+/// listeners bound, so that a mistake stops the start rather than a guest's key exchange.
+struct NtsRuntime {
+    state: Arc<crate::nts::server::NtsState>,
+    spec: crate::nts::server::NtsSpec,
+    netns: Option<String>,
+    listeners: Vec<std::net::TcpListener>,
+    plumbing: tokio::sync::watch::Receiver<u64>,
+    tls: Arc<rustls::ServerConfig>,
+}
+
+fn start_nts(spec: &crate::nts::server::NtsSpec, sockets: &UserSockets) -> Result<NtsRuntime> {
+    use crate::nts::server;
+    let tls = server::tls_config(&spec.certificate_chain, &spec.private_key)?;
+    let state = Arc::new(
+        server::load_or_create_keys(&spec.key_file, spec.key_rotation)
+            .context("NTS cookie keys")?,
+    );
+    let netns = sockets.place.netns.clone();
+    let listeners = server::bind_listeners(netns.as_deref(), &spec.listen, spec.port)?;
+    Ok(NtsRuntime {
+        state,
+        spec: spec.clone(),
+        netns,
+        listeners,
+        plumbing: sockets.plumbing.clone(),
+        tls,
+    })
+}
+
+impl NtsRuntime {
+    async fn serve(self, admission: SharedAdmission) {
+        let admit: crate::nts::server::Admit = Arc::new(move |ip| {
+            let now = crate::host::hostclock::monotonic_now_ns().unwrap_or(0);
+            let decision = admission.lock().unwrap_or_else(|e| e.into_inner()).admit(ip, now);
+            decision == crate::responder::userspace::Admitted::Answer
+        });
+        if let Err(e) = crate::nts::server::serve(
+            self.spec,
+            self.netns,
+            self.listeners,
+            self.plumbing,
+            self.tls,
+            self.state,
+            admit,
+        )
+        .await
+        {
+            tracing::error!(error = %format!("{e:#}"), "the NTS key exchange stopped");
+        }
+    }
 }
 
 /// Aborts a task when dropped (when the runtime's main future ends).
@@ -149,8 +218,9 @@ async fn userspace_path(
     sockets: UserSockets,
     anchors: tokio::sync::watch::Receiver<ntp_common::TimeAnchor>,
     params: ServerParams,
-    admission: UserspaceAdmission,
+    admission: SharedAdmission,
     counters: Arc<UserspaceCounters>,
+    nts: Option<Arc<crate::nts::server::NtsState>>,
 ) {
     let UserSockets {
         sockets,
@@ -158,7 +228,7 @@ async fn userspace_path(
         plumbing,
     } = sockets;
     if let Err(e) = crate::responder::userspace::serve(
-        sockets, place, plumbing, anchors, params, admission, counters,
+        sockets, place, plumbing, anchors, params, admission, counters, nts,
     )
     .await
     {

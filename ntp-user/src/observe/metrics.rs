@@ -41,6 +41,11 @@ struct Guest {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Alarm {
     alarm: &'static str,
 }
@@ -323,6 +328,34 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
             "VRRP role changes since the daemon started",
             v.transitions as f64,
         );
+    }
+    if let Some(n) = &r.nts {
+        let ke = Family::<Outcome, Counter>::default();
+        for (outcome, v) in [
+            ("ok", n.key_exchanges),
+            ("failed", n.key_exchange_failures),
+            ("refused", n.key_exchanges_refused),
+        ] {
+            ke.get_or_create(&Outcome { outcome }).inc_by(v);
+        }
+        reg.register("nts_key_exchanges", "NTS key exchanges, by outcome", ke);
+        let req = Family::<Outcome, Counter>::default();
+        for (outcome, v) in [
+            ("answered", n.requests_answered),
+            ("cookie_failure", n.cookie_failures),
+            ("authentication_failure", n.authentication_failures),
+            ("malformed", n.malformed),
+        ] {
+            req.get_or_create(&Outcome { outcome }).inc_by(v);
+        }
+        reg.register(
+            "nts_requests",
+            "NTS-protected requests, by outcome (failures get an NTS NAK, malformed nothing)",
+            req,
+        );
+        let rotations = Counter::<u64>::default();
+        rotations.inc_by(n.key_rotations);
+        reg.register("nts_key_rotations", "NTS cookie key rotations", rotations);
     }
 
     let mut out = String::new();

@@ -82,6 +82,7 @@ pub struct Observatory {
     rate_sources: Recent<usize>,
     /// Set by a redundant VIP host's role watcher.
     vrrp: status::VrrpCell,
+    nts: Option<Arc<crate::nts::server::NtsState>>,
     started_mono_ns: u64,
 }
 
@@ -92,6 +93,7 @@ impl Observatory {
         spec: &ObserveSpec,
         responder: &crate::responder::Responder,
         vrrp: status::VrrpCell,
+        nts: Option<Arc<crate::nts::server::NtsState>>,
     ) -> Result<(Arc<Observatory>, ClockSnapshotCell, Arc<UserspaceCounters>)> {
         let counters = Arc::new(UserspaceCounters::default());
         let clock = ClockSnapshotCell::default();
@@ -101,6 +103,7 @@ impl Observatory {
             clock.clone(),
             counters.clone(),
             vrrp,
+            nts,
         )?;
         Ok((obs, clock, counters))
     }
@@ -111,6 +114,7 @@ impl Observatory {
         clock: ClockSnapshotCell,
         userspace: Arc<UserspaceCounters>,
         vrrp: status::VrrpCell,
+        nts: Option<Arc<crate::nts::server::NtsState>>,
     ) -> Result<Arc<Observatory>> {
         Ok(Arc::new(Observatory {
             alarms: Mutex::new(Alarms::new(spec.alarms.clone())),
@@ -121,6 +125,7 @@ impl Observatory {
             guests: Recent::new(),
             rate_sources: Recent::new(),
             vrrp,
+            nts,
             started_mono_ns: monotonic_now_ns()?,
         }))
     }
@@ -178,6 +183,7 @@ impl Observatory {
                 .unwrap_or_else(|e| e.into_inner())
                 .active(),
             vrrp: self.vrrp.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            nts: self.nts.as_deref().map(status::NtsStatus::of),
         })
     }
 

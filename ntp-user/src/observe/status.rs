@@ -149,6 +149,45 @@ pub struct StatusReport {
     /// With `[redundancy]`: this host's VRRP role.
     #[serde(default)]
     pub vrrp: Option<VrrpStatus>,
+    /// With `[nts]`: key exchanges, protected requests, the cookie keys.
+    #[serde(default)]
+    pub nts: Option<NtsStatus>,
+}
+
+/// Network Time Security, as counted since the daemon started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NtsStatus {
+    pub key_exchanges: u64,
+    pub key_exchange_failures: u64,
+    /// Connections from sources the access list or the rate limit refused.
+    pub key_exchanges_refused: u64,
+    pub requests_answered: u64,
+    /// NAKs for cookies that are not (or no longer) this cluster's.
+    pub cookie_failures: u64,
+    /// NAKs for requests that did not authenticate with their cookie's key.
+    pub authentication_failures: u64,
+    pub malformed: u64,
+    pub key_rotations: u64,
+    /// Cookie key ids kept, the current one last.
+    pub key_ids: Vec<u32>,
+}
+
+impl NtsStatus {
+    pub fn of(state: &crate::nts::server::NtsState) -> NtsStatus {
+        let c = &state.counters;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        NtsStatus {
+            key_exchanges: load(&c.key_exchanges),
+            key_exchange_failures: load(&c.key_exchange_failures),
+            key_exchanges_refused: load(&c.key_exchanges_refused),
+            requests_answered: load(&c.requests_answered),
+            cookie_failures: load(&c.cookie_failures),
+            authentication_failures: load(&c.authentication_failures),
+            malformed: load(&c.malformed),
+            key_rotations: load(&c.key_rotations),
+            key_ids: state.key_ids(),
+        }
+    }
 }
 
 /// A redundant VIP host's VRRP state, as the daemon sees it.
@@ -304,6 +343,21 @@ pub fn render(r: &StatusReport) -> String {
             x.requests,
             x.last_seen_s_ago
         );
+    }
+    if let Some(n) = &r.nts {
+        let _ = writeln!(o, "\nNTS (cookie keys {:?}, current last)", n.key_ids);
+        for (k, v) in [
+            ("key_exchanges", n.key_exchanges),
+            ("key_exchange_failures", n.key_exchange_failures),
+            ("key_exchanges_refused", n.key_exchanges_refused),
+            ("requests_answered", n.requests_answered),
+            ("cookie_failures", n.cookie_failures),
+            ("authentication_failures", n.authentication_failures),
+            ("malformed", n.malformed),
+            ("key_rotations", n.key_rotations),
+        ] {
+            let _ = writeln!(o, "  {k:<28} {v:>14}");
+        }
     }
     let _ = writeln!(o, "\nAlarms");
     if r.alarms.is_empty() {

@@ -36,6 +36,11 @@ use tracing::{debug, info};
 
 use crate::host::hostclock::{monotonic_now_ns, read_clock_pair};
 use crate::host::netns;
+use crate::nts::packet::{nak as nts_nak, KISS_NTSN};
+use crate::nts::server::{NtsResponse, NtsState};
+
+/// The userspace path's admission, shared by its sockets and the NTS key exchange.
+pub type SharedAdmission = Arc<std::sync::Mutex<UserspaceAdmission>>;
 
 /// Why a request got no answer from the userspace path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,10 +266,10 @@ pub async fn serve(
     mut plumbing: watch::Receiver<u64>,
     anchors: watch::Receiver<TimeAnchor>,
     params: ServerParams,
-    admission: UserspaceAdmission,
+    admission: SharedAdmission,
     counters: Arc<UserspaceCounters>,
+    nts: Option<Arc<NtsState>>,
 ) -> Result<()> {
-    let admission = Arc::new(std::sync::Mutex::new(admission));
     let mut sockets = Some(sockets);
     loop {
         let socks = match sockets.take() {
@@ -282,11 +287,15 @@ pub async fn serve(
         for sock in socks {
             let sock = UdpSocket::from_std(sock).context("registering a server socket")?;
             info!(address = %sock.local_addr()?, "userspace path listening");
-            let (anchors, counters, admission) =
-                (anchors.clone(), counters.clone(), admission.clone());
-            tasks.spawn(
-                async move { serve_socket(sock, anchors, params, admission, counters).await },
+            let (anchors, counters, admission, nts) = (
+                anchors.clone(),
+                counters.clone(),
+                admission.clone(),
+                nts.clone(),
             );
+            tasks.spawn(async move {
+                serve_socket(sock, anchors, params, admission, counters, nts).await
+            });
         }
         tokio::select! {
             Some(done) = tasks.join_next() => {
@@ -305,8 +314,9 @@ async fn serve_socket(
     sock: UdpSocket,
     anchors: watch::Receiver<TimeAnchor>,
     params: ServerParams,
-    admission: Arc<std::sync::Mutex<UserspaceAdmission>>,
+    admission: SharedAdmission,
     counters: Arc<UserspaceCounters>,
+    nts: Option<Arc<NtsState>>,
 ) -> Result<()> {
     // Requests that arrive before the first publication wait in the socket rather than be
     // dropped for want of an anchor (a daemon starting, or restarting, answers them all).
@@ -337,7 +347,35 @@ async fn serve_socket(
         yield_if_busy().await;
         match (reply, admitted) {
             (Ok(reply), Admitted::Answer) => {
-                if sock.send_to(&reply, from).await.is_ok() {
+                let protected = match nts.as_deref().map(|n| n.respond(&bytes, &reply)) {
+                    None | Some(NtsResponse::NotNts) => None,
+                    Some(NtsResponse::Reply(r)) => Some(r),
+                    Some(NtsResponse::Nak(unique_id)) => {
+                        counters.refused.fetch_add(1, Ordering::Relaxed);
+                        let times = (rx_mono, tx_mono);
+                        if let Some(kod) = kiss_of_death(
+                            &bytes,
+                            &anchor,
+                            &params,
+                            times,
+                            rand::random(),
+                            KISS_NTSN,
+                            params.poll_min,
+                        ) {
+                            let _ = sock.send_to(&nts_nak(&kod, &unique_id), from).await;
+                        }
+                        continue;
+                    }
+                    Some(NtsResponse::Drop) => {
+                        counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                };
+                let sent = match &protected {
+                    Some(p) => sock.send_to(p, from).await,
+                    None => sock.send_to(&reply, from).await,
+                };
+                if sent.is_ok() {
                     counters.answered.fetch_add(1, Ordering::Relaxed);
                     if from.is_ipv6() && from.ip().to_canonical().is_ipv6() {
                         counters.answered_ipv6.fetch_add(1, Ordering::Relaxed);
