@@ -72,7 +72,12 @@ fn main() -> ExitCode {
             });
             print!(
                 "{}",
-                ntp_user::host::dhcp::guest_config(v4, v6, &v.service.addresses)
+                ntp_user::host::dhcp::guest_config(
+                    v4,
+                    v6,
+                    &v.service.addresses,
+                    v.nts.as_ref().map(|n| n.port)
+                )
             );
         }),
     };

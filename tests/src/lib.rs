@@ -6,6 +6,7 @@
 
 pub mod clients;
 pub mod frames;
+pub mod nts;
 pub mod topology;
 pub mod vip;
 

@@ -130,6 +130,7 @@ pub fn guest_config(
     service_v4: Option<Ipv4Addr>,
     service_v6: Option<std::net::Ipv6Addr>,
     clock_addresses: &[std::net::IpAddr],
+    nts_port: Option<u16>,
 ) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -162,6 +163,21 @@ pub fn guest_config(
     out.push_str("\n# chrony (/etc/chrony/chrony.conf or /etc/chrony/sources.d/ntp-xdp.sources)\n");
     for a in v4.iter().chain(v6.iter()) {
         let _ = writeln!(out, "server {a} prefer iburst minpoll 4 maxpoll 4");
+    }
+    if let Some(port) = nts_port {
+        out.push_str(
+            "\n# chrony with NTS (authenticated time; instead of the lines above). The server's\n\
+             # certificate must name the address; a private CA goes in ntstrustedcerts.\n",
+        );
+        let port = if port == 4460 {
+            String::new()
+        } else {
+            format!(" ntsport {port}")
+        };
+        for a in v4.iter().chain(v6.iter()) {
+            let _ = writeln!(out, "server {a} nts{port} prefer iburst minpoll 4 maxpoll 4");
+        }
+        out.push_str("ntstrustedcerts /etc/chrony/ntp-xdp-ca.pem\n");
     }
     out.push_str("\n# systemd-timesyncd (/etc/systemd/timesyncd.conf.d/ntp-xdp.conf)\n");
     let _ = writeln!(out, "# [Time]");
@@ -222,6 +238,11 @@ mod tests {
                 "169.254.169.123".parse().unwrap(),
                 "fd00:ec2::123".parse().unwrap(),
             ],
+            Some(4461),
+        );
+        assert!(
+            text.contains("server 169.254.169.123 nts ntsport 4461 prefer iburst"),
+            "{text}"
         );
         assert!(
             text.contains("destination=169.254.169.123/32,gateway=169.254.100.1"),
