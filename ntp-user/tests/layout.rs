@@ -104,7 +104,10 @@ fn folders_import_each_other_in_one_direction() {
             "config",
             &["clock", "host", "nts", "responder", "observe", "daemon"],
         ),
-        ("cli", &["clock", "config", "daemon", "host", "nts", "responder"]),
+        (
+            "cli",
+            &["clock", "config", "daemon", "host", "nts", "responder"],
+        ),
     ];
     for (m, ok) in allowed {
         let deps = g.get(*m).cloned().unwrap_or_default();

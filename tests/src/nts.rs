@@ -73,7 +73,10 @@ pub struct NtsSession {
 }
 
 /// Runs `f` in a thread inside `ns`.
-fn within<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+fn within<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let file = ns.file()?;
     std::thread::spawn(move || {
         ntp_user::host::netns::enter(&file)?;
@@ -191,10 +194,17 @@ pub fn nts_request(
     }
     let addr = addr.to_string();
     within(ns, move || {
-        let sock = UdpSocket::bind(if addr.contains(':') { "[::]:0" } else { "0.0.0.0:0" })?;
+        let sock = UdpSocket::bind(if addr.contains(':') {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        })?;
         sock.set_read_timeout(Some(Duration::from_secs(1)))?;
         sock.send_to(&req, (addr.as_str(), 123))?;
         let mut buf = [0u8; 2048];
-        Ok(sock.recv(&mut buf).ok().map(|n| (buf[..n].to_vec(), unique_id)))
+        Ok(sock
+            .recv(&mut buf)
+            .ok()
+            .map(|n| (buf[..n].to_vec(), unique_id)))
     })
 }

@@ -25,12 +25,12 @@ fn nts(vip: &VipHost) -> NtsStatus {
     status(vip).nts.expect("status has an NTS part")
 }
 
-fn vip_with_nts(subnet: u8, pki: &TestPki, rotation: &str) -> VipHost {
+fn vip_with_nts(subnet: u8, pki: &TestPki, rotation: &str, extra: &str) -> VipHost {
     VipHost::start(VipOptions {
         subnet,
         clock_toml: format!(
             "[clock]\nlocal_stratum = 10\n\n[nts]\ncertificate_chain = \"{}\"\n\
-             private_key = \"{}\"\nkey_file = \"{}\"\nkey_rotation = \"{rotation}\"\n",
+             private_key = \"{}\"\nkey_file = \"{}\"\nkey_rotation = \"{rotation}\"\n\n{extra}",
             pki.chain.display(),
             pki.key.display(),
             pki.dir.join("keys.json").display()
@@ -57,7 +57,17 @@ fn chronyd_nts_query(guest: &Netns, addr: &str, pki: &TestPki) -> anyhow::Result
     )?;
     let out = guest
         .command("setpriv")
-        .args(["--bounding-set", "-sys_time", "chronyd", "-u", "root", "-Q", "-t", "10", "-f"])
+        .args([
+            "--bounding-set",
+            "-sys_time",
+            "chronyd",
+            "-u",
+            "root",
+            "-Q",
+            "-t",
+            "10",
+            "-f",
+        ])
         .arg(&conf)
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -70,7 +80,7 @@ fn chronyd_nts_query(guest: &Netns, addr: &str, pki: &TestPki) -> anyhow::Result
 #[test]
 fn chronyd_synchronizes_over_nts_and_tampered_requests_get_no_time() {
     let pki = TestPki::new(&[CLOCK_V4]).unwrap();
-    let vip = vip_with_nts(75, &pki, "1d");
+    let vip = vip_with_nts(75, &pki, "1d", "");
     let guest = vip.add_guest().unwrap();
     vip.configure_guest_statically(&guest, 31).unwrap();
 
@@ -86,11 +96,21 @@ fn chronyd_synchronizes_over_nts_and_tampered_requests_get_no_time() {
     let session = key_exchange(&guest, CLOCK_V4, &pki.ca_der).unwrap();
     assert_eq!(session.server.as_deref(), Some(CLOCK_V4));
     assert_eq!(session.cookies.len(), 8);
-    let (reply, uid) = nts_request(&guest, CLOCK_V4, &session, &session.cookies[0], Tamper::None)
-        .unwrap()
-        .expect("an answer");
+    let (reply, uid) = nts_request(
+        &guest,
+        CLOCK_V4,
+        &session,
+        &session.cookies[0],
+        Tamper::None,
+    )
+    .unwrap()
+    .expect("an answer");
     let fresh = client_open_reply(&reply, &uid, &session.s2c).expect("an authentic reply");
-    assert_eq!(fresh.len(), 2, "one cookie for the one spent, one per placeholder");
+    assert_eq!(
+        fresh.len(),
+        2,
+        "one cookie for the one spent, one per placeholder"
+    );
     assert_eq!(mode(reply[0]), MODE_SERVER);
     assert_eq!(reply[OFF_STRATUM], 10);
 
@@ -99,7 +119,10 @@ fn chronyd_synchronizes_over_nts_and_tampered_requests_get_no_time() {
         let got = nts_request(&guest, CLOCK_V4, &session, &session.cookies[1], tamper).unwrap();
         if let Some((reply, uid)) = got {
             assert!(client_open_reply(&reply, &uid, &session.s2c).is_none());
-            assert_eq!(reply[OFF_STRATUM], 0, "{tamper:?}: a kiss-o'-death, not time");
+            assert_eq!(
+                reply[OFF_STRATUM], 0,
+                "{tamper:?}: a kiss-o'-death, not time"
+            );
             assert_eq!(&reply[OFF_REFID..OFF_REFID + 4], b"NTSN", "{tamper:?}");
             assert_eq!(leap(reply[0]), LEAP_UNSYNCHRONIZED);
         }
@@ -123,7 +146,7 @@ fn chronyd_synchronizes_over_nts_and_tampered_requests_get_no_time() {
 fn cookies_outlive_a_restart_and_key_rotations_then_expire() {
     let pki = TestPki::new(&[CLOCK_V4]).unwrap();
     let rotation = Duration::from_secs(2);
-    let mut vip = vip_with_nts(76, &pki, "2s");
+    let mut vip = vip_with_nts(76, &pki, "2s", "");
     let guest = vip.add_guest().unwrap();
     vip.configure_guest_statically(&guest, 32).unwrap();
     let session = key_exchange(&guest, CLOCK_V4, &pki.ca_der).unwrap();
@@ -137,18 +160,30 @@ fn cookies_outlive_a_restart_and_key_rotations_then_expire() {
         got.and_then(|(reply, uid)| client_open_reply(&reply, &uid, &session.s2c))
             .is_some()
     };
-    assert!(authentic(&session.cookies[0]), "a cookie from before the restart");
+    assert!(
+        authentic(&session.cookies[0]),
+        "a cookie from before the restart"
+    );
 
     // After one rotation: the old cookie still works, and the new current key is another.
     let rotated = || Ok(nts(&vip).key_ids.last() != ids_before.last());
-    assert!(VipHost::wait_until(rotation * 5, rotated).unwrap(), "no rotation");
+    assert!(
+        VipHost::wait_until(rotation * 5, rotated).unwrap(),
+        "no rotation"
+    );
     assert!(authentic(&session.cookies[1]), "a cookie one rotation old");
 
     // Once its key has been rotated out (three more), it is NAKed: a new key exchange is due.
     let first = *ids_before.last().unwrap();
     let gone = || Ok(!nts(&vip).key_ids.contains(&first));
-    assert!(VipHost::wait_until(rotation * 12, gone).unwrap(), "the first key stayed");
-    assert!(!authentic(&session.cookies[2]), "a cookie whose key is gone");
+    assert!(
+        VipHost::wait_until(rotation * 12, gone).unwrap(),
+        "the first key stayed"
+    );
+    assert!(
+        !authentic(&session.cookies[2]),
+        "a cookie whose key is gone"
+    );
     assert!(nts(&vip).cookie_failures >= 1);
     let again = key_exchange(&guest, CLOCK_V4, &pki.ca_der).unwrap();
     let got = nts_request(&guest, CLOCK_V4, &again, &again.cookies[0], Tamper::None)
@@ -160,13 +195,61 @@ fn cookies_outlive_a_restart_and_key_rotations_then_expire() {
 #[test]
 fn guest_config_gives_chrony_an_nts_line_it_accepts() {
     let pki = TestPki::new(&[CLOCK_V4]).unwrap();
-    let vip = vip_with_nts(77, &pki, "1d");
+    let vip = vip_with_nts(77, &pki, "1d", "");
     let config = vip.config.to_string_lossy().into_owned();
-    let out = run(&mut vip.ntp_user(&["guest-config", "--config", &config]).unwrap()).unwrap();
+    let out = run(&mut vip
+        .ntp_user(&["guest-config", "--config", &config])
+        .unwrap())
+    .unwrap();
     let line = format!("server {CLOCK_V4} nts prefer iburst");
     assert!(out.contains(&line), "{out}");
     let file = pki.dir.join("guest.conf");
-    std::fs::write(&file, format!("{line}\nntstrustedcerts {}\n", pki.ca_pem.display())).unwrap();
-    let parsed = run(std::process::Command::new("chronyd").arg("-p").arg("-f").arg(&file)).unwrap();
+    std::fs::write(
+        &file,
+        format!("{line}\nntstrustedcerts {}\n", pki.ca_pem.display()),
+    )
+    .unwrap();
+    let parsed = run(std::process::Command::new("chronyd")
+        .arg("-p")
+        .arg("-f")
+        .arg(&file))
+    .unwrap();
     assert!(parsed.contains(" nts"), "{parsed}");
+}
+
+#[test]
+fn key_exchanges_pass_the_access_list_as_requests_do() {
+    let pki = TestPki::new(&[CLOCK_V4]).unwrap();
+    let vip = vip_with_nts(
+        78,
+        &pki,
+        "1d",
+        "[access]\ndeny = [\"169.254.78.41/32\"]\ndeny_action = \"drop\"\n",
+    );
+    let (allowed, denied) = (vip.add_guest().unwrap(), vip.add_guest().unwrap());
+    vip.configure_guest_statically(&allowed, 40).unwrap();
+    vip.configure_guest_statically(&denied, 41).unwrap();
+    let session = key_exchange(&allowed, CLOCK_V4, &pki.ca_der).unwrap();
+    assert!(key_exchange(&denied, CLOCK_V4, &pki.ca_der).is_err());
+    assert_eq!(nts(&vip).key_exchanges_refused, 1);
+    // Cookies do not open the access list: the denied guest using the allowed one's gets
+    // nothing (denied requests are dropped before NTS looks at them).
+    let got = nts_request(
+        &denied,
+        CLOCK_V4,
+        &session,
+        &session.cookies[0],
+        Tamper::None,
+    )
+    .unwrap();
+    assert!(got.is_none(), "a denied source got an answer");
+    let got = nts_request(
+        &allowed,
+        CLOCK_V4,
+        &session,
+        &session.cookies[1],
+        Tamper::None,
+    )
+    .unwrap();
+    assert!(got.is_some());
 }

@@ -100,6 +100,62 @@ addresses = ["169.254.169.123"]
     }
 
     #[test]
+    fn the_nts_section_is_validated() {
+        // A certificate and key that go together, from rcgen, in a scratch directory.
+        let dir = std::env::temp_dir().join(format!("ntscfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["169.254.169.123".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (chain, keyfile) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&chain, cert.pem()).unwrap();
+        std::fs::write(&keyfile, key.serialize_pem()).unwrap();
+        let section = |extra: &str| {
+            format!(
+                "{MINIMAL}[nts]\ncertificate_chain = \"{}\"\nprivate_key = \"{}\"\n{extra}",
+                chain.display(),
+                keyfile.display()
+            )
+        };
+        let v = parse(&section(""), Path::new("x.toml")).unwrap();
+        let n = v.nts.unwrap();
+        assert_eq!(n.listen, ["169.254.169.123".parse::<IpAddr>().unwrap()]);
+        assert_eq!(n.port, 4460);
+        assert_eq!(n.key_rotation, Duration::from_secs(86400));
+        assert_eq!(n.ntp_server_v4, Some("169.254.169.123".parse().unwrap()));
+        assert_eq!(n.ntp_server_v6, None);
+        let e = err(&section("listen = [\"169.254.1.1\"]\n"));
+        assert!(
+            e.contains("nts.listen[0]") && e.contains("169.254.1.1"),
+            "{e}"
+        );
+        let e = err(&section("key_rotation = \"0s\"\n"));
+        assert!(e.contains("nts.key_rotation"), "{e}");
+        let e = err(&section(
+            "ntp_server = [\"169.254.1.1\", \"169.254.1.2\"]\n",
+        ));
+        assert!(e.contains("nts.ntp_server"), "{e}");
+        let e = err(&format!(
+            "{MINIMAL}[nts]\ncertificate_chain = \"/nonexistent.pem\"\nprivate_key = \"{}\"\n",
+            keyfile.display()
+        ));
+        assert!(
+            e.contains("/etc/ntp-xdp.toml")
+                && e.contains("nts.certificate_chain")
+                && e.contains("/nonexistent.pem"),
+            "{e}"
+        );
+        // A key that is not the certificate's.
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&keyfile, other.serialize_pem()).unwrap();
+        let e = err(&section(""));
+        assert!(e.contains("do not go together"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn errors_name_file_field_and_reason() {
         let e = err(&format!("{MINIMAL}[clock]\nmax_holdover = \"forever\"\n"));
         assert!(

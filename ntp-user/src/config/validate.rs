@@ -284,7 +284,11 @@ pub fn validate_nts(
                 }
                 Ok(first)
             }
-            None => Ok(service.addresses.iter().find(|a| a.is_ipv4() == v4).copied()),
+            None => Ok(service
+                .addresses
+                .iter()
+                .find(|a| a.is_ipv4() == v4)
+                .copied()),
         }
     };
     Ok(crate::nts::server::NtsSpec {

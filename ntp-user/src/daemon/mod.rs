@@ -185,7 +185,10 @@ impl NtsRuntime {
     async fn serve(self, admission: SharedAdmission) {
         let admit: crate::nts::server::Admit = Arc::new(move |ip| {
             let now = crate::host::hostclock::monotonic_now_ns().unwrap_or(0);
-            let decision = admission.lock().unwrap_or_else(|e| e.into_inner()).admit(ip, now);
+            let decision = admission
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .admit(ip, now);
             decision == crate::responder::userspace::Admitted::Answer
         });
         if let Err(e) = crate::nts::server::serve(

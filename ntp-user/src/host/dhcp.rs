@@ -175,7 +175,10 @@ pub fn guest_config(
             format!(" ntsport {port}")
         };
         for a in v4.iter().chain(v6.iter()) {
-            let _ = writeln!(out, "server {a} nts{port} prefer iburst minpoll 4 maxpoll 4");
+            let _ = writeln!(
+                out,
+                "server {a} nts{port} prefer iburst minpoll 4 maxpoll 4"
+            );
         }
         out.push_str("ntstrustedcerts /etc/chrony/ntp-xdp-ca.pem\n");
     }

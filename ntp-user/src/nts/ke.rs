@@ -166,12 +166,27 @@ pub fn response(
     match negotiated {
         Negotiated::NoProtocol => push(&mut out, true, REC_NEXT_PROTOCOL, &[]),
         Negotiated::NoAlgorithm => {
-            push(&mut out, true, REC_NEXT_PROTOCOL, &NEXT_PROTOCOL_NTPV4.to_be_bytes());
+            push(
+                &mut out,
+                true,
+                REC_NEXT_PROTOCOL,
+                &NEXT_PROTOCOL_NTPV4.to_be_bytes(),
+            );
             push(&mut out, true, REC_AEAD, &[]);
         }
         Negotiated::NtpV4AesSiv => {
-            push(&mut out, true, REC_NEXT_PROTOCOL, &NEXT_PROTOCOL_NTPV4.to_be_bytes());
-            push(&mut out, true, REC_AEAD, &AEAD_AES_SIV_CMAC_256.to_be_bytes());
+            push(
+                &mut out,
+                true,
+                REC_NEXT_PROTOCOL,
+                &NEXT_PROTOCOL_NTPV4.to_be_bytes(),
+            );
+            push(
+                &mut out,
+                true,
+                REC_AEAD,
+                &AEAD_AES_SIV_CMAC_256.to_be_bytes(),
+            );
             if let Some(server) = server {
                 push(&mut out, true, REC_SERVER, server.as_bytes());
             }

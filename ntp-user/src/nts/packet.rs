@@ -65,7 +65,9 @@ fn fields(packet: &[u8]) -> impl Iterator<Item = Result<(u16, usize, &[u8]), ()>
         };
         let kind = u16::from_be_bytes([head[0], head[1]]);
         let len = u16::from_be_bytes([head[2], head[3]]) as usize;
-        let Some(body) = packet.get(at + 4..at + len).filter(|_| len >= 4 && len % 4 == 0)
+        let Some(body) = packet
+            .get(at + 4..at + len)
+            .filter(|_| len >= 4 && len % 4 == 0)
         else {
             at = packet.len();
             return Some(Err(()));
@@ -353,7 +355,10 @@ mod tests {
         assert!(matches!(parse(&truncated), Parsed::Malformed(_)));
         let mut after = request(0);
         push_field(&mut after, 0x2005, &[0; 12]);
-        assert_eq!(parse(&after), Parsed::Malformed("a field after the authenticator"));
+        assert_eq!(
+            parse(&after),
+            Parsed::Malformed("a field after the authenticator")
+        );
     }
 
     #[test]

@@ -121,7 +121,9 @@ impl NtsState {
                 NtsResponse::Reply(reply)
             }
             Verdict::UnknownCookie => {
-                self.counters.cookie_failures.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .cookie_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 NtsResponse::Nak(req.unique_id.to_vec())
             }
             Verdict::BadAuthenticator => {
@@ -242,8 +244,8 @@ pub fn bind_listeners(
 ) -> Result<Vec<std::net::TcpListener>> {
     let bind = || -> Result<Vec<std::net::TcpListener>> {
         use nix::sys::socket::{
-            bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
-            SockType, SockaddrStorage,
+            bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+            SockaddrStorage,
         };
         use std::os::fd::AsRawFd as _;
         let mut out = Vec::new();
@@ -302,10 +304,9 @@ pub async fn serve(
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
     let spec = Arc::new(spec);
     let mut listeners = Some(listeners);
-    let mut rotation = tokio::time::interval((spec.key_rotation / 4).clamp(
-        Duration::from_millis(250),
-        Duration::from_secs(60),
-    ));
+    let mut rotation = tokio::time::interval(
+        (spec.key_rotation / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)),
+    );
     loop {
         let ls = match listeners.take() {
             Some(l) => l,
@@ -442,10 +443,18 @@ where
         Ok(Negotiated::NtpV4AesSiv) => {
             let conn = tls.get_ref().1;
             let c2s = conn
-                .export_keying_material([0u8; 32], EXPORTER_LABEL, Some(&ke::exporter_context(false)))
+                .export_keying_material(
+                    [0u8; 32],
+                    EXPORTER_LABEL,
+                    Some(&ke::exporter_context(false)),
+                )
                 .context("exporting the C2S key")?;
             let s2c = conn
-                .export_keying_material([0u8; 32], EXPORTER_LABEL, Some(&ke::exporter_context(true)))
+                .export_keying_material(
+                    [0u8; 32],
+                    EXPORTER_LABEL,
+                    Some(&ke::exporter_context(true)),
+                )
                 .context("exporting the S2C key")?;
             let cookies = state.cookies(&SessionKeys { c2s, s2c }, COOKIES_PER_KE);
             let server = if local.is_ipv4() {
@@ -464,14 +473,15 @@ where
             Some(format!("nothing in common: {other:?}")),
         ),
     };
-    tls.write_all(&response).await.context("writing the response")?;
+    tls.write_all(&response)
+        .await
+        .context("writing the response")?;
     tls.shutdown().await.ok();
     match failed {
         Some(why) => Err(anyhow!(why)),
         None => Ok(()),
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -595,7 +605,10 @@ mod tests {
         assert_eq!(cookies.len(), COOKIES_PER_KE);
         for c in cookies {
             let opened = state.keys().open(c.body).expect("our cookie");
-            assert_eq!(opened, keys, "the cookie holds the keys the client exported");
+            assert_eq!(
+                opened, keys,
+                "the cookie holds the keys the client exported"
+            );
         }
         assert_ne!(keys.c2s, keys.s2c);
     }
@@ -604,7 +617,10 @@ mod tests {
     async fn a_bad_request_gets_an_error_record_and_no_cookie() {
         let (server, out, _, _) = exchange(vec![0x80, 0, 0, 0], ALPN).await;
         assert!(server.is_err());
-        assert_eq!(out.unwrap(), ke::error_response(ke::KeError::BadRequest("")));
+        assert_eq!(
+            out.unwrap(),
+            ke::error_response(ke::KeError::BadRequest(""))
+        );
     }
 
     #[tokio::test]
