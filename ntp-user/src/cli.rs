@@ -99,11 +99,59 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The fleet: push configuration, restart host by host, see the cluster (etcd, from the
+    /// `[fleet]` section of --config).
+    Fleet {
+        /// A config with a `[fleet]` section (how to reach the store).
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// How long one host may take to apply a config or restart.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        host_timeout: Duration,
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Print the counters of every responder loaded on this machine.
     Stats {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Validate FILE (the cluster's config, no [fleet]) for every host and write it with a
+    /// compare-and-swap; every host applies it, or with --rolling one after another.
+    Push {
+        file: std::path::PathBuf,
+        /// Host by host (the canary first, the VRRP master last), each applied and
+        /// synchronized before the next; stops at the first failure.
+        #[arg(long)]
+        rolling: bool,
+        /// The host to change first (with --rolling).
+        #[arg(long, requires = "rolling")]
+        canary: Option<String>,
+    },
+    /// Set HOST's override (its names, addresses, priority), merged over the cluster config.
+    Override {
+        host: String,
+        file: std::path::PathBuf,
+    },
+    /// Restart every host, one at a time (hitless), each back and synchronized before the
+    /// next, the master last.
+    Restart {
+        #[arg(long, required = true)]
+        rolling: bool,
+    },
+    /// One table for the cluster: role, synchronization, offset, config revision and state,
+    /// version, uptime, alarms; lost hosts; the fleet's alarms.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// Alarm when synchronized hosts' offsets span more than this.
+        #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
+        max_offset_spread: Duration,
     },
 }
 
@@ -298,6 +346,8 @@ impl ServeArgs {
             managed: None,
             // NTS needs a certificate and a key file: configured in `[nts]` (`ntp-user run`).
             nts: None,
+            companion: None,
+            restart: Default::default(),
         })
     }
 }

@@ -20,16 +20,12 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(a) => a.into_options().and_then(serve),
-        Command::Run { config } => load_config(config.as_deref()).and_then(|v| {
-            if let ClockSource::HostClock { identity, .. } = &v.serve_options().clock {
-                tracing::info!(
-                    config = %v.source.display(),
-                    "no upstream configured: serving the host clock as local stratum {}",
-                    identity.stratum
-                );
-            }
-            serve(v.serve_options())
-        }),
+        Command::Run { config } => run_daemon(config.as_deref()),
+        Command::Fleet {
+            config,
+            host_timeout,
+            command,
+        } => fleet(&config, host_timeout, command),
         Command::CheckConfig { config } => ntp_user::config::load(&config).map(|v| {
             println!("{}: valid", v.source.display());
             println!("{:#?}", v.serve_options());
@@ -115,6 +111,169 @@ fn status(
         print!("{}", ntp_user::observe::status::render(&report));
     }
     Ok(())
+}
+
+/// `ntp-user run`: the daemon from its config; in a fleet, from the configuration last pushed
+/// to it (falling back to the one before when that fails to start), with the fleet agent.
+fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use ntp_user::fleet::local::LocalFiles;
+    let local = load_config(path)?;
+    let Some(fleet) = local.fleet.clone() else {
+        log_clock_source(&local);
+        return serve(local.serve_options());
+    };
+    let local_text = match path {
+        Some(p) => std::fs::read_to_string(p)?,
+        None => ntp_user::config::EMBEDDED_DEFAULT.to_string(),
+    };
+    let local_fleet = local_text
+        .parse::<toml::Table>()?
+        .remove("fleet")
+        .ok_or_else(|| anyhow::anyhow!("no [fleet] table"))?;
+    let files = LocalFiles::new(&fleet.state_dir);
+    let applied = files.applied_config();
+    let start = || -> anyhow::Result<ntp_user::config::Validated> {
+        if !applied.exists() {
+            return Ok(local.clone());
+        }
+        // The pushed configuration with this host's own [fleet] (the local file's wins).
+        let mut t: toml::Table = std::fs::read_to_string(&applied)?.parse()?;
+        t.insert("fleet".into(), local_fleet.clone());
+        ntp_user::config::parse(&toml::to_string(&t)?, &applied)
+    };
+    let result = start().and_then(|v| {
+        log_clock_source(&v);
+        let mut opts = v.serve_options();
+        let validate: ntp_user::fleet::agent::Validator = std::sync::Arc::new(|text, origin| {
+            ntp_user::config::parse(text, std::path::Path::new(origin))
+                .and_then(|v| ntp_user::config::host_preflight(&v))
+                .map_err(|e| format!("{e:#}"))
+        });
+        let agent = ntp_user::fleet::agent::Agent {
+            spec: fleet.clone(),
+            local_fleet: local_fleet.clone(),
+            validate,
+            cell: Default::default(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        let cell = agent.cell.clone();
+        opts.companion = Some(ntp_user::daemon::Companion::new(
+            cell,
+            Box::new(move |obs, restart| Box::pin(agent.run(obs, restart))),
+        ));
+        let restart = opts.restart.clone();
+        serve(opts).map(|()| restart.requested())
+    });
+    match result {
+        Ok(true) => Err(restart_self()),
+        Ok(false) => Ok(()),
+        Err(e) => {
+            let why = format!("{e:#}");
+            if files.roll_back(&why)? {
+                tracing::error!(error = %why, "the pushed configuration failed to start: back to the previous one");
+                return Err(restart_self());
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Replaces this process with a new run of the same command (hitless: the pinned responder
+/// answers meanwhile). Returns only if that fails.
+fn restart_self() -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_else(|| "ntp-user".into());
+    tracing::info!("starting again");
+    let e = std::process::Command::new("/proc/self/exe")
+        .arg0(argv0)
+        .args(args)
+        .exec();
+    anyhow::anyhow!("restarting: {e}")
+}
+
+fn log_clock_source(v: &ntp_user::config::Validated) {
+    if let ClockSource::HostClock { identity, .. } = &v.serve_options().clock {
+        tracing::info!(
+            config = %v.source.display(),
+            "no upstream configured: serving the host clock as local stratum {}",
+            identity.stratum
+        );
+    }
+}
+
+/// `ntp-user fleet ...`.
+fn fleet(
+    config: &std::path::Path,
+    host_timeout: std::time::Duration,
+    command: ntp_user::cli::FleetCommand,
+) -> anyhow::Result<()> {
+    use ntp_user::cli::FleetCommand;
+    let v = ntp_user::config::load(config)?;
+    let spec = v
+        .fleet
+        .ok_or_else(|| anyhow::anyhow!("config {}: no [fleet] section", config.display()))?;
+    // Validation here is the portable part: what only a host can check, it checks itself.
+    let validate: ntp_user::fleet::agent::Validator = std::sync::Arc::new(|text, origin| {
+        ntp_user::config::parse(text, std::path::Path::new(origin))
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut f = ntp_user::fleet::ops::Fleet::connect(&spec).await?;
+        f.host_timeout = host_timeout;
+        let mut out = |line: &str| println!("{line}");
+        match command {
+            FleetCommand::Push {
+                file,
+                rolling,
+                canary,
+            } => {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+                let origin = file.display().to_string();
+                let rev = f
+                    .push(
+                        &text,
+                        &origin,
+                        &validate,
+                        rolling,
+                        canary.as_deref(),
+                        &mut out,
+                    )
+                    .await?;
+                println!("done: revision {rev}");
+            }
+            FleetCommand::Override { host, file } => {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+                let origin = file.display().to_string();
+                let rev = f.set_override(&host, &text, &origin, &validate).await?;
+                println!("{host}: override written at revision {rev}");
+            }
+            FleetCommand::Restart { .. } => {
+                f.rolling_restart(&mut out).await?;
+                println!("done: every live host restarted");
+            }
+            FleetCommand::Status {
+                json,
+                max_offset_spread,
+            } => {
+                let r = f.report(max_offset_spread.as_secs_f64()).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    print!("{}", ntp_user::fleet::ops::render(&r));
+                }
+            }
+        }
+        anyhow::Ok(())
+    })
 }
 
 /// A config file, or the embedded default without one.

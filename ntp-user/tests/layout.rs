@@ -100,13 +100,30 @@ fn folders_import_each_other_in_one_direction() {
         ("responder", &["host", "nts"]),
         ("observe", &["clock", "host", "nts", "responder"]),
         ("daemon", &["clock", "host", "nts", "responder", "observe"]),
+        ("fleet", &["observe", "daemon"]),
         (
             "config",
-            &["clock", "host", "nts", "responder", "observe", "daemon"],
+            &[
+                "clock",
+                "host",
+                "nts",
+                "responder",
+                "observe",
+                "daemon",
+                "fleet",
+            ],
         ),
         (
             "cli",
-            &["clock", "config", "daemon", "host", "nts", "responder"],
+            &[
+                "clock",
+                "config",
+                "daemon",
+                "fleet",
+                "host",
+                "nts",
+                "responder",
+            ],
         ),
     ];
     for (m, ok) in allowed {

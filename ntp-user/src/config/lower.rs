@@ -25,6 +25,7 @@ pub struct Validated {
     pub admission: crate::responder::admission::AdmissionSpec,
     pub observe: crate::observe::ObserveSpec,
     pub nts: Option<crate::nts::server::NtsSpec>,
+    pub fleet: Option<crate::fleet::FleetSpec>,
 }
 
 impl Validated {
@@ -66,6 +67,8 @@ impl Validated {
             admission: self.admission.clone(),
             observe: self.observe.clone(),
             nts: self.nts.clone(),
+            companion: None,
+            restart: Default::default(),
         }
     }
 }

@@ -15,7 +15,9 @@ use anyhow::Result;
 
 pub use lower::Validated;
 pub use schema::*;
-pub use validate::{check_holdover, parse_refid, validate_admission, validate_observe};
+pub use validate::{
+    check_holdover, host_preflight, parse_refid, validate_admission, validate_observe,
+};
 
 /// A configuration error: the file (or "(command line)"), the field if one is to blame, and
 /// why. Callers that report errors elsewhere (a fleet's config state) downcast to it.

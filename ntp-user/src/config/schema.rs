@@ -35,6 +35,36 @@ pub struct Config {
     pub alarms: AlarmsSection,
     /// Present: Network Time Security (RFC 8915) for guests that ask for it.
     pub nts: Option<NtsSection>,
+    /// Present: this host is a member of a fleet whose configuration lives in etcd.
+    pub fleet: Option<FleetSection>,
+}
+
+/// The fleet store and this host's name in it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// etcd client URLs (https:// with TLS).
+    pub endpoints: Vec<String>,
+    /// The cluster (e.g. the availability zone): keys live under /ntp-xdp/<cluster>/.
+    pub cluster: String,
+    /// This host's name in the cluster. Default: the machine's hostname.
+    pub host: Option<String>,
+    /// PEM CA of the etcd servers' certificates.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate and key (etcd's --client-cert-auth).
+    pub certificate: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// The heartbeat's lease: a host silent this long is shown as lost.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: String,
+    /// The applied configuration and the agent's state. Default: /var/lib/ntp-xdp/fleet.
+    pub state_dir: Option<PathBuf>,
+}
+
+fn default_lease_ttl() -> String {
+    "10s".into()
 }
 
 /// NTS: the key exchange over TLS 1.3 and NTS-protected replies from the userspace path.

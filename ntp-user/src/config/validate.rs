@@ -186,6 +186,10 @@ pub(super) fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
         origin,
     )?;
     validate_redundancy(&cfg, &mut vip, observe.control_socket.as_deref(), origin)?;
+    let fleet = match &cfg.fleet {
+        Some(f) => Some(validate_fleet(f, origin)?),
+        None => None,
+    };
     let nts = match &cfg.nts {
         Some(n) => Some(validate_nts(n, &cfg.service, vip.as_ref(), origin)?),
         None => None,
@@ -222,7 +226,136 @@ pub(super) fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
         admission,
         observe,
         nts,
+        fleet,
     })
+}
+
+/// The `[fleet]` section: endpoints that are URLs, names usable in keys, TLS files together.
+pub fn validate_fleet(f: &FleetSection, origin: &Path) -> Result<crate::fleet::FleetSpec> {
+    let bad =
+        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
+    if f.endpoints.is_empty() {
+        return Err(bad("fleet.endpoints", "at least one etcd endpoint".into()));
+    }
+    let tls = f.ca.is_some() || f.certificate.is_some();
+    for (i, e) in f.endpoints.iter().enumerate() {
+        let scheme_ok = if tls {
+            e.starts_with("https://")
+        } else {
+            e.starts_with("http://")
+        };
+        if !scheme_ok {
+            return Err(bad(
+                &format!("fleet.endpoints[{i}]"),
+                format!(
+                    "{e:?} must start with {} ({})",
+                    if tls { "https://" } else { "http://" },
+                    if tls {
+                        "TLS is configured"
+                    } else {
+                        "no TLS is configured"
+                    }
+                ),
+            ));
+        }
+    }
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    };
+    if !name_ok(&f.cluster) {
+        return Err(bad(
+            "fleet.cluster",
+            format!("{:?}: 1-64 of letters, digits, '-', '_', '.'", f.cluster),
+        ));
+    }
+    let host = match &f.host {
+        Some(h) => h.clone(),
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default(),
+    };
+    if !name_ok(&host) {
+        return Err(bad(
+            "fleet.host",
+            format!("{host:?}: 1-64 of letters, digits, '-', '_', '.'"),
+        ));
+    }
+    if f.certificate.is_some() != f.key.is_some() {
+        return Err(bad(
+            "fleet.certificate",
+            "certificate and key go together".into(),
+        ));
+    }
+    for (field, file) in [
+        ("fleet.ca", &f.ca),
+        ("fleet.certificate", &f.certificate),
+        ("fleet.key", &f.key),
+        ("fleet.password_file", &f.password_file),
+    ] {
+        if let Some(p) = file {
+            std::fs::metadata(p).map_err(|e| bad(field, format!("{}: {e}", p.display())))?;
+        }
+    }
+    if f.password_file.is_some() && f.user.is_none() {
+        return Err(bad("fleet.password_file", "needs fleet.user".into()));
+    }
+    let lease_ttl = duration(origin, "fleet.lease_ttl", &f.lease_ttl)?;
+    if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(300) {
+        return Err(bad("fleet.lease_ttl", "must be between 2s and 5m".into()));
+    }
+    Ok(crate::fleet::FleetSpec {
+        endpoints: f.endpoints.clone(),
+        cluster: f.cluster.clone(),
+        host,
+        ca: f.ca.clone(),
+        certificate: f.certificate.clone(),
+        key: f.key.clone(),
+        user: f.user.clone(),
+        password_file: f.password_file.clone(),
+        lease_ttl,
+        state_dir: f
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| "/var/lib/ntp-xdp/fleet".into()),
+    })
+}
+
+/// What only this host can check before it runs a configuration pushed to it: the
+/// interfaces it names exist here.
+pub fn host_preflight(v: &Validated) -> Result<()> {
+    let origin = v.source.as_path();
+    let exists = |name: &str| nix::net::if_::if_nametoindex(name).is_ok();
+    let mut named: Vec<(String, &str)> = Vec::new();
+    if let Some(vip) = &v.vip {
+        for (i, h) in vip.host_interfaces.iter().enumerate() {
+            named.push((format!("vip.host_interfaces[{i}]"), h.as_str()));
+        }
+        if let Some(r) = &vip.redundancy {
+            for (i, t) in r.track_interfaces.iter().enumerate() {
+                named.push((format!("redundancy.track_interfaces[{i}]"), t.as_str()));
+            }
+        }
+        if let (Some(b), false) = (&vip.bridge, vip.create_bridge) {
+            named.push(("vip.bridge".into(), b.as_str()));
+        }
+    } else if v.service.netns.is_none() {
+        named.push(("service.interface".into(), v.service.interface.as_str()));
+    }
+    for (field, name) in named {
+        if !exists(name) {
+            return Err(ConfigError::field(
+                origin,
+                &field,
+                format!("there is no interface {name:?} on this host"),
+            )
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// The `[nts]` section: the certificate and key load and go together, the addresses are

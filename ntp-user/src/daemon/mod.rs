@@ -61,6 +61,71 @@ pub struct ServeOptions {
     pub observe: crate::observe::ObserveSpec,
     /// Network Time Security (None: off).
     pub nts: Option<crate::nts::server::NtsSpec>,
+    /// A task that runs beside the daemon's own with its observatory (the fleet agent).
+    pub companion: Option<Companion>,
+    /// Asked for, the daemon stops as on SIGTERM so that its caller can start it again.
+    pub restart: Restart,
+}
+
+/// A request to restart the daemon in place: it stops as on SIGTERM (the pinned responder
+/// keeps answering) and `ntp-user run` starts itself again.
+#[derive(Clone, Default, Debug)]
+pub struct Restart(Arc<RestartFlag>);
+
+#[derive(Default, Debug)]
+struct RestartFlag {
+    requested: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Restart {
+    pub fn request(&self) {
+        self.0
+            .requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.notify.notify_one();
+    }
+
+    pub fn requested(&self) -> bool {
+        self.0.requested.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn wait(&self) {
+        if !self.requested() {
+            self.0.notify.notified().await;
+        }
+    }
+}
+
+/// What a companion runs: given the observatory and the restart handle once the responder
+/// serves (so its start says the configuration started).
+pub type CompanionTask =
+    Box<dyn FnOnce(Arc<Observatory>, Restart) -> futures::future::BoxFuture<'static, ()> + Send>;
+
+/// A task run beside the daemon's (the fleet agent), and the cell it reports its store in.
+#[derive(Clone)]
+pub struct Companion {
+    pub fleet: crate::observe::status::FleetCell,
+    task: Arc<std::sync::Mutex<Option<CompanionTask>>>,
+}
+
+impl Companion {
+    pub fn new(fleet: crate::observe::status::FleetCell, task: CompanionTask) -> Companion {
+        Companion {
+            fleet,
+            task: Arc::new(std::sync::Mutex::new(Some(task))),
+        }
+    }
+
+    fn take(&self) -> Option<CompanionTask> {
+        self.task.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for Companion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Companion(..)")
+    }
 }
 
 /// Runs the daemon until SIGINT/SIGTERM: the managed mode when `opts.managed` is set,
@@ -115,15 +180,28 @@ pub(crate) async fn serve_responder(
         Some(spec) => Some(start_nts(spec, &user_sockets)?),
         None => None,
     };
+    let fleet_cell = opts
+        .companion
+        .as_ref()
+        .map(|c| c.fleet.clone())
+        .unwrap_or_default();
     let (observatory, clock_status, user_counters) = Observatory::for_responder(
         &opts.observe,
         responder,
         vrrp,
         nts.as_ref().map(|n| n.state.clone()),
+        fleet_cell,
     )?;
     let result = async {
-        let shutdown = shutdown_signal()?;
-        let _observe: Vec<AbortOnDrop> = crate::observe::start(observatory)
+        let signal = shutdown_signal()?;
+        let restart = opts.restart.clone();
+        let shutdown = async move {
+            tokio::select! {
+                () = signal => {}
+                () = restart.wait() => info!("restart requested: stopping to start again"),
+            }
+        };
+        let _observe: Vec<AbortOnDrop> = crate::observe::start(observatory.clone())
             .await?
             .into_iter()
             .map(AbortOnDrop)
@@ -141,6 +219,19 @@ pub(crate) async fn serve_responder(
             user_counters.clone(),
             nts_state,
         )));
+        // Everything is set up: the companion's start says so (the fleet agent marks a
+        // staged configuration applied).
+        let _companion = opts
+            .companion
+            .as_ref()
+            .and_then(Companion::take)
+            .map(|task| {
+                AbortOnDrop(tokio::spawn(task(
+                    observatory.clone(),
+                    opts.restart.clone(),
+                )))
+            });
+
         let _mode_tasks = mode_tasks;
         run_clock(&opts.clock, responder, continuity, clock_status, shutdown).await
     }

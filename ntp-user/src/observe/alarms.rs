@@ -42,16 +42,20 @@ pub enum AlarmKind {
     /// A redundant VIP host that cannot hold the addresses (its health check fails: the
     /// clock unsynchronized or stale, an uplink down): it is, or will be, in VRRP FAULT.
     VrrpFault,
+    /// A fleet member that cannot reach the fleet's store (etcd): it serves with its last
+    /// good configuration and sees no pushes or commands.
+    FleetStore,
 }
 
 impl AlarmKind {
-    pub const ALL: [AlarmKind; 6] = [
+    pub const ALL: [AlarmKind; 7] = [
         AlarmKind::NoSync,
         AlarmKind::Offset,
         AlarmKind::AnchorAge,
         AlarmKind::DropRate,
         AlarmKind::GuestClocks,
         AlarmKind::VrrpFault,
+        AlarmKind::FleetStore,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +66,7 @@ impl AlarmKind {
             AlarmKind::DropRate => "drop_rate",
             AlarmKind::GuestClocks => "guest_clocks",
             AlarmKind::VrrpFault => "vrrp_fault",
+            AlarmKind::FleetStore => "fleet_store_unreachable",
         }
     }
 }
@@ -81,6 +86,8 @@ pub struct AlarmInputs {
     pub guests_alarmed: usize,
     /// With redundancy: why this host is unhealthy (None: healthy, or no redundancy).
     pub vrrp_unhealthy: Option<String>,
+    /// In a fleet: why its store cannot be reached (None: reachable, or no fleet).
+    pub fleet_unreachable: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,6 +187,12 @@ impl Alarms {
             i.vrrp_unhealthy
                 .as_ref()
                 .map(|why| format!("this VIP host cannot hold the addresses: {why}")),
+        ));
+        state.push((
+            AlarmKind::FleetStore,
+            i.fleet_unreachable.as_ref().map(|why| {
+                format!("the fleet store is unreachable (serving the last good config): {why}")
+            }),
         ));
         let mut transitions = Vec::new();
         for (kind, detail) in state {

@@ -329,6 +329,20 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
             v.transitions as f64,
         );
     }
+    if let Some(f) = &r.fleet {
+        gauge(
+            &mut reg,
+            "fleet_store_up",
+            "1 while the fleet's etcd is reachable",
+            f.store_reachable as u8 as f64,
+        );
+        gauge(
+            &mut reg,
+            "fleet_config_revision",
+            "The fleet config revision this host runs (0: its local file)",
+            f.config_revision as f64,
+        );
+    }
     if let Some(n) = &r.nts {
         let ke = Family::<Outcome, Counter>::default();
         for (outcome, v) in [

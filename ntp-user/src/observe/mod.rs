@@ -83,6 +83,7 @@ pub struct Observatory {
     /// Set by a redundant VIP host's role watcher.
     vrrp: status::VrrpCell,
     nts: Option<Arc<crate::nts::server::NtsState>>,
+    fleet: status::FleetCell,
     started_mono_ns: u64,
 }
 
@@ -94,6 +95,7 @@ impl Observatory {
         responder: &crate::responder::Responder,
         vrrp: status::VrrpCell,
         nts: Option<Arc<crate::nts::server::NtsState>>,
+        fleet: status::FleetCell,
     ) -> Result<(Arc<Observatory>, ClockSnapshotCell, Arc<UserspaceCounters>)> {
         let counters = Arc::new(UserspaceCounters::default());
         let clock = ClockSnapshotCell::default();
@@ -104,6 +106,7 @@ impl Observatory {
             counters.clone(),
             vrrp,
             nts,
+            fleet,
         )?;
         Ok((obs, clock, counters))
     }
@@ -115,6 +118,7 @@ impl Observatory {
         userspace: Arc<UserspaceCounters>,
         vrrp: status::VrrpCell,
         nts: Option<Arc<crate::nts::server::NtsState>>,
+        fleet: status::FleetCell,
     ) -> Result<Arc<Observatory>> {
         Ok(Arc::new(Observatory {
             alarms: Mutex::new(Alarms::new(spec.alarms.clone())),
@@ -126,6 +130,7 @@ impl Observatory {
             rate_sources: Recent::new(),
             vrrp,
             nts,
+            fleet,
             started_mono_ns: monotonic_now_ns()?,
         }))
     }
@@ -184,6 +189,7 @@ impl Observatory {
                 .active(),
             vrrp: self.vrrp.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             nts: self.nts.as_deref().map(status::NtsStatus::of),
+            fleet: self.fleet.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         })
     }
 
@@ -232,6 +238,13 @@ impl Observatory {
             refused,
             guests_alarmed: r.guests.alarmed.len(),
             vrrp_unhealthy: r.vrrp.as_ref().and_then(|_| self.health().err()),
+            fleet_unreachable: r.fleet.as_ref().and_then(|f| {
+                (!f.store_reachable).then(|| {
+                    f.store_error
+                        .clone()
+                        .unwrap_or_else(|| "not connected yet".into())
+                })
+            }),
         };
         let transitions = self
             .alarms

@@ -152,7 +152,25 @@ pub struct StatusReport {
     /// With `[nts]`: key exchanges, protected requests, the cookie keys.
     #[serde(default)]
     pub nts: Option<NtsStatus>,
+    /// With `[fleet]`: the store's reachability and the config revision this host runs.
+    #[serde(default)]
+    pub fleet: Option<FleetLink>,
 }
+
+/// A fleet member's view of its store, as its agent keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FleetLink {
+    pub cluster: String,
+    pub host: String,
+    pub store_reachable: bool,
+    /// Why not, when not.
+    pub store_error: Option<String>,
+    /// The config revision it runs (0: its local file).
+    pub config_revision: i64,
+}
+
+/// The fleet agent's view, shared with the control and metrics tasks.
+pub type FleetCell = Arc<Mutex<Option<FleetLink>>>;
 
 /// Network Time Security, as counted since the daemon started.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -253,6 +271,23 @@ pub fn render(r: &StatusReport) -> String {
                 String::new()
             } else {
                 format!("; uplinks down: {}", v.uplinks_down.join(", "))
+            }
+        );
+    }
+    if let Some(f) = &r.fleet {
+        let _ = writeln!(
+            o,
+            "Fleet: {} in {}, config revision {}, store {}",
+            f.host,
+            f.cluster,
+            f.config_revision,
+            if f.store_reachable {
+                "reachable".to_string()
+            } else {
+                format!(
+                    "UNREACHABLE ({})",
+                    f.store_error.as_deref().unwrap_or("not connected yet")
+                )
             }
         );
     }

@@ -1,0 +1,424 @@
+//! The fleet agent, inside the daemon: a heartbeat bound to a lease, watches on the cluster's
+//! config and this host's keys, new configurations validated like a local file and applied
+//! by a hitless restart (or refused, the host left as it was), restart commands. It never
+//! blocks the time path: it runs beside it, and without the store the daemon serves on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use etcd_client::{Client, PutOptions, WatchOptions};
+use tracing::{info, warn};
+
+use super::local::{LocalFiles, LocalState, Version};
+use super::{
+    store, ApplyState, CommandState, ConfigState, Desired, FleetSpec, HostCommand, HostStatus,
+    Keys, COMMAND, COMMAND_STATE, CONFIG_STATE, DESIRED, OVERRIDE, STATUS,
+};
+use crate::daemon::Restart;
+use crate::observe::status::{FleetCell, FleetLink};
+use crate::observe::Observatory;
+
+/// Validates a configuration text as a local file would be, plus what only this host can
+/// check (its interfaces, its files). `origin` names where it came from in errors.
+pub type Validator = Arc<dyn Fn(&str, &str) -> Result<(), String> + Send + Sync>;
+
+pub struct Agent {
+    pub spec: FleetSpec,
+    /// This host's own `[fleet]` table, kept in every configuration it runs.
+    pub local_fleet: toml::Value,
+    pub validate: Validator,
+    pub cell: FleetCell,
+    pub started_unix: u64,
+}
+
+impl Agent {
+    /// Runs until the daemon stops (or restarts itself).
+    pub async fn run(self, obs: Arc<Observatory>, restart: Restart) {
+        let files = LocalFiles::new(&self.spec.state_dir);
+        match files.mark_applied() {
+            Ok(Some(v)) => info!(
+                revision = v.revision,
+                override_revision = v.override_revision,
+                "fleet: the new configuration is running"
+            ),
+            Ok(None) => {}
+            Err(e) => warn!(error = %format!("{e:#}"), "fleet: local state"),
+        }
+        self.set_link(false, None, &files);
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let err = match self.session(&obs, &restart, &files).await {
+                Ok(()) => return, // a restart was requested
+                Err(e) => format!("{e:#}"),
+            };
+            let was_up = self.link().is_some_and(|l| l.store_reachable);
+            if was_up {
+                warn!(error = %err, "fleet: lost the store; serving on with the last good config");
+            } else {
+                tracing::debug!(error = %err, "fleet: store unreachable");
+            }
+            self.set_link(false, Some(err), &files);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            if was_up {
+                backoff = Duration::from_millis(500);
+            }
+        }
+    }
+
+    fn link(&self) -> Option<FleetLink> {
+        self.cell.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_link(&self, reachable: bool, error: Option<String>, files: &LocalFiles) {
+        let revision = files
+            .state()
+            .ok()
+            .and_then(|s| s.applied)
+            .map_or(0, |v| v.revision);
+        *self.cell.lock().unwrap_or_else(|e| e.into_inner()) = Some(FleetLink {
+            cluster: self.spec.cluster.clone(),
+            host: self.spec.host.clone(),
+            store_reachable: reachable,
+            store_error: error,
+            config_revision: revision,
+        });
+    }
+
+    /// One connection to the store, until it fails (Err) or a restart is due (Ok).
+    async fn session(
+        &self,
+        obs: &Observatory,
+        restart: &Restart,
+        files: &LocalFiles,
+    ) -> Result<()> {
+        let keys = Keys::new(&self.spec.cluster);
+        let me = |what| keys.host(&self.spec.host, what);
+        let mut client = store::connect(&self.spec).await?;
+        let ttl = self.spec.lease_ttl.as_secs().max(2) as i64;
+        let lease = client.lease_grant(ttl, None).await.context("lease")?.id();
+        let (mut keeper, mut keepalives) = client.lease_keep_alive(lease).await?;
+        let was = self.link().is_some_and(|l| l.store_error.is_some());
+        self.set_link(true, None, files);
+        if was {
+            info!("fleet: store reachable again");
+        } else {
+            info!(endpoints = %self.spec.endpoints.join(","), cluster = %self.spec.cluster, host = %self.spec.host, "fleet: connected");
+        }
+        self.report_local_state(&mut client, &keys, files).await?;
+        self.beat(&mut client, obs, lease, &keys, files).await?;
+        // Watch from the revision the first evaluation reads at: nothing is missed between.
+        let start = client
+            .get(keys.config(), None)
+            .await?
+            .header()
+            .map_or(0, |h| h.revision());
+        let mut config_watch = client
+            .watch(
+                keys.config(),
+                Some(WatchOptions::new().with_start_revision(start + 1)),
+            )
+            .await?;
+        let mut host_watch = client
+            .watch(
+                keys.host(&self.spec.host, ""),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(start + 1),
+                ),
+            )
+            .await?;
+        if self.evaluate(&mut client, &keys, files).await? {
+            restart.request();
+            return Ok(());
+        }
+        let mut ticker = tokio::time::interval(
+            (self.spec.lease_ttl / 5).clamp(Duration::from_millis(500), Duration::from_secs(2)),
+        );
+        loop {
+            let relevant = tokio::select! {
+                _ = ticker.tick() => {
+                    keeper.keep_alive().await.context("lease keep-alive")?;
+                    self.beat(&mut client, obs, lease, &keys, files).await?;
+                    false
+                }
+                m = keepalives.message() => {
+                    match m.context("lease keep-alive stream")? {
+                        Some(r) if r.ttl() <= 0 => bail!("the lease expired"),
+                        Some(_) => false,
+                        None => bail!("the lease keep-alive stream ended"),
+                    }
+                }
+                m = config_watch.message() => {
+                    m?.ok_or_else(|| anyhow!("the config watch ended"))?;
+                    true
+                }
+                m = host_watch.message() => {
+                    let resp = m?.ok_or_else(|| anyhow!("the host watch ended"))?;
+                    resp.events().iter().any(|e| {
+                        e.kv().is_some_and(|kv| {
+                            let k = String::from_utf8_lossy(kv.key());
+                            k == me(OVERRIDE) || k == me(DESIRED) || k == me(COMMAND)
+                        })
+                    })
+                }
+            };
+            if relevant && self.evaluate(&mut client, &keys, files).await? {
+                restart.request();
+                return Ok(());
+            }
+        }
+    }
+
+    /// Puts the heartbeat under the lease.
+    async fn beat(
+        &self,
+        client: &mut Client,
+        obs: &Observatory,
+        lease: i64,
+        keys: &Keys,
+        files: &LocalFiles,
+    ) -> Result<()> {
+        let report = obs.report()?;
+        let state = files.state()?;
+        let status = HostStatus {
+            role: report
+                .vrrp
+                .as_ref()
+                .map_or("single".into(), |v| v.role.clone()),
+            synchronized: report.clock.synchronized,
+            stratum: report.anchor.stratum,
+            offset_s: report.clock.offset_s,
+            upstream_reach: report
+                .clock
+                .sources
+                .iter()
+                .map(|s| (s.address.clone(), s.reach))
+                .collect(),
+            alarms: report.alarms.iter().map(|a| a.name.clone()).collect(),
+            config_revision: state.applied.map_or(0, |v| v.revision),
+            version: report.version.clone(),
+            uptime_s: report.uptime_s,
+            started_unix: self.started_unix,
+        };
+        client
+            .put(
+                keys.host(&self.spec.host, STATUS),
+                serde_json::to_vec(&status)?,
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .context("heartbeat")?;
+        Ok(())
+    }
+
+    /// Tells the store what this host did while it could not, or before its restart.
+    async fn report_local_state(
+        &self,
+        client: &mut Client,
+        keys: &Keys,
+        files: &LocalFiles,
+    ) -> Result<()> {
+        let mut s = files.state()?;
+        if let Some(state) = config_state_of(&s) {
+            client
+                .put(
+                    keys.host(&self.spec.host, CONFIG_STATE),
+                    serde_json::to_vec(&state)?,
+                    None,
+                )
+                .await?;
+        }
+        if let Some(id) = s.restarting_for.take() {
+            let done = CommandState {
+                id,
+                state: "done".into(),
+                message: String::new(),
+            };
+            client
+                .put(
+                    keys.host(&self.spec.host, COMMAND_STATE),
+                    serde_json::to_vec(&done)?,
+                    None,
+                )
+                .await?;
+            files.save(&s)?;
+        }
+        Ok(())
+    }
+
+    /// Reads what this host should run and do; true when a restart is due (a configuration
+    /// staged, or a restart command).
+    async fn evaluate(&self, client: &mut Client, keys: &Keys, files: &LocalFiles) -> Result<bool> {
+        let me = |what| keys.host(&self.spec.host, what);
+        // Commands first: a restart also picks up whatever configuration is due.
+        if let Some((text, _)) = store::get(client, &me(COMMAND)).await? {
+            let cmd: HostCommand =
+                serde_json::from_str(&text).context("the host's command is not JSON")?;
+            let handled = store::get(client, &me(COMMAND_STATE))
+                .await?
+                .and_then(|(t, _)| serde_json::from_str::<CommandState>(&t).ok())
+                .is_some_and(|s| s.id == cmd.id);
+            if !handled {
+                let (state, message, restart) = match cmd.command.as_str() {
+                    "restart" => ("running", String::new(), true),
+                    other => ("failed", format!("unknown command {other:?}"), false),
+                };
+                let st = CommandState {
+                    id: cmd.id.clone(),
+                    state: state.into(),
+                    message,
+                };
+                client
+                    .put(me(COMMAND_STATE), serde_json::to_vec(&st)?, None)
+                    .await?;
+                if restart {
+                    let mut s = files.state()?;
+                    s.restarting_for = Some(cmd.id);
+                    files.save(&s)?;
+                    info!("fleet: restart command: restarting (hitless)");
+                    // A configuration due too is staged first, so the restart applies it.
+                    let _ = self.stage_due_config(client, keys, files).await?;
+                    return Ok(true);
+                }
+            }
+        }
+        self.stage_due_config(client, keys, files).await
+    }
+
+    /// Stages the configuration this host should run, if it is new here; true if staged.
+    async fn stage_due_config(
+        &self,
+        client: &mut Client,
+        keys: &Keys,
+        files: &LocalFiles,
+    ) -> Result<bool> {
+        let me = |what| keys.host(&self.spec.host, what);
+        let Some((latest, latest_rev)) = store::get(client, &keys.config()).await? else {
+            return Ok(false); // no cluster config yet: the local file stays
+        };
+        let desired = store::get(client, &me(DESIRED))
+            .await?
+            .map(|(t, _)| serde_json::from_str::<Desired>(&t))
+            .transpose()
+            .context("the host's desired revision is not JSON")?
+            .map(|d| d.revision);
+        let revision = desired.unwrap_or(latest_rev);
+        if revision <= 0 {
+            return Ok(false); // pinned to its local file
+        }
+        let cluster = if revision == latest_rev {
+            latest
+        } else {
+            store::get_at(client, &keys.config(), revision)
+                .await?
+                .ok_or_else(|| anyhow!("config revision {revision} is not in the store"))?
+        };
+        let host_override = store::get(client, &me(OVERRIDE)).await?;
+        let version = Version {
+            revision,
+            override_revision: host_override.as_ref().map_or(0, |(_, r)| *r),
+        };
+        let state = files.state()?;
+        if state.applied == Some(version)
+            || state.applying == Some(version)
+            || state.failed.as_ref().is_some_and(|(v, _)| *v == version)
+        {
+            return Ok(false);
+        }
+        let origin = format!("etcd {}@{revision}", keys.config());
+        let checked = super::effective_config(
+            &cluster,
+            host_override.as_ref().map(|(t, _)| t.as_str()),
+            Some(&self.local_fleet),
+        )
+        .and_then(|text| (self.validate)(&text, &origin).map(|()| text));
+        match checked {
+            Ok(text) => {
+                files.stage(&text, version)?;
+                self.put_config_state(client, keys, revision, ApplyState::Applying, "")
+                    .await?;
+                info!(
+                    revision,
+                    "fleet: new configuration staged; restarting into it (hitless)"
+                );
+                Ok(true)
+            }
+            Err(why) => {
+                let mut s = files.state()?;
+                s.failed = Some((version, why.clone()));
+                files.save(&s)?;
+                warn!(revision, reason = %why, "fleet: configuration refused; nothing changed");
+                self.put_config_state(client, keys, revision, ApplyState::Failed, &why)
+                    .await?;
+                Ok(false)
+            }
+        }
+    }
+
+    async fn put_config_state(
+        &self,
+        client: &mut Client,
+        keys: &Keys,
+        revision: i64,
+        state: ApplyState,
+        message: &str,
+    ) -> Result<()> {
+        let s = ConfigState {
+            revision,
+            state,
+            message: message.to_string(),
+        };
+        client
+            .put(
+                keys.host(&self.spec.host, CONFIG_STATE),
+                serde_json::to_vec(&s)?,
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// The config state to report from the local files: the newest attempt's outcome.
+fn config_state_of(s: &LocalState) -> Option<ConfigState> {
+    let applied = s.applied.map(|v| ConfigState {
+        revision: v.revision,
+        state: ApplyState::Applied,
+        message: String::new(),
+    });
+    match (&s.failed, applied) {
+        (Some((v, why)), a) if a.as_ref().is_none_or(|a| v.revision >= a.revision) => {
+            Some(ConfigState {
+                revision: v.revision,
+                state: ApplyState::Failed,
+                message: why.clone(),
+            })
+        }
+        (_, a) => a,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_attempt_is_what_is_reported() {
+        let v = |r| Version {
+            revision: r,
+            override_revision: 0,
+        };
+        let mut s = LocalState::default();
+        assert_eq!(config_state_of(&s), None);
+        s.applied = Some(v(5));
+        assert_eq!(config_state_of(&s).unwrap().state, ApplyState::Applied);
+        s.failed = Some((v(7), "no such interface".into()));
+        let c = config_state_of(&s).unwrap();
+        assert_eq!((c.revision, c.state), (7, ApplyState::Failed));
+        s.applied = Some(v(9));
+        assert_eq!(config_state_of(&s).unwrap().state, ApplyState::Applied);
+    }
+}

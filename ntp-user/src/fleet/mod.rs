@@ -1,0 +1,365 @@
+//! The fleet: VIP hosts of one cluster keep their configuration, state and commands in etcd;
+//! the daemon is the agent ([`agent`]), `ntp-user fleet` the operator's side ([`ops`]).
+//! The store is never on the time path: a daemon that cannot reach it serves with its last
+//! good configuration and says so.
+//!
+//! Keys, under `/ntp-xdp/<cluster>/` (the etcd idioms: revisions, watches, leases, txns):
+//!
+//! | key | value | written by |
+//! |---|---|---|
+//! | `config` | the cluster's TOML (no `[fleet]`); its mod revision is *the config revision* | `fleet push` (compare-and-swap) |
+//! | `hosts/<h>/override` | TOML merged over the cluster's (names, addresses, priority) | `fleet override` |
+//! | `hosts/<h>/desired` | `{"revision": R}`: the config revision this host should run; absent: the newest | `fleet push` (rolling: host by host) |
+//! | `hosts/<h>/status` | [`HostStatus`], bound to the host's lease (gone = lost) | the agent, every 2 s |
+//! | `hosts/<h>/config_state` | [`ConfigState`]: revision, applying/applied/failed, message | the agent |
+//! | `hosts/<h>/command` | [`HostCommand`]: `{"id", "command": "restart"}` | `fleet restart` |
+//! | `hosts/<h>/command_state` | [`CommandState`] | the agent |
+//!
+//! Sans IO here: the key names, the values, the TOML merge, the rollout order and the fleet's
+//! alarms; [`store`] connects, [`local`] keeps the host's own files, [`agent`] and [`ops`] do
+//! the IO.
+pub mod agent;
+pub mod local;
+pub mod ops;
+pub mod store;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The `[fleet]` section, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetSpec {
+    pub endpoints: Vec<String>,
+    pub cluster: String,
+    pub host: String,
+    /// TLS: the CA that signed the servers' certificates, and this client's certificate and key.
+    pub ca: Option<PathBuf>,
+    pub certificate: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// The host's status key lives this long after its last heartbeat.
+    pub lease_ttl: Duration,
+    /// Where the applied configuration and the agent's state are kept.
+    pub state_dir: PathBuf,
+}
+
+/// The key names of one cluster.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(cluster: &str) -> Keys {
+        Keys {
+            prefix: format!("/ntp-xdp/{cluster}/"),
+        }
+    }
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    pub fn config(&self) -> String {
+        format!("{}config", self.prefix)
+    }
+    pub fn hosts(&self) -> String {
+        format!("{}hosts/", self.prefix)
+    }
+    pub fn host(&self, host: &str, what: &str) -> String {
+        format!("{}hosts/{host}/{what}", self.prefix)
+    }
+    /// `hosts/<h>/<what>` → (h, what).
+    pub fn split_host_key<'a>(&self, key: &'a str) -> Option<(&'a str, &'a str)> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix("hosts/")?;
+        rest.split_once('/')
+    }
+}
+
+pub const OVERRIDE: &str = "override";
+pub const DESIRED: &str = "desired";
+pub const STATUS: &str = "status";
+pub const CONFIG_STATE: &str = "config_state";
+pub const COMMAND: &str = "command";
+pub const COMMAND_STATE: &str = "command_state";
+
+/// A host's heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostStatus {
+    /// "master", "backup", or "single" (no redundancy).
+    pub role: String,
+    pub synchronized: bool,
+    pub stratum: u8,
+    pub offset_s: Option<f64>,
+    /// Reach registers of the upstreams, by address.
+    pub upstream_reach: Vec<(String, u8)>,
+    pub alarms: Vec<String>,
+    /// The config revision it runs (0: its local file, never a pushed one).
+    pub config_revision: i64,
+    pub version: String,
+    pub uptime_s: f64,
+    /// Process start (Unix s): tells a restarted daemon from one that kept running.
+    pub started_unix: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyState {
+    Applying,
+    Applied,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigState {
+    pub revision: i64,
+    pub state: ApplyState,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    pub revision: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCommand {
+    pub id: String,
+    /// "restart": a hitless restart.
+    pub command: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandState {
+    pub id: String,
+    /// "running", "done", "failed".
+    pub state: String,
+    pub message: String,
+}
+
+/// Merges `over` into `base`: tables key by key, anything else replaced.
+pub fn merge_toml(base: &mut toml::Table, over: &toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_toml(b, o),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// The configuration a host runs: the cluster's, its override over it, and its own `[fleet]`
+/// section (how it reaches the store is its own business).
+pub fn effective_config(
+    cluster: &str,
+    host_override: Option<&str>,
+    local_fleet: Option<&toml::Value>,
+) -> Result<String, String> {
+    let mut base: toml::Table = cluster
+        .parse()
+        .map_err(|e| format!("the cluster config is not TOML: {e}"))?;
+    if base.contains_key("fleet") {
+        return Err("the cluster config has a [fleet] section; each host keeps its own".into());
+    }
+    if let Some(o) = host_override {
+        let over: toml::Table = o
+            .parse()
+            .map_err(|e| format!("the host override is not TOML: {e}"))?;
+        merge_toml(&mut base, &over);
+    }
+    if let Some(f) = local_fleet {
+        base.insert("fleet".into(), f.clone());
+    }
+    toml::to_string(&base).map_err(|e| e.to_string())
+}
+
+/// One host as `fleet status` and the rollouts see it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostView {
+    pub host: String,
+    /// None: its lease expired (lost), or it never reported.
+    pub status: Option<HostStatus>,
+    pub config_state: Option<ConfigState>,
+    pub desired: Option<i64>,
+    pub command_state: Option<CommandState>,
+}
+
+impl HostView {
+    pub fn lost(&self) -> bool {
+        self.status.is_none()
+    }
+    pub fn is_master(&self) -> bool {
+        self.status.as_ref().is_some_and(|s| s.role == "master")
+    }
+}
+
+/// The order a rollout visits hosts: the canary, then standbys and single hosts, the VRRP
+/// master last (it changes once a standby has shown the change is good).
+pub fn rollout_order(hosts: &[HostView], canary: Option<&str>) -> Vec<String> {
+    let mut rest: Vec<&HostView> = hosts
+        .iter()
+        .filter(|h| Some(h.host.as_str()) != canary)
+        .collect();
+    rest.sort_by_key(|h| (h.is_master(), h.host.clone()));
+    canary
+        .map(str::to_string)
+        .into_iter()
+        .chain(rest.into_iter().map(|h| h.host.clone()))
+        .collect()
+}
+
+/// What is wrong with the fleet as a whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetAlarm {
+    pub alarm: String,
+    pub detail: String,
+}
+
+/// The fleet's alarms: lost hosts, failed configs, live hosts on different config revisions,
+/// and synchronized hosts whose offsets are further apart than `max_offset_spread_s`.
+pub fn fleet_alarms(hosts: &[HostView], max_offset_spread_s: f64) -> Vec<FleetAlarm> {
+    let mut out = Vec::new();
+    for h in hosts {
+        if h.lost() {
+            out.push(FleetAlarm {
+                alarm: "host_lost".into(),
+                detail: format!("{}: no heartbeat within its lease", h.host),
+            });
+        }
+        if let Some(c) = &h.config_state {
+            if c.state == ApplyState::Failed {
+                out.push(FleetAlarm {
+                    alarm: "config_failed".into(),
+                    detail: format!("{}: revision {}: {}", h.host, c.revision, c.message),
+                });
+            }
+        }
+    }
+    let live: Vec<&HostStatus> = hosts.iter().filter_map(|h| h.status.as_ref()).collect();
+    let mut revisions: Vec<i64> = live.iter().map(|s| s.config_revision).collect();
+    revisions.sort_unstable();
+    revisions.dedup();
+    if revisions.len() > 1 {
+        out.push(FleetAlarm {
+            alarm: "config_revisions_differ".into(),
+            detail: format!("live hosts run revisions {revisions:?}"),
+        });
+    }
+    let offsets: Vec<f64> = live
+        .iter()
+        .filter(|s| s.synchronized)
+        .filter_map(|s| s.offset_s)
+        .collect();
+    if let (Some(lo), Some(hi)) = (
+        offsets.iter().copied().reduce(f64::min),
+        offsets.iter().copied().reduce(f64::max),
+    ) {
+        if hi - lo > max_offset_spread_s {
+            out.push(FleetAlarm {
+                alarm: "offsets_disagree".into(),
+                detail: format!(
+                    "synchronized hosts' offsets span {:.1} µs (limit {:.1} µs)",
+                    (hi - lo) * 1e6,
+                    max_offset_spread_s * 1e6
+                ),
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_split_back_into_host_and_part() {
+        let k = Keys::new("az1");
+        assert_eq!(k.config(), "/ntp-xdp/az1/config");
+        let s = k.host("vip-a", STATUS);
+        assert_eq!(s, "/ntp-xdp/az1/hosts/vip-a/status");
+        assert_eq!(k.split_host_key(&s), Some(("vip-a", "status")));
+        assert_eq!(k.split_host_key("/ntp-xdp/az2/hosts/a/status"), None);
+    }
+
+    #[test]
+    fn the_override_wins_table_by_table_and_fleet_stays_local() {
+        let fleet: toml::Value = toml::from_str::<toml::Table>("cluster = \"az1\"")
+            .unwrap()
+            .into();
+        let merged = effective_config(
+            "[clock]\nlocal_stratum = 10\nmin_poll = 4\n[limits]\nrate = 2.0\n",
+            Some("[clock]\nmin_poll = 3\n[service]\ninterface = \"v0\"\n"),
+            Some(&fleet),
+        )
+        .unwrap();
+        let t: toml::Table = merged.parse().unwrap();
+        assert_eq!(t["clock"]["local_stratum"].as_integer(), Some(10));
+        assert_eq!(t["clock"]["min_poll"].as_integer(), Some(3));
+        assert_eq!(t["limits"]["rate"].as_float(), Some(2.0));
+        assert_eq!(t["service"]["interface"].as_str(), Some("v0"));
+        assert_eq!(t["fleet"]["cluster"].as_str(), Some("az1"));
+        let e = effective_config("[fleet]\ncluster = \"x\"\n", None, Some(&fleet)).unwrap_err();
+        assert!(e.contains("[fleet]"), "{e}");
+        assert!(effective_config("not toml [", None, None).is_err());
+    }
+
+    fn host(name: &str, role: &str, rev: i64, offset: f64) -> HostView {
+        HostView {
+            host: name.into(),
+            status: Some(HostStatus {
+                role: role.into(),
+                synchronized: true,
+                offset_s: Some(offset),
+                config_revision: rev,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rollouts_visit_the_canary_first_and_the_master_last() {
+        let hosts = [
+            host("a", "master", 1, 0.0),
+            host("b", "backup", 1, 0.0),
+            host("c", "backup", 1, 0.0),
+        ];
+        assert_eq!(rollout_order(&hosts, None), ["b", "c", "a"]);
+        assert_eq!(rollout_order(&hosts, Some("c")), ["c", "b", "a"]);
+        assert_eq!(rollout_order(&hosts, Some("a")), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn fleet_alarms_name_what_is_wrong() {
+        let ok = [host("a", "master", 5, 1e-6), host("b", "backup", 5, 3e-6)];
+        assert!(fleet_alarms(&ok, 100e-6).is_empty());
+        let mut bad = ok.to_vec();
+        bad.push(HostView {
+            host: "c".into(),
+            config_state: Some(ConfigState {
+                revision: 6,
+                state: ApplyState::Failed,
+                message: "vip.host_interfaces[0]: no such interface".into(),
+            }),
+            ..Default::default()
+        });
+        bad[1].status.as_mut().unwrap().config_revision = 4;
+        bad[1].status.as_mut().unwrap().offset_s = Some(500e-6);
+        let names: Vec<String> = fleet_alarms(&bad, 100e-6)
+            .into_iter()
+            .map(|a| a.alarm)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "host_lost",
+                "config_failed",
+                "config_revisions_differ",
+                "offsets_disagree"
+            ]
+        );
+    }
+}

@@ -1,0 +1,369 @@
+//! `ntp-user fleet`: the operator's side. Pushes are validated here first and written with a
+//! compare-and-swap on the config's revision; rollouts go host by host (canary first, the
+//! VRRP master last) and stop at the first failure; `status` is one table for the cluster.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+
+use super::agent::Validator;
+use super::{
+    fleet_alarms, rollout_order, store, ApplyState, Desired, FleetAlarm, FleetSpec, HostCommand,
+    HostView, Keys, COMMAND, DESIRED, OVERRIDE,
+};
+
+pub struct Fleet {
+    client: Client,
+    keys: Keys,
+    /// How long one host may take to apply or restart.
+    pub host_timeout: Duration,
+}
+
+/// What `fleet status --json` prints.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FleetReport {
+    pub cluster: String,
+    pub config_revision: i64,
+    pub hosts: Vec<HostView>,
+    pub alarms: Vec<FleetAlarm>,
+}
+
+impl Fleet {
+    pub async fn connect(spec: &FleetSpec) -> Result<Fleet> {
+        Ok(Fleet {
+            client: store::connect(spec).await?,
+            keys: Keys::new(&spec.cluster),
+            host_timeout: Duration::from_secs(120),
+        })
+    }
+
+    pub async fn report(&mut self, max_offset_spread_s: f64) -> Result<FleetReport> {
+        let hosts = store::hosts(&mut self.client, &self.keys).await?;
+        let config_revision = store::get(&mut self.client, &self.keys.config())
+            .await?
+            .map_or(0, |(_, r)| r);
+        Ok(FleetReport {
+            cluster: self.keys.prefix().to_string(),
+            config_revision,
+            alarms: fleet_alarms(&hosts, max_offset_spread_s),
+            hosts,
+        })
+    }
+
+    /// Checks `cluster` merged with every known host's override (or alone when no host is
+    /// known yet), as each host would run it.
+    async fn validate_for_hosts(
+        &mut self,
+        cluster: &str,
+        hosts: &[HostView],
+        validate: &Validator,
+        origin: &str,
+    ) -> Result<()> {
+        if hosts.is_empty() {
+            let text = super::effective_config(cluster, None, None).map_err(|e| anyhow!(e))?;
+            return validate(&text, origin).map_err(|e| anyhow!(e));
+        }
+        for h in hosts {
+            let over = store::get(&mut self.client, &self.keys.host(&h.host, OVERRIDE)).await?;
+            let text =
+                super::effective_config(cluster, over.as_ref().map(|(t, _)| t.as_str()), None)
+                    .map_err(|e| anyhow!("for host {}: {e}", h.host))?;
+            validate(&text, origin).map_err(|e| anyhow!("for host {}: {e}", h.host))?;
+        }
+        Ok(())
+    }
+
+    /// `fleet push`: validated, written with a compare-and-swap; without `rolling` every host
+    /// applies it at once, with it host by host. Prints progress; returns the new revision.
+    pub async fn push(
+        &mut self,
+        cluster: &str,
+        origin: &str,
+        validate: &Validator,
+        rolling: bool,
+        canary: Option<&str>,
+        out: &mut dyn FnMut(&str),
+    ) -> Result<i64> {
+        let hosts = store::hosts(&mut self.client, &self.keys).await?;
+        if let Some(c) = canary {
+            if !hosts.iter().any(|h| h.host == c && !h.lost()) {
+                bail!("canary {c} is not a live host of this cluster");
+            }
+        }
+        self.validate_for_hosts(cluster, &hosts, validate, origin)
+            .await?;
+        let key = self.keys.config();
+        let current = store::get(&mut self.client, &key).await?;
+        let read_rev = current.as_ref().map_or(0, |(_, r)| *r);
+        let guard = match &current {
+            Some((_, r)) => Compare::mod_revision(key.clone(), CompareOp::Equal, *r),
+            None => Compare::version(key.clone(), CompareOp::Equal, 0),
+        };
+        let mut ops = vec![TxnOp::put(key.clone(), cluster, None)];
+        for h in &hosts {
+            let desired = self.keys.host(&h.host, DESIRED);
+            if rolling {
+                // Every host stays where it is until its turn.
+                let now = running_revision(h);
+                ops.push(TxnOp::put(
+                    desired,
+                    serde_json::to_vec(&Desired { revision: now })?,
+                    None,
+                ));
+            } else {
+                ops.push(TxnOp::delete(desired, None));
+            }
+        }
+        let resp = self
+            .client
+            .txn(Txn::new().when([guard]).and_then(ops))
+            .await
+            .context("writing the config")?;
+        if !resp.succeeded() {
+            bail!(
+                "the cluster config changed since it was read at revision {read_rev} (another \
+                 operator?): nothing written; look at it and push again"
+            );
+        }
+        let revision = resp
+            .header()
+            .map(|h| h.revision())
+            .ok_or_else(|| anyhow!("no revision in the store's answer"))?;
+        out(&format!("config revision {revision} written"));
+        let live: Vec<HostView> = hosts.into_iter().filter(|h| !h.lost()).collect();
+        if !rolling {
+            for h in &live {
+                self.wait_applied(&h.host, revision, out).await?;
+            }
+            return Ok(revision);
+        }
+        for host in rollout_order(&live, canary) {
+            self.client
+                .put(
+                    self.keys.host(&host, DESIRED),
+                    serde_json::to_vec(&Desired { revision })?,
+                    None,
+                )
+                .await?;
+            out(&format!("{host}: applying revision {revision}"));
+            self.wait_applied(&host, revision, out)
+                .await
+                .with_context(|| {
+                    format!("rollout stopped at {host}; later hosts keep their config")
+                })?;
+        }
+        Ok(revision)
+    }
+
+    /// Waits until `host` runs `revision` and is synchronized, or says it failed.
+    async fn wait_applied(
+        &mut self,
+        host: &str,
+        revision: i64,
+        out: &mut dyn FnMut(&str),
+    ) -> Result<()> {
+        let deadline = Instant::now() + self.host_timeout;
+        loop {
+            let h = self.host(host).await?;
+            if let Some(c) = h.config_state.as_ref().filter(|c| c.revision == revision) {
+                if c.state == ApplyState::Failed {
+                    bail!("{host} refused revision {revision}: {}", c.message);
+                }
+            }
+            if let Some(s) = &h.status {
+                if s.config_revision == revision && s.synchronized {
+                    out(&format!(
+                        "{host}: applied revision {revision}, synchronized"
+                    ));
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{host} did not report revision {revision} applied and synchronized within {}",
+                    humantime::format_duration(self.host_timeout)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn host(&mut self, host: &str) -> Result<HostView> {
+        Ok(store::hosts(&mut self.client, &self.keys)
+            .await?
+            .into_iter()
+            .find(|h| h.host == host)
+            .unwrap_or_else(|| HostView {
+                host: host.to_string(),
+                ..Default::default()
+            }))
+    }
+
+    /// `fleet override HOST FILE`: the host's own part, validated over the cluster config.
+    pub async fn set_override(
+        &mut self,
+        host: &str,
+        text: &str,
+        origin: &str,
+        validate: &Validator,
+    ) -> Result<i64> {
+        if let Some((cluster, _)) = store::get(&mut self.client, &self.keys.config()).await? {
+            let merged =
+                super::effective_config(&cluster, Some(text), None).map_err(|e| anyhow!(e))?;
+            validate(&merged, origin).map_err(|e| anyhow!(e))?;
+        } else {
+            text.parse::<toml::Table>()
+                .map_err(|e| anyhow!("{origin}: not TOML: {e}"))?;
+        }
+        let resp = self
+            .client
+            .put(self.keys.host(host, OVERRIDE), text, None)
+            .await?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// `fleet restart --rolling`: one host at a time, each back and synchronized before the
+    /// next, the master last (its addresses move to a standby once, when it stops).
+    pub async fn rolling_restart(&mut self, out: &mut dyn FnMut(&str)) -> Result<()> {
+        let hosts = store::hosts(&mut self.client, &self.keys).await?;
+        let lost: Vec<&str> = hosts
+            .iter()
+            .filter(|h| h.lost())
+            .map(|h| h.host.as_str())
+            .collect();
+        if !lost.is_empty() {
+            out(&format!("skipping lost hosts: {}", lost.join(", ")));
+        }
+        let live: Vec<HostView> = hosts.into_iter().filter(|h| !h.lost()).collect();
+        for host in rollout_order(&live, None) {
+            let before = live
+                .iter()
+                .find(|h| h.host == host)
+                .and_then(|h| h.status.as_ref())
+                .map_or(0, |s| s.started_unix);
+            let id = format!("{:016x}", rand::random::<u64>());
+            let cmd = HostCommand {
+                id: id.clone(),
+                command: "restart".into(),
+            };
+            self.client
+                .put(
+                    self.keys.host(&host, COMMAND),
+                    serde_json::to_vec(&cmd)?,
+                    None,
+                )
+                .await?;
+            out(&format!("{host}: restarting"));
+            let deadline = Instant::now() + self.host_timeout;
+            loop {
+                let h = self.host(&host).await?;
+                let done = h
+                    .command_state
+                    .as_ref()
+                    .is_some_and(|c| c.id == id && c.state == "done");
+                if let Some(c) = h
+                    .command_state
+                    .as_ref()
+                    .filter(|c| c.id == id && c.state == "failed")
+                {
+                    bail!("{host}: restart failed: {}", c.message);
+                }
+                let back = h
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.started_unix != before && s.synchronized);
+                if done && back {
+                    out(&format!("{host}: back and synchronized"));
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "{host} was not back and synchronized within {}; stopping",
+                        humantime::format_duration(self.host_timeout)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The config revision a host runs now (0: its local file).
+fn running_revision(h: &HostView) -> i64 {
+    h.status
+        .as_ref()
+        .map(|s| s.config_revision)
+        .or_else(|| {
+            h.config_state
+                .as_ref()
+                .filter(|c| c.state == ApplyState::Applied)
+                .map(|c| c.revision)
+        })
+        .unwrap_or(0)
+}
+
+/// The table `fleet status` prints.
+pub fn render(r: &FleetReport) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "cluster {} config revision {}",
+        r.cluster, r.config_revision
+    );
+    let _ = writeln!(
+        o,
+        "{:<16} {:<6} {:<7} {:<5} {:>3} {:>11} {:>8} {:<22} {:<9} {:>8} alarms",
+        "host", "state", "role", "sync", "st", "offset", "rev", "config", "version", "uptime"
+    );
+    for h in &r.hosts {
+        let c = h.config_state.as_ref().map_or("-".to_string(), |c| {
+            format!(
+                "{} {}",
+                c.revision,
+                match c.state {
+                    ApplyState::Applying => "applying",
+                    ApplyState::Applied => "applied",
+                    ApplyState::Failed => "FAILED",
+                }
+            )
+        });
+        match &h.status {
+            Some(s) => {
+                let _ = writeln!(
+                    o,
+                    "{:<16} {:<6} {:<7} {:<5} {:>3} {:>11} {:>8} {:<22} {:<9} {:>7.0}s {}",
+                    h.host,
+                    "up",
+                    s.role,
+                    if s.synchronized { "yes" } else { "NO" },
+                    s.stratum,
+                    s.offset_s
+                        .map_or("-".into(), |x| format!("{:+.1}us", x * 1e6)),
+                    s.config_revision,
+                    c,
+                    s.version,
+                    s.uptime_s,
+                    s.alarms.join(",")
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    o,
+                    "{:<16} {:<6} {:<7} {:<5} {:>3} {:>11} {:>8} {:<22}",
+                    h.host, "LOST", "-", "-", "-", "-", "-", c
+                );
+            }
+        }
+    }
+    let _ = writeln!(o, "\nalarms");
+    if r.alarms.is_empty() {
+        let _ = writeln!(o, "  none");
+    }
+    for a in &r.alarms {
+        let _ = writeln!(o, "  {:<24} {}", a.alarm, a.detail);
+    }
+    o
+}
