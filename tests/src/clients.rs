@@ -365,3 +365,74 @@ pub fn one_query_with_tail(
     .join()
     .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
 }
+
+/// What the guest saw of one request.
+#[derive(Clone, Copy, Debug)]
+pub struct Seen {
+    pub at: std::time::Instant,
+    pub stratum: u8,
+    pub leap: u8,
+    pub transmit: u64,
+}
+
+/// What the poller saw: every answer in order, how many requests went out, and how many got a
+/// second answer (two hosts answering one request).
+pub struct Polled {
+    pub seen: Vec<Seen>,
+    pub sent: u64,
+    pub duplicates: u64,
+    /// When the requests that got no answer were sent.
+    pub unanswered: Vec<std::time::Instant>,
+}
+
+/// Polls the clock address 20 times a second until `stop`, each request from a fresh socket
+/// whose request carries its own cookie; after an answer, the socket is read 30 ms more for a
+/// second one.
+pub fn poll(
+    guest: &crate::topology::Netns,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Polled> {
+    let file = guest.file().unwrap();
+    std::thread::spawn(move || {
+        ntp_user::host::netns::enter(&file).unwrap();
+        let mut p = Polled {
+            seen: Vec::new(),
+            sent: 0,
+            duplicates: 0,
+            unanswered: Vec::new(),
+        };
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = std::time::Instant::now();
+            p.sent += 1;
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            sock.connect((crate::CLOCK_V4, 123)).unwrap();
+            let cookie = 0x5eed_0000_0000_0000u64 | p.sent;
+            let req = ntp_common::packet::NtpHeader::client_request(6, cookie).serialize();
+            sock.send(&req).unwrap();
+            sock.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+                .unwrap();
+            let mut buf = [0u8; 128];
+            if let Ok(n) = sock.recv(&mut buf) {
+                if let Some(h) = ntp_common::packet::NtpHeader::parse(&buf[..n])
+                    .filter(|h| h.origin_ts == cookie)
+                {
+                    p.seen.push(Seen {
+                        at: std::time::Instant::now(),
+                        stratum: h.stratum,
+                        leap: h.leap,
+                        transmit: h.transmit_ts,
+                    });
+                }
+                sock.set_read_timeout(Some(std::time::Duration::from_millis(30)))
+                    .unwrap();
+                if sock.recv(&mut buf).is_ok() {
+                    p.duplicates += 1;
+                }
+            } else {
+                p.unanswered.push(t);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50).saturating_sub(t.elapsed()));
+        }
+        p
+    })
+}

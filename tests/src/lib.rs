@@ -5,6 +5,7 @@
 //! Every namespace is deleted by its guard, also when a test fails.
 
 pub mod clients;
+pub mod fleet;
 pub mod frames;
 pub mod nts;
 pub mod topology;

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use integration_tests::clients::one_query;
+use integration_tests::clients::{one_query, poll, Polled, Seen};
 use integration_tests::topology::{Netns, ServeProcess};
 use integration_tests::{ntp_user_bin, run, unique_name, CLOCK_V4};
 use ntp_common::packet::NtpHeader;
@@ -201,68 +201,6 @@ impl Drop for Pair {
     }
 }
 
-/// What the guest saw of one request.
-#[derive(Clone, Copy, Debug)]
-struct Seen {
-    at: Instant,
-    stratum: u8,
-    leap: u8,
-    transmit: u64,
-}
-
-/// Polls the clock address 20 times a second until `stop`; every answer, in order.
-/// What the poller saw: every answer in order, how many requests went out, and how many got a
-/// second answer (two hosts answering one request).
-struct Polled {
-    seen: Vec<Seen>,
-    sent: u64,
-    duplicates: u64,
-}
-
-/// Polls the clock address 20 times a second until `stop`, each request from a fresh socket
-/// whose request carries its own cookie; after an answer, the socket is read 30 ms more for a
-/// second one.
-fn poll(guest: &Netns, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Polled> {
-    let file = guest.file().unwrap();
-    std::thread::spawn(move || {
-        ntp_user::host::netns::enter(&file).unwrap();
-        let mut p = Polled {
-            seen: Vec::new(),
-            sent: 0,
-            duplicates: 0,
-        };
-        while !stop.load(Ordering::Relaxed) {
-            let t = Instant::now();
-            p.sent += 1;
-            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-            sock.connect((CLOCK_V4, 123)).unwrap();
-            let cookie = 0x5eed_0000_0000_0000u64 | p.sent;
-            let req = NtpHeader::client_request(6, cookie).serialize();
-            sock.send(&req).unwrap();
-            sock.set_read_timeout(Some(Duration::from_millis(500)))
-                .unwrap();
-            let mut buf = [0u8; 128];
-            if let Ok(n) = sock.recv(&mut buf) {
-                if let Some(h) = NtpHeader::parse(&buf[..n]).filter(|h| h.origin_ts == cookie) {
-                    p.seen.push(Seen {
-                        at: Instant::now(),
-                        stratum: h.stratum,
-                        leap: h.leap,
-                        transmit: h.transmit_ts,
-                    });
-                }
-                sock.set_read_timeout(Some(Duration::from_millis(30)))
-                    .unwrap();
-                if sock.recv(&mut buf).is_ok() {
-                    p.duplicates += 1;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50).saturating_sub(t.elapsed()));
-        }
-        p
-    })
-}
-
 fn wait_until(timeout: Duration, mut ok: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {
@@ -430,6 +368,7 @@ fn failover(failure: Failure) {
         seen,
         sent,
         duplicates,
+        ..
     } = poller.join().unwrap();
     assert_eq!(duplicates, 0, "{duplicates} requests got two answers");
 

@@ -456,13 +456,14 @@ pub async fn serve_managed(
             served.push(*a);
         }
     }
-    // A redundant VIP host serves the addresses only while it holds them (the role watcher
-    // sets them): a standby whose frames still reach it must not answer as a second clock.
-    responder.set_served_addresses(if spec.redundancy.is_some() {
-        &[]
-    } else {
-        &served
-    })?;
+    // A redundant VIP host serves the addresses only while it holds them: the role watcher
+    // sets them, and clears them a grace after the host gave them up (frames to its own MAC
+    // only, so a standby never answers as a second clock). Until it knows its role, a
+    // restarted daemon leaves them as its predecessor did: a master restarting keeps
+    // answering the guests whose ARP entries name it while a standby takes over.
+    if spec.redundancy.is_none() {
+        responder.set_served_addresses(&served)?;
+    }
     let user_sockets = crate::responder::userspace::bind_sockets(Some(&ns), &served)?;
     // Attachments an earlier daemon pinned that this config no longer asks for would go on
     // answering from maps nobody updates: release them.
@@ -582,6 +583,12 @@ pub async fn serve_managed(
 /// How often a redundant VIP host looks at which addresses it holds.
 const ROLE_POLL: Duration = Duration::from_millis(100);
 
+/// How long a host that gave the addresses up still answers requests sent to its own MAC:
+/// guests whose ARP entries still name it are answered until the new master's gratuitous
+/// ARPs reach them (a graceful handover, a restart, loses nothing). Frames to another MAC
+/// are never answered, so no request gets two answers.
+const HANDOVER_GRACE: Duration = Duration::from_secs(3);
+
 /// A redundant VIP host's role, from the addresses keepalived put on the namespace end: the
 /// service address there means master. The responder serves the addresses, and dnsmasq
 /// runs, only while this host is master; each change is logged and shown in status.
@@ -611,6 +618,8 @@ async fn watch_role(
     };
     let mut uplinks_down: Vec<String> = Vec::new();
     let mut inside: Option<Netlink> = None;
+    // When a backup stops answering (the grace after losing or not holding the addresses).
+    let mut stop_serving_at: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(ROLE_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -659,13 +668,25 @@ async fn watch_role(
                 continue;
             }
         };
+        if stop_serving_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+            match served_map.set(&[]) {
+                Ok(()) => stop_serving_at = None,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "clearing the served addresses failed; retrying")
+                }
+            }
+        }
         if master == Some(now_master) {
             continue;
         }
-        let set = served_map.set(if now_master { &served } else { &[] });
-        if let Err(e) = set {
-            warn!(error = %format!("{e:#}"), "setting the served addresses failed; retrying");
-            continue;
+        if now_master {
+            stop_serving_at = None;
+            if let Err(e) = served_map.set(&served) {
+                warn!(error = %format!("{e:#}"), "setting the served addresses failed; retrying");
+                continue;
+            }
+        } else {
+            stop_serving_at = Some(tokio::time::Instant::now() + HANDOVER_GRACE);
         }
         if master.is_some() {
             transitions += 1;

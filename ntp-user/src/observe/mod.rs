@@ -238,13 +238,8 @@ impl Observatory {
             refused,
             guests_alarmed: r.guests.alarmed.len(),
             vrrp_unhealthy: r.vrrp.as_ref().and_then(|_| self.health().err()),
-            fleet_unreachable: r.fleet.as_ref().and_then(|f| {
-                (!f.store_reachable).then(|| {
-                    f.store_error
-                        .clone()
-                        .unwrap_or_else(|| "not connected yet".into())
-                })
-            }),
+            // Only a failed attempt raises it, not the moment before the first connection.
+            fleet_unreachable: r.fleet.as_ref().and_then(|f| f.store_error.clone()),
         };
         let transitions = self
             .alarms

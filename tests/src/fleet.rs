@@ -1,0 +1,484 @@
+//! A fleet in namespaces: a three-member etcd cluster (TLS with client certificates, data in a
+//! scratch directory), each member in its own namespace on a store bridge, and three
+//! redundant VIP hosts (keepalived, unicast peers) whose daemons are the fleet's agents, on
+//! one guest bridge. Everything on 169.254.0.0/16, removed on drop.
+
+use std::os::fd::AsFd as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use crate::topology::{Netns, ServeProcess};
+use crate::{ntp_user_bin, run, unique_name, CLOCK_V4};
+
+/// The etcd cluster's PKI: a CA, one server certificate for the members' addresses, and a
+/// client certificate for the fleet.
+pub struct EtcdPki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl EtcdPki {
+    fn new(dir: &Path, addrs: &[String]) -> Result<EtcdPki> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "ntp-xdp fleet test CA");
+        let ca = ca.self_signed(&ca_key)?;
+        let write = |name: &str, text: String| -> Result<PathBuf> {
+            let p = dir.join(name);
+            std::fs::write(&p, text)?;
+            Ok(p)
+        };
+        let server_key = rcgen::KeyPair::generate()?;
+        let mut server = rcgen::CertificateParams::new(addrs.to_vec())?;
+        server
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "etcd");
+        server.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let server = server.signed_by(&server_key, &ca, &ca_key)?;
+        let client_key = rcgen::KeyPair::generate()?;
+        let mut client = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        client
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ntp-xdp");
+        client.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client = client.signed_by(&client_key, &ca, &ca_key)?;
+        Ok(EtcdPki {
+            ca: write("ca.pem", ca.pem())?,
+            server_cert: write("server.pem", server.pem())?,
+            server_key: write("server-key.pem", server_key.serialize_pem())?,
+            client_cert: write("client.pem", client.pem())?,
+            client_key: write("client-key.pem", client_key.serialize_pem())?,
+        })
+    }
+}
+
+struct Member {
+    ns: Netns,
+    addr: String,
+    name: String,
+    child: Option<Child>,
+}
+
+/// Three etcd members on a bridge in `home` (169.254.NET.1-3; `home` has .100).
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    pub pki: EtcdPki,
+    pub endpoints: Vec<String>,
+    dir: PathBuf,
+    initial_cluster: String,
+}
+
+impl EtcdCluster {
+    pub fn start(home: &Netns, net: u8) -> Result<EtcdCluster> {
+        let dir = std::env::temp_dir().join(unique_name("etcd"));
+        std::fs::create_dir_all(&dir)?;
+        let bridge = unique_name("ns");
+        home.ip(&["link", "add", &bridge, "type", "bridge"])?;
+        home.ip(&["link", "set", &bridge, "up"])?;
+        home.ip(&[
+            "addr",
+            "add",
+            &format!("169.254.{net}.100/24"),
+            "dev",
+            &bridge,
+        ])?;
+        let addrs: Vec<String> = (1..=3).map(|i| format!("169.254.{net}.{i}")).collect();
+        let pki = EtcdPki::new(&dir, &addrs)?;
+        let mut members = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let ns = Netns::new("nte")?;
+            let (inner, outer) = (unique_name("ne"), unique_name("ne"));
+            crate::ip(&[
+                "link", "add", &inner, "netns", &ns.name, "type", "veth", "peer", "name", &outer,
+                "netns", &home.name,
+            ])?;
+            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", &inner])?;
+            ns.ip(&["link", "set", &inner, "up"])?;
+            home.ip(&["link", "set", &outer, "master", &bridge, "up"])?;
+            members.push(Member {
+                ns,
+                addr: addr.clone(),
+                name: format!("m{i}"),
+                child: None,
+            });
+        }
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=https://{}:2380", m.name, m.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            endpoints: addrs.iter().map(|a| format!("https://{a}:2379")).collect(),
+            members,
+            pki,
+            dir,
+            initial_cluster,
+        };
+        for i in 0..3 {
+            cluster.start_member(i)?;
+        }
+        cluster.wait_healthy(home, Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    pub fn start_member(&mut self, i: usize) -> Result<()> {
+        let m = &self.members[i];
+        let data = self.dir.join(&m.name);
+        let log = std::fs::File::create(self.dir.join(format!("{}.log", m.name)))?;
+        let p = &self.pki;
+        let child =
+            m.ns.command("etcd")
+                .args(["--name", &m.name, "--data-dir"])
+                .arg(&data)
+                .args([
+                    "--listen-client-urls",
+                    &format!("https://{}:2379", m.addr),
+                    "--advertise-client-urls",
+                    &format!("https://{}:2379", m.addr),
+                    "--listen-peer-urls",
+                    &format!("https://{}:2380", m.addr),
+                    "--initial-advertise-peer-urls",
+                    &format!("https://{}:2380", m.addr),
+                    "--initial-cluster",
+                    &self.initial_cluster,
+                    "--initial-cluster-token",
+                    &self.dir.file_name().unwrap().to_string_lossy(),
+                    "--initial-cluster-state",
+                    "new",
+                    "--client-cert-auth",
+                    "--logger",
+                    "zap",
+                    "--log-level",
+                    "warn",
+                ])
+                .arg("--trusted-ca-file")
+                .arg(&p.ca)
+                .arg("--cert-file")
+                .arg(&p.server_cert)
+                .arg("--key-file")
+                .arg(&p.server_key)
+                .arg("--peer-trusted-ca-file")
+                .arg(&p.ca)
+                .arg("--peer-cert-file")
+                .arg(&p.server_cert)
+                .arg("--peer-key-file")
+                .arg(&p.server_key)
+                .arg("--peer-client-cert-auth")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .context("spawning etcd")?;
+        self.members[i].child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL one member.
+    pub fn kill_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// etcdctl with the client certificate, from `ns` (or without it when `with_cert` is
+    /// false: what a stranger on the network gets).
+    pub fn etcdctl(&self, ns: &Netns, with_cert: bool, args: &[&str]) -> Output {
+        let mut c = ns.command("etcdctl");
+        c.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints.join(",")))
+            .arg("--dial-timeout=2s")
+            .arg("--command-timeout=3s")
+            .arg(format!("--cacert={}", self.pki.ca.display()));
+        if with_cert {
+            c.arg(format!("--cert={}", self.pki.client_cert.display()))
+                .arg(format!("--key={}", self.pki.client_key.display()));
+        }
+        c.args(args).output().expect("running etcdctl")
+    }
+
+    pub fn wait_healthy(&self, home: &Netns, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.etcdctl(home, true, &["endpoint", "health"]);
+            if out.status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let logs: String = (0..3)
+                    .map(|i| {
+                        std::fs::read_to_string(self.dir.join(format!("m{i}.log")))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                bail!(
+                    "etcd not healthy: {}{}\nlogs:\n{logs}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// The `[fleet]` section for host `host`.
+    pub fn fleet_section(&self, host: &str, state_dir: &Path) -> String {
+        format!(
+            "[fleet]\nendpoints = {:?}\ncluster = \"az-test\"\nhost = \"{host}\"\nca = \"{}\"\n\
+             certificate = \"{}\"\nkey = \"{}\"\nlease_ttl = \"4s\"\nstate_dir = \"{}\"\n",
+            self.endpoints,
+            self.pki.ca.display(),
+            self.pki.client_cert.display(),
+            self.pki.client_key.display(),
+            state_dir.display()
+        )
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill_member(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub const SUBNET: u8 = 84;
+pub const HOSTS: [&str; 3] = ["vip-a", "vip-b", "vip-c"];
+
+/// One VIP host of the fleet.
+pub struct FleetHost {
+    pub name: &'static str,
+    pub netns: String,
+    /// Its local config (the whole of it, with `[fleet]`).
+    pub config: PathBuf,
+    /// Its part of the configuration (names, priority, stratum).
+    pub override_text: String,
+    pub stratum: u8,
+    pub daemon: Option<ServeProcess>,
+}
+
+/// Three redundant VIP hosts (priorities 150, 100, 50; local strata 10, 11, 12, so a guest
+/// can tell who answers) on one guest bridge, with an etcd cluster.
+pub struct Fleet {
+    pub hosts: Vec<FleetHost>,
+    pub etcd: EtcdCluster,
+    pub guest_bridge: String,
+    pub dir: PathBuf,
+    pub home: Netns,
+}
+
+/// The cluster's part of the configuration: the same on every host.
+pub fn cluster_config(bridge: &str, precision: i8) -> String {
+    let vrid = 100 + (std::process::id() % 100) as u8;
+    format!(
+        r#"[service]
+addresses = ["{CLOCK_V4}"]
+xdp_mode = "generic"
+precision = {precision}
+
+[vip]
+bridge = "{bridge}"
+service_address = "169.254.{SUBNET}.1/24"
+repair_interval = "1s"
+
+[redundancy]
+virtual_router_id = {vrid}
+advert_interval = "300ms"
+
+[limits]
+enable = false
+
+[metrics]
+enable = false
+"#
+    )
+}
+
+impl Fleet {
+    pub fn start() -> Result<Fleet> {
+        let home = Netns::new("nth")?;
+        let guest_bridge = unique_name("nb");
+        home.ip(&["link", "add", &guest_bridge, "type", "bridge"])?;
+        home.ip(&["link", "set", &guest_bridge, "up"])?;
+        let etcd = EtcdCluster::start(&home, SUBNET + 10)?;
+        let dir = std::env::temp_dir().join(unique_name("ntpxdp-fleet"));
+        std::fs::create_dir_all(&dir)?;
+        let cluster = cluster_config(&guest_bridge, -24);
+        let mut hosts = Vec::new();
+        for (i, name) in HOSTS.iter().enumerate() {
+            let netns = unique_name("ntv");
+            let stratum = 10 + i as u8;
+            let peers: Vec<String> = (0..3)
+                .filter(|j| *j != i)
+                .map(|j| format!("169.254.{SUBNET}.{}", 2 + j))
+                .collect();
+            let override_text = format!(
+                "[service]\nnetns = \"{netns}\"\ninterface = \"{}\"\n\n[vip]\nhost_interface = \
+                 \"{}\"\n\n[redundancy]\npriority = {}\nown_address = \"169.254.{SUBNET}.{}/24\"\n\
+                 unicast_peers = {peers:?}\n\n[clock]\nlocal_stratum = {stratum}\n",
+                unique_name("nv"),
+                unique_name("nh"),
+                150 - 50 * i,
+                2 + i,
+            );
+            let fleet: toml::Table = etcd
+                .fleet_section(name, &dir.join(name))
+                .parse::<toml::Table>()?;
+            let local = ntp_user::fleet::effective_config(
+                &cluster,
+                Some(&override_text),
+                Some(&fleet["fleet"]),
+            )
+            .map_err(|e| anyhow!(e))?;
+            let config = dir.join(format!("{name}.toml"));
+            std::fs::write(&config, local)?;
+            hosts.push(FleetHost {
+                name,
+                netns,
+                config,
+                override_text,
+                stratum,
+                daemon: None,
+            });
+        }
+        let mut fleet = Fleet {
+            hosts,
+            etcd,
+            guest_bridge,
+            dir,
+            home,
+        };
+        for i in 0..3 {
+            fleet.start_daemon(i)?;
+        }
+        Ok(fleet)
+    }
+
+    fn in_home(&self, mut cmd: Command) -> Command {
+        let ns = self.home.file().unwrap();
+        // SAFETY: setns is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    pub fn start_daemon(&mut self, i: usize) -> Result<()> {
+        let mut cmd = Command::new(ntp_user_bin());
+        cmd.args(["run", "--config"]).arg(&self.hosts[i].config);
+        let cmd = self.in_home(cmd);
+        self.hosts[i].daemon = Some(ServeProcess::spawn(cmd, "responder attached")?);
+        Ok(())
+    }
+
+    pub fn kill_daemon(&mut self, i: usize) -> Result<()> {
+        match self.hosts[i].daemon.take() {
+            Some(d) => d.kill9(),
+            None => Ok(()),
+        }
+    }
+
+    /// `ntp-user fleet ARGS` as an operator on the home network (with host a's config).
+    pub fn fleet_cmd(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(ntp_user_bin());
+        cmd.args(["fleet", "--config"])
+            .arg(&self.hosts[0].config)
+            .args(["--host-timeout", "60s"])
+            .args(args);
+        self.in_home(cmd).output().expect("running ntp-user fleet")
+    }
+
+    /// `fleet ARGS`, which must succeed; its stdout.
+    pub fn fleet_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.fleet_cmd(args);
+        if !out.status.success() {
+            bail!(
+                "ntp-user fleet {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes `text` to a scratch file; its path.
+    pub fn file(&self, name: &str, text: &str) -> Result<String> {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text)?;
+        Ok(p.display().to_string())
+    }
+
+    pub fn fleet_status(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(
+            &self.fleet_ok(&["status", "--json"])?,
+        )?)
+    }
+
+    /// The daemon's own report (control socket).
+    pub fn status(&self, i: usize) -> Result<serde_json::Value> {
+        let socket = format!("/run/ntp-xdp/{}/control.sock", self.hosts[i].netns);
+        let out =
+            run(Command::new(ntp_user_bin()).args(["status", "--socket", &socket, "--json"]))?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    pub fn add_guest(&self, octet: u8) -> Result<Netns> {
+        let guest = crate::vip::guest_on_bridge(&self.home, &self.guest_bridge)?;
+        guest.ip(&[
+            "addr",
+            "add",
+            &format!("169.254.{SUBNET}.{octet}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        guest.ip(&[
+            "route",
+            "add",
+            &format!("{CLOCK_V4}/32"),
+            "via",
+            &format!("169.254.{SUBNET}.1"),
+        ])?;
+        Ok(guest)
+    }
+
+    pub fn wait_until(timeout: Duration, mut ok: impl FnMut() -> bool) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            drop(h.daemon.take());
+        }
+        for h in &self.hosts {
+            let mut cmd = Command::new(ntp_user_bin());
+            cmd.args(["down", "--config"]).arg(&h.config);
+            let _ = self.in_home(cmd).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

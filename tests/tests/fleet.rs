@@ -1,0 +1,360 @@
+//! The fleet end to end: a three-member etcd cluster (TLS, client certificates) and three
+//! redundant VIP hosts whose daemons are its agents, a guest polling the clock address 20
+//! times a second throughout. Pushes (valid, invalid, failing on one host, rolling), a
+//! rolling restart, the store failing member by member and all at once, a daemon killed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use integration_tests::clients::{poll, Polled};
+use integration_tests::fleet::{cluster_config, Fleet};
+
+/// Hosts in `fleet status --json`, by name: (lost, config revision, config state).
+fn hosts(f: &Fleet) -> Vec<(String, bool, i64, String)> {
+    let s = f.fleet_status().unwrap();
+    s["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["host"].as_str().unwrap().to_string(),
+                h["status"].is_null(),
+                h["status"]["config_revision"].as_i64().unwrap_or(-1),
+                h["config_state"]["state"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+fn all_applied(f: &Fleet, revision: i64) -> bool {
+    let h = hosts(f);
+    h.len() == 3
+        && h.iter()
+            .all(|(_, lost, rev, st)| !lost && *rev == revision && st == "applied")
+}
+
+/// Which host answered (its stratum) changed this many times.
+fn switches(p: &Polled) -> usize {
+    p.seen
+        .windows(2)
+        .filter(|w| w[0].stratum != w[1].stratum)
+        .count()
+}
+
+fn lost(p: &Polled) -> u64 {
+    p.sent - p.seen.len() as u64
+}
+
+fn set_overrides(f: &Fleet) {
+    for h in &f.hosts {
+        let file = f
+            .file(&format!("{}-override.toml", h.name), &h.override_text)
+            .unwrap();
+        f.fleet_ok(&["override", h.name, &file]).unwrap();
+    }
+}
+
+fn revision_of(out: &str) -> i64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix("done: revision "))
+        .and_then(|r| r.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no revision in {out}"))
+}
+
+#[test]
+fn pushes_are_validated_applied_and_rolled_out_and_restarts_roll_with_one_switch() {
+    let f = Fleet::start().unwrap();
+    let guest = f.add_guest(30).unwrap();
+    assert!(Fleet::wait_until(Duration::from_secs(20), || {
+        hosts(&f).iter().filter(|h| !h.1).count() == 3
+    }));
+    set_overrides(&f);
+    // Polling starts once a master holds the addresses and answers.
+    master(&f);
+    assert!(Fleet::wait_until(Duration::from_secs(10), || {
+        integration_tests::clients::one_query(&guest, integration_tests::CLOCK_V4)
+            .is_ok_and(|r| r.is_some())
+    }));
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = poll(&guest, stop.clone());
+
+    let mut marks: Vec<(&str, std::time::Instant)> = Vec::new();
+    // 1. A valid push reaches all three; the precision guests see changes with it.
+    marks.push(("push v1", std::time::Instant::now()));
+    let v1 = f
+        .file("v1.toml", &cluster_config(&f.guest_bridge, -20))
+        .unwrap();
+    let out = f.fleet_ok(&["push", &v1]).unwrap();
+    let r1 = revision_of(&out);
+    assert!(
+        Fleet::wait_until(Duration::from_secs(60), || all_applied(&f, r1)),
+        "{:?}",
+        hosts(&f)
+    );
+
+    marks.push(("v1 applied", std::time::Instant::now()));
+    // 2. An invalid push is refused before anything is written.
+    let bad = f
+        .file(
+            "bad.toml",
+            &cluster_config(&f.guest_bridge, -20).replace("precision = -20", "precision = 5"),
+        )
+        .unwrap();
+    let out = f.fleet_cmd(&["push", &bad]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("service.precision") && err.contains("bad.toml"),
+        "{err}"
+    );
+    assert!(all_applied(&f, r1), "an invalid push changed something");
+
+    // 3. A config that only fails on one host: vip-c's override names an interface it does
+    // not have. The rolling push (canary vip-b) stops there; vip-c keeps serving with r1.
+    let c = &f.hosts[2];
+    let c_override = c
+        .override_text
+        .replace("[vip]\n", "[vip]\nhost_interfaces = [\"nosuch0\"]\n");
+    let file = f.file("c-bad.toml", &c_override).unwrap();
+    f.fleet_ok(&["override", "vip-c", &file]).unwrap();
+    let v2 = f
+        .file("v2.toml", &cluster_config(&f.guest_bridge, -22))
+        .unwrap();
+    let master = master(&f);
+    marks.push(("rolling v2", std::time::Instant::now()));
+    let out = f.fleet_cmd(&["push", &v2, "--rolling", "--canary", "vip-b"]);
+    marks.push(("rolling v2 stopped", std::time::Instant::now()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("vip-c") && text.contains("nosuch0"), "{text}");
+    let status = f.fleet_status().unwrap();
+    let by = |name: &str| {
+        status["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["host"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by("vip-c")["config_state"]["state"], "failed");
+    assert_eq!(by("vip-c")["status"]["config_revision"], r1);
+    assert_eq!(by("vip-c")["status"]["synchronized"], true);
+    assert!(
+        status["alarms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["alarm"] == "config_failed"),
+        "{status}"
+    );
+    let r2 = by("vip-b")["status"]["config_revision"].as_i64().unwrap();
+    assert!(r2 > r1);
+    // The master comes last: unless it is the canary or vip-c, the rollout stopped before it.
+    if master != "vip-c" && master != "vip-b" {
+        assert_eq!(by(&master)["status"]["config_revision"], r1, "{status}");
+    }
+
+    // vip-c's override repaired: a rolling push of v2 completes.
+    let file = f.file("c-good.toml", &f.hosts[2].override_text).unwrap();
+    f.fleet_ok(&["override", "vip-c", &file]).unwrap();
+    let v3 = f
+        .file("v3.toml", &cluster_config(&f.guest_bridge, -23))
+        .unwrap();
+    marks.push(("rolling v3", std::time::Instant::now()));
+    let r3 = revision_of(&f.fleet_ok(&["push", &v3, "--rolling"]).unwrap());
+    marks.push(("v3 done", std::time::Instant::now()));
+    assert!(all_applied(&f, r3), "{:?}", hosts(&f));
+
+    // 4. A rolling restart: each daemon restarted once, at most one switch of host.
+    let before: Vec<u64> = started(&f);
+    std::thread::sleep(Duration::from_secs(1));
+    let seen_before = {
+        stop.store(true, Ordering::Relaxed);
+        poller.join().unwrap()
+    };
+    eprintln!(
+        "pushes: {} sent, {} lost, {} switches",
+        seen_before.sent,
+        lost(&seen_before),
+        switches(&seen_before)
+    );
+    let t0 = marks[0].1;
+    for (name, at) in &marks {
+        eprintln!("mark {name} at {:?}", at.duration_since(t0));
+    }
+    for u in &seen_before.unanswered {
+        eprintln!("unanswered at {:?}", u.duration_since(t0));
+    }
+    for w in seen_before.seen.windows(2) {
+        if w[0].stratum != w[1].stratum {
+            eprintln!("switch {} -> {} at {:?}", w[0].stratum, w[1].stratum, w[1].at.duration_since(t0));
+        }
+    }
+    assert_eq!(lost(&seen_before), 0, "requests lost during pushes");
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = poll(&guest, stop.clone());
+    let out = f.fleet_ok(&["restart", "--rolling"]).unwrap();
+    eprintln!("{out}");
+    stop.store(true, Ordering::Relaxed);
+    let seen = poller.join().unwrap();
+    let after = started(&f);
+    for (b, a) in before.iter().zip(&after) {
+        assert_ne!(b, a, "a daemon was not restarted");
+    }
+    eprintln!(
+        "rolling restart: {} sent, {} lost, {} switches",
+        seen.sent,
+        lost(&seen),
+        switches(&seen)
+    );
+    assert_eq!(lost(&seen), 0, "requests lost during the rolling restart");
+    assert!(switches(&seen) <= 1, "{} switches", switches(&seen));
+    assert!(seen.seen.iter().all(|s| s.leap != 3));
+}
+
+/// The host whose heartbeat says it is the VRRP master.
+fn master(f: &Fleet) -> String {
+    let find = || {
+        let s = f.fleet_status().unwrap();
+        s["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["status"]["role"] == "master")
+            .and_then(|h| h["host"].as_str())
+            .map(str::to_string)
+    };
+    let mut found = None;
+    Fleet::wait_until(Duration::from_secs(15), || {
+        found = find();
+        found.is_some()
+    });
+    found.unwrap_or_else(|| {
+        for h in &f.hosts {
+            if let Some(d) = &h.daemon {
+                eprintln!("--- {} ---\n{}", h.name, d.drain_log().join("\n"));
+            }
+        }
+        panic!("no master: {}", f.fleet_status().unwrap())
+    })
+}
+
+fn started(f: &Fleet) -> Vec<u64> {
+    let s = f.fleet_status().unwrap();
+    let mut v: Vec<(String, u64)> = s["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["host"].as_str().unwrap().to_string(),
+                h["status"]["started_unix"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, s)| s).collect()
+}
+
+#[test]
+fn the_store_failing_never_stops_the_time_and_lost_hosts_are_shown() {
+    let mut f = Fleet::start().unwrap();
+    let guest = f.add_guest(31).unwrap();
+    assert!(Fleet::wait_until(Duration::from_secs(20), || {
+        hosts(&f).iter().filter(|h| !h.1).count() == 3
+    }));
+    set_overrides(&f);
+    master(&f);
+    assert!(Fleet::wait_until(Duration::from_secs(10), || {
+        integration_tests::clients::one_query(&guest, integration_tests::CLOCK_V4)
+            .is_ok_and(|r| r.is_some())
+    }));
+
+    // Without a client certificate the store says nothing.
+    let out = f
+        .etcd
+        .etcdctl(&f.home, false, &["get", "--prefix", "/ntp-xdp/"]);
+    assert!(
+        !out.status.success(),
+        "etcd answered a client without a certificate"
+    );
+    let out = f.etcd.etcdctl(
+        &f.home,
+        true,
+        &["get", "--prefix", "--keys-only", "/ntp-xdp/"],
+    );
+    assert!(out.status.success());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = poll(&guest, stop.clone());
+    // One member down: pushes and status still work.
+    f.etcd.kill_member(0);
+    let v1 = f
+        .file("v1.toml", &cluster_config(&f.guest_bridge, -21))
+        .unwrap();
+    let r1 = revision_of(&f.fleet_ok(&["push", &v1]).unwrap());
+    assert!(all_applied(&f, r1), "{:?}", hosts(&f));
+
+    // All members down: every daemon serves on, and says the store is unreachable.
+    f.etcd.kill_member(1);
+    f.etcd.kill_member(2);
+    let alarmed = |f: &Fleet, i: usize| {
+        f.status(i).is_ok_and(|s| {
+            s["alarms"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|a| a["name"] == "fleet_store_unreachable"))
+                && s["fleet"]["store_reachable"] == false
+        })
+    };
+    assert!(Fleet::wait_until(Duration::from_secs(30), || (0..3).all(|i| alarmed(&f, i))));
+    std::thread::sleep(Duration::from_secs(2));
+    // Back: the agents reconnect, the alarm clears, a push applies.
+    for i in 0..3 {
+        f.etcd.start_member(i).unwrap();
+    }
+    f.etcd
+        .wait_healthy(&f.home, Duration::from_secs(30))
+        .unwrap();
+    assert!(Fleet::wait_until(Duration::from_secs(30), || (0..3).all(|i| !alarmed(&f, i))));
+    let v2 = f
+        .file("v2.toml", &cluster_config(&f.guest_bridge, -20))
+        .unwrap();
+    let r2 = revision_of(&f.fleet_ok(&["push", &v2]).unwrap());
+    assert!(all_applied(&f, r2), "{:?}", hosts(&f));
+    stop.store(true, Ordering::Relaxed);
+    let seen = poller.join().unwrap();
+    eprintln!(
+        "{} sent, {} lost, {} switches",
+        seen.sent,
+        lost(&seen),
+        switches(&seen)
+    );
+    assert_eq!(lost(&seen), 0, "requests lost while the store failed");
+
+    // A daemon killed: shown as lost within its lease (4 s), with the alarm.
+    f.kill_daemon(2).unwrap();
+    assert!(Fleet::wait_until(Duration::from_secs(8), || {
+        hosts(&f).iter().any(|h| h.0 == "vip-c" && h.1)
+    }));
+    let s = f.fleet_status().unwrap();
+    assert!(
+        s["alarms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["alarm"] == "host_lost"),
+        "{s}"
+    );
+    let text = f.fleet_ok(&["status"]).unwrap();
+    assert!(text.contains("LOST"), "{text}");
+}
