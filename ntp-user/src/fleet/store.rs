@@ -11,7 +11,24 @@ use super::{FleetSpec, HostView, Keys};
 /// Requests that take longer fail (and are retried by whoever asked).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A client of one member that answers: the endpoints are tried in turn from a random one
+/// (etcd-client balances over every endpoint it is given and fails requests routed to a dead
+/// one, so the agent holds one member at a time and moves on when it fails).
 pub async fn connect(spec: &FleetSpec) -> Result<Client> {
+    let n = spec.endpoints.len();
+    let first = rand::random::<usize>() % n.max(1);
+    let mut failures = Vec::new();
+    for i in 0..n {
+        let endpoint = &spec.endpoints[(first + i) % n];
+        match connect_one(spec, endpoint).await {
+            Ok(c) => return Ok(c),
+            Err(e) => failures.push(format!("{endpoint}: {e:#}")),
+        }
+    }
+    anyhow::bail!("no etcd endpoint answers: {}", failures.join("; "))
+}
+
+async fn connect_one(spec: &FleetSpec, endpoint: &str) -> Result<Client> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(REQUEST_TIMEOUT)
         .with_timeout(REQUEST_TIMEOUT)
@@ -39,13 +56,19 @@ pub async fn connect(spec: &FleetSpec) -> Result<Client> {
         };
         opts = opts.with_user(user.clone(), password);
     }
-    tokio::time::timeout(
+    let mut client = tokio::time::timeout(
         REQUEST_TIMEOUT * 2,
-        Client::connect(spec.endpoints.clone(), Some(opts)),
+        Client::connect([endpoint], Some(opts)),
     )
     .await
-    .context("connecting to etcd: timed out")?
-    .with_context(|| format!("connecting to etcd at {}", spec.endpoints.join(",")))
+    .context("timed out")?
+    .context("connecting")?;
+    // A member cut off from the others' quorum fails a linearizable read: try the next.
+    tokio::time::timeout(REQUEST_TIMEOUT, client.get("/ntp-xdp/", None))
+        .await
+        .context("timed out")?
+        .context("a read")?;
+    Ok(client)
 }
 
 /// A key's value and mod revision, if it exists.
