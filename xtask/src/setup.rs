@@ -46,6 +46,11 @@ const APT_PACKAGES: &[&str] = &[
     "keepalived",
     // router advertisements with the route to the IPv6 clock address
     "radvd",
+    // the fleet store (the tests run their own members; the service is never started), and
+    // protoc for the etcd client's gRPC code
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
 ];
 
 pub fn setup() -> Result<()> {
