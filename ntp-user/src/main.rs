@@ -154,6 +154,7 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
             local_fleet: local_fleet.clone(),
             validate,
             cell: Default::default(),
+            nts_key_file: v.nts.as_ref().map(|n| n.key_file.clone()),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

@@ -309,6 +309,12 @@ enable = false
 
 impl Fleet {
     pub fn start() -> Result<Fleet> {
+        Fleet::start_with("")
+    }
+
+    /// With `cluster_extra` added to the cluster's part (e.g. an `[nts]` section: each host's
+    /// override then names its own NTS key file).
+    pub fn start_with(cluster_extra: &str) -> Result<Fleet> {
         let home = Netns::new("nth")?;
         let guest_bridge = unique_name("nb");
         home.ip(&["link", "add", &guest_bridge, "type", "bridge"])?;
@@ -316,7 +322,7 @@ impl Fleet {
         let etcd = EtcdCluster::start(&home, SUBNET + 10)?;
         let dir = std::env::temp_dir().join(unique_name("ntpxdp-fleet"));
         std::fs::create_dir_all(&dir)?;
-        let cluster = cluster_config(&guest_bridge, -24);
+        let cluster = cluster_config(&guest_bridge, -24) + cluster_extra;
         let mut hosts = Vec::new();
         for (i, name) in HOSTS.iter().enumerate() {
             let netns = unique_name("ntv");
@@ -334,6 +340,14 @@ impl Fleet {
                 150 - 50 * i,
                 2 + i,
             );
+            let override_text = if cluster_extra.contains("[nts]") {
+                format!(
+                    "{override_text}\n[nts]\nkey_file = \"{}\"\n",
+                    dir.join(name).join("nts-keys.json").display()
+                )
+            } else {
+                override_text
+            };
             let fleet: toml::Table = etcd
                 .fleet_section(name, &dir.join(name))
                 .parse::<toml::Table>()?;

@@ -197,7 +197,12 @@ fn pushes_are_validated_applied_and_rolled_out_and_restarts_roll_with_one_switch
     }
     for w in seen_before.seen.windows(2) {
         if w[0].stratum != w[1].stratum {
-            eprintln!("switch {} -> {} at {:?}", w[0].stratum, w[1].stratum, w[1].at.duration_since(t0));
+            eprintln!(
+                "switch {} -> {} at {:?}",
+                w[0].stratum,
+                w[1].stratum,
+                w[1].at.duration_since(t0)
+            );
         }
     }
     assert_eq!(lost(&seen_before), 0, "requests lost during pushes");
@@ -357,4 +362,81 @@ fn the_store_failing_never_stops_the_time_and_lost_hosts_are_shown() {
     );
     let text = f.fleet_ok(&["status"]).unwrap();
     assert!(text.contains("LOST"), "{text}");
+}
+
+#[test]
+fn nts_cookies_work_on_whichever_host_holds_the_addresses() {
+    use integration_tests::nts::{key_exchange, nts_request, Tamper, TestPki};
+    use ntp_user::nts::packet::client_open_reply;
+    let pki = TestPki::new(&[integration_tests::CLOCK_V4]).unwrap();
+    let mut f = Fleet::start_with(&format!(
+        "\n[nts]\ncertificate_chain = \"{}\"\nprivate_key = \"{}\"\nkey_rotation = \"3s\"\n",
+        pki.chain.display(),
+        pki.key.display()
+    ))
+    .unwrap();
+    let guest = f.add_guest(32).unwrap();
+    let key_ids = |f: &Fleet| -> Vec<Vec<u64>> {
+        (0..3)
+            .map(|i| {
+                f.status(i).map_or(vec![], |s| {
+                    s["nts"]["key_ids"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+                        .unwrap_or_default()
+                })
+            })
+            .collect()
+    };
+    let same = |f: &Fleet| {
+        let ids = key_ids(f);
+        !ids[0].is_empty() && ids.iter().all(|i| *i == ids[0])
+    };
+    // The three hosts made their own keys at start; through the store they agree, and keep
+    // agreeing across rotations.
+    assert!(
+        Fleet::wait_until(Duration::from_secs(20), || same(&f)),
+        "{:?}",
+        key_ids(&f)
+    );
+    let first = key_ids(&f)[0].clone();
+    assert!(
+        Fleet::wait_until(Duration::from_secs(20), || {
+            let ids = key_ids(&f);
+            ids[0].last() != first.last() && same(&f)
+        }),
+        "no common rotation: {:?}",
+        key_ids(&f)
+    );
+
+    // A guest's cookies from the master work on the standby that takes over.
+    let master = master(&f);
+    let session = key_exchange(&guest, integration_tests::CLOCK_V4, &pki.ca_der).unwrap();
+    let authentic = |cookie: &[u8]| {
+        nts_request(
+            &guest,
+            integration_tests::CLOCK_V4,
+            &session,
+            cookie,
+            Tamper::None,
+        )
+        .unwrap()
+        .is_some_and(|(reply, uid)| client_open_reply(&reply, &uid, &session.s2c).is_some())
+    };
+    assert!(authentic(&session.cookies[0]));
+    let i = f.hosts.iter().position(|h| h.name == master).unwrap();
+    f.kill_daemon(i).unwrap();
+    assert!(
+        Fleet::wait_until(Duration::from_secs(20), || {
+            (0..3)
+                .filter(|j| *j != i)
+                .any(|j| f.status(j).is_ok_and(|s| s["vrrp"]["role"] == "master"))
+        }),
+        "no standby took over"
+    );
+    std::thread::sleep(Duration::from_secs(4)); // the old master's grace runs out
+    assert!(
+        authentic(&session.cookies[1]),
+        "a cookie from the old master was refused by the new one"
+    );
 }

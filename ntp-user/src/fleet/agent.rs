@@ -30,6 +30,8 @@ pub struct Agent {
     pub validate: Validator,
     pub cell: FleetCell,
     pub started_unix: u64,
+    /// With NTS: the cookie key file, shared with the other hosts through the store.
+    pub nts_key_file: Option<std::path::PathBuf>,
 }
 
 impl Agent {
@@ -142,6 +144,7 @@ impl Agent {
                 _ = ticker.tick() => {
                     keeper.keep_alive().await.context("lease keep-alive")?;
                     self.beat(&mut client, obs, lease, &keys, files).await?;
+                    self.sync_nts_keys(&mut client, &keys).await?;
                     false
                 }
                 m = keepalives.message() => {
@@ -356,6 +359,54 @@ impl Agent {
                 Ok(false)
             }
         }
+    }
+
+    /// Keeps this host's NTS cookie keys and the cluster's the same, so that a guest's
+    /// cookies work on whichever host holds the addresses: a rotation here is written to the
+    /// store (compare-and-swap), a newer rotation in the store is written to the key file
+    /// (which the NTS server adopts). On a tie the store's wins.
+    async fn sync_nts_keys(&self, client: &mut Client, keys: &Keys) -> Result<()> {
+        use crate::nts::cookie::CookieKeys;
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        let Some(file) = &self.nts_key_file else {
+            return Ok(());
+        };
+        let parse = |t: &str| {
+            serde_json::from_str::<CookieKeys>(t)
+                .ok()
+                .filter(|k| k.check().is_ok())
+        };
+        let local = std::fs::read_to_string(file).ok().and_then(|t| parse(&t));
+        let key = keys.nts_keys();
+        let stored = store::get(client, &key).await?;
+        let stored_keys = stored.as_ref().and_then(|(t, _)| parse(t));
+        let age = |k: &CookieKeys| (k.current().created_unix, k.current().id);
+        let publish = match (&local, &stored_keys) {
+            (Some(_), None) => true,
+            (Some(l), Some(s)) if l != s => age(l) > age(s),
+            _ => false,
+        };
+        if publish {
+            let l = local.as_ref().expect("checked");
+            let guard = match &stored {
+                Some((_, rev)) => Compare::mod_revision(key.clone(), CompareOp::Equal, *rev),
+                None => Compare::version(key.clone(), CompareOp::Equal, 0),
+            };
+            let txn = Txn::new().when([guard]).and_then([TxnOp::put(
+                key.clone(),
+                serde_json::to_vec(l)?,
+                None,
+            )]);
+            if client.txn(txn).await?.succeeded() {
+                info!(ids = ?l.ids(), "fleet: NTS cookie keys published");
+            }
+            return Ok(());
+        }
+        if let Some(s) = stored_keys.filter(|s| local.as_ref() != Some(s)) {
+            crate::nts::server::write_keys(file, &s)?;
+            info!(ids = ?s.ids(), "fleet: adopted the cluster's NTS cookie keys");
+        }
+        Ok(())
     }
 
     async fn put_config_state(

@@ -14,6 +14,7 @@
 //! | `hosts/<h>/config_state` | [`ConfigState`]: revision, applying/applied/failed, message | the agent |
 //! | `hosts/<h>/command` | [`HostCommand`]: `{"id", "command": "restart"}` | `fleet restart` |
 //! | `hosts/<h>/command_state` | [`CommandState`] | the agent |
+//! | `nts_keys` | the NTS cookie keys (JSON), newest rotation wins | agents (compare-and-swap) |
 //!
 //! Sans IO here: the key names, the values, the TOML merge, the rollout order and the fleet's
 //! alarms; [`store`] connects, [`local`] keeps the host's own files, [`agent`] and [`ops`] do
@@ -63,6 +64,10 @@ impl Keys {
     }
     pub fn config(&self) -> String {
         format!("{}config", self.prefix)
+    }
+    /// The NTS cookie keys every host of the cluster uses.
+    pub fn nts_keys(&self) -> String {
+        format!("{}nts_keys", self.prefix)
     }
     pub fn hosts(&self) -> String {
         format!("{}hosts/", self.prefix)

@@ -56,13 +56,11 @@ async fn connect_one(spec: &FleetSpec, endpoint: &str) -> Result<Client> {
         };
         opts = opts.with_user(user.clone(), password);
     }
-    let mut client = tokio::time::timeout(
-        REQUEST_TIMEOUT * 2,
-        Client::connect([endpoint], Some(opts)),
-    )
-    .await
-    .context("timed out")?
-    .context("connecting")?;
+    let mut client =
+        tokio::time::timeout(REQUEST_TIMEOUT * 2, Client::connect([endpoint], Some(opts)))
+            .await
+            .context("timed out")?
+            .context("connecting")?;
     // A member cut off from the others' quorum fails a linearizable read: try the next.
     tokio::time::timeout(REQUEST_TIMEOUT, client.get("/ntp-xdp/", None))
         .await

@@ -175,7 +175,7 @@ fn read_keys(file: &Path) -> Result<Option<CookieKeys>> {
 }
 
 /// Writes the keys readable by root only, atomically (a restart never reads half a file).
-fn write_keys(file: &Path, keys: &CookieKeys) -> Result<()> {
+pub fn write_keys(file: &Path, keys: &CookieKeys) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
