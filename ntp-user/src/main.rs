@@ -149,12 +149,18 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
                 .and_then(|v| ntp_user::config::host_preflight(&v))
                 .map_err(|e| format!("{e:#}"))
         });
-        let agent = ntp_user::fleet::agent::Agent {
+        let running = match applied.exists() {
+            true => std::fs::read_to_string(&applied)?,
+            false => local_text.clone(),
+        };
+        let mut agent = ntp_user::fleet::agent::Agent {
             spec: fleet.clone(),
             local_fleet: local_fleet.clone(),
             validate,
             cell: Default::default(),
             nts_key_file: v.nts.as_ref().map(|n| n.key_file.clone()),
+            running: std::sync::Mutex::new(running),
+            live: None,
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -162,7 +168,14 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
         let cell = agent.cell.clone();
         opts.companion = Some(ntp_user::daemon::Companion::new(
             cell,
-            Box::new(move |obs, restart| Box::pin(agent.run(obs, restart))),
+            Box::new(move |obs, restart, live_admission| {
+                agent.live = Some(std::sync::Arc::new(move |text: &str| {
+                    let v = ntp_user::config::parse(text, std::path::Path::new("(fleet)"))
+                        .map_err(|e| format!("{e:#}"))?;
+                    live_admission(&v.admission).map_err(|e| format!("{e:#}"))
+                }));
+                Box::pin(agent.run(obs, restart))
+            }),
         ));
         let restart = opts.restart.clone();
         serve(opts).map(|()| restart.requested())

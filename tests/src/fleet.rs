@@ -273,6 +273,9 @@ pub struct FleetHost {
 /// Three redundant VIP hosts (priorities 150, 100, 50; local strata 10, 11, 12, so a guest
 /// can tell who answers) on one guest bridge, with an etcd cluster.
 pub struct Fleet {
+    /// One fleet at a time in a test binary: three daemons and three etcd members each are a
+    /// lot for two cores, and the polling guests measure losses.
+    _serial: std::sync::MutexGuard<'static, ()>,
     pub hosts: Vec<FleetHost>,
     pub etcd: EtcdCluster,
     pub guest_bridge: String,
@@ -315,6 +318,8 @@ impl Fleet {
     /// With `cluster_extra` added to the cluster's part (e.g. an `[nts]` section: each host's
     /// override then names its own NTS key file).
     pub fn start_with(cluster_extra: &str) -> Result<Fleet> {
+        static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let home = Netns::new("nth")?;
         let guest_bridge = unique_name("nb");
         home.ip(&["link", "add", &guest_bridge, "type", "bridge"])?;
@@ -369,6 +374,7 @@ impl Fleet {
             });
         }
         let mut fleet = Fleet {
+            _serial: serial,
             hosts,
             etcd,
             guest_bridge,

@@ -175,7 +175,36 @@ fn pushes_are_validated_applied_and_rolled_out_and_restarts_roll_with_one_switch
     marks.push(("v3 done", std::time::Instant::now()));
     assert!(all_applied(&f, r3), "{:?}", hosts(&f));
 
-    // 4. A rolling restart: each daemon restarted once, at most one switch of host.
+    // 4. An access-list change applies in place: no daemon restarts, and the denied guest
+    // gets nothing from then on.
+    let denied = f.add_guest(33).unwrap();
+    let answered = |g: &integration_tests::topology::Netns| {
+        integration_tests::clients::one_query(g, integration_tests::CLOCK_V4)
+            .is_ok_and(|r| r.is_some())
+    };
+    assert!(Fleet::wait_until(Duration::from_secs(5), || answered(
+        &denied
+    )));
+    let before_live = started(&f);
+    let v4 = f
+        .file(
+            "v4.toml",
+            &(cluster_config(&f.guest_bridge, -23)
+                + "\n[access]\ndeny = [\"169.254.84.33/32\"]\ndeny_action = \"drop\"\n"),
+        )
+        .unwrap();
+    marks.push(("push v4 (live)", std::time::Instant::now()));
+    let r4 = revision_of(&f.fleet_ok(&["push", &v4]).unwrap());
+    assert!(all_applied(&f, r4), "{:?}", hosts(&f));
+    assert_eq!(
+        started(&f),
+        before_live,
+        "an access-list change restarted a daemon"
+    );
+    assert!(!answered(&denied), "the denied guest is still answered");
+    assert!(answered(&guest));
+
+    // 5. A rolling restart: each daemon restarted once, at most one switch of host.
     let before: Vec<u64> = started(&f);
     std::thread::sleep(Duration::from_secs(1));
     let seen_before = {
@@ -302,8 +331,11 @@ fn the_store_failing_never_stops_the_time_and_lost_hosts_are_shown() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let poller = poll(&guest, stop.clone());
+    let t0 = std::time::Instant::now();
+    let mut marks: Vec<(&str, std::time::Instant)> = Vec::new();
     // One member down: pushes and status still work.
     f.etcd.kill_member(0);
+    marks.push(("member 0 killed, push v1", std::time::Instant::now()));
     let v1 = f
         .file("v1.toml", &cluster_config(&f.guest_bridge, -21))
         .unwrap();
@@ -311,6 +343,7 @@ fn the_store_failing_never_stops_the_time_and_lost_hosts_are_shown() {
     assert!(all_applied(&f, r1), "{:?}", hosts(&f));
 
     // All members down: every daemon serves on, and says the store is unreachable.
+    marks.push(("v1 applied; all killed", std::time::Instant::now()));
     f.etcd.kill_member(1);
     f.etcd.kill_member(2);
     let alarmed = |f: &Fleet, i: usize| {
@@ -323,6 +356,7 @@ fn the_store_failing_never_stops_the_time_and_lost_hosts_are_shown() {
     };
     assert!(Fleet::wait_until(Duration::from_secs(30), || (0..3).all(|i| alarmed(&f, i))));
     std::thread::sleep(Duration::from_secs(2));
+    marks.push(("alarms seen; restarting members", std::time::Instant::now()));
     // Back: the agents reconnect, the alarm clears, a push applies.
     for i in 0..3 {
         f.etcd.start_member(i).unwrap();
@@ -334,8 +368,10 @@ fn the_store_failing_never_stops_the_time_and_lost_hosts_are_shown() {
     let v2 = f
         .file("v2.toml", &cluster_config(&f.guest_bridge, -20))
         .unwrap();
+    marks.push(("push v2", std::time::Instant::now()));
     let r2 = revision_of(&f.fleet_ok(&["push", &v2]).unwrap());
     assert!(all_applied(&f, r2), "{:?}", hosts(&f));
+    marks.push(("v2 applied", std::time::Instant::now()));
     stop.store(true, Ordering::Relaxed);
     let seen = poller.join().unwrap();
     eprintln!(
@@ -344,6 +380,12 @@ fn the_store_failing_never_stops_the_time_and_lost_hosts_are_shown() {
         lost(&seen),
         switches(&seen)
     );
+    for (name, at) in &marks {
+        eprintln!("mark {name} at {:?}", at.duration_since(t0));
+    }
+    for u in &seen.unanswered {
+        eprintln!("unanswered at {:?}", u.duration_since(t0));
+    }
     assert_eq!(lost(&seen), 0, "requests lost while the store failed");
 
     // A daemon killed: shown as lost within its lease (4 s), with the alarm.

@@ -99,8 +99,15 @@ impl Restart {
 
 /// What a companion runs: given the observatory and the restart handle once the responder
 /// serves (so its start says the configuration started).
-pub type CompanionTask =
-    Box<dyn FnOnce(Arc<Observatory>, Restart) -> futures::future::BoxFuture<'static, ()> + Send>;
+pub type CompanionTask = Box<
+    dyn FnOnce(Arc<Observatory>, Restart, LiveAdmission) -> futures::future::BoxFuture<'static, ()>
+        + Send,
+>;
+
+/// Changes who is answered (policy, access list) without a restart: the kernel's maps and
+/// the userspace path's copy of the policy.
+pub type LiveAdmission =
+    Arc<dyn Fn(&crate::responder::admission::AdmissionSpec) -> Result<()> + Send + Sync>;
 
 /// A task run beside the daemon's (the fleet agent), and the cell it reports its store in.
 #[derive(Clone)]
@@ -210,6 +217,7 @@ pub(crate) async fn serve_responder(
             responder.userspace_admission(opts.admission.policy)?,
         ));
         let nts_state = nts.as_ref().map(|n| n.state.clone());
+        let live_admission = admission.clone();
         let _key_exchange = nts.map(|n| AbortOnDrop(tokio::spawn(n.serve(admission.clone()))));
         let _userspace = AbortOnDrop(tokio::spawn(userspace_path(
             user_sockets,
@@ -221,6 +229,18 @@ pub(crate) async fn serve_responder(
         )));
         // Everything is set up: the companion's start says so (the fleet agent marks a
         // staged configuration applied).
+        let writer = std::sync::Mutex::new(responder.admission_writer()?);
+        let live: LiveAdmission = Arc::new(move |spec| {
+            writer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .apply(spec)?;
+            live_admission
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_policy(spec.policy);
+            Ok(())
+        });
         let _companion = opts
             .companion
             .as_ref()
@@ -229,6 +249,7 @@ pub(crate) async fn serve_responder(
                 AbortOnDrop(tokio::spawn(task(
                     observatory.clone(),
                     opts.restart.clone(),
+                    live,
                 )))
             });
 

@@ -32,7 +32,14 @@ pub struct Agent {
     pub started_unix: u64,
     /// With NTS: the cookie key file, shared with the other hosts through the store.
     pub nts_key_file: Option<std::path::PathBuf>,
+    /// The configuration running now (to tell what can change in place).
+    pub running: std::sync::Mutex<String>,
+    /// Applies a configuration's access list and rate limit in place (set by the daemon).
+    pub live: Option<LiveApply>,
 }
+
+/// Applies the live-changeable part of a configuration text in place.
+pub type LiveApply = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 impl Agent {
     /// Runs until the daemon stops (or restarts itself).
@@ -339,6 +346,36 @@ impl Agent {
         )
         .and_then(|text| (self.validate)(&text, &origin).map(|()| text));
         match checked {
+            Ok(text)
+                if self.live.is_some() && {
+                    let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+                    super::live_changeable(&running, &text)
+                } =>
+            {
+                let live = self.live.as_ref().expect("checked");
+                match live(&text) {
+                    Ok(()) => {
+                        files.record_applied(&text, version)?;
+                        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = text;
+                        self.put_config_state(client, keys, revision, ApplyState::Applied, "")
+                            .await?;
+                        info!(
+                            revision,
+                            "fleet: new configuration applied in place (access list, limits)"
+                        );
+                        Ok(false)
+                    }
+                    Err(why) => {
+                        let mut s = files.state()?;
+                        s.failed = Some((version, why.clone()));
+                        files.save(&s)?;
+                        warn!(revision, reason = %why, "fleet: applying in place failed");
+                        self.put_config_state(client, keys, revision, ApplyState::Failed, &why)
+                            .await?;
+                        Ok(false)
+                    }
+                }
+            }
             Ok(text) => {
                 files.stage(&text, version)?;
                 self.put_config_state(client, keys, revision, ApplyState::Applying, "")

@@ -83,6 +83,20 @@ impl LocalFiles {
         self.save(&s)
     }
 
+    /// `text` was applied in place (no restart): it is the applied one now.
+    pub fn record_applied(&self, text: &str, version: Version) -> Result<()> {
+        let applied = self.applied_config();
+        if applied.exists() {
+            std::fs::copy(&applied, self.previous_config())
+                .with_context(|| format!("keeping {}", applied.display()))?;
+        }
+        write_atomic(&applied, text.as_bytes())?;
+        let mut s = self.state()?;
+        s.applied = Some(version);
+        s.applying = None;
+        self.save(&s)
+    }
+
     /// The staged configuration started: it is the applied one now.
     pub fn mark_applied(&self) -> Result<Option<Version>> {
         let mut s = self.state()?;

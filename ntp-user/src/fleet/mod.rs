@@ -180,6 +180,28 @@ pub fn effective_config(
     toml::to_string(&base).map_err(|e| e.to_string())
 }
 
+/// Whether going from `old` to `new` (whole configurations) changes only what a running
+/// daemon can change in place: the access list and the rate limit (not the table sizes,
+/// fixed when the maps are made).
+pub fn live_changeable(old: &str, new: &str) -> bool {
+    let strip = |text: &str| -> Option<toml::Table> {
+        let mut t: toml::Table = text.parse().ok()?;
+        t.remove("access");
+        t.remove("fleet");
+        if let Some(toml::Value::Table(l)) = t.get_mut("limits") {
+            l.retain(|k, _| k == "sources");
+            if l.is_empty() {
+                t.remove("limits");
+            }
+        }
+        Some(t)
+    };
+    match (strip(old), strip(new)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// One host as `fleet status` and the rollouts see it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HostView {
@@ -278,6 +300,29 @@ pub fn fleet_alarms(hosts: &[HostView], max_offset_spread_s: f64) -> Vec<FleetAl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_access_and_limits_change_live() {
+        let base = "[service]\ninterface = \"v0\"\n[limits]\nrate = 2.0\nsources = 100\n";
+        assert!(live_changeable(
+            base,
+            &format!("{base}[access]\ndeny = [\"169.254.1.1/32\"]\n")
+        ));
+        assert!(live_changeable(
+            base,
+            &base.replace("rate = 2.0", "rate = 5.0")
+        ));
+        assert!(live_changeable(
+            base,
+            "[limits]\nsources = 100\nburst = 3\n[service]\ninterface = \"v0\"\n"
+        ));
+        assert!(!live_changeable(
+            base,
+            &base.replace("sources = 100", "sources = 200")
+        ));
+        assert!(!live_changeable(base, &base.replace("v0", "v1")));
+        assert!(!live_changeable(base, "not toml ["));
+    }
 
     #[test]
     fn keys_split_back_into_host_and_part() {

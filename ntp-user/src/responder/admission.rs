@@ -35,6 +35,23 @@ impl AdmissionSpec {
     }
 }
 
+/// The policy and access-list maps, held apart from the responder (see
+/// [`Responder::admission_writer`]).
+pub struct AdmissionWriter {
+    pub(crate) policy: aya::maps::Array<aya::maps::MapData, ResponderPolicy>,
+    pub(crate) acl: aya::maps::LpmTrie<aya::maps::MapData, [u8; 16], u8>,
+}
+
+impl AdmissionWriter {
+    /// Writes `spec`'s policy and access list (the table sizes are fixed at load).
+    pub fn apply(&mut self, spec: &AdmissionSpec) -> Result<()> {
+        super::write_access_list(&mut self.acl, &spec.acl)?;
+        self.policy
+            .set(0, spec.policy, 0)
+            .map_err(|e| anyhow::anyhow!("writing POLICY: {e}"))
+    }
+}
+
 /// An access-list entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AclEntry {

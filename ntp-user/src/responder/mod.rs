@@ -214,16 +214,17 @@ impl Responder {
     /// Makes the access list exactly `entries`.
     pub fn set_access_list(&mut self, entries: &[AclEntry]) -> Result<()> {
         let mut map: LpmTrie<_, [u8; 16], u8> = LpmTrie::try_from(self.map(maps::ACL)?)?;
-        let old: Vec<LpmKey<[u8; 16]>> = map.keys().flatten().collect();
-        for k in old {
-            map.remove(&k).context("clearing the access list")?;
-        }
-        for e in entries {
-            let value = if e.allow { ACL_ALLOW } else { ACL_DENY };
-            map.insert(&acl_key(e.prefix), value, 0)
-                .with_context(|| format!("adding {} to the access list", e.prefix))?;
-        }
-        Ok(())
+        write_access_list(&mut map, entries)
+    }
+
+    /// Handles on the policy and the access list for another task: the fleet agent changes
+    /// them live, without a restart.
+    pub fn admission_writer(&self) -> Result<admission::AdmissionWriter> {
+        use observer::reopen;
+        Ok(admission::AdmissionWriter {
+            policy: Array::try_from(reopen(&self.ebpf, maps::POLICY)?)?,
+            acl: LpmTrie::try_from(reopen(&self.ebpf, maps::ACL)?)?,
+        })
     }
 
     /// Loads (verifies) both programs, pinning them under `pin_dir` when given.
@@ -457,4 +458,25 @@ impl TableSizes {
         loader.map_max_entries(maps::RATE, self.rate_sources.max(1));
         loader.map_max_entries(maps::GUESTS, self.guests.max(1));
     }
+}
+
+/// Makes the access list in `map` exactly `entries` (removals first: a moment without an
+/// entry falls back to the default, never to a stale allow).
+pub(crate) fn write_access_list<T>(
+    map: &mut LpmTrie<T, [u8; 16], u8>,
+    entries: &[AclEntry],
+) -> Result<()>
+where
+    T: std::borrow::BorrowMut<aya::maps::MapData>,
+{
+    let old: Vec<LpmKey<[u8; 16]>> = map.keys().flatten().collect();
+    for k in old {
+        map.remove(&k).context("clearing the access list")?;
+    }
+    for e in entries {
+        let value = if e.allow { ACL_ALLOW } else { ACL_DENY };
+        map.insert(&acl_key(e.prefix), value, 0)
+            .with_context(|| format!("adding {} to the access list", e.prefix))?;
+    }
+    Ok(())
 }

@@ -90,6 +90,11 @@ impl UserspaceAdmission {
         })
     }
 
+    /// A new policy (a live configuration change); the maps are the kernel's, already written.
+    pub fn set_policy(&mut self, policy: ResponderPolicy) {
+        self.policy = policy;
+    }
+
     /// Access list, then the source's rate, at `now` (CLOCK_MONOTONIC ns).
     pub fn admit(&mut self, from: IpAddr, now: u64) -> Admitted {
         let (addr, v4) = match from.to_canonical() {
