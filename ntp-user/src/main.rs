@@ -158,7 +158,7 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
             local_fleet: local_fleet.clone(),
             validate,
             cell: Default::default(),
-            nts_key_file: v.nts.as_ref().map(|n| n.key_file.clone()),
+            nts_keys: v.nts.as_ref().map(|n| (n.key_file.clone(), n.key_rotation)),
             running: std::sync::Mutex::new(running),
             live: None,
             started_unix: std::time::SystemTime::now()

@@ -191,7 +191,13 @@ pub(super) fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
         None => None,
     };
     let nts = match &cfg.nts {
-        Some(n) => Some(validate_nts(n, &cfg.service, vip.as_ref(), origin)?),
+        Some(n) => Some(validate_nts(
+            n,
+            &cfg.service,
+            vip.as_ref(),
+            cfg.fleet.is_none(),
+            origin,
+        )?),
         None => None,
     };
     let system = SystemConfig {
@@ -364,6 +370,7 @@ pub fn validate_nts(
     n: &NtsSection,
     service: &ServiceSection,
     vip: Option<&crate::host::vip::VipSpec>,
+    rotate_locally: bool,
     origin: &Path,
 ) -> Result<crate::nts::server::NtsSpec> {
     let bad =
@@ -431,6 +438,7 @@ pub fn validate_nts(
         port: n.port,
         key_file,
         key_rotation,
+        rotate_locally,
         ntp_server_v4: pick(true)?,
         ntp_server_v6: pick(false)?,
     })

@@ -278,8 +278,11 @@ fn start_nts(spec: &crate::nts::server::NtsSpec, sockets: &UserSockets) -> Resul
     use crate::nts::server;
     let tls = server::tls_config(&spec.certificate_chain, &spec.private_key)?;
     let state = Arc::new(
-        server::load_or_create_keys(&spec.key_file, spec.key_rotation)
-            .context("NTS cookie keys")?,
+        server::load_or_create_keys(
+            &spec.key_file,
+            spec.rotate_locally.then_some(spec.key_rotation),
+        )
+        .context("NTS cookie keys")?,
     );
     let netns = sockets.place.netns.clone();
     let listeners = server::bind_listeners(netns.as_deref(), &spec.listen, spec.port)?;

@@ -30,8 +30,9 @@ pub struct Agent {
     pub validate: Validator,
     pub cell: FleetCell,
     pub started_unix: u64,
-    /// With NTS: the cookie key file, shared with the other hosts through the store.
-    pub nts_key_file: Option<std::path::PathBuf>,
+    /// With NTS: the cookie key file and the rotation period; the agent rotates the keys in
+    /// the store and every host's file follows it.
+    pub nts_keys: Option<(std::path::PathBuf, Duration)>,
     /// The configuration running now (to tell what can change in place).
     pub running: std::sync::Mutex<String>,
     /// Applies a configuration's access list and rate limit in place (set by the daemon).
@@ -139,10 +140,11 @@ impl Agent {
                 ),
             )
             .await?;
-        if self.evaluate(&mut client, &keys, files).await? {
-            restart.request();
-            return Ok(());
-        }
+        self.release_restart_slot(&mut client, &keys).await?;
+        // A restart waits for the cluster's restart slot: one host at a time, so that some
+        // host always holds the addresses (all at once, none would for an election).
+        let mut pending = self.evaluate(&mut client, &keys, files).await?;
+        let mut told = false;
         let mut ticker = tokio::time::interval(
             (self.spec.lease_ttl / 5).clamp(Duration::from_millis(500), Duration::from_secs(2)),
         );
@@ -176,10 +178,59 @@ impl Agent {
                 }
             };
             if relevant && self.evaluate(&mut client, &keys, files).await? {
-                restart.request();
-                return Ok(());
+                pending = true;
+            }
+            if pending {
+                if self.take_restart_slot(&mut client, &keys, lease).await? {
+                    restart.request();
+                    return Ok(());
+                }
+                if !told {
+                    info!("fleet: restart due; waiting for another host's restart to finish");
+                    told = true;
+                }
             }
         }
+    }
+
+    /// Takes the cluster's restart slot for this host (bound to its lease, so a host that
+    /// dies frees it); true when it has it.
+    async fn take_restart_slot(
+        &self,
+        client: &mut Client,
+        keys: &Keys,
+        lease: i64,
+    ) -> Result<bool> {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        let key = keys.restart_slot();
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                self.spec.host.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        if client.txn(txn).await?.succeeded() {
+            return Ok(true);
+        }
+        Ok(store::get(client, &key)
+            .await?
+            .is_some_and(|(holder, _)| holder == self.spec.host))
+    }
+
+    /// Frees the restart slot if this host holds it (it is back).
+    async fn release_restart_slot(&self, client: &mut Client, keys: &Keys) -> Result<()> {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        let key = keys.restart_slot();
+        let txn = Txn::new()
+            .when([Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                self.spec.host.clone(),
+            )])
+            .and_then([TxnOp::delete(key, None)]);
+        client.txn(txn).await?;
+        Ok(())
     }
 
     /// Puts the heartbeat under the lease.
@@ -398,14 +449,14 @@ impl Agent {
         }
     }
 
-    /// Keeps this host's NTS cookie keys and the cluster's the same, so that a guest's
-    /// cookies work on whichever host holds the addresses: a rotation here is written to the
-    /// store (compare-and-swap), a newer rotation in the store is written to the key file
-    /// (which the NTS server adopts). On a tie the store's wins.
+    /// Keeps this host's NTS cookie keys the cluster's: the store holds them; whichever
+    /// agent first finds them due rotates them there (compare-and-swap, so there is one new
+    /// key, never two under one id); every host's key file follows the store, and its NTS
+    /// server adopts the file. The first host to publish seeds the store.
     async fn sync_nts_keys(&self, client: &mut Client, keys: &Keys) -> Result<()> {
         use crate::nts::cookie::CookieKeys;
         use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-        let Some(file) = &self.nts_key_file else {
+        let Some((file, rotation)) = &self.nts_keys else {
             return Ok(());
         };
         let parse = |t: &str| {
@@ -416,32 +467,37 @@ impl Agent {
         let local = std::fs::read_to_string(file).ok().and_then(|t| parse(&t));
         let key = keys.nts_keys();
         let stored = store::get(client, &key).await?;
-        let stored_keys = stored.as_ref().and_then(|(t, _)| parse(t));
-        let age = |k: &CookieKeys| (k.current().created_unix, k.current().id);
-        let publish = match (&local, &stored_keys) {
-            (Some(_), None) => true,
-            (Some(l), Some(s)) if l != s => age(l) > age(s),
-            _ => false,
+        let (mut cluster, guard) = match (stored.as_ref().and_then(|(t, _)| parse(t)), &stored) {
+            (Some(s), Some((_, rev))) => (
+                s,
+                Compare::mod_revision(key.clone(), CompareOp::Equal, *rev),
+            ),
+            _ => match local {
+                Some(ref l) => (
+                    l.clone(),
+                    Compare::version(key.clone(), CompareOp::Equal, 0),
+                ),
+                None => return Ok(()),
+            },
         };
-        if publish {
-            let l = local.as_ref().expect("checked");
-            let guard = match &stored {
-                Some((_, rev)) => Compare::mod_revision(key.clone(), CompareOp::Equal, *rev),
-                None => Compare::version(key.clone(), CompareOp::Equal, 0),
-            };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let rotated = cluster.rotate_if_due(now, rotation.as_secs().max(1), rand::random());
+        if rotated || stored.is_none() {
             let txn = Txn::new().when([guard]).and_then([TxnOp::put(
                 key.clone(),
-                serde_json::to_vec(l)?,
+                serde_json::to_vec(&cluster)?,
                 None,
             )]);
-            if client.txn(txn).await?.succeeded() {
-                info!(ids = ?l.ids(), "fleet: NTS cookie keys published");
+            if !client.txn(txn).await?.succeeded() {
+                return Ok(()); // another host was first: its keys are adopted next time
             }
-            return Ok(());
+            info!(ids = ?cluster.ids(), rotated, "fleet: NTS cookie keys written to the store");
         }
-        if let Some(s) = stored_keys.filter(|s| local.as_ref() != Some(s)) {
-            crate::nts::server::write_keys(file, &s)?;
-            info!(ids = ?s.ids(), "fleet: adopted the cluster's NTS cookie keys");
+        if local.as_ref() != Some(&cluster) {
+            crate::nts::server::write_keys(file, &cluster)?;
+            info!(ids = ?cluster.ids(), "fleet: NTS cookie keys from the store");
         }
         Ok(())
     }

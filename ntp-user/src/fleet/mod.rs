@@ -14,6 +14,7 @@
 //! | `hosts/<h>/config_state` | [`ConfigState`]: revision, applying/applied/failed, message | the agent |
 //! | `hosts/<h>/command` | [`HostCommand`]: `{"id", "command": "restart"}` | `fleet restart` |
 //! | `hosts/<h>/command_state` | [`CommandState`] | the agent |
+//! | `restart_slot` | the host restarting now, under its lease: one at a time | agents (txn) |
 //! | `nts_keys` | the NTS cookie keys (JSON), newest rotation wins | agents (compare-and-swap) |
 //!
 //! Sans IO here: the key names, the values, the TOML merge, the rollout order and the fleet's
@@ -64,6 +65,10 @@ impl Keys {
     }
     pub fn config(&self) -> String {
         format!("{}config", self.prefix)
+    }
+    /// Held (under its lease) by the one host restarting now.
+    pub fn restart_slot(&self) -> String {
+        format!("{}restart_slot", self.prefix)
     }
     /// The NTS cookie keys every host of the cluster uses.
     pub fn nts_keys(&self) -> String {

@@ -32,6 +32,9 @@ pub struct NtsSpec {
     /// Where the cookie keys are kept across restarts (and shared by hosts that share it).
     pub key_file: PathBuf,
     pub key_rotation: Duration,
+    /// False in a fleet: the fleet agent rotates the keys in the store (one host at a time,
+    /// so two hosts never make different keys under one id) and this server adopts them.
+    pub rotate_locally: bool,
     /// The NTP server the key exchange names (its "server" record), per family: the clock
     /// address guests reach. None: no record, the client uses the key exchange's address.
     pub ntp_server_v4: Option<IpAddr>,
@@ -137,14 +140,21 @@ impl NtsState {
 
     /// Adopts the file's keys when they changed (another host or an operator wrote them),
     /// then rotates if due and writes the file back.
-    fn refresh(&self, file: &Path, rotation: Duration) -> Result<()> {
+    /// `rotation` None: never rotate here (a fleet agent does).
+    fn refresh(&self, file: &Path, rotation: Option<Duration>) -> Result<()> {
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
         if let Some(on_disk) = read_keys(file)? {
             if on_disk != *keys {
                 info!(ids = ?on_disk.ids(), file = %file.display(), "NTS cookie keys changed on disk: adopted");
+                if on_disk.current().id != keys.current().id {
+                    self.counters.key_rotations.fetch_add(1, Ordering::Relaxed);
+                }
                 *keys = on_disk;
             }
         }
+        let Some(rotation) = rotation else {
+            return Ok(());
+        };
         if keys.rotate_if_due(unix_now(), rotation.as_secs().max(1), rand::random()) {
             self.counters.key_rotations.fetch_add(1, Ordering::Relaxed);
             write_keys(file, &keys)?;
@@ -195,7 +205,7 @@ pub fn write_keys(file: &Path, keys: &CookieKeys) -> Result<()> {
 }
 
 /// The keys of `file`, made (and written) when there is none; rotated if due.
-pub fn load_or_create_keys(file: &Path, rotation: Duration) -> Result<NtsState> {
+pub fn load_or_create_keys(file: &Path, rotation: Option<Duration>) -> Result<NtsState> {
     let keys = match read_keys(file)? {
         Some(k) => {
             info!(ids = ?k.ids(), file = %file.display(), "NTS cookie keys loaded");
@@ -340,7 +350,10 @@ pub async fn serve(
                 _ = rotation.tick() => {
                     let (state, spec) = (state.clone(), spec.clone());
                     let refreshed = tokio::task::spawn_blocking(move || {
-                        state.refresh(&spec.key_file, spec.key_rotation)
+                        state.refresh(
+                            &spec.key_file,
+                            spec.rotate_locally.then_some(spec.key_rotation),
+                        )
                     })
                     .await?;
                     if let Err(e) = refreshed {
@@ -522,6 +535,7 @@ mod tests {
             port: 4460,
             key_file: dir.join("keys.json"),
             key_rotation: Duration::from_secs(3600),
+            rotate_locally: true,
             ntp_server_v4: Some("169.254.169.123".parse().unwrap()),
             ntp_server_v6: None,
         }
@@ -548,7 +562,7 @@ mod tests {
     ) -> (Result<()>, Result<Vec<u8>>, SessionKeys, Arc<NtsState>) {
         let (scratch, chain, key, ca) = pki();
         let spec = spec(&scratch.0);
-        let state = Arc::new(load_or_create_keys(&spec.key_file, spec.key_rotation).unwrap());
+        let state = Arc::new(load_or_create_keys(&spec.key_file, Some(spec.key_rotation)).unwrap());
         let acceptor = tokio_rustls::TlsAcceptor::from(tls_config(&chain, &key).unwrap());
         let (a, b) = tokio::io::duplex(1 << 16);
         let local: IpAddr = "169.254.169.123".parse().unwrap();
@@ -635,14 +649,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nts-keys-{}", rand::random::<u64>()));
         let _scratch = Scratch(dir.clone());
         let file = dir.join("keys.json");
-        let a = load_or_create_keys(&file, Duration::from_secs(3600)).unwrap();
-        let b = load_or_create_keys(&file, Duration::from_secs(3600)).unwrap();
+        let a = load_or_create_keys(&file, Some(Duration::from_secs(3600))).unwrap();
+        let b = load_or_create_keys(&file, Some(Duration::from_secs(3600))).unwrap();
         assert_eq!(a.key_ids(), b.key_ids());
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         std::fs::write(&file, "not json").unwrap();
-        let e = load_or_create_keys(&file, Duration::from_secs(3600)).unwrap_err();
+        let e = load_or_create_keys(&file, Some(Duration::from_secs(3600))).unwrap_err();
         assert!(format!("{e:#}").contains("keys.json"), "{e:#}");
     }
 }
