@@ -3,8 +3,6 @@
 //! redundant VIP hosts (keepalived, unicast peers) whose daemons are the fleet's agents, on
 //! one guest bridge. Everything on 169.254.0.0/16, removed on drop.
 
-use std::os::fd::AsFd as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -387,16 +385,8 @@ impl Fleet {
         Ok(fleet)
     }
 
-    fn in_home(&self, mut cmd: Command) -> Command {
-        let ns = self.home.file().unwrap();
-        // SAFETY: setns is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-                Ok(())
-            });
-        }
-        cmd
+    fn in_home(&self, cmd: Command) -> Command {
+        crate::vip::in_netns(cmd, &self.home).expect("the home namespace")
     }
 
     pub fn start_daemon(&mut self, i: usize) -> Result<()> {
@@ -460,20 +450,7 @@ impl Fleet {
 
     pub fn add_guest(&self, octet: u8) -> Result<Netns> {
         let guest = crate::vip::guest_on_bridge(&self.home, &self.guest_bridge)?;
-        guest.ip(&[
-            "addr",
-            "add",
-            &format!("169.254.{SUBNET}.{octet}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        guest.ip(&[
-            "route",
-            "add",
-            &format!("{CLOCK_V4}/32"),
-            "via",
-            &format!("169.254.{SUBNET}.1"),
-        ])?;
+        crate::vip::configure_guest(&guest, SUBNET, octet)?;
         Ok(guest)
     }
 

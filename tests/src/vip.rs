@@ -43,6 +43,40 @@ pub fn guest_on_bridge(home: &Netns, bridge: &str) -> Result<Netns> {
     Ok(guest)
 }
 
+/// A guest's static address 169.254.SUBNET.OCTET/24 and its route to the clock address via
+/// the service address 169.254.SUBNET.1, as DHCP would give them.
+pub fn configure_guest(guest: &Netns, subnet: u8, octet: u8) -> Result<()> {
+    guest.ip(&[
+        "addr",
+        "add",
+        &format!("169.254.{subnet}.{octet}/24"),
+        "dev",
+        "eth0",
+    ])?;
+    guest.ip(&[
+        "route",
+        "add",
+        &format!("{CLOCK_V4}/32"),
+        "via",
+        &format!("169.254.{subnet}.1"),
+    ])?;
+    Ok(())
+}
+
+/// `cmd` runs in `ns`'s network namespace, entered with setns only (same mount namespace, so
+/// the bpffs and /run/ntp-xdp stay visible).
+pub fn in_netns(mut cmd: Command, ns: &Netns) -> Result<Command> {
+    let ns = ns.file()?;
+    // SAFETY: setns is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
 pub struct VipOptions {
     /// 169.254.<subnet>.0/24 is the service subnet.
     pub subnet: u8,
@@ -194,15 +228,7 @@ lease_time = "10m"
     pub fn ntp_user(&self, args: &[&str]) -> Result<Command> {
         let mut cmd = Command::new(ntp_user_bin());
         cmd.args(args);
-        let ns = self.home.file()?;
-        // SAFETY: setns is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-                Ok(())
-            });
-        }
-        Ok(cmd)
+        in_netns(cmd, &self.home)
     }
 
     /// Starts `ntp-user run --config` and waits until the responder is attached.
@@ -258,21 +284,14 @@ lease_time = "10m"
 
     /// A static address on the service subnet and the route DHCP would give.
     pub fn configure_guest_statically(&self, guest: &Netns, host_octet: u8) -> Result<()> {
-        guest.ip(&[
-            "addr",
-            "add",
-            &format!("169.254.{}.{host_octet}/24", self.subnet),
-            "dev",
-            "eth0",
-        ])?;
-        guest.ip(&[
-            "route",
-            "add",
-            &format!("{CLOCK_V4}/32"),
-            "via",
-            &self.service_v4(),
-        ])?;
-        Ok(())
+        configure_guest(guest, self.subnet, host_octet)
+    }
+
+    /// The daemon's report (`ntp-user status --json` through its config's control socket).
+    pub fn status_report(&self) -> Result<ntp_user::observe::status::StatusReport> {
+        let config = self.config.to_string_lossy().into_owned();
+        let out = run(&mut self.ntp_user(&["status", "--config", &config, "--json"])?)?;
+        Ok(serde_json::from_str(&out)?)
     }
 
     /// Runs a real DHCP client (busybox udhcpc) in the guest; returns what it printed.

@@ -15,12 +15,7 @@ use ntp_user::observe::status::StatusReport;
 const METRICS: &str = "127.0.0.1:9273";
 
 fn status(vip: &VipHost) -> StatusReport {
-    let config = vip.config.to_string_lossy().into_owned();
-    let out = run(&mut vip
-        .ntp_user(&["status", "--config", &config, "--json"])
-        .unwrap())
-    .unwrap();
-    serde_json::from_str(&out).unwrap()
+    vip.status_report().unwrap()
 }
 
 fn scrape(vip: &VipHost) -> String {

@@ -59,6 +59,22 @@ fn set_overrides(f: &Fleet) {
     }
 }
 
+/// A guest at 169.254.84.OCTET, once all three hosts report, their overrides are in the
+/// store, and a master holds the addresses and answers it.
+fn ready(f: &Fleet, octet: u8) -> integration_tests::topology::Netns {
+    let guest = f.add_guest(octet).unwrap();
+    assert!(Fleet::wait_until(Duration::from_secs(20), || {
+        hosts(f).iter().filter(|h| !h.1).count() == 3
+    }));
+    set_overrides(f);
+    master(f);
+    assert!(Fleet::wait_until(Duration::from_secs(10), || {
+        integration_tests::clients::one_query(&guest, integration_tests::CLOCK_V4)
+            .is_ok_and(|r| r.is_some())
+    }));
+    guest
+}
+
 fn revision_of(out: &str) -> i64 {
     out.lines()
         .find_map(|l| l.strip_prefix("done: revision "))
@@ -69,17 +85,7 @@ fn revision_of(out: &str) -> i64 {
 #[test]
 fn pushes_are_validated_applied_and_rolled_out_and_restarts_roll_with_one_switch() {
     let f = Fleet::start().unwrap();
-    let guest = f.add_guest(30).unwrap();
-    assert!(Fleet::wait_until(Duration::from_secs(20), || {
-        hosts(&f).iter().filter(|h| !h.1).count() == 3
-    }));
-    set_overrides(&f);
-    // Polling starts once a master holds the addresses and answers.
-    master(&f);
-    assert!(Fleet::wait_until(Duration::from_secs(10), || {
-        integration_tests::clients::one_query(&guest, integration_tests::CLOCK_V4)
-            .is_ok_and(|r| r.is_some())
-    }));
+    let guest = ready(&f, 30);
     let stop = Arc::new(AtomicBool::new(false));
     let poller = poll(&guest, stop.clone());
 
@@ -303,16 +309,7 @@ fn started(f: &Fleet) -> Vec<u64> {
 #[test]
 fn the_store_failing_never_stops_the_time_and_lost_hosts_are_shown() {
     let mut f = Fleet::start().unwrap();
-    let guest = f.add_guest(31).unwrap();
-    assert!(Fleet::wait_until(Duration::from_secs(20), || {
-        hosts(&f).iter().filter(|h| !h.1).count() == 3
-    }));
-    set_overrides(&f);
-    master(&f);
-    assert!(Fleet::wait_until(Duration::from_secs(10), || {
-        integration_tests::clients::one_query(&guest, integration_tests::CLOCK_V4)
-            .is_ok_and(|r| r.is_some())
-    }));
+    let guest = ready(&f, 31);
 
     // Without a client certificate the store says nothing.
     let out = f

@@ -10,19 +10,13 @@ use integration_tests::vip::{VipHost, VipOptions};
 use integration_tests::{run, unique_name, CLOCK_V4};
 use ntp_common::wire::*;
 use ntp_user::nts::packet::client_open_reply;
-use ntp_user::observe::status::{NtsStatus, StatusReport};
-
-fn status(vip: &VipHost) -> StatusReport {
-    let config = vip.config.to_string_lossy().into_owned();
-    let out = run(&mut vip
-        .ntp_user(&["status", "--config", &config, "--json"])
-        .unwrap())
-    .unwrap();
-    serde_json::from_str(&out).unwrap()
-}
+use ntp_user::observe::status::NtsStatus;
 
 fn nts(vip: &VipHost) -> NtsStatus {
-    status(vip).nts.expect("status has an NTS part")
+    vip.status_report()
+        .unwrap()
+        .nts
+        .expect("status has an NTS part")
 }
 
 fn vip_with_nts(subnet: u8, pki: &TestPki, rotation: &str, extra: &str) -> VipHost {

@@ -7,8 +7,6 @@
 //! master, back, stays standby (no second switch). Each host serves its own local stratum
 //! (10, 11), so the guest can tell who answers.
 
-use std::os::fd::AsFd as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -139,15 +137,7 @@ enable = false
     fn ntp_user(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(ntp_user_bin());
         cmd.args(args);
-        let ns = self.home.file().unwrap();
-        // SAFETY: setns is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-                Ok(())
-            });
-        }
-        cmd
+        integration_tests::vip::in_netns(cmd, &self.home).unwrap()
     }
 
     fn start_daemon(&mut self, i: usize) {
@@ -166,24 +156,7 @@ enable = false
     fn add_guest(&self) -> Netns {
         let guest =
             integration_tests::vip::guest_on_bridge(&self.home, &self.guest_bridge).unwrap();
-        guest
-            .ip(&[
-                "addr",
-                "add",
-                &format!("169.254.{SUBNET}.21/24"),
-                "dev",
-                "eth0",
-            ])
-            .unwrap();
-        guest
-            .ip(&[
-                "route",
-                "add",
-                &format!("{CLOCK_V4}/32"),
-                "via",
-                &format!("169.254.{SUBNET}.1"),
-            ])
-            .unwrap();
+        integration_tests::vip::configure_guest(&guest, SUBNET, 21).unwrap();
         guest
     }
 }

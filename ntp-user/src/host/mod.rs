@@ -1,6 +1,7 @@
 //! The host plumbing: netlink, network namespaces, the VIP host's namespace/veth/addresses,
 //! DHCP (dnsmasq) and the host clock.
 pub mod dhcp;
+pub mod files;
 pub mod helper;
 pub mod hostclock;
 pub mod keepalived;

@@ -193,16 +193,22 @@ pub fn protected_reply(
     for c in cookies {
         push_field(&mut plain, EF_COOKIE, c);
     }
-    let sealed = siv(&session.s2c)
-        .encrypt([&out[..], &nonce[..]], &plain)
+    push_authenticator(&mut out, &session.s2c, nonce, &plain);
+    out
+}
+
+/// Appends the authenticator field: `plain` sealed with `key` under `nonce`, everything
+/// already in `out` as associated data (§5.6).
+fn push_authenticator(out: &mut Vec<u8>, key: &[u8; 32], nonce: [u8; 16], plain: &[u8]) {
+    let sealed = siv(key)
+        .encrypt([&out[..], &nonce[..]], plain)
         .expect("AES-SIV seals any length");
     let mut body = Vec::with_capacity(4 + 16 + sealed.len());
     body.extend_from_slice(&16u16.to_be_bytes());
     body.extend_from_slice(&(sealed.len() as u16).to_be_bytes());
     body.extend_from_slice(&nonce);
     body.extend_from_slice(&sealed);
-    push_field(&mut out, EF_AUTHENTICATOR, &body);
-    out
+    push_field(out, EF_AUTHENTICATOR, &body);
 }
 
 /// An NTS NAK (§5.7): a kiss-o'-death header with code NTSN and the request's identifier,
@@ -229,15 +235,7 @@ pub fn client_request(
     for _ in 0..placeholders {
         push_field(&mut out, EF_COOKIE_PLACEHOLDER, &vec![0; cookie.len()]);
     }
-    let sealed = siv(c2s)
-        .encrypt([&out[..], &nonce[..]], &[])
-        .expect("AES-SIV seals any length");
-    let mut body = Vec::new();
-    body.extend_from_slice(&16u16.to_be_bytes());
-    body.extend_from_slice(&(sealed.len() as u16).to_be_bytes());
-    body.extend_from_slice(&nonce);
-    body.extend_from_slice(&sealed);
-    push_field(&mut out, EF_AUTHENTICATOR, &body);
+    push_authenticator(&mut out, c2s, nonce, &[]);
     out
 }
 

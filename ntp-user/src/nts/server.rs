@@ -1,8 +1,7 @@
 //! The IO around the NTS core: the key exchange over TLS 1.3 (tokio-rustls), the cookie keys'
 //! file and its rotation, and [`NtsState::respond`] for the userspace path.
 
-use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -186,22 +185,7 @@ fn read_keys(file: &Path) -> Result<Option<CookieKeys>> {
 
 /// Writes the keys readable by root only, atomically (a restart never reads half a file).
 pub fn write_keys(file: &Path, keys: &CookieKeys) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = file.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(serde_json::to_string(keys)?.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, file).with_context(|| format!("replacing {}", file.display()))?;
-    Ok(())
+    crate::host::files::write_atomic(file, serde_json::to_string(keys)?.as_bytes())
 }
 
 /// The keys of `file`, made (and written) when there is none; rotated if due.
@@ -253,28 +237,10 @@ pub fn bind_listeners(
     port: u16,
 ) -> Result<Vec<std::net::TcpListener>> {
     let bind = || -> Result<Vec<std::net::TcpListener>> {
-        use nix::sys::socket::{
-            bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-            SockaddrStorage,
-        };
-        use std::os::fd::AsRawFd as _;
+        use nix::sys::socket::{listen, Backlog, SockType};
         let mut out = Vec::new();
         for addr in addrs {
-            let family = if addr.is_ipv4() {
-                AddressFamily::Inet
-            } else {
-                AddressFamily::Inet6
-            };
-            let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-                .context("socket()")?;
-            setsockopt(&fd, sockopt::IpFreebind, &true).context("IP_FREEBIND")?;
-            setsockopt(&fd, sockopt::ReuseAddr, &true).context("SO_REUSEADDR")?;
-            if addr.is_ipv6() {
-                setsockopt(&fd, sockopt::Ipv6V6Only, &true).context("IPV6_V6ONLY")?;
-            }
-            let sa = SockaddrStorage::from(SocketAddr::new(*addr, port));
-            bind(fd.as_raw_fd(), &sa)
-                .with_context(|| format!("binding {addr} port {port} (NTS-KE)"))?;
+            let fd = crate::host::files::bind_freebind(*addr, port, SockType::Stream, "NTS-KE")?;
             listen(&fd, Backlog::new(128).expect("a valid backlog")).context("listen()")?;
             let l = std::net::TcpListener::from(fd);
             l.set_nonblocking(true)?;

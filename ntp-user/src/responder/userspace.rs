@@ -212,27 +212,11 @@ pub struct UserspaceCounters {
 /// that is briefly missing (drift being repaired) must not stop the daemon.
 pub fn bind_sockets(ns: Option<&File>, addrs: &[IpAddr]) -> Result<Vec<std::net::UdpSocket>> {
     let bind = || -> Result<Vec<std::net::UdpSocket>> {
-        use nix::sys::socket::{
-            bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
-        };
+        use nix::sys::socket::{setsockopt, sockopt, SockType};
         let mut out = Vec::new();
         for addr in addrs {
-            let family = if addr.is_ipv4() {
-                AddressFamily::Inet
-            } else {
-                AddressFamily::Inet6
-            };
-            let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
-                .context("socket()")?;
-            setsockopt(&fd, sockopt::IpFreebind, &true).context("IP_FREEBIND")?;
-            setsockopt(&fd, sockopt::ReuseAddr, &true).context("SO_REUSEADDR")?;
-            if addr.is_ipv6() {
-                setsockopt(&fd, sockopt::Ipv6V6Only, &true).context("IPV6_V6ONLY")?;
-            }
+            let fd = crate::host::files::bind_freebind(*addr, 123, SockType::Datagram, "NTP")?;
             setsockopt(&fd, sockopt::ReceiveTimestampns, &true).context("SO_TIMESTAMPNS")?;
-            let sa = SockaddrStorage::from(SocketAddr::new(*addr, 123));
-            use std::os::fd::AsRawFd as _;
-            bind(fd.as_raw_fd(), &sa).with_context(|| format!("binding {addr} port 123"))?;
             let sock = std::net::UdpSocket::from(fd);
             sock.set_nonblocking(true)?;
             out.push(sock);
