@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
+use crate::clients::Polled;
 use crate::topology::{Netns, ServeProcess};
 use crate::{ntp_user_bin, run, unique_name, CLOCK_V4};
 
@@ -478,4 +479,121 @@ impl Drop for Fleet {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+// What the fleet tests and `cargo xtask demo --fleet` look at.
+
+/// Hosts in `fleet status --json`, by name: (lost, config revision, config state).
+pub fn hosts(f: &Fleet) -> Vec<(String, bool, i64, String)> {
+    let s = f.fleet_status().unwrap();
+    s["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["host"].as_str().unwrap().to_string(),
+                h["status"].is_null(),
+                h["status"]["config_revision"].as_i64().unwrap_or(-1),
+                h["config_state"]["state"]
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
+pub fn all_applied(f: &Fleet, revision: i64) -> bool {
+    let h = hosts(f);
+    h.len() == 3
+        && h.iter()
+            .all(|(_, lost, rev, st)| !lost && *rev == revision && st == "applied")
+}
+
+/// Which host answered (its stratum) changed this many times.
+pub fn switches(p: &Polled) -> usize {
+    p.seen
+        .windows(2)
+        .filter(|w| w[0].stratum != w[1].stratum)
+        .count()
+}
+
+pub fn lost(p: &Polled) -> u64 {
+    p.sent - p.seen.len() as u64
+}
+
+pub fn set_overrides(f: &Fleet) {
+    for h in &f.hosts {
+        let file = f
+            .file(&format!("{}-override.toml", h.name), &h.override_text)
+            .unwrap();
+        f.fleet_ok(&["override", h.name, &file]).unwrap();
+    }
+}
+
+/// A guest at 169.254.84.OCTET, once all three hosts report, their overrides are in the
+/// store, and a master holds the addresses and answers it.
+pub fn ready(f: &Fleet, octet: u8) -> crate::topology::Netns {
+    let guest = f.add_guest(octet).unwrap();
+    assert!(Fleet::wait_until(Duration::from_secs(20), || {
+        hosts(f).iter().filter(|h| !h.1).count() == 3
+    }));
+    set_overrides(f);
+    master(f);
+    assert!(Fleet::wait_until(Duration::from_secs(10), || {
+        crate::clients::one_query(&guest, crate::CLOCK_V4).is_ok_and(|r| r.is_some())
+    }));
+    guest
+}
+
+pub fn revision_of(out: &str) -> i64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix("done: revision "))
+        .and_then(|r| r.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no revision in {out}"))
+}
+
+/// The host whose heartbeat says it is the VRRP master.
+pub fn master(f: &Fleet) -> String {
+    let find = || {
+        let s = f.fleet_status().unwrap();
+        s["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["status"]["role"] == "master")
+            .and_then(|h| h["host"].as_str())
+            .map(str::to_string)
+    };
+    let mut found = None;
+    Fleet::wait_until(Duration::from_secs(15), || {
+        found = find();
+        found.is_some()
+    });
+    found.unwrap_or_else(|| {
+        for h in &f.hosts {
+            if let Some(d) = &h.daemon {
+                eprintln!("--- {} ---\n{}", h.name, d.drain_log().join("\n"));
+            }
+        }
+        panic!("no master: {}", f.fleet_status().unwrap())
+    })
+}
+
+pub fn started(f: &Fleet) -> Vec<u64> {
+    let s = f.fleet_status().unwrap();
+    let mut v: Vec<(String, u64)> = s["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["host"].as_str().unwrap().to_string(),
+                h["status"]["started_unix"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, s)| s).collect()
 }

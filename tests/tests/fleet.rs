@@ -7,80 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use integration_tests::clients::{poll, Polled};
-use integration_tests::fleet::{cluster_config, Fleet};
-
-/// Hosts in `fleet status --json`, by name: (lost, config revision, config state).
-fn hosts(f: &Fleet) -> Vec<(String, bool, i64, String)> {
-    let s = f.fleet_status().unwrap();
-    s["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            (
-                h["host"].as_str().unwrap().to_string(),
-                h["status"].is_null(),
-                h["status"]["config_revision"].as_i64().unwrap_or(-1),
-                h["config_state"]["state"]
-                    .as_str()
-                    .unwrap_or("-")
-                    .to_string(),
-            )
-        })
-        .collect()
-}
-
-fn all_applied(f: &Fleet, revision: i64) -> bool {
-    let h = hosts(f);
-    h.len() == 3
-        && h.iter()
-            .all(|(_, lost, rev, st)| !lost && *rev == revision && st == "applied")
-}
-
-/// Which host answered (its stratum) changed this many times.
-fn switches(p: &Polled) -> usize {
-    p.seen
-        .windows(2)
-        .filter(|w| w[0].stratum != w[1].stratum)
-        .count()
-}
-
-fn lost(p: &Polled) -> u64 {
-    p.sent - p.seen.len() as u64
-}
-
-fn set_overrides(f: &Fleet) {
-    for h in &f.hosts {
-        let file = f
-            .file(&format!("{}-override.toml", h.name), &h.override_text)
-            .unwrap();
-        f.fleet_ok(&["override", h.name, &file]).unwrap();
-    }
-}
-
-/// A guest at 169.254.84.OCTET, once all three hosts report, their overrides are in the
-/// store, and a master holds the addresses and answers it.
-fn ready(f: &Fleet, octet: u8) -> integration_tests::topology::Netns {
-    let guest = f.add_guest(octet).unwrap();
-    assert!(Fleet::wait_until(Duration::from_secs(20), || {
-        hosts(f).iter().filter(|h| !h.1).count() == 3
-    }));
-    set_overrides(f);
-    master(f);
-    assert!(Fleet::wait_until(Duration::from_secs(10), || {
-        integration_tests::clients::one_query(&guest, integration_tests::CLOCK_V4)
-            .is_ok_and(|r| r.is_some())
-    }));
-    guest
-}
-
-fn revision_of(out: &str) -> i64 {
-    out.lines()
-        .find_map(|l| l.strip_prefix("done: revision "))
-        .and_then(|r| r.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no revision in {out}"))
-}
+use integration_tests::clients::poll;
+use integration_tests::fleet::{
+    all_applied, cluster_config, hosts, lost, master, ready, revision_of, started, switches, Fleet,
+};
 
 #[test]
 fn pushes_are_validated_applied_and_rolled_out_and_restarts_roll_with_one_switch() {
@@ -260,50 +190,6 @@ fn pushes_are_validated_applied_and_rolled_out_and_restarts_roll_with_one_switch
     assert_eq!(lost(&seen), 0, "requests lost during the rolling restart");
     assert!(switches(&seen) <= 1, "{} switches", switches(&seen));
     assert!(seen.seen.iter().all(|s| s.leap != 3));
-}
-
-/// The host whose heartbeat says it is the VRRP master.
-fn master(f: &Fleet) -> String {
-    let find = || {
-        let s = f.fleet_status().unwrap();
-        s["hosts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|h| h["status"]["role"] == "master")
-            .and_then(|h| h["host"].as_str())
-            .map(str::to_string)
-    };
-    let mut found = None;
-    Fleet::wait_until(Duration::from_secs(15), || {
-        found = find();
-        found.is_some()
-    });
-    found.unwrap_or_else(|| {
-        for h in &f.hosts {
-            if let Some(d) = &h.daemon {
-                eprintln!("--- {} ---\n{}", h.name, d.drain_log().join("\n"));
-            }
-        }
-        panic!("no master: {}", f.fleet_status().unwrap())
-    })
-}
-
-fn started(f: &Fleet) -> Vec<u64> {
-    let s = f.fleet_status().unwrap();
-    let mut v: Vec<(String, u64)> = s["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            (
-                h["host"].as_str().unwrap().to_string(),
-                h["status"]["started_unix"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
-    v.sort();
-    v.into_iter().map(|(_, s)| s).collect()
 }
 
 #[test]

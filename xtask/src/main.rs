@@ -34,9 +34,13 @@ enum Task {
     /// Run, plus a guest namespace that gets its route by DHCP (option 121) and queries the
     /// clock address with chronyd -Q; removes everything on exit. With --failover: two
     /// redundant VIP hosts, the master killed while a guest polls; prints the longest gap.
+    /// With --fleet: three etcd members and three VIP hosts; overrides, a push, a rolling
+    /// push, a rolling restart and `fleet status`, as an operator would.
     Demo {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "fleet")]
         failover: bool,
+        #[arg(long)]
+        fleet: bool,
     },
     /// Set up, build, and benchmark the responder (generic, native), the userspace path and
     /// chronyd side by side; writes target/bench/{results.json,rate.svg,table.md}.
@@ -60,8 +64,18 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::Build => setup::setup().and_then(|()| build(true)).map(|_| ()),
         Task::Run { run_args } => run_daemon(&run_args),
-        Task::Demo { failover: false } => demo(),
-        Task::Demo { failover: true } => setup::setup()
+        Task::Demo {
+            failover: false,
+            fleet: true,
+        } => setup::setup()
+            .and_then(|()| require_root("cargo xtask demo --fleet"))
+            .and_then(|()| build(true))
+            .and_then(|bin| fleet_demo(&bin)),
+        Task::Demo {
+            failover: false,
+            fleet: false,
+        } => demo(),
+        Task::Demo { failover: true, .. } => setup::setup()
             .and_then(|()| require_root("cargo xtask demo --failover"))
             .and_then(|()| build(true))
             .and_then(|bin| failover::demo(&bin)),
@@ -117,6 +131,22 @@ fn require_root(what: &str) -> Result<()> {
 /// The load generator, built beside ntp-user by [`build`].
 pub fn loadgen_bin(ntp_user: &Path) -> PathBuf {
     ntp_user.with_file_name("ntp-loadgen")
+}
+
+/// `cargo xtask demo --fleet`: the fleet walkthrough (tests/examples/fleet_demo.rs, on the
+/// integration tests' fleet harness) against the binary just built.
+fn fleet_demo(bin: &Path) -> Result<()> {
+    let status = Command::new("cargo")
+        .current_dir(workspace_root())
+        .args(["run", "--quiet", "-p", "integration-tests", "--example", "fleet_demo"])
+        .env("NTP_USER_BIN", bin)
+        .env("NTP_LOADGEN_BIN", loadgen_bin(bin))
+        .status()
+        .context("running the fleet demo")?;
+    if !status.success() {
+        bail!("the fleet demo failed ({status})");
+    }
+    Ok(())
 }
 
 /// Builds ntp-user (and the load generator); returns ntp-user's path.
