@@ -231,7 +231,7 @@ fn fleet(
         .ok_or_else(|| anyhow::anyhow!("config {}: no [fleet] section", config.display()))?;
     // Validation here is the portable part: what only a host can check, it checks itself.
     let validate: ntp_user::fleet::agent::Validator = std::sync::Arc::new(|text, origin| {
-        ntp_user::config::parse(text, std::path::Path::new(origin))
+        ntp_user::config::parse_portable(text, std::path::Path::new(origin))
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))
     });

@@ -11,7 +11,10 @@ use integration_tests::clients::poll;
 use integration_tests::fleet::{cluster_config, lost, ready, switches, Fleet};
 
 fn step(f: &Fleet, title: &str, args: &[&str]) -> anyhow::Result<()> {
-    println!("\n$ ntp-user fleet --config vip-a.toml {}    # {title}", args.join(" "));
+    println!(
+        "\n$ ntp-user fleet --config vip-a.toml {}    # {title}",
+        args.join(" ")
+    );
     print!("{}", f.fleet_ok(args)?);
     Ok(())
 }
@@ -35,7 +38,9 @@ fn main() -> anyhow::Result<()> {
     step(&f, "one host at a time", &["restart", "--rolling"])?;
     step(&f, "", &["status"])?;
     stop.store(true, Ordering::Relaxed);
-    let seen = poller.join().map_err(|_| anyhow::anyhow!("the poller panicked"))?;
+    let seen = poller
+        .join()
+        .map_err(|_| anyhow::anyhow!("the poller panicked"))?;
     println!(
         "\nthe guest sent {} requests: {} unanswered, the answering host changed {} time(s)",
         seen.sent,

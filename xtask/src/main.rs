@@ -138,7 +138,14 @@ pub fn loadgen_bin(ntp_user: &Path) -> PathBuf {
 fn fleet_demo(bin: &Path) -> Result<()> {
     let status = Command::new("cargo")
         .current_dir(workspace_root())
-        .args(["run", "--quiet", "-p", "integration-tests", "--example", "fleet_demo"])
+        .args([
+            "run",
+            "--quiet",
+            "-p",
+            "integration-tests",
+            "--example",
+            "fleet_demo",
+        ])
         .env("NTP_USER_BIN", bin)
         .env("NTP_LOADGEN_BIN", loadgen_bin(bin))
         .status()

@@ -62,7 +62,16 @@ pub fn load(path: &Path) -> Result<Validated> {
 pub fn parse(text: &str, origin: &Path) -> Result<Validated> {
     let cfg: Config = toml::from_str(text)
         .map_err(|e| ConfigError::file(origin, e.to_string().trim_end().replace('\n', "\n  ")))?;
-    validate::validate(cfg, origin)
+    validate::validate(cfg, origin, true)
+}
+
+/// Like [`parse`], but without reading the files the config names (NTS certificate and
+/// key): what `ntp-user fleet push` checks on an operator's machine, where they need not
+/// exist. Each host checks them itself before it applies the config.
+pub fn parse_portable(text: &str, origin: &Path) -> Result<Validated> {
+    let cfg: Config = toml::from_str(text)
+        .map_err(|e| ConfigError::file(origin, e.to_string().trim_end().replace('\n', "\n  ")))?;
+    validate::validate(cfg, origin, false)
 }
 
 #[cfg(test)]
@@ -149,6 +158,16 @@ addresses = ["169.254.169.123"]
                 && e.contains("/nonexistent.pem"),
             "{e}"
         );
+        // On an operator's machine the files need not exist; everything else is checked.
+        let missing = format!(
+            "{MINIMAL}[nts]\ncertificate_chain = \"/nonexistent.pem\"\nprivate_key = \"/nonexistent.key\"\n"
+        );
+        assert!(parse_portable(&missing, Path::new("x.toml")).is_ok());
+        assert!(parse_portable(
+            &format!("{missing}key_rotation = \"0s\"\n"),
+            Path::new("x.toml")
+        )
+        .is_err());
         // A key that is not the certificate's.
         let other = rcgen::KeyPair::generate().unwrap();
         std::fs::write(&keyfile, other.serialize_pem()).unwrap();

@@ -56,7 +56,8 @@ fn duration(origin: &Path, field: &str, value: &str) -> Result<Duration> {
     })
 }
 
-pub(super) fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
+/// `host_files`: read the files the config names (false on an operator's machine).
+pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<Validated> {
     let bad =
         |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
     let s = &cfg.service;
@@ -196,6 +197,7 @@ pub(super) fn validate(cfg: Config, origin: &Path) -> Result<Validated> {
             &cfg.service,
             vip.as_ref(),
             cfg.fleet.is_none(),
+            host_files,
             origin,
         )?),
         None => None,
@@ -371,12 +373,15 @@ pub fn validate_nts(
     service: &ServiceSection,
     vip: Option<&crate::host::vip::VipSpec>,
     rotate_locally: bool,
+    host_files: bool,
     origin: &Path,
 ) -> Result<crate::nts::server::NtsSpec> {
     let bad =
         |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
-    crate::nts::server::tls_config(&n.certificate_chain, &n.private_key)
-        .map_err(|e| bad("nts.certificate_chain", format!("{e:#}")))?;
+    if host_files {
+        crate::nts::server::tls_config(&n.certificate_chain, &n.private_key)
+            .map_err(|e| bad("nts.certificate_chain", format!("{e:#}")))?;
+    }
     let served = match vip {
         Some(v) => v.served_addresses(),
         None => service.addresses.clone(),
