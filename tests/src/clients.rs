@@ -436,3 +436,14 @@ pub fn poll(
         p
     })
 }
+
+/// ntpd-rs's `ntp-ctl`, as `cargo xtask setup` installs it (cargo's bin directory), or the
+/// one on PATH.
+pub fn ntp_ctl_bin() -> std::path::PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")));
+    home.map(|h| h.join("bin/ntp-ctl"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "ntp-ctl".into())
+}

@@ -247,3 +247,56 @@ fn key_exchanges_pass_the_access_list_as_requests_do() {
     .unwrap();
     assert!(got.is_some());
 }
+
+/// `ntp-ctl force-sync` of ntpd-rs (from `cargo xtask setup`) with one NTS source, in a pty
+/// (it insists on a terminal) and without CAP_SYS_TIME: it measures, and with the offset
+/// under a second it only says so. Its output.
+fn ntpd_rs_force_sync(guest: &Netns, addr: &str, pki: &TestPki) -> anyhow::Result<String> {
+    let conf = pki.dir.join(unique_name("ntpdrs")).with_extension("toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[observability]\nlog-level = \"warn\"\n\n[[source]]\nmode = \"nts\"\n\
+             address = \"{addr}\"\ncertificate-authority = \"{}\"\n\n\
+             [synchronization]\nminimum-agreeing-sources = 1\n",
+            pki.ca_pem.display()
+        ),
+    )?;
+    let ctl = integration_tests::clients::ntp_ctl_bin();
+    let inner = format!(
+        "setpriv --bounding-set -sys_time timeout 30 {} force-sync -c {}",
+        ctl.display(),
+        conf.display()
+    );
+    let out = guest
+        .command("script")
+        .args(["-q", "-e", "-c", &inner, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        anyhow::bail!("ntp-ctl force-sync failed ({}): {text}", out.status);
+    }
+    Ok(text)
+}
+
+#[test]
+fn ntpd_rs_gets_its_time_over_nts() {
+    let pki = TestPki::new(&[CLOCK_V4]).unwrap();
+    let vip = vip_with_nts(79, &pki, "1d", "");
+    let guest = vip.add_guest().unwrap();
+    vip.configure_guest_statically(&guest, 33).unwrap();
+    let out = ntpd_rs_force_sync(&guest, CLOCK_V4, &pki).unwrap();
+    assert!(
+        out.contains("already within 1s of the correct time"),
+        "ntpd-rs did not get time: {out}"
+    );
+    let n = nts(&vip);
+    assert!(n.key_exchanges >= 1, "{n:?}");
+    assert!(
+        n.requests_answered >= 1,
+        "ntpd-rs sent no NTS request: {n:?}"
+    );
+    assert_eq!(n.authentication_failures + n.cookie_failures, 0, "{n:?}");
+}

@@ -58,6 +58,7 @@ pub fn setup() -> Result<()> {
     ensure_toolchain(&toolchain)?;
     ensure_apt_packages()?;
     ensure_bpf_linker()?;
+    ensure_ntpd_rs()?;
     check_llvm_majors(&toolchain)
 }
 
@@ -266,6 +267,30 @@ fn ensure_bpf_linker() -> Result<()> {
             .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )
+}
+
+/// ntpd-rs, the tests' second NTS client (not in Debian 12): its `ntp-ctl force-sync`
+/// measures through NTS and, the clock being right, only says so.
+const NTPD_RS_VERSION: &str = "1.9.0";
+
+fn ensure_ntpd_rs() -> Result<()> {
+    let installed = Command::new("ntp-ctl")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if installed.as_deref() == Some(&format!("ntp-ctl {NTPD_RS_VERSION}")) {
+        return Ok(());
+    }
+    eprintln!("setup: building ntpd-rs {NTPD_RS_VERSION} for the NTS tests (about two minutes)");
+    status(Command::new("cargo").args([
+        "install",
+        "--force",
+        "--locked",
+        "ntpd",
+        "--version",
+        NTPD_RS_VERSION,
+    ]))
 }
 
 /// Fails before any build when the eBPF toolchain's LLVM is not bpf-linker's: otherwise the
