@@ -161,9 +161,7 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
             nts_keys: v.nts.as_ref().map(|n| (n.key_file.clone(), n.key_rotation)),
             running: std::sync::Mutex::new(running),
             live: None,
-            started_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            started_unix: ntp_user::host::hostclock::unix_now_s(),
         };
         let cell = agent.cell.clone();
         opts.companion = Some(ntp_user::daemon::Companion::new(

@@ -116,8 +116,7 @@ pub fn key_exchange(ns: &Netns, addr: &str, ca: &CertificateDer<'static>) -> Res
         };
         tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
-        // Next Protocol NTPv4, AEAD AES-SIV-CMAC-256, End of Message.
-        tls.write_all(&[0x80, 1, 0, 2, 0, 0, 0, 4, 0, 2, 0, 15, 0x80, 0, 0, 0])?;
+        tls.write_all(&ke::client_request())?;
         let mut out = Vec::new();
         match tls.read_to_end(&mut out) {
             Ok(_) => {}
@@ -134,7 +133,7 @@ pub fn key_exchange(ns: &Netns, addr: &str, ca: &CertificateDer<'static>) -> Res
         let export = |s2c| -> Result<[u8; 32]> {
             Ok(conn.export_keying_material(
                 [0u8; 32],
-                b"EXPORTER-network-time-security",
+                ntp_user::nts::EXPORTER_LABEL,
                 Some(&ke::exporter_context(s2c)),
             )?)
         };

@@ -353,7 +353,6 @@ fn nts_cookies_work_on_whichever_host_holds_the_addresses() {
     // key that sealed the cookie is theirs too.
     assert!(Fleet::wait_until(Duration::from_secs(10), || same(&f)));
     let i = f.hosts.iter().position(|h| h.name == master).unwrap();
-    eprintln!("before the kill of {master}: key ids {:?}", key_ids(&f));
     f.kill_daemon(i).unwrap();
     assert!(
         Fleet::wait_until(Duration::from_secs(20), || {
@@ -363,27 +362,8 @@ fn nts_cookies_work_on_whichever_host_holds_the_addresses() {
         }),
         "no standby took over"
     );
-    std::thread::sleep(Duration::from_secs(4)); // the old master's grace runs out
-    let got = nts_request(
-        &guest,
-        integration_tests::CLOCK_V4,
-        &session,
-        &session.cookies[2],
-        Tamper::None,
-    )
-    .unwrap();
-    eprintln!(
-        "after takeover: reply {:?}, key ids {:?}",
-        got.as_ref().map(|(r, _)| (
-            r.len(),
-            r[1],
-            String::from_utf8_lossy(&r[12..16]).into_owned()
-        )),
-        key_ids(&f)
-    );
-    for j in 0..3 {
-        eprintln!("host {j}: {:?}", f.status(j).map(|s| s["nts"].clone()).ok());
-    }
+    // The new master's gratuitous ARPs move the guest off the dead one's MAC.
+    std::thread::sleep(Duration::from_secs(4));
     assert!(
         authentic(&session.cookies[1]),
         "a cookie from the old master was refused by the new one"

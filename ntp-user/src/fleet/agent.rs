@@ -284,13 +284,7 @@ impl Agent {
     ) -> Result<()> {
         let mut s = files.state()?;
         if let Some(state) = config_state_of(&s) {
-            client
-                .put(
-                    keys.host(&self.spec.host, CONFIG_STATE),
-                    serde_json::to_vec(&state)?,
-                    None,
-                )
-                .await?;
+            self.put_mine(client, keys, CONFIG_STATE, &state).await?;
         }
         if let Some(id) = s.restarting_for.take() {
             let done = CommandState {
@@ -298,13 +292,7 @@ impl Agent {
                 state: "done".into(),
                 message: String::new(),
             };
-            client
-                .put(
-                    keys.host(&self.spec.host, COMMAND_STATE),
-                    serde_json::to_vec(&done)?,
-                    None,
-                )
-                .await?;
+            self.put_mine(client, keys, COMMAND_STATE, &done).await?;
             files.save(&s)?;
         }
         Ok(())
@@ -332,9 +320,7 @@ impl Agent {
                     state: state.into(),
                     message,
                 };
-                client
-                    .put(me(COMMAND_STATE), serde_json::to_vec(&st)?, None)
-                    .await?;
+                self.put_mine(client, keys, COMMAND_STATE, &st).await?;
                 if restart {
                     let mut s = files.state()?;
                     s.restarting_for = Some(cmd.id);
@@ -416,15 +402,7 @@ impl Agent {
                         );
                         Ok(false)
                     }
-                    Err(why) => {
-                        let mut s = files.state()?;
-                        s.failed = Some((version, why.clone()));
-                        files.save(&s)?;
-                        warn!(revision, reason = %why, "fleet: applying in place failed");
-                        self.put_config_state(client, keys, revision, ApplyState::Failed, &why)
-                            .await?;
-                        Ok(false)
-                    }
+                    Err(why) => self.refuse(client, keys, files, version, why).await,
                 }
             }
             Ok(text) => {
@@ -437,15 +415,7 @@ impl Agent {
                 );
                 Ok(true)
             }
-            Err(why) => {
-                let mut s = files.state()?;
-                s.failed = Some((version, why.clone()));
-                files.save(&s)?;
-                warn!(revision, reason = %why, "fleet: configuration refused; nothing changed");
-                self.put_config_state(client, keys, revision, ApplyState::Failed, &why)
-                    .await?;
-                Ok(false)
-            }
+            Err(why) => self.refuse(client, keys, files, version, why).await,
         }
     }
 
@@ -480,9 +450,7 @@ impl Agent {
                 None => return Ok(()),
             },
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = crate::host::hostclock::unix_now_s();
         let rotated = cluster.rotate_if_due(now, rotation.as_secs().max(1), rand::random());
         if rotated || stored.is_none() {
             let txn = Txn::new().when([guard]).and_then([TxnOp::put(
@@ -502,6 +470,26 @@ impl Agent {
         Ok(())
     }
 
+    /// A configuration this host does not run (invalid here, or it failed to apply in
+    /// place): remembered so it is never tried again, reported `failed` with the reason;
+    /// nothing changed.
+    async fn refuse(
+        &self,
+        client: &mut Client,
+        keys: &Keys,
+        files: &LocalFiles,
+        version: Version,
+        why: String,
+    ) -> Result<bool> {
+        let mut s = files.state()?;
+        s.failed = Some((version, why.clone()));
+        files.save(&s)?;
+        warn!(revision = version.revision, reason = %why, "fleet: configuration refused; nothing changed");
+        self.put_config_state(client, keys, version.revision, ApplyState::Failed, &why)
+            .await?;
+        Ok(false)
+    }
+
     async fn put_config_state(
         &self,
         client: &mut Client,
@@ -515,13 +503,25 @@ impl Agent {
             state,
             message: message.to_string(),
         };
+        self.put_mine(client, keys, CONFIG_STATE, &s).await
+    }
+
+    /// Puts `value` as JSON under this host's `what` key (no lease: it outlives the host).
+    async fn put_mine(
+        &self,
+        client: &mut Client,
+        keys: &Keys,
+        what: &str,
+        value: &impl serde::Serialize,
+    ) -> Result<()> {
         client
             .put(
-                keys.host(&self.spec.host, CONFIG_STATE),
-                serde_json::to_vec(&s)?,
+                keys.host(&self.spec.host, what),
+                serde_json::to_vec(value)?,
                 None,
             )
-            .await?;
+            .await
+            .with_context(|| format!("writing {what}"))?;
         Ok(())
     }
 }

@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
+
+use crate::host::files::write_atomic;
 use serde::{Deserialize, Serialize};
 
 /// A configuration version: the cluster config's revision and the host override's (0: none).
@@ -125,8 +127,6 @@ impl LocalFiles {
         Ok(true)
     }
 }
-
-pub use crate::host::files::write_atomic;
 
 #[cfg(test)]
 mod tests {

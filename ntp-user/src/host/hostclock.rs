@@ -168,6 +168,14 @@ pub fn host_clock_anchor_at(
     })
 }
 
+/// Whole seconds since the Unix epoch by CLOCK_REALTIME (0 for a clock before 1970): for
+/// ages of things kept on disk or in the fleet store, never for served time.
+pub fn unix_now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -202,6 +202,25 @@ pub fn response(
     out
 }
 
+/// What a client sends: NTPv4 with AEAD_AES_SIV_CMAC_256 (the tests' own client).
+pub fn client_request() -> Vec<u8> {
+    let mut out = Vec::new();
+    push(
+        &mut out,
+        true,
+        REC_NEXT_PROTOCOL,
+        &NEXT_PROTOCOL_NTPV4.to_be_bytes(),
+    );
+    push(
+        &mut out,
+        false,
+        REC_AEAD,
+        &AEAD_AES_SIV_CMAC_256.to_be_bytes(),
+    );
+    push(&mut out, true, REC_END, &[]);
+    out
+}
+
 /// An Error record and End of Message.
 pub fn error_response(e: KeError) -> Vec<u8> {
     let mut out = Vec::new();
@@ -233,11 +252,13 @@ mod tests {
     }
 
     fn chrony_like() -> Vec<u8> {
-        request(&[
+        let r = request(&[
             rec(true, REC_NEXT_PROTOCOL, &[0, 0]),
             rec(false, REC_AEAD, &[0, 15]),
             rec(true, REC_END, &[]),
-        ])
+        ]);
+        assert_eq!(client_request(), r);
+        r
     }
 
     #[test]

@@ -154,20 +154,17 @@ impl NtsState {
         let Some(rotation) = rotation else {
             return Ok(());
         };
-        if keys.rotate_if_due(unix_now(), rotation.as_secs().max(1), rand::random()) {
+        if keys.rotate_if_due(
+            crate::host::hostclock::unix_now_s(),
+            rotation.as_secs().max(1),
+            rand::random(),
+        ) {
             self.counters.key_rotations.fetch_add(1, Ordering::Relaxed);
             write_keys(file, &keys)?;
             info!(current = keys.current().id, kept = ?keys.ids(), "NTS cookie key rotated");
         }
         Ok(())
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn read_keys(file: &Path) -> Result<Option<CookieKeys>> {
@@ -196,7 +193,11 @@ pub fn load_or_create_keys(file: &Path, rotation: Option<Duration>) -> Result<Nt
             k
         }
         None => {
-            let k = CookieKeys::new(rand::random(), rand::random::<u32>() >> 1, unix_now());
+            let k = CookieKeys::new(
+                rand::random(),
+                rand::random::<u32>() >> 1,
+                crate::host::hostclock::unix_now_s(),
+            );
             write_keys(file, &k)?;
             info!(file = %file.display(), "NTS cookie keys created");
             k
@@ -567,13 +568,9 @@ mod tests {
         (s, out, keys, state)
     }
 
-    fn good_request() -> Vec<u8> {
-        vec![0x80, 1, 0, 2, 0, 0, 0, 4, 0, 2, 0, 15, 0x80, 0, 0, 0]
-    }
-
     #[tokio::test]
     async fn a_key_exchange_hands_out_cookies_holding_the_exported_keys() {
-        let (server, out, keys, state) = exchange(good_request(), ALPN).await;
+        let (server, out, keys, state) = exchange(ke::client_request(), ALPN).await;
         server.unwrap();
         let out = out.unwrap();
         let recs = ke::split_records(&out).unwrap().unwrap();
@@ -605,7 +602,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_without_the_ntske_alpn_gets_nothing() {
-        let (server, out, _, _) = exchange(good_request(), b"http/1.1").await;
+        let (server, out, _, _) = exchange(ke::client_request(), b"http/1.1").await;
         assert!(server.is_err());
         assert!(out.is_err() || out.unwrap().is_empty());
     }
