@@ -69,15 +69,37 @@ pub fn scaled_mul(x: i64, f: i64) -> i64 {
     }
 }
 
+/// The high 64 bits of the 128-bit product `a × b`, from 32-bit halves (BPF has no wider
+/// multiply).
+#[inline(always)]
+const fn mul_high(a: u64, b: u64) -> u64 {
+    let (a_hi, a_lo) = (a >> 32, a & 0xffff_ffff);
+    let (b_hi, b_lo) = (b >> 32, b & 0xffff_ffff);
+    let lo_lo = a_lo * b_lo;
+    let hi_lo = a_hi * b_lo;
+    let lo_hi = a_lo * b_hi;
+    // Each partial sum fits: (2^32 - 1)^2 + 2 × (2^32 - 1) < 2^64.
+    let mid = (lo_lo >> 32) + (hi_lo & 0xffff_ffff) + (lo_hi & 0xffff_ffff);
+    a_hi * b_hi + (hi_lo >> 32) + (lo_hi >> 32) + (mid >> 32)
+}
+
+/// ⌊n / 10^9⌋ for every u64, exactly, without a division: BPF JITs turn `/` into a hardware
+/// divide that costs as much as the rest of a reply's arithmetic. This is the compilers'
+/// reciprocal for 10^9 = 2^9 × 1953125: ⌊⌊n / 2^9⌋ × M / 2^64⌋ / 2^11.
+#[inline(always)]
+pub const fn div_1e9(n: u64) -> u64 {
+    mul_high(n >> 9, 0x0044_b82f_a09b_5a53) >> 11
+}
+
 /// Nanoseconds since the NTP epoch to an on-wire 32.32 timestamp, rounded to the nearest
 /// 2^-32 s. Seconds are taken modulo 2^32: the era is implicit on the wire (RFC 5905 §6).
 #[inline(always)]
 pub fn ntp_ns_to_timestamp(ntp_ns: u64) -> u64 {
-    let secs = ntp_ns / NANOS_PER_SEC;
+    let secs = div_1e9(ntp_ns);
     let rem = ntp_ns - secs * NANOS_PER_SEC;
     // rem < 2^30, so rem << 32 < 2^62: no overflow. With rem <= 10^9 - 1 the rounded fraction
     // stays below 2^32, so it never spills into the seconds.
-    let frac = ((rem << 32) + NANOS_PER_SEC / 2) / NANOS_PER_SEC;
+    let frac = div_1e9((rem << 32) + NANOS_PER_SEC / 2);
     (secs << 32).wrapping_add(frac)
 }
 
@@ -131,7 +153,7 @@ pub fn ns_to_short(ns: u64) -> u32 {
     if ns >= 65_536 * NANOS_PER_SEC {
         return u32::MAX;
     }
-    let v = ((ns << 16) + NANOS_PER_SEC - 1) / NANOS_PER_SEC;
+    let v = div_1e9((ns << 16) + NANOS_PER_SEC - 1);
     if v > u32::MAX as u64 {
         u32::MAX
     } else {
@@ -149,7 +171,7 @@ pub fn phi_growth_ns(age_ns: u64) -> u64 {
     // Cap the age at 2^40 ns (about 18 minutes times 1000) so the product stays in 64 bits;
     // any anchor that old is long past its maximum age.
     let age = if age_ns > (1 << 40) { 1 << 40 } else { age_ns };
-    age * PHI_NS_PER_SEC / NANOS_PER_SEC
+    div_1e9(age * PHI_NS_PER_SEC)
 }
 
 #[cfg(test)]
@@ -157,6 +179,42 @@ mod tests {
     use super::*;
 
     const SEC: u64 = NANOS_PER_SEC;
+
+    #[test]
+    fn div_1e9_is_exact() {
+        let edges = [
+            0,
+            1,
+            SEC - 1,
+            SEC,
+            SEC + 1,
+            u32::MAX as u64,
+            (1 << 62) + SEC / 2,
+            ERA_NS - 1,
+            ERA_NS,
+            u64::MAX / SEC * SEC - 1,
+            u64::MAX / SEC * SEC,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        for n in edges {
+            assert_eq!(div_1e9(n), n / SEC, "{n}");
+        }
+        // Every multiple of 10^9 and its neighbours over a spread of magnitudes, and a
+        // pseudo-random sweep of the whole range.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2_000_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let n = x >> (x % 40);
+            assert_eq!(div_1e9(n), n / SEC, "{n}");
+            let m = (n / SEC) * SEC;
+            for k in [m.wrapping_sub(1), m, m.wrapping_add(1)] {
+                assert_eq!(div_1e9(k), k / SEC, "{k}");
+            }
+        }
+    }
 
     #[test]
     fn timestamp_rounding() {

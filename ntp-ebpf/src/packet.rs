@@ -30,6 +30,29 @@ impl Packet {
     }
 }
 
+impl Packet {
+    /// The `N` bytes at `off` (a multiple of four) summed as native 32-bit words, for
+    /// [`ntp_common::checksum::le_words_sum`]; `None` when the frame is shorter.
+    #[inline(always)]
+    pub fn le_words<const N: usize>(&self, off: usize) -> Option<u64> {
+        let p = self.start + off;
+        if p + N > self.end {
+            return None;
+        }
+        let mut sum = 0u64;
+        let mut i = 0;
+        while i < N / 4 {
+            // SAFETY: inside the frame (checked above). One 32-bit load instead of four byte
+            // loads: the kernel allows unaligned packet loads where the CPU does them well
+            // (x86-64, arm64), as C programs' header structs rely on; a byte order swap is left
+            // to the caller's one folded sum.
+            sum += unsafe { core::ptr::read((p + i * 4) as *const u32) } as u64;
+            i += 1;
+        }
+        Some(sum)
+    }
+}
+
 #[inline(always)]
 pub fn be16(hi: u8, lo: u8) -> u16 {
     ((hi as u16) << 8) | lo as u16

@@ -4,7 +4,7 @@
 //! [`Request`] the rest of the program handles the same way for both families, or the verdict.
 
 use ntp_common::{
-    checksum::{add_words, pseudo_v4, pseudo_v6, udp_request_checksum_ok, verifies},
+    checksum::{le_words_sum, pseudo_v4, pseudo_v6, udp_request_checksum_ok, verifies},
     policy::v6_source_is_bogus,
     reply::request_rejection,
     wire::*,
@@ -225,8 +225,12 @@ fn check_udp_and_ntp(pkt: &Packet, req: &mut Request) -> Result<(), Verdict> {
         return Ok(());
     }
     let field = be16(seg[6], seg[7]);
+    let Some(seg_words) = pkt.le_words::<{ NTP_UDP_LEN as usize }>(req.l4) else {
+        return Err(drop(Counter::DroppedShort));
+    };
+    let sum = req.pseudo + le_words_sum(seg_words);
     // IPv6 makes the UDP checksum mandatory: zero is accepted for IPv4 only.
-    if !udp_request_checksum_ok(field, add_words(req.pseudo, seg), req.pseudo, req.v4) {
+    if !udp_request_checksum_ok(field, sum, req.pseudo, req.v4) {
         return Err(drop(Counter::DroppedBadUdpChecksum));
     }
     Ok(())
@@ -250,18 +254,17 @@ fn check_ethernet(pkt: &Packet, ifindex: u32) -> Result<(), Verdict> {
     }
 }
 
-/// Sum of the IPv4 header's words (IHL 5..15), read four bytes at a time.
+/// Sum of the IPv4 header's words (IHL 5..15): the fixed 20 bytes, then any options.
 #[inline(always)]
 pub fn ipv4_header_sum(pkt: &Packet, l3: usize, ihl: usize) -> Option<u32> {
-    let mut sum = 0u32;
-    let mut i = 0usize;
+    let mut words = pkt.le_words::<IPV4_MIN_HEADER_LEN>(l3)?;
+    let mut i = 5usize;
     while i < 15 {
         if i >= ihl {
             break;
         }
-        let word = pkt.bytes::<4>(l3 + i * 4)?;
-        sum = add_words(sum, word);
+        words += pkt.le_words::<4>(l3 + i * 4)?;
         i += 1;
     }
-    Some(sum)
+    Some(le_words_sum(words))
 }

@@ -3,7 +3,7 @@
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use ntp_common::{
-    checksum::{add_words, finish, finish_udp},
+    checksum::{finish, finish_udp, le_words_sum},
     policy::{GuestClock, SourceKey},
     reply::{guest_offset_fixed, write_kiss_of_death, write_server_reply, ClientRequest},
     wire::*,
@@ -114,7 +114,9 @@ pub fn answer(
         ),
     }
     // The pseudo-header sum does not change when source and destination swap.
-    let check = finish_udp(add_words(req.pseudo, seg));
+    let words = pkt.le_words::<{ NTP_UDP_LEN as usize }>(req.l4)?;
+    let seg = pkt.bytes::<{ NTP_UDP_LEN as usize }>(req.l4)?;
+    let check = finish_udp(req.pseudo + le_words_sum(words));
     seg[6] = (check >> 8) as u8;
     seg[7] = check as u8;
     Some(kod.is_none() && cx.anchor.is_synchronized_at(rx_mono))

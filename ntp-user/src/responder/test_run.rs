@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions};
 
-use super::object::RESPONDER_PROGRAM;
+use super::object::{PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
 use super::Responder;
 
 /// What a packet run through the program (BPF_PROG_TEST_RUN) came out as.
@@ -19,7 +19,7 @@ pub struct TestRunOutcome {
 impl Responder {
     /// Runs one frame through the responder in the kernel (BPF_PROG_TEST_RUN).
     pub fn test_run(&mut self, frame: &[u8]) -> Result<TestRunOutcome> {
-        let (action, frame, _) = self.run_frame(frame)?;
+        let (action, frame, _) = self.run_frame(RESPONDER_PROGRAM, frame)?;
         Ok(TestRunOutcome { action, frame })
     }
 
@@ -28,10 +28,20 @@ impl Responder {
     /// `repeat` count would not do: the kernel runs every repetition on the same buffer, so
     /// after a reply (written in place) the later runs would see the reply.
     pub fn test_run_mean(&mut self, frame: &[u8], runs: u32) -> Result<(u32, Duration)> {
+        self.mean_run(RESPONDER_PROGRAM, frame, runs)
+    }
+
+    /// The same timing of the program that only says XDP_PASS: what the kernel's test harness
+    /// and timer cost by themselves, to read the responder's figures net of them.
+    pub fn test_run_floor(&mut self, frame: &[u8], runs: u32) -> Result<Duration> {
+        Ok(self.mean_run(PEER_PASS_PROGRAM, frame, runs)?.1)
+    }
+
+    fn mean_run(&mut self, program: &str, frame: &[u8], runs: u32) -> Result<(u32, Duration)> {
         let mut total = Duration::ZERO;
         let mut verdict = None;
         for _ in 0..runs.max(1) {
-            let (action, _, took) = self.run_frame(frame)?;
+            let (action, _, took) = self.run_frame(program, frame)?;
             if verdict.is_some_and(|v| v != action) {
                 bail!("the verdict changed between runs of one frame ({verdict:?} then {action})");
             }
@@ -41,10 +51,10 @@ impl Responder {
         Ok((verdict.unwrap_or(0), total / runs.max(1)))
     }
 
-    /// One run of the responder on `frame`: verdict, output frame, the kernel's time for it.
-    fn run_frame(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>, Duration)> {
+    /// One run of `program` on `frame`: verdict, output frame, the kernel's time for it.
+    fn run_frame(&mut self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>, Duration)> {
         let mut out = vec![0u8; frame.len() + 256];
-        let prog = self.xdp(RESPONDER_PROGRAM)?;
+        let prog = self.xdp(program)?;
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
