@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod anchor;
+pub mod bench;
 pub mod checksum;
 pub mod counters;
 pub mod maps;

@@ -23,7 +23,10 @@ pub const OWN_MACS: &str = "OWN_MACS";
 /// Per-CPU state of the global kiss-o'-death budget.
 pub const KOD_BUDGET: &str = "KOD_BUDGET";
 
-pub const ALL: [&str; 11] = [
+/// Counts of the benchmark's programs (`crate::bench`), never used by the daemon.
+pub const BENCH_COUNTS: &str = "BENCH_COUNTS";
+
+pub const ALL: [&str; 12] = [
     ANCHORS,
     ANCHOR_ACTIVE,
     SERVER_PARAMS,
@@ -35,10 +38,14 @@ pub const ALL: [&str; 11] = [
     GUESTS,
     OWN_MACS,
     KOD_BUDGET,
+    BENCH_COUNTS,
 ];
 
 pub const RESPONDER_PROGRAM: &str = "ntp_responder";
 pub const PEER_PASS_PROGRAM: &str = "ntp_peer_pass";
+/// The benchmark's reply counter (guest side) and request counter (server side).
+pub const BENCH_SINK_PROGRAM: &str = "ntp_bench_sink";
+pub const BENCH_DROP_PROGRAM: &str = "ntp_bench_drop";
 
 /// FNV-1a over the sizes and field offsets of every pinned map value: a build that reorders
 /// or resizes a field gets another fingerprint, so its daemon never adopts maps whose bytes it

@@ -12,6 +12,8 @@
 #[cfg(target_arch = "bpf")]
 mod admit;
 #[cfg(target_arch = "bpf")]
+mod bench;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod packet;
@@ -20,6 +22,8 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod respond;
 
+#[cfg(target_arch = "bpf")]
+pub use bench::{ntp_bench_drop, ntp_bench_sink};
 #[cfg(target_arch = "bpf")]
 pub use program::*;
 

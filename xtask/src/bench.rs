@@ -1,8 +1,14 @@
-//! `cargo xtask bench`: the same load generator (`ntp-loadgen run`) against four servers on
-//! one guest → VIP veth, in one run: the XDP responder in generic and in native mode, the
-//! daemon's userspace path (`--xdp-mode off`), and chronyd from Debian as a plain server.
-//! Writes target/bench/results.json, target/bench/rate.svg and prints a table with ratios to
-//! chronyd. `--smoke` runs seconds at tiny rates: it checks the harness, not the speed.
+//! `cargo xtask bench`: the same load against four servers on one guest → VIP veth, in one
+//! run: the XDP responder in generic and in native mode, the daemon's userspace path
+//! (`--xdp-mode off`), and chronyd from Debian as a plain server.
+//!
+//! Rates come from `ntp-loadgen flood` (prebuilt frames on a packet socket; replies counted
+//! and dropped by an XDP program on the guest's veth, so no socket costs the generator), with
+//! the generator's own ceiling measured first against a program that drops every request.
+//! Latency, residence and timestamp error come from `ntp-loadgen run` (UDP sockets, every
+//! reply timed). Writes target/bench/results.json, rate.svg, table.md and prints the table
+//! with ratios to chronyd; `--compare OLD.json` adds the change against an earlier run.
+//! `--smoke` runs seconds at tiny rates: it checks the harness, not the speed.
 
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
@@ -23,7 +29,6 @@ struct Step {
     sent_per_s: f64,
     replies_per_s: f64,
     loss: f64,
-    rtt_p99_us: f64,
     /// Server CPU per reply in this step (ns): BPF run time for XDP targets, process CPU for
     /// userspace servers.
     cpu_ns_per_reply: f64,
@@ -36,44 +41,103 @@ struct TargetResult {
     steps: Vec<Step>,
     /// Highest rate sent with < 0.1 % loss.
     loss_free_rate: f64,
-    /// The generator could not send more: the target's limit is above `loss_free_rate`.
+    /// Within 10 % of the generator's ceiling: the target's limit may be above
+    /// `loss_free_rate`.
     generator_bound: bool,
+    /// Replies/s with the generator sending flat out from every core, and from one.
     saturation_replies_per_s: f64,
+    saturation_one_thread: f64,
     cpu_ns_per_reply: f64,
     softirq_ns_per_reply: f64,
     /// At the first (moderate) rate, the same for every target.
     latency: Value,
 }
 
+/// What the generator delivers with nothing answering (the requests counted and dropped by
+/// XDP on the server's veth).
+#[derive(Debug, Clone, Serialize)]
+struct Ceiling {
+    all_threads: f64,
+    one_thread: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     machine: String,
     smoke: bool,
+    /// Generator threads (= cores) and veth queues.
+    threads: usize,
+    ceiling: Ceiling,
     targets: Vec<TargetResult>,
     micro: Value,
 }
 
-/// Namespaces of the run, removed on drop; bpf_stats restored on drop.
+/// Namespaces of the run and the reply counter on the guest's veth, removed on drop;
+/// bpf_stats restored on drop.
 struct Topology {
     guest: String,
     vip: String,
     bpf_stats_before: Option<String>,
+    /// bpffs directory of the run's counting programs.
+    pins: PathBuf,
+    loadgen: PathBuf,
+    vip_mac: String,
+    threads: usize,
 }
 
 impl Topology {
-    fn create() -> Result<Topology> {
+    fn sink_pins(&self) -> PathBuf {
+        self.pins.join("sink")
+    }
+
+    fn ceiling_pins(&self) -> PathBuf {
+        self.pins.join("ceiling")
+    }
+
+    fn sink(&self, args: &[&str]) -> Result<()> {
+        crate::status(Command::new(&self.loadgen).arg("sink").args(args))
+    }
+}
+
+impl Topology {
+    fn create(bin: &Path) -> Result<Topology> {
         let pid = std::process::id() % 100_000;
-        let t = Topology {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(16));
+        let mut t = Topology {
             guest: format!("ntgb{pid}"),
             vip: format!("ntvb{pid}"),
             bpf_stats_before: std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").ok(),
+            pins: PathBuf::from(format!("/sys/fs/bpf/ntpxdp-bench-{pid}")),
+            loadgen: crate::loadgen_bin(bin),
+            vip_mac: String::new(),
+            threads,
         };
         let ip = |args: &[&str]| crate::status(Command::new("ip").args(args));
         ip(&["netns", "add", &t.guest])?;
         ip(&["netns", "add", &t.vip])?;
+        // One queue pair per core, so that every core can carry its share.
+        let queues = threads.to_string();
         ip(&[
-            "link", "add", "bv0", "netns", &t.vip, "type", "veth", "peer", "name", "bg0", "netns",
+            "link",
+            "add",
+            "bv0",
+            "netns",
+            &t.vip,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "bg0",
+            "netns",
             &t.guest,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
         ])?;
         let (v, g) = (t.vip.as_str(), t.guest.as_str());
         ip(&["-n", v, "addr", "add", "169.254.220.1/24", "dev", "bv0"])?;
@@ -94,12 +158,35 @@ impl Topology {
         ])?;
         std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
             .context("enabling kernel.bpf_stats_enabled")?;
+        let out = Command::new("ip")
+            .args(["-n", &t.vip, "-j", "link", "show", "bv0"])
+            .output()?;
+        let link: Value = serde_json::from_slice(&out.stdout).context("ip -j link output")?;
+        t.vip_mac = link[0]["address"]
+            .as_str()
+            .context("no MAC for bv0")?
+            .to_string();
+        // Native on the guest's veth: it also lets the native responder's XDP_TX deliver
+        // (veth needs an XDP program on the peer), and it passes everything but the flood's
+        // replies, so `ntp-loadgen run` and chronyd's ARP see their traffic.
+        let sink = t.sink_pins();
+        t.sink(&[
+            "--pin-dir",
+            &sink.to_string_lossy(),
+            "--netns",
+            &t.guest,
+            "--interface",
+            "bg0",
+            "--kind",
+            "replies",
+        ])?;
         Ok(t)
     }
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        let _ = self.sink(&["--detach", "--pin-dir", &self.pins.to_string_lossy()]);
         for ns in [&self.guest, &self.vip] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
@@ -150,8 +237,7 @@ fn start_ntp_user(bin: &Path, t: &Topology, mode: &str) -> Result<Server> {
             mode,
             "--stratum",
             "2",
-            "--peer-netns",
-            &t.guest,
+            // No --peer-netns: the reply counter is the guest veth's XDP program.
             // One generator address: per-source limiting would measure the limiter.
             "--no-rate-limit",
         ])
@@ -248,6 +334,60 @@ fn loadgen(bin: &Path, t: &Topology, rate: Option<f64>, duration: Duration) -> R
     serde_json::from_slice(&out.stdout).context("loadgen output")
 }
 
+/// `ntp-loadgen flood` at `rate` from `threads` threads, outcome read from `counts`.
+fn flood(t: &Topology, counts: &Path, rate: f64, threads: usize, duration: Duration) -> Result<Value> {
+    let out = Command::new(&t.loadgen)
+        .args(["flood", "--netns", &t.guest, "--interface", "bg0"])
+        .args(["--src", "169.254.220.2", "--target", CLOCK, "--dst-mac", &t.vip_mac])
+        .args(["--rate", &format!("{}", rate as u64), "--threads", &threads.to_string()])
+        .args(["--duration", &format!("{}ms", duration.as_millis())])
+        .arg("--counts")
+        .arg(counts)
+        .output()
+        .context("running ntp-loadgen flood")?;
+    if !out.status.success() {
+        bail!("flood failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    serde_json::from_slice(&out.stdout).context("flood output")
+}
+
+/// The generator's ceiling: what it delivers to the server's veth with a program there that
+/// counts and drops every request (no server).
+fn ceiling(t: &Topology, smoke: bool) -> Result<Ceiling> {
+    let pins = t.ceiling_pins();
+    let pins_s = pins.to_string_lossy();
+    t.sink(&[
+        "--pin-dir", &pins_s, "--netns", &t.vip, "--interface", "bv0", "--kind", "requests",
+        "--generic",
+    ])?;
+    let (rate, step) = if smoke {
+        (2000.0, Duration::from_millis(300))
+    } else {
+        (FLAT_OUT, Duration::from_secs(2))
+    };
+    let result = (|| -> Result<Ceiling> {
+        let all = flood(t, &pins, rate, t.threads, step)?;
+        let one = flood(t, &pins, rate, 1, step)?;
+        let arrived = |v: &Value| {
+            v["arrived"].as_f64().unwrap_or(0.0) / v["elapsed_s"].as_f64().unwrap_or(1.0)
+        };
+        Ok(Ceiling {
+            all_threads: arrived(&all),
+            one_thread: arrived(&one),
+        })
+    })();
+    t.sink(&["--detach", "--pin-dir", &pins_s])?;
+    let c = result?;
+    eprintln!(
+        "  generator ceiling: {:.0}/s from {} threads, {:.0}/s from one",
+        c.all_threads, t.threads, c.one_thread
+    );
+    Ok(c)
+}
+
+/// An offered rate no target on this machine kind reaches: the generator sends flat out.
+const FLAT_OUT: f64 = 20e6;
+
 /// CPU time a process has run, over all its threads (ns, from schedstat).
 /// (`ip netns exec` and `setpriv` exec, so chronyd keeps the child's pid.)
 fn process_cpu_ns(pid: u32) -> u64 {
@@ -294,7 +434,14 @@ fn server_cpu_ns(s: &Server) -> Result<u64> {
     }
 }
 
-fn measure(bin: &Path, t: &Topology, name: &str, s: &Server, smoke: bool) -> Result<TargetResult> {
+fn measure(
+    bin: &Path,
+    t: &Topology,
+    name: &str,
+    s: &Server,
+    ceiling: &Ceiling,
+    smoke: bool,
+) -> Result<TargetResult> {
     // Wait until it answers at all (chronyd needs a moment).
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -311,40 +458,46 @@ fn measure(bin: &Path, t: &Topology, name: &str, s: &Server, smoke: bool) -> Res
     } else {
         (
             vec![
-                10e3, 25e3, 50e3, 75e3, 100e3, 150e3, 200e3, 300e3, 400e3, 600e3, 800e3,
+                25e3, 50e3, 75e3, 100e3, 150e3, 200e3, 300e3, 400e3, 600e3, 800e3, 1e6, 1.25e6,
+                1.5e6, 2e6, 2.5e6, 3e6, 4e6,
             ],
             Duration::from_secs(2),
         )
     };
+    // Latency at a moderate rate, every reply timed through sockets.
+    let probe_rate = if smoke { 500.0 } else { 10e3 };
+    let r = loadgen(bin, t, Some(probe_rate), step)?;
+    let latency = serde_json::json!({
+        "offered": probe_rate,
+        "rtt_us": r["rtt_us"],
+        "residence_ns": r["residence_ns"],
+        "ts_error_us": r["ts_error_us"],
+    });
+    let counts = t.sink_pins();
     let mut steps = Vec::new();
-    let mut latency = Value::Null;
     for rate in rates {
         let (cpu0, irq0) = (server_cpu_ns(s)?, softirq_ns());
-        let r = loadgen(bin, t, Some(rate), step)?;
+        let r = flood(t, &counts, rate, t.threads, step)?;
         let (cpu1, irq1) = (server_cpu_ns(s)?, softirq_ns());
         let valid = r["valid"].as_u64().unwrap_or(0).max(1) as f64;
+        let invalid = r["invalid"].as_u64().unwrap_or(0);
+        if invalid > 0 {
+            bail!("{name}: {invalid} replies failed the counter's checks at {rate}/s");
+        }
         let st = Step {
             offered: rate,
             sent_per_s: r["sent_per_s"].as_f64().unwrap_or(0.0),
             replies_per_s: r["replies_per_s"].as_f64().unwrap_or(0.0),
             loss: r["loss"].as_f64().unwrap_or(1.0),
-            rtt_p99_us: r["rtt_us"]["p99"].as_f64().unwrap_or(0.0),
             cpu_ns_per_reply: cpu1.saturating_sub(cpu0) as f64 / valid,
             softirq_ns_per_reply: irq1.saturating_sub(irq0) as f64 / valid,
         };
         eprintln!(
-            "  {name:<16} offered {:>8.0}/s  sent {:>8.0}/s  replies {:>8.0}/s  loss {:>6.3}%  p99 {:>7.1} µs  cpu {:>7.0} ns/reply",
-            st.offered, st.sent_per_s, st.replies_per_s, st.loss * 100.0, st.rtt_p99_us, st.cpu_ns_per_reply
+            "  {name:<16} offered {:>8.0}/s  sent {:>8.0}/s  replies {:>8.0}/s  loss {:>6.3}%  cpu {:>7.0} ns/reply",
+            st.offered, st.sent_per_s, st.replies_per_s, st.loss * 100.0, st.cpu_ns_per_reply
         );
-        if latency.is_null() {
-            latency = serde_json::json!({
-                "offered": rate,
-                "rtt_us": r["rtt_us"],
-                "residence_ns": r["residence_ns"],
-                "ts_error_us": r["ts_error_us"],
-            });
-        }
-        // Beyond what the generator can send, higher steps measure the generator.
+        // On veth a request is handled in the sender's own softirq, so a server that keeps
+        // up slows the sender down rather than losing: either way the step is the last.
         let saturated = st.loss > 0.05 || st.sent_per_s < 0.9 * st.offered;
         steps.push(st);
         if saturated {
@@ -352,16 +505,18 @@ fn measure(bin: &Path, t: &Topology, name: &str, s: &Server, smoke: bool) -> Res
         }
     }
     let best = steps.iter().filter(|s| s.loss < 0.001).last().cloned();
-    let sat = loadgen(bin, t, None, step)?;
+    let sat_rate = if smoke { 2000.0 } else { FLAT_OUT };
+    let sat_all = flood(t, &counts, sat_rate, t.threads, step)?;
+    let sat_one = flood(t, &counts, sat_rate, 1, step)?;
+    let loss_free_rate = best.as_ref().map_or(0.0, |b| b.sent_per_s);
     Ok(TargetResult {
         name: name.to_string(),
-        loss_free_rate: best.as_ref().map_or(0.0, |b| b.sent_per_s),
-        generator_bound: steps
-            .last()
-            .is_some_and(|s| s.loss < 0.001 && s.sent_per_s < 0.9 * s.offered),
+        loss_free_rate,
+        generator_bound: loss_free_rate >= 0.9 * ceiling.all_threads,
         cpu_ns_per_reply: best.as_ref().map_or(0.0, |b| b.cpu_ns_per_reply),
         softirq_ns_per_reply: best.as_ref().map_or(0.0, |b| b.softirq_ns_per_reply),
-        saturation_replies_per_s: sat["replies_per_s"].as_f64().unwrap_or(0.0),
+        saturation_replies_per_s: sat_all["replies_per_s"].as_f64().unwrap_or(0.0),
+        saturation_one_thread: sat_one["replies_per_s"].as_f64().unwrap_or(0.0),
         steps,
         latency,
     })
@@ -384,8 +539,20 @@ fn machine() -> String {
 }
 
 /// Runs the benchmark with `bin` (a built ntp-user); writes its outputs under `out_dir`.
-pub fn bench(bin: &Path, out_dir: &Path, smoke: bool) -> Result<()> {
-    let t = Topology::create()?;
+pub fn bench(bin: &Path, out_dir: &Path, smoke: bool, compare: Option<&Path>) -> Result<()> {
+    // Read first: a bad file should fail before minutes of measuring.
+    let old: Option<Value> = match compare {
+        Some(p) => Some(
+            serde_json::from_slice(
+                &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("{} is not a bench results.json", p.display()))?,
+        ),
+        None => None,
+    };
+    let t = Topology::create(bin)?;
+    eprintln!("xtask bench: generator ceiling");
+    let ceiling = ceiling(&t, smoke)?;
     let mut targets = Vec::new();
     for (name, mode) in [
         ("xdp-generic", Some("generic")),
@@ -398,7 +565,7 @@ pub fn bench(bin: &Path, out_dir: &Path, smoke: bool) -> Result<()> {
             Some(m) => start_ntp_user(bin, &t, m)?,
             None => start_chronyd(&t)?,
         };
-        targets.push(measure(bin, &t, name, &server, smoke)?);
+        targets.push(measure(bin, &t, name, &server, &ceiling, smoke)?);
         drop(server);
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -414,10 +581,13 @@ pub fn bench(bin: &Path, out_dir: &Path, smoke: bool) -> Result<()> {
     }
     let micro: Value =
         serde_json::from_slice(&micro_out.stdout).context("ntp-loadgen micro output")?;
+    let threads = t.threads;
     drop(t);
     let report = Report {
         machine: machine(),
         smoke,
+        threads,
+        ceiling,
         targets,
         micro,
     };
@@ -427,7 +597,10 @@ pub fn bench(bin: &Path, out_dir: &Path, smoke: bool) -> Result<()> {
         serde_json::to_vec_pretty(&report)?,
     )?;
     plot(&report, &out_dir.join("rate.svg"))?;
-    let table = table(&report);
+    let mut table = table(&report);
+    if let Some(old) = &old {
+        table.push_str(&compare_reports(old, &serde_json::to_value(&report)?));
+    }
     std::fs::write(out_dir.join("table.md"), &table)?;
     println!("{table}");
     println!(
@@ -459,20 +632,28 @@ fn table(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "| target | loss-free rate /s (sent) | saturation replies/s | server CPU ns/reply | softirq ns/reply | RTT p50/p99/p99.9 µs | residence p50/p99 ns | timestamp error p50/p99 µs |"
+        "Generator ceiling (requests delivered to the server's veth, counted and dropped there \
+         by XDP, no server): {:.0}/s from {} threads, {:.0}/s from one.\n",
+        r.ceiling.all_threads, r.threads, r.ceiling.one_thread
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| target | loss-free rate /s | flat out replies/s, {} threads | flat out, 1 thread | server CPU ns/reply | softirq ns/reply | RTT p50/p99/p99.9 µs | residence p50/p99 ns | timestamp error p50/p99 µs |",
+        r.threads
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     for t in &r.targets {
         let l = &t.latency;
         let _ = writeln!(
             s,
-            "| {} | {:.0}{}{} | {:.0}{} | {:.0}{} | {:.0} | {:.0}/{:.0}/{:.0} | {:.0}/{:.0} | {:.1}/{:.1} |",
+            "| {} | {:.0}{}{} | {:.0}{} | {:.0} | {:.0}{} | {:.0} | {:.0}/{:.0}/{:.0} | {:.0}/{:.0} | {:.1}/{:.1} |",
             t.name,
             t.loss_free_rate,
             if t.generator_bound { " ≥ (generator-bound)" } else { "" },
             ratio(t.loss_free_rate, chrony.map(|c| c.loss_free_rate), false),
             t.saturation_replies_per_s,
             ratio(t.saturation_replies_per_s, chrony.map(|c| c.saturation_replies_per_s), false),
+            t.saturation_one_thread,
             t.cpu_ns_per_reply,
             ratio(t.cpu_ns_per_reply, chrony.map(|c| c.cpu_ns_per_reply), true),
             t.softirq_ns_per_reply,
@@ -485,14 +666,34 @@ fn table(r: &Report) -> String {
             l["ts_error_us"]["p99"].as_f64().unwrap_or(0.0),
         );
     }
-    let _ =
-        writeln!(
+    let _ = writeln!(
         s,
-        "\nRatios in parentheses are against chronyd (CPU: chronyd's over the target's). Latency, \
-         residence and timestamp error at the first step ({:.0}/s) for every target.",
+        "\nRatios in parentheses are against chronyd (CPU: chronyd's over the target's). Server \
+         CPU is the BPF program's run time (bpf_stats) for XDP targets and the process's CPU \
+         time for userspace servers, at the loss-free step. Latency, residence and timestamp \
+         error at {:.0}/s through sockets for every target.",
         r.targets.first().map_or(0.0, |t| t.latency["offered"].as_f64().unwrap_or(0.0))
     );
-    let _ = writeln!(s, "\nMicro (BPF_PROG_TEST_RUN, ns per packet):");
+    if let Some(native) = r.targets.iter().find(|t| t.name == "xdp-native") {
+        let ns = native.cpu_ns_per_reply;
+        if ns > 0.0 {
+            // Minimum NTP request on the wire: 90-byte frame + FCS + preamble + gap = 114 B.
+            let line_rate = |gbps: f64| gbps * 1e9 / (114.0 * 8.0);
+            let _ = writeln!(
+                s,
+                "\nOn paper, from the native program's {ns:.0} ns per reply: one core runs it \
+                 {:.1} M times/s; a 10 GbE port full of NTP requests ({:.1} Mpps) needs {:.1} \
+                 cores and a 25 GbE port ({:.1} Mpps) {:.1} cores for the program alone (the \
+                 driver's receive and XDP_TX work come on top; not measured here).",
+                1e3 / ns,
+                line_rate(10.0) / 1e6,
+                line_rate(10.0) * ns / 1e9,
+                line_rate(25.0) / 1e6,
+                line_rate(25.0) * ns / 1e9,
+            );
+        }
+    }
+    let _ = writeln!(s, "\nMicro (BPF_PROG_TEST_RUN, ns per packet, harness included):");
     if let Some(cases) = r.micro.as_array() {
         for c in cases {
             let _ = writeln!(
@@ -500,6 +701,70 @@ fn table(r: &Report) -> String {
                 "- {}: {:.0} ns",
                 c["case"].as_str().unwrap_or("?"),
                 c["ns_per_packet"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    s
+}
+
+/// The change from an earlier run's results.json to this one's, target by target.
+fn compare_reports(old: &Value, new: &Value) -> String {
+    use std::fmt::Write as _;
+    let change = |o: f64, n: f64| {
+        if o > 0.0 {
+            format!("{o:.0} → {n:.0} ({:+.1} %)", (n / o - 1.0) * 100.0)
+        } else {
+            format!("– → {n:.0}")
+        }
+    };
+    let num = |v: &Value, path: &[&str]| {
+        path.iter()
+            .fold(v, |v, k| &v[*k])
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\nChange against the earlier run ({}):\n",
+        old["machine"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(
+        s,
+        "| target | loss-free rate /s | flat out replies/s | server CPU ns/reply | residence p50 ns |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    let empty = Vec::new();
+    let old_targets = old["targets"].as_array().unwrap_or(&empty);
+    for t in new["targets"].as_array().unwrap_or(&empty) {
+        let name = t["name"].as_str().unwrap_or("?");
+        let Some(o) = old_targets.iter().find(|o| o["name"] == t["name"]) else {
+            let _ = writeln!(s, "| {name} | new | | | |");
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {} | {} |",
+            change(num(o, &["loss_free_rate"]), num(t, &["loss_free_rate"])),
+            change(
+                num(o, &["saturation_replies_per_s"]),
+                num(t, &["saturation_replies_per_s"])
+            ),
+            change(num(o, &["cpu_ns_per_reply"]), num(t, &["cpu_ns_per_reply"])),
+            change(
+                num(o, &["latency", "residence_ns", "p50"]),
+                num(t, &["latency", "residence_ns", "p50"])
+            ),
+        );
+    }
+    let old_micro = old["micro"].as_array().unwrap_or(&empty);
+    for c in new["micro"].as_array().unwrap_or(&empty) {
+        if let Some(o) = old_micro.iter().find(|o| o["case"] == c["case"]) {
+            let _ = writeln!(
+                s,
+                "- micro {}: {} ns",
+                c["case"].as_str().unwrap_or("?"),
+                change(num(o, &["ns_per_packet"]), num(c, &["ns_per_packet"]))
             );
         }
     }
@@ -516,10 +781,10 @@ fn plot(r: &Report, path: &Path) -> Result<()> {
         .iter()
         .flat_map(|t| t.steps.iter().map(|s| s.offered.max(s.replies_per_s)))
         .fold(1.0, f64::max);
-    let max_p99 = r
+    let max_cpu = r
         .targets
         .iter()
-        .flat_map(|t| t.steps.iter().map(|s| s.rtt_p99_us))
+        .flat_map(|t| t.steps.iter().map(|s| s.cpu_ns_per_reply))
         .fold(1.0, f64::max);
     let colors = [RED, BLUE, GREEN, BLACK];
     let mut chart = ChartBuilder::on(&left)
@@ -544,20 +809,22 @@ fn plot(r: &Report, path: &Path) -> Result<()> {
     }
     chart.configure_series_labels().border_style(BLACK).draw()?;
     let mut chart = ChartBuilder::on(&right)
-        .caption("client RTT p99 vs offered", ("sans-serif", 18))
+        .caption("server CPU per reply vs offered", ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(35)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..max_rate * 1.05, 0.0..max_p99 * 1.1)?;
+        .build_cartesian_2d(0.0..max_rate * 1.05, (1.0..max_cpu * 2.0).log_scale())?;
     chart
         .configure_mesh()
         .x_desc("offered /s")
-        .y_desc("p99 µs")
+        .y_desc("ns / reply")
         .draw()?;
     for (t, c) in r.targets.iter().zip(colors) {
         chart
             .draw_series(LineSeries::new(
-                t.steps.iter().map(|s| (s.offered, s.rtt_p99_us)),
+                t.steps
+                    .iter()
+                    .map(|s| (s.offered, s.cpu_ns_per_reply.max(1.0))),
                 c,
             ))?
             .label(t.name.clone())

@@ -48,6 +48,9 @@ enum Task {
         /// Seconds at tiny rates: checks the harness runs, measures nothing.
         #[arg(long)]
         smoke: bool,
+        /// An earlier run's results.json: print the change against it.
+        #[arg(long, value_name = "OLD.json")]
+        compare: Option<PathBuf>,
     },
     /// Set up, build in release mode, and package: target/deb/ntp-xdp_VERSION_ARCH.deb.
     Deb,
@@ -79,7 +82,7 @@ fn main() -> ExitCode {
             .and_then(|()| require_root("cargo xtask demo --failover"))
             .and_then(|()| build(true))
             .and_then(|bin| failover::demo(&bin)),
-        Task::Bench { smoke } => setup::setup()
+        Task::Bench { smoke, compare } => setup::setup()
             .and_then(|()| require_root("cargo xtask bench"))
             .and_then(|()| build(!smoke))
             .and_then(|bin| {
@@ -88,7 +91,7 @@ fn main() -> ExitCode {
                 } else {
                     "target/bench"
                 });
-                bench::bench(&bin, &dir, smoke)
+                bench::bench(&bin, &dir, smoke, compare.as_deref())
             }),
         Task::Deb => setup::setup().and_then(|()| build(true)).and_then(|bin| {
             let deb = deb::build_deb(&bin, &workspace_root().join("target/deb"))?;
@@ -243,7 +246,7 @@ fn test(filter: Option<&str>) -> Result<()> {
 fn bench_smoke(bin: &Path) -> Result<()> {
     let dir = workspace_root().join("target/bench-smoke");
     let _ = std::fs::remove_dir_all(&dir);
-    bench::bench(bin, &dir, true)?;
+    bench::bench(bin, &dir, true, None)?;
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("results.json"))?)?;
     let targets = v["targets"].as_array().context("no targets")?;
     let names: Vec<&str> = targets.iter().filter_map(|t| t["name"].as_str()).collect();

@@ -278,7 +278,12 @@ fn ensure_ntpd_rs() -> Result<()> {
         .arg("--version")
         .output()
         .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        // ntp-ctl prints its version on stderr.
+        .map(|o| {
+            let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&o.stderr));
+            text.trim().to_string()
+        });
     if installed.as_deref() == Some(&format!("ntp-ctl {NTPD_RS_VERSION}")) {
         return Ok(());
     }

@@ -172,11 +172,23 @@ async fn attach(
         };
         match netns::find_veth_peer(&nl, &local, candidates).await? {
             Some(peer) => {
-                netns::within(&peer.netns, || {
-                    responder
-                        .attach_peer_pass(peer.index)
-                        .context("attaching the pass program to the veth peer")
-                })?;
+                // A peer that carries an XDP program already (a guest's own, a benchmark's
+                // counter) makes XDP_TX deliver as well as ours would: keep it.
+                let peer_prog = Netlink::open_in(&peer.netns)?
+                    .link_by_index(peer.index)
+                    .await?
+                    .and_then(|l| l.xdp_prog_id);
+                match peer_prog {
+                    Some(id) => info!(
+                        peer_program_id = id,
+                        "the veth peer carries an XDP program already; native XDP_TX delivers through it"
+                    ),
+                    None => netns::within(&peer.netns, || {
+                        responder
+                            .attach_peer_pass(peer.index)
+                            .context("attaching the pass program to the veth peer")
+                    })?,
+                }
                 inside(&mut || {
                     responder
                         .attach_responder(local.index, XdpMode::Driver)

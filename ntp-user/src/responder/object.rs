@@ -45,7 +45,12 @@ mod tests {
         let mut named = ntp_common::maps::ALL.to_vec();
         named.sort_unstable();
         assert_eq!(in_object, named);
-        for p in [super::RESPONDER_PROGRAM, super::PEER_PASS_PROGRAM] {
+        for p in [
+            super::RESPONDER_PROGRAM,
+            super::PEER_PASS_PROGRAM,
+            ntp_common::maps::BENCH_SINK_PROGRAM,
+            ntp_common::maps::BENCH_DROP_PROGRAM,
+        ] {
             assert!(obj.programs.contains_key(p), "program {p} missing");
         }
     }

@@ -6,6 +6,8 @@
 //! timestamp against the midpoint of the client's send and receive times, one host clock) are
 //! recorded. Bounded in time and in count.
 
+pub mod flood;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd as _;
 use std::time::{Duration, Instant};

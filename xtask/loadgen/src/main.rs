@@ -36,6 +36,48 @@ enum Command {
         #[arg(long, default_value_t = 50_000_000)]
         max_requests: u64,
     },
+    /// Attach (and pin in --pin-dir) or detach a counting program: `replies` on the guest's
+    /// veth counts and drops replies to `flood`; `requests` in place of a server counts and
+    /// drops requests (the generator's ceiling).
+    Sink {
+        #[arg(long)]
+        pin_dir: std::path::PathBuf,
+        #[arg(long)]
+        detach: bool,
+        #[arg(long, required_unless_present = "detach")]
+        netns: Option<String>,
+        #[arg(long, required_unless_present = "detach")]
+        interface: Option<String>,
+        #[arg(long, value_enum, default_value = "replies")]
+        kind: ntp_loadgen::flood::SinkKind,
+        /// Generic (skb) XDP instead of native.
+        #[arg(long)]
+        generic: bool,
+    },
+    /// Send prebuilt request frames on a packet socket at a paced rate; the outcome is read
+    /// from the counters a `sink` pinned in --counts. Prints JSON.
+    Flood {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        interface: String,
+        #[arg(long)]
+        src: std::net::Ipv4Addr,
+        #[arg(long)]
+        target: std::net::Ipv4Addr,
+        #[arg(long, value_parser = ntp_loadgen::flood::parse_mac)]
+        dst_mac: [u8; 6],
+        #[arg(long)]
+        rate: u64,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value_t = 100_000_000)]
+        max_frames: u64,
+        #[arg(long)]
+        counts: std::path::PathBuf,
+    },
     /// The responder's per-packet cost through BPF_PROG_TEST_RUN; prints JSON.
     Micro {
         #[arg(long, default_value_t = 1_000_000)]
@@ -62,6 +104,49 @@ fn main() -> ExitCode {
             // Bounded whatever is asked.
             duration: duration.min(Duration::from_secs(120)),
             max_requests,
+        })
+        .map(|r| println!("{}", serde_json::to_string(&r).expect("serializable"))),
+        Command::Sink {
+            pin_dir,
+            detach: true,
+            ..
+        } => ntp_loadgen::flood::sink_detach(&pin_dir),
+        Command::Sink {
+            pin_dir,
+            netns,
+            interface,
+            kind,
+            generic,
+            ..
+        } => ntp_loadgen::flood::sink_attach(
+            netns.as_deref().unwrap_or_default(),
+            interface.as_deref().unwrap_or_default(),
+            kind,
+            generic,
+            &pin_dir,
+        ),
+        Command::Flood {
+            netns,
+            interface,
+            src,
+            target,
+            dst_mac,
+            rate,
+            threads,
+            duration,
+            max_frames,
+            counts,
+        } => ntp_loadgen::flood::flood(&ntp_loadgen::flood::FloodSpec {
+            netns,
+            interface,
+            src,
+            target,
+            dst_mac,
+            rate,
+            threads,
+            duration,
+            max_frames,
+            counts,
         })
         .map(|r| println!("{}", serde_json::to_string(&r).expect("serializable"))),
         Command::Micro { repeat } => ntp_loadgen::micro(repeat).map(|cases| {
