@@ -144,6 +144,8 @@ impl Topology {
         ip(&["-n", v, "addr", "add", &format!("{CLOCK}/32"), "dev", "bv0"])?;
         ip(&["-n", v, "link", "set", "bv0", "up"])?;
         ip(&["-n", v, "link", "set", "lo", "up"])?;
+        // The flood's 254 source addresses live behind the guest veth.
+        ip(&["-n", v, "route", "add", "169.254.221.0/24", "via", "169.254.220.2"])?;
         ip(&["-n", g, "addr", "add", "169.254.220.2/24", "dev", "bg0"])?;
         ip(&["-n", g, "link", "set", "bg0", "up"])?;
         ip(&["-n", g, "link", "set", "lo", "up"])?;
@@ -238,8 +240,13 @@ fn start_ntp_user(bin: &Path, t: &Topology, mode: &str) -> Result<Server> {
             "--stratum",
             "2",
             // No --peer-netns: the reply counter is the guest veth's XDP program.
-            // One generator address: per-source limiting would measure the limiter.
-            "--no-rate-limit",
+            // The default admission (access list, per-source rate state, guest clock
+            // records), with a rate one generator address never exceeds: its lookups are
+            // measured, not the limiter's refusals.
+            "--rate-limit",
+            "1000000",
+            "--burst",
+            "1000000",
         ])
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "info,netlink_packet_route=error")
@@ -338,7 +345,9 @@ fn loadgen(bin: &Path, t: &Topology, rate: Option<f64>, duration: Duration) -> R
 fn flood(t: &Topology, counts: &Path, rate: f64, threads: usize, duration: Duration) -> Result<Value> {
     let out = Command::new(&t.loadgen)
         .args(["flood", "--netns", &t.guest, "--interface", "bg0"])
-        .args(["--src", "169.254.220.2", "--target", CLOCK, "--dst-mac", &t.vip_mac])
+        // 254 guests behind the guest veth (the VIP routes their /24 back through it).
+        .args(["--src", "169.254.221.1", "--sources", "254"])
+        .args(["--target", CLOCK, "--dst-mac", &t.vip_mac])
         .args(["--rate", &format!("{}", rate as u64), "--threads", &threads.to_string()])
         .args(["--duration", &format!("{}ms", duration.as_millis())])
         .arg("--counts")

@@ -122,7 +122,9 @@ fn read_counts(pin_dir: &Path) -> Result<[u64; 4]> {
 pub struct FloodSpec {
     pub netns: String,
     pub interface: String,
+    /// First source address; frames cycle through `sources` consecutive addresses.
     pub src: Ipv4Addr,
+    pub sources: u32,
     pub target: Ipv4Addr,
     pub dst_mac: [u8; 6],
     /// Frames per second over all threads.
@@ -257,8 +259,10 @@ fn flood_thread(
     let fd = packet_socket(if_index)?;
     let frames: Vec<[u8; 90]> = (0..FRAMES_PER_THREAD)
         .map(|i| {
-            let port = 1024 + (thread * FRAMES_PER_THREAD + i) as u16 % 60000;
-            request_frame(src_mac, spec.dst_mac, spec.src, spec.target, port, i as u32)
+            let n = thread * FRAMES_PER_THREAD + i;
+            let port = 1024 + (n % 60000) as u16;
+            let src = Ipv4Addr::from(u32::from(spec.src) + (n as u32 % spec.sources.max(1)));
+            request_frame(src_mac, spec.dst_mac, src, spec.target, port, i as u32)
         })
         .collect();
     let mut iovs: Vec<libc::iovec> = frames

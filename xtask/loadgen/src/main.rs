@@ -61,8 +61,12 @@ enum Command {
         netns: String,
         #[arg(long)]
         interface: String,
+        /// First source address of the frames.
         #[arg(long)]
         src: std::net::Ipv4Addr,
+        /// How many consecutive source addresses the frames cycle through.
+        #[arg(long, default_value_t = 1)]
+        sources: u32,
         #[arg(long)]
         target: std::net::Ipv4Addr,
         #[arg(long, value_parser = ntp_loadgen::flood::parse_mac)]
@@ -129,6 +133,7 @@ fn main() -> ExitCode {
             netns,
             interface,
             src,
+            sources,
             target,
             dst_mac,
             rate,
@@ -140,6 +145,7 @@ fn main() -> ExitCode {
             netns,
             interface,
             src,
+            sources,
             target,
             dst_mac,
             rate,
