@@ -578,6 +578,9 @@ pub fn bench(bin: &Path, out_dir: &Path, smoke: bool, compare: Option<&Path>) ->
         drop(server);
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Namespaces gone and bpf_stats back off: its two clock reads per run would be timed too.
+    let threads = t.threads;
+    drop(t);
     let micro_out = Command::new(crate::loadgen_bin(bin))
         .args(["micro", "--repeat", if smoke { "1000" } else { "200000" }])
         .output()
@@ -590,8 +593,6 @@ pub fn bench(bin: &Path, out_dir: &Path, smoke: bool, compare: Option<&Path>) ->
     }
     let micro: Value =
         serde_json::from_slice(&micro_out.stdout).context("ntp-loadgen micro output")?;
-    let threads = t.threads;
-    drop(t);
     let report = Report {
         machine: machine(),
         smoke,
