@@ -259,6 +259,15 @@ fn bench_smoke(bin: &Path) -> Result<()> {
         {
             bail!("{} has no measurements: {t}", t["name"]);
         }
+        // The reply counter on the guest veth saw this target's replies to the flood.
+        if t["loss_free_rate"].as_f64().unwrap_or(0.0) <= 0.0
+            || t["saturation_replies_per_s"].as_f64().unwrap_or(0.0) <= 0.0
+        {
+            bail!("no flood replies counted for {}: {t}", t["name"]);
+        }
+    }
+    if v["ceiling"]["all_threads"].as_f64().unwrap_or(0.0) <= 0.0 {
+        bail!("the generator's ceiling was not measured: {}", v["ceiling"]);
     }
     if v["micro"].as_array().is_none_or(|m| m.len() < 4) {
         bail!("micro cases missing: {}", v["micro"]);
