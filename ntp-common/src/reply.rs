@@ -104,6 +104,22 @@ pub fn write_server_reply(
     tx_mono: u64,
     random: u32,
 ) -> u64 {
+    let receive = write_reply_but_transmit(hdr, req, anchor, params, rx_mono);
+    write_transmit(hdr, anchor, params, receive, tx_mono, random);
+    receive
+}
+
+/// Every field of a mode 4 reply but the transmit timestamp, so that the clock can be read for
+/// it after all the other work (the XDP path: residence then covers what it did). Returns
+/// the receive timestamp written; [`write_transmit`] completes the header.
+#[inline(always)]
+pub fn write_reply_but_transmit(
+    hdr: &mut [u8; NTP_HEADER_LEN],
+    req: &ClientRequest,
+    anchor: &TimeAnchor,
+    params: &ServerParams,
+    rx_mono: u64,
+) -> u64 {
     let synced = anchor.is_synchronized_at(rx_mono);
     let (leap, stratum, refid) = if synced {
         (anchor.leap, anchor.stratum, anchor.refid)
@@ -114,12 +130,6 @@ pub fn write_server_reply(
         .root_dispersion_ns
         .saturating_add(phi_growth_ns(anchor.age_ns(rx_mono)));
     let receive = ntp_ns_to_timestamp(anchor.ntp_ns_at(rx_mono));
-    let transmit = transmit_timestamp(
-        ntp_ns_to_timestamp(anchor.ntp_ns_at(tx_mono)),
-        receive,
-        params.precision,
-        random,
-    );
     let reference = if anchor.reference_ntp_ns == 0 {
         0
     } else {
@@ -143,8 +153,26 @@ pub fn write_server_reply(
         i += 1;
     }
     write_be64(hdr, OFF_RECEIVE_TS, receive);
-    write_be64(hdr, OFF_TRANSMIT_TS, transmit);
     receive
+}
+
+/// The transmit timestamp for monotonic reading `tx_mono`, after `receive`.
+#[inline(always)]
+pub fn write_transmit(
+    hdr: &mut [u8; NTP_HEADER_LEN],
+    anchor: &TimeAnchor,
+    params: &ServerParams,
+    receive: u64,
+    tx_mono: u64,
+    random: u32,
+) {
+    let transmit = transmit_timestamp(
+        ntp_ns_to_timestamp(anchor.ntp_ns_at(tx_mono)),
+        receive,
+        params.precision,
+        random,
+    );
+    write_be64(hdr, OFF_TRANSMIT_TS, transmit);
 }
 
 /// Writes a kiss-o'-death (RFC 5905 §7.4) over `hdr`: LI=3, stratum 0 and the kiss code as

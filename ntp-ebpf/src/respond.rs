@@ -5,7 +5,10 @@ use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use ntp_common::{
     checksum::{finish, finish_udp, le_words_sum},
     policy::{GuestClock, SourceKey},
-    reply::{guest_offset_fixed, write_kiss_of_death, write_server_reply, ClientRequest},
+    reply::{
+        guest_offset_fixed, write_kiss_of_death, write_reply_but_transmit, write_transmit,
+        ClientRequest,
+    },
     wire::*,
     ServerParams, TimeAnchor,
 };
@@ -85,15 +88,15 @@ pub fn answer(
     // SAFETY: the NTP header is the last 48 of the segment's 56 bytes.
     let hdr = unsafe { &mut *(seg.as_mut_ptr().add(UDP_HEADER_LEN) as *mut [u8; NTP_HEADER_LEN]) };
     let request = ClientRequest::parse(hdr);
-    // Transmit timestamp: the last moment before the checksum that covers it.
-    let tx_mono = unsafe { bpf_ktime_get_ns() };
     let random = unsafe { bpf_get_prandom_u32() };
     let rx_mono = cx.rx_mono;
     match kod {
         None => {
-            let receive = write_server_reply(
-                hdr, &request, cx.anchor, cx.params, rx_mono, tx_mono, random,
-            );
+            let receive = write_reply_but_transmit(hdr, &request, cx.anchor, cx.params, rx_mono);
+            // Transmit timestamp: read after every other field, just before the checksum
+            // that covers it.
+            let tx_mono = unsafe { bpf_ktime_get_ns() };
+            write_transmit(hdr, cx.anchor, cx.params, receive, tx_mono, random);
             // A zero transmit timestamp says nothing about the guest's clock.
             if cx.guest_clocks && u64::from_be_bytes(request.transmit) != 0 {
                 // The full address (no prefix aggregation) and its VLAN.
@@ -107,7 +110,7 @@ pub fn answer(
             cx.anchor,
             cx.params,
             rx_mono,
-            tx_mono,
+            unsafe { bpf_ktime_get_ns() },
             random,
             code,
             cx.kod_poll,
