@@ -336,13 +336,18 @@ pub struct ChronyServer {
 
 impl ChronyServer {
     pub fn start(ns: &Netns, stratum: u8) -> Result<ChronyServer> {
+        Self::start_with(ns, &format!("local stratum {stratum}\nallow\n"))
+    }
+
+    /// chronyd with `config` (directives) plus its own pidfile and no command socket.
+    pub fn start_with(ns: &Netns, config: &str) -> Result<ChronyServer> {
         let dir = std::env::temp_dir().join(unique_name("chronysrv"));
         std::fs::create_dir_all(&dir)?;
         let conf = dir.join("chrony.conf");
         std::fs::write(
             &conf,
             format!(
-                "local stratum {stratum}\nallow\npidfile {d}/chronyd.pid\ncmdport 0\nbindcmdaddress /\n",
+                "{config}pidfile {d}/chronyd.pid\ncmdport 0\nbindcmdaddress /\n",
                 d = dir.display()
             ),
         )?;

@@ -844,3 +844,144 @@ fn plot(r: &Report, path: &Path) -> Result<()> {
     root.present()?;
     Ok(())
 }
+
+/// One server's guest-seen offsets in the time comparison.
+#[derive(Debug, Serialize)]
+struct TimeSummary {
+    server: String,
+    samples: usize,
+    median_abs_us: f64,
+    p95_abs_us: f64,
+    median_us: f64,
+}
+
+/// `cargo xtask bench --time`: runs tests/examples/time_bench.rs (ntp-xdp and a chronyd relay
+/// on the same three upstreams, a guest measuring both in turn) and writes
+/// time.json / time.svg / time.md under `out_dir`.
+pub fn time_bench(bin: &Path, out_dir: &Path) -> Result<()> {
+    let out = Command::new("cargo")
+        .current_dir(crate::workspace_root())
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "integration-tests",
+            "--example",
+            "time_bench",
+        ])
+        .env("NTP_USER_BIN", bin)
+        .env("NTP_LOADGEN_BIN", crate::loadgen_bin(bin))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running the time bench")?;
+    if !out.status.success() {
+        bail!("the time bench failed ({})", out.status);
+    }
+    let run: Value = serde_json::from_slice(&out.stdout).context("time bench output")?;
+    let samples = run["samples"].as_array().context("no samples")?;
+    let mut summaries = Vec::new();
+    for server in ["ntp-xdp", "chronyd-relay"] {
+        let offsets: Vec<f64> = samples
+            .iter()
+            .filter(|s| s["server"] == server)
+            .filter_map(|s| s["offset_s"].as_f64())
+            .map(|o| o * 1e6)
+            .collect();
+        if offsets.is_empty() {
+            bail!("no samples of {server}");
+        }
+        let mut abs: Vec<f64> = offsets.iter().map(|o| o.abs()).collect();
+        abs.sort_by(f64::total_cmp);
+        let mut signed = offsets.clone();
+        signed.sort_by(f64::total_cmp);
+        let q = |v: &[f64], p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        summaries.push(TimeSummary {
+            server: server.to_string(),
+            samples: offsets.len(),
+            median_abs_us: q(&abs, 0.5),
+            p95_abs_us: q(&abs, 0.95),
+            median_us: q(&signed, 0.5),
+        });
+    }
+    std::fs::create_dir_all(out_dir)?;
+    std::fs::write(
+        out_dir.join("time.json"),
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "machine": machine(),
+            "summary": summaries,
+            "run": run,
+        }))?,
+    )?;
+    plot_time(samples, &out_dir.join("time.svg"))?;
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Machine: {}; {} min of guest measurements (`chronyd -Q`, one sample each, servers in \
+         turn) after {} s of settling; three chronyd upstreams, `local stratum 3`.\n",
+        machine(),
+        run["minutes"],
+        run["settle_s"]
+    );
+    let _ = writeln!(
+        s,
+        "| server | samples | median \\|offset\\| µs | p95 \\|offset\\| µs | median offset µs |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for m in &summaries {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} | {:.1} | {:+.1} |",
+            m.server, m.samples, m.median_abs_us, m.p95_abs_us, m.median_us
+        );
+    }
+    std::fs::write(out_dir.join("time.md"), &s)?;
+    println!("{s}");
+    println!(
+        "written: {}/time.json, time.svg, time.md",
+        out_dir.display()
+    );
+    Ok(())
+}
+
+fn plot_time(samples: &[Value], path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let points = |server: &str| -> Vec<(f64, f64)> {
+        samples
+            .iter()
+            .filter(|s| s["server"] == server)
+            .filter_map(|s| Some((s["t_s"].as_f64()?, s["offset_s"].as_f64()? * 1e6)))
+            .collect()
+    };
+    let (xdp, relay) = (points("ntp-xdp"), points("chronyd-relay"));
+    let t_max = xdp.iter().chain(&relay).map(|p| p.0).fold(1.0, f64::max);
+    let y = xdp
+        .iter()
+        .chain(&relay)
+        .map(|p| p.1.abs())
+        .fold(1.0, f64::max);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("guest-seen offset", ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..t_max * 1.02, -y * 1.1..y * 1.1)?;
+    chart
+        .configure_mesh()
+        .x_desc("s")
+        .y_desc("offset µs")
+        .draw()?;
+    for (name, pts, c) in [("ntp-xdp", xdp, RED), ("chronyd relay", relay, BLUE)] {
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], c));
+        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 2, c.filled())))?;
+    }
+    chart.configure_series_labels().border_style(BLACK).draw()?;
+    root.present()?;
+    Ok(())
+}

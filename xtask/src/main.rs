@@ -51,6 +51,10 @@ enum Task {
         /// An earlier run's results.json: print the change against it.
         #[arg(long, value_name = "OLD.json")]
         compare: Option<PathBuf>,
+        /// Instead of rates: the served time side by side with a chronyd relay on the same
+        /// upstreams, as a guest sees it (a few minutes).
+        #[arg(long, conflicts_with_all = ["smoke", "compare"])]
+        time: bool,
     },
     /// Set up, build in release mode, and package: target/deb/ntp-xdp_VERSION_ARCH.deb.
     Deb,
@@ -82,7 +86,11 @@ fn main() -> ExitCode {
             .and_then(|()| require_root("cargo xtask demo --failover"))
             .and_then(|()| build(true))
             .and_then(|bin| failover::demo(&bin)),
-        Task::Bench { smoke, compare } => setup::setup()
+        Task::Bench { time: true, .. } => setup::setup()
+            .and_then(|()| require_root("cargo xtask bench --time"))
+            .and_then(|()| build(true))
+            .and_then(|bin| bench::time_bench(&bin, &workspace_root().join("target/bench"))),
+        Task::Bench { smoke, compare, .. } => setup::setup()
             .and_then(|()| require_root("cargo xtask bench"))
             .and_then(|()| build(!smoke))
             .and_then(|bin| {

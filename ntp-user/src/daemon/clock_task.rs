@@ -17,6 +17,7 @@ use crate::clock::discipline::ClockModel;
 use crate::clock::names::{literal_address, UpstreamNames};
 use crate::clock::system::{System, SystemConfig, SystemEvent};
 use crate::host::hostclock::{monotonic_now_ns, read_clock_pair};
+use crate::host::timestamping;
 use crate::responder::Responder;
 use ntp_common::time::unix_ns_to_ntp_ns;
 
@@ -89,17 +90,25 @@ async fn send_request(
     let sock = UdpSocket::bind(bind)
         .await
         .context("binding a client socket")?;
-    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
-        .context("SO_TIMESTAMPNS")?;
+    timestamping::enable(&sock)?;
     sock.connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
-    // Stamped just before the syscall: on a veth the answer can arrive (and be stamped by
-    // the kernel) before this task runs again after send().
-    let sent_ns = monotonic_now_ns()?;
+    // The fallback, stamped just before the syscall: on a veth the answer can arrive (and be
+    // stamped by the kernel) before this task runs again after send().
+    let before_send = monotonic_now_ns()?;
     sock.send(&req)
         .await
         .with_context(|| format!("sending to {addr}"))?;
+    // The kernel's transmit stamp, taken as the datagram left through the driver: the send
+    // path is then on neither leg, as with the reply's receive stamp (chronyd does the same).
+    let sent_ns = match kernel_transmit_time(&sock).await? {
+        Some(t) => t,
+        None => {
+            debug!(%addr, "no kernel transmit timestamp; using the time before send()");
+            before_send
+        }
+    };
     tokio::spawn(async move {
         if let Ok(Ok((bytes, recv_ns))) =
             tokio::time::timeout(RESPONSE_TIMEOUT, recv_timestamped(&sock)).await
@@ -109,6 +118,21 @@ async fn send_request(
     });
     Ok(sent_ns)
 }
+
+/// The kernel's transmit timestamp of the datagram just sent, as CLOCK_MONOTONIC. Drivers
+/// stamp in their transmit routine, normally within send() itself; a few ms at most are waited.
+async fn kernel_transmit_time(sock: &UdpSocket) -> Result<Option<u64>> {
+    for _ in 0..TX_STAMP_TRIES {
+        if let Some(stamp) = timestamping::take_transmit_stamp(sock) {
+            return timestamping::to_monotonic(stamp);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(None)
+}
+
+/// Tries (1 ms apart) for a transmit timestamp before falling back to the time before send().
+const TX_STAMP_TRIES: usize = 5;
 
 /// Receives one datagram with the kernel's receive timestamp, as CLOCK_MONOTONIC.
 async fn recv_timestamped(sock: &UdpSocket) -> std::io::Result<(Vec<u8>, u64)> {

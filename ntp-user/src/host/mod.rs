@@ -8,6 +8,7 @@ pub mod keepalived;
 pub mod netlink;
 pub mod netns;
 pub mod radvd;
+pub mod timestamping;
 pub mod vip;
 
 use std::path::Path;

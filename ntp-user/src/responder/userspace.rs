@@ -34,7 +34,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tracing::{debug, info};
 
-use crate::host::hostclock::{monotonic_now_ns, read_clock_pair};
+use crate::host::hostclock::monotonic_now_ns;
 use crate::host::netns;
 use crate::nts::packet::{nak as nts_nak, KISS_NTSN};
 use crate::nts::server::{NtsResponse, NtsState};
@@ -409,14 +409,16 @@ async fn yield_if_busy() {
 pub(crate) async fn recv_timestamped(
     sock: &UdpSocket,
 ) -> std::io::Result<(Vec<u8>, SocketAddr, u64)> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+    use nix::sys::socket::{recvmsg, MsgFlags, SockaddrStorage};
     use std::os::fd::AsRawFd as _;
     loop {
         sock.readable().await?;
         let result = sock.try_io(tokio::io::Interest::READABLE, || {
             let mut buf = [0u8; 2048];
             let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-            let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+            // Room for SCM_TIMESTAMPNS or SCM_TIMESTAMPING (three timespecs), whichever the
+            // socket asked for.
+            let mut cmsg = nix::cmsg_space!(nix::sys::socket::Timestamps);
             let msg = recvmsg::<SockaddrStorage>(
                 sock.as_raw_fd(),
                 &mut iov,
@@ -424,12 +426,10 @@ pub(crate) async fn recv_timestamped(
                 MsgFlags::MSG_DONTWAIT,
             )
             .map_err(std::io::Error::from)?;
-            let mut kernel_rx = None;
-            for c in msg.cmsgs().map_err(std::io::Error::from)? {
-                if let ControlMessageOwned::ScmTimestampns(ts) = c {
-                    kernel_rx = Some(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64);
-                }
-            }
+            let kernel_rx = msg
+                .cmsgs()
+                .map_err(std::io::Error::from)?
+                .find_map(|c| crate::host::timestamping::stamp_of(&c));
             let from = msg
                 .address
                 .and_then(|a| {
@@ -446,13 +446,18 @@ pub(crate) async fn recv_timestamped(
         });
         match result {
             Ok((bytes, from, kernel_rx)) => {
-                // The kernel stamps in CLOCK_REALTIME: convert by the time waited since.
-                let pair = read_clock_pair().map_err(std::io::Error::other)?;
-                let waited = kernel_rx
-                    .map(|rx| pair.unix_ns.saturating_sub(rx))
-                    .filter(|w| *w < 1_000_000_000)
-                    .unwrap_or(0);
-                return Ok((bytes, from, pair.mono_ns - waited));
+                // The kernel stamps in CLOCK_REALTIME: converted by the time waited since; a
+                // missing stamp is "now".
+                let rx = match kernel_rx {
+                    Some(stamp) => crate::host::timestamping::to_monotonic(stamp)
+                        .map_err(std::io::Error::other)?,
+                    None => None,
+                };
+                let rx = match rx {
+                    Some(rx) => rx,
+                    None => monotonic_now_ns().map_err(std::io::Error::other)?,
+                };
+                return Ok((bytes, from, rx));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),

@@ -30,6 +30,7 @@ use ntp_common::wire::*;
 use serde::Serialize;
 
 use ntp_user::host::netns;
+use ntp_user::responder::pins;
 
 /// Which counting program `sink attach` puts on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -49,7 +50,9 @@ pub fn sink_attach(
     generic: bool,
     pin_dir: &Path,
 ) -> Result<()> {
-    ntp_user::responder::pins::ensure_bpffs()?;
+    // Held until the pins exist: a daemon's `down` must not unmount bpffs in between.
+    let _bpffs = pins::bpffs_lock()?;
+    pins::ensure_bpffs()?;
     std::fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
     let mut ebpf = aya::EbpfLoader::new()
         .load(ntp_user::responder::EBPF_OBJECT)
@@ -88,12 +91,15 @@ pub fn sink_attach(
     Ok(())
 }
 
-/// Removes the pins (the attachment goes with its last reference).
+/// Removes the pins (the attachment goes with its last reference), and bpffs itself if it
+/// was mounted for them and holds nothing else now.
 pub fn sink_detach(pin_dir: &Path) -> Result<()> {
+    let _bpffs = pins::bpffs_lock()?;
     if pin_dir.exists() {
         std::fs::remove_dir_all(pin_dir)
             .with_context(|| format!("removing {}", pin_dir.display()))?;
     }
+    pins::release_bpffs()?;
     Ok(())
 }
 

@@ -1,0 +1,129 @@
+//! `cargo xtask bench --time`: the served time as a guest sees it, ntp-xdp side by side with
+//! chronyd relaying the same upstreams.
+//!
+//! Three chronyd servers (`local stratum 3`) in namespaces of their own are the upstreams. The
+//! daemon runs in the VIP host's namespace, disciplined against them (`--upstream-max-poll 4`),
+//! serving the clock address on the VIP veth in native XDP. chronyd as a relay (`-x`, the
+//! same three servers at `minpoll 4 maxpoll 4`) serves the VIP veth's service address from the
+//! VIP namespace, which reaches the upstreams through the host namespace. After both are
+//! synchronized and have settled, a guest measures each in turn with `chronyd -Q` (one sample
+//! per query) until the time is up. Every namespace shares this machine's one clock, so each
+//! offset a guest sees is an error. Prints the samples as JSON; never sets a clock; addresses in
+//! 169.254.160.0/21 only, removed at the end.
+//!
+//! Environment: NTPX_TIME_MINUTES (measuring, default 3), NTPX_TIME_SETTLE_S (default 60).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use integration_tests::clients::chronyd_query;
+use integration_tests::topology::{link_namespaces, ChronyServer, Netns, ServeProcess, Topology};
+use integration_tests::CLOCK_V4;
+
+const UPSTREAM_STRATUM: u8 = 3;
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Waits until `addr` answers the guest synchronized at the upstreams' stratum + 1.
+fn wait_synchronized(t: &Topology, addr: &str, what: &str) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Ok(m) = chronyd_query(&t.guest, addr) {
+            if m.stratum == UPSTREAM_STRATUM + 1 && m.tests_passed {
+                eprintln!("time bench: {what} synchronized after {:?}", start.elapsed());
+                return Ok(());
+            }
+        }
+        if start.elapsed() > Duration::from_secs(180) {
+            bail!("{what} did not synchronize within 180 s");
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn main() -> Result<()> {
+    let minutes = env_f64("NTPX_TIME_MINUTES", 3.0);
+    let settle = Duration::from_secs_f64(env_f64("NTPX_TIME_SETTLE_S", 60.0));
+    let t = Topology::new(160)?;
+    let host = Netns::new("nth")?;
+    let mut upstreams = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..3u8 {
+        let ns = Netns::new("ntu")?;
+        let subnet = 161 + i;
+        link_namespaces(
+            &host,
+            &format!("169.254.{subnet}.2/24"),
+            &ns,
+            &format!("169.254.{subnet}.1/24"),
+        )?;
+        // Answers to the relay go back through the host namespace.
+        ns.ip(&[
+            "route",
+            "add",
+            "169.254.164.0/24",
+            "via",
+            &format!("169.254.{subnet}.2"),
+        ])?;
+        upstreams.push((ChronyServer::start(&ns, UPSTREAM_STRATUM)?, ns));
+        addrs.push(format!("169.254.{subnet}.1"));
+    }
+    // The relay's way to the upstreams: VIP namespace → host namespace (forwarding).
+    link_namespaces(&host, "169.254.164.1/24", &t.vip, "169.254.164.2/24")?;
+    host.command("sysctl")
+        .args(["-qw", "net.ipv4.ip_forward=1"])
+        .status()?;
+    for a in &addrs {
+        let net = a.rsplit_once('.').map(|(n, _)| n).unwrap_or(a);
+        t.vip
+            .ip(&["route", "add", &format!("{net}.0/24"), "via", "169.254.164.1"])?;
+    }
+
+    let mut args = vec!["--upstream-max-poll", "4", "--no-rate-limit"];
+    for a in &addrs {
+        args.push("--upstream");
+        args.push(a);
+    }
+    let _serve = ServeProcess::start_in(Some(&host), &t, "native", &args)?;
+    let mut relay_conf = String::new();
+    for a in &addrs {
+        relay_conf.push_str(&format!("server {a} iburst minpoll 4 maxpoll 4\n"));
+    }
+    relay_conf.push_str(&format!("allow\nbindaddress {}\n", t.service_v4));
+    let _relay = ChronyServer::start_with(&t.vip, &relay_conf)?;
+
+    wait_synchronized(&t, CLOCK_V4, "ntp-xdp")?;
+    wait_synchronized(&t, &t.service_v4, "the chronyd relay")?;
+    eprintln!("time bench: settling for {settle:?}, then measuring for {minutes} min");
+    std::thread::sleep(settle);
+
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while start.elapsed() < Duration::from_secs_f64(minutes * 60.0) {
+        for (server, addr) in [("ntp-xdp", CLOCK_V4), ("chronyd-relay", t.service_v4.as_str())] {
+            match chronyd_query(&t.guest, addr) {
+                Ok(m) => samples.push(serde_json::json!({
+                    "t_s": start.elapsed().as_secs_f64(),
+                    "server": server,
+                    "offset_s": m.offset_s,
+                })),
+                Err(e) => eprintln!("time bench: {server}: {e:#}"),
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "upstreams": addrs,
+            "minutes": minutes,
+            "settle_s": settle.as_secs_f64(),
+            "samples": samples,
+        })
+    );
+    Ok(())
+}
