@@ -11,7 +11,8 @@
 //! offset a guest sees is an error. Prints the samples as JSON; never sets a clock; addresses in
 //! 169.254.160.0/21 only, removed at the end.
 //!
-//! Environment: NTPX_TIME_MINUTES (measuring, default 3), NTPX_TIME_SETTLE_S (default 60).
+//! Environment: NTPX_TIME_MINUTES (measuring, default 3), NTPX_TIME_SETTLE_S (default 60),
+//! NTPX_TIME_LOG (a file for the daemon's log; its level from NTPX_SERVE_LOG).
 
 use std::time::{Duration, Instant};
 
@@ -89,7 +90,7 @@ fn main() -> Result<()> {
         args.push("--upstream");
         args.push(a);
     }
-    let _serve = ServeProcess::start_in(Some(&host), &t, "native", &args)?;
+    let serve = ServeProcess::start_in(Some(&host), &t, "native", &args)?;
     let mut relay_conf = String::new();
     for a in &addrs {
         relay_conf.push_str(&format!("server {a} iburst minpoll 4 maxpoll 4\n"));
@@ -110,11 +111,15 @@ fn main() -> Result<()> {
                 Ok(m) => samples.push(serde_json::json!({
                     "t_s": start.elapsed().as_secs_f64(),
                     "server": server,
-                    "offset_s": m.offset_s,
+                    "offset_s": m.logged_offset_s,
+                    "printed_offset_s": m.offset_s,
                 })),
                 Err(e) => eprintln!("time bench: {server}: {e:#}"),
             }
         }
+    }
+    if let Ok(path) = std::env::var("NTPX_TIME_LOG") {
+        std::fs::write(&path, serve.drain_log().join("\n"))?;
     }
     println!(
         "{}",

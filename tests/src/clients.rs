@@ -76,6 +76,9 @@ pub struct ChronyMeasurement {
     pub refid: String,
     /// The "123 567 ABCD" test columns of the measurements log, all passed.
     pub tests_passed: bool,
+    /// The measurement's offset from the log (4 significant digits, where the "wrong by" line
+    /// prints whole microseconds), in the same sense as `offset_s`.
+    pub logged_offset_s: f64,
 }
 
 struct TempDir(PathBuf);
@@ -140,6 +143,7 @@ pub fn chronyd_query(ns: &Netns, addr: &str) -> Result<ChronyMeasurement> {
         stratum: f[4].parse().context("stratum column")?,
         refid: f[16].to_string(),
         tests_passed: f[5] == "111" && f[6] == "111" && f[7] == "1111",
+        logged_offset_s: f[11].parse().context("offset column")?,
     })
 }
 
