@@ -80,6 +80,12 @@ impl ClockFilter {
         self.samples.len()
     }
 
+    /// The least round-trip delay among the stages (s): the path's baseline, against which a
+    /// sample's extra delay bounds its extra error.
+    pub fn min_delay(&self) -> Option<f64> {
+        self.samples.iter().map(|s| s.delay).min_by(f64::total_cmp)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
     }
@@ -185,6 +191,17 @@ mod tests {
         // Jitter: RMS of 480, -320 and 380 µs from the chosen one.
         let want = ((480f64.powi(2) + 320f64.powi(2) + 380f64.powi(2)) / 3.0).sqrt() * 1e-6;
         assert!((e.jitter - want).abs() < 1e-9, "{} vs {want}", e.jitter);
+    }
+
+    #[test]
+    fn min_delay_is_the_least_over_the_stages() {
+        let m = model();
+        let mut f = ClockFilter::default();
+        assert_eq!(f.min_delay(), None);
+        for (i, delay) in [3.0, 1.5, 2.0].iter().enumerate() {
+            f.add(sample(&m, i as u64, 0, *delay));
+        }
+        assert_eq!(f.min_delay(), Some(1.5e-3));
     }
 
     #[test]

@@ -101,6 +101,16 @@ pub struct Reference {
 /// Samples an upstream needs before its estimate may set the clock the first time.
 const FIRST_STEP_SAMPLES: usize = 4;
 
+/// The error a discipline point is given: half the delay beyond the path's least (the most
+/// queueing on one leg can shift the offset) on top of half the upstream's jitter (what even
+/// its straightest samples scatter by), and never below its precision. (Half: over 16
+/// simulated seeds it beat the whole jitter and fixed floors of 1–30 µs.)
+fn point_sigma(delay: f64, min_delay: f64, jitter: f64, precision: f64) -> f64 {
+    let excess = (delay - min_delay).max(0.0) / 2.0;
+    let base = jitter / 2.0;
+    (excess * excess + base * base).sqrt().max(precision)
+}
+
 /// A request the IO must send now: `packet` to upstream `id` at `addr`; the IO reports back
 /// with [`System::on_sent`] and [`System::on_response`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -462,7 +472,11 @@ impl System {
         };
         // One point per fresh survivor sample: points from different samples have independent
         // errors, which the regression's runs test relies on. The selection decides who counts.
-        let sigma = est.jitter.max(1e-7);
+        // Its weight comes from the delay it waited beyond the path's least: queueing on one
+        // leg shifts the offset by up to half that, so a sample that went straight through
+        // counts far more than one that queued (chrony and ntpd-rs weight by delay too).
+        let min_delay = self.upstreams[from].filter.min_delay().unwrap_or(est.delay);
+        let sigma = point_sigma(est.delay, min_delay, est.jitter, precision);
         let point_mono = est.sample.mono_ns;
         let true_ntp = est.sample.true_ntp_ns;
         match self
@@ -725,5 +739,21 @@ impl System {
             _ => LEAP_NONE,
         };
         (anchor, events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::point_sigma;
+
+    #[test]
+    fn queued_samples_weigh_less() {
+        // Straight through: half the jitter; 100 µs of queueing: its half dominates.
+        let straight = point_sigma(0.001, 0.001, 10e-6, 1e-7);
+        let queued = point_sigma(0.0011, 0.001, 10e-6, 1e-7);
+        assert!((straight - 5e-6).abs() < 1e-12);
+        assert!((queued - (50e-6f64.powi(2) + 5e-6f64.powi(2)).sqrt()).abs() < 1e-12);
+        // Never below the precision, never negative excess.
+        assert_eq!(point_sigma(0.001, 0.002, 0.0, 2e-6), 2e-6);
     }
 }
