@@ -124,21 +124,35 @@ fn read_counts(pin_dir: &Path) -> Result<[u64; 4]> {
     Ok(out)
 }
 
-#[derive(Debug, Clone)]
+/// What `ntp-loadgen flood` sends, and where it reads the outcome.
+#[derive(Debug, Clone, clap::Args)]
 pub struct FloodSpec {
+    /// The guest namespace and its interface to send from.
+    #[arg(long)]
     pub netns: String,
+    #[arg(long)]
     pub interface: String,
-    /// First source address; frames cycle through `sources` consecutive addresses.
+    /// First source address of the frames; they cycle through `sources` consecutive ones.
+    #[arg(long)]
     pub src: Ipv4Addr,
+    #[arg(long, default_value_t = 1)]
     pub sources: u32,
+    #[arg(long)]
     pub target: Ipv4Addr,
+    /// The server-side MAC the frames go to.
+    #[arg(long, value_parser = parse_mac)]
     pub dst_mac: [u8; 6],
     /// Frames per second over all threads.
+    #[arg(long)]
     pub rate: u64,
+    #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+    #[arg(long, default_value_t = 100_000_000)]
     pub max_frames: u64,
-    /// Where `sink attach` pinned the counters that see this run's outcome.
+    /// Where `sink` pinned the counters that see this run's outcome.
+    #[arg(long)]
     pub counts: PathBuf,
 }
 

@@ -56,32 +56,7 @@ enum Command {
     },
     /// Send prebuilt request frames on a packet socket at a paced rate; the outcome is read
     /// from the counters a `sink` pinned in --counts. Prints JSON.
-    Flood {
-        #[arg(long)]
-        netns: String,
-        #[arg(long)]
-        interface: String,
-        /// First source address of the frames.
-        #[arg(long)]
-        src: std::net::Ipv4Addr,
-        /// How many consecutive source addresses the frames cycle through.
-        #[arg(long, default_value_t = 1)]
-        sources: u32,
-        #[arg(long)]
-        target: std::net::Ipv4Addr,
-        #[arg(long, value_parser = ntp_loadgen::flood::parse_mac)]
-        dst_mac: [u8; 6],
-        #[arg(long)]
-        rate: u64,
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-        duration: Duration,
-        #[arg(long, default_value_t = 100_000_000)]
-        max_frames: u64,
-        #[arg(long)]
-        counts: std::path::PathBuf,
-    },
+    Flood(ntp_loadgen::flood::FloodSpec),
     /// The responder's per-packet cost through BPF_PROG_TEST_RUN; prints JSON.
     Micro {
         #[arg(long, default_value_t = 1_000_000)]
@@ -129,31 +104,7 @@ fn main() -> ExitCode {
             generic,
             &pin_dir,
         ),
-        Command::Flood {
-            netns,
-            interface,
-            src,
-            sources,
-            target,
-            dst_mac,
-            rate,
-            threads,
-            duration,
-            max_frames,
-            counts,
-        } => ntp_loadgen::flood::flood(&ntp_loadgen::flood::FloodSpec {
-            netns,
-            interface,
-            src,
-            sources,
-            target,
-            dst_mac,
-            rate,
-            threads,
-            duration,
-            max_frames,
-            counts,
-        })
+        Command::Flood(spec) => ntp_loadgen::flood::flood(&spec)
         .map(|r| println!("{}", serde_json::to_string(&r).expect("serializable"))),
         Command::Micro { repeat } => ntp_loadgen::micro(repeat).map(|cases| {
             let v: Vec<serde_json::Value> = cases
