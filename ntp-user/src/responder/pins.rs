@@ -94,6 +94,10 @@ pub fn release_bpffs() -> Result<Option<String>> {
     }
     nix::mount::umount(root).context("unmounting /sys/fs/bpf")?;
     std::fs::remove_file(BPFFS_MARKER).with_context(|| format!("removing {BPFFS_MARKER}"))?;
+    // The marker's directory too, if nothing else of ours lives there now.
+    if let Some(dir) = Path::new(BPFFS_MARKER).parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
     Ok(Some(
         "unmounted the bpffs the daemon had mounted on /sys/fs/bpf".into(),
     ))
