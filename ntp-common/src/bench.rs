@@ -60,8 +60,18 @@ pub fn classify(frame: &[u8; BENCH_FRAME_LEN], le_words: u64) -> BenchFrame {
     if sport != NTP_PORT {
         return BenchFrame::Other;
     }
-    let src = [frame[ip + 12], frame[ip + 13], frame[ip + 14], frame[ip + 15]];
-    let dst = [frame[ip + 16], frame[ip + 17], frame[ip + 18], frame[ip + 19]];
+    let src = [
+        frame[ip + 12],
+        frame[ip + 13],
+        frame[ip + 14],
+        frame[ip + 15],
+    ];
+    let dst = [
+        frame[ip + 16],
+        frame[ip + 17],
+        frame[ip + 18],
+        frame[ip + 19],
+    ];
     let udp_len = be16(frame, udp + 4);
     let tag = ((frame[ntp + OFF_ORIGIN_TS] as u32) << 24)
         | ((frame[ntp + OFF_ORIGIN_TS + 1] as u32) << 16)

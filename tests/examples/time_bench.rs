@@ -36,7 +36,10 @@ fn wait_synchronized(t: &Topology, addr: &str, what: &str) -> Result<()> {
     loop {
         if let Ok(m) = chronyd_query(&t.guest, addr) {
             if m.stratum == UPSTREAM_STRATUM + 1 && m.tests_passed {
-                eprintln!("time bench: {what} synchronized after {:?}", start.elapsed());
+                eprintln!(
+                    "time bench: {what} synchronized after {:?}",
+                    start.elapsed()
+                );
                 return Ok(());
             }
         }
@@ -81,8 +84,13 @@ fn main() -> Result<()> {
         .status()?;
     for a in &addrs {
         let net = a.rsplit_once('.').map(|(n, _)| n).unwrap_or(a);
-        t.vip
-            .ip(&["route", "add", &format!("{net}.0/24"), "via", "169.254.164.1"])?;
+        t.vip.ip(&[
+            "route",
+            "add",
+            &format!("{net}.0/24"),
+            "via",
+            "169.254.164.1",
+        ])?;
     }
 
     let mut args = vec!["--upstream-max-poll", "4", "--no-rate-limit"];
@@ -106,7 +114,10 @@ fn main() -> Result<()> {
     let start = Instant::now();
     let mut samples = Vec::new();
     while start.elapsed() < Duration::from_secs_f64(minutes * 60.0) {
-        for (server, addr) in [("ntp-xdp", CLOCK_V4), ("chronyd-relay", t.service_v4.as_str())] {
+        for (server, addr) in [
+            ("ntp-xdp", CLOCK_V4),
+            ("chronyd-relay", t.service_v4.as_str()),
+        ] {
             match chronyd_query(&t.guest, addr) {
                 Ok(m) => samples.push(serde_json::json!({
                     "t_s": start.elapsed().as_secs_f64(),

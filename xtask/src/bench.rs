@@ -145,7 +145,15 @@ impl Topology {
         ip(&["-n", v, "link", "set", "bv0", "up"])?;
         ip(&["-n", v, "link", "set", "lo", "up"])?;
         // The flood's 254 source addresses live behind the guest veth.
-        ip(&["-n", v, "route", "add", "169.254.221.0/24", "via", "169.254.220.2"])?;
+        ip(&[
+            "-n",
+            v,
+            "route",
+            "add",
+            "169.254.221.0/24",
+            "via",
+            "169.254.220.2",
+        ])?;
         ip(&["-n", g, "addr", "add", "169.254.220.2/24", "dev", "bg0"])?;
         ip(&["-n", g, "link", "set", "bg0", "up"])?;
         ip(&["-n", g, "link", "set", "lo", "up"])?;
@@ -342,13 +350,24 @@ fn loadgen(bin: &Path, t: &Topology, rate: Option<f64>, duration: Duration) -> R
 }
 
 /// `ntp-loadgen flood` at `rate` from `threads` threads, outcome read from `counts`.
-fn flood(t: &Topology, counts: &Path, rate: f64, threads: usize, duration: Duration) -> Result<Value> {
+fn flood(
+    t: &Topology,
+    counts: &Path,
+    rate: f64,
+    threads: usize,
+    duration: Duration,
+) -> Result<Value> {
     let out = Command::new(&t.loadgen)
         .args(["flood", "--netns", &t.guest, "--interface", "bg0"])
         // 254 guests behind the guest veth (the VIP routes their /24 back through it).
         .args(["--src", "169.254.221.1", "--sources", "254"])
         .args(["--target", CLOCK, "--dst-mac", &t.vip_mac])
-        .args(["--rate", &format!("{}", rate as u64), "--threads", &threads.to_string()])
+        .args([
+            "--rate",
+            &format!("{}", rate as u64),
+            "--threads",
+            &threads.to_string(),
+        ])
         .args(["--duration", &format!("{}ms", duration.as_millis())])
         .arg("--counts")
         .arg(counts)
@@ -366,7 +385,14 @@ fn ceiling(t: &Topology, smoke: bool) -> Result<Ceiling> {
     let pins = t.ceiling_pins();
     let pins_s = pins.to_string_lossy();
     t.sink(&[
-        "--pin-dir", &pins_s, "--netns", &t.vip, "--interface", "bv0", "--kind", "requests",
+        "--pin-dir",
+        &pins_s,
+        "--netns",
+        &t.vip,
+        "--interface",
+        "bv0",
+        "--kind",
+        "requests",
         "--generic",
     ])?;
     let (rate, step) = if smoke {
@@ -676,7 +702,8 @@ fn table(r: &Report) -> String {
             l["ts_error_us"]["p99"].as_f64().unwrap_or(0.0),
         );
     }
-    let _ = writeln!(
+    let _ =
+        writeln!(
         s,
         "\nRatios in parentheses are against chronyd (CPU: chronyd's over the target's). Server \
          CPU is the BPF program's run time (bpf_stats) for XDP targets and the process's CPU \
@@ -703,7 +730,10 @@ fn table(r: &Report) -> String {
             );
         }
     }
-    let _ = writeln!(s, "\nMicro (BPF_PROG_TEST_RUN, ns per packet, harness included):");
+    let _ = writeln!(
+        s,
+        "\nMicro (BPF_PROG_TEST_RUN, ns per packet, harness included):"
+    );
     if let Some(cases) = r.micro.as_array() {
         for c in cases {
             let _ = writeln!(
@@ -727,12 +757,7 @@ fn compare_reports(old: &Value, new: &Value) -> String {
             format!("– → {n:.0}")
         }
     };
-    let num = |v: &Value, path: &[&str]| {
-        path.iter()
-            .fold(v, |v, k| &v[*k])
-            .as_f64()
-            .unwrap_or(0.0)
-    };
+    let num = |v: &Value, path: &[&str]| path.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(0.0);
     let mut s = String::new();
     let _ = writeln!(
         s,

@@ -9,8 +9,7 @@ use std::os::fd::{AsFd, AsRawFd as _};
 
 use anyhow::{Context as _, Result};
 use nix::sys::socket::{
-    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage,
-    TimestampingFlag,
+    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage, TimestampingFlag,
 };
 
 use super::hostclock::read_clock_pair;
@@ -85,19 +84,19 @@ mod tests {
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        let tx = to_monotonic(tx.expect("no transmit timestamp")).unwrap().unwrap();
+        let tx = to_monotonic(tx.expect("no transmit timestamp"))
+            .unwrap()
+            .unwrap();
         let mut buf = [0u8; 16];
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         let mut cmsg = Vec::with_capacity(512);
-        let msg = recvmsg::<SockaddrStorage>(
-            b.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::empty(),
-        )
-        .unwrap();
+        let msg =
+            recvmsg::<SockaddrStorage>(b.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
+                .unwrap();
         let rx = msg.cmsgs().unwrap().find_map(|c| stamp_of(&c));
-        let rx = to_monotonic(rx.expect("no receive timestamp")).unwrap().unwrap();
+        let rx = to_monotonic(rx.expect("no receive timestamp"))
+            .unwrap()
+            .unwrap();
         let after = crate::host::hostclock::monotonic_now_ns().unwrap();
         // Conversions are good to the clock pair's own reading time: allow 50 µs.
         let slack = 50_000;

@@ -107,8 +107,7 @@ pub fn sink_detach(pin_dir: &Path) -> Result<()> {
 fn read_counts(pin_dir: &Path) -> Result<[u64; 4]> {
     let data = MapData::from_pin(pin_dir.join(BENCH_COUNTS))
         .with_context(|| format!("opening the counters pinned in {}", pin_dir.display()))?;
-    let map: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+    let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
     let mut out = [0u64; 4];
     for (slot, total) in [
         BENCH_VALID_REPLIES,
@@ -270,12 +269,7 @@ fn packet_socket(if_index: u32) -> Result<OwnedFd> {
 }
 
 /// Sends frames at the paced rate for the duration; returns how many the kernel took.
-fn flood_thread(
-    spec: &FloodSpec,
-    thread: usize,
-    src_mac: [u8; 6],
-    if_index: u32,
-) -> Result<u64> {
+fn flood_thread(spec: &FloodSpec, thread: usize, src_mac: [u8; 6], if_index: u32) -> Result<u64> {
     let fd = packet_socket(if_index)?;
     let frames: Vec<[u8; 90]> = (0..FRAMES_PER_THREAD)
         .map(|i| {
@@ -368,7 +362,9 @@ pub fn flood(spec: &FloodSpec) -> Result<FloodResult> {
         .collect();
     let mut sent = 0;
     for h in handles {
-        sent += h.join().map_err(|_| anyhow!("a generator thread panicked"))??;
+        sent += h
+            .join()
+            .map_err(|_| anyhow!("a generator thread panicked"))??;
     }
     let elapsed = start.elapsed().as_secs_f64();
     // Replies still on their way.

@@ -105,7 +105,7 @@ fn main() -> ExitCode {
             &pin_dir,
         ),
         Command::Flood(spec) => ntp_loadgen::flood::flood(&spec)
-        .map(|r| println!("{}", serde_json::to_string(&r).expect("serializable"))),
+            .map(|r| println!("{}", serde_json::to_string(&r).expect("serializable"))),
         Command::Micro { repeat } => ntp_loadgen::micro(repeat).map(|cases| {
             let v: Vec<serde_json::Value> = cases
                 .into_iter()
