@@ -210,6 +210,29 @@ fn test(filter: Option<&str>) -> Result<()> {
         totals.add(&line);
     }
     let exit = child.wait()?;
+    // Formatting: `cargo fmt --all -- --check` as one more test.
+    if filter.is_none() {
+        let fmt = Command::new("cargo")
+            .current_dir(workspace_root())
+            .args(["fmt", "--all", "--", "--check"])
+            .output()
+            .context("running cargo fmt")?;
+        if fmt.status.success() {
+            println!("test fmt_check ... ok");
+            totals.passed += 1;
+        } else {
+            let files: Vec<String> = String::from_utf8_lossy(&fmt.stdout)
+                .lines()
+                .filter_map(|l| l.strip_prefix("Diff in "))
+                .map(str::to_string)
+                .collect();
+            println!(
+                "test fmt_check ... FAILED: `cargo fmt --all` would change {files:?} {}",
+                String::from_utf8_lossy(&fmt.stderr).trim()
+            );
+            totals.failed += 1;
+        }
+    }
     // The benchmark harness's smoke mode: it runs, parses and writes its outputs.
     if filter.is_none() {
         match bench_smoke(&bin) {

@@ -59,6 +59,7 @@ pub fn setup() -> Result<()> {
     ensure_apt_packages()?;
     ensure_bpf_linker()?;
     ensure_ntpd_rs()?;
+    ensure_rustfmt()?;
     check_llvm_majors(&toolchain)
 }
 
@@ -79,6 +80,20 @@ pub fn ebpf_toolchain() -> Result<String> {
         );
     }
     Ok(channel.to_owned())
+}
+
+/// rustfmt for the host toolchain (`cargo xtask test` checks formatting); rustup skips it
+/// when it is there.
+fn ensure_rustfmt() -> Result<()> {
+    let present = Command::new("cargo")
+        .args(["fmt", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("setup: installing rustfmt");
+    status(Command::new("rustup").args(["component", "add", "rustfmt"]))
 }
 
 /// Installs exactly the eBPF toolchain with rust-src (idempotent: rustup skips what is there).
