@@ -154,6 +154,23 @@ fn push(out: &mut Vec<u8>, critical: bool, kind: u16, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
+/// Next Protocol NTPv4 (critical), then the AEAD record: AES-SIV, or empty (none agreed).
+fn push_ntpv4(out: &mut Vec<u8>, aes_siv: bool, aead_critical: bool) {
+    push(
+        out,
+        true,
+        REC_NEXT_PROTOCOL,
+        &NEXT_PROTOCOL_NTPV4.to_be_bytes(),
+    );
+    let aead = AEAD_AES_SIV_CMAC_256.to_be_bytes();
+    push(
+        out,
+        aead_critical,
+        REC_AEAD,
+        if aes_siv { &aead[..] } else { &[] },
+    );
+}
+
 /// The server's answer to a successful negotiation: protocol, algorithm, the NTP server
 /// to use (`server`, an address or name, and `port` when not 123), the cookies, End.
 pub fn response(
@@ -165,28 +182,9 @@ pub fn response(
     let mut out = Vec::new();
     match negotiated {
         Negotiated::NoProtocol => push(&mut out, true, REC_NEXT_PROTOCOL, &[]),
-        Negotiated::NoAlgorithm => {
-            push(
-                &mut out,
-                true,
-                REC_NEXT_PROTOCOL,
-                &NEXT_PROTOCOL_NTPV4.to_be_bytes(),
-            );
-            push(&mut out, true, REC_AEAD, &[]);
-        }
+        Negotiated::NoAlgorithm => push_ntpv4(&mut out, false, true),
         Negotiated::NtpV4AesSiv => {
-            push(
-                &mut out,
-                true,
-                REC_NEXT_PROTOCOL,
-                &NEXT_PROTOCOL_NTPV4.to_be_bytes(),
-            );
-            push(
-                &mut out,
-                true,
-                REC_AEAD,
-                &AEAD_AES_SIV_CMAC_256.to_be_bytes(),
-            );
+            push_ntpv4(&mut out, true, true);
             if let Some(server) = server {
                 push(&mut out, true, REC_SERVER, server.as_bytes());
             }
@@ -205,18 +203,8 @@ pub fn response(
 /// What a client sends: NTPv4 with AEAD_AES_SIV_CMAC_256 (the tests' own client).
 pub fn client_request() -> Vec<u8> {
     let mut out = Vec::new();
-    push(
-        &mut out,
-        true,
-        REC_NEXT_PROTOCOL,
-        &NEXT_PROTOCOL_NTPV4.to_be_bytes(),
-    );
-    push(
-        &mut out,
-        false,
-        REC_AEAD,
-        &AEAD_AES_SIV_CMAC_256.to_be_bytes(),
-    );
+    // A client may send its AEAD record critical or not (RFC 8915 §4.1.5); ours does not.
+    push_ntpv4(&mut out, true, false);
     push(&mut out, true, REC_END, &[]);
     out
 }
