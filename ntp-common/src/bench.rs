@@ -37,23 +37,18 @@ pub enum BenchFrame {
     InvalidReply,
 }
 
-#[inline(always)]
-fn be16(b: &[u8], off: usize) -> u16 {
-    ((b[off] as u16) << 8) | b[off + 1] as u16
-}
-
 /// Classifies a frame whose first [`BENCH_FRAME_LEN`] bytes are `frame`; `le_words` is their
 /// UDP segment (the last 56 bytes) summed as native 32-bit words (the eBPF side loads them
-/// wide; [`le_words_of`] computes the same on the host).
+/// wide; [`crate::checksum::le_words`] computes the same on the host).
 #[inline(always)]
 pub fn classify(frame: &[u8; BENCH_FRAME_LEN], le_words: u64) -> BenchFrame {
     let ip = ETH_HEADER_LEN;
     let udp = ip + IPV4_MIN_HEADER_LEN;
     let ntp = udp + UDP_HEADER_LEN;
-    if be16(frame, 12) != ETH_P_IPV4 || frame[ip] != 0x45 || frame[ip + 9] != IPPROTO_UDP {
+    if read_be16(frame, 12) != ETH_P_IPV4 || frame[ip] != 0x45 || frame[ip + 9] != IPPROTO_UDP {
         return BenchFrame::Other;
     }
-    let (sport, dport) = (be16(frame, udp), be16(frame, udp + 2));
+    let (sport, dport) = (read_be16(frame, udp), read_be16(frame, udp + 2));
     if dport == NTP_PORT && sport != NTP_PORT {
         return BenchFrame::Request;
     }
@@ -72,11 +67,8 @@ pub fn classify(frame: &[u8; BENCH_FRAME_LEN], le_words: u64) -> BenchFrame {
         frame[ip + 18],
         frame[ip + 19],
     ];
-    let udp_len = be16(frame, udp + 4);
-    let tag = ((frame[ntp + OFF_ORIGIN_TS] as u32) << 24)
-        | ((frame[ntp + OFF_ORIGIN_TS + 1] as u32) << 16)
-        | ((frame[ntp + OFF_ORIGIN_TS + 2] as u32) << 8)
-        | frame[ntp + OFF_ORIGIN_TS + 3] as u32;
+    let udp_len = read_be16(frame, udp + 4);
+    let tag = read_be32(frame, ntp + OFF_ORIGIN_TS);
     if tag != BENCH_ORIGIN_TAG {
         // Someone else's reply (`ntp-loadgen run`, a client under test): theirs to receive.
         return BenchFrame::Other;
@@ -85,7 +77,7 @@ pub fn classify(frame: &[u8; BENCH_FRAME_LEN], le_words: u64) -> BenchFrame {
     if udp_len != NTP_UDP_LEN
         || mode(frame[ntp + OFF_LI_VN_MODE]) != MODE_SERVER
         || !udp_request_checksum_ok(
-            be16(frame, udp + 6),
+            read_be16(frame, udp + 6),
             pseudo + le_words_sum(le_words),
             pseudo,
             true,
@@ -97,15 +89,6 @@ pub fn classify(frame: &[u8; BENCH_FRAME_LEN], le_words: u64) -> BenchFrame {
         return BenchFrame::KodReply;
     }
     BenchFrame::ValidReply
-}
-
-/// The UDP segment of a benchmark frame summed as native 32-bit words (host side of what the
-/// eBPF program loads).
-pub fn le_words_of(frame: &[u8; BENCH_FRAME_LEN]) -> u64 {
-    frame[ETH_HEADER_LEN + IPV4_MIN_HEADER_LEN..]
-        .chunks(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64)
-        .sum()
 }
 
 #[cfg(test)]
@@ -135,7 +118,7 @@ mod tests {
     }
 
     fn class(f: &[u8; BENCH_FRAME_LEN]) -> BenchFrame {
-        classify(f, le_words_of(f))
+        classify(f, crate::checksum::le_words(&f[34..]))
     }
 
     #[test]

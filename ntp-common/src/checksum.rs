@@ -26,6 +26,15 @@ pub fn le_words_sum(le_words: u64) -> u32 {
     (s as u16).swap_bytes() as u32
 }
 
+/// `bytes` (a multiple of four long) summed as native little-endian 32-bit words: what the
+/// eBPF side's wide loads add up, computed over a slice, for [`le_words_sum`].
+pub fn le_words(bytes: &[u8]) -> u64 {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64)
+        .sum()
+}
+
 /// Folds a 32-bit accumulator to 16 bits with end-around carry (not complemented).
 #[inline(always)]
 pub fn fold(mut sum: u32) -> u16 {
@@ -124,11 +133,10 @@ mod tests {
                     x ^= x << 17;
                     *b = x as u8;
                 }
-                let le: u64 = data[..len]
-                    .chunks(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64)
-                    .sum();
-                assert_eq!(fold(le_words_sum(le)), fold(add_words(0, &data[..len])));
+                assert_eq!(
+                    fold(le_words_sum(le_words(&data[..len]))),
+                    fold(add_words(0, &data[..len]))
+                );
             }
         }
         // All ones and all zeros: the two representations of zero stay apart.

@@ -24,7 +24,6 @@ use ntp_common::bench::{
     BENCH_INVALID_REPLIES, BENCH_KOD_REPLIES, BENCH_ORIGIN_TAG, BENCH_REQUESTS_DROPPED,
     BENCH_VALID_REPLIES,
 };
-use ntp_common::checksum::{add_words, finish, finish_udp, pseudo_v4};
 use ntp_common::maps::{BENCH_COUNTS, BENCH_DROP_PROGRAM, BENCH_SINK_PROGRAM};
 use ntp_common::wire::*;
 use serde::Serialize;
@@ -176,41 +175,6 @@ const FLOOD_BATCH: usize = 64;
 /// Distinct frames per thread (source ports and sequence numbers), reused in turn.
 const FRAMES_PER_THREAD: usize = 1024;
 
-/// One request frame from `src:port` with transmit timestamp `BENCH_ORIGIN_TAG:seq`.
-pub fn request_frame(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    port: u16,
-    seq: u32,
-) -> [u8; 90] {
-    let mut f = [0u8; 90];
-    f[0..6].copy_from_slice(&dst_mac);
-    f[6..12].copy_from_slice(&src_mac);
-    f[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
-    f[14] = 0x45;
-    f[16..18].copy_from_slice(&(20u16 + NTP_UDP_LEN).to_be_bytes());
-    f[22] = 64;
-    f[23] = IPPROTO_UDP;
-    f[26..30].copy_from_slice(&src.octets());
-    f[30..34].copy_from_slice(&dst.octets());
-    let ip_check = finish(add_words(0, &f[14..34]));
-    f[24..26].copy_from_slice(&ip_check.to_be_bytes());
-    f[34..36].copy_from_slice(&port.to_be_bytes());
-    f[36..38].copy_from_slice(&NTP_PORT.to_be_bytes());
-    f[38..40].copy_from_slice(&NTP_UDP_LEN.to_be_bytes());
-    f[42] = li_vn_mode(0, 4, MODE_CLIENT);
-    f[82..86].copy_from_slice(&BENCH_ORIGIN_TAG.to_be_bytes());
-    f[86..90].copy_from_slice(&seq.to_be_bytes());
-    let c = finish_udp(add_words(
-        pseudo_v4(&src.octets(), &dst.octets(), NTP_UDP_LEN),
-        &f[34..90],
-    ));
-    f[40..42].copy_from_slice(&c.to_be_bytes());
-    f
-}
-
 /// The MAC of `interface` in the calling thread's namespace.
 fn own_mac(interface: &str) -> Result<[u8; 6]> {
     for ifa in nix::ifaddrs::getifaddrs()? {
@@ -276,7 +240,15 @@ fn flood_thread(spec: &FloodSpec, thread: usize, src_mac: [u8; 6], if_index: u32
             let n = thread * FRAMES_PER_THREAD + i;
             let port = 1024 + (n % 60000) as u16;
             let src = Ipv4Addr::from(u32::from(spec.src) + (n as u32 % spec.sources.max(1)));
-            request_frame(src_mac, spec.dst_mac, src, spec.target, port, i as u32)
+            let transmit = ((BENCH_ORIGIN_TAG as u64) << 32) | i as u64;
+            crate::request_frame(
+                (spec.dst_mac, src_mac),
+                src.octets(),
+                spec.target.octets(),
+                port,
+                li_vn_mode(0, 4, MODE_CLIENT),
+                transmit,
+            )
         })
         .collect();
     let mut iovs: Vec<libc::iovec> = frames
@@ -316,8 +288,10 @@ fn flood_thread(spec: &FloodSpec, thread: usize, src_mac: [u8; 6], if_index: u32
             continue;
         }
         let n = due.min(FRAMES_PER_THREAD - next);
+        // A frame the kernel refuses (full queue) counts as sent and lost: the offered load
+        // was asked for.
         // SAFETY: msgs[next..next + n] and the frames they point to outlive the call.
-        let took = unsafe {
+        unsafe {
             libc::sendmmsg(
                 fd.as_raw_fd(),
                 msgs.as_mut_ptr().add(next),
@@ -325,8 +299,6 @@ fn flood_thread(spec: &FloodSpec, thread: usize, src_mac: [u8; 6], if_index: u32
                 libc::MSG_DONTWAIT,
             )
         };
-        // A refused frame (full queue) counts as sent and lost: the offered load was asked.
-        let _ = took;
         sent += n as u64;
         next = (next + n) % FRAMES_PER_THREAD;
     }

@@ -359,32 +359,46 @@ fn recv_batch(fd: i32, bufs: &mut [[u8; 64]; BATCH]) -> (usize, usize) {
     (kept, n as usize - kept)
 }
 
-/// An Ethernet/IPv4/UDP frame carrying a 48-byte NTP request to `dst`, checksums filled in.
-pub fn ipv4_request_frame(src: [u8; 4], dst: [u8; 4], ntp_b0: u8) -> Vec<u8> {
+/// The Ethernet ends of a frame: (destination, source).
+pub type Macs = ([u8; 6], [u8; 6]);
+
+/// An Ethernet/IPv4/UDP frame carrying a 48-byte NTP request from `src:port` to `dst:123`
+/// (first byte `ntp_b0`, transmit timestamp `transmit`), checksums filled in.
+pub fn request_frame(
+    macs: Macs,
+    src: [u8; 4],
+    dst: [u8; 4],
+    port: u16,
+    ntp_b0: u8,
+    transmit: u64,
+) -> [u8; 90] {
     use ntp_common::checksum::{add_words, finish, finish_udp, pseudo_v4};
-    let mut f = vec![0u8; 14 + 20 + 8 + 48];
-    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
-    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut f[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&76u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 17;
-    ip[12..16].copy_from_slice(&src);
-    ip[16..20].copy_from_slice(&dst);
-    let c = finish(add_words(0, ip));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let udp = &mut f[34..42];
-    udp[0..2].copy_from_slice(&40000u16.to_be_bytes());
-    udp[2..4].copy_from_slice(&123u16.to_be_bytes());
-    udp[4..6].copy_from_slice(&56u16.to_be_bytes());
+    let mut f = [0u8; 90];
+    f[0..6].copy_from_slice(&macs.0);
+    f[6..12].copy_from_slice(&macs.1);
+    f[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&(20 + NTP_UDP_LEN).to_be_bytes());
+    f[22] = 64;
+    f[23] = IPPROTO_UDP;
+    f[26..30].copy_from_slice(&src);
+    f[30..34].copy_from_slice(&dst);
+    let ip_check = finish(add_words(0, &f[14..34]));
+    f[24..26].copy_from_slice(&ip_check.to_be_bytes());
+    f[34..36].copy_from_slice(&port.to_be_bytes());
+    f[36..38].copy_from_slice(&NTP_PORT.to_be_bytes());
+    f[38..40].copy_from_slice(&NTP_UDP_LEN.to_be_bytes());
     f[42] = ntp_b0;
-    f[82..90].copy_from_slice(&0x0102_0304_0506_0708u64.to_be_bytes());
-    let sum = add_words(pseudo_v4(&src, &dst, 56), &f[34..90]);
-    let c = finish_udp(sum);
+    f[82..90].copy_from_slice(&transmit.to_be_bytes());
+    let c = finish_udp(add_words(pseudo_v4(&src, &dst, NTP_UDP_LEN), &f[34..90]));
     f[40..42].copy_from_slice(&c.to_be_bytes());
     f
+}
+
+/// The micro benchmark's request: to the loopback MAC TEST_RUN delivers on, from a guest port.
+fn micro_frame(src: [u8; 4], dst: [u8; 4], ntp_b0: u8) -> [u8; 90] {
+    let macs = ([0x02, 0, 0, 0, 0, 1], [0x02, 0, 0, 0, 0, 2]);
+    request_frame(macs, src, dst, 40000, ntp_b0, 0x0102_0304_0506_0708)
 }
 
 /// The responder's cost per packet through BPF_PROG_TEST_RUN, for the answered path and the
@@ -405,10 +419,10 @@ pub fn micro(repeat: u32) -> Result<Vec<(String, u32, f64)>> {
         max_age_ns: 3600 * 1_000_000_000,
     };
     r.publish_anchor(ntp_user::host::hostclock::host_clock_anchor(&identity)?)?;
-    let good = ipv4_request_frame([169, 254, 1, 2], clock, li_vn_mode(0, 4, MODE_CLIENT));
+    let good = micro_frame([169, 254, 1, 2], clock, li_vn_mode(0, 4, MODE_CLIENT));
     let mut bad_mode = good.clone();
     bad_mode[42] = li_vn_mode(0, 4, MODE_SERVER);
-    let not_served = ipv4_request_frame(
+    let not_served = micro_frame(
         [169, 254, 1, 2],
         [169, 254, 1, 1],
         li_vn_mode(0, 4, MODE_CLIENT),
