@@ -323,30 +323,32 @@ fn start_chronyd(t: &Topology) -> Result<Server> {
     })
 }
 
-fn loadgen(bin: &Path, t: &Topology, rate: Option<f64>, duration: Duration) -> Result<Value> {
-    let mut cmd = Command::new(crate::loadgen_bin(bin));
-    cmd.args([
-        "run",
-        "--target",
-        &format!("{CLOCK}:123"),
-        "--netns",
-        &t.guest,
-    ])
-    .args([
-        "--threads",
-        "1",
-        "--duration",
-        &format!("{}ms", duration.as_millis()),
-    ]);
-    match rate {
-        Some(r) => cmd.args(["--rate", &format!("{}", r as u64)]),
-        None => cmd.args(["--window", "256"]),
-    };
-    let out = cmd.output().context("running ntp-loadgen run")?;
+/// Runs `ntp-loadgen SUBCOMMAND ...` and parses the JSON it prints.
+fn loadgen(cmd: &mut Command) -> Result<Value> {
+    let out = cmd.output().context("running ntp-loadgen")?;
     if !out.status.success() {
-        bail!("loadgen failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "ntp-loadgen failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    serde_json::from_slice(&out.stdout).context("loadgen output")
+    serde_json::from_slice(&out.stdout).context("ntp-loadgen output")
+}
+
+/// `ntp-loadgen run` at `rate` through UDP sockets: every reply timed.
+fn timed_run(t: &Topology, rate: f64, duration: Duration) -> Result<Value> {
+    loadgen(
+        Command::new(&t.loadgen)
+            .args([
+                "run",
+                "--target",
+                &format!("{CLOCK}:123"),
+                "--netns",
+                &t.guest,
+            ])
+            .args(["--threads", "1", "--rate", &format!("{}", rate as u64)])
+            .args(["--duration", &format!("{}ms", duration.as_millis())]),
+    )
 }
 
 /// `ntp-loadgen flood` at `rate` from `threads` threads, outcome read from `counts`.
@@ -357,26 +359,18 @@ fn flood(
     threads: usize,
     duration: Duration,
 ) -> Result<Value> {
-    let out = Command::new(&t.loadgen)
-        .args(["flood", "--netns", &t.guest, "--interface", "bg0"])
-        // 254 guests behind the guest veth (the VIP routes their /24 back through it).
-        .args(["--src", "169.254.221.1", "--sources", "254"])
-        .args(["--target", CLOCK, "--dst-mac", &t.vip_mac])
-        .args([
-            "--rate",
-            &format!("{}", rate as u64),
-            "--threads",
-            &threads.to_string(),
-        ])
-        .args(["--duration", &format!("{}ms", duration.as_millis())])
-        .arg("--counts")
-        .arg(counts)
-        .output()
-        .context("running ntp-loadgen flood")?;
-    if !out.status.success() {
-        bail!("flood failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    serde_json::from_slice(&out.stdout).context("flood output")
+    loadgen(
+        Command::new(&t.loadgen)
+            .args(["flood", "--netns", &t.guest, "--interface", "bg0"])
+            // 254 guests behind the guest veth (the VIP routes their /24 back through it).
+            .args(["--src", "169.254.221.1", "--sources", "254"])
+            .args(["--target", CLOCK, "--dst-mac", &t.vip_mac])
+            .args(["--rate", &format!("{}", rate as u64)])
+            .args(["--threads", &threads.to_string()])
+            .args(["--duration", &format!("{}ms", duration.as_millis())])
+            .arg("--counts")
+            .arg(counts),
+    )
 }
 
 /// The generator's ceiling: what it delivers to the server's veth with a program there that
@@ -470,7 +464,6 @@ fn server_cpu_ns(s: &Server) -> Result<u64> {
 }
 
 fn measure(
-    bin: &Path,
     t: &Topology,
     name: &str,
     s: &Server,
@@ -480,7 +473,7 @@ fn measure(
     // Wait until it answers at all (chronyd needs a moment).
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let probe = loadgen(bin, t, Some(100.0), Duration::from_millis(300))?;
+        let probe = timed_run(t, 100.0, Duration::from_millis(300))?;
         if probe["valid"].as_u64().unwrap_or(0) > 0 {
             break;
         }
@@ -501,7 +494,7 @@ fn measure(
     };
     // Latency at a moderate rate, every reply timed through sockets.
     let probe_rate = if smoke { 500.0 } else { 10e3 };
-    let r = loadgen(bin, t, Some(probe_rate), step)?;
+    let r = timed_run(t, probe_rate, step)?;
     let latency = serde_json::json!({
         "offered": probe_rate,
         "rtt_us": r["rtt_us"],
@@ -600,7 +593,7 @@ pub fn bench(bin: &Path, out_dir: &Path, smoke: bool, compare: Option<&Path>) ->
             Some(m) => start_ntp_user(bin, &t, m)?,
             None => start_chronyd(&t)?,
         };
-        targets.push(measure(bin, &t, name, &server, &ceiling, smoke)?);
+        targets.push(measure(&t, name, &server, &ceiling, smoke)?);
         drop(server);
         std::thread::sleep(Duration::from_millis(200));
     }
