@@ -258,16 +258,7 @@ fn flood_thread(spec: &FloodSpec, thread: usize, src_mac: [u8; 6], if_index: u32
             iov_len: f.len(),
         })
         .collect();
-    let mut msgs: Vec<libc::mmsghdr> = iovs
-        .iter_mut()
-        .map(|iov| {
-            // SAFETY: a zeroed mmsghdr is a valid empty header.
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
+    let mut msgs = crate::mmsg_headers(&mut iovs);
     let rate = (spec.rate as f64 / spec.threads as f64).max(1.0);
     let limit = spec.max_frames / spec.threads as u64;
     let start = Instant::now();

@@ -294,8 +294,8 @@ fn worker(spec: &LoadSpec, thread: u64) -> Result<ThreadTally> {
     Ok(tally)
 }
 
-/// One message header per buffer, without addresses (the socket is connected).
-fn mmsg_headers(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+/// One message header per buffer, without addresses (the socket is connected or bound).
+pub(crate) fn mmsg_headers(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
     iovs.iter_mut()
         .map(|iov| {
             // SAFETY: a zeroed mmsghdr is a valid empty header.
