@@ -97,7 +97,7 @@ pub struct DisciplineConfig {
     pub panic_threshold_s: f64,
     /// Largest frequency correction the model accepts (ppm).
     pub max_freq_ppm: f64,
-    /// Regression window: this many most recent points.
+    /// The longest regression window: at most this many most recent points are kept.
     pub regression_points: usize,
 }
 
@@ -109,7 +109,7 @@ impl Default for DisciplineConfig {
             // Far beyond any crystal, but a guest whose TSC was calibrated wrong runs its
             // monotonic clock percents off (seen on a VM here: 0.5 %), and the model must follow.
             max_freq_ppm: MAX_FREQ_PPM,
-            regression_points: 32,
+            regression_points: WINDOWS[WINDOWS.len() - 1],
         }
     }
 }
@@ -150,7 +150,21 @@ pub struct Discipline {
     synchronized: bool,
     last_update_ns: Option<u64>,
     updates: u32,
+    /// Per candidate window (WINDOWS): how badly it predicted the points that came next
+    /// (weighted squared error, averaged with SCORE_MEMORY).
+    window_scores: [f64; WINDOWS.len()],
+    /// The window the last fit used (points).
+    window: usize,
 }
+
+/// The regression windows the discipline chooses among (newest points). Over a steady
+/// oscillator the longest averages the most noise away; when the frequency wanders, a long
+/// window's line lags it, and the point that arrives next shows that.
+const WINDOWS: [usize; 5] = [8, 16, 32, 64, 128];
+/// How fast a window's prediction score forgets: about the last 32 updates count.
+const SCORE_MEMORY: f64 = 1.0 / 32.0;
+/// A longer window is kept while its score is at most this factor above the best one's.
+const SCORE_TOLERANCE: f64 = 1.5;
 
 /// Fewer points than this give no frequency estimate, and the runs test never trims below it.
 const MIN_POINTS_FOR_FREQUENCY: usize = 8;
@@ -173,6 +187,8 @@ impl Discipline {
             synchronized: false,
             last_update_ns: None,
             updates: 0,
+            window_scores: [0.0; WINDOWS.len()],
+            window: WINDOWS[WINDOWS.len() - 1],
         }
     }
 
@@ -191,6 +207,11 @@ impl Discipline {
             synchronized: true,
             ..Discipline::new(config, model)
         }
+    }
+
+    /// How many of the newest points the last fit used: short when the frequency wanders.
+    pub fn window(&self) -> usize {
+        self.window
     }
 
     pub fn is_synchronized(&self) -> bool {
@@ -286,6 +307,12 @@ impl Discipline {
             self.points.push_back(point);
             return DisciplineEvent::Stepped { offset_s };
         }
+        // The point itself beyond the threshold is refused before it can pull a long window's
+        // line part of the way (one 100 s point among 128 moves the phase by a second or so).
+        if offset_s.abs() > self.config.panic_threshold_s {
+            return DisciplineEvent::Refused { offset_s };
+        }
+        self.score_windows(&point, now_ns);
         let (phase, slope, kept) = self.fit(Some(point), now_ns);
         if phase.abs() > self.config.panic_threshold_s {
             return DisciplineEvent::Refused { offset_s: phase };
@@ -324,11 +351,49 @@ impl Discipline {
         }
     }
 
+    /// Scores every candidate window by how well its line, fitted before `point` arrived,
+    /// predicts it. The windows are judged on the same points, so the point's own noise,
+    /// common to all, does not decide between them.
+    fn score_windows(&mut self, point: &Point, now_ns: u64) {
+        if self.points.len() < MIN_POINTS_FOR_FREQUENCY {
+            return;
+        }
+        let reference = self.estimate_line(now_ns);
+        let pts: Vec<Point> = self.points.iter().copied().collect();
+        let (x, r) = Self::coordinates(point, &reference, now_ns);
+        for (score, &size) in self.window_scores.iter_mut().zip(&WINDOWS) {
+            let newest = &pts[pts.len().saturating_sub(size)..];
+            let (phase, slope, _, _) = Self::fit_points(newest, &reference, now_ns);
+            let error = r - (phase + slope * x);
+            *score += (point.weight * error * error - *score) * SCORE_MEMORY;
+        }
+    }
+
+    /// The longest window whose prediction score is within `SCORE_TOLERANCE` of the best, and
+    /// within the configured longest: over a steady oscillator the scores differ by their
+    /// noise alone, and the longest averages the most; a lagging line scores clearly worse.
+    fn best_window(&self) -> usize {
+        let limit = self.config.regression_points.max(MIN_POINTS_FOR_FREQUENCY);
+        let allowed = || {
+            self.window_scores
+                .iter()
+                .zip(&WINDOWS)
+                .filter(move |(_, &size)| size <= limit)
+        };
+        let best = allowed().map(|(&s, _)| s).fold(f64::INFINITY, f64::min);
+        allowed()
+            .filter(|(&s, _)| s <= best * SCORE_TOLERANCE)
+            .map(|(_, &size)| size)
+            .max()
+            .unwrap_or(MIN_POINTS_FOR_FREQUENCY)
+    }
+
     /// Weighted least squares of (time, true − model) over the window plus `extra`: the
     /// phase error at `now_ns` (s), the frequency error (s/s), both against the model as it
-    /// will run once the slew in progress ends, and how many of the newest points the fit
-    /// kept (fewer than given when the reference stepped or the frequency moved).
-    fn fit(&self, extra: Option<Point>, now_ns: u64) -> (f64, f64, usize) {
+    /// will run once the slew in progress ends, and how many of the newest points to keep
+    /// (fewer than given when the reference stepped or the frequency moved; the points older
+    /// than the window in use stay, for when a longer window predicts better again).
+    fn fit(&mut self, extra: Option<Point>, now_ns: u64) -> (f64, f64, usize) {
         let reference = self.estimate_line(now_ns);
         let mut pts: Vec<Point> = self.points.iter().copied().chain(extra).collect();
         // Step detection: the newest points all far on one side of what the older ones
@@ -351,6 +416,10 @@ impl Discipline {
                 pts = recent.to_vec();
             }
         }
+        let all = pts.len();
+        let window = self.best_window().min(all);
+        let mut pts = pts.split_off(all - window);
+        self.window = window;
         loop {
             let (intercept, slope, residual_runs, _) = Self::fit_points(&pts, &reference, now_ns);
             // Too few points (just after a step) say nothing reliable about frequency: points
@@ -362,9 +431,15 @@ impl Discipline {
             }
             // Runs test (as chrony does): residuals of a model that fits alternate in sign;
             // long runs mean the frequency moved within the window, so drop the oldest points.
+            // Once per update: a chance run must not cut the window down to a few noisy
+            // points; a real change goes on failing the test at the next updates.
             let n = pts.len();
-            if n <= MIN_POINTS_FOR_FREQUENCY || !too_few_runs(n, residual_runs) {
+            if n < window {
+                self.window = n;
                 return (intercept, slope, n);
+            }
+            if n <= MIN_POINTS_FOR_FREQUENCY || !too_few_runs(n, residual_runs) {
+                return (intercept, slope, all);
             }
             pts.drain(..n / 4);
         }
@@ -511,6 +586,60 @@ mod tests {
             DisciplineEvent::Refused { .. }
         ));
         assert_eq!(d.model, model_before);
+    }
+
+    /// Feeds `updates` points 64 s apart with Gaussian noise of `noise_s` from a truth whose
+    /// rate against CLOCK_MONOTONIC is `rate_ppm(seconds since start)`; returns the
+    /// windows the fits used, update by update.
+    fn windows_used(updates: usize, noise_s: f64, rate_ppm: impl Fn(f64) -> f64) -> Vec<usize> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut d = discipline();
+        let (t0, step) = (10 * S, 64 * S);
+        let mut truth = 3_900_000_000.0 * S as f64;
+        let mut t = t0;
+        let mut used = Vec::new();
+        for _ in 0..updates {
+            t += step;
+            truth += step as f64 * (1.0 + rate_ppm((t - t0) as f64 * NS) * 1e-6);
+            d.advance(t);
+            let normal = {
+                let (u1, u2): (f64, f64) = (rng.gen::<f64>().max(1e-300), rng.gen());
+                (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+            };
+            let offset = (truth - d.model.ntp_at(t) as f64) * NS + noise_s * normal;
+            d.update(t, offset, noise_s);
+            used.push(d.window());
+        }
+        used
+    }
+
+    #[test]
+    fn a_steady_rate_uses_the_longest_window() {
+        let used = windows_used(400, 20e-6, |_| 50.0);
+        let settled = &used[200..];
+        let longest = settled.iter().filter(|&&w| w == 128).count();
+        assert!(
+            longest * 10 >= settled.len() * 9,
+            "the longest window in {longest} of {} updates",
+            settled.len()
+        );
+    }
+
+    #[test]
+    fn a_wandering_rate_shortens_the_window() {
+        // The rate swings ±0.5 ppm with a two-hour period: a 128-point window (2.3 h) cannot
+        // follow it (the runs test and the prediction scores both see that).
+        let used = windows_used(400, 20e-6, |t| {
+            50.0 + 0.5 * (2.0 * std::f64::consts::PI * t / 7200.0).sin()
+        });
+        let settled = &used[200..];
+        let short = settled.iter().filter(|&&w| w < 64).count();
+        assert!(
+            short * 2 >= settled.len(),
+            "a window under 64 points in only {short} of {} updates",
+            settled.len()
+        );
     }
 
     #[test]

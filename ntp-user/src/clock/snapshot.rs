@@ -90,6 +90,8 @@ pub struct ClockSnapshot {
     /// Last measured offset of the clock against the selected upstreams (s).
     pub offset_s: Option<f64>,
     pub frequency_ppm: f64,
+    /// Points the discipline's last fit used: short while the oscillator's rate wanders.
+    pub regression_points: usize,
     pub root_delay_s: f64,
     pub root_dispersion_s: f64,
     /// CLOCK_MONOTONIC of the last correction from the reference.

@@ -98,6 +98,9 @@ pub struct Reference {
     pub leap: u8,
 }
 
+/// Below this many points in the discipline's regression window, the poll shortens.
+const POLL_TARGET_POINTS: usize = 32;
+
 /// Samples an upstream needs before its estimate may set the clock the first time.
 const FIRST_STEP_SAMPLES: usize = 4;
 
@@ -350,6 +353,11 @@ impl System {
         self.upstreams.get(id).is_some_and(|u| u.is_lost())
     }
 
+    /// Points in the discipline's regression window.
+    pub fn regression_window(&self) -> usize {
+        self.discipline.window()
+    }
+
     pub fn frequency_ppm(&self) -> f64 {
         self.discipline.frequency_ppm()
     }
@@ -505,7 +513,13 @@ impl System {
                 self.clock_jitter = (self.clock_jitter.powi(2)
                     + (diff * diff - self.clock_jitter.powi(2)) / 4.0)
                     .sqrt();
-                self.adapt_poll(phase_s.abs() > 4.0 * self.clock_jitter.max(1e-6) || trimmed);
+                // A short window predicting best means the frequency wanders faster than
+                // the points average noise away: poll faster for more points per hour (chrony's
+                // poll target, here over the points of every upstream).
+                let wandering = self.discipline.window() < POLL_TARGET_POINTS;
+                self.adapt_poll(
+                    phase_s.abs() > 4.0 * self.clock_jitter.max(1e-6) || trimmed || wandering,
+                );
                 self.last_offset_s = Some(phase_s);
                 events.push(SystemEvent::Corrected { phase_s, freq_ppm })
             }
@@ -651,6 +665,7 @@ impl System {
             leap: LeapIndicator::from_bits(anchor.leap),
             offset_s: self.last_offset_s,
             frequency_ppm: self.discipline.frequency_ppm(),
+            regression_points: if synced { self.discipline.window() } else { 0 },
             root_delay_s: anchor.root_delay_ns as f64 * 1e-9,
             root_dispersion_s: anchor.root_dispersion_ns as f64 * 1e-9,
             last_sync_mono_ns: self

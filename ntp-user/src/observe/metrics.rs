@@ -192,6 +192,12 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
     );
     gauge(
         &mut reg,
+        "clock_regression_points",
+        "Points the discipline's last fit used (short while the oscillator's rate wanders)",
+        c.regression_points as f64,
+    );
+    gauge(
+        &mut reg,
         "clock_root_delay_seconds",
         "Root delay",
         c.root_delay_s,

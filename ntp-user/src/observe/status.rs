@@ -29,6 +29,9 @@ pub struct ClockStatus {
     /// Last measured offset of the clock against the selected upstreams (s).
     pub offset_s: Option<f64>,
     pub frequency_ppm: f64,
+    /// Points the discipline's last fit used (0 without a disciplined clock).
+    #[serde(default)]
+    pub regression_points: usize,
     pub root_delay_s: f64,
     pub root_dispersion_s: f64,
     /// CLOCK_MONOTONIC of the last correction from the reference.
@@ -48,6 +51,7 @@ impl From<&ClockSnapshot> for ClockStatus {
             leap: c.leap.bits(),
             offset_s: c.offset_s,
             frequency_ppm: c.frequency_ppm,
+            regression_points: c.regression_points,
             root_delay_s: c.root_delay_s,
             root_dispersion_s: c.root_dispersion_s,
             last_sync_mono_ns: c.last_sync_mono_ns,
@@ -299,6 +303,10 @@ pub fn render(r: &StatusReport) -> String {
         ("Stratum", c.stratum.to_string()),
         ("Last offset", si(c.offset_s)),
         ("Frequency", format!("{:+.3} ppm", c.frequency_ppm)),
+        (
+            "Regression window",
+            format!("{} points", c.regression_points),
+        ),
         ("Root delay", si(Some(c.root_delay_s))),
         ("Root dispersion", si(Some(c.root_dispersion_s))),
         ("Root distance", si(Some(c.root_distance_s()))),
