@@ -487,7 +487,7 @@ fn holdover_drifts_slowly_then_reports_unsynchronized() {
     // One hour of holdover: the error comes from the frequency estimate and the wander alone.
     // Bound: the random walk's phase after T = 3600 s has σ = 3e-10 · T^1.5 / √3 ≈ 37 µs
     // (≈ 110 µs at 3σ); a frequency error of up to 0.03 ppm when holdover starts adds 108 µs;
-    // the phase error it started with adds up to 60 µs (the converged bound).
+    // the phase error it started with adds up to 20 µs (the converged bound).
     let (_, max) = w.stats();
     eprintln!("after 1 h of holdover: max |error| {:.1} µs", max / 1e3);
     assert!(max < 300_000.0, "holdover drift {max} ns in one hour");

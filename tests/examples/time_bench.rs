@@ -7,7 +7,8 @@
 //! same three servers at `minpoll 4 maxpoll 4`) serves the VIP veth's service address from the
 //! VIP namespace, which reaches the upstreams through the host namespace. After both are
 //! synchronized and have settled, a guest measures each in turn with `chronyd -Q` (one sample
-//! per query) until the time is up. Every namespace shares this machine's one clock, so each
+//! per query) until the time is up; after each pair the daemon's own served − host clock is read
+//! from its status ("ntp-xdp-clock"), which separates its clock from its serving path. Every namespace shares this machine's one clock, so each
 //! offset a guest sees is an error. Prints the samples as JSON; never sets a clock; addresses in
 //! 169.254.160.0/21 only, removed at the end.
 //!
@@ -48,6 +49,26 @@ fn wait_synchronized(t: &Topology, addr: &str, what: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_secs(2));
     }
+}
+
+/// Served time − host clock as the daemon reports it (`ntp-user status --json`).
+fn daemon_host_offset(socket: &std::path::Path) -> Result<f64> {
+    let out = std::process::Command::new(integration_tests::ntp_user_bin())
+        .arg("status")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--json")
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "ntp-user status: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    status["clock"]["host_clock_offset_s"]
+        .as_f64()
+        .ok_or_else(|| anyhow::anyhow!("no host_clock_offset_s in the status"))
 }
 
 fn main() -> Result<()> {
@@ -93,7 +114,17 @@ fn main() -> Result<()> {
         ])?;
     }
 
-    let mut args = vec!["--upstream-max-poll", "4", "--no-rate-limit"];
+    // The daemon's own view, served time − the host clock, read over its control socket:
+    // what is left of a guest-seen offset beyond it is the serving path's.
+    let control = std::env::temp_dir().join(format!("ntpx-time-bench-{}.sock", std::process::id()));
+    let control_arg = control.to_string_lossy().into_owned();
+    let mut args = vec![
+        "--upstream-max-poll",
+        "4",
+        "--no-rate-limit",
+        "--control-socket",
+        &control_arg,
+    ];
     for a in &addrs {
         args.push("--upstream");
         args.push(a);
@@ -128,7 +159,16 @@ fn main() -> Result<()> {
                 Err(e) => eprintln!("time bench: {server}: {e:#}"),
             }
         }
+        match daemon_host_offset(&control) {
+            Ok(offset) => samples.push(serde_json::json!({
+                "t_s": start.elapsed().as_secs_f64(),
+                "server": "ntp-xdp-clock",
+                "offset_s": offset,
+            })),
+            Err(e) => eprintln!("time bench: daemon status: {e:#}"),
+        }
     }
+    let _ = std::fs::remove_file(&control);
     if let Ok(path) = std::env::var("NTPX_TIME_LOG") {
         std::fs::write(&path, serve.drain_log().join("\n"))?;
     }

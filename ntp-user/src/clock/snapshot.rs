@@ -77,6 +77,9 @@ pub struct SourceSnapshot {
     pub offset_s: Option<f64>,
     pub delay_s: Option<f64>,
     pub jitter_s: Option<f64>,
+    /// Whether the latest sample came from an interleaved response (the server's kernel
+    /// transmit timestamp); None before the first sample.
+    pub interleaved: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -97,4 +100,7 @@ pub struct ClockSnapshot {
     /// CLOCK_MONOTONIC of the last correction from the reference.
     pub last_sync_mono_ns: Option<u64>,
     pub sources: Vec<SourceSnapshot>,
+    /// Served time minus the host's CLOCK_REALTIME (s), while synchronized: how far the
+    /// host's own clock is from what guests get (filled in by the daemon, which reads it).
+    pub host_clock_offset_s: Option<f64>,
 }

@@ -17,7 +17,7 @@ use crate::clock::filter::PHI;
 use crate::clock::leap::{end_of_month_ntp_ns, Leap};
 use crate::clock::selection::{select, Candidate, SelectError};
 use crate::clock::snapshot::{ClockReference, ClockSnapshot, SourceSnapshot, SourceState};
-use crate::clock::upstream::{PollConfig, Rejection, Upstream, UpstreamState};
+use crate::clock::upstream::{PollConfig, Rejection, ResponseMode, Upstream, UpstreamState};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SystemConfig {
@@ -653,6 +653,7 @@ impl System {
                     offset_s: est.map(|(e, _, _)| e.offset),
                     delay_s: est.map(|(e, _, _)| e.delay),
                     jitter_s: est.map(|(e, _, _)| e.jitter),
+                    interleaved: u.last_mode.map(|m| m == ResponseMode::Interleaved),
                 }
             })
             .collect();
@@ -673,6 +674,8 @@ impl System {
                 .filter(|_| self.discipline.is_synchronized())
                 .map(|r| r.updated_ns),
             sources,
+            // The core reads no clock: the daemon fills this in.
+            host_clock_offset_s: None,
         }
     }
 

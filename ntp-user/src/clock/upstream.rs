@@ -27,6 +27,10 @@ pub struct PollConfig {
     pub min_poll: i8,
     pub max_poll: i8,
     pub iburst: bool,
+    /// Ask for interleaved responses (RFC 9769, chrony's `xleave`): the server then reports
+    /// when its previous response really left, from its kernel, instead of a timestamp taken
+    /// before sending. A server that does not do it answers in basic mode, which is used.
+    pub interleaved: bool,
 }
 
 impl Default for PollConfig {
@@ -35,6 +39,7 @@ impl Default for PollConfig {
             min_poll: 4,
             max_poll: 10,
             iburst: true,
+            interleaved: true,
         }
     }
 }
@@ -93,7 +98,28 @@ pub struct PeerHeader {
 #[derive(Clone, Copy, Debug)]
 struct Outstanding {
     cookie: u64,
+    /// Sent in the receive field of an interleaved request; the server echoes it as origin
+    /// when it answers interleaved.
+    interleaved_cookie: Option<u64>,
     sent_mono_ns: u64,
+}
+
+/// The last answered exchange: what an interleaved response completes.
+#[derive(Clone, Copy, Debug)]
+struct Exchange {
+    sent_mono_ns: u64,
+    recv_mono_ns: u64,
+    /// The server's receive timestamp (raw): the next request's origin names the exchange
+    /// by it, and it is this exchange's T2.
+    remote_receive_ts: u64,
+}
+
+/// Which exchange a sample came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseMode {
+    Basic,
+    /// The previous exchange, completed with the server's transmit timestamp from its kernel.
+    Interleaved,
 }
 
 #[derive(Clone, Debug)]
@@ -116,6 +142,9 @@ pub struct Upstream {
     good_at_poll: u32,
     poll_limit: i8,
     outstanding: Option<Outstanding>,
+    last_exchange: Option<Exchange>,
+    /// How the latest sample was measured.
+    pub last_mode: Option<ResponseMode>,
 }
 
 impl Upstream {
@@ -136,6 +165,8 @@ impl Upstream {
             good_at_poll: 0,
             poll_limit: config.max_poll,
             outstanding: None,
+            last_exchange: None,
+            last_mode: None,
         }
     }
 
@@ -180,6 +211,7 @@ impl Upstream {
             // The back-off is over: one more try, from a clean register.
             self.state = UpstreamState::Active;
             self.outstanding = None;
+            self.last_exchange = None;
             self.reach = 0;
             self.burst_left = 1;
         }
@@ -192,8 +224,14 @@ impl Upstream {
         }
         self.reach <<= 1;
         self.polls += 1;
+        // Interleaved: the origin names the last exchange by the server's receive timestamp,
+        // the receive field carries a second cookie (never equal to the first: a server only
+        // interleaves when they differ). Off-path, both are as unguessable as the cookie.
+        let previous = self.last_exchange.filter(|_| self.config.interleaved);
+        let interleaved_cookie = previous.map(|_| !cookie);
         self.outstanding = Some(Outstanding {
             cookie,
+            interleaved_cookie,
             sent_mono_ns: now_ns,
         });
         if self.burst_left > 1 {
@@ -203,7 +241,12 @@ impl Upstream {
             self.burst_left = 0;
             self.next_poll_ns = now_ns + (NANOS_PER_SEC << self.poll.clamp(0, 17));
         }
-        NtpHeader::client_request(self.poll, cookie).serialize()
+        let mut request = NtpHeader::client_request(self.poll, cookie);
+        if let (Some(p), Some(c)) = (previous, interleaved_cookie) {
+            request.origin_ts = p.remote_receive_ts;
+            request.receive_ts = c;
+        }
+        request.serialize()
     }
 
     /// Records when the outstanding request actually left (after the socket was set up), so
@@ -226,9 +269,13 @@ impl Upstream {
             return Err(Rejection::NotServerMode(h.mode));
         }
         let out = self.outstanding.ok_or(Rejection::Unexpected)?;
-        if h.origin_ts != out.cookie {
+        let mode = if h.origin_ts == out.cookie {
+            ResponseMode::Basic
+        } else if out.interleaved_cookie == Some(h.origin_ts) {
+            ResponseMode::Interleaved
+        } else {
             return Err(Rejection::BogusOrigin);
-        }
+        };
         // From here on the response is genuine: one answer per request.
         self.outstanding = None;
         if let Some(code) = h.kiss_code() {
@@ -244,9 +291,26 @@ impl Upstream {
         if h.transmit_ts == 0 || h.receive_ts == 0 {
             return Err(Rejection::ZeroTransmit);
         }
-        let t1 = model.ntp_at(out.sent_mono_ns);
+        // This exchange is what the next interleaved request names.
+        let this = Exchange {
+            sent_mono_ns: out.sent_mono_ns,
+            recv_mono_ns: recv_ns,
+            remote_receive_ts: h.receive_ts,
+        };
+        let measured = match mode {
+            ResponseMode::Basic => this,
+            // The transmit timestamp is that of the previous response: that exchange is the
+            // one measured (RFC 9769 section 2).
+            ResponseMode::Interleaved => match self.last_exchange {
+                Some(previous) => previous,
+                None => return Err(Rejection::BogusOrigin),
+            },
+        };
+        self.last_exchange = Some(this);
+        let (sent_ns, recv_ns) = (measured.sent_mono_ns, measured.recv_mono_ns);
+        let t1 = model.ntp_at(sent_ns);
         let t4 = model.ntp_at(recv_ns);
-        let t2 = timestamp_to_ntp_ns(h.receive_ts, t1);
+        let t2 = timestamp_to_ntp_ns(measured.remote_receive_ts, t1);
         let t3 = timestamp_to_ntp_ns(h.transmit_ts, t1);
         let d = |a: u64, b: u64| (a as i128 - b as i128) as f64 * 1e-9;
         let precision = 2f64.powi(h.precision as i32);
@@ -263,7 +327,7 @@ impl Upstream {
         if (root_delay + delay) / 2.0 + root_dispersion > MAX_DISTANCE {
             return Err(Rejection::Insane("root distance above 1.5 s"));
         }
-        let mid = out.sent_mono_ns + (recv_ns.saturating_sub(out.sent_mono_ns)) / 2;
+        let mid = sent_ns + (recv_ns.saturating_sub(sent_ns)) / 2;
         self.filter.add(Sample {
             mono_ns: mid,
             true_ntp_ns: model
@@ -281,6 +345,7 @@ impl Upstream {
             root_dispersion,
             precision,
         });
+        self.last_mode = Some(mode);
         self.reach |= 1;
         self.good_at_poll += 1;
         if self.burst_left == 0
@@ -310,6 +375,7 @@ impl Upstream {
                 self.denied_until_ns = sent_ns + self.deny_backoff_ns;
                 self.reach = 0;
                 self.header = None;
+                self.last_exchange = None;
             }
             _ => {}
         }
@@ -504,6 +570,170 @@ mod tests {
         let _ = u.on_response(&h.serialize(), recv, &model);
         assert_eq!(u.poll, before + 1);
         assert!(u.next_poll_ns().unwrap() >= S + (S << u.poll));
+    }
+
+    /// A chrony-like server `offset_ns` ahead of the model, `one_way_ns` away each way, whose
+    /// basic transmit timestamps are taken `early_ns` before its answer really leaves. It
+    /// answers interleaved (RFC 9769) when the request's origin names its last receive
+    /// timestamp and the request's receive and transmit fields differ.
+    #[derive(Default)]
+    struct XleaveServer {
+        offset_ns: i64,
+        one_way_ns: u64,
+        early_ns: u64,
+        last_rx: u64,
+        last_tx: u64,
+    }
+
+    impl XleaveServer {
+        /// The answer to `req` sent at `sent`: bytes, arrival, whether interleaved.
+        fn answer(&mut self, req: &[u8], model: &ClockModel, sent: u64) -> (Vec<u8>, u64, bool) {
+            let r = NtpHeader::parse(req).unwrap();
+            let server_ns = |mono: u64| model.ntp_at(mono).wrapping_add_signed(self.offset_ns);
+            let arrive = sent + self.one_way_ns;
+            let leave = arrive + 10_000;
+            let rx = ntp_ns_to_timestamp(server_ns(arrive));
+            let tx = ntp_ns_to_timestamp(server_ns(leave));
+            let interleaved =
+                self.last_rx != 0 && r.origin_ts == self.last_rx && r.receive_ts != r.transmit_ts;
+            let h = NtpHeader {
+                version: 4,
+                mode: MODE_SERVER,
+                stratum: 1,
+                precision: -20,
+                refid: *b"GPS\0",
+                origin_ts: if interleaved {
+                    r.receive_ts
+                } else {
+                    r.transmit_ts
+                },
+                receive_ts: rx,
+                transmit_ts: if interleaved {
+                    self.last_tx
+                } else {
+                    ntp_ns_to_timestamp(server_ns(leave) - self.early_ns)
+                },
+                reference_ts: ntp_ns_to_timestamp(server_ns(arrive) - S),
+                ..Default::default()
+            };
+            self.last_rx = rx;
+            self.last_tx = tx;
+            (h.serialize().to_vec(), leave + self.one_way_ns, interleaved)
+        }
+    }
+
+    /// Polls `u` `n` times against `server`; the modes of the samples and the last offset.
+    fn exchange(u: &mut Upstream, server: &mut XleaveServer, n: u64) -> (Vec<ResponseMode>, f64) {
+        let model = ClockModel::new(0, 3_900_000_000 * S);
+        let mut modes = Vec::new();
+        let mut offset = 0.0;
+        for i in 0..n {
+            let now = u.next_poll_ns().unwrap();
+            let req = u.poll(now, 1000 + i);
+            let (resp, recv, _) = server.answer(&req, &model, now);
+            u.on_response(&resp, recv, &model).unwrap();
+            modes.push(u.last_mode.unwrap());
+            offset = u
+                .filter
+                .estimate(&model, recv, 1e-7)
+                .unwrap()
+                .sample
+                .offset(&model);
+        }
+        (modes, offset)
+    }
+
+    #[test]
+    fn interleaved_requests_name_the_last_exchange() {
+        let model = ClockModel::new(0, 3_900_000_000 * S);
+        let mut u = upstream();
+        let first = NtpHeader::parse(&u.poll(S, 42)).unwrap();
+        assert_eq!(
+            (first.origin_ts, first.receive_ts),
+            (0, 0),
+            "nothing to name yet"
+        );
+        let (resp, recv) = answer(&first.serialize(), &model, S, 0, 1_000);
+        u.on_response(&resp, recv, &model).unwrap();
+        let server_rx = NtpHeader::parse(&resp).unwrap().receive_ts;
+        let second = NtpHeader::parse(&u.poll(3 * S, 43)).unwrap();
+        assert_eq!(second.origin_ts, server_rx);
+        assert_eq!(second.transmit_ts, 43);
+        assert_ne!(second.receive_ts, second.transmit_ts);
+        // Switched off: plain RFC 5905 requests.
+        let mut u = Upstream::new(
+            "169.254.0.1:123".parse().unwrap(),
+            PollConfig {
+                interleaved: false,
+                ..PollConfig::default()
+            },
+            0,
+        );
+        u.poll(S, 42);
+        u.on_response(&resp, recv, &model).unwrap();
+        let plain = NtpHeader::parse(&u.poll(3 * S, 43)).unwrap();
+        assert_eq!((plain.origin_ts, plain.receive_ts), (0, 0));
+    }
+
+    #[test]
+    fn interleaved_responses_remove_the_servers_send_path() {
+        // The server stamps its basic transmit 8 µs before the answer leaves: a basic client
+        // measures it 4 µs behind. Interleaved, the kernel's stamp arrives one poll later.
+        let server = || XleaveServer {
+            offset_ns: 250_000,
+            one_way_ns: 100_000,
+            early_ns: 8_000,
+            ..Default::default()
+        };
+        let (modes, offset) = exchange(&mut upstream(), &mut server(), 6);
+        assert_eq!(modes[0], ResponseMode::Basic);
+        assert!(
+            modes[1..].iter().all(|m| *m == ResponseMode::Interleaved),
+            "{modes:?}"
+        );
+        assert!((offset - 250e-6).abs() < 2e-9, "interleaved: {offset}");
+        let mut basic = Upstream::new(
+            "169.254.0.1:123".parse().unwrap(),
+            PollConfig {
+                interleaved: false,
+                ..PollConfig::default()
+            },
+            0,
+        );
+        let (modes, offset) = exchange(&mut basic, &mut server(), 6);
+        assert!(modes.iter().all(|m| *m == ResponseMode::Basic));
+        assert!((offset - 246e-6).abs() < 2e-9, "basic: {offset}");
+    }
+
+    #[test]
+    fn a_basic_server_answers_interleaved_requests_in_basic_mode() {
+        let model = ClockModel::new(0, 3_900_000_000 * S);
+        let mut u = upstream();
+        for i in 0..4 {
+            let now = u.next_poll_ns().unwrap();
+            let req = u.poll(now, 500 + i);
+            let (resp, recv) = answer(&req, &model, now, 250_000, 1_000_000);
+            u.on_response(&resp, recv, &model).unwrap();
+            assert_eq!(u.last_mode, Some(ResponseMode::Basic));
+        }
+        let (est, _, _) = u.estimate(&model, 10 * S).unwrap();
+        assert!((est.offset - 250e-6).abs() < 1e-8, "{}", est.offset);
+    }
+
+    #[test]
+    fn an_interleaved_answer_to_nothing_named_is_bogus() {
+        // An origin equal to the receive cookie of a request that named no exchange (the
+        // first one) is not an answer to it.
+        let model = ClockModel::new(0, 3_900_000_000 * S);
+        let mut u = upstream();
+        let req = u.poll(S, 42);
+        let (resp, recv) = answer(&req, &model, S, 0, 1_000);
+        let mut h = NtpHeader::parse(&resp).unwrap();
+        h.origin_ts = !42;
+        assert_eq!(
+            u.on_response(&h.serialize(), recv, &model),
+            Err(Rejection::BogusOrigin)
+        );
     }
 
     #[test]

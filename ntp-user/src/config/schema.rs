@@ -355,6 +355,8 @@ pub struct ClockSection {
     pub reference: String,
     pub min_poll: i8,
     pub max_poll: i8,
+    /// Ask upstreams for interleaved responses (their kernel's transmit timestamps).
+    pub interleaved: bool,
     pub min_sources: usize,
     pub max_slew_ppm: f64,
     pub panic_threshold: String,
@@ -373,6 +375,7 @@ impl Default for ClockSection {
             reference: "upstream".into(),
             min_poll: 4,
             max_poll: 10,
+            interleaved: true,
             min_sources: 1,
             max_slew_ppm: 500.0,
             panic_threshold: "1000s".into(),

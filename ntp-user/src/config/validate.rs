@@ -207,6 +207,7 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
             min_poll: c.min_poll,
             max_poll: c.max_poll,
             iburst: true,
+            interleaved: c.interleaved,
         },
         discipline: DisciplineConfig {
             max_slew_ppm: c.max_slew_ppm,

@@ -331,7 +331,15 @@ pub async fn run_disciplined(
                  for a while"
             );
         }
-        *status.lock().unwrap_or_else(|e| e.into_inner()) = system.snapshot(now, &anchor);
+        let mut snapshot = system.snapshot(now, &anchor);
+        if snapshot.synchronized {
+            if let Ok(pair) = read_clock_pair() {
+                let host = ntp_common::time::unix_ns_to_ntp_ns(pair.unix_ns);
+                snapshot.host_clock_offset_s =
+                    Some((anchor.ntp_ns_at(pair.mono_ns) as i128 - host as i128) as f64 * 1e-9);
+            }
+        }
+        *status.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
         if let Some(c) = &continuity {
             let f = system.frequency_ppm();
             if system.is_synchronized() && (saved_freq.is_nan() || (f - saved_freq).abs() >= 1e-3) {

@@ -190,6 +190,14 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         "Frequency correction of the clock model",
         c.frequency_ppm,
     );
+    if let Some(o) = c.host_clock_offset_s {
+        gauge(
+            &mut reg,
+            "clock_host_offset_seconds",
+            "Served time minus the host's CLOCK_REALTIME",
+            o,
+        );
+    }
     gauge(
         &mut reg,
         "clock_regression_points",
@@ -243,6 +251,12 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         "upstream_reach",
         "8-bit reachability register",
         up(&|s| Some(s.reach as f64)),
+    );
+    family_gauge(
+        &mut reg,
+        "upstream_interleaved",
+        "1 when the latest sample came from an interleaved response (the server's kernel transmit timestamp)",
+        up(&|s| s.interleaved.map(|x| x as u8 as f64)),
     );
     family_gauge(
         &mut reg,

@@ -37,6 +37,9 @@ pub struct ClockStatus {
     /// CLOCK_MONOTONIC of the last correction from the reference.
     pub last_sync_mono_ns: Option<u64>,
     pub sources: Vec<SourceStatus>,
+    /// Served time minus the host's CLOCK_REALTIME (s), while synchronized.
+    #[serde(default)]
+    pub host_clock_offset_s: Option<f64>,
 }
 
 impl From<&ClockSnapshot> for ClockStatus {
@@ -67,8 +70,10 @@ impl From<&ClockSnapshot> for ClockStatus {
                     offset_s: s.offset_s,
                     delay_s: s.delay_s,
                     jitter_s: s.jitter_s,
+                    interleaved: s.interleaved,
                 })
                 .collect(),
+            host_clock_offset_s: c.host_clock_offset_s,
         }
     }
 }
@@ -91,6 +96,9 @@ pub struct SourceStatus {
     pub offset_s: Option<f64>,
     pub delay_s: Option<f64>,
     pub jitter_s: Option<f64>,
+    /// The latest sample came from an interleaved response (None before the first).
+    #[serde(default)]
+    pub interleaved: Option<bool>,
 }
 
 /// The anchor the kernel serves right now, read from its map.
@@ -307,6 +315,7 @@ pub fn render(r: &StatusReport) -> String {
             "Regression window",
             format!("{} points", c.regression_points),
         ),
+        ("Served − host", si(c.host_clock_offset_s)),
         ("Root delay", si(Some(c.root_delay_s))),
         ("Root dispersion", si(Some(c.root_dispersion_s))),
         ("Root distance", si(Some(c.root_distance_s()))),
@@ -327,13 +336,13 @@ pub fn render(r: &StatusReport) -> String {
         let _ = writeln!(o, "\nSources");
         let _ = writeln!(
             o,
-            "  {:<28} {:<12} {:>2} {:>4} {:>5} {:>12} {:>12} {:>12}",
-            "address", "state", "st", "poll", "reach", "offset", "delay", "jitter"
+            "  {:<28} {:<12} {:>2} {:>4} {:>5} {:>12} {:>12} {:>12} {:>5}",
+            "address", "state", "st", "poll", "reach", "offset", "delay", "jitter", "mode"
         );
         for s in &c.sources {
             let _ = writeln!(
                 o,
-                "  {:<28} {:<12} {:>2} {:>4} {:>5o} {:>12} {:>12} {:>12}",
+                "  {:<28} {:<12} {:>2} {:>4} {:>5o} {:>12} {:>12} {:>12} {:>5}",
                 s.address,
                 s.state,
                 s.stratum.map_or("-".into(), |x| x.to_string()),
@@ -341,7 +350,12 @@ pub fn render(r: &StatusReport) -> String {
                 s.reach,
                 si(s.offset_s),
                 si(s.delay_s),
-                si(s.jitter_s)
+                si(s.jitter_s),
+                match s.interleaved {
+                    Some(true) => "xleave",
+                    Some(false) => "basic",
+                    None => "-",
+                }
             );
         }
     }
