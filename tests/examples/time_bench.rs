@@ -51,22 +51,9 @@ fn wait_synchronized(t: &Topology, addr: &str, what: &str) -> Result<()> {
     }
 }
 
-/// Served time − host clock as the daemon reports it (`ntp-user status --json`).
+/// Served time − host clock as the daemon reports it (its status).
 fn daemon_host_offset(socket: &std::path::Path) -> Result<f64> {
-    let out = std::process::Command::new(integration_tests::ntp_user_bin())
-        .arg("status")
-        .arg("--socket")
-        .arg(socket)
-        .arg("--json")
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "ntp-user status: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    status["clock"]["host_clock_offset_s"]
+    integration_tests::status_at(socket)?["clock"]["host_clock_offset_s"]
         .as_f64()
         .ok_or_else(|| anyhow::anyhow!("no host_clock_offset_s in the status"))
 }

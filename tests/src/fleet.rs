@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::clients::Polled;
 use crate::topology::{Netns, ServeProcess};
-use crate::{ntp_user_bin, run, unique_name, CLOCK_V4};
+use crate::{ntp_user_bin, unique_name, CLOCK_V4};
 
 /// The etcd cluster's PKI: a CA, one server certificate for the members' addresses, and a
 /// client certificate for the fleet.
@@ -444,9 +444,7 @@ impl Fleet {
     /// The daemon's own report (control socket).
     pub fn status(&self, i: usize) -> Result<serde_json::Value> {
         let socket = format!("/run/ntp-xdp/{}/control.sock", self.hosts[i].netns);
-        let out =
-            run(Command::new(ntp_user_bin()).args(["status", "--socket", &socket, "--json"]))?;
-        Ok(serde_json::from_str(&out)?)
+        crate::status_at(std::path::Path::new(&socket))
     }
 
     pub fn add_guest(&self, octet: u8) -> Result<Netns> {

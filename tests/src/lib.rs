@@ -56,6 +56,16 @@ pub fn ntp_loadgen_bin() -> std::path::PathBuf {
     }
 }
 
+/// A daemon's own report over its control socket (`ntp-user status --socket S --json`).
+pub fn status_at(socket: &std::path::Path) -> Result<serde_json::Value> {
+    let out = run(Command::new(ntp_user_bin())
+        .arg("status")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--json"))?;
+    Ok(serde_json::from_str(&out)?)
+}
+
 pub fn ntp_user_bin() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("NTP_USER_BIN") {
         return p.into();

@@ -91,8 +91,12 @@ fn serves_disciplined_time_from_real_upstreams_and_holds_over() {
         upstreams.push((ChronyServer::start(&ns, UPSTREAM_STRATUM).unwrap(), ns));
         addrs.push(format!("169.254.{subnet}.1"));
     }
+    let control = std::env::temp_dir().join(format!("ntpx-discipline-{}.sock", std::process::id()));
+    let control_arg = control.to_string_lossy().into_owned();
     // Polls stay at 16 s; the holdover is two of them.
     let mut args = vec![
+        "--control-socket",
+        &control_arg,
         "--upstream-max-poll",
         "4",
         "--max-holdover",
@@ -162,6 +166,23 @@ fn serves_disciplined_time_from_real_upstreams_and_holds_over() {
     );
     // Everyone here shares one clock, so the served time should match it closely.
     assert!(m.offset_s.abs() < 100e-6, "offset {} s", m.offset_s);
+    // chronyd answers interleaved requests (from the third exchange on): every source's
+    // latest sample carries its server's kernel transmit stamp. The daemon's own served −
+    // host clock agrees with what the guest saw.
+    let mut status = serde_json::Value::Null;
+    wait_for("every source interleaved", Duration::from_secs(40), || {
+        status = integration_tests::status_at(&control).unwrap_or_default();
+        let sources = status["clock"]["sources"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        sources.len() == 3 && sources.iter().all(|s| s["interleaved"] == true)
+    });
+    let host_offset = status["clock"]["host_clock_offset_s"].as_f64().unwrap();
+    assert!(
+        host_offset.abs() < 100e-6,
+        "served − host clock {host_offset} s"
+    );
 
     // Lose every upstream: holdover, then LI=3 once the (shortened) maximum holdover passes.
     for (server, _) in &mut upstreams {
@@ -184,6 +205,7 @@ fn serves_disciplined_time_from_real_upstreams_and_holds_over() {
         .wait_for_line("maximum holdover exceeded", Duration::from_secs(5))
         .unwrap();
     assert!(serve.stop().unwrap(), "daemon did not exit cleanly");
+    let _ = std::fs::remove_file(&control);
 }
 
 /// A DNS server that reads every query and answers none, on 127.0.0.1:53 of a namespace.
