@@ -358,9 +358,9 @@ const OFFSET_BOUND_NS: f64 = 20_000.0;
 /// typical of an uncompensated quartz) a long window's line lags the rate: over a window of T
 /// seconds the walk bends the phase by about 3e-10 · T^1.5 / √3, 16 µs at T = 2000 s and 100
 /// µs at 2 h. The discipline sees it as long windows predicting the next points worse, uses a
-/// shorter one (16–64 points), and polls faster so that a short window still holds enough
-/// points; what is left is the noise of the short window plus the lag within it, with the
-/// maximum over six hours on top. Measured over seeds 1–32: 38 to 105 µs, median 66 µs (the
+/// shorter one, and polls faster so that a short window still holds enough points; what is
+/// left is the noise of the short window plus the lag within it, with the maximum over six
+/// hours on top. Measured over seeds 1–32: 38 to 105 µs, median 66 µs (the
 /// fixed 32-point window at 1024 s polls: 41 to 120 µs, median 82 µs, on seeds 1–16).
 const WANDER_OFFSET_BOUND_NS: f64 = 130_000.0;
 
