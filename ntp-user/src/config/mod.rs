@@ -107,7 +107,19 @@ addresses = ["169.254.169.123"]
         assert_eq!(v.system.discipline.max_slew_ppm, 500.0);
         assert_eq!(v.system.poll.min_poll, 4);
         assert_eq!(v.system.poll.max_poll, 10);
+        assert!(v.system.poll.interleaved, "interleaved requests by default");
         assert_eq!(v.xdp_mode, XdpModePref::Auto);
+        let v = parse(
+            &format!("{MINIMAL}[clock]\ninterleaved = false\n"),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert!(!v.system.poll.interleaved);
+        let e = err(&format!("{MINIMAL}[clock]\ninterleaved = \"yes\"\n"));
+        assert!(
+            e.contains("/etc/ntp-xdp.toml") && e.contains("interleaved"),
+            "{e}"
+        );
     }
 
     #[test]
