@@ -7,9 +7,9 @@
 //! same three servers at `minpoll 4 maxpoll 4`) serves the VIP veth's service address from the
 //! VIP namespace, which reaches the upstreams through the host namespace. After both are
 //! synchronized and have settled, a guest measures each in turn with `chronyd -Q` (one sample
-//! per query) until the time is up; after each pair the daemon's own served − host clock is read
-//! from its status ("ntp-xdp-clock"), which separates its clock from its serving path. Every namespace shares this machine's one clock, so each
-//! offset a guest sees is an error. Prints the samples as JSON; never sets a clock; addresses in
+//! per query) until the time is up; after each pair the daemon's own served − host clock is
+//! read from its status ("ntp-xdp-clock"), which separates its clock from its serving path.
+//! Every namespace shares this machine's one clock, so each offset a guest sees is an error. Prints the samples as JSON; never sets a clock; addresses in
 //! 169.254.160.0/21 only, removed at the end.
 //!
 //! Environment: NTPX_TIME_MINUTES (measuring, default 3), NTPX_TIME_SETTLE_S (default 60),

@@ -166,9 +166,9 @@ fn serves_disciplined_time_from_real_upstreams_and_holds_over() {
     );
     // Everyone here shares one clock, so the served time should match it closely.
     assert!(m.offset_s.abs() < 100e-6, "offset {} s", m.offset_s);
-    // chronyd answers interleaved requests (from the third exchange on): every source's
-    // latest sample carries its server's kernel transmit stamp. The daemon's own served −
-    // host clock agrees with what the guest saw.
+    // chronyd answers interleaved requests once it knows the client: every source's latest
+    // sample carries its server's kernel transmit stamp. The daemon's own served − host
+    // clock is as close as what the guest saw.
     let mut status = serde_json::Value::Null;
     wait_for("every source interleaved", Duration::from_secs(40), || {
         status = integration_tests::status_at(&control).unwrap_or_default();

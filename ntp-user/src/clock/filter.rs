@@ -62,7 +62,18 @@ pub struct ClockFilter {
 }
 
 impl ClockFilter {
+    /// Adds a sample; one describing the same instant (the same exchange, measured again
+    /// when an interleaved answer brings its server's real transmit time) replaces the
+    /// earlier measurement instead of counting twice.
     pub fn add(&mut self, sample: Sample) {
+        if let Some(same) = self
+            .samples
+            .iter_mut()
+            .find(|s| s.mono_ns == sample.mono_ns)
+        {
+            *same = sample;
+            return;
+        }
         self.samples.insert(0, sample);
         self.samples.truncate(STAGES);
     }
@@ -202,6 +213,19 @@ mod tests {
             f.add(sample(&m, i as u64, 0, *delay));
         }
         assert_eq!(f.min_delay(), Some(1.5e-3));
+    }
+
+    #[test]
+    fn a_remeasured_exchange_replaces_its_sample() {
+        let m = model();
+        let mut f = ClockFilter::default();
+        f.add(sample(&m, 0, 10, 1.0));
+        f.add(sample(&m, 16, 90, 1.2));
+        f.add(sample(&m, 16, 50, 1.1));
+        assert_eq!(f.len(), 2);
+        let e = f.estimate(&m, 17 * S, 1e-7).unwrap();
+        // The second instant's offset is the later measurement's: jitter from 10 to 50 µs.
+        assert!((e.jitter - 40e-6).abs() < 1e-9, "{}", e.jitter);
     }
 
     #[test]

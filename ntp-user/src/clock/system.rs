@@ -353,11 +353,6 @@ impl System {
         self.upstreams.get(id).is_some_and(|u| u.is_lost())
     }
 
-    /// Points in the discipline's regression window.
-    pub fn regression_window(&self) -> usize {
-        self.discipline.window()
-    }
-
     pub fn frequency_ppm(&self) -> f64 {
         self.discipline.frequency_ppm()
     }

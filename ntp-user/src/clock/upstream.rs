@@ -98,10 +98,19 @@ pub struct PeerHeader {
 #[derive(Clone, Copy, Debug)]
 struct Outstanding {
     cookie: u64,
-    /// Sent in the receive field of an interleaved request; the server echoes it as origin
-    /// when it answers interleaved.
-    interleaved_cookie: Option<u64>,
     sent_mono_ns: u64,
+    /// The exchange an interleaved request named (by the server's receive timestamp in its
+    /// origin field): what an interleaved answer completes.
+    names: Option<Exchange>,
+}
+
+impl Outstanding {
+    /// The second cookie an interleaved request carries in its receive field, which the
+    /// server echoes as origin when it answers interleaved. Never equal to the first: a
+    /// server only interleaves when they differ.
+    fn interleaved_cookie(&self) -> Option<u64> {
+        self.names.map(|_| !self.cookie)
+    }
 }
 
 /// The last answered exchange: what an interleaved response completes.
@@ -224,16 +233,12 @@ impl Upstream {
         }
         self.reach <<= 1;
         self.polls += 1;
-        // Interleaved: the origin names the last exchange by the server's receive timestamp,
-        // the receive field carries a second cookie (never equal to the first: a server only
-        // interleaves when they differ). Off-path, both are as unguessable as the cookie.
-        let previous = self.last_exchange.filter(|_| self.config.interleaved);
-        let interleaved_cookie = previous.map(|_| !cookie);
-        self.outstanding = Some(Outstanding {
+        let out = Outstanding {
             cookie,
-            interleaved_cookie,
             sent_mono_ns: now_ns,
-        });
+            names: self.last_exchange.filter(|_| self.config.interleaved),
+        };
+        self.outstanding = Some(out);
         if self.burst_left > 1 {
             self.burst_left -= 1;
             self.next_poll_ns = now_ns + BURST_SPACING_NS;
@@ -241,10 +246,12 @@ impl Upstream {
             self.burst_left = 0;
             self.next_poll_ns = now_ns + (NANOS_PER_SEC << self.poll.clamp(0, 17));
         }
+        // Interleaved: the origin names the last exchange, the receive field carries the
+        // second cookie (off-path, as unguessable as the first).
         let mut request = NtpHeader::client_request(self.poll, cookie);
-        if let (Some(p), Some(c)) = (previous, interleaved_cookie) {
-            request.origin_ts = p.remote_receive_ts;
-            request.receive_ts = c;
+        if let (Some(named), Some(second)) = (out.names, out.interleaved_cookie()) {
+            request.origin_ts = named.remote_receive_ts;
+            request.receive_ts = second;
         }
         request.serialize()
     }
@@ -269,10 +276,12 @@ impl Upstream {
             return Err(Rejection::NotServerMode(h.mode));
         }
         let out = self.outstanding.ok_or(Rejection::Unexpected)?;
-        let mode = if h.origin_ts == out.cookie {
-            ResponseMode::Basic
-        } else if out.interleaved_cookie == Some(h.origin_ts) {
-            ResponseMode::Interleaved
+        // The exchange measured: this one (basic), or the one the request named, completed
+        // with the transmit timestamp of its answer (interleaved, RFC 9769 section 2).
+        let (mode, named) = if h.origin_ts == out.cookie {
+            (ResponseMode::Basic, None)
+        } else if out.interleaved_cookie() == Some(h.origin_ts) {
+            (ResponseMode::Interleaved, out.names)
         } else {
             return Err(Rejection::BogusOrigin);
         };
@@ -297,15 +306,7 @@ impl Upstream {
             recv_mono_ns: recv_ns,
             remote_receive_ts: h.receive_ts,
         };
-        let measured = match mode {
-            ResponseMode::Basic => this,
-            // The transmit timestamp is that of the previous response: that exchange is the
-            // one measured (RFC 9769 section 2).
-            ResponseMode::Interleaved => match self.last_exchange {
-                Some(previous) => previous,
-                None => return Err(Rejection::BogusOrigin),
-            },
-        };
+        let measured = named.unwrap_or(this);
         self.last_exchange = Some(this);
         let (sent_ns, recv_ns) = (measured.sent_mono_ns, measured.recv_mono_ns);
         let t1 = model.ntp_at(sent_ns);

@@ -336,13 +336,13 @@ pub fn render(r: &StatusReport) -> String {
         let _ = writeln!(o, "\nSources");
         let _ = writeln!(
             o,
-            "  {:<28} {:<12} {:>2} {:>4} {:>5} {:>12} {:>12} {:>12} {:>5}",
+            "  {:<28} {:<12} {:>2} {:>4} {:>5} {:>12} {:>12} {:>12} {:>6}",
             "address", "state", "st", "poll", "reach", "offset", "delay", "jitter", "mode"
         );
         for s in &c.sources {
             let _ = writeln!(
                 o,
-                "  {:<28} {:<12} {:>2} {:>4} {:>5o} {:>12} {:>12} {:>12} {:>5}",
+                "  {:<28} {:<12} {:>2} {:>4} {:>5o} {:>12} {:>12} {:>12} {:>6}",
                 s.address,
                 s.state,
                 s.stratum.map_or("-".into(), |x| x.to_string()),
