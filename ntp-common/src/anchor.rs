@@ -119,7 +119,10 @@ pub struct ServerParams {
     pub poll_max: i8,
     /// `PARAM_FLAG_*`.
     pub flags: u8,
-    pub _pad: [u8; 4],
+    /// The VRRP group of a redundant VIP host (0: none): adverts for it arriving where the
+    /// responder serves are dropped unless they come from a `VRRP_PEERS` address.
+    pub vrrp_router_id: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Emit an aya-log line for every packet the responder handles (diagnostics; off by default).
@@ -131,7 +134,8 @@ impl ServerParams {
         poll_min: 4,
         poll_max: 10,
         flags: 0,
-        _pad: [0; 4],
+        vrrp_router_id: 0,
+        _pad: [0; 3],
     };
 }
 

@@ -67,6 +67,10 @@ counters! {
     KodDeny = "kod_deny",
     /// Subset of the answered ones: replies that said LI=3 (unsynchronized or stale anchor).
     AnsweredUnsynchronized = "answered_unsynchronized",
+    /// VRRP (IP protocol 112) from a configured peer on a shared network: keepalived's.
+    PassedVrrpPeer = "passed_vrrp_peer",
+    /// VRRP from anyone else on the guests' side: a guest must never move the addresses.
+    DroppedVrrp = "dropped_vrrp",
 }
 
 pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;

@@ -22,11 +22,14 @@ pub const GUESTS: &str = "GUESTS";
 pub const OWN_MACS: &str = "OWN_MACS";
 /// Per-CPU state of the global kiss-o'-death budget.
 pub const KOD_BUDGET: &str = "KOD_BUDGET";
+/// The VIP hosts whose VRRP adverts may arrive on the guests' side (a shared network's
+/// unicast peers, as ::ffff:a.b.c.d); VRRP from any other source is dropped there.
+pub const VRRP_PEERS: &str = "VRRP_PEERS";
 
 /// Counts of the benchmark's programs (`crate::bench`), never used by the daemon.
 pub const BENCH_COUNTS: &str = "BENCH_COUNTS";
 
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     ANCHORS,
     ANCHOR_ACTIVE,
     SERVER_PARAMS,
@@ -38,6 +41,7 @@ pub const ALL: [&str; 12] = [
     GUESTS,
     OWN_MACS,
     KOD_BUDGET,
+    VRRP_PEERS,
     BENCH_COUNTS,
 ];
 
@@ -69,6 +73,7 @@ pub const LAYOUT_FINGERPRINT: u64 = {
         offset_of!(ServerParams, poll_min),
         offset_of!(ServerParams, poll_max),
         offset_of!(ServerParams, flags),
+        offset_of!(ServerParams, vrrp_router_id),
         size_of::<SourceState>(),
         size_of::<GuestClock>(),
         size_of::<ResponderPolicy>(),

@@ -17,6 +17,8 @@ pub const ETH_P_8021AD: u16 = 0x88A8;
 pub const IPV4_MIN_HEADER_LEN: usize = 20;
 pub const IPV6_HEADER_LEN: usize = 40;
 pub const IPPROTO_UDP: u8 = 17;
+/// VRRP (RFC 9568), IPv4 protocol and IPv6 next header alike.
+pub const IPPROTO_VRRP: u8 = 112;
 /// TTL / hop limit written into every reply (the request's is meaningless for the answer).
 pub const REPLY_TTL: u8 = 64;
 

@@ -58,8 +58,7 @@ fn params() -> impl Strategy<Value = ServerParams> {
         precision,
         poll_min: a.min(b),
         poll_max: a.max(b),
-        flags: 0,
-        _pad: [0; 4],
+        ..ServerParams::DEFAULT
     })
 }
 

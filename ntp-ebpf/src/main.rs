@@ -4,7 +4,8 @@
 //! One path for every packet: [`parse`] describes the request whatever its family (or gives
 //! the verdict), [`admit`] decides who is answered, [`respond`] turns the frame around. Each
 //! packet increments exactly one outcome counter. Anything not addressed to a served address
-//! on this interface's MAC, or not NTP, is passed untouched; malformed NTP is dropped;
+//! on this interface's MAC, or not NTP, is passed untouched (but VRRP for this host's group
+//! from anyone but its peers: a guest must not move the addresses); malformed NTP is dropped;
 //! nothing is ever answered with more bytes than it carried.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -123,7 +124,7 @@ mod program {
 
     #[inline(always)]
     fn handle(pkt: &Packet, ifindex: u32, rx_mono: u64, params: &ServerParams) -> Verdict {
-        let req = match parse(pkt, ifindex) {
+        let req = match parse(pkt, ifindex, params.vrrp_router_id) {
             Ok(req) => req,
             Err(verdict) => return verdict,
         };

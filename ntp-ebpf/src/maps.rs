@@ -46,6 +46,9 @@ pub static GUESTS: LruHashMap<SourceKey, GuestClock> = LruHashMap::with_max_entr
 /// ifindexes repeat across namespaces, MACs do not.
 #[map]
 pub static OWN_MACS: HashMap<[u8; 8], u32> = HashMap::with_max_entries(MAX_INTERFACES, 0);
+/// VIP hosts whose VRRP may arrive on the guests' side (see `ntp_common::maps::VRRP_PEERS`).
+#[map]
+pub static VRRP_PEERS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(16, 0);
 /// The global kiss-o'-death budget, per CPU (no atomics on the fast path).
 #[map]
 pub static KOD_BUDGET: PerCpuArray<SourceState> = PerCpuArray::with_max_entries(1, 0);

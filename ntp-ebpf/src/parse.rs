@@ -11,7 +11,7 @@ use ntp_common::{
     Counter,
 };
 
-use crate::maps::{OWN_MACS, SERVED_ADDRS};
+use crate::maps::{OWN_MACS, SERVED_ADDRS, VRRP_PEERS};
 use crate::packet::{be16, Packet};
 use crate::program::{drop, pass, Verdict};
 
@@ -35,7 +35,7 @@ pub struct Request {
 }
 
 #[inline(always)]
-pub fn parse(pkt: &Packet, ifindex: u32) -> Result<Request, Verdict> {
+pub fn parse(pkt: &Packet, ifindex: u32, vrrp_router_id: u8) -> Result<Request, Verdict> {
     let Some(eth) = pkt.bytes::<ETH_HEADER_LEN>(0) else {
         return Err(pass(Counter::PassedNotIp));
     };
@@ -52,8 +52,8 @@ pub fn parse(pkt: &Packet, ifindex: u32) -> Result<Request, Verdict> {
         l3 = ETH_HEADER_LEN + VLAN_TAG_LEN;
     }
     let mut req = match ethertype {
-        ETH_P_IPV4 => parse_ipv4(pkt, l3)?,
-        ETH_P_IPV6 => parse_ipv6(pkt, l3)?,
+        ETH_P_IPV4 => parse_ipv4(pkt, l3, vrrp_router_id)?,
+        ETH_P_IPV6 => parse_ipv6(pkt, l3, vrrp_router_id)?,
         _ => return Err(pass(Counter::PassedNotIp)),
     };
     req.vlan = vlan;
@@ -67,13 +67,39 @@ fn is_served(key: &[u8; 16]) -> bool {
     SERVED_ADDRS.get_ptr(key).is_some()
 }
 
+/// VRRP for this host's group arriving where the responder serves: keepalived's only when it
+/// comes from a configured peer (a shared network), never a guest's, whatever it is addressed
+/// to. Other groups' VRRP is not ours to judge (None).
 #[inline(always)]
-fn parse_ipv4(pkt: &Packet, l3: usize) -> Result<Request, Verdict> {
+fn vrrp(pkt: &Packet, l4: usize, src: &[u8; 16], router_id: u8) -> Option<Verdict> {
+    // Version/type, then the virtual router id (RFC 9568 §5.1).
+    let Some(header) = pkt.bytes::<2>(l4) else {
+        return Some(drop(Counter::DroppedVrrp));
+    };
+    if header[1] != router_id {
+        return None;
+    }
+    Some(if VRRP_PEERS.get_ptr(src).is_some() {
+        pass(Counter::PassedVrrpPeer)
+    } else {
+        drop(Counter::DroppedVrrp)
+    })
+}
+
+#[inline(always)]
+fn parse_ipv4(pkt: &Packet, l3: usize, vrrp_router_id: u8) -> Result<Request, Verdict> {
     let Some(ip) = pkt.bytes::<IPV4_MIN_HEADER_LEN>(l3) else {
         return Err(pass(Counter::PassedNotIp));
     };
     if ip[0] >> 4 != 4 {
         return Err(pass(Counter::PassedNotIp));
+    }
+    if ip[9] == IPPROTO_VRRP && vrrp_router_id != 0 {
+        let l4 = l3 + (ip[0] & 0x0f) as usize * 4;
+        let src = ipv4_mapped_key([ip[12], ip[13], ip[14], ip[15]]);
+        if let Some(verdict) = vrrp(pkt, l4, &src, vrrp_router_id) {
+            return Err(verdict);
+        }
     }
     let dst = [ip[16], ip[17], ip[18], ip[19]];
     if !is_served(&ipv4_mapped_key(dst)) {
@@ -138,7 +164,7 @@ fn is_ipv6_extension_header(next: u8) -> bool {
 }
 
 #[inline(always)]
-fn parse_ipv6(pkt: &Packet, l3: usize) -> Result<Request, Verdict> {
+fn parse_ipv6(pkt: &Packet, l3: usize, vrrp_router_id: u8) -> Result<Request, Verdict> {
     let Some(ip) = pkt.bytes::<IPV6_HEADER_LEN>(l3) else {
         return Err(pass(Counter::PassedNotIp));
     };
@@ -152,6 +178,11 @@ fn parse_ipv6(pkt: &Packet, l3: usize) -> Result<Request, Verdict> {
         src[i] = ip[8 + i];
         dst[i] = ip[24 + i];
         i += 1;
+    }
+    if ip[6] == IPPROTO_VRRP && vrrp_router_id != 0 {
+        if let Some(verdict) = vrrp(pkt, l3 + IPV6_HEADER_LEN, &src, vrrp_router_id) {
+            return Err(verdict);
+        }
     }
     if !is_served(&dst) {
         return Err(pass(Counter::PassedNotServed));

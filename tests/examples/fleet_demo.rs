@@ -27,9 +27,15 @@ fn main() -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let poller = poll(&guest, stop.clone());
     step(&f, "the cluster as the store sees it", &["status"])?;
-    let v1 = f.file("cluster-v1.toml", &cluster_config(&f.guest_bridge, -20))?;
+    let v1 = f.file(
+        "cluster-v1.toml",
+        &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -20),
+    )?;
     step(&f, "every host applies it", &["push", &v1])?;
-    let v2 = f.file("cluster-v2.toml", &cluster_config(&f.guest_bridge, -22))?;
+    let v2 = f.file(
+        "cluster-v2.toml",
+        &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -22),
+    )?;
     step(
         &f,
         "host by host, vip-b first, the master last",

@@ -255,6 +255,8 @@ impl Drop for EtcdCluster {
 }
 
 pub const SUBNET: u8 = 84;
+/// The VIP hosts' own network (VRRP).
+pub const VRRP_SUBNET: u8 = 184;
 pub const HOSTS: [&str; 3] = ["vip-a", "vip-b", "vip-c"];
 
 /// One VIP host of the fleet.
@@ -278,12 +280,15 @@ pub struct Fleet {
     pub hosts: Vec<FleetHost>,
     pub etcd: EtcdCluster,
     pub guest_bridge: String,
+    /// The VIP hosts' own network, where VRRP speaks.
+    pub vrrp_bridge: String,
     pub dir: PathBuf,
     pub home: Netns,
 }
 
-/// The cluster's part of the configuration: the same on every host.
-pub fn cluster_config(bridge: &str, precision: i8) -> String {
+/// The cluster's part of the configuration: the same on every host. VRRP speaks on
+/// `vrrp_bridge`, the VIP hosts' own network.
+pub fn cluster_config(bridge: &str, vrrp_bridge: &str, precision: i8) -> String {
     let vrid = 100 + (std::process::id() % 100) as u8;
     format!(
         r#"[service]
@@ -299,6 +304,7 @@ repair_interval = "1s"
 [redundancy]
 virtual_router_id = {vrid}
 advert_interval = "300ms"
+bridge = "{vrrp_bridge}"
 
 [limits]
 enable = false
@@ -323,25 +329,31 @@ impl Fleet {
         let guest_bridge = unique_name("nb");
         home.ip(&["link", "add", &guest_bridge, "type", "bridge"])?;
         home.ip(&["link", "set", &guest_bridge, "up"])?;
+        let vrrp_bridge = unique_name("nb");
+        home.ip(&["link", "add", &vrrp_bridge, "type", "bridge"])?;
+        home.ip(&["link", "set", &vrrp_bridge, "up"])?;
         let etcd = EtcdCluster::start(&home, SUBNET + 10)?;
         let dir = std::env::temp_dir().join(unique_name("ntpxdp-fleet"));
         std::fs::create_dir_all(&dir)?;
-        let cluster = cluster_config(&guest_bridge, -24) + cluster_extra;
+        let cluster = cluster_config(&guest_bridge, &vrrp_bridge, -24) + cluster_extra;
         let mut hosts = Vec::new();
         for (i, name) in HOSTS.iter().enumerate() {
             let netns = unique_name("ntv");
             let stratum = 10 + i as u8;
             let peers: Vec<String> = (0..3)
                 .filter(|j| *j != i)
-                .map(|j| format!("169.254.{SUBNET}.{}", 2 + j))
+                .map(|j| format!("169.254.{VRRP_SUBNET}.{}", 2 + j))
                 .collect();
             let override_text = format!(
                 "[service]\nnetns = \"{netns}\"\ninterface = \"{}\"\n\n[vip]\nhost_interface = \
-                 \"{}\"\n\n[redundancy]\npriority = {}\nown_address = \"169.254.{SUBNET}.{}/24\"\n\
+                 \"{}\"\n\n[redundancy]\npriority = {}\ninterface = \"{}\"\nhost_interface = \"{}\"\n\
+                 own_address = \"169.254.{VRRP_SUBNET}.{}/24\"\n\
                  unicast_peers = {peers:?}\n\n[clock]\nlocal_stratum = {stratum}\n",
                 unique_name("nv"),
                 unique_name("nh"),
                 150 - 50 * i,
+                unique_name("nr"),
+                unique_name("nr"),
                 2 + i,
             );
             let override_text = if cluster_extra.contains("[nts]") {
@@ -377,6 +389,7 @@ impl Fleet {
             hosts,
             etcd,
             guest_bridge,
+            vrrp_bridge,
             dir,
             home,
         };

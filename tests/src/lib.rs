@@ -10,6 +10,7 @@ pub mod frames;
 pub mod nts;
 pub mod topology;
 pub mod vip;
+pub mod vrrp;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};

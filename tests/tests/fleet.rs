@@ -23,7 +23,10 @@ fn pushes_are_validated_applied_and_rolled_out_and_restarts_roll_with_one_switch
     // 1. A valid push reaches all three; the precision guests see changes with it.
     marks.push(("push v1", std::time::Instant::now()));
     let v1 = f
-        .file("v1.toml", &cluster_config(&f.guest_bridge, -20))
+        .file(
+            "v1.toml",
+            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -20),
+        )
         .unwrap();
     let out = f.fleet_ok(&["push", &v1]).unwrap();
     let r1 = revision_of(&out);
@@ -38,7 +41,8 @@ fn pushes_are_validated_applied_and_rolled_out_and_restarts_roll_with_one_switch
     let bad = f
         .file(
             "bad.toml",
-            &cluster_config(&f.guest_bridge, -20).replace("precision = -20", "precision = 5"),
+            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -20)
+                .replace("precision = -20", "precision = 5"),
         )
         .unwrap();
     let out = f.fleet_cmd(&["push", &bad]);
@@ -59,7 +63,10 @@ fn pushes_are_validated_applied_and_rolled_out_and_restarts_roll_with_one_switch
     let file = f.file("c-bad.toml", &c_override).unwrap();
     f.fleet_ok(&["override", "vip-c", &file]).unwrap();
     let v2 = f
-        .file("v2.toml", &cluster_config(&f.guest_bridge, -22))
+        .file(
+            "v2.toml",
+            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -22),
+        )
         .unwrap();
     let master = master(&f);
     marks.push(("rolling v2", std::time::Instant::now()));
@@ -104,7 +111,10 @@ fn pushes_are_validated_applied_and_rolled_out_and_restarts_roll_with_one_switch
     let file = f.file("c-good.toml", &f.hosts[2].override_text).unwrap();
     f.fleet_ok(&["override", "vip-c", &file]).unwrap();
     let v3 = f
-        .file("v3.toml", &cluster_config(&f.guest_bridge, -23))
+        .file(
+            "v3.toml",
+            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -23),
+        )
         .unwrap();
     marks.push(("rolling v3", std::time::Instant::now()));
     let r3 = revision_of(&f.fleet_ok(&["push", &v3, "--rolling"]).unwrap());
@@ -125,7 +135,7 @@ fn pushes_are_validated_applied_and_rolled_out_and_restarts_roll_with_one_switch
     let v4 = f
         .file(
             "v4.toml",
-            &(cluster_config(&f.guest_bridge, -23)
+            &(cluster_config(&f.guest_bridge, &f.vrrp_bridge, -23)
                 + "\n[access]\ndeny = [\"169.254.84.33/32\"]\ndeny_action = \"drop\"\n"),
         )
         .unwrap();
@@ -220,7 +230,10 @@ fn the_store_failing_never_stops_the_time_and_lost_hosts_are_shown() {
     f.etcd.kill_member(0);
     marks.push(("member 0 killed, push v1", std::time::Instant::now()));
     let v1 = f
-        .file("v1.toml", &cluster_config(&f.guest_bridge, -21))
+        .file(
+            "v1.toml",
+            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -21),
+        )
         .unwrap();
     let r1 = revision_of(&f.fleet_ok(&["push", &v1]).unwrap());
     assert!(all_applied(&f, r1), "{:?}", hosts(&f));
@@ -249,7 +262,10 @@ fn the_store_failing_never_stops_the_time_and_lost_hosts_are_shown() {
         .unwrap();
     assert!(Fleet::wait_until(Duration::from_secs(30), || (0..3).all(|i| !alarmed(&f, i))));
     let v2 = f
-        .file("v2.toml", &cluster_config(&f.guest_bridge, -20))
+        .file(
+            "v2.toml",
+            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -20),
+        )
         .unwrap();
     marks.push(("push v2", std::time::Instant::now()));
     let r2 = revision_of(&f.fleet_ok(&["push", &v2]).unwrap());

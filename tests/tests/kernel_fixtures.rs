@@ -472,7 +472,115 @@ fn table() -> Vec<Case> {
         bcast_mac,
         Expect::Drop(Counter::DroppedBadAddress),
     ));
+    cases.push(case(
+        "VRRP where no group is configured: not the responder's",
+        vrrp_v4(GUEST_V4, VRRP_ROUTER_ID, true),
+        Expect::Pass(Counter::PassedNotServed),
+    ));
     cases
+}
+
+/// The VRRP group of the fixtures' redundant VIP host, and one of its peers.
+const VRRP_ROUTER_ID: u8 = 42;
+const VRRP_PEER_V4: [u8; 4] = [169, 254, 7, 3];
+
+/// A VRRPv3 advert for `router_id` from `src`, to the multicast group or to the VIP's MAC.
+fn vrrp_v4(src: [u8; 4], router_id: u8, multicast: bool) -> Vec<u8> {
+    use integration_tests::vrrp::{Advert, VRRP_GROUP, VRRP_GROUP_MAC};
+    let (dst, dst_mac) = if multicast {
+        (VRRP_GROUP, VRRP_GROUP_MAC)
+    } else {
+        (OTHER_V4.into(), VIP_MAC)
+    };
+    Advert {
+        src: src.into(),
+        dst,
+        dst_mac,
+        router_id,
+        priority: 255,
+        addresses: vec![CLOCK_V4.into()],
+    }
+    .frame(GUEST_MAC)
+}
+
+/// The same over IPv6 (next header 112, to ff02::12).
+fn vrrp_v6(src: [u8; 16], router_id: u8) -> Vec<u8> {
+    let mut group = [0u8; 16];
+    group[0] = 0xff;
+    group[1] = 0x02;
+    group[15] = 0x12;
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2(GUEST_MAC, [0x33, 0x33, 0, 0, 0, 0x12])
+        .ipv6(src, group, 255)
+        .write(
+            &mut out,
+            etherparse::IpNumber(112),
+            &[0x31, router_id, 255, 1, 0, 100, 0, 0],
+        )
+        .unwrap();
+    out
+}
+
+/// A redundant VIP host's responder: VRRP for its group from anyone but its peers is dropped
+/// where guests are; its peers' and other groups' VRRP passes.
+fn vrrp_cases() -> Vec<Case> {
+    let mut truncated = vrrp_v4(GUEST_V4, VRRP_ROUTER_ID, true);
+    // The IP header's end: no VRRP header at all (total length and checksum left as built;
+    // the program must not read past the frame).
+    truncated.truncate(14 + 20);
+    vec![
+        case(
+            "VRRP for the group from a guest, multicast",
+            vrrp_v4(GUEST_V4, VRRP_ROUTER_ID, true),
+            Expect::Drop(Counter::DroppedVrrp),
+        ),
+        case(
+            "VRRP for the group from a guest, to the VIP host's MAC",
+            vrrp_v4(GUEST_V4, VRRP_ROUTER_ID, false),
+            Expect::Drop(Counter::DroppedVrrp),
+        ),
+        case(
+            "VRRP for the group from a guest over IPv6",
+            vrrp_v6(GUEST_V6, VRRP_ROUTER_ID),
+            Expect::Drop(Counter::DroppedVrrp),
+        ),
+        case(
+            "VRRP cut after the IP header",
+            truncated,
+            Expect::Drop(Counter::DroppedVrrp),
+        ),
+        case(
+            "VRRP for the group from a peer",
+            vrrp_v4(VRRP_PEER_V4, VRRP_ROUTER_ID, true),
+            Expect::Pass(Counter::PassedVrrpPeer),
+        ),
+        case(
+            "VRRP for another group",
+            vrrp_v4(GUEST_V4, VRRP_ROUTER_ID + 1, true),
+            Expect::Pass(Counter::PassedNotServed),
+        ),
+        case(
+            "NTP still answered",
+            Frame::v4(v4_request()).build(),
+            ANSWER,
+        ),
+    ]
+}
+
+#[test]
+fn vrrp_for_the_group_is_dropped_unless_a_peer_sent_it() {
+    let (mut r, anchor) = responder(AnchorState::Synchronized).unwrap();
+    r.set_params(ntp_common::ServerParams {
+        vrrp_router_id: VRRP_ROUTER_ID,
+        ..ntp_common::ServerParams::DEFAULT
+    })
+    .unwrap();
+    r.set_vrrp_peers(&[IpAddr::from(VRRP_PEER_V4)]).unwrap();
+    let failures: Vec<String> = vrrp_cases()
+        .iter()
+        .flat_map(|c| run_case(&mut r, &anchor, c, false))
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 fn counters(r: &Responder) -> Vec<u64> {
@@ -815,7 +923,8 @@ fn the_table_covers_every_outcome() {
     let cases = table();
     let mut reached: Vec<Counter> = vec![Counter::AnsweredUnsynchronized, Counter::DroppedNoAnchor];
     let policy_cases = scenarios().into_iter().flat_map(|s| s.steps);
-    for c in cases.iter().chain(policy_cases.collect::<Vec<_>>().iter()) {
+    let other_cases: Vec<Case> = policy_cases.chain(vrrp_cases()).collect();
+    for c in cases.iter().chain(other_cases.iter()) {
         match c.expect {
             Expect::Pass(x) | Expect::Drop(x) | Expect::Kod(_, x) => reached.push(x),
             Expect::Reply { .. } => reached.extend([Counter::AnsweredV4, Counter::AnsweredV6]),

@@ -19,11 +19,26 @@ use integration_tests::{ntp_user_bin, run, unique_name, CLOCK_V4};
 use ntp_common::packet::NtpHeader;
 
 const SUBNET: u8 = 81;
+/// The VIP hosts' own network, where VRRP speaks (guests are not on it).
+const VRRP_SUBNET: u8 = 181;
+
+/// Where VRRP speaks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum VrrpNet {
+    /// A bridge of the VIP hosts' own, which guests cannot reach (the default topology).
+    Dedicated,
+    /// The guests' own link, with unicast peers (`redundancy.shared_network`).
+    Shared,
+}
 
 /// One VIP host of the pair: its service namespace, veth and config (the daemons share the
 /// test's "host" namespace and its bridge, standing for two machines on one guest network).
 struct Host {
     netns: String,
+    /// The guests' veth end in its namespace (where the responder is attached).
+    ns_if: String,
+    /// Its own address (the VRRP source).
+    own: std::net::Ipv4Addr,
     config: PathBuf,
     stratum: u8,
     daemon: Option<ServeProcess>,
@@ -37,12 +52,14 @@ struct Pair {
     guest_bridge: String,
     /// With uplinks: each host's own bridge joins the guests' through this veth end.
     uplinks: Vec<String>,
+    vrrp: VrrpNet,
+    vrid: u8,
 }
 
 impl Pair {
     /// Two VIP hosts on one guest bridge; with `with_uplinks`, each host has a bridge of its
     /// own joined to the guests' bridge by an uplink that its daemon tracks.
-    fn start(with_uplinks: bool, advert: &str) -> Pair {
+    fn start(with_uplinks: bool, advert: &str, vrrp: VrrpNet) -> Pair {
         let home = Netns::new("nth").unwrap();
         let new_bridge = || {
             let b = unique_name("nb");
@@ -51,6 +68,7 @@ impl Pair {
             b
         };
         let guest_bridge = new_bridge();
+        let vrrp_bridge = new_bridge();
         let mut uplinks = Vec::new();
         let dir = std::env::temp_dir().join(unique_name("ntpxdp-vrrp"));
         std::fs::create_dir_all(&dir).unwrap();
@@ -61,6 +79,20 @@ impl Pair {
             let (ns_if, host_if) = (unique_name("nv"), unique_name("nh"));
             let config = dir.join(format!("host{i}.toml"));
             let stratum = 10 + i;
+            let (own, peer) = (2 + i, 3 - i);
+            let vrrp_link = match vrrp {
+                VrrpNet::Dedicated => format!(
+                    "bridge = \"{vrrp_bridge}\"\ninterface = \"{}\"\nhost_interface = \"{}\"\n\
+                     own_address = \"169.254.{VRRP_SUBNET}.{own}/24\"\n\
+                     unicast_peers = [\"169.254.{VRRP_SUBNET}.{peer}\"]",
+                    unique_name("nr"),
+                    unique_name("nr"),
+                ),
+                VrrpNet::Shared => format!(
+                    "shared_network = true\nown_address = \"169.254.{SUBNET}.{own}/24\"\n\
+                     unicast_peers = [\"169.254.{SUBNET}.{peer}\"]"
+                ),
+            };
             let (bridge, track) = if with_uplinks {
                 let own = new_bridge();
                 let (up, up_far) = (unique_name("nu"), unique_name("nu"));
@@ -98,8 +130,7 @@ repair_interval = "1s"
 virtual_router_id = {vrid}
 priority = {prio}
 advert_interval = "{advert}"
-own_address = "169.254.{SUBNET}.{own}/24"
-unicast_peers = ["169.254.{SUBNET}.{peer}"]
+{vrrp_link}
 {track}
 
 [limits]
@@ -109,12 +140,17 @@ enable = false
 enable = false
 "#,
                     prio = 150 - 50 * i,
-                    own = 2 + i,
-                    peer = 3 - i,
                 ),
             )
             .unwrap();
+            let own_net = if vrrp == VrrpNet::Dedicated {
+                VRRP_SUBNET
+            } else {
+                SUBNET
+            };
             hosts.push(Host {
+                own: std::net::Ipv4Addr::new(169, 254, own_net, own),
+                ns_if,
                 netns,
                 config,
                 stratum,
@@ -127,6 +163,8 @@ enable = false
             dir,
             guest_bridge,
             uplinks,
+            vrrp,
+            vrid,
         };
         for i in 0..2 {
             pair.start_daemon(i);
@@ -151,6 +189,36 @@ enable = false
         let out = run(Command::new(ntp_user_bin()).args(["status", "--socket", &socket, "--json"]))
             .unwrap();
         serde_json::from_str(&out).unwrap()
+    }
+
+    fn role(&self, i: usize) -> String {
+        self.status(i)["vrrp"]["role"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// Waits until one master is elected (both start as BACKUP, without preemption): one
+    /// daemon says master, the other backup, and the guest is answered by the master.
+    fn elected(&self, guest: &Netns) -> usize {
+        let mut master = usize::MAX;
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                let roles = [self.role(0), self.role(1)];
+                let Some(m) = roles.iter().position(|r| r == "master") else {
+                    return false;
+                };
+                let answered = one_query(guest, CLOCK_V4)
+                    .ok()
+                    .flatten()
+                    .and_then(|r| NtpHeader::parse(&r))
+                    .map(|h| h.stratum);
+                master = m;
+                roles[1 - m] == "backup" && answered == Some(self.hosts[m].stratum)
+            }),
+            "no VIP host took the addresses"
+        );
+        master
     }
 
     fn add_guest(&self) -> Netns {
@@ -245,31 +313,9 @@ fn failover(failure: Failure) {
         Failure::UplinkDownFastAdverts => "300ms",
         _ => "1s",
     };
-    let mut pair = Pair::start(uplinks, advert);
+    let mut pair = Pair::start(uplinks, advert, VrrpNet::Dedicated);
     let guest = pair.add_guest();
-    // One master is elected (both start as BACKUP, without preemption): settled when one
-    // daemon says master, the other backup, and the guest is answered by the master.
-    let role = |pair: &Pair, i: usize| {
-        let s = pair.status(i);
-        s["vrrp"]["role"].as_str().unwrap_or("").to_string()
-    };
-    let mut master = usize::MAX;
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            let roles = [role(&pair, 0), role(&pair, 1)];
-            let Some(m) = roles.iter().position(|r| r == "master") else {
-                return false;
-            };
-            let answered = one_query(&guest, CLOCK_V4)
-                .ok()
-                .flatten()
-                .and_then(|r| NtpHeader::parse(&r))
-                .map(|h| h.stratum);
-            master = m;
-            roles[1 - m] == "backup" && answered == Some(pair.hosts[m].stratum)
-        }),
-        "no VIP host took the addresses"
-    );
+    let master = pair.elected(&guest);
     let standby = 1 - master;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -380,4 +426,113 @@ fn failover(failure: Failure) {
     assert!(gap < Duration::from_secs(10), "longest gap {gap:?}");
     assert_eq!(pair.status(master)["vrrp"]["role"], "backup");
     assert_eq!(pair.status(standby)["vrrp"]["role"], "master");
+}
+
+/// A guest forges VRRPv3 adverts for the cluster's group while it polls the clock address 20
+/// times a second: from its own address and (where VRRP has a link of its own) from each
+/// peer's, to the multicast group and to each host's own MAC and address, claiming priority
+/// 255 (take over) and 0 (the master resigns). The responder drops them where they arrive, so
+/// the master keeps the addresses: no failover, no gap.
+#[test]
+fn forged_adverts_from_a_guest_move_nothing_on_a_dedicated_vrrp_link() {
+    forged_adverts(VrrpNet::Dedicated);
+}
+
+/// The same on a shared network with unicast peers, without spoofing a peer's address (a
+/// shared network trusts guests not to: README, Security model).
+#[test]
+fn forged_adverts_from_a_guest_move_nothing_on_a_shared_network() {
+    forged_adverts(VrrpNet::Shared);
+}
+
+fn forged_adverts(net: VrrpNet) {
+    use integration_tests::vrrp::{mac_of, Advert, PacketSocket, VRRP_GROUP, VRRP_GROUP_MAC};
+    use std::net::Ipv4Addr;
+
+    let pair = Pair::start(false, "1s", net);
+    assert_eq!(pair.vrrp, net);
+    let guest = pair.add_guest();
+    let master = pair.elected(&guest);
+    let transitions = |i: usize| pair.status(i)["vrrp"]["transitions"].as_u64().unwrap_or(0);
+    let before = [transitions(0), transitions(1)];
+
+    let guest_addr = Ipv4Addr::new(169, 254, SUBNET, 21);
+    let mut sources = vec![guest_addr];
+    if net == VrrpNet::Dedicated {
+        sources.extend(pair.hosts.iter().map(|h| h.own));
+    }
+    let mut destinations = vec![(VRRP_GROUP, VRRP_GROUP_MAC)];
+    for h in &pair.hosts {
+        destinations.push((h.own, mac_of(&h.netns, &h.ns_if).unwrap()));
+    }
+    let moving = vec![
+        Ipv4Addr::new(169, 254, SUBNET, 1),
+        CLOCK_V4.parse().unwrap(),
+    ];
+    let mut adverts = Vec::new();
+    for &src in &sources {
+        for &(dst, dst_mac) in &destinations {
+            for priority in [255, 0] {
+                adverts.push(Advert {
+                    src,
+                    dst,
+                    dst_mac,
+                    router_id: pair.vrid,
+                    priority,
+                    addresses: moving.clone(),
+                });
+            }
+        }
+    }
+    let socket = PacketSocket::open(&guest, "eth0").unwrap();
+    let guest_mac = mac_of(&guest.name, "eth0").unwrap();
+    let frames: Vec<Vec<u8>> = adverts.iter().map(|a| a.frame(guest_mac)).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = poll(&guest, stop.clone());
+    // Ten seconds of adverts every 100 ms: ten times the master-down interval at 1 s adverts.
+    for _ in 0..100 {
+        for f in &frames {
+            socket.send(f).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let Polled { seen, sent, .. } = poller.join().unwrap();
+
+    let gap = seen
+        .windows(2)
+        .map(|w| w[1].at - w[0].at)
+        .max()
+        .unwrap_or_default();
+    let dropped: Vec<u64> = (0..2)
+        .map(|i| {
+            pair.status(i)["responder"]["counters"]["dropped_vrrp"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .collect();
+    eprintln!(
+        "{net:?}: {} forged adverts sent, {} of {sent} requests answered, longest gap {gap:?}, \
+         dropped_vrrp per host {dropped:?}",
+        100 * frames.len(),
+        seen.len()
+    );
+    // The attack reached the hosts and was refused there.
+    assert!(
+        dropped.iter().all(|&d| d > 0),
+        "the forged adverts never reached a host's responder: {dropped:?}"
+    );
+    assert!(
+        seen.iter().all(|s| s.stratum == pair.hosts[master].stratum),
+        "a reply came from the standby: the addresses moved"
+    );
+    assert_eq!(pair.role(master), "master");
+    assert_eq!(pair.role(1 - master), "backup");
+    assert_eq!(
+        [transitions(0), transitions(1)],
+        before,
+        "a role changed during the attack"
+    );
+    assert!(gap < Duration::from_secs(1), "longest gap {gap:?}");
 }

@@ -17,6 +17,8 @@ use crate::{ip, plug_guest};
 const HOME: &str = "ntpxdp-fo-home";
 const GUEST: &str = "ntpxdp-fo-guest";
 const BRIDGE: &str = "ntpxdp-fobr";
+/// The VIP hosts' own network, where VRRP speaks (no guest is on it).
+const VRRP_BRIDGE: &str = "ntpxdp-fovr";
 const CLOCK: &str = "169.254.169.123";
 
 /// Removes the demo's namespaces, daemons and pins, whatever state they are in.
@@ -83,8 +85,11 @@ service_address = "169.254.90.1/24"
 virtual_router_id = 90
 priority = {prio}
 advert_interval = "1s"
-own_address = "169.254.90.{own}/24"
-unicast_peers = ["169.254.90.{peer}"]
+bridge = "{VRRP_BRIDGE}"
+interface = "ntpxdp-for{i}"
+host_interface = "ntpxdp-forh{i}"
+own_address = "169.254.190.{own}/24"
+unicast_peers = ["169.254.190.{peer}"]
 [limits]
 enable = false
 [metrics]
@@ -137,6 +142,8 @@ pub fn demo(bin: &Path) -> Result<()> {
     ip(&["netns", "add", GUEST])?;
     ip(&["-n", HOME, "link", "add", BRIDGE, "type", "bridge"])?;
     ip(&["-n", HOME, "link", "set", BRIDGE, "up"])?;
+    ip(&["-n", HOME, "link", "add", VRRP_BRIDGE, "type", "bridge"])?;
+    ip(&["-n", HOME, "link", "set", VRRP_BRIDGE, "up"])?;
     for (i, path) in configs.iter().enumerate() {
         eprintln!("xtask: VIP host {i} (local stratum {})", 10 + i);
         let child = in_home(bin)

@@ -59,6 +59,11 @@ impl Validated {
                 precision: self.service.precision,
                 poll_min: self.system.poll.min_poll,
                 poll_max: self.system.poll.max_poll,
+                vrrp_router_id: self
+                    .vip
+                    .as_ref()
+                    .and_then(|v| v.redundancy.as_ref())
+                    .map_or(0, |r| r.keepalived.virtual_router_id),
                 ..ntp_common::ServerParams::DEFAULT
             },
             log_packets: self.service.log_packets,

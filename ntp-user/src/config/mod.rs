@@ -189,6 +189,85 @@ addresses = ["169.254.169.123"]
     }
 
     #[test]
+    fn vrrp_speaks_where_guests_cannot_reach_it() {
+        let vip = |redundancy: &str| {
+            format!(
+                "[service]\nnetns = \"ns\"\ninterface = \"v0\"\naddresses = [\"169.254.169.123\"]\n\
+                 [vip]\nhost_interface = \"h0\"\nbridge = \"br0\"\n\
+                 service_address = \"169.254.100.1/24\"\n[redundancy]\nvirtual_router_id = 7\n\
+                 {redundancy}"
+            )
+        };
+        // A link of the VIP hosts' own: VRRP and the own address there, nothing on the
+        // guests' link but the moving addresses.
+        let v = parse(
+            &vip("bridge = \"mgmt\"\nown_address = \"169.254.250.2/24\"\n\
+                  unicast_peers = [\"169.254.250.3\"]\n"),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let spec = v.vip.clone().unwrap();
+        let r = spec.redundancy.as_ref().unwrap();
+        let link = r.link.as_ref().unwrap();
+        assert_eq!(
+            (link.bridge.as_str(), link.ns_interface.as_str()),
+            ("mgmt", "ntpxdp-r0")
+        );
+        assert_eq!(r.keepalived.vrrp_interface, "ntpxdp-r0");
+        assert_eq!(r.keepalived.address_interface, "v0");
+        assert!(spec.wanted_addresses().is_empty());
+        assert_eq!(v.serve_options().params.vrrp_router_id, 7);
+        assert!(v.observe.health_socket.is_some());
+        assert!(r
+            .keepalived
+            .health_command
+            .iter()
+            .any(|a| a.ends_with("health.sock")));
+        // Neither a link nor an explicit shared network: refused, with the way out.
+        let e = err(&vip("own_address = \"169.254.100.2/24\"\n"));
+        assert!(
+            e.contains("redundancy.bridge") && e.contains("shared_network"),
+            "{e}"
+        );
+        // A shared network needs its peers (keepalived checks adverts' sources against them).
+        let e = err(&vip(
+            "shared_network = true\nown_address = \"169.254.100.2/24\"\n",
+        ));
+        assert!(e.contains("redundancy.unicast_peers"), "{e}");
+        let v = parse(
+            &vip(
+                "shared_network = true\nown_address = \"169.254.100.2/24\"\n\
+                  unicast_peers = [\"169.254.100.3\"]\n",
+            ),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let spec = v.vip.unwrap();
+        assert_eq!(
+            spec.wanted_addresses(),
+            ["169.254.100.2/24".parse().unwrap()]
+        );
+        // The own address on a link of its own is not one guests use.
+        let e = err(&vip(
+            "bridge = \"mgmt\"\nown_address = \"169.254.100.2/24\"\n",
+        ));
+        assert!(e.contains("redundancy.own_address"), "{e}");
+        // Peers on the own address's link.
+        let e = err(&vip(
+            "bridge = \"mgmt\"\nown_address = \"169.254.250.2/24\"\n\
+                          unicast_peers = [\"169.254.100.3\"]\n",
+        ));
+        assert!(e.contains("redundancy.unicast_peers[0]"), "{e}");
+        let e = err(&vip(
+            "bridge = \"br0\"\nown_address = \"169.254.250.2/24\"\n",
+        ));
+        assert!(e.contains("guests' bridge"), "{e}");
+        let e = err(&vip("bridge = \"mgmt\"\nshared_network = true\n\
+                          own_address = \"169.254.250.2/24\"\n"));
+        assert!(e.contains("redundancy.shared_network"), "{e}");
+    }
+
+    #[test]
     fn errors_name_file_field_and_reason() {
         let e = err(&format!("{MINIMAL}[clock]\nmax_holdover = \"forever\"\n"));
         assert!(

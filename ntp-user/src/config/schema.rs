@@ -291,8 +291,24 @@ pub struct RedundancySection {
     /// VRRPv3 advertisement interval (10ms-40s); a master is declared dead after ~3 of them.
     #[serde(default = "default_advert_interval")]
     pub advert_interval: String,
-    /// This host's own address on the service side, with the subnet (the VRRP source); the
-    /// service address itself moves between hosts.
+    /// The bridge of the VIP hosts' own network (management or a dedicated cluster link) that
+    /// VRRP speaks on: the daemon plugs a second veth (`interface` in the namespace,
+    /// `host_interface` on the host) into it. Guests must not reach this network.
+    pub bridge: Option<String>,
+    /// The namespace end of the VRRP link's veth.
+    #[serde(default = "default_vrrp_interface")]
+    pub interface: String,
+    /// The host end of the VRRP link's veth (joins `bridge`).
+    #[serde(default = "default_vrrp_host_interface")]
+    pub host_interface: String,
+    /// VRRP on the guests' own link instead of `bridge`: needs `unicast_peers` (keepalived
+    /// then accepts adverts from them only, and the responder drops VRRP from any other
+    /// source). It trusts guests not to spoof a peer's address.
+    #[serde(default)]
+    pub shared_network: bool,
+    /// This host's own address on the VRRP link, with the subnet (the VRRP source); with
+    /// `shared_network`, an address in the service subnet (the service address itself moves
+    /// between hosts).
     pub own_address: IpNet,
     /// The other VIP hosts' own addresses (unicast VRRP); empty: multicast.
     #[serde(default)]
@@ -306,6 +322,14 @@ pub struct RedundancySection {
 
 fn default_priority() -> u8 {
     100
+}
+
+fn default_vrrp_interface() -> String {
+    "ntpxdp-r0".into()
+}
+
+fn default_vrrp_host_interface() -> String {
+    "ntpxdp-hr0".into()
 }
 
 fn default_advert_interval() -> String {

@@ -178,7 +178,7 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
     let mut vip = validate_vip(&cfg, origin)?;
     let dhcp = validate_dhcp(&cfg, vip.as_ref(), origin)?;
     let admission = validate_admission(&cfg.limits, &cfg.access, &cfg.guest_clocks, origin)?;
-    let observe = validate_observe(
+    let mut observe = validate_observe(
         &cfg.guest_clocks,
         &cfg.metrics,
         &cfg.control,
@@ -186,7 +186,11 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
         vip.as_ref(),
         origin,
     )?;
-    validate_redundancy(&cfg, &mut vip, observe.control_socket.as_deref(), origin)?;
+    validate_redundancy(&cfg, &mut vip, origin)?;
+    observe.health_socket = vip
+        .as_ref()
+        .filter(|v| v.redundancy.is_some())
+        .map(|v| crate::host::vip::health_socket(&v.netns));
     let fleet = match &cfg.fleet {
         Some(f) => Some(validate_fleet(f, origin)?),
         None => None,
@@ -346,6 +350,9 @@ pub fn host_preflight(v: &Validated) -> Result<()> {
         if let Some(r) = &vip.redundancy {
             for (i, t) in r.track_interfaces.iter().enumerate() {
                 named.push((format!("redundancy.track_interfaces[{i}]"), t.as_str()));
+            }
+            if let Some(link) = &r.link {
+                named.push(("redundancy.bridge".into(), link.bridge.as_str()));
             }
         }
         if let (Some(b), false) = (&vip.bridge, vip.create_bridge) {
@@ -632,6 +639,7 @@ pub fn validate_observe(
     Ok(crate::observe::ObserveSpec {
         metrics_listen: metrics.enable.then_some(metrics.listen),
         control_socket,
+        health_socket: None,
         guests: crate::observe::guests::GuestPolicy {
             enabled: g.enable,
             alarm_offset_s: alarm_offset.as_secs_f64(),
@@ -809,12 +817,12 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::host::vip::
     }))
 }
 
-/// `[redundancy]`: checked against the `[vip]` it extends; keepalived's health check asks
-/// the daemon's control socket.
+/// `[redundancy]`: checked against the `[vip]` it extends. VRRP speaks on a link of the VIP
+/// hosts' own (`bridge`) unless the operator chose the guests' link (`shared_network`), where
+/// unicast peers are required so that adverts from anyone else are refused.
 fn validate_redundancy(
     cfg: &Config,
     vip: &mut Option<crate::host::vip::VipSpec>,
-    control_socket: Option<&Path>,
     origin: &Path,
 ) -> Result<()> {
     let bad =
@@ -849,16 +857,96 @@ fn validate_redundancy(
     }
     let service = v.service_addresses[0];
     let own = r.own_address;
-    if !own.addr().is_ipv4()
-        || own.prefix_len() != service.prefix_len()
-        || !service.contains(&own.addr())
-    {
+    let link = match (&r.bridge, r.shared_network) {
+        (Some(_), true) => {
+            return Err(bad(
+                "redundancy.shared_network",
+                "VRRP speaks either on redundancy.bridge or on the guests' link, not both".into(),
+            ))
+        }
+        (None, false) => {
+            return Err(bad(
+                "redundancy.bridge",
+                "VRRP must speak where guests cannot reach it: name the bridge of the VIP \
+                 hosts' own network, or set redundancy.shared_network = true with \
+                 unicast_peers (which trusts guests not to spoof a peer's address)"
+                    .into(),
+            ))
+        }
+        (None, true) => None,
+        (Some(bridge), false) => {
+            for (field, name) in [
+                ("redundancy.bridge", bridge),
+                ("redundancy.interface", &r.interface),
+                ("redundancy.host_interface", &r.host_interface),
+            ] {
+                if !is_interface_name(name) {
+                    return Err(bad(
+                        field,
+                        format!("{name:?} is not an interface name (1-15 of A-Z a-z 0-9 - _ .)"),
+                    ));
+                }
+            }
+            let taken = [
+                v.ns_interface.as_str(),
+                v.host_interface.as_str(),
+                v.bridge.as_deref().unwrap_or_default(),
+            ];
+            if taken.contains(&r.interface.as_str()) || r.interface == r.host_interface {
+                return Err(bad(
+                    "redundancy.interface",
+                    "must differ from the guests' veth ends, vip.bridge and \
+                     redundancy.host_interface"
+                        .into(),
+                ));
+            }
+            if taken.contains(&r.host_interface.as_str()) || &r.host_interface == bridge {
+                return Err(bad(
+                    "redundancy.host_interface",
+                    "must differ from the guests' veth ends, vip.bridge and redundancy.bridge"
+                        .into(),
+                ));
+            }
+            if v.bridge.as_ref() == Some(bridge) {
+                return Err(bad(
+                    "redundancy.bridge",
+                    format!("{bridge:?} is the guests' bridge (vip.bridge)"),
+                ));
+            }
+            Some(crate::host::vip::VrrpLink {
+                ns_interface: r.interface.clone(),
+                host_interface: r.host_interface.clone(),
+                bridge: bridge.clone(),
+            })
+        }
+    };
+    let own_ok = own.addr().is_ipv4()
+        && own.prefix_len() < 32
+        && own.addr() != own.network()
+        && if link.is_some() {
+            // On the VIP hosts' own link: nothing guests use.
+            v.service_addresses
+                .iter()
+                .all(|s| !s.contains(&own.addr()) && !own.contains(&s.addr()))
+                && !v.aliases.contains(&own.addr())
+        } else {
+            own.prefix_len() == service.prefix_len() && service.contains(&own.addr())
+        };
+    if !own_ok {
         return Err(bad(
             "redundancy.own_address",
-            format!(
-                "{own} must be an IPv4 address in the service subnet {}, with its prefix",
-                service.trunc()
-            ),
+            if link.is_some() {
+                format!(
+                    "{own} must be an IPv4 address with its prefix on the VRRP link, outside \
+                     the service subnet {}",
+                    service.trunc()
+                )
+            } else {
+                format!(
+                    "{own} must be an IPv4 address in the service subnet {}, with its prefix",
+                    service.trunc()
+                )
+            },
         ));
     }
     if own.addr() == service.addr() {
@@ -867,14 +955,19 @@ fn validate_redundancy(
             "is the service address itself, which moves between hosts".into(),
         ));
     }
+    if link.is_none() && r.unicast_peers.is_empty() {
+        return Err(bad(
+            "redundancy.unicast_peers",
+            "a shared network needs the peers' addresses: keepalived accepts adverts from \
+             them only"
+                .into(),
+        ));
+    }
     for (i, p) in r.unicast_peers.iter().enumerate() {
-        if !p.is_ipv4() || !service.contains(p) || *p == own.addr() || *p == service.addr() {
+        if !p.is_ipv4() || !own.contains(p) || *p == own.addr() || *p == service.addr() {
             return Err(bad(
                 &format!("redundancy.unicast_peers[{i}]"),
-                format!(
-                    "{p} must be another host's own address in {}",
-                    service.trunc()
-                ),
+                format!("{p} must be another host's own address in {}", own.trunc()),
             ));
         }
     }
@@ -886,21 +979,19 @@ fn validate_redundancy(
             ));
         }
     }
-    let socket = control_socket.ok_or_else(|| {
-        bad(
-            "control.socket",
-            "redundancy needs the control socket (keepalived's health check asks it)".into(),
-        )
-    })?;
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "ntp-user".into());
+    let health_socket = crate::host::vip::health_socket(&v.netns);
     v.redundancy = Some(crate::host::vip::Redundancy {
         own_address: own,
         track_interfaces: r.track_interfaces.clone(),
         keepalived: crate::host::keepalived::KeepalivedSpec {
             netns: v.netns.clone(),
-            interface: v.ns_interface.clone(),
+            vrrp_interface: link
+                .as_ref()
+                .map_or_else(|| v.ns_interface.clone(), |l| l.ns_interface.clone()),
+            address_interface: v.ns_interface.clone(),
             virtual_router_id: r.virtual_router_id,
             priority: r.priority,
             advert_interval: advert,
@@ -911,9 +1002,10 @@ fn validate_redundancy(
                 exe,
                 "health".into(),
                 "--socket".into(),
-                socket.display().to_string(),
+                health_socket.display().to_string(),
             ],
         },
+        link,
     });
     Ok(())
 }

@@ -464,6 +464,13 @@ pub async fn serve_managed(
     if spec.redundancy.is_none() {
         responder.set_served_addresses(&served)?;
     }
+    // A shared network's peers are the only sources of VRRP for this group on the guests'
+    // side; on a link of its own, VRRP from that side is always a guest's.
+    let vrrp_peers = match &spec.redundancy {
+        Some(r) if r.link.is_none() => r.keepalived.unicast_peers.clone(),
+        _ => Vec::new(),
+    };
+    responder.set_vrrp_peers(&vrrp_peers)?;
     let user_sockets = crate::responder::userspace::bind_sockets(Some(&ns), &served)?;
     // Attachments an earlier daemon pinned that this config no longer asks for would go on
     // answering from maps nobody updates: release them.

@@ -19,8 +19,12 @@ use crate::host::vip::state_dir;
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeepalivedSpec {
     pub netns: String,
-    /// The interface VRRP speaks on and the addresses live on (the namespace end).
-    pub interface: String,
+    /// The interface VRRP speaks on: the VIP hosts' own link, or the guests' with a shared
+    /// network.
+    pub vrrp_interface: String,
+    /// The interface the addresses live on (the guests' namespace end); keepalived sends
+    /// the gratuitous ARPs and neighbour advertisements there.
+    pub address_interface: String,
     pub virtual_router_id: u8,
     pub priority: u8,
     pub advert_interval: Duration,
@@ -33,6 +37,26 @@ pub struct KeepalivedSpec {
     /// The health check keepalived runs every second (`ntp-user health --socket ...`).
     pub health_command: Vec<String>,
 }
+
+/// The user keepalived runs the health check as: it only asks the health socket, which
+/// anyone may, so it runs unprivileged where that user can reach the program (every
+/// directory on its path searchable by others, the program executable by others).
+pub fn script_user(program: &std::path::Path) -> &'static str {
+    use std::os::unix::fs::PermissionsExt as _;
+    let others_may = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+    };
+    let reachable =
+        program.is_absolute() && others_may(program) && program.ancestors().skip(1).all(others_may);
+    if reachable {
+        UNPRIVILEGED_SCRIPT_USER
+    } else {
+        "root"
+    }
+}
+
+/// Debian's unprivileged user (uid 65534), present on every installation.
+pub const UNPRIVILEGED_SCRIPT_USER: &str = "nobody";
 
 impl KeepalivedSpec {
     pub fn config_file(&self) -> PathBuf {
@@ -47,24 +71,30 @@ impl KeepalivedSpec {
         state_dir(&self.netns).join("keepalived-vrrp.pid")
     }
 
-    /// keepalived.conf for this host.
+    /// keepalived.conf for this host. Scripts are checked (`enable_script_security`: keepalived
+    /// refuses one that a non-root user could replace); adverts on a unicast group are
+    /// accepted from the peers only (`check_unicast_src`).
     pub fn config_text(&self) -> String {
         // One quoted string: keepalived splits it into the program and its arguments.
         let script = format!("\"{}\"", self.health_command.join(" ").replace('"', ""));
+        let script_user = self
+            .health_command
+            .first()
+            .map_or("root", |p| script_user(std::path::Path::new(p)));
         let (v4, v6): (Vec<&IpNet>, Vec<&IpNet>) = self
             .virtual_addresses
             .iter()
             .partition(|n| n.addr().is_ipv4());
         let list = |nets: &[&IpNet]| {
             nets.iter()
-                .map(|n| format!("    {n} dev {}\n", self.interface))
+                .map(|n| format!("    {n} dev {}\n", self.address_interface))
                 .collect::<String>()
         };
         let peers = if self.unicast_peers.is_empty() {
             String::new()
         } else {
             format!(
-                "  unicast_src_ip {}\n  unicast_peer {{\n{}  }}\n",
+                "  unicast_src_ip {}\n  check_unicast_src\n  unicast_peer {{\n{}  }}\n",
                 self.own_address,
                 self.unicast_peers
                     .iter()
@@ -72,18 +102,28 @@ impl KeepalivedSpec {
                     .collect::<String>()
             )
         };
+        // VRRP on a link of its own no longer sees the guests' link fail: watch it.
+        let track_link = if self.vrrp_interface == self.address_interface {
+            String::new()
+        } else {
+            format!(
+                "  track_interface {{\n    {}\n  }}\n",
+                self.address_interface
+            )
+        };
         format!(
             "# Written by ntp-user for namespace {netns}; rewritten at every start.\n\
-             global_defs {{\n  router_id ntpxdp-{netns}\n  script_user root\n  \
-             vrrp_version 3\n  vrrp_garp_master_repeat 3\n  vrrp_garp_master_refresh 60\n}}\n\
+             global_defs {{\n  router_id ntpxdp-{netns}\n  script_user {script_user}\n  \
+             enable_script_security\n  vrrp_version 3\n  vrrp_garp_master_repeat 3\n  \
+             vrrp_garp_master_refresh 60\n}}\n\
              vrrp_script ntpxdp_health {{\n  script {script}\n  interval 1\n  timeout 1\n  \
              fall 2\n  rise 2\n}}\n\
-             vrrp_instance ntpxdp {{\n  state BACKUP\n  nopreempt\n  interface {ifname}\n  \
-             virtual_router_id {vrid}\n  priority {prio}\n  advert_int {advert}\n{peers}  \
-             virtual_ipaddress {{\n{v4}  }}\n  virtual_ipaddress_excluded {{\n{v6}  }}\n  \
+             vrrp_instance ntpxdp {{\n  state BACKUP\n  nopreempt\n  interface {ifname}\n\
+             {track_link}  virtual_router_id {vrid}\n  priority {prio}\n  advert_int {advert}\n\
+             {peers}  virtual_ipaddress {{\n{v4}  }}\n  virtual_ipaddress_excluded {{\n{v6}  }}\n  \
              track_script {{\n    ntpxdp_health\n  }}\n}}\n",
             netns = self.netns,
-            ifname = self.interface,
+            ifname = self.vrrp_interface,
             vrid = self.virtual_router_id,
             prio = self.priority,
             advert = self.advert_interval.as_secs_f64(),
@@ -144,7 +184,7 @@ impl crate::host::helper::Helper for KeepalivedSpec {
 /// Removes the virtual addresses from the interface (those present).
 async fn release_addresses(spec: &KeepalivedSpec, ns: &std::fs::File) -> Result<()> {
     let inside = crate::host::netlink::Netlink::open_in(ns)?;
-    let Some(link) = inside.link(&spec.interface).await? else {
+    let Some(link) = inside.link(&spec.address_interface).await? else {
         return Ok(());
     };
     let present = inside.addresses(link.index).await?;
@@ -165,12 +205,13 @@ mod tests {
     fn the_configuration_names_everything_that_moves() {
         let spec = KeepalivedSpec {
             netns: "ntpxdp-vip".into(),
-            interface: "ntpxdp-v0".into(),
+            vrrp_interface: "ntpxdp-r0".into(),
+            address_interface: "ntpxdp-v0".into(),
             virtual_router_id: 51,
             priority: 150,
             advert_interval: Duration::from_millis(500),
-            own_address: "169.254.100.2".parse().unwrap(),
-            unicast_peers: vec!["169.254.100.3".parse().unwrap()],
+            own_address: "169.254.200.2".parse().unwrap(),
+            unicast_peers: vec!["169.254.200.3".parse().unwrap()],
             virtual_addresses: vec![
                 "169.254.100.1/24".parse().unwrap(),
                 "169.254.169.123/32".parse().unwrap(),
@@ -185,8 +226,10 @@ mod tests {
             "virtual_router_id 51",
             "priority 150",
             "advert_int 0.5",
-            "unicast_src_ip 169.254.100.2",
-            "169.254.100.3",
+            "interface ntpxdp-r0\n  track_interface {\n    ntpxdp-v0\n  }",
+            "unicast_src_ip 169.254.200.2\n  check_unicast_src",
+            "enable_script_security",
+            "169.254.200.3",
             "169.254.100.1/24 dev ntpxdp-v0",
             "169.254.169.123/32 dev ntpxdp-v0",
             "virtual_ipaddress_excluded {\n    fd00:ec2::123/128 dev ntpxdp-v0",

@@ -49,22 +49,35 @@ pub struct VipSpec {
 /// What a redundant VIP host keeps besides what keepalived moves.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Redundancy {
-    /// This host's own address on the namespace end (the VRRP source).
+    /// This host's own address (the VRRP source): on `link`'s namespace end, or on the
+    /// guests' link with a shared network.
     pub own_address: IpNet,
     pub keepalived: crate::host::keepalived::KeepalivedSpec,
     /// Uplinks in the daemon's namespace whose failure makes this host unhealthy.
     pub track_interfaces: Vec<String>,
+    /// The link VRRP speaks on, out of the guests' reach (None: the guests' own link).
+    pub link: Option<VrrpLink>,
+}
+
+/// A second veth from the namespace to a bridge of the VIP hosts' own network.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VrrpLink {
+    pub ns_interface: String,
+    pub host_interface: String,
+    pub bridge: String,
 }
 
 impl VipSpec {
-    /// Every address on the namespace end that the daemon keeps there. With redundancy the
-    /// service and clock addresses are keepalived's (on the master only: absent on a standby
-    /// is right, and drift repair leaves them alone); the daemon keeps the host's own.
+    /// Every address on the guests' namespace end that the daemon keeps there. With
+    /// redundancy the service and clock addresses are keepalived's (on the master only: absent
+    /// on a standby is right, and drift repair leaves them alone); the daemon keeps the host's
+    /// own address, on the VRRP link when there is one.
     pub fn wanted_addresses(&self) -> Vec<IpNet> {
-        if let Some(r) = &self.redundancy {
-            return vec![r.own_address];
+        match &self.redundancy {
+            Some(r) if r.link.is_some() => Vec::new(),
+            Some(r) => vec![r.own_address],
+            None => self.virtual_addresses(),
         }
-        self.virtual_addresses()
     }
 
     /// The service and clock addresses.
@@ -92,6 +105,11 @@ pub fn state_dir(netns: &str) -> PathBuf {
     Path::new("/run/ntp-xdp").join(netns)
 }
 
+/// The socket keepalived's health check asks (`ntp-user health --socket`).
+pub fn health_socket(netns: &str) -> PathBuf {
+    state_dir(netns).join("health.sock")
+}
+
 /// What this daemon created, as opposed to found: `down` removes exactly this.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Created {
@@ -111,6 +129,9 @@ pub struct Created {
     /// neighbour caches stay right (the responder answers only frames sent to its own MAC).
     #[serde(default)]
     pub ns_mac: Option<[u8; 6]>,
+    /// The VRRP link's veth, by its host end's name.
+    #[serde(default)]
+    pub vrrp_host_interface: Option<String>,
 }
 
 impl Created {
@@ -227,37 +248,15 @@ pub async fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Re
         }
     }
 
-    // The veth: both ends must exist, each where it belongs; a lone end is replaced.
-    let host_end = host.link(&spec.host_interface).await?;
-    let ns_end = inside.link(&spec.ns_interface).await?;
-    let veth_ok = matches!((&host_end, &ns_end), (Some(h), Some(n))
-        if h.kind == Some(InfoKind::Veth) && n.kind == Some(InfoKind::Veth));
-    if !veth_ok {
-        if let Some(h) = &host_end {
-            if h.kind != Some(InfoKind::Veth) {
-                bail!(
-                    "{} exists on the host and is not a veth; choose another vip.host_interface",
-                    spec.host_interface
-                );
-            }
-            host.delete_link(h.index).await?;
-            changes.push(format!(
-                "removed {} (its peer was gone)",
-                spec.host_interface
-            ));
-        }
-        if let Some(n) = &ns_end {
-            inside.delete_link(n.index).await?;
-            changes.push(format!("removed {} (its peer was gone)", spec.ns_interface));
-        }
-        host.add_veth(&spec.host_interface, &spec.ns_interface, &ns)
-            .await?;
+    let veth = Veth {
+        host_end: &spec.host_interface,
+        ns_end: &spec.ns_interface,
+        netns: &spec.netns,
+        field: "vip.host_interface",
+    };
+    if veth.ensure(host, &inside, &ns, &mut changes).await? {
         created.veth = true;
         recreated = true;
-        changes.push(format!(
-            "created veth {} (host) / {} (in {})",
-            spec.host_interface, spec.ns_interface, spec.netns
-        ));
     }
     let host_end = host
         .link(&spec.host_interface)
@@ -341,11 +340,141 @@ pub async fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Re
         }
     }
 
+    if let Some(r) = &spec.redundancy {
+        if let Some(link) = &r.link {
+            // keepalived's sockets are bound to the old link: it restarts with the others.
+            recreated |= ensure_vrrp_link(
+                link,
+                r.own_address,
+                spec,
+                created,
+                host,
+                &inside,
+                &ns,
+                &mut changes,
+            )
+            .await?;
+        }
+    }
+
     changes.extend(netns::within(&ns, namespace_sysctls)?);
     if !changes.is_empty() {
         created.save()?;
     }
     Ok(Ensured { changes, recreated })
+}
+
+/// A veth pair from the daemon's namespace into the service namespace.
+struct Veth<'a> {
+    host_end: &'a str,
+    ns_end: &'a str,
+    netns: &'a str,
+    /// The config field naming the host end (for the error when the name is taken).
+    field: &'a str,
+}
+
+impl Veth<'_> {
+    /// Both ends must exist, each where it belongs; a lone end is replaced. True when the
+    /// pair was (re)created.
+    async fn ensure(
+        &self,
+        host: &Netlink,
+        inside: &Netlink,
+        ns: &std::fs::File,
+        changes: &mut Vec<String>,
+    ) -> Result<bool> {
+        let host_end = host.link(self.host_end).await?;
+        let ns_end = inside.link(self.ns_end).await?;
+        let veth_ok = matches!((&host_end, &ns_end), (Some(h), Some(n))
+            if h.kind == Some(InfoKind::Veth) && n.kind == Some(InfoKind::Veth));
+        if veth_ok {
+            return Ok(false);
+        }
+        if let Some(h) = &host_end {
+            if h.kind != Some(InfoKind::Veth) {
+                bail!(
+                    "{} exists on the host and is not a veth; choose another {}",
+                    self.host_end,
+                    self.field
+                );
+            }
+            host.delete_link(h.index).await?;
+            changes.push(format!("removed {} (its peer was gone)", self.host_end));
+        }
+        if let Some(n) = &ns_end {
+            inside.delete_link(n.index).await?;
+            changes.push(format!("removed {} (its peer was gone)", self.ns_end));
+        }
+        host.add_veth(self.host_end, self.ns_end, ns).await?;
+        changes.push(format!(
+            "created veth {} (host) / {} (in {})",
+            self.host_end, self.ns_end, self.netns
+        ));
+        Ok(true)
+    }
+}
+
+/// The VRRP link: its veth, the host end in the VIP hosts' bridge (which must exist: it is
+/// the operator's network), this host's own address on the namespace end, both ends up. True
+/// when the veth was (re)created.
+#[allow(clippy::too_many_arguments)]
+async fn ensure_vrrp_link(
+    link: &VrrpLink,
+    own_address: IpNet,
+    spec: &VipSpec,
+    created: &mut Created,
+    host: &Netlink,
+    inside: &Netlink,
+    ns: &std::fs::File,
+    changes: &mut Vec<String>,
+) -> Result<bool> {
+    let bridge = host.link(&link.bridge).await?.with_context(|| {
+        format!(
+            "bridge {:?} (redundancy.bridge) does not exist: it is the VIP hosts' own network",
+            link.bridge
+        )
+    })?;
+    let veth = Veth {
+        host_end: &link.host_interface,
+        ns_end: &link.ns_interface,
+        netns: &spec.netns,
+        field: "redundancy.host_interface",
+    };
+    let recreated = veth.ensure(host, inside, ns, changes).await?;
+    if recreated {
+        created.vrrp_host_interface = Some(link.host_interface.clone());
+    }
+    let host_end = host
+        .link(&link.host_interface)
+        .await?
+        .context("the VRRP link's host end vanished")?;
+    if host_end.controller != Some(bridge.index) {
+        host.set_controller(host_end.index, bridge.index).await?;
+        changes.push(format!(
+            "added {} to bridge {}",
+            link.host_interface, link.bridge
+        ));
+    }
+    if !host_end.up {
+        host.set_up(host_end.index).await?;
+        changes.push(format!("set {} up", link.host_interface));
+    }
+    let ns_end = inside
+        .link(&link.ns_interface)
+        .await?
+        .context("the VRRP link's namespace end vanished")?;
+    if !inside.addresses(ns_end.index).await?.contains(&own_address) {
+        inside.add_address(ns_end.index, own_address).await?;
+        changes.push(format!(
+            "added address {own_address} to {}",
+            link.ns_interface
+        ));
+    }
+    if !ns_end.up {
+        inside.set_up(ns_end.index).await?;
+        changes.push(format!("set {} up", link.ns_interface));
+    }
+    Ok(recreated)
 }
 
 fn mac_text(mac: &[u8; 6]) -> String {
@@ -379,6 +508,12 @@ pub async fn teardown(created: &Created, host: &Netlink) -> Result<Vec<String>> 
         if let Some(l) = host.link(&created.host_interface).await? {
             host.delete_link(l.index).await?;
             done.push(format!("removed veth {}", created.host_interface));
+        }
+    }
+    if let Some(name) = &created.vrrp_host_interface {
+        if let Some(l) = host.link(name).await? {
+            host.delete_link(l.index).await?;
+            done.push(format!("removed veth {name}"));
         }
     }
     if created.bridge {

@@ -30,6 +30,9 @@ use crate::responder::Observer;
 pub struct ObserveSpec {
     pub metrics_listen: Option<SocketAddr>,
     pub control_socket: Option<PathBuf>,
+    /// keepalived's health check asks here: it answers nothing but health, so the check runs
+    /// as an unprivileged user (keepalived's `script_user`).
+    pub health_socket: Option<PathBuf>,
     pub guests: GuestPolicy,
     pub alarms: AlarmThresholds,
 }
@@ -291,9 +294,14 @@ pub async fn start(obs: Arc<Observatory>) -> Result<Vec<tokio::task::JoinHandle<
             }
         }));
     }
-    if let Some(path) = obs.spec.control_socket.clone() {
-        let listener = bind_control(&path)?;
-        info!(socket = %path.display(), "control socket (ntp-user status)");
+    let sockets = [
+        (obs.spec.control_socket.clone(), Socket::Control),
+        (obs.spec.health_socket.clone(), Socket::Health),
+    ];
+    for (path, kind) in sockets {
+        let Some(path) = path else { continue };
+        let listener = bind_control(&path, kind)?;
+        info!(socket = %path.display(), ?kind, "control socket (ntp-user status / health)");
         let o = obs.clone();
         tasks.push(tokio::spawn(async move {
             loop {
@@ -301,7 +309,7 @@ pub async fn start(obs: Arc<Observatory>) -> Result<Vec<tokio::task::JoinHandle<
                     Ok((stream, _)) => {
                         let o = o.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = control_session(stream, o).await {
+                            if let Err(e) = control_session(stream, o, kind).await {
                                 debug!(error = %format!("{e:#}"), "control session failed");
                             }
                         });
@@ -356,8 +364,18 @@ fn scrape(
     }
 }
 
-/// A Unix socket only its owner (and root) may use: mode 0600, and the peer's uid checked.
-fn bind_control(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
+/// What a control socket answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Socket {
+    /// Status and health, to the daemon's owner (and root) only: mode 0600, the peer's uid
+    /// checked.
+    Control,
+    /// Health only, to anyone (mode 0666): all it tells is whether this host is fit to hold
+    /// the addresses.
+    Health,
+}
+
+fn bind_control(path: &std::path::Path, kind: Socket) -> Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -381,15 +399,23 @@ fn bind_control(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
     }
     let listener = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("control.socket {}: cannot bind", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("control.socket {}: chmod 600", path.display()))?;
+    let mode = match kind {
+        Socket::Control => 0o600,
+        Socket::Health => 0o666,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("control.socket {}: chmod {mode:o}", path.display()))?;
     Ok(listener)
 }
 
-async fn control_session(mut stream: tokio::net::UnixStream, o: Arc<Observatory>) -> Result<()> {
+async fn control_session(
+    mut stream: tokio::net::UnixStream,
+    o: Arc<Observatory>,
+    kind: Socket,
+) -> Result<()> {
     let me = nix::unistd::geteuid().as_raw();
     let peer = stream.peer_cred()?.uid();
-    if peer != me && peer != 0 {
+    if kind == Socket::Control && peer != me && peer != 0 {
         stream
             .write_all(b"error: permission denied (not the daemon's owner)\n")
             .await?;
@@ -401,7 +427,7 @@ async fn control_session(mut stream: tokio::net::UnixStream, o: Arc<Observatory>
         .context("no command")??;
     let command = String::from_utf8_lossy(&buf[..n]).trim().to_string();
     let answer = match command.as_str() {
-        "status" => {
+        "status" if kind == Socket::Control => {
             // Walks the maps: a blocking task, not the runtime thread.
             match tokio::task::spawn_blocking(move || o.report()).await? {
                 Ok(r) => serde_json::to_string(&r)? + "\n",
@@ -454,11 +480,11 @@ mod tests {
         let path = dir.join("control.sock");
         // A stale socket (a killed daemon's): replaced.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-        bind_control(&path).unwrap();
+        bind_control(&path, Socket::Control).unwrap();
         // Anything else: left alone, with a clear error.
         let other = dir.join("precious.txt");
         std::fs::write(&other, b"keep me").unwrap();
-        let e = format!("{:#}", bind_control(&other).unwrap_err());
+        let e = format!("{:#}", bind_control(&other, Socket::Control).unwrap_err());
         assert!(e.contains("not a socket"), "{e}");
         assert_eq!(std::fs::read(&other).unwrap(), b"keep me");
         std::fs::remove_dir_all(&dir).unwrap();

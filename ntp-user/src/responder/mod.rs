@@ -91,12 +91,13 @@ pub struct ServedAddrs(HashMap<MapData, [u8; 16], u8>);
 impl ServedAddrs {
     /// Makes the map exactly `addrs`.
     pub fn set(&mut self, addrs: &[IpAddr]) -> Result<()> {
-        set_served(&mut self.0, addrs)
+        set_address_keys(&mut self.0, addrs)
     }
 }
 
-/// Makes a served-address map exactly `addrs` (stale ones out first).
-fn set_served<T: std::borrow::BorrowMut<MapData>>(
+/// Makes a map of addresses (keyed as the served addresses are) exactly `addrs` (stale ones
+/// out first).
+fn set_address_keys<T: std::borrow::BorrowMut<MapData>>(
     map: &mut HashMap<T, [u8; 16], u8>,
     addrs: &[IpAddr],
 ) -> Result<()> {
@@ -107,10 +108,10 @@ fn set_served<T: std::borrow::BorrowMut<MapData>>(
         .filter(|k| !wanted.contains(k))
         .collect();
     for k in stale {
-        map.remove(&k).context("removing a served address")?;
+        map.remove(&k).context("removing an address")?;
     }
     for k in wanted {
-        map.insert(k, 1, 0).context("adding a served address")?;
+        map.insert(k, 1, 0).context("adding an address")?;
     }
     Ok(())
 }
@@ -300,7 +301,14 @@ impl Responder {
     /// Makes the served-address map exactly `addrs` (a pinned map may hold an older config's).
     pub fn set_served_addresses(&mut self, addrs: &[IpAddr]) -> Result<()> {
         let mut map: HashMap<_, [u8; 16], u8> = HashMap::try_from(self.map(maps::SERVED_ADDRS)?)?;
-        set_served(&mut map, addrs)
+        set_address_keys(&mut map, addrs)
+    }
+
+    /// Makes the VRRP peer table exactly `peers`: the only sources whose adverts for this
+    /// host's group (`ServerParams::vrrp_router_id`) pass where the responder serves.
+    pub fn set_vrrp_peers(&mut self, peers: &[IpAddr]) -> Result<()> {
+        let mut map: HashMap<_, [u8; 16], u8> = HashMap::try_from(self.map(maps::VRRP_PEERS)?)?;
+        set_address_keys(&mut map, peers)
     }
 
     /// Makes the table of own MACs exactly `macs` (MAC, ifindex of the attached interface
