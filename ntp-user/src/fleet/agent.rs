@@ -17,7 +17,7 @@ use super::{
 };
 use crate::daemon::Restart;
 use crate::observe::status::{FleetCell, FleetLink};
-use crate::observe::Observatory;
+use crate::observe::{Observatory, Reports};
 
 /// Validates a configuration text as a local file would be, plus what only this host can
 /// check (its interfaces, its files). `origin` names where it came from in errors.
@@ -45,6 +45,7 @@ pub type LiveApply = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 impl Agent {
     /// Runs until the daemon stops (or restarts itself).
     pub async fn run(self, obs: Arc<Observatory>, restart: Restart) {
+        let reports = obs.reports();
         let files = LocalFiles::new(&self.spec.state_dir);
         match files.mark_applied() {
             Ok(Some(v)) => info!(
@@ -58,7 +59,7 @@ impl Agent {
         self.set_link(false, None, &files);
         let mut backoff = Duration::from_millis(500);
         loop {
-            let err = match self.session(&obs, &restart, &files).await {
+            let err = match self.session(&reports, &restart, &files).await {
                 Ok(()) => return, // a restart was requested
                 Err(e) => format!("{e:#}"),
             };
@@ -99,7 +100,7 @@ impl Agent {
     /// One connection to the store, until it fails (Err) or a restart is due (Ok).
     async fn session(
         &self,
-        obs: &Observatory,
+        reports: &Reports,
         restart: &Restart,
         files: &LocalFiles,
     ) -> Result<()> {
@@ -117,7 +118,7 @@ impl Agent {
             info!(endpoints = %self.spec.endpoints.join(","), cluster = %self.spec.cluster, host = %self.spec.host, "fleet: connected");
         }
         self.report_local_state(&mut client, &keys, files).await?;
-        self.beat(&mut client, obs, lease, &keys, files).await?;
+        self.beat(&mut client, reports, lease, &keys, files).await?;
         // Watch from the revision the first evaluation reads at: nothing is missed between.
         let start = client
             .get(keys.config(), None)
@@ -152,7 +153,7 @@ impl Agent {
             let relevant = tokio::select! {
                 _ = ticker.tick() => {
                     keeper.keep_alive().await.context("lease keep-alive")?;
-                    self.beat(&mut client, obs, lease, &keys, files).await?;
+                    self.beat(&mut client, reports, lease, &keys, files).await?;
                     self.sync_nts_keys(&mut client, &keys).await?;
                     false
                 }
@@ -237,33 +238,12 @@ impl Agent {
     async fn beat(
         &self,
         client: &mut Client,
-        obs: &Observatory,
+        reports: &Reports,
         lease: i64,
         keys: &Keys,
         files: &LocalFiles,
     ) -> Result<()> {
-        let report = obs.report()?;
-        let state = files.state()?;
-        let status = HostStatus {
-            role: report
-                .vrrp
-                .as_ref()
-                .map_or("single".into(), |v| v.role.clone()),
-            synchronized: report.clock.synchronized,
-            stratum: report.anchor.stratum,
-            offset_s: report.clock.offset_s,
-            upstream_reach: report
-                .clock
-                .sources
-                .iter()
-                .map(|s| (s.address.clone(), s.reach))
-                .collect(),
-            alarms: report.alarms.iter().map(|a| a.name.clone()).collect(),
-            config_revision: state.applied.map_or(0, |v| v.revision),
-            version: report.version.clone(),
-            uptime_s: report.uptime_s,
-            started_unix: self.started_unix,
-        };
+        let status = heartbeat(reports, files, self.started_unix).await?;
         client
             .put(
                 keys.host(&self.spec.host, STATUS),
@@ -526,6 +506,33 @@ impl Agent {
     }
 }
 
+/// What a heartbeat says: this host's status report (built off the runtime thread: it walks the
+/// kernel's tables) and the configuration revision it runs.
+async fn heartbeat(reports: &Reports, files: &LocalFiles, started_unix: u64) -> Result<HostStatus> {
+    let report = reports.get().await?;
+    let state = files.state()?;
+    Ok(HostStatus {
+        role: report
+            .vrrp
+            .as_ref()
+            .map_or("single".into(), |v| v.role.clone()),
+        synchronized: report.clock.synchronized,
+        stratum: report.anchor.stratum,
+        offset_s: report.clock.offset_s,
+        upstream_reach: report
+            .clock
+            .sources
+            .iter()
+            .map(|s| (s.address.clone(), s.reach))
+            .collect(),
+        alarms: report.alarms.iter().map(|a| a.name.clone()).collect(),
+        config_revision: state.applied.map_or(0, |v| v.revision),
+        version: report.version.clone(),
+        uptime_s: report.uptime_s,
+        started_unix,
+    })
+}
+
 /// The config state to report from the local files: the newest attempt's outcome.
 fn config_state_of(s: &LocalState) -> Option<ConfigState> {
     let applied = s.applied.map(|v| ConfigState {
@@ -564,5 +571,48 @@ mod tests {
         assert_eq!((c.revision, c.state), (7, ApplyState::Failed));
         s.applied = Some(v(9));
         assert_eq!(config_state_of(&s).unwrap().state, ApplyState::Applied);
+    }
+
+    /// The heartbeat's report is built off the runtime thread: while the report is blocked
+    /// (as a walk of full tables blocks), another task of the same current-thread runtime,
+    /// the daemon's kind, still runs, and it is that task that lets the report finish.
+    #[test]
+    fn the_heartbeat_report_does_not_hold_the_runtime_thread() {
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let started_tx = std::sync::Mutex::new(Some(started_tx));
+        let release_rx = std::sync::Mutex::new(release_rx);
+        let reports = Reports::new(move || {
+            if let Some(tx) = started_tx.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+            // Built on the runtime thread, nothing could release it: fail, not hang.
+            release_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(60))
+                .map_err(|_| anyhow!("no other task ran while the report was being built"))?;
+            Ok(crate::observe::status::StatusReport {
+                version: "9.9.9".into(),
+                ..Default::default()
+            })
+        });
+        // No state directory: the agent's state reads as empty.
+        let dir = std::env::temp_dir().join(format!("ntpxdp-no-state-{}", std::process::id()));
+        let files = LocalFiles::new(&dir);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (status, ()) = runtime.block_on(async {
+            let other_task = async {
+                started_rx.await.expect("the report never started");
+                release_tx.send(()).unwrap();
+            };
+            tokio::join!(heartbeat(&reports, &files, 7), other_task)
+        });
+        let status = status.unwrap();
+        assert_eq!((status.version.as_str(), status.started_unix), ("9.9.9", 7));
+        assert_eq!(status.config_revision, 0);
     }
 }

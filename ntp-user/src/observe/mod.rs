@@ -197,9 +197,15 @@ impl Observatory {
     }
 
     /// A report with fresh counters (for `status` and scrapes); table walks at most a second
-    /// old.
+    /// old. Blocking: async callers take theirs from [`Observatory::reports`].
     pub fn report(&self) -> Result<StatusReport> {
         self.report_with(WALK_MAX_AGE)
+    }
+
+    /// Reports for async callers, built off the runtime thread.
+    pub fn reports(self: &Arc<Self>) -> Reports {
+        let o = self.clone();
+        Reports::new(move || o.report())
     }
 
     /// Whether this host should hold the service addresses: the kernel serves a fresh,
@@ -257,6 +263,27 @@ impl Observatory {
             }
         }
         Ok(())
+    }
+}
+
+/// Status reports for the daemon's async tasks, each built on the blocking pool: a report walks
+/// the kernel's rate and guest tables (two syscalls per entry, 64k entries each when full),
+/// which must not hold the one runtime thread that also runs the clock task, the userspace
+/// path and the health answer keepalived waits on.
+#[derive(Clone)]
+pub struct Reports(Arc<dyn Fn() -> Result<StatusReport> + Send + Sync>);
+
+impl Reports {
+    /// Reports from `build`, a blocking function.
+    pub fn new(build: impl Fn() -> Result<StatusReport> + Send + Sync + 'static) -> Reports {
+        Reports(Arc::new(build))
+    }
+
+    pub async fn get(&self) -> Result<StatusReport> {
+        let build = self.0.clone();
+        tokio::task::spawn_blocking(move || build())
+            .await
+            .context("the report task failed")?
     }
 }
 
@@ -427,13 +454,10 @@ async fn control_session(
         .context("no command")??;
     let command = String::from_utf8_lossy(&buf[..n]).trim().to_string();
     let answer = match command.as_str() {
-        "status" if kind == Socket::Control => {
-            // Walks the maps: a blocking task, not the runtime thread.
-            match tokio::task::spawn_blocking(move || o.report()).await? {
-                Ok(r) => serde_json::to_string(&r)? + "\n",
-                Err(e) => format!("error: {e:#}\n"),
-            }
-        }
+        "status" if kind == Socket::Control => match o.reports().get().await {
+            Ok(r) => serde_json::to_string(&r)? + "\n",
+            Err(e) => format!("error: {e:#}\n"),
+        },
         "health" => match o.health() {
             Ok(()) => "ok\n".to_string(),
             Err(why) => format!("unhealthy: {why}\n"),
