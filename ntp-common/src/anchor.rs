@@ -146,24 +146,50 @@ unsafe impl aya::Pod for TimeAnchor {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ServerParams {}
 
+/// How the anchor maps are created: `BPF_F_MMAPABLE`. The daemon writes them through a shared
+/// mapping with release stores; a `bpf_map_update_elem` call per slot and per generation would
+/// order nothing for another CPU (the kernel copies the value with a plain `memcpy`,
+/// `array_map_update_elem` → `copy_map_value`, and nothing on the syscall path is a barrier).
+pub const ANCHOR_MAP_FLAGS: u32 = 1 << 10;
+
 /// Reads the live anchor of the double buffer without locks and without assuming anything
 /// about how often the daemon publishes. `generation` reads `ANCHOR_ACTIVE[0]` (bumped once
 /// per publication; the live slot is its low bit), `slot` copies one slot. The writer only
 /// ever writes the slot that is not live, then bumps the generation; so a copy during which the
 /// generation did not move is whole. If it moved, one more try on the new slot; if it moved
 /// again, `None` (the daemon is rewriting as fast as this reads: no answer beats a torn one).
+///
+/// On a weakly ordered CPU (arm64) that argument needs the order of memory operations to hold
+/// across CPUs, so both sides fence (a seqlock's pairing):
+/// - the writer stores every word of a slot, then the generation, each with release semantics:
+///   a reader that sees a word of publication n also sees generation n - 1, and one that sees
+///   generation n sees all of slot n's words;
+/// - `order` runs between each generation read and the slot copy around it, and must keep
+///   the loads before it ahead of the loads after it (`smp_rmb`; stronger is fine). In XDP
+///   that is a fully ordered BPF atomic (BPF has no fence instruction); in the daemon an
+///   acquire fence.
+///
+/// Then every load the reader makes sees the writer as of some point of its program no
+/// earlier than the point the last generation read saw, and the copy's loads lie between
+/// the two generation reads that bracket it: if those agree, the writer did not write that
+/// slot in between (it writes the other slot until it bumps the generation).
 #[inline(always)]
 pub fn read_published<A>(
     generation: impl Fn() -> Option<u32>,
     slot: impl Fn(u32) -> Option<A>,
+    order: impl Fn(),
 ) -> Option<A> {
     let first = generation()?;
+    order();
     let anchor = slot(first & 1)?;
+    order();
     let second = generation()?;
     if second == first {
         return Some(anchor);
     }
+    order();
     let anchor = slot(second & 1)?;
+    order();
     let third = generation()?;
     if third == second {
         Some(anchor)
@@ -286,6 +312,14 @@ mod tests {
     /// A model of the double buffer: every interleaving of writer steps between the reader's
     /// steps (a slot is copied in two halves on both sides, as memcpy may be), checked for a
     /// torn read. Publication n writes (n, n) into slot n & 1, then sets the generation to n.
+    ///
+    /// The model runs the writer's steps in its program order and lets each reader load see
+    /// the memory as of the steps done so far, a point that only moves forward. That is what
+    /// the barriers of `read_published` give on any CPU: the writer's stores are release
+    /// stores (each is seen only with all before it), and the reader's `order` keeps a load
+    /// after it from seeing an earlier point than a load before it saw. Nothing orders the
+    /// loads within one copy among themselves, so the model copies the halves in either order:
+    /// with two halves, that covers every pair of points between the bracketing reads.
     mod double_buffer {
         use super::super::read_published;
         use core::cell::{Cell, RefCell};
@@ -298,16 +332,25 @@ mod tests {
             /// Writer steps to run at each reader yield point, in order.
             schedule: RefCell<[u8; 8]>,
             point: Cell<usize>,
+            /// The reader copies the second half first.
+            reversed: bool,
+            /// What the reader did, in order: 'g' a generation read, 's' a slot copy, 'o' an
+            /// `order` call.
+            trace: RefCell<[u8; 16]>,
+            traced: Cell<usize>,
         }
 
         impl Model {
-            fn new(schedule: [u8; 8]) -> Model {
+            fn new(schedule: [u8; 8], reversed: bool) -> Model {
                 Model {
                     slots: RefCell::new([(0, 0); 2]),
                     generation: Cell::new(0),
                     done: Cell::new(0),
                     schedule: RefCell::new(schedule),
                     point: Cell::new(0),
+                    reversed,
+                    trace: RefCell::new([0; 16]),
+                    traced: Cell::new(0),
                 }
             }
             fn writer_step(&self) {
@@ -321,6 +364,14 @@ mod tests {
                 }
                 self.done.set(step + 1);
             }
+            fn record(&self, event: u8) {
+                let n = self.traced.get();
+                self.trace.borrow_mut()[n] = event;
+                self.traced.set(n + 1);
+            }
+            fn trace(&self) -> [u8; 16] {
+                *self.trace.borrow()
+            }
             fn yield_point(&self) {
                 let i = self.point.get();
                 self.point.set(i + 1);
@@ -330,15 +381,28 @@ mod tests {
                 }
             }
             fn generation(&self) -> Option<u32> {
+                self.record(b'g');
                 self.yield_point();
                 Some(self.generation.get())
             }
             fn slot(&self, i: u32) -> Option<(u32, u32)> {
-                self.yield_point();
-                let a = self.slots.borrow()[i as usize].0;
-                self.yield_point();
-                let b = self.slots.borrow()[i as usize].1;
-                Some((a, b))
+                self.record(b's');
+                let half = |second: bool| {
+                    self.yield_point();
+                    let s = self.slots.borrow()[i as usize];
+                    if second {
+                        s.1
+                    } else {
+                        s.0
+                    }
+                };
+                if self.reversed {
+                    let b = half(true);
+                    Some((half(false), b))
+                } else {
+                    let a = half(false);
+                    Some((a, half(true)))
+                }
             }
             /// The reader of an earlier build: it compared only the low bits of the index.
             fn read_low_bit_only(&self) -> Option<(u32, u32)> {
@@ -366,21 +430,30 @@ mod tests {
         #[test]
         fn no_interleaving_tears_a_read() {
             let mut answered = 0u32;
-            for schedule in schedules() {
-                let m = Model::new(schedule);
+            for (schedule, reversed) in schedules().flat_map(|s| [(s, false), (s, true)]) {
+                let m = Model::new(schedule, reversed);
                 // Two publications before the reader starts: both slots hold something.
                 for _ in 0..6 {
                     m.writer_step();
                 }
-                let read = read_published(|| m.generation(), |i| m.slot(i));
+                // `order` is no step of its own (the model is the order it guarantees), but
+                // it must stand between every generation read and slot copy.
+                let read = read_published(|| m.generation(), |i| m.slot(i), || m.record(b'o'));
+                let trace = m.trace();
+                let trace = &trace[..m.traced.get()];
+                assert!(
+                    trace.windows(2).all(|w| w.contains(&b'o')),
+                    "no barrier between two reads: {:?}",
+                    core::str::from_utf8(trace)
+                );
                 if let Some((a, b)) = read {
-                    assert_eq!(a, b, "torn read under schedule {schedule:?}");
+                    assert_eq!(a, b, "torn read under {schedule:?}, reversed {reversed}");
                     answered += 1;
                 }
                 // At most one publication during the read: it is always answered.
                 let writer_steps: u32 = schedule.iter().map(|&k| k as u32).sum();
                 if writer_steps <= 3 {
-                    assert!(read.is_some(), "no answer under schedule {schedule:?}");
+                    assert!(read.is_some(), "no answer under {schedule:?}");
                 }
             }
             assert!(answered > 0);
@@ -389,7 +462,7 @@ mod tests {
         #[test]
         fn the_low_bit_reader_could_tear() {
             let torn = schedules().any(|schedule| {
-                let m = Model::new(schedule);
+                let m = Model::new(schedule, false);
                 for _ in 0..6 {
                     m.writer_step();
                 }

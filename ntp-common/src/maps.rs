@@ -25,11 +25,14 @@ pub const KOD_BUDGET: &str = "KOD_BUDGET";
 /// The VIP hosts whose VRRP adverts may arrive on the guests' side (a shared network's
 /// unicast peers, as ::ffff:a.b.c.d); VRRP from any other source is dropped there.
 pub const VRRP_PEERS: &str = "VRRP_PEERS";
+/// A word per CPU that the responder's memory barriers exchange (BPF has no fence instruction,
+/// only fully ordered atomics; on a per-CPU word they share no cache line between CPUs).
+pub const BARRIER: &str = "BARRIER";
 
 /// Counts of the benchmark's programs (`crate::bench`), never used by the daemon.
 pub const BENCH_COUNTS: &str = "BENCH_COUNTS";
 
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 14] = [
     ANCHORS,
     ANCHOR_ACTIVE,
     SERVER_PARAMS,
@@ -42,6 +45,7 @@ pub const ALL: [&str; 13] = [
     OWN_MACS,
     KOD_BUDGET,
     VRRP_PEERS,
+    BARRIER,
     BENCH_COUNTS,
 ];
 
@@ -81,6 +85,8 @@ pub const LAYOUT_FINGERPRINT: u64 = {
         // The anchor's slot selection: the generation word (this build: u32, slot = gen & 1).
         size_of::<u32>(),
         crate::anchor::ANCHOR_SLOTS as usize,
+        // How the anchor maps are created (mmapable: the daemon writes them through a mapping).
+        crate::anchor::ANCHOR_MAP_FLAGS as usize,
         size_of::<SourceKey>(),
         // Bump to force a new layout when a meaning changes without a size or offset.
         1,

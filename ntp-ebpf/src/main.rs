@@ -9,6 +9,10 @@
 //! nothing is ever answered with more bytes than it carried.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The one fully ordered atomic BPF has on every CPU version (an exchange): `core::sync::atomic`
+// offers no read-modify-write on this target.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod admit;
@@ -44,7 +48,7 @@ mod program {
     };
 
     use crate::admit::{admission, admits_upward, Admit};
-    use crate::maps::{ANCHORS, ANCHOR_ACTIVE, COUNTERS, POLICY, SERVER_PARAMS};
+    use crate::maps::{ANCHORS, ANCHOR_ACTIVE, BARRIER, COUNTERS, POLICY, SERVER_PARAMS};
     use crate::packet::Packet;
     use crate::parse::parse;
     use crate::respond::{answer, turn_around, ReplyContext};
@@ -116,10 +120,29 @@ mod program {
     #[inline(always)]
     fn load_anchor() -> Option<TimeAnchor> {
         let active = ANCHOR_ACTIVE.get_ptr(0)?;
+        let barrier = BARRIER.get_ptr_mut(0)?;
         ntp_common::anchor::read_published(
             || Some(unsafe { core::ptr::read_volatile(active) }),
             |slot| Some(unsafe { core::ptr::read_volatile(ANCHORS.get_ptr(slot)?) }),
+            || unsafe { full_barrier(barrier) },
         )
+    }
+
+    /// A full memory barrier (`smp_mb`), which `read_published` needs between the generation
+    /// and the slot it names on weakly ordered CPUs. BPF has no fence instruction; its atomics
+    /// that return a value (BPF_FETCH, BPF_XCHG, BPF_CMPXCHG) are fully ordered, and every JIT
+    /// emits them so (arm64: SWPAL, or LDXR/STLXR + DMB ISH; x86: XCHG). An exchange is what
+    /// LLVM emits at this object's CPU version (a fetch-add needs v3) whether or not its
+    /// result is used, and it works on kernels from 5.12; on this CPU's own word it costs no
+    /// cache line traffic. (Load-acquire instructions would do without the word, but need
+    /// kernel 6.15 and `-mcpu=v4`.) The object test checks that the exchanges are there.
+    #[inline(always)]
+    unsafe fn full_barrier(word: *mut u64) {
+        unsafe {
+            core::intrinsics::atomic_xchg::<u64, { core::intrinsics::AtomicOrdering::SeqCst }>(
+                word, 0,
+            )
+        };
     }
 
     #[inline(always)]

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use ntp_common::{
-    anchor::ANCHOR_SLOTS,
+    anchor::{ANCHOR_MAP_FLAGS, ANCHOR_SLOTS},
     counters::COUNTER_COUNT,
     policy::{GuestClock, ResponderPolicy, SourceKey, SourceState},
     ServerParams, TimeAnchor,
@@ -19,10 +19,11 @@ const MAX_INTERFACES: u32 = 64;
 
 /// The daemon's clock model, double-buffered; `ANCHOR_ACTIVE[0]` is the publication
 /// generation, whose low bit names the live slot (see `ntp_common::anchor::read_published`).
+/// Mmapable: the daemon writes both through a mapping, with release stores.
 #[map]
-pub static ANCHORS: Array<TimeAnchor> = Array::with_max_entries(ANCHOR_SLOTS, 0);
+pub static ANCHORS: Array<TimeAnchor> = Array::with_max_entries(ANCHOR_SLOTS, ANCHOR_MAP_FLAGS);
 #[map]
-pub static ANCHOR_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+pub static ANCHOR_ACTIVE: Array<u32> = Array::with_max_entries(1, ANCHOR_MAP_FLAGS);
 #[map]
 pub static SERVER_PARAMS: Array<ServerParams> = Array::with_max_entries(1, 0);
 /// Destination addresses answered: IPv6 as is, IPv4 as ::ffff:a.b.c.d. The value is unused.
@@ -52,3 +53,6 @@ pub static VRRP_PEERS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(16, 0);
 /// The global kiss-o'-death budget, per CPU (no atomics on the fast path).
 #[map]
 pub static KOD_BUDGET: PerCpuArray<SourceState> = PerCpuArray::with_max_entries(1, 0);
+/// The word each CPU's memory barriers exchange (see `crate::program::full_barrier`).
+#[map]
+pub static BARRIER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

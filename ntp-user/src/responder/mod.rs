@@ -3,12 +3,14 @@
 //!
 //! - [`object`]: the embedded object and the names of its programs and maps;
 //! - [`pins`]: bpffs, pinned maps, programs and attachments (hitless restarts);
+//! - [`anchor_maps`]: the anchor's two maps, mapped, as the daemon publishes and reads them;
 //! - [`observer`]: read-only map handles for status and metrics;
 //! - [`admission`]: access list, rate limit and table sizes as one value;
 //! - [`userspace`]: the path that answers what the kernel passes up;
 //! - [`test_run`]: BPF_PROG_TEST_RUN for fixtures and micro benchmarks.
 
 pub mod admission;
+pub mod anchor_maps;
 pub mod object;
 pub mod observer;
 pub mod pins;
@@ -171,6 +173,8 @@ pub struct Publication {
 
 pub struct Responder {
     ebpf: Ebpf,
+    /// `ANCHORS` and `ANCHOR_ACTIVE`, mapped for publishing.
+    anchor_maps: anchor_maps::AnchorMaps,
     /// `ANCHOR_ACTIVE[0]`: bumped by one at every publication, the live slot is its low bit.
     /// The kernel re-reads it after copying an anchor and discards a copy whose generation
     /// moved meanwhile, so no timing between publications is assumed.
@@ -244,8 +248,16 @@ impl Responder {
                     .with_context(|| format!("pinning {}", pin.display()))?;
             }
         }
+        let anchor_maps = anchor_maps::AnchorMaps::new(
+            ebpf.map(maps::ANCHORS)
+                .ok_or_else(|| anyhow!("map {} missing", maps::ANCHORS))?,
+            ebpf.map(maps::ANCHOR_ACTIVE)
+                .ok_or_else(|| anyhow!("map {} missing", maps::ANCHOR_ACTIVE))?,
+            true,
+        )?;
         Ok(Responder {
             ebpf,
+            anchor_maps,
             generation: 0,
             last_anchor: None,
             unsynchronized_until: None,
@@ -276,12 +288,10 @@ impl Responder {
             .context("loading the eBPF object")?;
         let mut responder = Responder::with_programs_loaded(ebpf, Some(dir))?;
         // Continue from what the attached program serves now, and its generation.
-        let generation: u32 = Array::<_, u32>::try_from(responder.map(maps::ANCHOR_ACTIVE)?)?
-            .get(&0, 0)
-            .context("reading ANCHOR_ACTIVE")?;
-        let anchor: TimeAnchor = Array::<_, TimeAnchor>::try_from(responder.map(maps::ANCHORS)?)?
-            .get(&(generation & 1), 0)
-            .context("reading ANCHORS")?;
+        let (generation, anchor) = responder
+            .anchor_maps
+            .read()
+            .ok_or_else(|| anyhow!("the pinned anchor is being rewritten by another daemon"))?;
         responder.generation = generation;
         responder.last_anchor = anchor.is_published().then_some(anchor);
         responder.published.send_replace(anchor);
@@ -398,16 +408,7 @@ impl Responder {
             }
         }
         let generation = self.generation.wrapping_add(1);
-        {
-            let mut anchors: Array<_, TimeAnchor> = Array::try_from(self.map(maps::ANCHORS)?)?;
-            anchors
-                .set(generation & 1, anchor, 0)
-                .context("writing the anchor slot")?;
-        }
-        let mut active: Array<_, u32> = Array::try_from(self.map(maps::ANCHOR_ACTIVE)?)?;
-        active
-            .set(0, generation, 0)
-            .context("flipping the active anchor")?;
+        self.anchor_maps.publish(generation, &anchor);
         self.generation = generation;
         self.last_anchor = Some(anchor);
         self.published.send_replace(anchor);

@@ -54,4 +54,38 @@ mod tests {
             assert!(obj.programs.contains_key(p), "program {p} missing");
         }
     }
+
+    /// The anchor maps are created mmapable (the daemon publishes through a mapping, with
+    /// release stores), and the responder's read of them holds fully ordered atomics: BPF's
+    /// only full barriers, which `read_published` needs on weakly ordered CPUs. A compiler
+    /// that turned them into plain stores, or into atomics that return nothing (not ordered),
+    /// fails here rather than tearing anchors on arm64.
+    #[test]
+    fn the_anchor_is_published_and_read_with_barriers() {
+        let obj = aya_obj::Object::parse(super::EBPF_OBJECT).expect("parsing the object");
+        for name in [ntp_common::maps::ANCHORS, ntp_common::maps::ANCHOR_ACTIVE] {
+            let flags = obj.maps[name].map_flags();
+            assert_eq!(
+                flags & ntp_common::anchor::ANCHOR_MAP_FLAGS,
+                ntp_common::anchor::ANCHOR_MAP_FLAGS,
+                "{name} is created with flags {flags:#x}"
+            );
+        }
+        const BPF_STX: u8 = 0x03;
+        const BPF_ATOMIC: u8 = 0xc0;
+        const BPF_FETCH: i32 = 0x01;
+        let program = &obj.programs[super::RESPONDER_PROGRAM];
+        let code = &obj.functions[&program.function_key()].instructions;
+        let atomics: Vec<i32> = code
+            .iter()
+            .filter(|i| i.code & 0x07 == BPF_STX && i.code & 0xe0 == BPF_ATOMIC)
+            .map(|i| i.imm)
+            .collect();
+        let fully_ordered = atomics.iter().filter(|&&imm| imm & BPF_FETCH != 0).count();
+        // One before and one after the slot copy, at least (a retry adds two more).
+        assert!(
+            fully_ordered >= 2,
+            "the responder has {fully_ordered} fully ordered atomics (all atomics: {atomics:x?})"
+        );
+    }
 }

@@ -5,20 +5,20 @@
 use std::net::IpAddr;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::Ebpf;
 use ntp_common::maps;
 use ntp_common::policy::{GuestClock, SourceKey, SourceState};
 use ntp_common::{Counter, TimeAnchor};
 
 use super::admission::key_address;
+use super::anchor_maps::AnchorMaps;
 use super::object::RESPONDER_PROGRAM;
 
 /// Read-only handles on the maps operators look at (counters, guest clocks, rate table),
 /// independent of the [`Responder`] the clock loop holds mutably.
 pub struct Observer {
-    anchors: Array<MapData, TimeAnchor>,
-    active: Array<MapData, u32>,
+    anchor: AnchorMaps,
     counters: PerCpuArray<MapData, u64>,
     guests: HashMap<MapData, SourceKey, GuestClock>,
     rate: HashMap<MapData, SourceKey, SourceState>,
@@ -28,8 +28,11 @@ impl Observer {
     /// Opens the maps of a loaded object through handles of their own.
     pub fn open(ebpf: &Ebpf) -> Result<Observer> {
         Ok(Observer {
-            anchors: Array::try_from(reopen(ebpf, maps::ANCHORS)?)?,
-            active: Array::try_from(reopen(ebpf, maps::ANCHOR_ACTIVE)?)?,
+            anchor: AnchorMaps::new(
+                &reopen(ebpf, maps::ANCHORS)?,
+                &reopen(ebpf, maps::ANCHOR_ACTIVE)?,
+                false,
+            )?,
             counters: PerCpuArray::try_from(reopen(ebpf, maps::COUNTERS)?)?,
             guests: HashMap::try_from(reopen(ebpf, maps::GUESTS)?)?,
             rate: HashMap::try_from(reopen(ebpf, maps::RATE)?)?,
@@ -38,8 +41,10 @@ impl Observer {
 
     /// The anchor the kernel serves now.
     pub fn current_anchor(&self) -> Result<TimeAnchor> {
-        let slot = self.active.get(&0, 0).context("reading ANCHOR_ACTIVE")? & 1;
-        self.anchors.get(&slot, 0).context("reading ANCHORS")
+        self.anchor
+            .read()
+            .map(|(_, anchor)| anchor)
+            .ok_or_else(|| anyhow!("the anchor was republished twice while being read"))
     }
 
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
