@@ -155,9 +155,9 @@ pub fn down(spec: &crate::host::vip::VipSpec) -> Result<Vec<String>> {
     runtime()?.block_on(managed::down(spec))
 }
 
-/// The daemon's one runtime (everything, set-up included, runs on it). Current-thread: the
-/// clock task, the userspace path and the control tasks are light; map walks and other
-/// blocking calls go to `spawn_blocking`.
+/// The daemon's one runtime (everything, set-up included, runs on it, but the NTS key
+/// exchange: TLS has a thread of its own). Current-thread: the clock task, the userspace path
+/// and the control tasks are light; map walks and other blocking calls go to `spawn_blocking`.
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
