@@ -251,8 +251,8 @@ fn key_exchanges_pass_the_access_list_as_requests_do() {
     assert!(got.is_some());
 }
 
-/// One guest opens more key-exchange connections than its share and than the 64 the whole
-/// server once had, and holds them without sending a byte; another guest's key exchange
+/// One guest opens far more key-exchange connections than its share, and more than a
+/// server-wide pool of 64 slots would hold, and holds them without sending a byte; another guest's key exchange
 /// still goes through. The server takes the first guest's share, cuts those at the request
 /// deadline, and closes the rest at once, each counted.
 #[test]
@@ -268,8 +268,8 @@ fn idle_connections_from_one_guest_do_not_stop_another_guests_key_exchange() {
     key_exchange(&other, CLOCK_V4, &pki.ca_der).unwrap();
 
     let idle = idle_connections(&hog, CLOCK_V4, IDLE).unwrap();
-    // A generous wait, but shorter than two of the old 10 s slots: with 64 slots for the
-    // whole server the other guest's connection would queue behind 86 idle ones.
+    // A generous wait, yet shorter than what a server-wide pool of 64 slots held 10 s each
+    // would make the other guest wait behind 86 queued idle connections (20 s).
     let session = key_exchange_within(&other, CLOCK_V4, &pki.ca_der, Duration::from_secs(15))
         .expect("the other guest's key exchange while one guest holds idle connections");
     assert_eq!(session.cookies.len(), 8);
