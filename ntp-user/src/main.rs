@@ -158,7 +158,9 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
             local_fleet: local_fleet.clone(),
             validate,
             cell: Default::default(),
-            nts_keys: v.nts.as_ref().map(|n| (n.key_file.clone(), n.key_rotation)),
+            nts_keys: v.nts.as_ref().map(|n| {
+                ntp_user::fleet::agent::NtsKeySync::new(n.key_file.clone(), n.key_rotation)
+            }),
             running: std::sync::Mutex::new(running),
             live: None,
             started_unix: ntp_user::host::hostclock::unix_now_s(),

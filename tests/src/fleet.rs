@@ -321,7 +321,8 @@ impl Fleet {
     }
 
     /// With `cluster_extra` added to the cluster's part (e.g. an `[nts]` section: each host's
-    /// override then names its own NTS key file).
+    /// override then names its own NTS key file, and every host's `[fleet]` the one seal key
+    /// file, [`Fleet::nts_seal_key`]).
     pub fn start_with(cluster_extra: &str) -> Result<Fleet> {
         static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -336,6 +337,18 @@ impl Fleet {
         let dir = std::env::temp_dir().join(unique_name("ntpxdp-fleet"));
         std::fs::create_dir_all(&dir)?;
         let cluster = cluster_config(&guest_bridge, &vrrp_bridge, -24) + cluster_extra;
+        let nts = cluster_extra.contains("[nts]");
+        let seal_key = Fleet::nts_seal_key_in(&dir);
+        if nts {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&seal_key)?
+                .write_all(&rand::random::<[u8; 32]>())?;
+        }
         let mut hosts = Vec::new();
         for (i, name) in HOSTS.iter().enumerate() {
             let netns = unique_name("ntv");
@@ -356,7 +369,7 @@ impl Fleet {
                 unique_name("nr"),
                 2 + i,
             );
-            let override_text = if cluster_extra.contains("[nts]") {
+            let override_text = if nts {
                 format!(
                     "{override_text}\n[nts]\nkey_file = \"{}\"\n",
                     dir.join(name).join("nts-keys.json").display()
@@ -364,9 +377,15 @@ impl Fleet {
             } else {
                 override_text
             };
-            let fleet: toml::Table = etcd
+            let mut fleet: toml::Table = etcd
                 .fleet_section(name, &dir.join(name))
                 .parse::<toml::Table>()?;
+            if nts {
+                fleet["fleet"].as_table_mut().expect("a table").insert(
+                    "nts_seal_key_file".into(),
+                    seal_key.display().to_string().into(),
+                );
+            }
             let local = ntp_user::fleet::effective_config(
                 &cluster,
                 Some(&override_text),
@@ -397,6 +416,15 @@ impl Fleet {
             fleet.start_daemon(i)?;
         }
         Ok(fleet)
+    }
+
+    /// The seal key file every host shares (with `[nts]`).
+    pub fn nts_seal_key(&self) -> PathBuf {
+        Fleet::nts_seal_key_in(&self.dir)
+    }
+
+    fn nts_seal_key_in(dir: &Path) -> PathBuf {
+        dir.join("nts-seal.key")
     }
 
     fn in_home(&self, cmd: Command) -> Command {

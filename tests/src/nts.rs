@@ -89,6 +89,16 @@ fn within<T: Send + 'static>(
 /// A key exchange with `addr`:4460 from `ns`, trusting `ca` and checking the certificate
 /// against `addr`.
 pub fn key_exchange(ns: &Netns, addr: &str, ca: &CertificateDer<'static>) -> Result<NtsSession> {
+    key_exchange_within(ns, addr, ca, Duration::from_secs(5))
+}
+
+/// [`key_exchange`], giving up when the server is silent for `wait`.
+pub fn key_exchange_within(
+    ns: &Netns,
+    addr: &str,
+    ca: &CertificateDer<'static>,
+    wait: Duration,
+) -> Result<NtsSession> {
     let (addr, ca) = (addr.to_string(), ca.clone());
     within(ns, move || {
         let mut roots = rustls::RootCertStore::empty();
@@ -114,7 +124,7 @@ pub fn key_exchange(ns: &Netns, addr: &str, ca: &CertificateDer<'static>) -> Res
                 Err(e) => return Err(e).with_context(|| format!("connecting to {addr}:4460")),
             }
         };
-        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        tcp.set_read_timeout(Some(wait))?;
         let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
         tls.write_all(&ke::client_request())?;
         let mut out = Vec::new();
@@ -206,4 +216,37 @@ pub fn nts_request(
             .ok()
             .map(|n| (buf[..n].to_vec(), unique_id)))
     })
+}
+
+/// `n` TCP connections from `ns` to `addr`:4460 that never send a byte (a guest holding the
+/// key exchange's slots). None: the server reset it before `connect` returned.
+pub fn idle_connections(ns: &Netns, addr: &str, n: usize) -> Result<Vec<Option<TcpStream>>> {
+    let to = SocketAddr::new(addr.parse()?, 4460);
+    within(ns, move || {
+        (0..n)
+            .map(
+                |i| match TcpStream::connect_timeout(&to, Duration::from_secs(3)) {
+                    Ok(s) => {
+                        s.set_nonblocking(true)?;
+                        Ok(Some(s))
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(None),
+                    Err(e) => Err(e).with_context(|| format!("idle connection {i} to {to}")),
+                },
+            )
+            .collect()
+    })
+}
+
+/// Whether the server closed or reset `conn` (non-blocking: an open, silent one would block).
+pub fn closed_by_server(conn: &Option<TcpStream>) -> bool {
+    let Some(conn) = conn else {
+        return true;
+    };
+    let mut byte = [0u8; 1];
+    match (&*conn).read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
 }

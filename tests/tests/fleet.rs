@@ -333,13 +333,50 @@ fn nts_cookies_work_on_whichever_host_holds_the_addresses() {
         let ids = key_ids(f);
         !ids[0].is_empty() && ids.iter().all(|i| *i == ids[0])
     };
-    // The three hosts made their own keys at start; through the store they agree, and keep
-    // agreeing across rotations.
+    // The three hosts made their own keys at start; through the store, sealed under the seal
+    // key they share, they agree, and keep agreeing across rotations.
     assert!(
         Fleet::wait_until(Duration::from_secs(20), || same(&f)),
         "{:?}",
         key_ids(&f)
     );
+    // What etcd holds says nothing of the keys: not their bytes, in any spelling.
+    let out = f.etcd.etcdctl(
+        &f.home,
+        true,
+        &["get", "/ntp-xdp/az-test/nts_keys", "--print-value-only"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let stored = out.stdout;
+    let text = String::from_utf8_lossy(&stored);
+    assert!(text.contains("sealed"), "{text}");
+    assert!(!text.contains("created_unix"), "keys in clear: {text}");
+    let mut seen = 0;
+    for h in &f.hosts {
+        let file = f.dir.join(h.name).join("nts-keys.json");
+        let local: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        for k in local["keys"].as_array().unwrap() {
+            let bytes: Vec<u8> = serde_json::from_value(k["key"].clone()).unwrap();
+            assert_eq!(bytes.len(), 32);
+            let json = serde_json::to_string(&bytes).unwrap();
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            assert!(
+                !stored.windows(32).any(|w| w == bytes.as_slice()),
+                "raw key bytes in etcd"
+            );
+            assert!(
+                !text.contains(&json[1..json.len() - 1]),
+                "a key's JSON in etcd: {text}"
+            );
+            assert!(
+                !text.to_ascii_lowercase().contains(&hex),
+                "a key in hex in etcd"
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 3, "the hosts' key files hold their keys");
     let first = key_ids(&f)[0].clone();
     assert!(
         Fleet::wait_until(Duration::from_secs(20), || {

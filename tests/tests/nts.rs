@@ -1,10 +1,13 @@
 //! Network Time Security end to end: a VIP host with `[nts]`, a test CA, chronyd as an NTS
 //! client in a guest namespace, and a minimal client of our own for what chrony never sends
-//! (tampered requests, old cookies after a restart and key rotations).
+//! (tampered requests, old cookies after a restart and key rotations, idle connections).
 
 use std::time::Duration;
 
-use integration_tests::nts::{key_exchange, nts_request, Tamper, TestPki};
+use integration_tests::nts::{
+    closed_by_server, idle_connections, key_exchange, key_exchange_within, nts_request, Tamper,
+    TestPki,
+};
 use integration_tests::topology::Netns;
 use integration_tests::vip::{VipHost, VipOptions};
 use integration_tests::{run, unique_name, CLOCK_V4};
@@ -246,6 +249,65 @@ fn key_exchanges_pass_the_access_list_as_requests_do() {
     )
     .unwrap();
     assert!(got.is_some());
+}
+
+/// One guest opens far more key-exchange connections than its share, and more than a
+/// server-wide pool of 64 slots would hold, and holds them without sending a byte; another guest's key exchange
+/// still goes through. The server takes the first guest's share, cuts those at the request
+/// deadline, and closes the rest at once, each counted.
+#[test]
+fn idle_connections_from_one_guest_do_not_stop_another_guests_key_exchange() {
+    const IDLE: usize = 150;
+    let pki = TestPki::new(&[CLOCK_V4]).unwrap();
+    // No rate limit (as for guests behind NAT): the per-source cap alone must protect.
+    let vip = vip_with_nts(85, &pki, "1d", "[limits]\nenable = false\n");
+    let (hog, other) = (vip.add_guest().unwrap(), vip.add_guest().unwrap());
+    vip.configure_guest_statically(&hog, 50).unwrap();
+    vip.configure_guest_statically(&other, 51).unwrap();
+    // The key exchange is up.
+    key_exchange(&other, CLOCK_V4, &pki.ca_der).unwrap();
+
+    let idle = idle_connections(&hog, CLOCK_V4, IDLE).unwrap();
+    // A generous wait, yet shorter than what a server-wide pool of 64 slots held 10 s each
+    // would make the other guest wait behind 86 queued idle connections (20 s).
+    let session = key_exchange_within(&other, CLOCK_V4, &pki.ca_der, Duration::from_secs(15))
+        .expect("the other guest's key exchange while one guest holds idle connections");
+    assert_eq!(session.cookies.len(), 8);
+
+    // Every idle connection is closed by the server: the share at its deadline, the rest
+    // at once.
+    let counted = || {
+        let n = nts(&vip);
+        Ok(n.key_exchanges_over_source_limit + n.key_exchange_deadlines == IDLE as u64)
+    };
+    assert!(
+        VipHost::wait_until(Duration::from_secs(60), counted).unwrap(),
+        "{:?}",
+        nts(&vip)
+    );
+    let n = nts(&vip);
+    assert!(n.key_exchanges_over_source_limit >= 1, "{n:?}");
+    assert!(n.key_exchange_deadlines >= 1, "{n:?}");
+    assert_eq!(n.key_exchanges, 2, "{n:?}");
+    assert!(
+        VipHost::wait_until(Duration::from_secs(30), || Ok(idle
+            .iter()
+            .all(closed_by_server)))
+        .unwrap(),
+        "{} idle connections still open",
+        idle.iter().filter(|c| !closed_by_server(c)).count()
+    );
+    let metrics = integration_tests::clients::http_get(
+        &vip.home,
+        "127.0.0.1:9273".parse().unwrap(),
+        "/metrics",
+    )
+    .unwrap();
+    let line = format!(
+        "ntpxdp_nts_key_exchanges_total{{outcome=\"source_limit\"}} {}",
+        n.key_exchanges_over_source_limit
+    );
+    assert!(metrics.contains(&line), "{metrics}");
 }
 
 /// `ntp-ctl force-sync` of ntpd-rs (from `cargo xtask setup`) with one NTS source, in a pty

@@ -268,6 +268,126 @@ addresses = ["169.254.169.123"]
     }
 
     #[test]
+    fn nts_keys_go_through_a_fleet_only_over_tls_and_sealed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("ntsfleet-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["169.254.169.123".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (chain, keyfile, ca) = (dir.join("c.pem"), dir.join("k.pem"), dir.join("ca.pem"));
+        std::fs::write(&chain, cert.pem()).unwrap();
+        std::fs::write(&keyfile, key.serialize_pem()).unwrap();
+        std::fs::write(&ca, cert.pem()).unwrap();
+        let seal = dir.join("nts-seal.key");
+        std::fs::write(&seal, [9u8; 32]).unwrap();
+        std::fs::set_permissions(&seal, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let nts = format!(
+            "[nts]\ncertificate_chain = \"{}\"\nprivate_key = \"{}\"\n",
+            chain.display(),
+            keyfile.display()
+        );
+        let tls_fleet = |extra: &str| {
+            format!(
+                "[fleet]\nendpoints = [\"https://169.254.200.1:2379\"]\ncluster = \"az1\"\n\
+                 host = \"a\"\nca = \"{}\"\nstate_dir = \"{}\"\n{extra}",
+                ca.display(),
+                dir.display()
+            )
+        };
+        let plain_fleet = |extra: &str| {
+            format!(
+                "[fleet]\nendpoints = [\"http://169.254.200.1:2379\"]\ncluster = \"az1\"\n\
+                 host = \"a\"\nstate_dir = \"{}\"\n{extra}",
+                dir.display()
+            )
+        };
+        // TLS and the seal key (by default in state_dir): accepted; the fleet rotates.
+        let v = parse(
+            &format!("{MINIMAL}{nts}{}", tls_fleet("")),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert!(!v.nts.unwrap().rotate_locally);
+        assert_eq!(v.fleet.unwrap().nts_seal_key_file, seal);
+        // No TLS: NTS is refused, and so are credentials; a fleet alone without TLS is not.
+        let e = err(&format!("{MINIMAL}{nts}{}", plain_fleet("")));
+        assert!(
+            e.contains("/etc/ntp-xdp.toml") && e.contains("fleet.ca") && e.contains("[nts]"),
+            "{e}"
+        );
+        assert!(parse_portable(
+            &format!("{MINIMAL}{nts}{}", plain_fleet("")),
+            Path::new("x.toml")
+        )
+        .is_err());
+        assert!(parse(
+            &format!("{MINIMAL}{}", plain_fleet("")),
+            Path::new("x.toml")
+        )
+        .is_ok());
+        let pw = dir.join("password");
+        std::fs::write(&pw, "secret\n").unwrap();
+        let e = err(&format!(
+            "{MINIMAL}{}",
+            plain_fleet(&format!(
+                "user = \"ntp\"\npassword_file = \"{}\"\n",
+                pw.display()
+            ))
+        ));
+        assert!(
+            e.contains("fleet.password_file") && e.contains("in clear"),
+            "{e}"
+        );
+        let e = err(&format!("{MINIMAL}{}", plain_fleet("user = \"ntp\"\n")));
+        assert!(e.contains("fleet.user") && e.contains("TLS"), "{e}");
+        assert!(parse(
+            &format!(
+                "{MINIMAL}{}",
+                tls_fleet(&format!(
+                    "user = \"ntp\"\npassword_file = \"{}\"\n",
+                    pw.display()
+                ))
+            ),
+            Path::new("x.toml")
+        )
+        .is_ok());
+        // The seal key: missing, readable by others, the wrong size.
+        let elsewhere = dir.join("other.key");
+        let with_seal = format!(
+            "{MINIMAL}{nts}{}",
+            tls_fleet(&format!(
+                "nts_seal_key_file = \"{}\"\n",
+                elsewhere.display()
+            ))
+        );
+        let e = err(&with_seal);
+        assert!(
+            e.contains("fleet.nts_seal_key_file") && e.contains("other.key"),
+            "{e}"
+        );
+        // On an operator's machine it need not exist.
+        assert!(parse_portable(&with_seal, Path::new("x.toml")).is_ok());
+        std::fs::write(&elsewhere, [1u8; 32]).unwrap();
+        std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = err(&with_seal);
+        assert!(
+            e.contains("fleet.nts_seal_key_file") && e.contains("chmod 600"),
+            "{e}"
+        );
+        std::fs::write(&elsewhere, [1u8; 16]).unwrap();
+        std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = err(&with_seal);
+        assert!(
+            e.contains("fleet.nts_seal_key_file") && e.contains("16 bytes"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn errors_name_file_field_and_reason() {
         let e = err(&format!("{MINIMAL}[clock]\nmax_holdover = \"forever\"\n"));
         assert!(

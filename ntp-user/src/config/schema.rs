@@ -61,6 +61,9 @@ pub struct FleetSection {
     pub lease_ttl: String,
     /// The applied configuration and the agent's state. Default: /var/lib/ntp-xdp/fleet.
     pub state_dir: Option<PathBuf>,
+    /// With `[nts]`: 32 bytes (mode 0600) that seal the NTS cookie keys in etcd; the same
+    /// file on every host of the cluster. Default: `state_dir`/nts-seal.key.
+    pub nts_seal_key_file: Option<PathBuf>,
 }
 
 fn default_lease_ttl() -> String {

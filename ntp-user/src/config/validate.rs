@@ -200,7 +200,7 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
             n,
             &cfg.service,
             vip.as_ref(),
-            cfg.fleet.is_none(),
+            fleet.as_ref(),
             host_files,
             origin,
         )?),
@@ -243,7 +243,8 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
     })
 }
 
-/// The `[fleet]` section: endpoints that are URLs, names usable in keys, TLS files together.
+/// The `[fleet]` section: endpoints that are URLs, names usable in keys, TLS files together,
+/// credentials only over TLS.
 pub fn validate_fleet(f: &FleetSection, origin: &Path) -> Result<crate::fleet::FleetSpec> {
     let bad =
         |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
@@ -316,10 +317,26 @@ pub fn validate_fleet(f: &FleetSection, origin: &Path) -> Result<crate::fleet::F
     if f.password_file.is_some() && f.user.is_none() {
         return Err(bad("fleet.password_file", "needs fleet.user".into()));
     }
+    if !tls && (f.user.is_some() || f.password_file.is_some()) {
+        let field = match f.password_file {
+            Some(_) => "fleet.password_file",
+            None => "fleet.user",
+        };
+        return Err(bad(
+            field,
+            "etcd credentials (and the token etcd gives for them) would travel in clear: \
+             needs TLS (fleet.ca, https:// endpoints)"
+                .into(),
+        ));
+    }
     let lease_ttl = duration(origin, "fleet.lease_ttl", &f.lease_ttl)?;
     if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(300) {
         return Err(bad("fleet.lease_ttl", "must be between 2s and 5m".into()));
     }
+    let state_dir = f
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| "/var/lib/ntp-xdp/fleet".into());
     Ok(crate::fleet::FleetSpec {
         endpoints: f.endpoints.clone(),
         cluster: f.cluster.clone(),
@@ -330,10 +347,11 @@ pub fn validate_fleet(f: &FleetSection, origin: &Path) -> Result<crate::fleet::F
         user: f.user.clone(),
         password_file: f.password_file.clone(),
         lease_ttl,
-        state_dir: f
-            .state_dir
+        nts_seal_key_file: f
+            .nts_seal_key_file
             .clone()
-            .unwrap_or_else(|| "/var/lib/ntp-xdp/fleet".into()),
+            .unwrap_or_else(|| state_dir.join("nts-seal.key")),
+        state_dir,
     })
 }
 
@@ -375,12 +393,13 @@ pub fn host_preflight(v: &Validated) -> Result<()> {
 }
 
 /// The `[nts]` section: the certificate and key load and go together, the addresses are
-/// served ones, the rotation is sane.
+/// served ones, the rotation is sane. In a fleet, whose store holds the cookie keys: the
+/// store is reached over TLS and the seal key is there.
 pub fn validate_nts(
     n: &NtsSection,
     service: &ServiceSection,
     vip: Option<&crate::host::vip::VipSpec>,
-    rotate_locally: bool,
+    fleet: Option<&crate::fleet::FleetSpec>,
     host_files: bool,
     origin: &Path,
 ) -> Result<crate::nts::server::NtsSpec> {
@@ -389,6 +408,20 @@ pub fn validate_nts(
     if host_files {
         crate::nts::server::tls_config(&n.certificate_chain, &n.private_key)
             .map_err(|e| bad("nts.certificate_chain", format!("{e:#}")))?;
+    }
+    if let Some(f) = fleet {
+        if !f.tls() {
+            return Err(bad(
+                "fleet.ca",
+                "[nts] shares its cookie keys through etcd: the fleet needs TLS (fleet.ca, \
+                 https:// endpoints) so that no one on the path sees them"
+                    .into(),
+            ));
+        }
+        if host_files {
+            crate::fleet::local::read_seal_key(&f.nts_seal_key_file)
+                .map_err(|e| bad("fleet.nts_seal_key_file", format!("{e:#}")))?;
+        }
     }
     let served = match vip {
         Some(v) => v.served_addresses(),
@@ -451,7 +484,7 @@ pub fn validate_nts(
         port: n.port,
         key_file,
         key_rotation,
-        rotate_locally,
+        rotate_locally: fleet.is_none(),
         ntp_server_v4: pick(true)?,
         ntp_server_v6: pick(false)?,
     })

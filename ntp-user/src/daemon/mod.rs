@@ -155,9 +155,9 @@ pub fn down(spec: &crate::host::vip::VipSpec) -> Result<Vec<String>> {
     runtime()?.block_on(managed::down(spec))
 }
 
-/// The daemon's one runtime (everything, set-up included, runs on it). Current-thread: the
-/// clock task, the userspace path and the control tasks are light; map walks and other
-/// blocking calls go to `spawn_blocking`.
+/// The daemon's one runtime (everything, set-up included, runs on it, but the NTS key
+/// exchange: TLS has a thread of its own). Current-thread: the clock task, the userspace path
+/// and the control tasks are light; map walks and other blocking calls go to `spawn_blocking`.
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -218,7 +218,8 @@ pub(crate) async fn serve_responder(
         ));
         let nts_state = nts.as_ref().map(|n| n.state.clone());
         let live_admission = admission.clone();
-        let _key_exchange = nts.map(|n| AbortOnDrop(tokio::spawn(n.serve(admission.clone()))));
+        // Its own thread: TLS handshakes never hold up the clock task or the userspace path.
+        let _key_exchange = nts.map(|n| n.start(admission.clone())).transpose()?;
         let _userspace = AbortOnDrop(tokio::spawn(userspace_path(
             user_sockets,
             responder.subscribe(),
@@ -297,7 +298,8 @@ fn start_nts(spec: &crate::nts::server::NtsSpec, sockets: &UserSockets) -> Resul
 }
 
 impl NtsRuntime {
-    async fn serve(self, admission: SharedAdmission) {
+    /// Starts the key exchange on its thread; it stops when the handle is dropped.
+    fn start(self, admission: SharedAdmission) -> Result<crate::nts::server::KeyExchangeThread> {
         let admit: crate::nts::server::Admit = Arc::new(move |ip| {
             let now = crate::host::hostclock::monotonic_now_ns().unwrap_or(0);
             let decision = admission
@@ -306,19 +308,16 @@ impl NtsRuntime {
                 .admit(ip, now);
             decision == crate::responder::userspace::Admitted::Answer
         });
-        if let Err(e) = crate::nts::server::serve(
-            self.spec,
-            self.netns,
-            self.listeners,
-            self.plumbing,
-            self.tls,
-            self.state,
+        crate::nts::server::KeyExchange {
+            spec: self.spec,
+            netns_name: self.netns,
+            listeners: self.listeners,
+            plumbing: self.plumbing,
+            tls: self.tls,
+            state: self.state,
             admit,
-        )
-        .await
-        {
-            tracing::error!(error = %format!("{e:#}"), "the NTS key exchange stopped");
         }
+        .spawn()
     }
 }
 

@@ -30,9 +30,8 @@ pub struct Agent {
     pub validate: Validator,
     pub cell: FleetCell,
     pub started_unix: u64,
-    /// With NTS: the cookie key file and the rotation period; the agent rotates the keys in
-    /// the store and every host's file follows it.
-    pub nts_keys: Option<(std::path::PathBuf, Duration)>,
+    /// With NTS: the agent rotates the keys in the store and every host's file follows it.
+    pub nts_keys: Option<NtsKeySync>,
     /// The configuration running now (to tell what can change in place).
     pub running: std::sync::Mutex<String>,
     /// Applies a configuration's access list and rate limit in place (set by the daemon).
@@ -41,6 +40,38 @@ pub struct Agent {
 
 /// Applies the live-changeable part of a configuration text in place.
 pub type LiveApply = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// The NTS cookie keys kept in step with the store's.
+pub struct NtsKeySync {
+    /// The NTS server's key file, which it adopts.
+    pub file: std::path::PathBuf,
+    pub rotation: Duration,
+    /// What was last wrong with the store's keys, logged once until it changes.
+    problem: std::sync::Mutex<Option<String>>,
+}
+
+impl NtsKeySync {
+    pub fn new(file: std::path::PathBuf, rotation: Duration) -> NtsKeySync {
+        NtsKeySync {
+            file,
+            rotation,
+            problem: Default::default(),
+        }
+    }
+
+    /// Logs `problem` if it is new; None: all is well again.
+    fn report(&self, problem: Option<String>) {
+        let mut last = self.problem.lock().unwrap_or_else(|e| e.into_inner());
+        if *last != problem {
+            match &problem {
+                Some(p) => warn!(problem = %p, "fleet: the NTS cookie keys are not shared"),
+                None if last.is_some() => info!("fleet: the NTS cookie keys are shared again"),
+                None => {}
+            }
+            *last = problem;
+        }
+    }
+}
 
 impl Agent {
     /// Runs until the daemon stops (or restarts itself).
@@ -399,52 +430,80 @@ impl Agent {
         }
     }
 
-    /// Keeps this host's NTS cookie keys the cluster's: the store holds them; whichever
-    /// agent first finds them due rotates them there (compare-and-swap, so there is one new
-    /// key, never two under one id); every host's key file follows the store, and its NTS
-    /// server adopts the file. The first host to publish seeds the store.
+    /// Keeps this host's NTS cookie keys the cluster's: the store holds them, sealed under
+    /// the seal key every host has ([`crate::nts::cookie::SealKey`]: whoever reads the store
+    /// learns nothing of them). Whichever agent first finds them due rotates them there
+    /// (compare-and-swap, so there is one new key, never two under one id); every host's key
+    /// file follows the store, and its NTS server adopts the file. The first host to publish
+    /// seeds the store, and a value that is not sealed is replaced; a sealed one that does not
+    /// open here (another seal key) is left alone and said so: this host keeps its keys.
     async fn sync_nts_keys(&self, client: &mut Client, keys: &Keys) -> Result<()> {
-        use crate::nts::cookie::CookieKeys;
+        use crate::nts::cookie::{CookieKeys, StoredKeysError};
         use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-        let Some((file, rotation)) = &self.nts_keys else {
+        let Some(sync) = &self.nts_keys else {
             return Ok(());
         };
-        let parse = |t: &str| {
-            serde_json::from_str::<CookieKeys>(t)
-                .ok()
-                .filter(|k| k.check().is_ok())
+        let seal = match super::local::read_seal_key(&self.spec.nts_seal_key_file) {
+            Ok(k) => k,
+            Err(e) => {
+                sync.report(Some(format!("{e:#}")));
+                return Ok(());
+            }
         };
-        let local = std::fs::read_to_string(file).ok().and_then(|t| parse(&t));
+        let local = std::fs::read_to_string(&sync.file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<CookieKeys>(&t).ok())
+            .filter(|k| k.check().is_ok());
         let key = keys.nts_keys();
         let stored = store::get(client, &key).await?;
-        let (mut cluster, guard) = match (stored.as_ref().and_then(|(t, _)| parse(t)), &stored) {
-            (Some(s), Some((_, rev))) => (
+        let opened = stored
+            .as_ref()
+            .map(|(t, rev)| (CookieKeys::open_from_store(t, &seal, &key), *rev));
+        let (mut cluster, guard, adopted) = match opened {
+            Some((Ok(s), rev)) => (
                 s,
-                Compare::mod_revision(key.clone(), CompareOp::Equal, *rev),
+                Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+                true,
             ),
-            _ => match local {
+            Some((Err(e @ StoredKeysError::DoesNotOpen), _)) => {
+                sync.report(Some(format!("{key}: {e}")));
+                return Ok(());
+            }
+            Some((Err(e), rev)) => match local {
+                Some(ref l) => {
+                    info!(key = %key, reason = %e, "fleet: replacing the store's NTS cookie keys with this host's, sealed");
+                    (
+                        l.clone(),
+                        Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+                        false,
+                    )
+                }
+                None => return Ok(()),
+            },
+            None => match local {
                 Some(ref l) => (
                     l.clone(),
                     Compare::version(key.clone(), CompareOp::Equal, 0),
+                    false,
                 ),
                 None => return Ok(()),
             },
         };
         let now = crate::host::hostclock::unix_now_s();
-        let rotated = cluster.rotate_if_due(now, rotation.as_secs().max(1), rand::random());
-        if rotated || stored.is_none() {
-            let txn = Txn::new().when([guard]).and_then([TxnOp::put(
-                key.clone(),
-                serde_json::to_vec(&cluster)?,
-                None,
-            )]);
+        let rotated = cluster.rotate_if_due(now, sync.rotation.as_secs().max(1), rand::random());
+        if rotated || !adopted {
+            let sealed = cluster.seal_for_store(&seal, &key, rand::random());
+            let txn = Txn::new()
+                .when([guard])
+                .and_then([TxnOp::put(key.clone(), sealed, None)]);
             if !client.txn(txn).await?.succeeded() {
                 return Ok(()); // another host was first: its keys are adopted next time
             }
-            info!(ids = ?cluster.ids(), rotated, "fleet: NTS cookie keys written to the store");
+            info!(ids = ?cluster.ids(), rotated, "fleet: NTS cookie keys written to the store, sealed");
         }
+        sync.report(None);
         if local.as_ref() != Some(&cluster) {
-            crate::nts::server::write_keys(file, &cluster)?;
+            crate::nts::server::write_keys(&sync.file, &cluster)?;
             info!(ids = ?cluster.ids(), "fleet: NTS cookie keys from the store");
         }
         Ok(())

@@ -15,7 +15,7 @@
 //! | `hosts/<h>/command` | [`HostCommand`]: `{"id", "command": "restart"}` | `fleet restart` |
 //! | `hosts/<h>/command_state` | [`CommandState`] | the agent |
 //! | `restart_slot` | the host restarting now, under its lease: one at a time | agents (txn) |
-//! | `nts_keys` | the NTS cookie keys (JSON), newest rotation wins | agents (compare-and-swap) |
+//! | `nts_keys` | the NTS cookie keys, sealed under the cluster's seal key ([`crate::nts::cookie::SealKey`]), newest rotation wins | agents (compare-and-swap) |
 //!
 //! Sans IO here: the key names, the values, the TOML merge, the rollout order and the fleet's
 //! alarms; [`store`] connects, [`local`] keeps the host's own files, [`agent`] and [`ops`] do
@@ -46,6 +46,15 @@ pub struct FleetSpec {
     pub lease_ttl: Duration,
     /// Where the applied configuration and the agent's state are kept.
     pub state_dir: PathBuf,
+    /// The key that seals the NTS cookie keys in the store (with `[nts]`).
+    pub nts_seal_key_file: PathBuf,
+}
+
+impl FleetSpec {
+    /// Whether the store is reached over TLS (what travels to it is private).
+    pub fn tls(&self) -> bool {
+        self.ca.is_some() || self.certificate.is_some()
+    }
 }
 
 /// The key names of one cluster.

@@ -33,7 +33,7 @@ async fn connect_one(spec: &FleetSpec, endpoint: &str) -> Result<Client> {
         .with_connect_timeout(REQUEST_TIMEOUT)
         .with_timeout(REQUEST_TIMEOUT)
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-    if spec.ca.is_some() || spec.certificate.is_some() {
+    if spec.tls() {
         let mut tls = TlsOptions::new();
         if let Some(ca) = &spec.ca {
             let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;

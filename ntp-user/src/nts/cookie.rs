@@ -139,6 +139,90 @@ impl CookieKeys {
     }
 }
 
+/// The key that seals the cookie keys in the fleet's store: 32 bytes every host of a
+/// cluster has in a file and the store never sees.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealKey([u8; 32]);
+
+impl SealKey {
+    pub fn new(bytes: [u8; 32]) -> SealKey {
+        SealKey(bytes)
+    }
+}
+
+impl std::fmt::Debug for SealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealKey(..)")
+    }
+}
+
+/// The cookie keys as the fleet's store holds them: AES-SIV under the [`SealKey`], bound to
+/// the store key they are kept under (so a value copied from another cluster does not open).
+/// Whoever reads the store learns nothing of the keys; whoever writes it can replace the
+/// value, and hosts then refuse what does not open and keep their keys.
+#[derive(Serialize, Deserialize)]
+struct SealedKeys {
+    nonce: Vec<u8>,
+    sealed: Vec<u8>,
+}
+
+/// Why a stored value gave no keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredKeysError {
+    /// Not a sealed value (keys in clear, or anything else): replaceable.
+    NotSealed,
+    /// Sealed, but not by this seal key for this store key (another seal key, another
+    /// cluster's value, or altered): left alone.
+    DoesNotOpen,
+    /// It opened, but the keys inside are not usable.
+    Invalid(String),
+}
+
+impl std::fmt::Display for StoredKeysError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoredKeysError::NotSealed => f.write_str("not sealed keys"),
+            StoredKeysError::DoesNotOpen => f.write_str(
+                "sealed keys that do not open with this host's seal key (is \
+                 fleet.nts_seal_key_file the same on every host?)",
+            ),
+            StoredKeysError::Invalid(why) => write!(f, "sealed keys that are not usable: {why}"),
+        }
+    }
+}
+
+impl CookieKeys {
+    /// The keys sealed for the store, where they are kept under `store_key`.
+    pub fn seal_for_store(&self, seal: &SealKey, store_key: &str, nonce: [u8; 16]) -> String {
+        let plain = serde_json::to_vec(self).expect("keys serialize");
+        let sealed = siv(&seal.0)
+            .encrypt([store_key.as_bytes(), &nonce[..]], &plain)
+            .expect("AES-SIV seals any length");
+        serde_json::to_string(&SealedKeys {
+            nonce: nonce.to_vec(),
+            sealed,
+        })
+        .expect("bytes serialize")
+    }
+
+    /// The keys in a value read from the store under `store_key`.
+    pub fn open_from_store(
+        text: &str,
+        seal: &SealKey,
+        store_key: &str,
+    ) -> Result<CookieKeys, StoredKeysError> {
+        let value: SealedKeys =
+            serde_json::from_str(text).map_err(|_| StoredKeysError::NotSealed)?;
+        let plain = siv(&seal.0)
+            .decrypt([store_key.as_bytes(), &value.nonce[..]], &value.sealed)
+            .map_err(|_| StoredKeysError::DoesNotOpen)?;
+        let keys: CookieKeys =
+            serde_json::from_slice(&plain).map_err(|e| StoredKeysError::Invalid(e.to_string()))?;
+        keys.check().map_err(StoredKeysError::Invalid)?;
+        Ok(keys)
+    }
+}
+
 pub(super) fn siv(key: &[u8]) -> Aes128Siv {
     Aes128Siv::new_from_slice(key).expect("a 32-byte key")
 }
@@ -187,6 +271,52 @@ mod tests {
         assert_eq!(keys.ids().len(), KEYS_KEPT);
         // A clock set back rotates rather than keep one key for ever.
         assert!(keys.rotate_if_due(10, 60, [5; 32]));
+    }
+
+    #[test]
+    fn sealed_keys_open_only_with_their_seal_key_under_their_store_key() {
+        let mut keys = CookieKeys::new([0xa5; 32], 1, 1000);
+        keys.rotate_if_due(2000, 60, [0x5a; 32]);
+        let seal = SealKey::new([7; 32]);
+        let at = "/ntp-xdp/az1/nts_keys";
+        let text = keys.seal_for_store(&seal, at, [1; 16]);
+        assert_eq!(
+            CookieKeys::open_from_store(&text, &seal, at),
+            Ok(keys.clone())
+        );
+        // Nothing of the keys is readable in it: not the bytes, not their JSON.
+        let clear = serde_json::to_string(&keys).unwrap();
+        for k in &keys.keys {
+            let json = serde_json::to_string(&k.key).unwrap();
+            assert!(!text.contains(&json[1..json.len() - 1]), "{text}");
+            assert!(!text.as_bytes().windows(32).any(|w| w == k.key.as_slice()));
+        }
+        assert!(!text.contains("created_unix") && text != clear, "{text}");
+        // Another seal key, another cluster's store key, an altered value: nothing.
+        let other = SealKey::new([8; 32]);
+        assert_eq!(
+            CookieKeys::open_from_store(&text, &other, at),
+            Err(StoredKeysError::DoesNotOpen)
+        );
+        assert_eq!(
+            CookieKeys::open_from_store(&text, &seal, "/ntp-xdp/az2/nts_keys"),
+            Err(StoredKeysError::DoesNotOpen)
+        );
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["sealed"][20] = (v["sealed"][20].as_u64().unwrap() ^ 1).into();
+        assert_eq!(
+            CookieKeys::open_from_store(&v.to_string(), &seal, at),
+            Err(StoredKeysError::DoesNotOpen)
+        );
+        // Keys in clear are not taken from the store.
+        assert_eq!(
+            CookieKeys::open_from_store(&clear, &seal, at),
+            Err(StoredKeysError::NotSealed)
+        );
+        // Two seals of the same keys differ (fresh nonce), both open.
+        let again = keys.seal_for_store(&seal, at, [2; 16]);
+        assert_ne!(again, text);
+        assert_eq!(CookieKeys::open_from_store(&again, &seal, at), Ok(keys));
     }
 
     #[test]

@@ -5,11 +5,14 @@
 //! - [`ke`]: the key exchange's records, sans IO.
 //! - [`cookie`]: cookies sealed under server keys that rotate, sans IO.
 //! - [`packet`]: NTS extension fields in NTP packets: parse, verify, protect, NAK; sans IO.
-//! - [`server`]: the TLS listener, the key file and its rotation, the userspace path's hook.
+//! - [`slots`]: key exchanges in progress, capped per source, sans IO.
+//! - [`server`]: the TLS listener on its own thread, the key file and its rotation, the
+//!   userspace path's hook.
 pub mod cookie;
 pub mod ke;
 pub mod packet;
 pub mod server;
+pub mod slots;
 
 /// NTS next protocol: NTPv4 (RFC 8915 §7.7).
 pub const NEXT_PROTOCOL_NTPV4: u16 = 0;

@@ -1,5 +1,6 @@
-//! The IO around the NTS core: the key exchange over TLS 1.3 (tokio-rustls), the cookie keys'
-//! file and its rotation, and [`NtsState::respond`] for the userspace path.
+//! The IO around the NTS core: the key exchange over TLS 1.3 (tokio-rustls) on a thread of
+//! its own, the cookie keys' file and its rotation, and [`NtsState::respond`] for the
+//! userspace path.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use tracing::{debug, info, warn};
 use super::cookie::{CookieKeys, SessionKeys};
 use super::ke::{self, Negotiated};
 use super::packet::{self, Parsed, Verdict};
+use super::slots::{ExchangeSlots, Refused, Slot, SlotLimits};
 use super::{ALPN, EXPORTER_LABEL};
 use crate::host::netns;
 
@@ -48,6 +50,13 @@ pub struct NtsCounters {
     pub key_exchange_failures: AtomicU64,
     /// Key exchange connections from sources the access list or rate limit refused.
     pub key_exchanges_refused: AtomicU64,
+    /// Connections closed at once because their address or IPv6 /64 had its share of
+    /// exchanges running ([`SlotLimits`]).
+    pub key_exchanges_over_source_limit: AtomicU64,
+    /// Connections closed at once because the server had its most exchanges running.
+    pub key_exchanges_busy: AtomicU64,
+    /// Exchanges cut off because the client did not finish its part in time.
+    pub key_exchange_deadlines: AtomicU64,
     pub requests_answered: AtomicU64,
     /// NAKs for cookies that are not (or no longer) ours.
     pub cookie_failures: AtomicU64,
@@ -259,131 +268,276 @@ pub fn bind_listeners(
 /// decides it.
 pub type Admit = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
 
-/// Connections handled at once; more wait in the listen queue.
-const MAX_CONCURRENT: usize = 64;
-/// A key exchange that takes longer is cut off (a slow client holds a slot).
-const KE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has for the TLS handshake and its request (up to End of Message), from
+/// the moment it is accepted. An honest client sends its ClientHello at once and its request
+/// right after the handshake: two round trips and a signature, milliseconds here. Three
+/// seconds leave room for a lost segment (TCP retransmits after 1 s) on a loaded host, while
+/// a connection that sends nothing holds its slot no longer than that.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(3);
+/// How long writing the response may take (it fits in a socket buffer: only a client that
+/// stopped reading takes long).
+pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(2);
 /// Cookies a key exchange hands out (RFC 8915 §4.1.6 suggests eight).
 const COOKIES_PER_KE: usize = 8;
 
-/// Serves the key exchange until the task is dropped; when `plumbing` moves on the
-/// listeners are bound again in the recreated namespace. Rotates the cookie keys as due.
-pub async fn serve(
-    spec: NtsSpec,
-    netns_name: Option<String>,
-    listeners: Vec<std::net::TcpListener>,
-    mut plumbing: watch::Receiver<u64>,
-    tls: Arc<rustls::ServerConfig>,
-    state: Arc<NtsState>,
-    admit: Admit,
-) -> Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
-    let spec = Arc::new(spec);
-    let mut listeners = Some(listeners);
-    let mut rotation = tokio::time::interval(
-        (spec.key_rotation / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)),
-    );
-    loop {
-        let ls = match listeners.take() {
-            Some(l) => l,
-            None => match bind_listeners(netns_name.as_deref(), &spec.listen, spec.port) {
-                Ok(l) => l,
-                Err(e) => {
-                    warn!(error = %format!("{e:#}"), "binding the NTS key exchange again failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            },
-        };
-        let mut tasks = tokio::task::JoinSet::new();
-        for l in ls {
-            let l = tokio::net::TcpListener::from_std(l).context("registering a listener")?;
-            info!(address = %l.local_addr()?, "NTS key exchange listening");
-            let (acceptor, slots, state, admit, spec) = (
-                acceptor.clone(),
-                slots.clone(),
-                state.clone(),
-                admit.clone(),
-                spec.clone(),
-            );
-            tasks.spawn(async move { accept_loop(l, acceptor, slots, state, admit, spec).await });
-        }
-        let rebind = loop {
-            tokio::select! {
-                Some(done) = tasks.join_next() => {
-                    done.context("an NTS-KE task failed")??;
-                }
-                _ = rotation.tick() => {
-                    let (state, spec) = (state.clone(), spec.clone());
-                    let refreshed = tokio::task::spawn_blocking(move || {
-                        state.refresh(
-                            &spec.key_file,
-                            spec.rotate_locally.then_some(spec.key_rotation),
-                        )
-                    })
-                    .await?;
-                    if let Err(e) = refreshed {
-                        warn!(error = %format!("{e:#}"), "NTS cookie keys: refresh failed; keeping the keys in memory");
+/// Everything the key exchange serves with.
+pub struct KeyExchange {
+    pub spec: NtsSpec,
+    /// The service namespace the listeners are bound in again when `plumbing` moves on.
+    pub netns_name: Option<String>,
+    pub listeners: Vec<std::net::TcpListener>,
+    pub plumbing: watch::Receiver<u64>,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub state: Arc<NtsState>,
+    pub admit: Admit,
+}
+
+/// The key exchange running on a thread of its own; stopped (and its sockets closed) when
+/// dropped.
+///
+/// Its own thread, with its own runtime, because of what TLS costs: each handshake is a
+/// signature and a key agreement, and a guest can start as many as it can open connections.
+/// The daemon's runtime has one thread for the clock task, the userspace path and the
+/// health answer keepalived waits on; handshakes there would delay each of them. Here the
+/// kernel's scheduler shares the CPUs between the two threads, and the time path never waits
+/// for a handshake.
+pub struct KeyExchangeThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KeyExchange {
+    /// Starts serving on the thread `nts-ke`.
+    pub fn spawn(self) -> Result<KeyExchangeThread> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("nts-ke".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the NTS key exchange's runtime did not start");
+                        return;
                     }
+                };
+                let outcome = rt.block_on(async {
+                    tokio::select! {
+                        r = self.serve() => Some(r),
+                        _ = stopped => None,
+                    }
+                });
+                if let Some(Err(e)) = outcome {
+                    tracing::error!(error = %format!("{e:#}"), "the NTS key exchange stopped");
                 }
-                Ok(()) = plumbing.changed() => break true,
+                // Exchanges in flight are dropped; a key-file refresh gets a moment to end.
+                rt.shutdown_timeout(Duration::from_secs(1));
+            })
+            .context("starting the NTS key exchange's thread")?;
+        Ok(KeyExchangeThread {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Serves the key exchange until the future is dropped; when `plumbing` moves on the
+    /// listeners are bound again in the recreated namespace. Rotates the cookie keys as due.
+    pub async fn serve(self) -> Result<()> {
+        let KeyExchange {
+            spec,
+            netns_name,
+            listeners,
+            mut plumbing,
+            tls,
+            state,
+            admit,
+        } = self;
+        let server = Arc::new(Server {
+            acceptor: tokio_rustls::TlsAcceptor::from(tls),
+            slots: ExchangeSlots::new(SlotLimits::DEFAULT),
+            deadlines: Deadlines::DEFAULT,
+            state,
+            admit,
+            spec,
+        });
+        let spec = &server.spec;
+        let mut listeners = Some(listeners);
+        let mut rotation = tokio::time::interval(
+            (spec.key_rotation / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)),
+        );
+        loop {
+            let ls = match listeners.take() {
+                Some(l) => l,
+                None => match bind_listeners(netns_name.as_deref(), &spec.listen, spec.port) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        warn!(error = %format!("{e:#}"), "binding the NTS key exchange again failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                },
+            };
+            let mut tasks = tokio::task::JoinSet::new();
+            for l in ls {
+                let l = tokio::net::TcpListener::from_std(l).context("registering a listener")?;
+                info!(address = %l.local_addr()?, "NTS key exchange listening");
+                tasks.spawn(server.clone().accept_loop(l));
             }
-        };
-        if rebind {
-            info!("plumbing recreated: binding the NTS key exchange again");
-            tasks.abort_all();
+            let rebind = loop {
+                tokio::select! {
+                    Some(done) = tasks.join_next() => {
+                        done.context("an NTS-KE task failed")??;
+                    }
+                    _ = rotation.tick() => {
+                        let server = server.clone();
+                        let refreshed = tokio::task::spawn_blocking(move || {
+                            let spec = &server.spec;
+                            server.state.refresh(
+                                &spec.key_file,
+                                spec.rotate_locally.then_some(spec.key_rotation),
+                            )
+                        })
+                        .await?;
+                        if let Err(e) = refreshed {
+                            warn!(error = %format!("{e:#}"), "NTS cookie keys: refresh failed; keeping the keys in memory");
+                        }
+                    }
+                    Ok(()) = plumbing.changed() => break true,
+                }
+            };
+            if rebind {
+                info!("plumbing recreated: binding the NTS key exchange again");
+                tasks.abort_all();
+            }
         }
     }
 }
 
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
+impl Drop for KeyExchangeThread {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("the NTS key exchange's thread panicked");
+            }
+        }
+    }
+}
+
+/// How long each part of an exchange may take.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    request: Duration,
+    response: Duration,
+}
+
+impl Deadlines {
+    const DEFAULT: Deadlines = Deadlines {
+        request: REQUEST_DEADLINE,
+        response: RESPONSE_DEADLINE,
+    };
+}
+
+/// What the accept loops share.
+struct Server {
     acceptor: tokio_rustls::TlsAcceptor,
-    slots: Arc<tokio::sync::Semaphore>,
+    slots: Arc<ExchangeSlots>,
+    deadlines: Deadlines,
     state: Arc<NtsState>,
     admit: Admit,
-    spec: Arc<NtsSpec>,
-) -> Result<()> {
-    loop {
-        let permit = slots.clone().acquire_owned().await?;
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                debug!(error = %e, "accept failed");
-                continue;
-            }
-        };
-        if !admit(peer.ip()) {
-            state
-                .counters
-                .key_exchanges_refused
-                .fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        let (acceptor, state, spec) = (acceptor.clone(), state.clone(), spec.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let exchange = async {
-                let local = stream.local_addr()?.ip().to_canonical();
-                key_exchange(stream, local, acceptor, &state, &spec).await
-            };
-            let outcome = tokio::time::timeout(KE_TIMEOUT, exchange)
-                .await
-                .unwrap_or_else(|_| Err(anyhow!("timed out")));
-            match outcome {
-                Ok(()) => {
-                    state.counters.key_exchanges.fetch_add(1, Ordering::Relaxed);
-                }
+    spec: NtsSpec,
+}
+
+impl Server {
+    /// Accepts every connection at once (so its source is known) and either starts its
+    /// exchange or closes it: a source the access list or rate refuses, a source with its
+    /// share running, a server with its most running.
+    async fn accept_loop(self: Arc<Self>, listener: tokio::net::TcpListener) -> Result<()> {
+        let counters = &self.state.counters;
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
                 Err(e) => {
-                    state
-                        .counters
-                        .key_exchange_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    debug!(%peer, error = %format!("{e:#}"), "NTS key exchange failed");
+                    // Out of descriptors, say: give the exchanges running time to end.
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
                 }
+            };
+            let source = peer.ip().to_canonical();
+            let counter = if !(self.admit)(source) {
+                &counters.key_exchanges_refused
+            } else {
+                match self.slots.try_take(source) {
+                    Ok(slot) => {
+                        tokio::spawn(self.clone().run_exchange(stream, peer, slot));
+                        continue;
+                    }
+                    Err(Refused::Address | Refused::V6Prefix) => {
+                        &counters.key_exchanges_over_source_limit
+                    }
+                    Err(Refused::Busy) => &counters.key_exchanges_busy,
+                }
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            // A reset: nothing lingers on this side for a connection never served.
+            let _ = stream.set_zero_linger();
+        }
+    }
+
+    async fn run_exchange(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        peer: std::net::SocketAddr,
+        _slot: Slot,
+    ) {
+        let counters = &self.state.counters;
+        let local = match stream.local_addr() {
+            Ok(a) => a.ip().to_canonical(),
+            Err(_) => return,
+        };
+        let outcome = key_exchange(
+            stream,
+            local,
+            &self.acceptor,
+            &self.state,
+            &self.spec,
+            self.deadlines,
+        )
+        .await;
+        match outcome {
+            Ok(()) => {
+                counters.key_exchanges.fetch_add(1, Ordering::Relaxed);
             }
-        });
+            Err(ExchangeError::Deadline(part)) => {
+                counters
+                    .key_exchange_deadlines
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, part, "NTS key exchange cut off at its deadline");
+            }
+            Err(ExchangeError::Failed(e)) => {
+                counters
+                    .key_exchange_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, error = %format!("{e:#}"), "NTS key exchange failed");
+            }
+        }
+    }
+}
+
+/// Why an exchange gave no cookies.
+#[derive(Debug)]
+enum ExchangeError {
+    /// The client did not finish this part in time.
+    Deadline(&'static str),
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ExchangeError {
+    fn from(e: anyhow::Error) -> ExchangeError {
+        ExchangeError::Failed(e)
     }
 }
 
@@ -393,31 +547,38 @@ async fn accept_loop(
 async fn key_exchange<S>(
     stream: S,
     local: IpAddr,
-    acceptor: tokio_rustls::TlsAcceptor,
+    acceptor: &tokio_rustls::TlsAcceptor,
     state: &NtsState,
     spec: &NtsSpec,
-) -> Result<()>
+    deadlines: Deadlines,
+) -> Result<(), ExchangeError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut tls = acceptor.accept(stream).await.context("TLS handshake")?;
-    if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
-        bail!("client did not ask for ALPN ntske/1");
-    }
-    let mut buf = Vec::new();
-    let records_result = loop {
-        let mut chunk = [0u8; 512];
-        let n = tls.read(&mut chunk).await.context("reading the request")?;
-        if n == 0 {
-            bail!("connection closed before End of Message");
+    let request = async {
+        let mut tls = acceptor.accept(stream).await.context("TLS handshake")?;
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
+            bail!("client did not ask for ALPN ntske/1");
         }
-        buf.extend_from_slice(&chunk[..n]);
-        match ke::split_records(&buf) {
-            Ok(None) => continue,
-            Ok(Some(records)) => break ke::negotiate(&records),
-            Err(e) => break Err(e),
-        }
+        let mut buf = Vec::new();
+        let records_result = loop {
+            let mut chunk = [0u8; 512];
+            let n = tls.read(&mut chunk).await.context("reading the request")?;
+            if n == 0 {
+                bail!("connection closed before End of Message");
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            match ke::split_records(&buf) {
+                Ok(None) => continue,
+                Ok(Some(records)) => break ke::negotiate(&records),
+                Err(e) => break Err(e),
+            }
+        };
+        anyhow::Ok((tls, records_result))
     };
+    let (mut tls, records_result) = tokio::time::timeout(deadlines.request, request)
+        .await
+        .map_err(|_| ExchangeError::Deadline("handshake and request"))??;
     let (response, failed) = match records_result {
         Err(e) => (ke::error_response(e), Some(e.to_string())),
         Ok(Negotiated::NtpV4AesSiv) => {
@@ -453,12 +614,18 @@ where
             Some(format!("nothing in common: {other:?}")),
         ),
     };
-    tls.write_all(&response)
+    let respond = async {
+        tls.write_all(&response)
+            .await
+            .context("writing the response")?;
+        tls.shutdown().await.ok();
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(deadlines.response, respond)
         .await
-        .context("writing the response")?;
-    tls.shutdown().await.ok();
+        .map_err(|_| ExchangeError::Deadline("response"))??;
     match failed {
-        Some(why) => Err(anyhow!(why)),
+        Some(why) => Err(ExchangeError::Failed(anyhow!(why))),
         None => Ok(()),
     }
 }
@@ -533,7 +700,11 @@ mod tests {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls_config(&chain, &key).unwrap());
         let (a, b) = tokio::io::duplex(1 << 16);
         let local: IpAddr = "169.254.169.123".parse().unwrap();
-        let server = key_exchange(a, local, acceptor, &state, &spec);
+        let server = async {
+            key_exchange(a, local, &acceptor, &state, &spec, Deadlines::DEFAULT)
+                .await
+                .map_err(|e| anyhow!("{e:?}"))
+        };
         let connector = client(ca, alpn);
         let client = async {
             let name = rustls_pki_types::ServerName::try_from("169.254.169.123").unwrap();
@@ -605,6 +776,48 @@ mod tests {
         let (server, out, _, _) = exchange(ke::client_request(), b"http/1.1").await;
         assert!(server.is_err());
         assert!(out.is_err() || out.unwrap().is_empty());
+    }
+
+    /// A client that connects and stalls: before its ClientHello, or after the handshake
+    /// with half a request. Either is cut off at the request deadline, not left to hold its
+    /// slot.
+    #[tokio::test]
+    async fn a_client_that_stalls_is_cut_off_at_the_request_deadline() {
+        let (scratch, chain, key, ca) = pki();
+        let spec = spec(&scratch.0);
+        let state = load_or_create_keys(&spec.key_file, Some(spec.key_rotation)).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls_config(&chain, &key).unwrap());
+        let local: IpAddr = "169.254.169.123".parse().unwrap();
+        let short = Deadlines {
+            request: Duration::from_millis(200),
+            response: Duration::from_millis(200),
+        };
+        // Silent: nothing after the connection.
+        let (a, _silent) = tokio::io::duplex(1 << 16);
+        let got = key_exchange(a, local, &acceptor, &state, &spec, short).await;
+        assert!(
+            matches!(got, Err(ExchangeError::Deadline("handshake and request"))),
+            "{got:?}"
+        );
+        // The handshake, then the first bytes of a request and no more.
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let server = key_exchange(a, local, &acceptor, &state, &spec, short);
+        let client = async {
+            let name = rustls_pki_types::ServerName::try_from("169.254.169.123").unwrap();
+            let mut tls = client(ca, ALPN).connect(name, b).await.unwrap();
+            tls.write_all(&ke::client_request()[..5]).await.unwrap();
+            tls.flush().await.unwrap();
+            // Held open until the server gives up.
+            let mut rest = Vec::new();
+            let _ = tls.read_to_end(&mut rest).await;
+            rest
+        };
+        let (got, rest) = tokio::join!(server, client);
+        assert!(
+            matches!(got, Err(ExchangeError::Deadline("handshake and request"))),
+            "{got:?}"
+        );
+        assert!(rest.is_empty(), "no response for half a request");
     }
 
     #[test]

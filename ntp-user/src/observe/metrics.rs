@@ -369,10 +369,19 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
             ("ok", n.key_exchanges),
             ("failed", n.key_exchange_failures),
             ("refused", n.key_exchanges_refused),
+            ("source_limit", n.key_exchanges_over_source_limit),
+            ("busy", n.key_exchanges_busy),
+            ("deadline", n.key_exchange_deadlines),
         ] {
             ke.get_or_create(&Outcome { outcome }).inc_by(v);
         }
-        reg.register("nts_key_exchanges", "NTS key exchanges, by outcome", ke);
+        reg.register(
+            "nts_key_exchanges",
+            "NTS key exchanges, by outcome (refused: access list or rate; source_limit: the \
+             address or IPv6 /64 had its share running; busy: the server had its most running; \
+             deadline: the client did not finish in time)",
+            ke,
+        );
         let req = Family::<Outcome, Counter>::default();
         for (outcome, v) in [
             ("answered", n.requests_answered),

@@ -191,6 +191,15 @@ pub struct NtsStatus {
     pub key_exchange_failures: u64,
     /// Connections from sources the access list or the rate limit refused.
     pub key_exchanges_refused: u64,
+    /// Connections closed at once: their address or IPv6 /64 had its share running.
+    #[serde(default)]
+    pub key_exchanges_over_source_limit: u64,
+    /// Connections closed at once: the server had its most exchanges running.
+    #[serde(default)]
+    pub key_exchanges_busy: u64,
+    /// Exchanges cut off because the client did not finish in time.
+    #[serde(default)]
+    pub key_exchange_deadlines: u64,
     pub requests_answered: u64,
     /// NAKs for cookies that are not (or no longer) this cluster's.
     pub cookie_failures: u64,
@@ -210,6 +219,9 @@ impl NtsStatus {
             key_exchanges: load(&c.key_exchanges),
             key_exchange_failures: load(&c.key_exchange_failures),
             key_exchanges_refused: load(&c.key_exchanges_refused),
+            key_exchanges_over_source_limit: load(&c.key_exchanges_over_source_limit),
+            key_exchanges_busy: load(&c.key_exchanges_busy),
+            key_exchange_deadlines: load(&c.key_exchange_deadlines),
             requests_answered: load(&c.requests_answered),
             cookie_failures: load(&c.cookie_failures),
             authentication_failures: load(&c.authentication_failures),
@@ -407,6 +419,12 @@ pub fn render(r: &StatusReport) -> String {
             ("key_exchanges", n.key_exchanges),
             ("key_exchange_failures", n.key_exchange_failures),
             ("key_exchanges_refused", n.key_exchanges_refused),
+            (
+                "key_exchanges_over_source_limit",
+                n.key_exchanges_over_source_limit,
+            ),
+            ("key_exchanges_busy", n.key_exchanges_busy),
+            ("key_exchange_deadlines", n.key_exchange_deadlines),
             ("requests_answered", n.requests_answered),
             ("cookie_failures", n.cookie_failures),
             ("authentication_failures", n.authentication_failures),
