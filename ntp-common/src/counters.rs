@@ -67,6 +67,10 @@ counters! {
     KodDeny = "kod_deny",
     /// Subset of the answered ones: replies that said LI=3 (unsynchronized or stale anchor).
     AnsweredUnsynchronized = "answered_unsynchronized",
+    /// An NTP request tagged with a VLAN that `access.vlans` does not list: dropped, never
+    /// passed up (the VLAN is part of a source's rate key, so each unlisted tag would give a
+    /// guest a bucket of its own).
+    DroppedVlan = "dropped_vlan",
 }
 
 pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;

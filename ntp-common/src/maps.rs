@@ -22,11 +22,13 @@ pub const GUESTS: &str = "GUESTS";
 pub const OWN_MACS: &str = "OWN_MACS";
 /// Per-CPU state of the global kiss-o'-death budget.
 pub const KOD_BUDGET: &str = "KOD_BUDGET";
+/// VLAN IDs whose tagged requests are answered (the value is unused); untagged ones always are.
+pub const VLANS: &str = "VLANS";
 
 /// Counts of the benchmark's programs (`crate::bench`), never used by the daemon.
 pub const BENCH_COUNTS: &str = "BENCH_COUNTS";
 
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     ANCHORS,
     ANCHOR_ACTIVE,
     SERVER_PARAMS,
@@ -38,6 +40,7 @@ pub const ALL: [&str; 12] = [
     GUESTS,
     OWN_MACS,
     KOD_BUDGET,
+    VLANS,
     BENCH_COUNTS,
 ];
 
