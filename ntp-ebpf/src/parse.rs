@@ -62,8 +62,8 @@ pub fn parse(pkt: &Packet, ifindex: u32) -> Result<Request, Verdict> {
     check_ethernet(pkt, ifindex)?;
     // The VLAN is part of a source's rate key: a guest free to pick tags would get a bucket
     // per tag. Only the configured VLANs are answered; a request on another is dropped, not
-    // passed, since the stack would hand it to the userspace path without its tag. Checked
-    // last, so that whatever is not an NTP request for us passes as it did.
+    // passed: a stack with a device for that VLAN would hand it to the userspace path
+    // untagged. Checked last, so that whatever is not an NTP request for us passes as it did.
     if vlan != 0 && VLANS.get_ptr(&vlan).is_none() {
         return Err(drop(Counter::DroppedVlan));
     }
