@@ -71,6 +71,10 @@ counters! {
     PassedVrrpPeer = "passed_vrrp_peer",
     /// VRRP from anyone else on the guests' side: a guest must never move the addresses.
     DroppedVrrp = "dropped_vrrp",
+    /// An NTP request tagged with a VLAN that `access.vlans` does not list: dropped, never
+    /// passed up (the VLAN is part of a source's rate key, so each unlisted tag would give a
+    /// guest a bucket of its own).
+    DroppedVlan = "dropped_vlan",
 }
 
 pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;

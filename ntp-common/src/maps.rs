@@ -28,11 +28,13 @@ pub const VRRP_PEERS: &str = "VRRP_PEERS";
 /// A word per CPU that the responder's memory barriers exchange (BPF has no fence instruction,
 /// only fully ordered atomics; on a per-CPU word they share no cache line between CPUs).
 pub const BARRIER: &str = "BARRIER";
+/// VLAN IDs whose tagged requests are answered (the value is unused); untagged ones always are.
+pub const VLANS: &str = "VLANS";
 
 /// Counts of the benchmark's programs (`crate::bench`), never used by the daemon.
 pub const BENCH_COUNTS: &str = "BENCH_COUNTS";
 
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     ANCHORS,
     ANCHOR_ACTIVE,
     SERVER_PARAMS,
@@ -46,6 +48,7 @@ pub const ALL: [&str; 14] = [
     KOD_BUDGET,
     VRRP_PEERS,
     BARRIER,
+    VLANS,
     BENCH_COUNTS,
 ];
 

@@ -22,6 +22,14 @@ pub const POLICY_GUEST_CLOCKS: u8 = 32;
 /// Access-list entry values (LPM trie keyed by prefix; the longest match decides).
 pub const ACL_ALLOW: u8 = 1;
 pub const ACL_DENY: u8 = 2;
+/// Prefixes one access list may hold. The trie has room for two lists and their default
+/// entries (`::/0`), so that a rewrite puts every new entry in before any stale one goes.
+pub const ACL_MAX_PREFIXES: u32 = 4096;
+pub const ACL_TRIE_ENTRIES: u32 = 2 * (ACL_MAX_PREFIXES + 1);
+
+/// VLAN IDs an operator can list (0 marks a priority-tagged frame, which belongs to no VLAN
+/// and is treated as untagged; 4095 is reserved).
+pub const VLAN_ID_MAX: u16 = 4094;
 
 /// Kiss codes (RFC 5905 §7.4).
 pub const KISS_RATE: [u8; 4] = *b"RATE";

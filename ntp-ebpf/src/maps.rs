@@ -8,7 +8,7 @@ use aya_ebpf::{
 use ntp_common::{
     anchor::{ANCHOR_MAP_FLAGS, ANCHOR_SLOTS},
     counters::COUNTER_COUNT,
-    policy::{GuestClock, ResponderPolicy, SourceKey, SourceState},
+    policy::{GuestClock, ResponderPolicy, SourceKey, SourceState, ACL_TRIE_ENTRIES, VLAN_ID_MAX},
     ServerParams, TimeAnchor,
 };
 
@@ -33,9 +33,10 @@ pub static SERVED_ADDRS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_S
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 #[map]
 pub static POLICY: Array<ResponderPolicy> = Array::with_max_entries(1, 0);
-/// Access list: prefixes of ::ffff:0:0/96-mapped IPv4 or IPv6 sources → ACL_ALLOW / ACL_DENY.
+/// Access list: prefixes of ::ffff:0:0/96-mapped IPv4 or IPv6 sources → ACL_ALLOW / ACL_DENY,
+/// and `::/0` → the default.
 #[map]
-pub static ACL: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(4096, 0);
+pub static ACL: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(ACL_TRIE_ENTRIES, 0);
 /// Rate-limit state per source (IPv4 address or IPv6 prefix, with its VLAN). LRU: a full
 /// table forgets the longest-idle source, so it never refuses a new one. Sized at load.
 #[map]
@@ -56,3 +57,7 @@ pub static KOD_BUDGET: PerCpuArray<SourceState> = PerCpuArray::with_max_entries(
 /// The word each CPU's memory barriers exchange (see `crate::program::full_barrier`).
 #[map]
 pub static BARRIER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// VLAN IDs whose tagged requests are answered (the value is unused). Looked up only for
+/// tagged frames: the untagged path costs nothing more.
+#[map]
+pub static VLANS: HashMap<u16, u8> = HashMap::with_max_entries(VLAN_ID_MAX as u32, 0);

@@ -11,7 +11,7 @@ use ntp_common::{
     Counter,
 };
 
-use crate::maps::{OWN_MACS, SERVED_ADDRS, VRRP_PEERS};
+use crate::maps::{OWN_MACS, SERVED_ADDRS, VLANS, VRRP_PEERS};
 use crate::packet::{be16, Packet};
 use crate::program::{drop, pass, Verdict};
 
@@ -43,7 +43,8 @@ pub fn parse(pkt: &Packet, ifindex: u32, vrrp_router_id: u8) -> Result<Request, 
     let mut l3 = ETH_HEADER_LEN;
     let mut vlan = 0u16;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        // One tag: TCI, then the inner ethertype.
+        // One tag: TCI, then the inner ethertype. A VLAN ID of 0 only carries a priority: the
+        // frame is treated as untagged (it shares the untagged rate key).
         let Some(tag) = pkt.bytes::<VLAN_TAG_LEN>(ETH_HEADER_LEN) else {
             return Err(pass(Counter::PassedNotIp));
         };
@@ -59,6 +60,13 @@ pub fn parse(pkt: &Packet, ifindex: u32, vrrp_router_id: u8) -> Result<Request, 
     req.vlan = vlan;
     check_udp_and_ntp(pkt, &mut req)?;
     check_ethernet(pkt, ifindex)?;
+    // The VLAN is part of a source's rate key: a guest free to pick tags would get a bucket
+    // per tag. Only the configured VLANs are answered; a request on another is dropped, not
+    // passed: a stack with a device for that VLAN would hand it to the userspace path
+    // untagged. Checked last, so that whatever is not an NTP request for us passes as it did.
+    if vlan != 0 && VLANS.get_ptr(&vlan).is_none() {
+        return Err(drop(Counter::DroppedVlan));
+    }
     Ok(req)
 }
 

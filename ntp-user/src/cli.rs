@@ -227,6 +227,9 @@ pub struct ServeArgs {
     /// What denied sources get: a DENY kiss-o'-death now and then, or nothing.
     #[arg(long, default_value = "kod", value_parser = ["kod", "drop"])]
     pub deny_action: String,
+    /// Answer requests tagged with this VLAN ID (repeatable); untagged ones always are.
+    #[arg(long = "vlan", value_name = "ID")]
+    pub vlans: Vec<i64>,
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9273); off without it.
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -304,6 +307,7 @@ impl ServeArgs {
             allow: a.allow,
             deny: a.deny,
             deny_action: a.deny_action,
+            vlans: a.vlans,
         };
         let guests = crate::config::GuestClocksSection {
             alarm_offset: a.guest_alarm_offset,

@@ -441,6 +441,62 @@ pub fn poll(
     })
 }
 
+/// What a guest got back from the clock address: time, and kiss-o'-death codes.
+#[derive(Debug, Default)]
+pub struct Answers {
+    pub sent: u64,
+    /// Replies that gave time (stratum above 0).
+    pub time: u64,
+    /// Kiss-o'-death codes, in the order they came.
+    pub kisses: Vec<[u8; 4]>,
+}
+
+impl Answers {
+    pub fn kisses_of(&self, code: &[u8; 4]) -> usize {
+        self.kisses.iter().filter(|k| *k == code).count()
+    }
+}
+
+/// Sends a request to the clock address every `pace` from `guest` until `stop`, each reply
+/// awaited at most `pace` on one socket, so that a late one still counts: a guest that polls
+/// hard enough to meet a short window in which the server answers wrongly.
+pub fn tally_answers(
+    guest: &crate::topology::Netns,
+    pace: std::time::Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Answers> {
+    let file = guest.file().unwrap();
+    std::thread::spawn(move || {
+        ntp_user::host::netns::enter(&file).unwrap();
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.connect((crate::CLOCK_V4, 123)).unwrap();
+        const TAG: u64 = 0x7a11;
+        let mut a = Answers::default();
+        let mut buf = [0u8; 128];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            a.sent += 1;
+            let req = ntp_common::packet::NtpHeader::client_request(6, TAG << 48 | a.sent);
+            let _ = sock.send(&req.serialize());
+            let deadline = std::time::Instant::now() + pace;
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                sock.set_read_timeout(Some(left)).unwrap();
+                let Ok(n) = sock.recv(&mut buf) else { break };
+                match ntp_common::packet::NtpHeader::parse(&buf[..n]) {
+                    Some(h) if h.origin_ts >> 48 != TAG => {}
+                    Some(h) if h.stratum == 0 => a.kisses.push(h.refid),
+                    Some(_) => a.time += 1,
+                    None => {}
+                }
+            }
+        }
+        a
+    })
+}
+
 /// ntpd-rs's `ntp-ctl`, as `cargo xtask setup` installs it (cargo's bin directory), or the
 /// one on PATH.
 pub fn ntp_ctl_bin() -> std::path::PathBuf {

@@ -36,6 +36,8 @@ pub fn v4_request() -> Vec<u8> {
 pub enum Vlan {
     Dot1q(u16),
     Dot1ad(u16),
+    /// An 802.1ad service tag (outer) around an 802.1Q customer tag (inner).
+    QinQ(u16, u16),
 }
 
 #[derive(Clone, Debug)]
@@ -114,18 +116,34 @@ impl Frame {
                 .ip(ip)
                 .udp(self.src_port, self.dst_port)
                 .write(&mut out, &self.payload),
+            Some(Vlan::QinQ(outer, inner)) => eth
+                .double_vlan(
+                    VlanId::try_new(outer).unwrap(),
+                    VlanId::try_new(inner).unwrap(),
+                )
+                .ip(ip)
+                .udp(self.src_port, self.dst_port)
+                .write(&mut out, &self.payload),
         }
         .unwrap();
-        if let Some(Vlan::Dot1ad(_)) = self.vlan {
-            out[12] = 0x88;
-            out[13] = 0xa8;
+        match self.vlan {
+            Some(Vlan::Dot1ad(_)) => out[12..14].copy_from_slice(&[0x88, 0xa8]),
+            Some(Vlan::QinQ(..)) => {
+                out[12..14].copy_from_slice(&[0x88, 0xa8]);
+                out[16..18].copy_from_slice(&[0x81, 0x00]);
+            }
+            _ => {}
         }
         out
     }
 
     /// Offset of the IP header.
     pub fn l3(&self) -> usize {
-        14 + if self.vlan.is_some() { 4 } else { 0 }
+        14 + match self.vlan {
+            None => 0,
+            Some(Vlan::QinQ(..)) => 8,
+            Some(_) => 4,
+        }
     }
 
     /// Offset of the UDP header.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use integration_tests::clients::poll;
+use integration_tests::clients::{poll, tally_answers};
 use integration_tests::fleet::{
     all_applied, cluster_config, hosts, lost, master, ready, revision_of, started, switches, Fleet,
 };
@@ -420,5 +420,81 @@ fn nts_cookies_work_on_whichever_host_holds_the_addresses() {
     assert!(
         authentic(&session.cookies[1]),
         "a cookie from the old master was refused by the new one"
+    );
+}
+
+#[test]
+fn access_list_rewrites_in_place_never_refuse_an_allowed_guest_nor_answer_a_denied_one() {
+    // Guest .30 is allowed and guest .33 denied by both lists, but one is an allow list (what
+    // matches nothing is denied) and the other a deny list, and a thousand other prefixes
+    // change each time: 100 pushes alternate between them, each applied in place by every
+    // host's agent, while both guests poll the clock address hard.
+    let f = Fleet::start().unwrap();
+    let allowed = ready(&f, 30);
+    let denied = f.add_guest(33).unwrap();
+    let config = |i: usize| {
+        let others: Vec<String> = (0..1000)
+            .map(|j| format!("\"fd00:ec2:{:x}::{j:x}/128\"", 0xf0 + i % 2))
+            .collect();
+        let others = others.join(", ");
+        let lists = if i % 2 == 0 {
+            format!("allow = [\"169.254.84.0/24\"]\ndeny = [\"169.254.84.32/27\", {others}]")
+        } else {
+            format!("deny = [\"169.254.84.33/32\", {others}]")
+        };
+        format!(
+            "{}\n[access]\n{lists}\ndeny_action = \"kod\"\n",
+            cluster_config(&f.guest_bridge, &f.vrrp_bridge, -24)
+        )
+    };
+    let push = |i: usize| {
+        let file = f.file(&format!("access-{i}.toml"), &config(i)).unwrap();
+        let revision = revision_of(&f.fleet_ok(&["push", &file]).unwrap());
+        assert!(all_applied(&f, revision), "push {i}: {:?}", hosts(&f));
+    };
+    push(0);
+    let before = started(&f);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let pace = Duration::from_millis(2);
+    let allowed_saw = tally_answers(&allowed, pace, stop.clone());
+    let denied_saw = tally_answers(&denied, pace, stop.clone());
+    for i in 1..=100 {
+        push(i);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (allowed_saw, denied_saw) = (allowed_saw.join().unwrap(), denied_saw.join().unwrap());
+    eprintln!(
+        "allowed guest: {} sent, {} answered, kisses {:?}; denied guest: {} sent, {} answered, \
+         {} kisses",
+        allowed_saw.sent,
+        allowed_saw.time,
+        allowed_saw.kisses,
+        denied_saw.sent,
+        denied_saw.time,
+        denied_saw.kisses.len()
+    );
+    assert_eq!(
+        started(&f),
+        before,
+        "a rewrite restarted a daemon instead of applying in place"
+    );
+    assert_eq!(
+        allowed_saw.kisses_of(b"DENY"),
+        0,
+        "the allowed guest was told DENY"
+    );
+    assert!(
+        allowed_saw.time * 2 >= allowed_saw.sent,
+        "the allowed guest went unanswered: {} of {}",
+        allowed_saw.time,
+        allowed_saw.sent
+    );
+    assert_eq!(denied_saw.time, 0, "the denied guest got time");
+    // Its requests did reach the responder, which refused them.
+    assert!(
+        denied_saw.kisses_of(b"DENY") >= 1,
+        "{:?}",
+        denied_saw.kisses
     );
 }

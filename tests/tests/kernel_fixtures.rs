@@ -10,6 +10,7 @@ use ntp_common::time::{ns_to_short, ntp_ns_to_timestamp, phi_growth_ns, NANOS_PE
 use ntp_common::wire::*;
 use ntp_common::{Counter, TimeAnchor};
 use ntp_user::host::hostclock::monotonic_now_ns;
+use ntp_user::responder::admission::{acl_contents, AclRewrite, AdmissionSpec};
 use ntp_user::responder::{AclEntry, Responder, TableSizes};
 use std::net::IpAddr;
 
@@ -60,11 +61,15 @@ fn responder(state: AnchorState) -> Result<(Responder, TimeAnchor)> {
     responder_sized(state, TableSizes::default())
 }
 
+/// The VLANs the fixtures' responder answers tagged requests on.
+const LISTED_VLANS: [u16; 4] = [10, 20, 100, 4000];
+
 fn responder_sized(state: AnchorState, sizes: TableSizes) -> Result<(Responder, TimeAnchor)> {
     let mut r = Responder::load_sized(sizes)?;
     // BPF_PROG_TEST_RUN delivers on the loopback device (ifindex 1): the fixtures' frames
     // are sent to VIP_MAC, as if it were that device's own.
     r.set_own_macs(&[(VIP_MAC, 1)])?;
+    r.set_vlans(&LISTED_VLANS)?;
     r.add_served_address(IpAddr::from(CLOCK_V4))?;
     r.add_served_address(IpAddr::from(CLOCK_V6))?;
     let now = monotonic_now_ns()?;
@@ -155,6 +160,82 @@ fn table() -> Vec<Case> {
             ANSWER,
         ));
     }
+
+    // A tag whose VLAN is not listed: the request is dropped and counted, never answered
+    // and never passed up (whatever the tag's type); what is not a request for us passes.
+    let tagged = |vlan: Vlan, frame: &Frame| {
+        Frame {
+            vlan: Some(vlan),
+            ..frame.clone()
+        }
+        .build()
+    };
+    let unlisted = Expect::Drop(Counter::DroppedVlan);
+    cases.push(case(
+        "802.1Q IPv4, VLAN not listed",
+        tagged(Vlan::Dot1q(300), &v4),
+        unlisted,
+    ));
+    cases.push(case(
+        "802.1Q IPv6, VLAN not listed",
+        tagged(Vlan::Dot1q(4094), &v6),
+        unlisted,
+    ));
+    cases.push(case(
+        "802.1ad IPv4, VLAN not listed",
+        tagged(Vlan::Dot1ad(301), &v4),
+        unlisted,
+    ));
+    cases.push(case(
+        "802.1ad IPv6, VLAN not listed",
+        tagged(Vlan::Dot1ad(1), &v6),
+        unlisted,
+    ));
+    let mut padded = v4_request();
+    padded.extend_from_slice(&[0u8; 20]);
+    cases.push(case(
+        "symmetric-key MAC, VLAN not listed",
+        tagged(Vlan::Dot1q(300), &Frame::v4(padded)),
+        unlisted,
+    ));
+    cases.push(case(
+        "mode 4, VLAN not listed",
+        tagged(Vlan::Dot1q(300), &Frame::v4(ntp_request(4, 4, 6))),
+        Expect::Pass(Counter::PassedNotClient),
+    ));
+    cases.push(case(
+        "UDP to port 124, VLAN not listed",
+        tagged(
+            Vlan::Dot1q(300),
+            &Frame {
+                dst_port: 124,
+                ..v4.clone()
+            },
+        ),
+        Expect::Pass(Counter::PassedNotNtp),
+    ));
+    // VLAN ID 0 only carries a priority: the frame is untagged as far as VLANs go.
+    cases.push(case(
+        "priority tag (VLAN 0) IPv4",
+        tagged(Vlan::Dot1q(0), &v4),
+        ANSWER,
+    ));
+    cases.push(case(
+        "priority tag (VLAN 0) IPv6",
+        tagged(Vlan::Dot1q(0), &v6),
+        ANSWER,
+    ));
+    // Two tags (802.1ad around 802.1Q) are never parsed, listed or not: passed untouched.
+    cases.push(case(
+        "QinQ, both VLANs listed",
+        tagged(Vlan::QinQ(100, 10), &v4),
+        Expect::Pass(Counter::PassedNotIp),
+    ));
+    cases.push(case(
+        "QinQ, neither VLAN listed",
+        tagged(Vlan::QinQ(300, 301), &v6),
+        Expect::Pass(Counter::PassedNotIp),
+    ));
 
     // Not for us: passed untouched.
     cases.push(case(
@@ -1194,6 +1275,41 @@ fn scenarios() -> Vec<Scenario> {
         max_rate_sources: 3,
     });
 
+    // A guest over its rate cannot get a fresh bucket by tagging its requests: an unlisted
+    // VLAN is never answered, whichever tag type carries it.
+    let tagged_v4 = |vlan: Vlan| {
+        Frame {
+            vlan: Some(vlan),
+            ..Frame::v4(v4_request())
+        }
+        .build()
+    };
+    let unlisted = Expect::Drop(Counter::DroppedVlan);
+    out.push(Scenario {
+        name: "an unlisted tag buys no bucket",
+        sizes: TableSizes::default(),
+        policy: limited(0.001, 1, false),
+        acl: vec![],
+        steps: vec![
+            case("untagged", from_v4(GUEST_V4), ANSWER),
+            case("untagged again: limited", from_v4(GUEST_V4), rate_drop),
+            case("802.1Q 300", tagged_v4(Vlan::Dot1q(300)), unlisted),
+            case("802.1Q 301", tagged_v4(Vlan::Dot1q(301)), unlisted),
+            case("802.1ad 302", tagged_v4(Vlan::Dot1ad(302)), unlisted),
+            case(
+                "priority tag: untagged",
+                tagged_v4(Vlan::Dot1q(0)),
+                rate_drop,
+            ),
+            case(
+                "listed VLAN 20: its own tenant",
+                tagged_v4(Vlan::Dot1q(20)),
+                ANSWER,
+            ),
+        ],
+        max_rate_sources: 2,
+    });
+
     // The IPv6 aggregation prefix is a setting: with /48, two /64s of one /48 share.
     let mut p = limited(0.001, 1, false);
     p.v6_prefix_len = 48;
@@ -1296,6 +1412,127 @@ fn access_list_and_rate_limit_scenarios() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// Runs `cases` in order on `r`; the failures, each prefixed with `what`.
+fn run_cases(r: &mut Responder, anchor: &TimeAnchor, what: &str, cases: &[Case]) -> Vec<String> {
+    cases
+        .iter()
+        .flat_map(|c| run_case(r, anchor, c, false))
+        .map(|f| format!("{what}: {f}"))
+        .collect()
+}
+
+#[test]
+fn tagged_requests_are_answered_only_on_the_configured_vlans() {
+    let (mut r, anchor) = responder(AnchorState::Synchronized).unwrap();
+    // What a config without `access.vlans` writes: no VLAN listed.
+    let mut spec = AdmissionSpec::open();
+    spec.apply(&mut r).unwrap();
+    let on = |vlan: Vlan, frame: Frame| {
+        Frame {
+            vlan: Some(vlan),
+            ..frame
+        }
+        .build()
+    };
+    let (v4, v6) = (Frame::v4(v4_request()), Frame::v6(v4_request()));
+    let unlisted = Expect::Drop(Counter::DroppedVlan);
+    let untagged = [
+        case("untagged IPv4", v4.build(), ANSWER),
+        case("untagged IPv6", v6.build(), ANSWER),
+    ];
+    let mut failures = run_cases(&mut r, &anchor, "no VLAN listed", &untagged);
+    failures.extend(run_cases(
+        &mut r,
+        &anchor,
+        "no VLAN listed",
+        &[
+            case("802.1Q 100", on(Vlan::Dot1q(100), v4.clone()), unlisted),
+            case("802.1ad 100", on(Vlan::Dot1ad(100), v6.clone()), unlisted),
+        ],
+    ));
+    // Listed and unlisted live, through the writer the fleet agent's in-place change uses.
+    for (listed, other) in [(200u16, 100u16), (100, 200)] {
+        spec.vlans = vec![listed];
+        r.admission_writer().unwrap().apply(&spec).unwrap();
+        let what = format!("VLAN {listed} listed");
+        failures.extend(run_cases(&mut r, &anchor, &what, &untagged));
+        failures.extend(run_cases(
+            &mut r,
+            &anchor,
+            &what,
+            &[
+                case("802.1Q listed", on(Vlan::Dot1q(listed), v4.clone()), ANSWER),
+                case(
+                    "802.1ad listed",
+                    on(Vlan::Dot1ad(listed), v6.clone()),
+                    ANSWER,
+                ),
+                case("802.1Q other", on(Vlan::Dot1q(other), v4.clone()), unlisted),
+                case(
+                    "802.1ad other",
+                    on(Vlan::Dot1ad(other), v6.clone()),
+                    unlisted,
+                ),
+            ],
+        ));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_state_of_an_access_list_rewrite_answers_as_the_old_or_the_new_list() {
+    // Guests `allowed` and GUEST_V4/GUEST_V6 (denied) are so in both lists, but one list
+    // allows (what matches nothing is denied) and the other only denies: the default flips.
+    let allow_list = acl(&[
+        ("169.254.7.0/24", true),
+        ("169.254.7.0/30", false),
+        ("fd00:ec2::/32", true),
+        ("fd00:ec2:7::/48", false),
+    ]);
+    let deny_list = acl(&[("169.254.7.2/32", false), ("fd00:ec2:7::/64", false)]);
+    let allowed_v4 = [169, 254, 7, 9];
+    let mut allowed_v6 = GUEST_V6;
+    allowed_v6[5] = 8;
+    let denied = Expect::Drop(Counter::DroppedDenied);
+    let guests = [
+        case("allowed guest", from_v4(allowed_v4), ANSWER),
+        case("allowed guest v6", from_v6(allowed_v6), ANSWER),
+        case("denied guest", from_v4(GUEST_V4), denied),
+        case("denied guest v6", from_v6(GUEST_V6), denied),
+    ];
+    let policy = |list: &[AclEntry]| {
+        let mut p = ResponderPolicy::OPEN;
+        p.flags |= ntp_user::responder::admission::acl_policy_flags(list);
+        p
+    };
+    let (mut r, anchor) = responder(AnchorState::Synchronized).unwrap();
+    let mut failures = Vec::new();
+    for (old, new) in [(&allow_list, &deny_list), (&deny_list, &allow_list)] {
+        r.set_access_list(old).unwrap();
+        let current = acl_contents(old);
+        let states = AclRewrite::plan(&current, &acl_contents(new)).states(&current);
+        assert!(states.len() >= 4, "{states:?}");
+        for (step, state) in states.iter().enumerate() {
+            // The trie exactly as the rewrite leaves it after `step` writes (it holds ::/0,
+            // so nothing is added to it), read with either list's policy.
+            let entries: Vec<AclEntry> = state
+                .iter()
+                .map(|(k, v)| AclEntry {
+                    prefix: k.prefix(),
+                    allow: *v == ACL_ALLOW,
+                })
+                .collect();
+            r.set_access_list(&entries).unwrap();
+            for (which, p) in [("old", policy(old)), ("new", policy(new))] {
+                r.set_policy(p).unwrap();
+                let what = format!("after {step} writes, {which} policy");
+                failures.extend(run_cases(&mut r, &anchor, &what, &guests));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]

@@ -453,6 +453,14 @@ addresses = ["169.254.169.123"]
         assert!(!p.has(POLICY_RATE_LIMIT) && !p.has(POLICY_KOD_DENY));
         assert!(p.has(POLICY_ACL) && p.has(POLICY_DEFAULT_DENY));
         assert_eq!(v.admission.acl.len(), 2);
+        // Tagged requests: none answered unless their VLAN is listed.
+        assert!(v.admission.vlans.is_empty());
+        let trunk = parse(
+            &format!("{MINIMAL}[access]\nvlans = [100, 4094, 1]\n"),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(trunk.admission.vlans, [100, 4094, 1]);
         assert_eq!(v.observe.metrics_listen, None);
         assert_eq!(
             v.observe.control_socket.as_deref(),
@@ -483,6 +491,10 @@ addresses = ["169.254.169.123"]
                 "access.deny[0]",
                 "twice",
             ),
+            ("[access]\nvlans = [100, 0]", "access.vlans[1]", "1..=4094"),
+            ("[access]\nvlans = [4095]", "access.vlans[0]", "4095"),
+            ("[access]\nvlans = [-1]", "access.vlans[0]", "-1"),
+            ("[access]\nvlans = [7, 7]", "access.vlans[1]", "twice"),
             (
                 "[access]\nallow = [\"169.254.0.0/33\"]",
                 "allow",

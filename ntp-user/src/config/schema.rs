@@ -152,6 +152,9 @@ pub struct AccessSection {
     pub deny: Vec<IpNet>,
     /// "kod" (a DENY kiss-o'-death, at most one per limits.kod_interval) or "drop".
     pub deny_action: String,
+    /// VLAN IDs (1..=4094) whose tagged requests are answered; untagged ones always are.
+    /// Kept wide here so that a value out of range gets its own error.
+    pub vlans: Vec<i64>,
 }
 
 impl Default for AccessSection {
@@ -160,6 +163,7 @@ impl Default for AccessSection {
             allow: Vec::new(),
             deny: Vec::new(),
             deny_action: "kod".into(),
+            vlans: Vec::new(),
         }
     }
 }

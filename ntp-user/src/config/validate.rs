@@ -588,17 +588,24 @@ pub fn validate_admission(
             });
         }
     }
-    if acl.len() > 4096 {
+    if acl.len() > ACL_MAX_PREFIXES as usize {
         return Err(bad(
             "access",
-            format!("{} prefixes; at most 4096 fit", acl.len()),
+            format!("{} prefixes; at most {ACL_MAX_PREFIXES} fit", acl.len()),
         ));
     }
-    if !acl.is_empty() {
-        policy.flags |= POLICY_ACL;
-    }
-    if !a.allow.is_empty() {
-        policy.flags |= POLICY_DEFAULT_DENY;
+    policy.flags |= crate::responder::admission::acl_policy_flags(&acl);
+    let mut vlans: Vec<u16> = Vec::new();
+    for (i, id) in a.vlans.iter().enumerate() {
+        let field = format!("access.vlans[{i}]");
+        let id = u16::try_from(*id)
+            .ok()
+            .filter(|id| (1..=VLAN_ID_MAX).contains(id))
+            .ok_or_else(|| bad(&field, format!("{id} is not a VLAN ID (1..={VLAN_ID_MAX})")))?;
+        if vlans.contains(&id) {
+            return Err(bad(&field, format!("VLAN {id} is listed twice")));
+        }
+        vlans.push(id);
     }
     if g.enable {
         policy.flags |= POLICY_GUEST_CLOCKS;
@@ -612,6 +619,7 @@ pub fn validate_admission(
     Ok(crate::responder::admission::AdmissionSpec {
         policy,
         acl,
+        vlans,
         tables: crate::responder::TableSizes {
             rate_sources: l.sources,
             guests: g.guests,

@@ -328,6 +328,10 @@ mod tests {
         ));
         assert!(live_changeable(
             base,
+            &format!("{base}[access]\nvlans = [100]\n")
+        ));
+        assert!(live_changeable(
+            base,
             "[limits]\nsources = 100\nburst = 3\n[service]\ninterface = \"v0\"\n"
         ));
         assert!(!live_changeable(

@@ -22,12 +22,12 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::{anyhow, Context as _, Result};
-use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use ntp_common::maps;
-use ntp_common::policy::{ResponderPolicy, ACL_ALLOW, ACL_DENY};
+use ntp_common::policy::ResponderPolicy;
 use ntp_common::wire::ipv4_mapped_key;
 use ntp_common::{Counter, ServerParams, TimeAnchor};
 
@@ -216,19 +216,27 @@ impl Responder {
         Ok(())
     }
 
-    /// Makes the access list exactly `entries`.
+    /// Makes the access list exactly `entries`, in place (see [`admission::AclRewrite`]).
     pub fn set_access_list(&mut self, entries: &[AclEntry]) -> Result<()> {
         let mut map: LpmTrie<_, [u8; 16], u8> = LpmTrie::try_from(self.map(maps::ACL)?)?;
-        write_access_list(&mut map, entries)
+        admission::write_access_list(&mut map, entries, || Ok(()))
     }
 
-    /// Handles on the policy and the access list for another task: the fleet agent changes
-    /// them live, without a restart.
+    /// Makes the VLANs whose tagged requests are answered exactly `vlans` (untagged requests
+    /// always are; a request tagged otherwise is dropped).
+    pub fn set_vlans(&mut self, vlans: &[u16]) -> Result<()> {
+        let mut map: HashMap<_, u16, u8> = HashMap::try_from(self.map(maps::VLANS)?)?;
+        admission::write_vlans(&mut map, vlans)
+    }
+
+    /// Handles on the policy, the access list and the VLANs for another task: the fleet
+    /// agent changes them live, without a restart.
     pub fn admission_writer(&self) -> Result<admission::AdmissionWriter> {
         use observer::reopen;
         Ok(admission::AdmissionWriter {
             policy: Array::try_from(reopen(&self.ebpf, maps::POLICY)?)?,
             acl: LpmTrie::try_from(reopen(&self.ebpf, maps::ACL)?)?,
+            vlans: HashMap::try_from(reopen(&self.ebpf, maps::VLANS)?)?,
         })
     }
 
@@ -467,25 +475,4 @@ impl TableSizes {
         loader.map_max_entries(maps::RATE, self.rate_sources.max(1));
         loader.map_max_entries(maps::GUESTS, self.guests.max(1));
     }
-}
-
-/// Makes the access list in `map` exactly `entries` (removals first: a moment without an
-/// entry falls back to the default, never to a stale allow).
-pub(crate) fn write_access_list<T>(
-    map: &mut LpmTrie<T, [u8; 16], u8>,
-    entries: &[AclEntry],
-) -> Result<()>
-where
-    T: std::borrow::BorrowMut<aya::maps::MapData>,
-{
-    let old: Vec<LpmKey<[u8; 16]>> = map.keys().flatten().collect();
-    for k in old {
-        map.remove(&k).context("clearing the access list")?;
-    }
-    for e in entries {
-        let value = if e.allow { ACL_ALLOW } else { ACL_DENY };
-        map.insert(&acl_key(e.prefix), value, 0)
-            .with_context(|| format!("adding {} to the access list", e.prefix))?;
-    }
-    Ok(())
 }

@@ -116,7 +116,10 @@ impl UserspaceAdmission {
         if !denied && !p.has(POLICY_RATE_LIMIT) {
             return Admitted::Answer;
         }
-        // Sockets do not see VLAN tags: the stack delivers only untagged frames here.
+        // Sockets do not see VLAN tags. The kernel drops requests on unlisted VLANs before
+        // the stack sees them; a tagged frame reaches a socket only through a VLAN device an
+        // operator made (the daemon makes none), and then shares its address's untagged
+        // bucket: a tag never buys a second one here.
         let key = rate_key(&addr, v4, 0, p.v6_prefix_len);
         let mut state = self.rate.get(&key, 0).unwrap_or_default();
         let decision = if denied {
