@@ -201,13 +201,46 @@ fn test(filter: Option<&str>) -> Result<()> {
     if let Some(f) = filter {
         cmd.args(["--", f]);
     }
+    // Its own process group: a suite that runs out of time is stopped whole, test binaries
+    // and what they started included.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().context("spawning cargo test")?;
     let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let mut totals = TestTotals::default();
-    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
-        let line = line?;
-        println!("{line}");
-        totals.add(&line);
+    let deadline = std::time::Instant::now() + SUITE_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                println!("{line}");
+                totals.add(&line);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(child.id() as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = child.wait();
+                println!(
+                    "test suite_timeout ... FAILED: the suite ran out of its {} minutes; still \
+                     running: {:?}",
+                    SUITE_TIMEOUT.as_secs() / 60,
+                    totals.running
+                );
+                totals.failed += 1;
+                break;
+            }
+        }
     }
     let exit = child.wait()?;
     // Formatting: `cargo fmt --all -- --check` as one more test.
@@ -310,16 +343,34 @@ fn bench_smoke(bin: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The whole suite's time (CI gives a run 90 minutes, set-up and builds included): a test
+/// that hangs fails the suite by name instead of eating CI's time silently.
+const SUITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(70 * 60);
+
 #[derive(Default)]
 struct TestTotals {
     passed: u64,
     failed: u64,
     ignored: u64,
+    /// Tests libtest said have been running for over 60 seconds and have not finished yet.
+    running: Vec<String>,
 }
 
 impl TestTotals {
-    /// Adds a libtest line such as `test result: ok. 27 passed; 0 failed; 1 ignored; ...`.
+    /// Adds a libtest line such as `test result: ok. 27 passed; 0 failed; 1 ignored; ...`, and
+    /// keeps the names of long-running tests until they finish.
     fn add(&mut self, line: &str) {
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.strip_suffix(" has been running for over 60 seconds"))
+        {
+            self.running.push(name.to_string());
+        } else if let Some((name, _)) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.split_once(" ... "))
+        {
+            self.running.retain(|r| r != name);
+        }
         let Some(rest) = line.strip_prefix("test result: ") else {
             return;
         };
