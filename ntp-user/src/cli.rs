@@ -235,7 +235,7 @@ pub struct ServeArgs {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Control socket for `ntp-user status --socket`; off without it.
     #[arg(long)]
-    pub control_socket: Option<std::path::PathBuf>,
+    pub control_socket: Option<crate::config::names::SafePath>,
     /// Guests whose clock is off by more than this are alarmed.
     #[arg(long, default_value = "100ms")]
     pub guest_alarm_offset: String,

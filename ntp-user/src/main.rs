@@ -144,11 +144,7 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
     let result = start().and_then(|v| {
         log_clock_source(&v);
         let mut opts = v.serve_options();
-        let validate: ntp_user::fleet::agent::Validator = std::sync::Arc::new(|text, origin| {
-            ntp_user::config::parse(text, std::path::Path::new(origin))
-                .and_then(|v| ntp_user::config::host_preflight(&v))
-                .map_err(|e| format!("{e:#}"))
-        });
+        let validate = ntp_user::fleet::host_validator();
         let running = match applied.exists() {
             true => std::fs::read_to_string(&applied)?,
             false => local_text.clone(),
@@ -230,11 +226,7 @@ fn fleet(
         .fleet
         .ok_or_else(|| anyhow::anyhow!("config {}: no [fleet] section", config.display()))?;
     // Validation here is the portable part: what only a host can check, it checks itself.
-    let validate: ntp_user::fleet::agent::Validator = std::sync::Arc::new(|text, origin| {
-        ntp_user::config::parse_portable(text, std::path::Path::new(origin))
-            .map(|_| ())
-            .map_err(|e| format!("{e:#}"))
-    });
+    let validate = ntp_user::fleet::push_validator();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

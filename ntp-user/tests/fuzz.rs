@@ -1,6 +1,8 @@
 //! Property tests over arbitrary input, bounded to seconds: the config loader and the
 //! userspace answer path take anything without panicking, a config error always names the
-//! file, and a userspace reply is never larger than its request.
+//! file, a userspace reply is never larger than its request, and the helpers' generated files
+//! (keepalived.conf, radvd.conf) hold exactly the directives intended, whatever names a
+//! config gives.
 
 use std::path::Path;
 
@@ -165,3 +167,147 @@ proptest! {
 }
 
 use ntp_common::reply::request_rejection;
+
+use ntp_user::host::conffile::Syntax;
+
+/// How keepalived and radvd split a file, or stricter: per line (a NUL ends a C line too),
+/// comments (`#`, and keepalived's `!`) cut outside quotes, a double-quoted string one token,
+/// whitespace between tokens, and every other character outside the bare set
+/// (`A-Z a-z 0-9 / . _ - :`) a token of its own, so a value holding one reads differently.
+fn directives(text: &str) -> Vec<Vec<String>> {
+    let mut lines = Vec::new();
+    for line in text.split(['\n', '\0']) {
+        let mut tokens: Vec<String> = Vec::new();
+        let mut bare = String::new();
+        let mut chars = line.chars();
+        let flush = |bare: &mut String, tokens: &mut Vec<String>| {
+            if !bare.is_empty() {
+                tokens.push(std::mem::take(bare));
+            }
+        };
+        while let Some(c) = chars.next() {
+            match c {
+                'A'..='Z' | 'a'..='z' | '0'..='9' | '/' | '.' | '_' | '-' | ':' => bare.push(c),
+                ' ' | '\t' => flush(&mut bare, &mut tokens),
+                '#' | '!' => break,
+                '"' => {
+                    flush(&mut bare, &mut tokens);
+                    let quoted: String = chars.by_ref().take_while(|&c| c != '"').collect();
+                    tokens.push(format!("\"{quoted}\""));
+                }
+                other => {
+                    flush(&mut bare, &mut tokens);
+                    tokens.push(other.to_string());
+                }
+            }
+        }
+        flush(&mut bare, &mut tokens);
+        if !tokens.is_empty() {
+            lines.push(tokens);
+        }
+    }
+    lines
+}
+
+/// A redundant VIP host whose names are the given ones (TOML-quoted here).
+fn named_vip_config(netns: &str, interface: &str, vrrp_interface: &str) -> String {
+    let q = |s: &str| toml::Value::String(s.into()).to_string();
+    format!(
+        "[service]\nnetns = {}\ninterface = {}\naddresses = [\"169.254.169.123\", \"fd00:ec2::123\"]\n\
+         [vip]\nhost_interface = \"qqhostqq\"\nservice_address = \"169.254.100.1/24\"\n\
+         service_address6 = \"fd00:ec2::1/64\"\nipv6_route_advertisements = true\n\
+         [redundancy]\nvirtual_router_id = 51\nbridge = \"qqmgmtqq\"\ninterface = {}\n\
+         host_interface = \"qqhrqq\"\nown_address = \"169.254.250.2/24\"\n\
+         unicast_peers = [\"169.254.250.3\"]\n",
+        q(netns),
+        q(interface),
+        q(vrrp_interface)
+    )
+}
+
+/// Placeholders no template holds: the intended files are those of these names with each
+/// one replaced by the value given.
+const PLACEHOLDERS: [&str; 3] = ["qqnetnsqq", "qqifqq", "qqvrrpqq"];
+
+/// keepalived.conf and radvd.conf of a configuration.
+fn helper_files(v: &ntp_user::config::Validated) -> [String; 2] {
+    let vip = v.vip.as_ref().expect("a [vip]");
+    [
+        vip.redundancy
+            .as_ref()
+            .expect("a [redundancy]")
+            .keepalived
+            .config_text(),
+        vip.router_advertisements
+            .as_ref()
+            .expect("RAs")
+            .config_text(),
+    ]
+    .map(|f| f.expect("a validated config renders").as_str().to_string())
+}
+
+/// A name as a fuzzer would give it: mostly from the allowed set, sometimes with the
+/// characters that would break out of a file or a command line.
+fn name(allowed: &'static str) -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => allowed,
+        1 => "[A-Za-z0-9_./ \t\n\r\0\"'\\\\{};#!$@~é-]{0,16}",
+        1 => "\\PC{0,16}",
+    ]
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Whatever names a configuration gives, it is refused naming the field, or its
+    /// keepalived.conf and radvd.conf read as the same directives as with plain names.
+    #[test]
+    fn generated_files_hold_only_the_intended_directives(
+        netns in name("[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}"),
+        interface in name("[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}"),
+        vrrp_interface in name("[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}"),
+    ) {
+        let text = named_vip_config(&netns, &interface, &vrrp_interface);
+        let v = match ntp_user::config::parse(&text, Path::new(ORIGIN)) {
+            Ok(v) => v,
+            Err(e) => {
+                let c = e.downcast_ref::<ntp_user::config::ConfigError>();
+                prop_assert!(c.is_some_and(|c| c.field.is_some()), "{e:#}");
+                return Ok(());
+            }
+        };
+        let [n, i, r] = PLACEHOLDERS;
+        let plain = ntp_user::config::parse(&named_vip_config(n, i, r), Path::new(ORIGIN)).unwrap();
+        for (got, plain) in helper_files(&v).iter().zip(helper_files(&plain)) {
+            let intended: Vec<Vec<String>> = directives(&plain)
+                .into_iter()
+                .map(|line| {
+                    line.into_iter()
+                        .map(|t| t.replace(n, &netns).replace(i, &interface).replace(r, &vrrp_interface))
+                        .collect()
+                })
+                .collect();
+            prop_assert_eq!(directives(got), intended, "{}", got);
+        }
+    }
+
+    /// The writer's tokens read back as themselves, or are refused.
+    #[test]
+    fn a_written_token_reads_back_as_itself(
+        words in prop::collection::vec("\\PC{0,12}|[a-z \t\n\r\0\"'\\\\{};#!$]{0,6}", 1..4),
+    ) {
+        for syntax in [Syntax::Keepalived, Syntax::Radvd] {
+            if let Ok(w) = syntax.word(&words[0]) {
+                prop_assert_eq!(directives(&format!("key {w}")), vec![vec!["key".to_string(), words[0].clone()]]);
+            }
+        }
+        if let Ok(script) = Syntax::Keepalived.command(&words) {
+            let read = directives(&format!("script {script}"));
+            prop_assert_eq!(read.len(), 1);
+            prop_assert_eq!(read[0].len(), 2);
+            let inner = read[0][1].trim_matches('"');
+            prop_assert_eq!(inner.split_whitespace().collect::<Vec<_>>(), words.iter().map(String::as_str).collect::<Vec<_>>());
+            prop_assert!(inner.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) && !inner.contains(['\\', '\'', '$', '#', '!']));
+        }
+    }
+}

@@ -36,7 +36,11 @@ impl Validated {
         let clock = if self.reference == Reference::Upstream && !self.upstreams.is_empty() {
             ClockSource::Upstreams {
                 system: self.system.clone(),
-                upstreams: self.upstreams.iter().map(|u| u.address.clone()).collect(),
+                upstreams: self
+                    .upstreams
+                    .iter()
+                    .map(|u| u.address.to_string())
+                    .collect(),
             }
         } else {
             ClockSource::HostClock {
@@ -50,11 +54,11 @@ impl Validated {
             }
         };
         crate::daemon::ServeOptions {
-            netns: self.service.netns.clone(),
-            interface: self.service.interface.clone(),
+            netns: self.service.netns.as_ref().map(ToString::to_string),
+            interface: self.service.interface.to_string(),
             addresses: self.service.addresses.clone(),
             xdp_mode: self.xdp_mode,
-            peer_netns: self.service.peer_netns.clone(),
+            peer_netns: self.service.peer_netns.as_ref().map(ToString::to_string),
             params: ntp_common::ServerParams {
                 precision: self.service.precision,
                 poll_min: self.system.poll.min_poll,

@@ -2,10 +2,13 @@
 //! names the file, the field and the reason.
 //!
 //! - [`schema`]: the sections as operators write them;
+//! - [`names`]: the names and paths in them, refused as they are read if they hold anything a
+//!   generated file or a command line could not carry;
 //! - [`validate`]: every field checked, errors as [`ConfigError`];
 //! - [`lower`]: the validated config ([`Validated`]) and its lowering to daemon options.
 
 pub mod lower;
+pub mod names;
 pub mod schema;
 pub mod validate;
 
@@ -60,18 +63,153 @@ pub fn load(path: &Path) -> Result<Validated> {
 
 /// Parses and validates config text; `origin` names it in errors.
 pub fn parse(text: &str, origin: &Path) -> Result<Validated> {
-    let cfg: Config = toml::from_str(text)
-        .map_err(|e| ConfigError::file(origin, e.to_string().trim_end().replace('\n', "\n  ")))?;
-    validate::validate(cfg, origin, true)
+    validate::validate(read(text, origin)?, origin, true)
+}
+
+/// The TOML as the schema's types; a value refused names the field it was read from.
+fn read(text: &str, origin: &Path) -> std::result::Result<Config, ConfigError> {
+    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+        let field = e.path().to_string();
+        let reason = e.into_inner().to_string().trim_end().replace('\n', "\n  ");
+        match field.as_str() {
+            "." => ConfigError::file(origin, reason),
+            _ => ConfigError::field(origin, &field, reason),
+        }
+    })
 }
 
 /// Like [`parse`], but without reading the files the config names (NTS certificate and
 /// key): what `ntp-user fleet push` checks on an operator's machine, where they need not
 /// exist. Each host checks them itself before it applies the config.
 pub fn parse_portable(text: &str, origin: &Path) -> Result<Validated> {
-    let cfg: Config = toml::from_str(text)
-        .map_err(|e| ConfigError::file(origin, e.to_string().trim_end().replace('\n', "\n  ")))?;
-    validate::validate(cfg, origin, false)
+    validate::validate(read(text, origin)?, origin, false)
+}
+
+/// A configuration that sets every field whose value reaches a generated file, a command line
+/// or a path, and how to spoil one of them: shared by the tests of `check-config` and of a
+/// fleet push.
+#[cfg(test)]
+pub(crate) mod every_field {
+    use std::path::{Path, PathBuf};
+
+    /// The fields, as errors name them. Those under `fleet.` stay on the host (a push has no
+    /// `[fleet]`).
+    pub const FIELDS: &[&str] = &[
+        "service.netns",
+        "service.interface",
+        "service.peer_netns",
+        "vip.host_interface",
+        "vip.bridge",
+        "vip.host_interfaces[0]",
+        "redundancy.bridge",
+        "redundancy.interface",
+        "redundancy.host_interface",
+        "redundancy.track_interfaces[0]",
+        "control.socket",
+        "nts.certificate_chain",
+        "nts.private_key",
+        "nts.key_file",
+        "upstream[0].address",
+        "fleet.endpoints[0]",
+        "fleet.cluster",
+        "fleet.host",
+        "fleet.ca",
+        "fleet.certificate",
+        "fleet.key",
+        "fleet.user",
+        "fleet.password_file",
+        "fleet.state_dir",
+        "fleet.nts_seal_key_file",
+    ];
+
+    /// What each field is spoiled with: a line break (a directive of one's own), a quote (out
+    /// of a quoted string), a NUL (the end of a C string).
+    pub const BAD: [&str; 3] = ["\n", "\"", "\0"];
+
+    /// A scratch directory with the files `[fleet]` names (they must exist).
+    pub fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("every-field-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["ca.pem", "client.pem", "client-key.pem", "password"] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        dir
+    }
+
+    /// The cluster's part (what a push carries).
+    pub const CLUSTER: &str = r#"
+[service]
+netns = "ntp-vip"
+interface = "ntpv0"
+addresses = ["169.254.169.123", "fd00:ec2::123"]
+peer_netns = "ntp-peer"
+
+[vip]
+host_interface = "ntpv0-host"
+bridge = "ntpv0-br"
+service_address = "169.254.100.1/24"
+service_address6 = "fd00:ec2::1/64"
+host_interfaces = ["eth9"]
+ipv6_route_advertisements = true
+
+[redundancy]
+virtual_router_id = 51
+bridge = "ntp-mgmt"
+interface = "ntpv0-r"
+host_interface = "ntpv0-hr"
+own_address = "169.254.250.2/24"
+unicast_peers = ["169.254.250.3"]
+track_interfaces = ["eth8"]
+
+[control]
+socket = "/run/ntp-xdp/test/control.sock"
+
+[nts]
+certificate_chain = "/etc/ntp-xdp/nts-chain.pem"
+private_key = "/etc/ntp-xdp/nts-key.pem"
+key_file = "/var/lib/ntp-xdp/nts-keys.json"
+
+[[upstream]]
+address = "169.254.1.1"
+"#;
+
+    /// This host's `[fleet]`, with TLS and a password, its files in `dir`.
+    pub fn fleet(dir: &Path) -> String {
+        let f = |name: &str| dir.join(name).display().to_string();
+        format!(
+            "[fleet]\nendpoints = [\"https://169.254.200.1:2379\"]\ncluster = \"az1\"\n\
+             host = \"vip-a\"\nca = \"{}\"\ncertificate = \"{}\"\nkey = \"{}\"\n\
+             user = \"ntp\"\npassword_file = \"{}\"\nstate_dir = \"/var/lib/ntp-xdp/fleet\"\n\
+             nts_seal_key_file = \"{}\"\n",
+            f("ca.pem"),
+            f("client.pem"),
+            f("client-key.pem"),
+            f("password"),
+            f("seal.key")
+        )
+    }
+
+    /// `text` with `bad` put after the first character of `field`'s value; and that value.
+    pub fn spoil(text: &str, field: &str, bad: &str) -> (String, String) {
+        let mut root = toml::Value::Table(text.parse().unwrap());
+        let mut value = &mut root;
+        for part in field.split('.') {
+            let (key, index) = match part.split_once('[') {
+                Some((k, i)) => (k, Some(i.trim_end_matches(']').parse::<usize>().unwrap())),
+                None => (part, None),
+            };
+            value = value
+                .get_mut(key)
+                .unwrap_or_else(|| panic!("{field} is not in the config"));
+            if let Some(i) = index {
+                value = &mut value.as_array_mut().unwrap()[i];
+            }
+        }
+        let good = value.as_str().unwrap().to_string();
+        let spoiled = format!("{}{bad}{}", &good[..1], &good[1..]);
+        *value = toml::Value::String(spoiled.clone());
+        (toml::to_string(&root).unwrap(), spoiled)
+    }
 }
 
 #[cfg(test)]
@@ -593,6 +731,49 @@ service_address = "169.254.100.1/24"
         )
         .unwrap();
         assert_eq!(ok.dhcp.unwrap().clock_addresses.len(), 1);
+    }
+
+    /// `check-config`: a line break, a quote or a NUL in any value that reaches a generated
+    /// file, a command line or a path is refused, and the error names the file, the field and
+    /// the value.
+    #[test]
+    fn values_that_could_break_out_of_a_file_or_command_line_are_refused() {
+        let dir = every_field::scratch("check-config");
+        let text = format!("{}{}", every_field::CLUSTER, every_field::fleet(&dir));
+        parse_portable(&text, Path::new("x.toml")).expect("the base config is valid");
+        for field in every_field::FIELDS {
+            for bad in every_field::BAD {
+                let (spoiled, value) = every_field::spoil(&text, field, bad);
+                let e = parse(&spoiled, Path::new("/etc/ntp-xdp.toml"))
+                    .expect_err(&format!("{field} = {value:?} was accepted"));
+                let c = e.downcast_ref::<ConfigError>().expect("a ConfigError");
+                assert_eq!(c.file, Path::new("/etc/ntp-xdp.toml"));
+                assert_eq!(c.field.as_deref(), Some(*field), "{e:#}");
+                assert!(c.reason.contains(&format!("{value:?}")), "{e:#}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What the helpers' files carry is rendered when the config is checked: a value they
+    /// cannot carry is a config error, not a helper that never starts.
+    #[test]
+    fn the_helper_files_are_rendered_when_checked() {
+        let dir = every_field::scratch("render");
+        let text = format!("{}{}", every_field::CLUSTER, every_field::fleet(&dir));
+        let v = parse_portable(&text, Path::new("x.toml")).unwrap();
+        let vip = v.vip.unwrap();
+        let keepalived = vip.redundancy.unwrap().keepalived.config_text().unwrap();
+        assert!(
+            keepalived
+                .as_str()
+                .contains("health --socket /run/ntp-xdp/ntp-vip/health.sock\""),
+            "{}",
+            keepalived.as_str()
+        );
+        let radvd = vip.router_advertisements.unwrap().config_text().unwrap();
+        assert!(radvd.as_str().contains("interface ntpv0 {"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Errors are typed: a caller that reports them elsewhere gets file, field and reason.

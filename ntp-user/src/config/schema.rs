@@ -1,11 +1,13 @@
 //! The TOML schema: one struct per section, as operators write it (strings for durations and
-//! modes); [`super::validate`] turns it into the daemon's types.
+//! modes; names and paths as the [`super::names`] types, checked as they are read);
+//! [`super::validate`] turns it into the daemon's types.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 use ipnet::IpNet;
 use serde::Deserialize;
+
+use super::names::{InterfaceName, NetnsName, SafePath, Token};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,26 +46,26 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct FleetSection {
     /// etcd client URLs (https:// with TLS).
-    pub endpoints: Vec<String>,
+    pub endpoints: Vec<Token>,
     /// The cluster (e.g. the availability zone): keys live under /ntp-xdp/<cluster>/.
     pub cluster: String,
     /// This host's name in the cluster. Default: the machine's hostname.
     pub host: Option<String>,
     /// PEM CA of the etcd servers' certificates.
-    pub ca: Option<PathBuf>,
+    pub ca: Option<SafePath>,
     /// PEM client certificate and key (etcd's --client-cert-auth).
-    pub certificate: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub user: Option<String>,
-    pub password_file: Option<PathBuf>,
+    pub certificate: Option<SafePath>,
+    pub key: Option<SafePath>,
+    pub user: Option<Token>,
+    pub password_file: Option<SafePath>,
     /// The heartbeat's lease: a host silent this long is shown as lost.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl: String,
     /// The applied configuration and the agent's state. Default: /var/lib/ntp-xdp/fleet.
-    pub state_dir: Option<PathBuf>,
+    pub state_dir: Option<SafePath>,
     /// With `[nts]`: 32 bytes (mode 0600) that seal the NTS cookie keys in etcd; the same
     /// file on every host of the cluster. Default: `state_dir`/nts-seal.key.
-    pub nts_seal_key_file: Option<PathBuf>,
+    pub nts_seal_key_file: Option<SafePath>,
 }
 
 fn default_lease_ttl() -> String {
@@ -75,9 +77,9 @@ fn default_lease_ttl() -> String {
 #[serde(deny_unknown_fields)]
 pub struct NtsSection {
     /// PEM certificate chain (leaf first), valid for the name or address guests use.
-    pub certificate_chain: PathBuf,
+    pub certificate_chain: SafePath,
     /// PEM private key of the leaf certificate.
-    pub private_key: PathBuf,
+    pub private_key: SafePath,
     /// Where the key exchange listens (TCP), in the service namespace. Default: every
     /// served address (the clock addresses and, with [vip], the service address).
     #[serde(default)]
@@ -86,7 +88,7 @@ pub struct NtsSection {
     pub port: u16,
     /// The cookie keys, kept across restarts; hosts that share it share cookies.
     /// Default: /var/lib/ntp-xdp/nts-keys.json.
-    pub key_file: Option<PathBuf>,
+    pub key_file: Option<SafePath>,
     /// How often a new cookie key is made (cookies stay good for three more).
     #[serde(default = "default_nts_rotation")]
     pub key_rotation: String,
@@ -222,7 +224,7 @@ impl Default for MetricsSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ControlSection {
     /// Default: /run/ntp-xdp/NETNS/control.sock with a [vip] section, else none.
-    pub socket: Option<PathBuf>,
+    pub socket: Option<SafePath>,
 }
 
 /// Alarm thresholds: each alarm is logged once when it is raised and once when it clears,
@@ -258,9 +260,9 @@ impl Default for AlarmsSection {
 #[serde(deny_unknown_fields)]
 pub struct VipSection {
     /// The host end of the veth (`service.interface` is the namespace end).
-    pub host_interface: String,
+    pub host_interface: InterfaceName,
     /// Bridge the host end joins, so that guests on it reach the namespace.
-    pub bridge: Option<String>,
+    pub bridge: Option<InterfaceName>,
     /// Create `bridge` when it does not exist (and remove it on `down`).
     #[serde(default)]
     pub create_bridge: bool,
@@ -276,7 +278,7 @@ pub struct VipSection {
     pub repair_interval: String,
     /// Host interfaces on the internal network to serve too (physical hosts of the cluster).
     #[serde(default)]
-    pub host_interfaces: Vec<String>,
+    pub host_interfaces: Vec<InterfaceName>,
     /// Router advertisements on the service side (radvd): a route to each IPv6 clock address
     /// (RFC 4191) and the service prefix for SLAAC; never a default router. Needs
     /// `service_address6`.
@@ -301,13 +303,13 @@ pub struct RedundancySection {
     /// The bridge of the VIP hosts' own network (management or a dedicated cluster link) that
     /// VRRP speaks on: the daemon plugs a second veth (`interface` in the namespace,
     /// `host_interface` on the host) into it. Guests must not reach this network.
-    pub bridge: Option<String>,
+    pub bridge: Option<InterfaceName>,
     /// The namespace end of the VRRP link's veth.
     #[serde(default = "default_vrrp_interface")]
-    pub interface: String,
+    pub interface: InterfaceName,
     /// The host end of the VRRP link's veth (joins `bridge`).
     #[serde(default = "default_vrrp_host_interface")]
-    pub host_interface: String,
+    pub host_interface: InterfaceName,
     /// VRRP on the guests' own link instead of `bridge`: needs `unicast_peers` (keepalived
     /// then accepts adverts from them only, and the responder drops VRRP from any other
     /// source). It trusts guests not to spoof a peer's address.
@@ -324,19 +326,19 @@ pub struct RedundancySection {
     /// uplinks): while one is down or without carrier, the host is unhealthy and gives the
     /// addresses up; back, it stays standby.
     #[serde(default)]
-    pub track_interfaces: Vec<String>,
+    pub track_interfaces: Vec<InterfaceName>,
 }
 
 fn default_priority() -> u8 {
     100
 }
 
-fn default_vrrp_interface() -> String {
-    "ntpxdp-r0".into()
+fn default_vrrp_interface() -> InterfaceName {
+    InterfaceName::try_from("ntpxdp-r0").expect("an interface name")
 }
 
-fn default_vrrp_host_interface() -> String {
-    "ntpxdp-hr0".into()
+fn default_vrrp_host_interface() -> InterfaceName {
+    InterfaceName::try_from("ntpxdp-hr0").expect("an interface name")
 }
 
 fn default_advert_interval() -> String {
@@ -367,12 +369,12 @@ pub struct DhcpSection {
 #[serde(deny_unknown_fields)]
 pub struct ServiceSection {
     /// Named network namespace holding `interface` (default: the daemon's own).
-    pub netns: Option<String>,
-    pub interface: String,
+    pub netns: Option<NetnsName>,
+    pub interface: InterfaceName,
     pub addresses: Vec<IpAddr>,
     #[serde(default = "default_xdp_mode")]
     pub xdp_mode: String,
-    pub peer_netns: Option<String>,
+    pub peer_netns: Option<NetnsName>,
     #[serde(default = "default_precision")]
     pub precision: i8,
     #[serde(default)]
@@ -424,7 +426,7 @@ impl Default for ClockSection {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
     /// Host name or address, optionally with :port (default 123).
-    pub address: String,
+    pub address: Token,
     #[serde(default = "default_true")]
     pub iburst: bool,
 }

@@ -2,12 +2,13 @@
 //! ([`ConfigError`]), before anything is started.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
 use ipnet::IpNet;
 
+use super::names::SafePath;
 use super::schema::*;
 use super::{ConfigError, Validated};
 use crate::clock::discipline::DisciplineConfig;
@@ -61,12 +62,6 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
     let bad =
         |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
     let s = &cfg.service;
-    if s.interface.is_empty() || s.interface.len() > 15 {
-        return Err(bad(
-            "service.interface",
-            "must be 1-15 characters (an interface name)".into(),
-        ));
-    }
     if s.addresses.is_empty() {
         return Err(bad(
             "service.addresses",
@@ -170,11 +165,6 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
         Some(r) => Some(parse_refid(r).map_err(|e| bad("clock.refid", e))?),
         None => None,
     };
-    for (i, u) in cfg.upstreams.iter().enumerate() {
-        if u.address.trim().is_empty() {
-            return Err(bad(&format!("upstream[{i}].address"), "is empty".into()));
-        }
-    }
     let mut vip = validate_vip(&cfg, origin)?;
     let dhcp = validate_dhcp(&cfg, vip.as_ref(), origin)?;
     let admission = validate_admission(&cfg.limits, &cfg.access, &cfg.guest_clocks, origin)?;
@@ -191,6 +181,9 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
         .as_ref()
         .filter(|v| v.redundancy.is_some())
         .map(|v| crate::host::vip::health_socket(&v.netns));
+    if let Some(v) = &vip {
+        check_helper_files(v, origin)?;
+    }
     let fleet = match &cfg.fleet {
         Some(f) => Some(validate_fleet(f, origin)?),
         None => None,
@@ -333,23 +326,19 @@ pub fn validate_fleet(f: &FleetSection, origin: &Path) -> Result<crate::fleet::F
     if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(300) {
         return Err(bad("fleet.lease_ttl", "must be between 2s and 5m".into()));
     }
-    let state_dir = f
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| "/var/lib/ntp-xdp/fleet".into());
+    let path = |p: &Option<SafePath>| p.clone().map(PathBuf::from);
+    let state_dir = path(&f.state_dir).unwrap_or_else(|| "/var/lib/ntp-xdp/fleet".into());
     Ok(crate::fleet::FleetSpec {
-        endpoints: f.endpoints.clone(),
+        endpoints: f.endpoints.iter().map(ToString::to_string).collect(),
         cluster: f.cluster.clone(),
         host,
-        ca: f.ca.clone(),
-        certificate: f.certificate.clone(),
-        key: f.key.clone(),
-        user: f.user.clone(),
-        password_file: f.password_file.clone(),
+        ca: path(&f.ca),
+        certificate: path(&f.certificate),
+        key: path(&f.key),
+        user: f.user.as_ref().map(ToString::to_string),
+        password_file: path(&f.password_file),
         lease_ttl,
-        nts_seal_key_file: f
-            .nts_seal_key_file
-            .clone()
+        nts_seal_key_file: path(&f.nts_seal_key_file)
             .unwrap_or_else(|| state_dir.join("nts-seal.key")),
         state_dir,
     })
@@ -453,6 +442,7 @@ pub fn validate_nts(
     let key_file = n
         .key_file
         .clone()
+        .map(PathBuf::from)
         .unwrap_or_else(|| "/var/lib/ntp-xdp/nts-keys.json".into());
     if key_file.file_name().is_none() {
         return Err(bad("nts.key_file", "must name a file".into()));
@@ -478,8 +468,8 @@ pub fn validate_nts(
         }
     };
     Ok(crate::nts::server::NtsSpec {
-        certificate_chain: n.certificate_chain.clone(),
-        private_key: n.private_key.clone(),
+        certificate_chain: n.certificate_chain.clone().into(),
+        private_key: n.private_key.clone().into(),
         listen,
         port: n.port,
         key_file,
@@ -667,13 +657,7 @@ pub fn validate_observe(
         ));
     }
     let control_socket = match (&control.socket, vip) {
-        (Some(p), _) if !p.is_absolute() => {
-            return Err(bad(
-                "control.socket",
-                format!("{} is not an absolute path", p.display()),
-            ))
-        }
-        (Some(p), _) => Some(p.clone()),
+        (Some(p), _) => Some(p.clone().into()),
         (None, Some(v)) => Some(crate::host::vip::state_dir(&v.netns).join("control.sock")),
         (None, None) => None,
     };
@@ -700,14 +684,6 @@ pub fn validate_observe(
     })
 }
 
-fn is_interface_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 15
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-}
-
 fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::host::vip::VipSpec>> {
     let bad =
         |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
@@ -720,31 +696,6 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::host::vip::
             "[vip] needs the name of the namespace to create and keep".into(),
         ));
     };
-    if netns.is_empty() || netns.len() > 64 || netns.contains('/') || netns.starts_with('.') {
-        return Err(bad(
-            "service.netns",
-            format!("{netns:?} is not a namespace name (1-64 characters, no '/')"),
-        ));
-    }
-    if !is_interface_name(&cfg.service.interface) {
-        return Err(bad(
-            "service.interface",
-            format!("{:?} is not an interface name", cfg.service.interface),
-        ));
-    }
-    for (field, name) in [
-        ("vip.host_interface", Some(&v.host_interface)),
-        ("vip.bridge", v.bridge.as_ref()),
-    ] {
-        if let Some(name) = name {
-            if !is_interface_name(name) {
-                return Err(bad(
-                    field,
-                    format!("{name:?} is not an interface name (1-15 of A-Z a-z 0-9 - _ .)"),
-                ));
-            }
-        }
-    }
     if v.host_interface == cfg.service.interface || v.bridge.as_ref() == Some(&v.host_interface) {
         return Err(bad(
             "vip.host_interface",
@@ -812,25 +763,17 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::host::vip::
             "must be between 100ms and 1h".into(),
         ));
     }
-    for (i, name) in v.host_interfaces.iter().enumerate() {
-        if !is_interface_name(name) {
-            return Err(bad(
-                &format!("vip.host_interfaces[{i}]"),
-                format!("{name:?} is not an interface name"),
-            ));
-        }
-    }
     Ok(Some(crate::host::vip::VipSpec {
-        netns: netns.clone(),
-        ns_interface: cfg.service.interface.clone(),
-        host_interface: v.host_interface.clone(),
-        bridge: v.bridge.clone(),
+        netns: netns.to_string(),
+        ns_interface: cfg.service.interface.to_string(),
+        host_interface: v.host_interface.to_string(),
+        bridge: v.bridge.as_ref().map(ToString::to_string),
         create_bridge: v.create_bridge,
         service_addresses,
         aliases: cfg.service.addresses.clone(),
         routes,
         repair_interval,
-        host_interfaces: v.host_interfaces.clone(),
+        host_interfaces: v.host_interfaces.iter().map(ToString::to_string).collect(),
         redundancy: None,
         router_advertisements: match (v.ipv6_route_advertisements, v.service_address6) {
             (false, _) => None,
@@ -916,18 +859,6 @@ fn validate_redundancy(
         }
         (None, true) => None,
         (Some(bridge), false) => {
-            for (field, name) in [
-                ("redundancy.bridge", bridge),
-                ("redundancy.interface", &r.interface),
-                ("redundancy.host_interface", &r.host_interface),
-            ] {
-                if !is_interface_name(name) {
-                    return Err(bad(
-                        field,
-                        format!("{name:?} is not an interface name (1-15 of A-Z a-z 0-9 - _ .)"),
-                    ));
-                }
-            }
             let taken = [
                 v.ns_interface.as_str(),
                 v.host_interface.as_str(),
@@ -948,16 +879,16 @@ fn validate_redundancy(
                         .into(),
                 ));
             }
-            if v.bridge.as_ref() == Some(bridge) {
+            if v.bridge.as_deref() == Some(bridge.as_str()) {
                 return Err(bad(
                     "redundancy.bridge",
                     format!("{bridge:?} is the guests' bridge (vip.bridge)"),
                 ));
             }
             Some(crate::host::vip::VrrpLink {
-                ns_interface: r.interface.clone(),
-                host_interface: r.host_interface.clone(),
-                bridge: bridge.clone(),
+                ns_interface: r.interface.to_string(),
+                host_interface: r.host_interface.to_string(),
+                bridge: bridge.to_string(),
             })
         }
     };
@@ -1012,21 +943,13 @@ fn validate_redundancy(
             ));
         }
     }
-    for (i, name) in r.track_interfaces.iter().enumerate() {
-        if !is_interface_name(name) {
-            return Err(bad(
-                &format!("redundancy.track_interfaces[{i}]"),
-                format!("{name:?} is not an interface name"),
-            ));
-        }
-    }
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "ntp-user".into());
     let health_socket = crate::host::vip::health_socket(&v.netns);
     v.redundancy = Some(crate::host::vip::Redundancy {
         own_address: own,
-        track_interfaces: r.track_interfaces.clone(),
+        track_interfaces: r.track_interfaces.iter().map(ToString::to_string).collect(),
         keepalived: crate::host::keepalived::KeepalivedSpec {
             netns: v.netns.clone(),
             vrrp_interface: link
@@ -1048,6 +971,22 @@ fn validate_redundancy(
         },
         link,
     });
+    Ok(())
+}
+
+/// The helpers' files render: a value they cannot carry (the daemon's own path, say) is a
+/// config error here, not a helper that never starts.
+fn check_helper_files(v: &crate::host::vip::VipSpec, origin: &Path) -> Result<()> {
+    if let Some(r) = &v.redundancy {
+        r.keepalived
+            .config_text()
+            .map_err(|e| ConfigError::field(origin, "redundancy", e.to_string()))?;
+    }
+    if let Some(ra) = &v.router_advertisements {
+        ra.config_text().map_err(|e| {
+            ConfigError::field(origin, "vip.ipv6_route_advertisements", e.to_string())
+        })?;
+    }
     Ok(())
 }
 

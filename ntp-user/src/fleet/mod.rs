@@ -194,6 +194,26 @@ pub fn effective_config(
     toml::to_string(&base).map_err(|e| e.to_string())
 }
 
+/// How `fleet push` and `fleet override` check a configuration before it is written: what
+/// any machine can check (the files a host reads, only that host can).
+pub fn push_validator() -> agent::Validator {
+    std::sync::Arc::new(|text, origin| {
+        crate::config::parse_portable(text, std::path::Path::new(origin))
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    })
+}
+
+/// How a host checks a configuration pushed to it before it applies it: as a local file,
+/// and the interfaces it names exist here.
+pub fn host_validator() -> agent::Validator {
+    std::sync::Arc::new(|text, origin| {
+        crate::config::parse(text, std::path::Path::new(origin))
+            .and_then(|v| crate::config::host_preflight(&v))
+            .map_err(|e| format!("{e:#}"))
+    })
+}
+
 /// Whether going from `old` to `new` (whole configurations) changes only what a running
 /// daemon can change in place: the access list and the rate limit (not the table sizes,
 /// fixed when the maps are made).
@@ -314,6 +334,50 @@ pub fn fleet_alarms(hosts: &[HostView], max_offset_spread_s: f64) -> Vec<FleetAl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A push, of the cluster's config or of a host's override, is refused on the operator's
+    /// machine and by each host when a value that reaches a generated file, a command line
+    /// or a path holds a line break, a quote or a NUL; the error names the field.
+    #[test]
+    fn a_push_refuses_values_that_could_break_out_of_a_file_or_command_line() {
+        use crate::config::every_field;
+        let dir = every_field::scratch("push");
+        let local_fleet = every_field::fleet(&dir)
+            .parse::<toml::Table>()
+            .unwrap()
+            .remove("fleet")
+            .unwrap();
+        let cluster = every_field::CLUSTER;
+        let origin = "etcd /ntp-xdp/az1/config@7";
+        let text = effective_config(cluster, None, Some(&local_fleet)).unwrap();
+        push_validator()(&text, origin).expect("the base config is valid");
+        let pushed = every_field::FIELDS
+            .iter()
+            .filter(|f| !f.starts_with("fleet."));
+        for field in pushed {
+            for bad in every_field::BAD {
+                let (spoiled, value) = every_field::spoil(cluster, field, bad);
+                // The value in the cluster's config, and in a host's override over a good one.
+                for text in [
+                    effective_config(&spoiled, None, Some(&local_fleet)),
+                    effective_config(cluster, Some(&spoiled), Some(&local_fleet)),
+                ] {
+                    let text = text.unwrap();
+                    for validate in [push_validator(), host_validator()] {
+                        let e = validate(&text, origin)
+                            .expect_err(&format!("{field} = {value:?} was accepted"));
+                        assert!(
+                            e.contains(origin)
+                                && e.contains(&format!("field `{field}`"))
+                                && e.contains(&format!("{value:?}")),
+                            "{e}"
+                        );
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn only_access_and_limits_change_live() {

@@ -44,9 +44,10 @@ pub fn program_path(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-/// Writes a helper's configuration file (rewritten at every start).
-pub fn write_config(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+/// Writes a helper's configuration file (rewritten at every start): only a [`ConfFile`], whose
+/// every value was checked by [`crate::host::conffile`].
+pub fn write_config(path: &Path, file: &crate::host::conffile::ConfFile) -> Result<()> {
+    std::fs::write(path, file.as_str()).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Supervises `helper` until dropped; see the module's description.

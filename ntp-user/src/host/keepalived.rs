@@ -14,6 +14,7 @@ use anyhow::{Context as _, Result};
 use ipnet::IpNet;
 use tracing::info;
 
+use crate::host::conffile::{ConfFile, Syntax, Unwritable};
 use crate::host::vip::state_dir;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -73,10 +74,12 @@ impl KeepalivedSpec {
 
     /// keepalived.conf for this host. Scripts are checked (`enable_script_security`: keepalived
     /// refuses one that a non-root user could replace); adverts on a unicast group are
-    /// accepted from the peers only (`check_unicast_src`).
-    pub fn config_text(&self) -> String {
+    /// accepted from the peers only (`check_unicast_src`). Every value goes through
+    /// [`Syntax`], which refuses one keepalived would read as more than that value.
+    pub fn config_text(&self) -> Result<ConfFile, Unwritable> {
+        let k = Syntax::Keepalived;
         // One quoted string: keepalived splits it into the program and its arguments.
-        let script = format!("\"{}\"", self.health_command.join(" ").replace('"', ""));
+        let script = k.command(&self.health_command)?;
         let script_user = self
             .health_command
             .first()
@@ -87,19 +90,25 @@ impl KeepalivedSpec {
             .partition(|n| n.addr().is_ipv4());
         let list = |nets: &[&IpNet]| {
             nets.iter()
-                .map(|n| format!("    {n} dev {}\n", self.address_interface))
-                .collect::<String>()
+                .map(|n| {
+                    Ok(format!(
+                        "    {} dev {}\n",
+                        k.word(n)?,
+                        k.word(&self.address_interface)?
+                    ))
+                })
+                .collect::<Result<String, Unwritable>>()
         };
         let peers = if self.unicast_peers.is_empty() {
             String::new()
         } else {
             format!(
                 "  unicast_src_ip {}\n  check_unicast_src\n  unicast_peer {{\n{}  }}\n",
-                self.own_address,
+                k.word(self.own_address)?,
                 self.unicast_peers
                     .iter()
-                    .map(|p| format!("    {p}\n"))
-                    .collect::<String>()
+                    .map(|p| Ok(format!("    {}\n", k.word(p)?)))
+                    .collect::<Result<String, Unwritable>>()?
             )
         };
         // VRRP on a link of its own no longer sees the guests' link fail: watch it.
@@ -108,10 +117,10 @@ impl KeepalivedSpec {
         } else {
             format!(
                 "  track_interface {{\n    {}\n  }}\n",
-                self.address_interface
+                k.word(&self.address_interface)?
             )
         };
-        format!(
+        k.file(format!(
             "# Written by ntp-user for namespace {netns}; rewritten at every start.\n\
              global_defs {{\n  router_id ntpxdp-{netns}\n  script_user {script_user}\n  \
              enable_script_security\n  vrrp_version 3\n  vrrp_garp_master_repeat 3\n  \
@@ -122,14 +131,15 @@ impl KeepalivedSpec {
              {track_link}  virtual_router_id {vrid}\n  priority {prio}\n  advert_int {advert}\n\
              {peers}  virtual_ipaddress {{\n{v4}  }}\n  virtual_ipaddress_excluded {{\n{v6}  }}\n  \
              track_script {{\n    ntpxdp_health\n  }}\n}}\n",
-            netns = self.netns,
-            ifname = self.vrrp_interface,
-            vrid = self.virtual_router_id,
-            prio = self.priority,
-            advert = self.advert_interval.as_secs_f64(),
-            v4 = list(&v4),
-            v6 = list(&v6),
-        )
+            netns = k.word(&self.netns)?,
+            script_user = k.word(script_user)?,
+            ifname = k.word(&self.vrrp_interface)?,
+            vrid = k.word(self.virtual_router_id)?,
+            prio = k.word(self.priority)?,
+            advert = k.word(self.advert_interval.as_secs_f64())?,
+            v4 = list(&v4)?,
+            v6 = list(&v6)?,
+        ))
     }
 
     fn args(&self) -> Vec<String> {
@@ -166,7 +176,7 @@ impl crate::host::helper::Helper for KeepalivedSpec {
     }
 
     fn command(&self) -> Result<(PathBuf, Vec<String>)> {
-        crate::host::helper::write_config(&self.config_file(), &self.config_text())?;
+        crate::host::helper::write_config(&self.config_file(), &self.config_text()?)?;
         Ok((crate::host::helper::program_path(self.name()), self.args()))
     }
 
@@ -219,7 +229,8 @@ mod tests {
             ],
             health_command: vec!["/usr/bin/ntp-user".into(), "health".into()],
         };
-        let c = spec.config_text();
+        let c = spec.config_text().unwrap();
+        let c = c.as_str();
         for want in [
             "state BACKUP",
             "nopreempt",

@@ -1,5 +1,6 @@
 //! The host plumbing: netlink, network namespaces, the VIP host's namespace/veth/addresses,
 //! DHCP (dnsmasq) and the host clock.
+pub mod conffile;
 pub mod dhcp;
 pub mod files;
 pub mod helper;

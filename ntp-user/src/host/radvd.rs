@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use ipnet::{IpNet, Ipv6Net};
 
+use crate::host::conffile::{ConfFile, Syntax, Unwritable};
 use crate::host::vip::state_dir;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -29,21 +30,29 @@ impl RadvdSpec {
         state_dir(&self.netns).join("radvd.pid")
     }
 
-    pub fn config_text(&self) -> String {
+    /// radvd.conf; every value goes through [`Syntax`], which refuses one radvd would read
+    /// as more than that value.
+    pub fn config_text(&self) -> Result<ConfFile, Unwritable> {
+        let r = Syntax::Radvd;
         let routes: String = self
             .routes
             .iter()
-            .map(|r| format!("  route {r} {{\n    AdvRouteLifetime 1800;\n  }};\n"))
-            .collect();
-        format!(
+            .map(|route| {
+                Ok(format!(
+                    "  route {} {{\n    AdvRouteLifetime 1800;\n  }};\n",
+                    r.word(route)?
+                ))
+            })
+            .collect::<Result<_, Unwritable>>()?;
+        r.file(format!(
             "# Written by ntp-user for namespace {netns}; rewritten at every start.\n\
              interface {ifname} {{\n  AdvSendAdvert on;\n  AdvDefaultLifetime 0;\n  \
              MinRtrAdvInterval 10;\n  MaxRtrAdvInterval 30;\n  prefix {prefix} {{\n    \
              AdvOnLink on;\n    AdvAutonomous on;\n  }};\n{routes}}};\n",
-            netns = self.netns,
-            ifname = self.interface,
-            prefix = self.prefix.trunc(),
-        )
+            netns = r.word(&self.netns)?,
+            ifname = r.word(&self.interface)?,
+            prefix = r.word(self.prefix.trunc())?,
+        ))
     }
 }
 
@@ -57,7 +66,7 @@ impl crate::host::helper::Helper for RadvdSpec {
     }
 
     fn command(&self) -> Result<(PathBuf, Vec<String>)> {
-        crate::host::helper::write_config(&self.config_file(), &self.config_text())?;
+        crate::host::helper::write_config(&self.config_file(), &self.config_text()?)?;
         Ok((
             crate::host::helper::program_path(self.name()),
             vec![
@@ -116,7 +125,8 @@ mod tests {
             ],
         )
         .unwrap();
-        let c = spec.config_text();
+        let c = spec.config_text().unwrap();
+        let c = c.as_str();
         for want in [
             "interface ntpxdp-v0 {",
             "AdvDefaultLifetime 0;",
