@@ -29,10 +29,14 @@ pub struct TimeAnchor {
     pub max_age_ns: u64,
     /// Reference timestamp: when the model was last corrected from its source.
     pub reference_ntp_ns: u64,
-    /// Root delay to the reference clock.
-    pub root_delay_ns: u64,
-    /// Root dispersion at `mono_ns`; the responder adds PHI × age.
+    /// Root dispersion at `mono_ns`; the responder adds `dispersion_growth_ns_per_s` × age.
     pub root_dispersion_ns: u64,
+    /// Root delay to the reference clock (4 s at most: a longer one is past any usable
+    /// distance).
+    pub root_delay_ns: u32,
+    /// How fast the error bound grows with the anchor's age (ns per second, i.e. ppb): the
+    /// daemon's estimate of its own frequency error, covering the longest the anchor may serve.
+    pub dispersion_growth_ns_per_s: u32,
     /// Reference ID (IPv4 address of the upstream, or an ASCII kiss/clock code).
     pub refid: [u8; 4],
     /// Leap indicator; 3 = unsynchronized.
@@ -60,6 +64,16 @@ impl TimeAnchor {
     #[inline(always)]
     pub fn is_published(&self) -> bool {
         self.ntp_ns != 0
+    }
+
+    /// Root dispersion at monotonic reading `mono_ns`: the published one plus its growth.
+    #[inline(always)]
+    pub fn root_dispersion_at(&self, mono_ns: u64) -> u64 {
+        self.root_dispersion_ns
+            .saturating_add(crate::time::dispersion_growth_ns(
+                self.age_ns(mono_ns),
+                self.dispersion_growth_ns_per_s,
+            ))
     }
 
     /// Whether a reply at `mono_ns` may claim synchronization.

@@ -72,6 +72,7 @@ pub const LAYOUT_FINGERPRINT: u64 = {
         offset_of!(TimeAnchor, reference_ntp_ns),
         offset_of!(TimeAnchor, root_delay_ns),
         offset_of!(TimeAnchor, root_dispersion_ns),
+        offset_of!(TimeAnchor, dispersion_growth_ns_per_s),
         offset_of!(TimeAnchor, refid),
         offset_of!(TimeAnchor, leap),
         offset_of!(TimeAnchor, stratum),

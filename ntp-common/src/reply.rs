@@ -5,7 +5,7 @@
 
 use crate::anchor::{ServerParams, TimeAnchor};
 use crate::counters::Counter;
-use crate::time::{ns_to_short, ntp_ns_to_timestamp, phi_growth_ns};
+use crate::time::{ns_to_short, ntp_ns_to_timestamp};
 use crate::wire::*;
 
 /// The NTP-level rule both paths apply to a request's first byte: only client requests (mode
@@ -126,9 +126,7 @@ pub fn write_reply_but_transmit(
     } else {
         (LEAP_UNSYNCHRONIZED, STRATUM_UNSPECIFIED, KISS_INIT)
     };
-    let dispersion = anchor
-        .root_dispersion_ns
-        .saturating_add(phi_growth_ns(anchor.age_ns(rx_mono)));
+    let dispersion = anchor.root_dispersion_at(rx_mono);
     let receive = ntp_ns_to_timestamp(anchor.ntp_ns_at(rx_mono));
     let reference = if anchor.reference_ntp_ns == 0 {
         0
@@ -140,7 +138,11 @@ pub fn write_reply_but_transmit(
     hdr[OFF_STRATUM] = stratum;
     hdr[OFF_POLL] = clamp_poll(req.poll, params) as u8;
     hdr[OFF_PRECISION] = params.precision as u8;
-    write_be32(hdr, OFF_ROOT_DELAY, ns_to_short(anchor.root_delay_ns));
+    write_be32(
+        hdr,
+        OFF_ROOT_DELAY,
+        ns_to_short(anchor.root_delay_ns as u64),
+    );
     write_be32(hdr, OFF_ROOT_DISPERSION, ns_to_short(dispersion));
     hdr[OFF_REFID] = refid[0];
     hdr[OFF_REFID + 1] = refid[1];
@@ -230,6 +232,7 @@ mod tests {
             reference_ntp_ns: 3_971_999_990 * SEC,
             root_delay_ns: 1_000_000,
             root_dispersion_ns: 500_000,
+            dispersion_growth_ns_per_s: 40,
             refid: [169, 254, 0, 1],
             leap: LEAP_NONE,
             stratum: 3,
@@ -260,8 +263,8 @@ mod tests {
         assert_eq!(h[OFF_POLL], 6);
         assert_eq!(h[OFF_PRECISION] as i8, -24);
         assert_eq!(read_be32(&h, OFF_ROOT_DELAY), ns_to_short(1_000_000));
-        // 0.5 ms + 2 s × 15 µs/s = 0.53 ms.
-        assert_eq!(read_be32(&h, OFF_ROOT_DISPERSION), ns_to_short(530_000));
+        // 0.5 ms + 2 s × 40 ns/s: the anchor's own growth, not RFC 5905's 15 µs/s.
+        assert_eq!(read_be32(&h, OFF_ROOT_DISPERSION), ns_to_short(500_080));
         assert_eq!(h[OFF_REFID..OFF_REFID + 4], [169, 254, 0, 1]);
         assert_eq!(
             read_be64(&h, OFF_REFERENCE_TS),

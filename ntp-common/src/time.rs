@@ -17,8 +17,12 @@ pub const ERA_NS: u64 = (1u64 << 32) * NANOS_PER_SEC;
 pub const FREQ_SCALE_BITS: u32 = 32;
 pub const MAX_FREQ_SCALED: i64 = (1i64 << 31) - 1;
 
-/// Root dispersion grows by PHI = 15 µs per second of anchor age (RFC 5905 §7.3).
-pub const PHI_NS_PER_SEC: u64 = 15_000;
+/// RFC 5905's frequency tolerance PHI: 15 µs of dispersion per second (§7.3). What an anchor
+/// whose source states no better grows by.
+pub const PHI_NS_PER_SEC: u32 = 15_000;
+/// The fastest dispersion growth an anchor carries (ns/s): 16.7 ms/s, beyond any clock worth
+/// serving, and small enough that growth × age stays inside 64 bits.
+pub const MAX_DISPERSION_GROWTH_NS_PER_S: u32 = (1 << 24) - 1;
 
 #[inline(always)]
 pub const fn unix_ns_to_ntp_ns(unix_ns: u64) -> u64 {
@@ -165,13 +169,19 @@ pub fn short_to_ns(short: u32) -> u64 {
     ((short as u64) * NANOS_PER_SEC) >> 16
 }
 
-/// Dispersion added by PHI over `age_ns`.
+/// Dispersion added over `age_ns` at `growth_ns_per_s`.
 #[inline(always)]
-pub fn phi_growth_ns(age_ns: u64) -> u64 {
-    // Cap the age at 2^40 ns (about 18 minutes times 1000) so the product stays in 64 bits;
-    // any anchor that old is long past its maximum age.
+pub fn dispersion_growth_ns(age_ns: u64, growth_ns_per_s: u32) -> u64 {
+    // Age capped at 2^40 ns (about 18 minutes times 1000) and growth below 2^24 keep the
+    // product in 64 bits; any anchor that old is long past its maximum age.
     let age = if age_ns > (1 << 40) { 1 << 40 } else { age_ns };
-    div_1e9(age * PHI_NS_PER_SEC)
+    let growth = if growth_ns_per_s > MAX_DISPERSION_GROWTH_NS_PER_S {
+        MAX_DISPERSION_GROWTH_NS_PER_S
+    } else {
+        growth_ns_per_s
+    };
+    // Rounded up: a bound never shrinks by rounding.
+    div_1e9(age * growth as u64 + NANOS_PER_SEC - 1)
 }
 
 #[cfg(test)]
@@ -331,9 +341,15 @@ mod tests {
 
     #[test]
     fn phi_growth() {
-        assert_eq!(phi_growth_ns(SEC), 15_000);
-        assert_eq!(phi_growth_ns(100 * SEC), 1_500_000);
-        assert_eq!(phi_growth_ns(u64::MAX), phi_growth_ns(1 << 40));
+        assert_eq!(dispersion_growth_ns(SEC, PHI_NS_PER_SEC), 15_000);
+        assert_eq!(dispersion_growth_ns(100 * SEC, PHI_NS_PER_SEC), 1_500_000);
+        assert_eq!(dispersion_growth_ns(0, 7), 0);
+        // Rounded up: 3 ppb over half a second is 1.5 ns, served as 2.
+        assert_eq!(dispersion_growth_ns(SEC / 2, 3), 2);
+        assert_eq!(
+            dispersion_growth_ns(u64::MAX, u32::MAX),
+            dispersion_growth_ns(1 << 40, MAX_DISPERSION_GROWTH_NS_PER_S)
+        );
     }
 
     #[test]

@@ -27,13 +27,13 @@ fn anchor() -> impl Strategy<Value = TimeAnchor> {
             -(1i64 << 31)..(1i64 << 31),
             any::<u64>(),
         ),
-        (any::<u64>(), any::<u64>(), any::<u64>()),
+        (any::<u64>(), any::<u32>(), any::<u64>(), any::<u32>()),
         (any::<[u8; 4]>(), 0u8..4, any::<u8>()),
     )
         .prop_map(
             |(
                 (mono_ns, ntp_ns, freq_scaled, max_age_ns),
-                (reference, delay, disp),
+                (reference, delay, disp, growth),
                 (refid, leap, stratum),
             )| {
                 TimeAnchor {
@@ -44,6 +44,7 @@ fn anchor() -> impl Strategy<Value = TimeAnchor> {
                     reference_ntp_ns: reference,
                     root_delay_ns: delay,
                     root_dispersion_ns: disp,
+                    dispersion_growth_ns_per_s: growth,
                     refid,
                     leap,
                     stratum,

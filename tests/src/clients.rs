@@ -147,6 +147,101 @@ pub fn chronyd_query(ns: &Netns, addr: &str) -> Result<ChronyMeasurement> {
     })
 }
 
+/// A guest's chronyd following `addr` as a guest's would (polling every second), under `-x`
+/// and without CAP_SYS_TIME: it never touches the clock. Its command socket lets `chronyc
+/// tracking` read what it makes of the server, as ClockBound does.
+pub struct ChronyTracker {
+    child: std::process::Child,
+    dir: TempDir,
+}
+
+/// `chronyc tracking`, the figures an error bound is made of (seconds).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tracking {
+    pub stratum: u8,
+    /// How far chronyd thinks the system clock is from NTP time.
+    pub system_time_s: f64,
+    pub last_offset_s: f64,
+    pub root_delay_s: f64,
+    pub root_dispersion_s: f64,
+    pub leap: String,
+}
+
+impl Tracking {
+    /// The bound the server's replies give the guest, with the guest's own path added.
+    pub fn root_distance_s(&self) -> f64 {
+        self.root_delay_s / 2.0 + self.root_dispersion_s
+    }
+
+    /// ClockBound's clock error bound (without its drift allowance, which only widens it).
+    pub fn clockbound_s(&self) -> f64 {
+        self.system_time_s.abs() + self.root_distance_s()
+    }
+}
+
+impl ChronyTracker {
+    pub fn start(ns: &Netns, addr: &str) -> Result<ChronyTracker> {
+        let dir = TempDir(std::env::temp_dir().join(unique_name("chronytrk")));
+        std::fs::create_dir_all(&dir.0)?;
+        // chronyd opens its command socket only in a directory others cannot enter.
+        std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let conf = dir.0.join("chrony.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "server {addr} iburst minpoll 0 maxpoll 0\npidfile {d}/chronyd.pid\n\
+                 cmdport 0\nbindcmdaddress {d}/chronyd.sock\n",
+                d = dir.0.display()
+            ),
+        )?;
+        let child = no_sys_time(ns, "chronyd")
+            .args(["-x", "-u", "root", "-d", "-f"])
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting chronyd")?;
+        Ok(ChronyTracker { child, dir })
+    }
+
+    pub fn tracking(&self) -> Result<Tracking> {
+        let out = Command::new("chronyc")
+            .arg("-h")
+            .arg(self.dir.0.join("chronyd.sock"))
+            .args(["-c", "tracking"])
+            .output()
+            .context("running chronyc")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // Ref-ID,name,stratum,ref time,system time,last offset,RMS offset,frequency,
+        // residual frequency,skew,root delay,root dispersion,update interval,leap status
+        let f: Vec<&str> = text.trim().split(',').collect();
+        if !out.status.success() || f.len() < 14 {
+            bail!(
+                "chronyc tracking: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let num = |i: usize| -> Result<f64> {
+            f[i].parse().with_context(|| format!("field {i} of {text}"))
+        };
+        Ok(Tracking {
+            stratum: f[2].parse().context("stratum")?,
+            system_time_s: num(4)?,
+            last_offset_s: num(5)?,
+            root_delay_s: num(10)?,
+            root_dispersion_s: num(11)?,
+            leap: f[13].to_string(),
+        })
+    }
+}
+
+impl Drop for ChronyTracker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// What a run of sequential queries saw.
 #[derive(Default, Debug)]
 pub struct ClientTally {

@@ -14,6 +14,8 @@ use std::collections::VecDeque;
 use ntp_common::time::{freq_scaled_to_ppm, ppm_to_freq_scaled};
 use ntp_common::TimeAnchor;
 
+use crate::clock::bound::{DisciplineError, SIGMAS};
+
 const NS: f64 = 1e-9;
 
 /// The model as the kernel will extrapolate it.
@@ -155,7 +157,25 @@ pub struct Discipline {
     window_scores: [f64; WINDOWS.len()],
     /// The window the last fit used (points).
     window: usize,
+    /// Bounds on the phase and frequency error of the last fit.
+    fit_error: FitError,
+    /// The discipline's own error as of the last update.
+    error: DisciplineError,
+    /// The frequency errors the last updates found (s/s, magnitudes, newest last).
+    recent_freq_errors: VecDeque<f64>,
 }
+
+/// Bounds (SIGMAS standard errors) on a fit's phase at the instant it was fitted for (s) and
+/// on its slope (s/s); `slope` is `None` when the fit held the frequency (too few points).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct FitError {
+    phase_s: f64,
+    slope: Option<f64>,
+}
+
+/// How many updates' frequency errors the holdover bound remembers: the worst of them is what
+/// the frequency may be off by when updates stop.
+const FREQ_ERROR_MEMORY: usize = 32;
 
 /// The regression windows the discipline chooses among (newest points). Over a steady
 /// oscillator the longest averages the most noise away; when the frequency wanders, a long
@@ -189,6 +209,12 @@ impl Discipline {
             updates: 0,
             window_scores: [0.0; WINDOWS.len()],
             window: WINDOWS[WINDOWS.len() - 1],
+            fit_error: FitError {
+                phase_s: 0.0,
+                slope: None,
+            },
+            error: DisciplineError::unknown(0, MAX_FREQ_PPM * 1e-6),
+            recent_freq_errors: VecDeque::new(),
         }
     }
 
@@ -202,11 +228,23 @@ impl Discipline {
         now_ns: u64,
     ) -> Discipline {
         model.rebase(now_ns, freq_ppm);
+        let error = DisciplineError::unknown(now_ns, config.max_freq_ppm * 1e-6);
         Discipline {
             freq_ppm,
             synchronized: true,
+            error,
             ..Discipline::new(config, model)
         }
+    }
+
+    /// The discipline's own error as of its last update (bounds; see [`crate::clock::bound`]).
+    pub fn error(&self) -> DisciplineError {
+        self.error
+    }
+
+    /// Sets the error a resumed clock starts from (what the anchor it continues stated).
+    pub fn set_error(&mut self, error: DisciplineError) {
+        self.error = error;
     }
 
     /// How many of the newest points the last fit used: short when the frequency wanders.
@@ -305,6 +343,11 @@ impl Discipline {
             self.synchronized = true;
             self.last_update_ns = Some(now_ns);
             self.points.push_back(point);
+            // One point: its own error, and a frequency known only within the model's limits.
+            self.error = DisciplineError {
+                phase_s: SIGMAS * sigma_s,
+                ..DisciplineError::unknown(now_ns, self.config.max_freq_ppm * 1e-6)
+            };
             return DisciplineEvent::Stepped { offset_s };
         }
         // The point itself beyond the threshold is refused before it can pull a long window's
@@ -332,7 +375,10 @@ impl Discipline {
             change = change.clamp(-nudge, nudge);
         }
         self.updates += 1;
+        let freq_before = self.freq_ppm;
         self.freq_ppm = (self.freq_ppm + change).clamp(-max_freq, max_freq);
+        // What the fit found but the clamps kept out of the frequency is error left in it.
+        let unapplied = (slope - (self.freq_ppm - freq_before) * 1e-6).abs();
         // Slew the phase over at least the time since the last update, and slower if needed
         // to stay within the slew limit.
         let interval = self
@@ -341,14 +387,48 @@ impl Discipline {
         let slew_time = interval.max(phase.abs() / (self.config.max_slew_ppm * 1e-6));
         let slew_ppm = phase / slew_time * 1e6;
         self.model.rebase(now_ns, self.freq_ppm + slew_ppm);
-        self.slew_end_ns = Some(now_ns + (slew_time / NS) as u64);
+        let slew_end_ns = now_ns + (slew_time / NS) as u64;
+        self.slew_end_ns = Some(slew_end_ns);
         self.last_update_ns = Some(now_ns);
+        self.note_error(now_ns, phase, slope.abs(), unapplied, slew_end_ns);
         DisciplineEvent::Corrected {
             phase_s: phase,
             freq_ppm: self.freq_ppm,
             slew_ppm,
             trimmed,
         }
+    }
+
+    /// Records the error bounds of the update just made at `now_ns`: the fit's, plus the
+    /// frequency error the clamps left in, the frequency error the fit found (kept for
+    /// holdover), and the phase `phase` being slewed away until `slew_end_ns`.
+    fn note_error(
+        &mut self,
+        now_ns: u64,
+        phase: f64,
+        freq_found: f64,
+        unapplied: f64,
+        slew_end_ns: u64,
+    ) {
+        // A fit that held the frequency says nothing new about it: the last bound stands.
+        let freq = self.fit_error.slope.unwrap_or(self.error.freq) + unapplied;
+        // While the oscillator's error is being learned, the corrections are that error, not
+        // the estimate's: they say nothing of how far a learned frequency strays.
+        if self.updates > FREQUENCY_LEARNING_UPDATES {
+            self.recent_freq_errors.push_back(freq_found + unapplied);
+            if self.recent_freq_errors.len() > FREQ_ERROR_MEMORY {
+                self.recent_freq_errors.pop_front();
+            }
+        }
+        let worst = self.recent_freq_errors.iter().copied().fold(freq, f64::max);
+        self.error = DisciplineError {
+            at_ns: now_ns,
+            phase_s: self.fit_error.phase_s,
+            freq,
+            worst_freq: worst,
+            slew_phase_s: phase,
+            slew_end_ns,
+        };
     }
 
     /// Scores every candidate window by how well its line, fitted before `point` arrived,
@@ -420,14 +500,14 @@ impl Discipline {
         let window = self.best_window().min(all);
         let mut pts = pts.split_off(all - window);
         self.window = window;
-        loop {
+        let (phase, slope, kept) = loop {
             let (intercept, slope, residual_runs, _) = Self::fit_points(&pts, &reference, now_ns);
             // Too few points (just after a step) say nothing reliable about frequency: points
             // seconds apart from different upstreams would turn their small biases into wild
             // slopes. Hold the frequency and take the phase as their mean.
             if pts.len() < MIN_POINTS_FOR_FREQUENCY {
                 let (mean, _, _, _) = Self::fit_points_fixed_slope(&pts, &reference, now_ns);
-                return (mean, 0.0, pts.len());
+                break (mean, 0.0, pts.len());
             }
             // Runs test (as chrony does): residuals of a model that fits alternate in sign;
             // long runs mean the frequency moved within the window, so drop the oldest points.
@@ -436,12 +516,76 @@ impl Discipline {
             let n = pts.len();
             if n < window {
                 self.window = n;
-                return (intercept, slope, n);
+                break (intercept, slope, n);
             }
             if n <= MIN_POINTS_FOR_FREQUENCY || !too_few_runs(n, residual_runs) {
-                return (intercept, slope, all);
+                break (intercept, slope, all);
             }
             pts.drain(..n / 4);
+        };
+        self.fit_error = Self::fit_error(&pts, &reference, now_ns, phase, slope);
+        (phase, slope, kept)
+    }
+
+    /// Bounds on the phase at `now_ns` and the slope of the line (`phase`, `slope`) fitted to
+    /// `pts`, from the weighted scatter of the points around it. The points' weights say how
+    /// their errors compare; the scatter says how large they are. With fewer points than a
+    /// frequency needs, the slope was held and the scatter of so few is no measure: the
+    /// points' own stated errors are the least it is taken to be.
+    fn fit_error(
+        pts: &[Point],
+        reference: &ClockModel,
+        now_ns: u64,
+        phase: f64,
+        slope: f64,
+    ) -> FitError {
+        let xs: Vec<(f64, f64, f64)> = pts
+            .iter()
+            .map(|p| {
+                let (x, r) = Self::coordinates(p, reference, now_ns);
+                (x, r, p.weight)
+            })
+            .collect();
+        let n = xs.len();
+        let sw: f64 = xs.iter().map(|p| p.2).sum();
+        if n == 0 || sw <= 0.0 {
+            return FitError {
+                phase_s: 0.0,
+                slope: None,
+            };
+        }
+        let free_slope = n >= MIN_POINTS_FOR_FREQUENCY;
+        let dof = n.saturating_sub(if free_slope { 2 } else { 1 }).max(1) as f64;
+        let mut scale = xs
+            .iter()
+            .map(|p| p.2 * (p.1 - (phase + slope * p.0)).powi(2))
+            .sum::<f64>()
+            / dof;
+        if !free_slope {
+            scale = scale.max(1.0);
+        }
+        let mx = xs.iter().map(|p| p.0 * p.2).sum::<f64>() / sw;
+        let my = xs.iter().map(|p| p.1 * p.2).sum::<f64>() / sw;
+        let sxx: f64 = xs.iter().map(|p| p.2 * (p.0 - mx).powi(2)).sum();
+        let mean_bound = SIGMAS * (scale / sw).sqrt();
+        if !free_slope || sxx <= 0.0 {
+            return FitError {
+                phase_s: mean_bound,
+                slope: None,
+            };
+        }
+        // The slope served is shrunk towards zero by its significance: what it left out of the
+        // least-squares slope is error on top of the standard error.
+        let raw_slope = xs
+            .iter()
+            .map(|p| p.2 * (p.0 - mx) * (p.1 - my))
+            .sum::<f64>()
+            / sxx;
+        let slope_bound = SIGMAS * (scale / sxx).sqrt() + (raw_slope - slope).abs();
+        // The phase at now is the weighted mean carried over |mx| seconds by the slope.
+        FitError {
+            phase_s: mean_bound + mx.abs() * slope_bound,
+            slope: Some(slope_bound),
         }
     }
 
@@ -612,6 +756,39 @@ mod tests {
             used.push(d.window());
         }
         used
+    }
+
+    /// The phase bound (s) after `updates` points 64 s apart with Gaussian noise of `noise_s`.
+    fn phase_bound_after(updates: usize, noise_s: f64) -> f64 {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut d = discipline();
+        let mut t = 10 * S;
+        for _ in 0..updates {
+            t += 64 * S;
+            d.advance(t);
+            let normal = {
+                let (u1, u2): (f64, f64) = (rng.gen::<f64>().max(1e-300), rng.gen());
+                (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+            };
+            let truth = 3_900_000_000 * S + (t - 10 * S);
+            let offset = (truth as i128 - d.model.ntp_at(t) as i128) as f64 * NS;
+            d.update(t, offset + noise_s * normal, 5e-6);
+        }
+        d.error().phase_s
+    }
+
+    #[test]
+    fn the_error_bound_follows_the_measured_scatter() {
+        // Points stated as 5 µs each: the bound comes from how much they really scatter.
+        let quiet = phase_bound_after(200, 2e-6);
+        let noisy = phase_bound_after(200, 40e-6);
+        assert!(noisy > 8.0 * quiet, "{quiet} vs {noisy}");
+        // More points, a tighter phase.
+        let early = phase_bound_after(12, 40e-6);
+        assert!(early > noisy, "{early} vs {noisy}");
+        // A quiet clock's bound is microseconds, not RFC 5905's milliseconds.
+        assert!(quiet < 3e-6, "{quiet}");
     }
 
     #[test]

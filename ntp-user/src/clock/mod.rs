@@ -2,6 +2,7 @@
 //! must do (requests to send, anchors to publish, when to wake up) and a typed snapshot. No
 //! sockets, no clock reads, no randomness of its own, no runtime: `tests/clock_is_sans_io`
 //! keeps it so.
+pub mod bound;
 pub mod discipline;
 pub mod filter;
 pub mod leap;

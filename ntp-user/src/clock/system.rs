@@ -12,12 +12,18 @@ use ntp_common::wire::{
 };
 use ntp_common::TimeAnchor;
 
+use crate::clock::bound::{added_dispersion, wander_per_s, DisciplineError};
 use crate::clock::discipline::{ClockModel, Discipline, DisciplineConfig, DisciplineEvent};
-use crate::clock::filter::PHI;
 use crate::clock::leap::{end_of_month_ntp_ns, Leap};
 use crate::clock::selection::{select, Candidate, SelectError};
 use crate::clock::snapshot::{ClockReference, ClockSnapshot, SourceSnapshot, SourceState};
-use crate::clock::upstream::{PollConfig, Rejection, ResponseMode, Upstream, UpstreamState};
+use crate::clock::upstream::{
+    PollConfig, Rejection, ResponseMode, Upstream, UpstreamState, LOCAL_PRECISION,
+};
+
+/// A quartz oscillator in a machine room drifts by a few hundredths of a ppm per hour; 0.1
+/// covers a room whose temperature moves by a degree or so an hour.
+pub const DEFAULT_HOLDOVER_WANDER_PPM_PER_HOUR: f64 = 0.1;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SystemConfig {
@@ -32,6 +38,9 @@ pub struct SystemConfig {
     pub max_anchor_age_ns: u64,
     /// Smear leap seconds over 24 h instead of announcing them.
     pub leap_smear: bool,
+    /// How fast the oscillator's rate may drift (ppm per hour): the error bound served in
+    /// holdover grows by it on top of the worst frequency error seen.
+    pub holdover_wander_ppm_per_hour: f64,
     pub stratum_override: Option<u8>,
     pub refid_override: Option<[u8; 4]>,
 }
@@ -45,6 +54,7 @@ impl Default for SystemConfig {
             max_holdover_ns: 3600 * NANOS_PER_SEC,
             max_anchor_age_ns: 30 * NANOS_PER_SEC,
             leap_smear: false,
+            holdover_wander_ppm_per_hour: DEFAULT_HOLDOVER_WANDER_PPM_PER_HOUR,
             stratum_override: None,
             refid_override: None,
         }
@@ -90,7 +100,8 @@ pub enum SystemEvent {
 pub struct Reference {
     pub stratum: u8,
     pub refid: [u8; 4],
-    /// Root delay and dispersion (s) at `updated_ns`.
+    /// Root delay (s) and the root dispersion of the upstreams the clock follows (s): the
+    /// served dispersion adds the clock's own error to it (see [`crate::clock::bound`]).
     pub root_delay: f64,
     pub root_dispersion: f64,
     pub updated_ns: u64,
@@ -219,19 +230,23 @@ impl System {
         let mut system = System::new(config, upstreams, model, now_ns);
         system.discipline =
             Discipline::resume(system.config.discipline.clone(), model, freq_ppm, now_ns);
-        // The reference was last updated at the anchor's reference timestamp; dispersion has
-        // grown since at PHI, and `anchor()` goes on adding it from there.
+        // The bound goes on from what the anchor served now, growing at its rate (the earlier
+        // daemon's frequency error) until an update measures afresh.
+        let growth = anchor.dispersion_growth_ns_per_s as f64 * 1e-9;
+        system
+            .discipline
+            .set_error(DisciplineError::unknown(now_ns, growth));
+        // The reference was last updated at the anchor's reference timestamp.
         let updated_ns = if anchor.reference_ntp_ns != 0 {
             model.mono_at(anchor.reference_ntp_ns).min(now_ns)
         } else {
             anchor.mono_ns
         };
-        let grown = PHI * anchor.mono_ns.saturating_sub(updated_ns) as f64 * 1e-9;
         system.reference = Some(Reference {
             stratum: anchor.stratum,
             refid: anchor.refid,
             root_delay: anchor.root_delay_ns as f64 * 1e-9,
-            root_dispersion: (anchor.root_dispersion_ns as f64 * 1e-9 - grown).max(0.0),
+            root_dispersion: anchor.root_dispersion_at(now_ns) as f64 * 1e-9,
             updated_ns,
             reference_ntp_ns: anchor.reference_ntp_ns,
             leap: LEAP_NONE,
@@ -357,6 +372,11 @@ impl System {
         self.discipline.frequency_ppm()
     }
 
+    /// The discipline's error bounds as of its last update.
+    pub fn discipline_error(&self) -> DisciplineError {
+        self.discipline.error()
+    }
+
     pub fn is_synchronized(&self) -> bool {
         self.discipline.is_synchronized()
     }
@@ -471,9 +491,18 @@ impl System {
         let header = self.upstreams[peer]
             .header
             .expect("a survivor has a header");
-        let Some((peer_est, _, _)) = self.upstreams[peer].estimate(&model, now_ns) else {
-            return;
-        };
+        // The combined offset is a weighted mean of the survivors': its error from their
+        // paths and their clocks is within the largest of theirs.
+        let (root_delay, upstream_dispersion) = selection
+            .survivors
+            .iter()
+            .filter_map(|&i| self.upstreams[i].estimate(&model, now_ns))
+            .fold((0.0f64, 0.0f64), |(delay, disp), (est, h, _)| {
+                (
+                    delay.max(h.root_delay + est.delay),
+                    disp.max(h.root_dispersion + h.precision),
+                )
+            });
         // One point per fresh survivor sample: points from different samples have independent
         // errors, which the regression's runs test relies on. The selection decides who counts.
         // Its weight comes from the delay it waited beyond the path's least: queueing on one
@@ -530,11 +559,8 @@ impl System {
                 .stratum_override
                 .unwrap_or((header.stratum + 1).min(MAX_STRATUM)),
             refid: self.config.refid_override.unwrap_or(refid_of(addr.ip())),
-            root_delay: header.root_delay + peer_est.delay,
-            root_dispersion: header.root_dispersion
-                + peer_est.dispersion
-                + selection.jitter
-                + selection.offset.abs(),
+            root_delay,
+            root_dispersion: upstream_dispersion + LOCAL_PRECISION,
             updated_ns: now_ns,
             reference_ntp_ns: self.discipline.model.ntp_at(now_ns),
             leap: selection.leap,
@@ -663,7 +689,8 @@ impl System {
             frequency_ppm: self.discipline.frequency_ppm(),
             regression_points: if synced { self.discipline.window() } else { 0 },
             root_delay_s: anchor.root_delay_ns as f64 * 1e-9,
-            root_dispersion_s: anchor.root_dispersion_ns as f64 * 1e-9,
+            // What a reply at `now_ns` states.
+            root_dispersion_s: anchor.root_dispersion_at(now_ns) as f64 * 1e-9,
             last_sync_mono_ns: self
                 .reference
                 .filter(|_| self.discipline.is_synchronized())
@@ -672,6 +699,17 @@ impl System {
             // The core reads no clock: the daemon fills this in.
             host_clock_offset_s: None,
         }
+    }
+
+    /// The dispersion the clock adds to its upstreams' at `now_ns` (s) and its growth (s/s) over
+    /// the longest an anchor may be served.
+    fn added_dispersion(&self, now_ns: u64) -> (f64, f64) {
+        added_dispersion(
+            &self.discipline.error(),
+            wander_per_s(self.config.holdover_wander_ppm_per_hour),
+            now_ns,
+            self.config.max_anchor_age_ns,
+        )
     }
 
     /// The anchor to publish at `now_ns`, plus events (holdover, leap) that happened.
@@ -704,6 +742,9 @@ impl System {
                 self.smear = None;
             }
         }
+        // A leap second's hold serves time ahead of the model (by up to the second): the bound
+        // says so. A smear is not counted: its bound is against the smeared timescale.
+        let mut held_ahead = 0;
         if let Some((mono, ntp)) = self.leap_hold {
             let hold = TimeAnchor {
                 mono_ns: mono,
@@ -713,6 +754,7 @@ impl System {
             };
             let held = hold.ntp_ns_at(now_ns);
             if held > anchor.ntp_ns {
+                held_ahead = held - anchor.ntp_ns;
                 anchor.ntp_ns = held;
                 anchor.freq_scaled = HALF_SPEED;
             } else {
@@ -735,10 +777,14 @@ impl System {
             self.in_holdover = true;
             events.push(SystemEvent::HoldoverEntered);
         }
-        let dispersion = r.root_dispersion + PHI * since_update as f64 * 1e-9;
+        let (added, growth) = self.added_dispersion(now_ns);
         anchor.reference_ntp_ns = r.reference_ntp_ns;
-        anchor.root_delay_ns = (r.root_delay * 1e9) as u64;
-        anchor.root_dispersion_ns = (dispersion * 1e9) as u64;
+        anchor.root_delay_ns = (r.root_delay * 1e9).ceil().min(u32::MAX as f64) as u32;
+        anchor.root_dispersion_ns = ((r.root_dispersion + added) * 1e9).ceil() as u64 + held_ahead;
+        anchor.dispersion_growth_ns_per_s = (growth * 1e9)
+            .ceil()
+            .min(ntp_common::time::MAX_DISPERSION_GROWTH_NS_PER_S as f64)
+            as u32;
         anchor.refid = r.refid;
         anchor.stratum = r.stratum;
         // A smeared leap is never announced; otherwise LI warns until the leap happens.

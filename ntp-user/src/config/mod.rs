@@ -253,6 +253,20 @@ addresses = ["169.254.169.123"]
         )
         .unwrap();
         assert!(!v.system.poll.interleaved);
+        assert_eq!(v.system.holdover_wander_ppm_per_hour, 0.1);
+        let v = parse(
+            &format!("{MINIMAL}[clock]\nholdover_wander_ppm_per_hour = 0.5\n"),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(v.system.holdover_wander_ppm_per_hour, 0.5);
+        let e = err(&format!(
+            "{MINIMAL}[clock]\nholdover_wander_ppm_per_hour = -1.0\n"
+        ));
+        assert!(
+            e.contains("/etc/ntp-xdp.toml") && e.contains("clock.holdover_wander_ppm_per_hour"),
+            "{e}"
+        );
         let e = err(&format!("{MINIMAL}[clock]\ninterleaved = \"yes\"\n"));
         assert!(
             e.contains("/etc/ntp-xdp.toml") && e.contains("interleaved"),

@@ -392,6 +392,9 @@ pub struct ClockSection {
     pub interleaved: bool,
     pub min_sources: usize,
     pub max_slew_ppm: f64,
+    /// How fast the oscillator's rate may drift (ppm per hour): the served error bound grows
+    /// by it in holdover.
+    pub holdover_wander_ppm_per_hour: f64,
     pub panic_threshold: String,
     pub max_holdover: String,
     pub max_anchor_age: String,
@@ -411,6 +414,8 @@ impl Default for ClockSection {
             interleaved: true,
             min_sources: 1,
             max_slew_ppm: 500.0,
+            holdover_wander_ppm_per_hour:
+                crate::clock::system::DEFAULT_HOLDOVER_WANDER_PPM_PER_HOUR,
             panic_threshold: "1000s".into(),
             max_holdover: "1h".into(),
             max_anchor_age: "30s".into(),

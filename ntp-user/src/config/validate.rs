@@ -125,6 +125,13 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
             format!("{} must be in (0, 100000]", c.max_slew_ppm),
         ));
     }
+    // Above 100 ppm an hour no oscillator is worth a bound; zero claims a perfect one.
+    if !(c.holdover_wander_ppm_per_hour > 0.0 && c.holdover_wander_ppm_per_hour <= 100.0) {
+        return Err(bad(
+            "clock.holdover_wander_ppm_per_hour",
+            format!("{} must be in (0, 100]", c.holdover_wander_ppm_per_hour),
+        ));
+    }
     let panic = duration(origin, "clock.panic_threshold", &c.panic_threshold)?;
     let holdover = duration(origin, "clock.max_holdover", &c.max_holdover)?;
     let max_age = duration(origin, "clock.max_anchor_age", &c.max_anchor_age)?;
@@ -215,6 +222,7 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
         max_holdover_ns: holdover.as_nanos().min(u64::MAX as u128) as u64,
         max_anchor_age_ns: max_age.as_nanos().min(u64::MAX as u128) as u64,
         leap_smear: c.leap_smear,
+        holdover_wander_ppm_per_hour: c.holdover_wander_ppm_per_hour,
         stratum_override: c.stratum,
         refid_override,
     };

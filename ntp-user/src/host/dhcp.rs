@@ -182,6 +182,18 @@ pub fn guest_config(
         }
         out.push_str("ntstrustedcerts /etc/chrony/ntp-xdp-ca.pem\n");
     }
+    out.push_str(
+        "\n# Error bound: every reply states root delay / 2 + root dispersion, a bound on the\n\
+         # served time's error (the clock's own estimate, growing in holdover). chrony adds its\n\
+         # own path and reports the sum in `chronyc tracking`; sources whose bound exceeds\n\
+         # maxdistance are not used (chrony then says it is unsynchronized rather than serve a\n\
+         # bound past what the application tolerates). Set it to that tolerance (s):\n\
+         maxdistance 0.001\n\
+         # ClockBound (https://github.com/aws/clock-bound) turns chrony's state into a bound\n\
+         # applications read: |offset| + root dispersion + root delay / 2, widened by its drift\n\
+         # allowance. Without a VMClock device:\n\
+         #   clockbound --max-drift-rate 50 --disable-clock-disruption-support\n",
+    );
     out.push_str("\n# systemd-timesyncd (/etc/systemd/timesyncd.conf.d/ntp-xdp.conf)\n");
     let _ = writeln!(out, "# [Time]");
     let _ = writeln!(
@@ -260,5 +272,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("NTP=169.254.169.123 fd00:ec2::123"), "{text}");
+        // What a guest needs for its error bound: an uncommented chrony directive, and the
+        // ClockBound daemon's command line.
+        assert!(text.lines().any(|l| l == "maxdistance 0.001"), "{text}");
+        assert!(
+            text.contains("clockbound --max-drift-rate 50 --disable-clock-disruption-support"),
+            "{text}"
+        );
     }
 }

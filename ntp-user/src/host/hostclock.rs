@@ -161,6 +161,8 @@ pub fn host_clock_anchor_at(
         reference_ntp_ns: ntp_ns,
         root_delay_ns: 0,
         root_dispersion_ns: dispersion_ns,
+        // The host clock states no frequency error of its own: RFC 5905's tolerance.
+        dispersion_growth_ns_per_s: ntp_common::time::PHI_NS_PER_SEC,
         refid: identity.refid,
         leap,
         stratum: identity.stratum,

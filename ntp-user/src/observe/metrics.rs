@@ -198,6 +198,14 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
             o,
         );
     }
+    if let Some(b) = c.served_error_bound_s() {
+        gauge(
+            &mut reg,
+            "clock_served_error_bound_seconds",
+            "Bound on |served time - true time| the replies state (root delay/2 + root dispersion)",
+            b,
+        );
+    }
     gauge(
         &mut reg,
         "clock_regression_points",
@@ -424,6 +432,9 @@ mod tests {
             reach: 255,
             ..Default::default()
         });
+        r.clock.synchronized = true;
+        r.clock.root_delay_s = 40e-6;
+        r.clock.root_dispersion_s = 7e-6;
         r.alarms.push(crate::observe::alarms::ActiveAlarm {
             name: "drop_rate".into(),
             since_s_ago: 1.0,
@@ -438,6 +449,7 @@ mod tests {
             "ntpxdp_upstream_reach{upstream=\"169.254.1.1:123\"} 255",
             "ntpxdp_alarm{alarm=\"drop_rate\"} 1",
             "ntpxdp_alarm{alarm=\"no_sync\"} 0",
+            "ntpxdp_clock_served_error_bound_seconds 0.000027",
         ] {
             assert!(text.contains(want), "{want} missing:\n{text}");
         }

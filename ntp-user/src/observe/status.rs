@@ -83,6 +83,12 @@ impl ClockStatus {
     pub fn root_distance_s(&self) -> f64 {
         self.root_delay_s / 2.0 + self.root_dispersion_s
     }
+
+    /// The bound on |served time − true time| a guest reads from the replies (root delay / 2 +
+    /// root dispersion), while they claim synchronization.
+    pub fn served_error_bound_s(&self) -> Option<f64> {
+        self.synchronized.then(|| self.root_distance_s())
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -328,6 +334,7 @@ pub fn render(r: &StatusReport) -> String {
             format!("{} points", c.regression_points),
         ),
         ("Served − host", si(c.host_clock_offset_s)),
+        ("Served error bound", si(c.served_error_bound_s())),
         ("Root delay", si(Some(c.root_delay_s))),
         ("Root dispersion", si(Some(c.root_dispersion_s))),
         ("Root distance", si(Some(c.root_distance_s()))),
@@ -515,6 +522,25 @@ mod tests {
         }
         r.userspace_answered_ipv4 = 10;
         assert_eq!(r.judged_and_refused(), (110, 5));
+    }
+
+    #[test]
+    fn the_served_error_bound_sits_next_to_the_host_offset() {
+        let mut r = StatusReport::default();
+        r.clock.synchronized = true;
+        r.clock.root_delay_s = 40e-6;
+        r.clock.root_dispersion_s = 7e-6;
+        r.clock.host_clock_offset_s = Some(-2e-6);
+        let text = render(&r);
+        let offset = text.find("Served − host").expect("host offset row");
+        let bound = text.find("Served error bound").expect("bound row");
+        assert!(bound > offset, "{text}");
+        assert!(
+            text[bound..].lines().next().unwrap().contains("27.0us"),
+            "{text}"
+        );
+        r.clock.synchronized = false;
+        assert_eq!(r.clock.served_error_bound_s(), None);
     }
 
     #[test]

@@ -516,6 +516,34 @@ mod tests {
     }
 
     #[test]
+    fn the_error_bound_is_the_anchors_as_the_kernel_serves_it() {
+        let a = TimeAnchor {
+            root_delay_ns: 60_000,
+            root_dispersion_ns: 9_000,
+            dispersion_growth_ns_per_s: 2_000,
+            ..anchor()
+        };
+        let req = request(li_vn_mode(0, 4, MODE_CLIENT), 0);
+        // 5 s after the anchor: 9 µs + 5 s × 2 µs/s.
+        let reply = answer(
+            &req,
+            40000,
+            &a,
+            &ServerParams::DEFAULT,
+            15 * S,
+            15 * S + 500,
+            7,
+        )
+        .unwrap();
+        let root = |off| u32::from_be_bytes(reply[off..off + 4].try_into().unwrap());
+        assert_eq!(root(OFF_ROOT_DELAY), ntp_common::time::ns_to_short(60_000));
+        assert_eq!(
+            root(OFF_ROOT_DISPERSION),
+            ntp_common::time::ns_to_short(19_000)
+        );
+    }
+
+    #[test]
     fn the_kernel_rules_apply() {
         let a = anchor();
         let p = ServerParams::DEFAULT;
