@@ -453,6 +453,19 @@ fn forged_adverts(net: VrrpNet) {
     assert_eq!(pair.vrrp, net);
     let guest = pair.add_guest();
     let master = pair.elected(&guest);
+    // keepalived checked health as the unprivileged user wherever that user can reach the
+    // program (this checkout's path decides): the election needed that check to pass.
+    let conf = std::fs::read_to_string(format!(
+        "/run/ntp-xdp/{}/keepalived.conf",
+        pair.hosts[master].netns
+    ))
+    .unwrap();
+    let user = ntp_user::host::keepalived::script_user(&std::fs::canonicalize(ntp_user_bin()).unwrap());
+    eprintln!("keepalived's health check runs as {user}");
+    assert!(
+        conf.contains(&format!("script_user {user}\n")) && conf.contains("enable_script_security"),
+        "{conf}"
+    );
     let transitions = |i: usize| pair.status(i)["vrrp"]["transitions"].as_u64().unwrap_or(0);
     let before = [transitions(0), transitions(1)];
 

@@ -943,6 +943,16 @@ fn validate_redundancy(
                 .into(),
         ));
     }
+    if r.unicast_peers.len() > crate::responder::MAX_VRRP_PEERS {
+        return Err(bad(
+            "redundancy.unicast_peers",
+            format!(
+                "{} peers; at most {} (the responder's table of VRRP peers)",
+                r.unicast_peers.len(),
+                crate::responder::MAX_VRRP_PEERS
+            ),
+        ));
+    }
     for (i, p) in r.unicast_peers.iter().enumerate() {
         if !p.is_ipv4() || !own.contains(p) || *p == own.addr() || *p == service.addr() {
             return Err(bad(

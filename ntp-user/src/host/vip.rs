@@ -253,6 +253,7 @@ pub async fn ensure(spec: &VipSpec, created: &mut Created, host: &Netlink) -> Re
         ns_end: &spec.ns_interface,
         netns: &spec.netns,
         field: "vip.host_interface",
+        ours: created.veth,
     };
     if veth.ensure(host, &inside, &ns, &mut changes).await? {
         created.veth = true;
@@ -371,11 +372,14 @@ struct Veth<'a> {
     netns: &'a str,
     /// The config field naming the host end (for the error when the name is taken).
     field: &'a str,
+    /// This daemon made the pair (its state file says so): a lone host end is its own to
+    /// replace. Any other link of that name is someone else's and is never removed.
+    ours: bool,
 }
 
 impl Veth<'_> {
-    /// Both ends must exist, each where it belongs; a lone end is replaced. True when the
-    /// pair was (re)created.
+    /// Both ends must exist, each where it belongs; a lone end is replaced when it is ours.
+    /// True when the pair was (re)created.
     async fn ensure(
         &self,
         host: &Netlink,
@@ -395,6 +399,16 @@ impl Veth<'_> {
                 bail!(
                     "{} exists on the host and is not a veth; choose another {}",
                     self.host_end,
+                    self.field
+                );
+            }
+            if !self.ours {
+                bail!(
+                    "{} exists on the host and its peer is not {} in {}: it is not this \
+                     daemon's; choose another {}",
+                    self.host_end,
+                    self.ns_end,
+                    self.netns,
                     self.field
                 );
             }
@@ -439,6 +453,7 @@ async fn ensure_vrrp_link(
         ns_end: &link.ns_interface,
         netns: &spec.netns,
         field: "redundancy.host_interface",
+        ours: created.vrrp_host_interface.as_deref() == Some(link.host_interface.as_str()),
     };
     let recreated = veth.ensure(host, inside, ns, changes).await?;
     if recreated {

@@ -330,12 +330,20 @@ pub async fn start(obs: Arc<Observatory>) -> Result<Vec<tokio::task::JoinHandle<
         let listener = bind_control(&path, kind)?;
         info!(socket = %path.display(), ?kind, "control socket (ntp-user status / health)");
         let o = obs.clone();
+        // A local user who opens sessions and sends nothing holds a few of them, never the
+        // daemon's descriptors.
+        let sessions = Arc::new(tokio::sync::Semaphore::new(CONTROL_SESSIONS));
         tasks.push(tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
+                        let Ok(permit) = sessions.clone().try_acquire_owned() else {
+                            debug!(?kind, "control session refused: too many at once");
+                            continue;
+                        };
                         let o = o.clone();
                         tokio::spawn(async move {
+                            let _permit = permit;
                             if let Err(e) = control_session(stream, o, kind).await {
                                 debug!(error = %format!("{e:#}"), "control session failed");
                             }
@@ -397,14 +405,35 @@ enum Socket {
     /// Status and health, to the daemon's owner (and root) only: mode 0600, the peer's uid
     /// checked.
     Control,
-    /// Health only, to anyone (mode 0666): all it tells is whether this host is fit to hold
-    /// the addresses.
+    /// Health only, to root, the daemon's owner and keepalived's unprivileged check user
+    /// (mode 0666, the peer's uid checked): all it tells is whether this host is fit to
+    /// hold the addresses.
     Health,
 }
+
+/// The uid keepalived's health check runs as (`keepalived::UNPRIVILEGED_SCRIPT_USER`).
+fn health_checker_uid() -> Option<u32> {
+    nix::unistd::User::from_name(crate::host::keepalived::UNPRIVILEGED_SCRIPT_USER)
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw())
+}
+
+/// Sessions a control socket serves at once.
+const CONTROL_SESSIONS: usize = 8;
 
 fn bind_control(path: &std::path::Path, kind: Socket) -> Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if kind == Socket::Health {
+            // keepalived's unprivileged check must reach the socket whatever the umask was.
+            for d in [Some(dir), dir.parent()].into_iter().flatten() {
+                if d.starts_with("/run/ntp-xdp") {
+                    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+                        .with_context(|| format!("chmod 755 {}", d.display()))?;
+                }
+            }
+        }
     }
     // A socket file left by a daemon that was killed (only one daemon runs per instance) is
     // replaced; anything else at that path is not ours to remove.
@@ -442,7 +471,10 @@ async fn control_session(
 ) -> Result<()> {
     let me = nix::unistd::geteuid().as_raw();
     let peer = stream.peer_cred()?.uid();
-    if kind == Socket::Control && peer != me && peer != 0 {
+    let allowed = peer == me
+        || peer == 0
+        || (kind == Socket::Health && Some(peer) == health_checker_uid());
+    if !allowed {
         stream
             .write_all(b"error: permission denied (not the daemon's owner)\n")
             .await?;
@@ -495,6 +527,24 @@ mod tests {
             || 42,
         );
         assert_eq!(v, 42, "a new walk after it");
+    }
+
+    #[tokio::test]
+    async fn the_health_socket_is_open_to_the_check_and_the_control_socket_is_not() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("ntpxdp-hs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let (health, control) = (dir.join("health.sock"), dir.join("control.sock"));
+        let _h = bind_control(&health, Socket::Health).unwrap();
+        let _c = bind_control(&control, Socket::Control).unwrap();
+        assert_eq!(mode(&health), 0o666);
+        assert_eq!(mode(&control), 0o600);
+        assert!(
+            health_checker_uid().is_some(),
+            "the health check's user exists here"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]

@@ -97,6 +97,9 @@ impl ServedAddrs {
     }
 }
 
+/// The size of the responder's VRRP peer table (`VRRP_PEERS` in the eBPF object).
+pub const MAX_VRRP_PEERS: usize = 16;
+
 /// Makes a map of addresses (keyed as the served addresses are) exactly `addrs` (stale ones
 /// out first).
 fn set_address_keys<T: std::borrow::BorrowMut<MapData>>(
@@ -322,7 +325,7 @@ impl Responder {
         set_address_keys(&mut map, addrs)
     }
 
-    /// Makes the VRRP peer table exactly `peers`: the only sources whose adverts for this
+    /// Makes the VRRP peer table exactly `peers` (at most [`MAX_VRRP_PEERS`]): the only sources whose adverts for this
     /// host's group (`ServerParams::vrrp_router_id`) pass where the responder serves.
     pub fn set_vrrp_peers(&mut self, peers: &[IpAddr]) -> Result<()> {
         let mut map: HashMap<_, [u8; 16], u8> = HashMap::try_from(self.map(maps::VRRP_PEERS)?)?;
