@@ -11,15 +11,14 @@ pub const ANCHORS: &str = "ANCHORS";
 /// `[0]`: the publication generation; the live slot is `generation & 1`.
 pub const ANCHOR_ACTIVE: &str = "ANCHOR_ACTIVE";
 pub const SERVER_PARAMS: &str = "SERVER_PARAMS";
-pub const SERVED_ADDRS: &str = "SERVED_ADDRS";
+/// Per attachment, at `attachment_slot(ifindex)`: the served addresses and the attached
+/// interfaces' own MACs ([`Attachment`]), read once per packet.
+pub const ATTACHMENTS: &str = "ATTACHMENTS";
 pub const COUNTERS: &str = "COUNTERS";
 pub const POLICY: &str = "POLICY";
 pub const ACL: &str = "ACL";
 pub const RATE: &str = "RATE";
 pub const GUESTS: &str = "GUESTS";
-/// The MACs of the interfaces the responder is attached to (8 bytes, the last two zero) →
-/// their ifindex: only frames sent to the receiving interface's own MAC are answered.
-pub const OWN_MACS: &str = "OWN_MACS";
 /// Per-CPU state of the global kiss-o'-death budget.
 pub const KOD_BUDGET: &str = "KOD_BUDGET";
 /// The VIP hosts whose VRRP adverts may arrive on the guests' side (a shared network's
@@ -31,20 +30,135 @@ pub const BARRIER: &str = "BARRIER";
 /// VLAN IDs whose tagged requests are answered (the value is unused); untagged ones always are.
 pub const VLANS: &str = "VLANS";
 
+/// Slots of the attachment table: an interface's is its ifindex modulo this.
+pub const ATTACHMENT_SLOTS: u32 = 256;
+/// Attached interfaces whose ifindexes share a slot (ifindexes repeat across namespaces: the
+/// responder serves in the VIP namespace and on host interfaces).
+pub const ATTACHMENT_MACS: usize = 4;
+/// Served addresses per family (clock aliases and service addresses).
+pub const SERVED_V4_MAX: usize = 16;
+pub const SERVED_V6_MAX: usize = 16;
+
+/// The slot of the attachment table for an interface.
+#[inline(always)]
+pub const fn attachment_slot(ifindex: u32) -> u32 {
+    ifindex % ATTACHMENT_SLOTS
+}
+
+/// What the daemon decides about an attachment before any packet arrives, in one array entry
+/// (array lookups cost no hashing): the addresses answered, and the MACs of the attached
+/// interfaces with this slot's ifindexes. Each MAC is paired with its interface's ifindex
+/// (and matched by both): ifindexes repeat across namespaces, MACs do not, so only frames
+/// sent to the receiving interface's own MAC are answered. The served addresses are the same
+/// in every slot. Unused places are zero, and past their count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Attachment {
+    /// MAC (6 bytes, then two zero bytes) of each attached interface in this slot.
+    pub macs: [[u8; 8]; ATTACHMENT_MACS],
+    /// The ifindex of the interface that owns `macs[i]`.
+    pub mac_ifindex: [u32; ATTACHMENT_MACS],
+    /// Served IPv4 destination addresses, in network order.
+    pub v4: [[u8; 4]; SERVED_V4_MAX],
+    /// Served IPv6 destination addresses.
+    pub v6: [[u8; 16]; SERVED_V6_MAX],
+    pub mac_count: u8,
+    pub v4_count: u8,
+    pub v6_count: u8,
+    pub _pad: u8,
+}
+
+impl Attachment {
+    pub const EMPTY: Attachment = Attachment {
+        macs: [[0; 8]; ATTACHMENT_MACS],
+        mac_ifindex: [0; ATTACHMENT_MACS],
+        v4: [[0; 4]; SERVED_V4_MAX],
+        v6: [[0; 16]; SERVED_V6_MAX],
+        mac_count: 0,
+        v4_count: 0,
+        v6_count: 0,
+        _pad: 0,
+    };
+
+    /// Whether IPv4 `dst` is served.
+    #[inline(always)]
+    pub fn serves_v4(&self, dst: [u8; 4]) -> bool {
+        let n = self.v4_count as usize;
+        let mut i = 0;
+        while i < SERVED_V4_MAX {
+            if i >= n {
+                return false;
+            }
+            if self.v4[i] == dst {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Whether IPv6 `dst` is served.
+    #[inline(always)]
+    pub fn serves_v6(&self, dst: &[u8; 16]) -> bool {
+        let n = self.v6_count as usize;
+        let hi = u64::from_ne_bytes([
+            dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7],
+        ]);
+        let lo = u64::from_ne_bytes([
+            dst[8], dst[9], dst[10], dst[11], dst[12], dst[13], dst[14], dst[15],
+        ]);
+        let mut i = 0;
+        while i < SERVED_V6_MAX {
+            if i >= n {
+                return false;
+            }
+            let a = &self.v6[i];
+            let a_hi = u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
+            let a_lo = u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
+            if a_hi == hi && a_lo == lo {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Whether `mac` is the own MAC of the attached interface `ifindex`.
+    #[inline(always)]
+    pub fn owns_mac(&self, mac: [u8; 8], ifindex: u32) -> bool {
+        let n = self.mac_count as usize;
+        let mut i = 0;
+        while i < ATTACHMENT_MACS {
+            if i >= n {
+                return false;
+            }
+            if self.macs[i] == mac && self.mac_ifindex[i] == ifindex {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+// SAFETY: repr(C), no padding, every bit pattern valid (bytemuck's derive checks it).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Attachment {}
+
 /// Counts of the benchmark's programs (`crate::bench`), never used by the daemon.
 pub const BENCH_COUNTS: &str = "BENCH_COUNTS";
 
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 14] = [
     ANCHORS,
     ANCHOR_ACTIVE,
     SERVER_PARAMS,
-    SERVED_ADDRS,
+    ATTACHMENTS,
     COUNTERS,
     POLICY,
     ACL,
     RATE,
     GUESTS,
-    OWN_MACS,
     KOD_BUDGET,
     VRRP_PEERS,
     BARRIER,
@@ -92,6 +206,8 @@ pub const LAYOUT_FINGERPRINT: u64 = {
         // How the anchor maps are created (mmapable: the daemon writes them through a mapping).
         crate::anchor::ANCHOR_MAP_FLAGS as usize,
         size_of::<SourceKey>(),
+        size_of::<Attachment>(),
+        ATTACHMENT_SLOTS as usize,
         // Bump to force a new layout when a meaning changes without a size or offset.
         1,
     ];

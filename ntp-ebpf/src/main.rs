@@ -43,12 +43,15 @@ mod program {
     use aya_log_ebpf::info;
     use ntp_common::{
         anchor::PARAM_FLAG_LOG,
+        maps::{attachment_slot, Attachment},
         policy::{ResponderPolicy, POLICY_GUEST_CLOCKS},
         Counter, ServerParams, TimeAnchor,
     };
 
     use crate::admit::{admission, admits_upward, Admit};
-    use crate::maps::{ANCHORS, ANCHOR_ACTIVE, BARRIER, COUNTERS, POLICY, SERVER_PARAMS};
+    use crate::maps::{
+        ANCHORS, ANCHOR_ACTIVE, ATTACHMENTS, BARRIER, COUNTERS, POLICY, SERVER_PARAMS,
+    };
     use crate::packet::Packet;
     use crate::parse::parse;
     use crate::respond::{answer, turn_around, ReplyContext};
@@ -147,7 +150,12 @@ mod program {
 
     #[inline(always)]
     fn handle(pkt: &Packet, ifindex: u32, rx_mono: u64, params: &ServerParams) -> Verdict {
-        let req = match parse(pkt, ifindex, params.vrrp_router_id) {
+        // One array read (no hashing) for everything decided before any packet arrived.
+        let here = match ATTACHMENTS.get_ptr(attachment_slot(ifindex)) {
+            Some(p) => unsafe { &*p },
+            None => &Attachment::EMPTY,
+        };
+        let req = match parse(pkt, ifindex, here, params.vrrp_router_id) {
             Ok(req) => req,
             Err(verdict) => return verdict,
         };

@@ -8,14 +8,10 @@ use aya_ebpf::{
 use ntp_common::{
     anchor::{ANCHOR_MAP_FLAGS, ANCHOR_SLOTS},
     counters::COUNTER_COUNT,
+    maps::{Attachment, ATTACHMENT_SLOTS},
     policy::{GuestClock, ResponderPolicy, SourceKey, SourceState, ACL_TRIE_ENTRIES, VLAN_ID_MAX},
     ServerParams, TimeAnchor,
 };
-
-/// How many addresses one responder can serve (clock aliases and service addresses).
-const MAX_SERVED_ADDRS: u32 = 64;
-/// How many interfaces one responder can be attached to.
-const MAX_INTERFACES: u32 = 64;
 
 /// The daemon's clock model, double-buffered; `ANCHOR_ACTIVE[0]` is the publication
 /// generation, whose low bit names the live slot (see `ntp_common::anchor::read_published`).
@@ -26,9 +22,9 @@ pub static ANCHORS: Array<TimeAnchor> = Array::with_max_entries(ANCHOR_SLOTS, AN
 pub static ANCHOR_ACTIVE: Array<u32> = Array::with_max_entries(1, ANCHOR_MAP_FLAGS);
 #[map]
 pub static SERVER_PARAMS: Array<ServerParams> = Array::with_max_entries(1, 0);
-/// Destination addresses answered: IPv6 as is, IPv4 as ::ffff:a.b.c.d. The value is unused.
+/// Served addresses and own MACs, at `attachment_slot(ifindex)` (see `Attachment`).
 #[map]
-pub static SERVED_ADDRS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_SERVED_ADDRS, 0);
+pub static ATTACHMENTS: Array<Attachment> = Array::with_max_entries(ATTACHMENT_SLOTS, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 #[map]
@@ -44,10 +40,6 @@ pub static RATE: LruHashMap<SourceKey, SourceState> = LruHashMap::with_max_entri
 /// Apparent clock error of each guest (full source address and VLAN), for the alarm list.
 #[map]
 pub static GUESTS: LruHashMap<SourceKey, GuestClock> = LruHashMap::with_max_entries(65536, 0);
-/// MAC (padded to 8 bytes) → ifindex of the attached interface that owns it. Keyed by MAC:
-/// ifindexes repeat across namespaces, MACs do not.
-#[map]
-pub static OWN_MACS: HashMap<[u8; 8], u32> = HashMap::with_max_entries(MAX_INTERFACES, 0);
 /// VIP hosts whose VRRP may arrive on the guests' side (see `ntp_common::maps::VRRP_PEERS`).
 #[map]
 pub static VRRP_PEERS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(16, 0);

@@ -5,13 +5,14 @@
 
 use ntp_common::{
     checksum::{le_words_sum, pseudo_v4, pseudo_v6, udp_request_checksum_ok, verifies},
+    maps::Attachment,
     policy::v6_source_is_bogus,
     reply::request_rejection,
     wire::*,
     Counter,
 };
 
-use crate::maps::{OWN_MACS, SERVED_ADDRS, VLANS, VRRP_PEERS};
+use crate::maps::{VLANS, VRRP_PEERS};
 use crate::packet::{be16, Packet};
 use crate::program::{drop, pass, Verdict};
 
@@ -35,7 +36,12 @@ pub struct Request {
 }
 
 #[inline(always)]
-pub fn parse(pkt: &Packet, ifindex: u32, vrrp_router_id: u8) -> Result<Request, Verdict> {
+pub fn parse(
+    pkt: &Packet,
+    ifindex: u32,
+    here: &Attachment,
+    vrrp_router_id: u8,
+) -> Result<Request, Verdict> {
     let Some(eth) = pkt.bytes::<ETH_HEADER_LEN>(0) else {
         return Err(pass(Counter::PassedNotIp));
     };
@@ -53,13 +59,13 @@ pub fn parse(pkt: &Packet, ifindex: u32, vrrp_router_id: u8) -> Result<Request, 
         l3 = ETH_HEADER_LEN + VLAN_TAG_LEN;
     }
     let mut req = match ethertype {
-        ETH_P_IPV4 => parse_ipv4(pkt, l3, vrrp_router_id)?,
-        ETH_P_IPV6 => parse_ipv6(pkt, l3, vrrp_router_id)?,
+        ETH_P_IPV4 => parse_ipv4(pkt, l3, here, vrrp_router_id)?,
+        ETH_P_IPV6 => parse_ipv6(pkt, l3, here, vrrp_router_id)?,
         _ => return Err(pass(Counter::PassedNotIp)),
     };
     req.vlan = vlan;
     check_udp_and_ntp(pkt, &mut req)?;
-    check_ethernet(pkt, ifindex)?;
+    check_ethernet(pkt, ifindex, here)?;
     // The VLAN is part of a source's rate key: a guest free to pick tags would get a bucket
     // per tag. Only the configured VLANs are answered; a request on another is dropped, not
     // passed: a stack with a device for that VLAN would hand it to the userspace path
@@ -68,11 +74,6 @@ pub fn parse(pkt: &Packet, ifindex: u32, vrrp_router_id: u8) -> Result<Request, 
         return Err(drop(Counter::DroppedVlan));
     }
     Ok(req)
-}
-
-#[inline(always)]
-fn is_served(key: &[u8; 16]) -> bool {
-    SERVED_ADDRS.get_ptr(key).is_some()
 }
 
 /// VRRP for this host's group arriving where the responder serves: keepalived's only when it
@@ -95,7 +96,12 @@ fn vrrp(pkt: &Packet, l4: usize, src: &[u8; 16], router_id: u8) -> Option<Verdic
 }
 
 #[inline(always)]
-fn parse_ipv4(pkt: &Packet, l3: usize, vrrp_router_id: u8) -> Result<Request, Verdict> {
+fn parse_ipv4(
+    pkt: &Packet,
+    l3: usize,
+    here: &Attachment,
+    vrrp_router_id: u8,
+) -> Result<Request, Verdict> {
     let Some(ip) = pkt.bytes::<IPV4_MIN_HEADER_LEN>(l3) else {
         return Err(pass(Counter::PassedNotIp));
     };
@@ -110,7 +116,7 @@ fn parse_ipv4(pkt: &Packet, l3: usize, vrrp_router_id: u8) -> Result<Request, Ve
         }
     }
     let dst = [ip[16], ip[17], ip[18], ip[19]];
-    if !is_served(&ipv4_mapped_key(dst)) {
+    if !here.serves_v4(dst) {
         return Err(pass(Counter::PassedNotServed));
     }
     if ip[9] != IPPROTO_UDP {
@@ -172,7 +178,12 @@ fn is_ipv6_extension_header(next: u8) -> bool {
 }
 
 #[inline(always)]
-fn parse_ipv6(pkt: &Packet, l3: usize, vrrp_router_id: u8) -> Result<Request, Verdict> {
+fn parse_ipv6(
+    pkt: &Packet,
+    l3: usize,
+    here: &Attachment,
+    vrrp_router_id: u8,
+) -> Result<Request, Verdict> {
     let Some(ip) = pkt.bytes::<IPV6_HEADER_LEN>(l3) else {
         return Err(pass(Counter::PassedNotIp));
     };
@@ -192,7 +203,7 @@ fn parse_ipv6(pkt: &Packet, l3: usize, vrrp_router_id: u8) -> Result<Request, Ve
             return Err(verdict);
         }
     }
-    if !is_served(&dst) {
+    if !here.serves_v6(&dst) {
         return Err(pass(Counter::PassedNotServed));
     }
     let next = ip[6];
@@ -279,7 +290,7 @@ fn check_udp_and_ntp(pkt: &Packet, req: &mut Request) -> Result<(), Verdict> {
 /// interface's own MAC: a frame flooded by a bridge for an unknown MAC is not ours, and a
 /// reply from that MAC would teach the bridge a false location.
 #[inline(always)]
-fn check_ethernet(pkt: &Packet, ifindex: u32) -> Result<(), Verdict> {
+fn check_ethernet(pkt: &Packet, ifindex: u32, here: &Attachment) -> Result<(), Verdict> {
     let Some(eth) = pkt.bytes::<ETH_HEADER_LEN>(0) else {
         return Err(drop(Counter::DroppedShort));
     };
@@ -287,9 +298,10 @@ fn check_ethernet(pkt: &Packet, ifindex: u32) -> Result<(), Verdict> {
         return Err(drop(Counter::DroppedBadAddress));
     }
     let dst = [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5], 0, 0];
-    match unsafe { OWN_MACS.get(&dst) } {
-        Some(owner) if *owner == ifindex => Ok(()),
-        _ => Err(pass(Counter::PassedOtherHost)),
+    if here.owns_mac(dst, ifindex) {
+        Ok(())
+    } else {
+        Err(pass(Counter::PassedOtherHost))
     }
 }
 

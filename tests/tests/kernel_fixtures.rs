@@ -1484,6 +1484,89 @@ fn tagged_requests_are_answered_only_on_the_configured_vlans() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// The served addresses and own MACs live in one array entry per ifindex slot: an interface
+/// whose ifindex shares the slot never lends its MAC to another, and each family's addresses
+/// are served exactly as the daemon last wrote them, through either handle.
+#[test]
+fn served_addresses_and_own_macs_are_matched_per_interface() {
+    let (mut r, anchor) = responder(AnchorState::Synchronized).unwrap();
+    let (v4, v6) = (
+        Frame::v4(v4_request()).build(),
+        Frame::v6(v4_request()).build(),
+    );
+    let mut to_other_mac = v4.clone();
+    let other_mac = [0x02, 0x00, 0x5e, 0x00, 0x00, 0x77];
+    to_other_mac[0..6].copy_from_slice(&other_mac);
+    let other_host = Expect::Pass(Counter::PassedOtherHost);
+    let not_served = Expect::Pass(Counter::PassedNotServed);
+    let mut failures = Vec::new();
+    // VIP_MAC belongs to ifindex 257 (the loopback's slot, another namespace's interface);
+    // the loopback (ifindex 1, where TEST_RUN delivers) owns another MAC.
+    r.set_own_macs(&[(VIP_MAC, 257), (other_mac, 1)]).unwrap();
+    failures.extend(run_cases(
+        &mut r,
+        &anchor,
+        "VIP_MAC on ifindex 257",
+        &[
+            case("to VIP_MAC", v4.clone(), other_host),
+            case("to the loopback's MAC", to_other_mac.clone(), ANSWER),
+        ],
+    ));
+    r.own_macs().unwrap().set(&[(VIP_MAC, 1)]).unwrap();
+    failures.extend(run_cases(
+        &mut r,
+        &anchor,
+        "VIP_MAC on ifindex 1",
+        &[
+            case("to VIP_MAC", v4.clone(), ANSWER),
+            case("to a MAC no longer own", to_other_mac, other_host),
+        ],
+    ));
+    r.set_served_addresses(&[IpAddr::from(CLOCK_V6)]).unwrap();
+    failures.extend(run_cases(
+        &mut r,
+        &anchor,
+        "IPv6 served",
+        &[
+            case("IPv4", v4.clone(), not_served),
+            case("IPv6", v6.clone(), ANSWER),
+        ],
+    ));
+    let mut served = r.served_addrs().unwrap();
+    served.set(&[]).unwrap();
+    failures.extend(run_cases(
+        &mut r,
+        &anchor,
+        "nothing served",
+        &[
+            case("IPv4", v4.clone(), not_served),
+            case("IPv6", v6.clone(), not_served),
+        ],
+    ));
+    // The addresses after several others of each family.
+    let mut many: Vec<IpAddr> = (1..10u8)
+        .flat_map(|i| {
+            let mut v6 = CLOCK_V6;
+            v6[15] ^= i;
+            [IpAddr::from([169, 254, 200, i]), IpAddr::from(v6)]
+        })
+        .collect();
+    many.extend([IpAddr::from(CLOCK_V4), IpAddr::from(CLOCK_V6)]);
+    served.set(&many).unwrap();
+    failures.extend(run_cases(
+        &mut r,
+        &anchor,
+        "ten of each served",
+        &[case("IPv4", v4, ANSWER), case("IPv6", v6, ANSWER)],
+    ));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let too_many: Vec<IpAddr> = (0..=ntp_common::maps::SERVED_V4_MAX as u8)
+        .map(|i| IpAddr::from([169, 254, 201, i]))
+        .collect();
+    let err = r.set_served_addresses(&too_many).unwrap_err();
+    assert!(format!("{err:#}").contains("at most"), "{err:#}");
+}
+
 #[test]
 fn every_state_of_an_access_list_rewrite_answers_as_the_old_or_the_new_list() {
     // Guests `allowed` and GUEST_V4/GUEST_V6 (denied) are so in both lists, but one list

@@ -21,12 +21,15 @@ pub mod userspace;
 use std::net::IpAddr;
 use std::path::Path;
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
-use ntp_common::maps;
+use ntp_common::maps::{
+    self, attachment_slot, Attachment, ATTACHMENT_MACS, ATTACHMENT_SLOTS, SERVED_V4_MAX,
+    SERVED_V6_MAX,
+};
 use ntp_common::policy::ResponderPolicy;
 use ntp_common::wire::ipv4_mapped_key;
 use ntp_common::{Counter, ServerParams, TimeAnchor};
@@ -87,13 +90,123 @@ pub const MAX_HOLD_NS: u64 = 1_000_000_000;
 /// is rather than take the earlier time as synchronized.
 pub const STEP_UNSYNC_NS: u64 = 300 * 1_000_000_000;
 
-/// The responder's served-address map, held by another task.
-pub struct ServedAddrs(HashMap<MapData, [u8; 16], u8>);
+/// Serializes the daemon's read-modify-writes of the attachment table: the served addresses
+/// and the own MACs share its entries, and different tasks write each.
+static ATTACHMENT_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The responder's attachment table (served addresses and own MACs, see
+/// [`ntp_common::maps::Attachment`]).
+pub struct Attachments<T = MapData>(Array<T, Attachment>);
+
+impl Attachments<MapData> {
+    fn open(ebpf: &Ebpf) -> Result<Attachments> {
+        Ok(Attachments(Array::try_from(observer::reopen(
+            ebpf,
+            maps::ATTACHMENTS,
+        )?)?))
+    }
+}
+
+impl<'a> Attachments<&'a mut MapData> {
+    fn from_map(map: &'a mut aya::maps::Map) -> Result<Self> {
+        Ok(Attachments(Array::try_from(map)?))
+    }
+}
+
+impl<T: std::borrow::BorrowMut<MapData>> Attachments<T> {
+    /// Rewrites every slot with `change` (only the slots it changes are written).
+    fn rewrite(&mut self, mut change: impl FnMut(u32, &mut Attachment)) -> Result<()> {
+        let _one_writer = ATTACHMENT_WRITES.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in 0..ATTACHMENT_SLOTS {
+            let old = self.0.get(&slot, 0).context("reading ATTACHMENTS")?;
+            let mut new = old;
+            change(slot, &mut new);
+            if new != old {
+                // An array entry is copied in place: a packet meanwhile may see a mix of the
+                // old and new sets (served or not, as just before or just after the change).
+                self.0.set(slot, new, 0).context("writing ATTACHMENTS")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The served addresses (the same in every slot).
+    fn served(&self) -> Result<Vec<IpAddr>> {
+        let a = self.0.get(&0, 0).context("reading ATTACHMENTS")?;
+        let v4 = a.v4[..(a.v4_count as usize).min(SERVED_V4_MAX)]
+            .iter()
+            .map(|o| IpAddr::from(*o));
+        let v6 = a.v6[..(a.v6_count as usize).min(SERVED_V6_MAX)]
+            .iter()
+            .map(|o| IpAddr::from(*o));
+        Ok(v4.chain(v6).collect())
+    }
+
+    /// Makes the served addresses exactly `addrs`.
+    pub fn set_served(&mut self, addrs: &[IpAddr]) -> Result<()> {
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for addr in addrs {
+            match addr {
+                IpAddr::V4(a) if !v4.contains(&a.octets()) => v4.push(a.octets()),
+                IpAddr::V6(a) if !v6.contains(&a.octets()) => v6.push(a.octets()),
+                _ => {}
+            }
+        }
+        if v4.len() > SERVED_V4_MAX || v6.len() > SERVED_V6_MAX {
+            bail!(
+                "{} IPv4 and {} IPv6 addresses to serve: the responder serves at most \
+                 {SERVED_V4_MAX} of each",
+                v4.len(),
+                v6.len()
+            );
+        }
+        self.rewrite(|_, a| {
+            a.v4 = [[0; 4]; SERVED_V4_MAX];
+            a.v4[..v4.len()].copy_from_slice(&v4);
+            a.v4_count = v4.len() as u8;
+            a.v6 = [[0; 16]; SERVED_V6_MAX];
+            a.v6[..v6.len()].copy_from_slice(&v6);
+            a.v6_count = v6.len() as u8;
+        })
+    }
+
+    /// Makes the own MACs exactly `macs` (MAC, ifindex of the attached interface that owns it).
+    pub fn set_own_macs(&mut self, macs: &[([u8; 6], u32)]) -> Result<()> {
+        let mut slots: std::collections::BTreeMap<u32, Vec<([u8; 8], u32)>> = Default::default();
+        for (m, ifindex) in macs {
+            let key = [m[0], m[1], m[2], m[3], m[4], m[5], 0, 0];
+            let here = slots.entry(attachment_slot(*ifindex)).or_default();
+            if !here.contains(&(key, *ifindex)) {
+                here.push((key, *ifindex));
+            }
+            if here.len() > ATTACHMENT_MACS {
+                bail!(
+                    "more than {ATTACHMENT_MACS} attached interfaces with ifindexes equal \
+                     modulo {ATTACHMENT_SLOTS} (ifindex {ifindex})"
+                );
+            }
+        }
+        self.rewrite(|slot, a| {
+            let wanted = slots.get(&slot).map(Vec::as_slice).unwrap_or_default();
+            a.macs = [[0; 8]; ATTACHMENT_MACS];
+            a.mac_ifindex = [0; ATTACHMENT_MACS];
+            for (i, (mac, ifindex)) in wanted.iter().enumerate() {
+                a.macs[i] = *mac;
+                a.mac_ifindex[i] = *ifindex;
+            }
+            a.mac_count = wanted.len() as u8;
+        })
+    }
+}
+
+/// The responder's served addresses, held by another task.
+pub struct ServedAddrs(Attachments);
 
 impl ServedAddrs {
-    /// Makes the map exactly `addrs`.
+    /// Makes the served addresses exactly `addrs`.
     pub fn set(&mut self, addrs: &[IpAddr]) -> Result<()> {
-        set_address_keys(&mut self.0, addrs)
+        self.0.set_served(addrs)
     }
 }
 
@@ -121,44 +234,13 @@ fn set_address_keys<T: std::borrow::BorrowMut<MapData>>(
     Ok(())
 }
 
-/// The responder's table of own MACs (see [`Responder::set_own_macs`]).
-pub struct OwnMacs<T = MapData>(HashMap<T, [u8; 8], u32>);
+/// The responder's own MACs (see [`Responder::set_own_macs`]), held by another task.
+pub struct OwnMacs(Attachments);
 
-impl OwnMacs<MapData> {
-    fn open(ebpf: &Ebpf) -> Result<OwnMacs> {
-        Ok(OwnMacs(HashMap::try_from(observer::reopen(
-            ebpf,
-            maps::OWN_MACS,
-        )?)?))
-    }
-}
-
-impl<'a> OwnMacs<&'a mut MapData> {
-    fn from_map(map: &'a mut aya::maps::Map) -> Result<Self> {
-        Ok(OwnMacs(HashMap::try_from(map)?))
-    }
-}
-
-impl<T: std::borrow::BorrowMut<MapData>> OwnMacs<T> {
-    /// Makes the table exactly `macs`.
+impl OwnMacs {
+    /// Makes the own MACs exactly `macs`.
     pub fn set(&mut self, macs: &[([u8; 6], u32)]) -> Result<()> {
-        let key = |m: &[u8; 6]| [m[0], m[1], m[2], m[3], m[4], m[5], 0, 0];
-        let wanted: Vec<([u8; 8], u32)> = macs.iter().map(|(m, i)| (key(m), *i)).collect();
-        let stale: Vec<[u8; 8]> = self
-            .0
-            .keys()
-            .flatten()
-            .filter(|k| !wanted.iter().any(|(w, _)| w == k))
-            .collect();
-        for k in stale {
-            self.0.remove(&k).context("removing an own MAC")?;
-        }
-        for (k, ifindex) in wanted {
-            self.0
-                .insert(k, ifindex, 0)
-                .context("registering an own MAC")?;
-        }
-        Ok(())
+        self.0.set_own_macs(macs)
     }
 }
 
@@ -321,8 +403,7 @@ impl Responder {
 
     /// Makes the served-address map exactly `addrs` (a pinned map may hold an older config's).
     pub fn set_served_addresses(&mut self, addrs: &[IpAddr]) -> Result<()> {
-        let mut map: HashMap<_, [u8; 16], u8> = HashMap::try_from(self.map(maps::SERVED_ADDRS)?)?;
-        set_address_keys(&mut map, addrs)
+        Attachments::from_map(self.map(maps::ATTACHMENTS)?)?.set_served(addrs)
     }
 
     /// Makes the VRRP peer table exactly `peers` (at most [`MAX_VRRP_PEERS`]): the only sources whose adverts for this
@@ -335,22 +416,19 @@ impl Responder {
     /// Makes the table of own MACs exactly `macs` (MAC, ifindex of the attached interface
     /// that owns it): frames to any other MAC are passed, never answered.
     pub fn set_own_macs(&mut self, macs: &[([u8; 6], u32)]) -> Result<()> {
-        OwnMacs::from_map(self.map(maps::OWN_MACS)?)?.set(macs)
+        Attachments::from_map(self.map(maps::ATTACHMENTS)?)?.set_own_macs(macs)
     }
 
     /// A handle on the served-address map for another task (a redundant VIP host's role
     /// watcher: the addresses are served only while this host holds them).
     pub fn served_addrs(&self) -> Result<ServedAddrs> {
-        Ok(ServedAddrs(HashMap::try_from(observer::reopen(
-            &self.ebpf,
-            maps::SERVED_ADDRS,
-        )?)?))
+        Ok(ServedAddrs(Attachments::open(&self.ebpf)?))
     }
 
     /// A handle on the own-MAC table for another task (the repair pass re-registers the MAC
     /// of an interface it recreated).
     pub fn own_macs(&self) -> Result<OwnMacs> {
-        OwnMacs::open(&self.ebpf)
+        Ok(OwnMacs(Attachments::open(&self.ebpf)?))
     }
 
     /// Admission for the userspace path: the same maps, through handles of its own.
@@ -378,10 +456,12 @@ impl Responder {
     }
 
     pub fn add_served_address(&mut self, addr: IpAddr) -> Result<()> {
-        let mut map: HashMap<_, [u8; 16], u8> = HashMap::try_from(self.map(maps::SERVED_ADDRS)?)?;
-        map.insert(served_address_key(addr), 1, 0)
-            .with_context(|| format!("adding served address {addr}"))?;
-        Ok(())
+        let mut table = Attachments::from_map(self.map(maps::ATTACHMENTS)?)?;
+        let mut served = table.served()?;
+        served.push(addr);
+        table
+            .set_served(&served)
+            .with_context(|| format!("adding served address {addr}"))
     }
 
     /// Publishes a clock model. The inactive slot is written first, then the index flips, so

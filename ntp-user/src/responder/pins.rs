@@ -25,7 +25,7 @@ pub const PINNED_MAPS: [&str; 7] = [
     maps::ANCHORS,
     maps::ANCHOR_ACTIVE,
     maps::SERVER_PARAMS,
-    maps::SERVED_ADDRS,
+    maps::ATTACHMENTS,
     maps::COUNTERS,
     maps::RATE,
     maps::GUESTS,
