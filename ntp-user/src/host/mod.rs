@@ -45,7 +45,9 @@ pub fn stop_by_pid_file(pid_file: &Path, program: &str) -> Result<Option<i32>> {
     let pid = nix::unistd::Pid::from_raw(pid);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
         .with_context(|| format!("stopping a stale {program}"))?;
-    for _ in 0..100 {
+    // keepalived releases its addresses before it exits: on a loaded machine that can take a
+    // while, and an exit before it leaves them behind.
+    for _ in 0..250 {
         if exited(pid) {
             break;
         }
