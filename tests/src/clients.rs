@@ -485,12 +485,34 @@ pub struct Polled {
 }
 
 /// Polls the clock address 20 times a second until `stop`, each request from a fresh socket
-/// whose request carries its own cookie; after an answer, the socket is read 30 ms more for a
-/// second one.
+/// whose request carries its own cookie, sent on time whether or not the earlier ones were
+/// answered (a gap is seen as a guest polling at that rate sees it). An answer counts within
+/// 500 ms of its request; after it, the socket is read 30 ms more for a second one.
 pub fn poll(
     guest: &crate::topology::Netns,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<Polled> {
+    poll_counting(guest, stop, Default::default())
+}
+
+/// [`poll`], counting the answers in `answered` as they come (a test waits on it instead of
+/// sleeping).
+pub fn poll_counting(
+    guest: &crate::topology::Netns,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<Polled> {
+    use std::time::{Duration, Instant};
+    const PACE: Duration = Duration::from_millis(50);
+    const ANSWER_WAIT: Duration = Duration::from_millis(500);
+    const SECOND_ANSWER_WAIT: Duration = Duration::from_millis(30);
+    /// A request in flight: its socket, cookie, when it went and when its answer came.
+    struct InFlight {
+        sock: std::net::UdpSocket,
+        cookie: u64,
+        sent: Instant,
+        answered: Option<Instant>,
+    }
     let file = guest.file().unwrap();
     std::thread::spawn(move || {
         ntp_user::host::netns::enter(&file).unwrap();
@@ -500,38 +522,66 @@ pub fn poll(
             duplicates: 0,
             unanswered: Vec::new(),
         };
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let t = std::time::Instant::now();
-            p.sent += 1;
-            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-            sock.connect((crate::CLOCK_V4, 123)).unwrap();
-            let cookie = 0x5eed_0000_0000_0000u64 | p.sent;
-            let req = ntp_common::packet::NtpHeader::client_request(6, cookie).serialize();
-            sock.send(&req).unwrap();
-            sock.set_read_timeout(Some(std::time::Duration::from_millis(500)))
-                .unwrap();
-            let mut buf = [0u8; 128];
-            if let Ok(n) = sock.recv(&mut buf) {
-                if let Some(h) = ntp_common::packet::NtpHeader::parse(&buf[..n])
-                    .filter(|h| h.origin_ts == cookie)
-                {
+        let mut in_flight: Vec<InFlight> = Vec::new();
+        let mut next = Instant::now();
+        let mut buf = [0u8; 128];
+        loop {
+            let stopping = stop.load(std::sync::atomic::Ordering::Relaxed);
+            if stopping && in_flight.is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            if !stopping && now >= next {
+                p.sent += 1;
+                let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                sock.connect((crate::CLOCK_V4, 123)).unwrap();
+                sock.set_nonblocking(true).unwrap();
+                let cookie = 0x5eed_0000_0000_0000u64 | p.sent;
+                let req = ntp_common::packet::NtpHeader::client_request(6, cookie).serialize();
+                // A send the kernel refuses is a request that goes unanswered.
+                let _ = sock.send(&req);
+                in_flight.push(InFlight {
+                    sock,
+                    cookie,
+                    sent: now,
+                    answered: None,
+                });
+                next = (next + PACE).max(now);
+            }
+            for f in &mut in_flight {
+                while let Ok(n) = f.sock.recv(&mut buf) {
+                    let Some(h) = ntp_common::packet::NtpHeader::parse(&buf[..n])
+                        .filter(|h| h.origin_ts == f.cookie)
+                    else {
+                        continue;
+                    };
+                    if f.answered.is_some() {
+                        p.duplicates += 1;
+                        continue;
+                    }
+                    let at = Instant::now();
+                    f.answered = Some(at);
                     p.seen.push(Seen {
-                        at: std::time::Instant::now(),
+                        at,
                         stratum: h.stratum,
                         leap: h.leap,
                         transmit: h.transmit_ts,
                     });
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                sock.set_read_timeout(Some(std::time::Duration::from_millis(30)))
-                    .unwrap();
-                if sock.recv(&mut buf).is_ok() {
-                    p.duplicates += 1;
-                }
-            } else {
-                p.unanswered.push(t);
             }
-            std::thread::sleep(std::time::Duration::from_millis(50).saturating_sub(t.elapsed()));
+            let now = Instant::now();
+            in_flight.retain(|f| match f.answered {
+                Some(at) => now - at < SECOND_ANSWER_WAIT,
+                None if now - f.sent < ANSWER_WAIT => true,
+                None => {
+                    p.unanswered.push(f.sent);
+                    false
+                }
+            });
+            std::thread::sleep(Duration::from_millis(2));
         }
+        p.unanswered.sort();
         p
     })
 }

@@ -578,7 +578,15 @@ pub async fn serve_managed(
         vrrp,
     )
     .await;
-    // The repair and DHCP tasks stop here (dnsmasq with its supervisor).
+    // The repair and DHCP tasks stop here (dnsmasq with its supervisor), keepalived with its
+    // SIGTERM: it releases the addresses and resigns before it exits. Wait for that, so that
+    // once this process has exited the addresses are on no more than one host (systemd kills
+    // what is left of the unit then).
+    if spec.redundancy.is_some() {
+        if let Some(pid) = keepalived::stop_stale(&spec.netns)? {
+            info!(pid, "keepalived stopped: the addresses are released");
+        }
+    }
     result?;
     info!(
         "stopped; the pinned responder keeps answering from the last anchor (LI=3 once it is \

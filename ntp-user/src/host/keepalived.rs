@@ -56,6 +56,16 @@ pub fn script_user(program: &std::path::Path) -> &'static str {
     }
 }
 
+/// keepalived's VRRP process runs realtime (SCHED_RR) at this priority: with sub-second
+/// adverts a master-down interval is under a second, and an XDP flood keeps the cores busy in
+/// softirq and in the flooding guests' threads; adverts sent or read late would move the
+/// addresses off a healthy master. Its health check runs at normal priority.
+pub const VRRP_RT_PRIORITY: u8 = 50;
+
+/// The CPU time (µs) the realtime VRRP process may use without blocking before the kernel
+/// stops it (RLIMIT_RTTIME): a guard against a realtime busy loop, with room for a slow start.
+const VRRP_RLIMIT_RTTIME_US: u32 = 100_000;
+
 /// Debian's unprivileged user (uid 65534), present on every installation.
 pub const UNPRIVILEGED_SCRIPT_USER: &str = "nobody";
 
@@ -124,7 +134,8 @@ impl KeepalivedSpec {
             "# Written by ntp-user for namespace {netns}; rewritten at every start.\n\
              global_defs {{\n  router_id ntpxdp-{netns}\n  script_user {script_user}\n  \
              enable_script_security\n  vrrp_version 3\n  vrrp_garp_master_repeat 3\n  \
-             vrrp_garp_master_refresh 60\n}}\n\
+             vrrp_garp_master_refresh 60\n  vrrp_rt_priority {VRRP_RT_PRIORITY}\n  \
+             vrrp_rlimit_rttime {VRRP_RLIMIT_RTTIME_US}\n  vrrp_no_swap\n}}\n\
              vrrp_script ntpxdp_health {{\n  script {script}\n  interval 1\n  timeout 1\n  \
              fall 2\n  rise 2\n}}\n\
              vrrp_instance ntpxdp {{\n  state BACKUP\n  nopreempt\n  interface {ifname}\n\
@@ -155,9 +166,9 @@ impl KeepalivedSpec {
     }
 }
 
-/// Stops a keepalived an earlier daemon left running for this namespace: the parent (which
-/// takes its VRRP child with it and releases the addresses), and the VRRP child too in case
-/// the parent was killed without a chance to.
+/// Stops this namespace's keepalived (an earlier daemon's, or this daemon's as it exits) and
+/// waits for it: the parent (which takes its VRRP child with it and releases the addresses),
+/// and the VRRP child too in case the parent was killed without a chance to.
 pub fn stop_stale(netns: &str) -> Result<Option<i32>> {
     let parent =
         crate::host::stop_by_pid_file(&state_dir(netns).join("keepalived.pid"), "keepalived")?;
@@ -246,6 +257,8 @@ mod tests {
             "virtual_ipaddress_excluded {\n    fd00:ec2::123/128 dev ntpxdp-v0",
             "script \"/usr/bin/ntp-user health\"",
             "track_script",
+            "vrrp_rt_priority 50",
+            "vrrp_no_swap",
         ] {
             assert!(c.contains(want), "{want:?} missing from:\n{c}");
         }

@@ -17,6 +17,16 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
+/// Whether `pid` has exited: gone, or a zombie (a helper this daemon started is its child,
+/// reaped later).
+fn exited(pid: nix::unistd::Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        // The state follows the command name's closing parenthesis.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+    })
+}
+
 /// Stops a helper (dnsmasq, keepalived) an earlier daemon left running: the pid in
 /// `pid_file`, only if that process is `program` and names that pid file on its command line
 /// (a recycled pid is never signalled). Returns the pid stopped.
@@ -36,8 +46,10 @@ pub fn stop_by_pid_file(pid_file: &Path, program: &str) -> Result<Option<i32>> {
     let pid = nix::unistd::Pid::from_raw(pid);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
         .with_context(|| format!("stopping a stale {program}"))?;
-    for _ in 0..100 {
-        if nix::sys::signal::kill(pid, None).is_err() {
+    // keepalived releases its addresses before it exits: on a loaded machine that can take a
+    // while, and an exit before it leaves them behind.
+    for _ in 0..250 {
+        if exited(pid) {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
