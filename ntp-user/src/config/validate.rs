@@ -333,6 +333,13 @@ pub fn validate_fleet(f: &FleetSection, origin: &Path) -> Result<crate::fleet::F
     if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(300) {
         return Err(bad("fleet.lease_ttl", "must be between 2s and 5m".into()));
     }
+    let sync_deadline = duration(origin, "fleet.sync_deadline", &f.sync_deadline)?;
+    if sync_deadline < Duration::from_secs(5) || sync_deadline > Duration::from_secs(3600) {
+        return Err(bad(
+            "fleet.sync_deadline",
+            "must be between 5s and 1h".into(),
+        ));
+    }
     let state_dir = f
         .state_dir
         .clone()
@@ -347,6 +354,7 @@ pub fn validate_fleet(f: &FleetSection, origin: &Path) -> Result<crate::fleet::F
         user: f.user.clone(),
         password_file: f.password_file.clone(),
         lease_ttl,
+        sync_deadline,
         nts_seal_key_file: f
             .nts_seal_key_file
             .clone()
