@@ -159,6 +159,7 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
             }),
             running: std::sync::Mutex::new(running),
             live: None,
+            problems: Default::default(),
             started_unix: ntp_user::host::hostclock::unix_now_s(),
         };
         let cell = agent.cell.clone();

@@ -977,4 +977,44 @@ fn the_bound_holds_across_a_leap_second() {
         w.run(leap - w.epoch + 12 * HOUR, 16 * S);
         w
     });
+/// A daemon that resumes the clock the one before it served is synchronized and in holdover,
+/// but has measured nothing itself: what a rollout's gate tells from a configuration whose
+/// upstreams answer. Only a sample of its own upstreams makes it `measured_since_start`.
+#[test]
+fn a_resumed_clock_is_in_holdover_until_its_own_upstreams_answer() {
+    let config = SystemConfig::default();
+    let mut w = World::new(11, 30.0, false, config.clone(), 0);
+    w.run(HOUR, 16 * S);
+    let anchor = w.last_anchor.unwrap();
+    let now = w.mono_now();
+    let before = w.system.snapshot(now, &anchor);
+    assert!(before.synchronized && before.measured_since_start && !before.holdover);
+    // The next daemon resumes that anchor, with upstreams that do not answer.
+    let addrs: Vec<SocketAddr> = w.servers.iter().map(|s| s.addr).collect();
+    w.system = System::resume(config, &addrs, &anchor, w.system.frequency_ppm(), now);
+    for s in &mut w.servers {
+        s.answering = false;
+    }
+    w.run(HOUR + 120 * S, 16 * S);
+    let anchor = w.last_anchor.unwrap();
+    let resumed = w.system.snapshot(w.mono_now(), &anchor);
+    assert!(
+        resumed.synchronized,
+        "the resumed clock is served as synchronized"
+    );
+    assert!(resumed.holdover);
+    assert!(!resumed.measured_since_start, "{resumed:?}");
+    assert!(
+        resumed.last_sync_mono_ns.is_some_and(|t| t <= now),
+        "the last real synchronization is the earlier daemon's"
+    );
+    // Its upstreams answer: a measurement of its own.
+    for s in &mut w.servers {
+        s.answering = true;
+    }
+    w.run(HOUR + 300 * S, 16 * S);
+    let anchor = w.last_anchor.unwrap();
+    let measured = w.system.snapshot(w.mono_now(), &anchor);
+    assert!(measured.synchronized && measured.measured_since_start && !measured.holdover);
+    assert!(measured.last_sync_mono_ns.is_some_and(|t| t > now));
 }

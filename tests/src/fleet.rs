@@ -235,7 +235,8 @@ impl EtcdCluster {
     pub fn fleet_section(&self, host: &str, state_dir: &Path) -> String {
         format!(
             "[fleet]\nendpoints = {:?}\ncluster = \"az-test\"\nhost = \"{host}\"\nca = \"{}\"\n\
-             certificate = \"{}\"\nkey = \"{}\"\nlease_ttl = \"4s\"\nstate_dir = \"{}\"\n",
+             certificate = \"{}\"\nkey = \"{}\"\nlease_ttl = \"4s\"\nsync_deadline = \"15s\"\n\
+             state_dir = \"{}\"\n",
             self.endpoints,
             self.pki.ca.display(),
             self.pki.client_cert.display(),

@@ -237,11 +237,28 @@ fn the_store_failing_never_stops_the_time_and_lost_hosts_are_shown() {
         .unwrap();
     let r1 = revision_of(&f.fleet_ok(&["push", &v1]).unwrap());
     assert!(all_applied(&f, r1), "{:?}", hosts(&f));
+    // The member back: it catches up with the others, and pushes go on.
+    f.etcd.start_member(0).unwrap();
+    f.etcd
+        .wait_healthy(&f.home, Duration::from_secs(30))
+        .unwrap();
+    marks.push(("member 0 back, push v1b", std::time::Instant::now()));
+    let v1b = f
+        .file(
+            "v1b.toml",
+            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -22),
+        )
+        .unwrap();
+    let r1 = revision_of(&f.fleet_ok(&["push", &v1b]).unwrap());
+    assert!(all_applied(&f, r1), "{:?}", hosts(&f));
 
-    // All members down: every daemon serves on, and says the store is unreachable.
-    marks.push(("v1 applied; all killed", std::time::Instant::now()));
-    f.etcd.kill_member(1);
-    f.etcd.kill_member(2);
+    // All members down for a minute: every daemon serves on with its config, and says the
+    // store is unreachable.
+    marks.push(("v1b applied; all killed", std::time::Instant::now()));
+    let down_at = std::time::Instant::now();
+    for i in 0..3 {
+        f.etcd.kill_member(i);
+    }
     let alarmed = |f: &Fleet, i: usize| {
         f.status(i).is_ok_and(|s| {
             s["alarms"]
@@ -251,7 +268,17 @@ fn the_store_failing_never_stops_the_time_and_lost_hosts_are_shown() {
         })
     };
     assert!(Fleet::wait_until(Duration::from_secs(30), || (0..3).all(|i| alarmed(&f, i))));
-    std::thread::sleep(Duration::from_secs(2));
+    // The outage lasts a minute (the fault, not a wait for an event); all along, each host
+    // runs the config it had and says the store is lost.
+    while down_at.elapsed() < Duration::from_secs(60) {
+        for i in 0..3 {
+            let s = f.status(i).unwrap();
+            assert_eq!(s["fleet"]["config_revision"], r1, "{}", s["fleet"]);
+            assert!(alarmed(&f, i), "{}", s["fleet"]);
+            assert_eq!(s["clock"]["synchronized"], true);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
     marks.push(("alarms seen; restarting members", std::time::Instant::now()));
     // Back: the agents reconnect, the alarm clears, a push applies.
     for i in 0..3 {
@@ -421,6 +448,38 @@ fn nts_cookies_work_on_whichever_host_holds_the_addresses() {
         authentic(&session.cookies[1]),
         "a cookie from the old master was refused by the new one"
     );
+
+    // Sealed keys altered in the store: no host can open them; one alarm names the key (no
+    // host replaces them: another seal key could have written them), and rotation waits.
+    let key = "/ntp-xdp/az-test/nts_keys";
+    let out = f
+        .etcd
+        .etcdctl(&f.home, true, &["get", key, "--print-value-only"]);
+    let mut sealed: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    let n = sealed["nonce"][0].as_u64().unwrap();
+    sealed["nonce"][0] = ((n + 1) % 256).into();
+    let out = f
+        .etcd
+        .etcdctl(&f.home, true, &["put", key, &sealed.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    let unusable = |f: &Fleet| -> Vec<String> {
+        f.fleet_status().unwrap()["alarms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["alarm"] == "store_value_unusable")
+            .map(|a| a["detail"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        Fleet::wait_until(Duration::from_secs(20), || {
+            let u = unusable(&f);
+            u.len() == 1 && u[0].contains(key) && u[0].contains("do not open")
+        }),
+        "{:?}",
+        unusable(&f)
+    );
 }
 
 #[test]
@@ -497,4 +556,194 @@ fn access_list_rewrites_in_place_never_refuse_an_allowed_guest_nor_answer_a_deni
         "{:?}",
         denied_saw.kisses
     );
+}
+
+/// What an operator gets wrong, and what the store does behind the fleet's back: a rolling
+/// push of a configuration whose upstreams never answer stops at its canary, which goes back
+/// to what it ran (its clock only resumed from the daemon before it: never proof that the
+/// configuration works); values no agent can use in `desired` and `command` are reported with
+/// their key, one alarm each, and every agent stays in its session; a host pinned to a
+/// revision compaction removed re-pins to the current one and says so. A guest polls
+/// throughout and loses nothing.
+#[test]
+fn a_push_that_cannot_synchronize_stops_at_its_canary_and_bad_values_never_stop_an_agent() {
+    let f = Fleet::start().unwrap();
+    let guest = ready(&f, 34);
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = poll(&guest, stop.clone());
+    let v1 = f
+        .file(
+            "v1.toml",
+            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -21),
+        )
+        .unwrap();
+    let r1 = revision_of(&f.fleet_ok(&["push", &v1]).unwrap());
+    assert!(all_applied(&f, r1), "{:?}", hosts(&f));
+    let by = |name: &str| {
+        f.fleet_status().unwrap()["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["host"] == name)
+            .unwrap()
+            .clone()
+    };
+    let alarms = || -> Vec<(String, String)> {
+        f.fleet_status().unwrap()["alarms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["alarm"].as_str().unwrap().to_string(),
+                    a["detail"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let started_b = by("vip-b")["status"]["started_unix"].as_u64().unwrap();
+
+    // 1. Upstreams that never answer (nothing has that address): the canary restarts into
+    // it, resumes its clock, measures nothing, and fails; the rest stay on r1.
+    let silent = f
+        .file(
+            "silent.toml",
+            &(cluster_config(&f.guest_bridge, &f.vrrp_bridge, -21)
+                + "\n[[upstream]]\naddress = \"169.254.185.9\"\n"),
+        )
+        .unwrap();
+    let out = f.fleet_cmd(&["push", &silent, "--rolling", "--canary", "vip-b"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("rollout stopped at vip-b") && text.contains("no synchronization"),
+        "{text}"
+    );
+    let b = by("vip-b");
+    assert_eq!(b["config_state"]["state"], "failed", "{b}");
+    assert!(
+        b["config_state"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("169.254.185.9"),
+        "{b}"
+    );
+    assert_ne!(
+        b["status"]["started_unix"], started_b,
+        "the canary never restarted"
+    );
+    // Back on r1 (a restart into the configuration before), measured again.
+    assert!(
+        Fleet::wait_until(Duration::from_secs(30), || {
+            let b = by("vip-b");
+            b["status"]["config_revision"] == r1 && b["status"]["measured_since_start"] == true
+        }),
+        "{}",
+        by("vip-b")
+    );
+    for other in ["vip-a", "vip-c"] {
+        let h = by(other);
+        assert_eq!(h["status"]["config_revision"], r1, "{h}");
+        assert_eq!(h["desired"], r1, "{h}");
+    }
+    assert!(alarms()
+        .iter()
+        .any(|(a, d)| a == "config_failed" && d.contains("vip-b")));
+
+    // 2. Garbage where an agent reads: each reported with its key, one alarm each.
+    let put = |key: &str, value: &str| {
+        let out = f.etcd.etcdctl(&f.home, true, &["put", key, value]);
+        assert!(out.status.success(), "{out:?}");
+    };
+    put(
+        "/ntp-xdp/az-test/hosts/vip-c/desired",
+        "{\"revision\": \"soon\"",
+    );
+    put("/ntp-xdp/az-test/hosts/vip-a/command", "reboot please");
+    assert!(
+        Fleet::wait_until(Duration::from_secs(20), || {
+            let a = alarms();
+            a.iter()
+                .filter(|(n, d)| n == "config_failed" && d.contains("vip-c/desired"))
+                .count()
+                == 1
+                && a.iter()
+                    .filter(|(n, d)| n == "command_failed" && d.contains("vip-a/command"))
+                    .count()
+                    == 1
+        }),
+        "{:?}",
+        alarms()
+    );
+    // Every agent is still in its session, heartbeat after heartbeat.
+    for i in 0..3 {
+        let s = f.status(i).unwrap();
+        assert_eq!(s["fleet"]["store_reachable"], true, "{}", s["fleet"]);
+    }
+    // Values fixed: a push reaches every host.
+    let out = f.etcd.etcdctl(
+        &f.home,
+        true,
+        &["del", "/ntp-xdp/az-test/hosts/vip-c/desired"],
+    );
+    assert!(out.status.success());
+    put(
+        "/ntp-xdp/az-test/hosts/vip-a/command",
+        "{\"id\": \"nothing\", \"command\": \"none\"}",
+    );
+    let v2 = f
+        .file(
+            "v2.toml",
+            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -22),
+        )
+        .unwrap();
+    let r2 = revision_of(&f.fleet_ok(&["push", &v2]).unwrap());
+    assert!(all_applied(&f, r2), "{:?}", hosts(&f));
+
+    // 3. A rollout paused with vip-c pinned to r1, and the store compacted: r1's config is
+    // gone. vip-c re-pins to the current revision, says so, and stays connected.
+    let v3 = f
+        .file(
+            "v3.toml",
+            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -23),
+        )
+        .unwrap();
+    let r3 = revision_of(&f.fleet_ok(&["push", &v3]).unwrap());
+    assert!(all_applied(&f, r3), "{:?}", hosts(&f));
+    let out = f.etcd.etcdctl(&f.home, true, &["compact", &r3.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    put(
+        "/ntp-xdp/az-test/hosts/vip-c/desired",
+        &format!("{{\"revision\": {r1}}}"),
+    );
+    assert!(
+        Fleet::wait_until(Duration::from_secs(20), || {
+            let c = by("vip-c");
+            c["desired"] == r3
+                && c["config_state"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("compacted"))
+        }),
+        "{}",
+        by("vip-c")
+    );
+    assert_eq!(by("vip-c")["status"]["config_revision"], r3);
+    let s = f.status(2).unwrap();
+    assert_eq!(s["fleet"]["store_reachable"], true, "{}", s["fleet"]);
+    assert!(s["fleet"]["store_error"].is_null(), "{}", s["fleet"]);
+
+    stop.store(true, Ordering::Relaxed);
+    let seen = poller.join().unwrap();
+    eprintln!(
+        "{} sent, {} lost, {} switches",
+        seen.sent,
+        lost(&seen),
+        switches(&seen)
+    );
+    assert_eq!(lost(&seen), 0, "requests lost");
+    assert!(seen.seen.iter().all(|s| s.leap != 3));
 }

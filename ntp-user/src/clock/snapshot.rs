@@ -97,8 +97,15 @@ pub struct ClockSnapshot {
     pub regression_points: usize,
     pub root_delay_s: f64,
     pub root_dispersion_s: f64,
-    /// CLOCK_MONOTONIC of the last correction from the reference.
+    /// CLOCK_MONOTONIC of the last correction from the reference (by this daemon or, resumed,
+    /// by the one before it).
     pub last_sync_mono_ns: Option<u64>,
+    /// Synchronized on the last reference's word while no upstream answers (a resumed clock
+    /// is in holdover until its upstreams do).
+    pub holdover: bool,
+    /// This daemon has measured its reference since it started: a synchronization of its own,
+    /// not one carried over from the daemon before it.
+    pub measured_since_start: bool,
     pub sources: Vec<SourceSnapshot>,
     /// Served time minus the host's CLOCK_REALTIME (s), while synchronized: how far the
     /// host's own clock is from what guests get (filled in by the daemon, which reads it).

@@ -149,6 +149,8 @@ pub struct System {
     smear: Option<(Leap, bool)>,
     in_holdover: bool,
     holdover_expired: bool,
+    /// A sample of this system's upstreams has corrected the clock (not only a resumed one).
+    measured: bool,
     /// Upper bound the clock's health puts on every upstream's poll exponent.
     poll_limit: i8,
     poll_score: i32,
@@ -212,6 +214,7 @@ impl System {
             smear: None,
             in_holdover: false,
             holdover_expired: false,
+            measured: false,
         }
     }
 
@@ -552,6 +555,7 @@ impl System {
             self.in_holdover = false;
         }
         self.holdover_expired = false;
+        self.measured = true;
         let addr = self.upstreams[peer].addr;
         self.reference = Some(Reference {
             stratum: self
@@ -695,6 +699,8 @@ impl System {
                 .reference
                 .filter(|_| self.discipline.is_synchronized())
                 .map(|r| r.updated_ns),
+            holdover: synced && self.in_holdover,
+            measured_since_start: synced && self.measured,
             sources,
             // The core reads no clock: the daemon fills this in.
             host_clock_offset_s: None,

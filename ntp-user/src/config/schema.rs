@@ -61,6 +61,11 @@ pub struct FleetSection {
     /// The heartbeat's lease: a host silent this long is shown as lost.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl: String,
+    /// After a restart into a pushed configuration, its upstreams must synchronize the clock
+    /// within this long (a measurement of its own, not the clock resumed from the daemon
+    /// before), or the host goes back to the configuration before it and reports `failed`.
+    #[serde(default = "default_sync_deadline")]
+    pub sync_deadline: String,
     /// The applied configuration and the agent's state. Default: /var/lib/ntp-xdp/fleet.
     pub state_dir: Option<SafePath>,
     /// With `[nts]`: 32 bytes (mode 0600) that seal the NTS cookie keys in etcd; the same
@@ -70,6 +75,10 @@ pub struct FleetSection {
 
 fn default_lease_ttl() -> String {
     "10s".into()
+}
+
+fn default_sync_deadline() -> String {
+    "60s".into()
 }
 
 /// NTS: the key exchange over TLS 1.3 and NTS-protected replies from the userspace path.

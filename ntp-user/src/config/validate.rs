@@ -334,6 +334,13 @@ pub fn validate_fleet(f: &FleetSection, origin: &Path) -> Result<crate::fleet::F
     if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(300) {
         return Err(bad("fleet.lease_ttl", "must be between 2s and 5m".into()));
     }
+    let sync_deadline = duration(origin, "fleet.sync_deadline", &f.sync_deadline)?;
+    if sync_deadline < Duration::from_secs(5) || sync_deadline > Duration::from_secs(3600) {
+        return Err(bad(
+            "fleet.sync_deadline",
+            "must be between 5s and 1h".into(),
+        ));
+    }
     let path = |p: &Option<SafePath>| p.clone().map(PathBuf::from);
     let state_dir = path(&f.state_dir).unwrap_or_else(|| "/var/lib/ntp-xdp/fleet".into());
     Ok(crate::fleet::FleetSpec {
@@ -346,6 +353,7 @@ pub fn validate_fleet(f: &FleetSection, origin: &Path) -> Result<crate::fleet::F
         user: f.user.as_ref().map(ToString::to_string),
         password_file: path(&f.password_file),
         lease_ttl,
+        sync_deadline,
         nts_seal_key_file: path(&f.nts_seal_key_file)
             .unwrap_or_else(|| state_dir.join("nts-seal.key")),
         state_dir,

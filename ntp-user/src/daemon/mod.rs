@@ -436,6 +436,8 @@ async fn serve_host_clock(
                     refid: Some(identity.refid),
                     leap: ntp_common::wire::Leap::from_bits(anchor.leap),
                     last_sync_mono_ns: (!unsynced).then_some(anchor.mono_ns),
+                    // The host clock is read afresh at every publication.
+                    measured_since_start: !unsynced,
                     ..Default::default()
                 };
                 if publication.stepped_back_ns > 0 {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use etcd_client::{Client, PutOptions, WatchOptions};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::local::{LocalFiles, LocalState, Version};
@@ -18,6 +19,44 @@ use super::{
 use crate::daemon::Restart;
 use crate::observe::status::{FleetCell, FleetLink};
 use crate::observe::{Observatory, Reports};
+
+/// Where the first-synchronization gate of a restart into a new configuration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// No configuration being proven (none staged before this start).
+    Idle,
+    Waiting,
+    Passed,
+    /// Its upstreams did not synchronize the clock in time: the previous one is staged.
+    Failed,
+}
+
+/// Why a clock that has not measured its upstreams since the restart fails the gate.
+fn unsynchronized_reason(
+    clock: &crate::clock::snapshot::ClockSnapshot,
+    deadline: Duration,
+) -> String {
+    let upstreams: Vec<String> = clock
+        .sources
+        .iter()
+        .map(|s| format!("{} reach {:o}", s.addr, s.reach))
+        .collect();
+    let state = if clock.synchronized {
+        "served time was only held over from the previous daemon's clock"
+    } else {
+        "the clock is unsynchronized"
+    };
+    format!(
+        "no synchronization with this configuration's upstreams within {} of the restart \
+         ({state}; upstreams: {})",
+        humantime::format_duration(deadline),
+        if upstreams.is_empty() {
+            "none".to_string()
+        } else {
+            upstreams.join(", ")
+        }
+    )
+}
 
 /// Validates a configuration text as a local file would be, plus what only this host can
 /// check (its interfaces, its files). `origin` names where it came from in errors.
@@ -36,7 +75,12 @@ pub struct Agent {
     pub running: std::sync::Mutex<String>,
     /// Applies a configuration's access list and rate limit in place (set by the daemon).
     pub live: Option<LiveApply>,
+    /// Values in the store this host cannot use, by key: in every heartbeat until they go.
+    pub problems: StoreProblems,
 }
+
+/// Values in the store a host cannot use: key → why.
+pub type StoreProblems = std::sync::Mutex<std::collections::BTreeMap<String, String>>;
 
 /// Applies the live-changeable part of a configuration text in place.
 pub type LiveApply = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -78,19 +122,25 @@ impl Agent {
     pub async fn run(self, obs: Arc<Observatory>, restart: Restart) {
         let reports = obs.reports();
         let files = LocalFiles::new(&self.spec.state_dir);
-        match files.mark_applied() {
-            Ok(Some(v)) => info!(
-                revision = v.revision,
-                override_revision = v.override_revision,
-                "fleet: the new configuration is running"
-            ),
-            Ok(None) => {}
-            Err(e) => warn!(error = %format!("{e:#}"), "fleet: local state"),
-        }
         self.set_link(false, None, &files);
+        let (gate_tx, gate_rx) = watch::channel(Gate::Idle);
+        tokio::join!(
+            self.first_sync_gate(&obs, &files, gate_tx),
+            self.sessions(&reports, &restart, &files, gate_rx)
+        );
+    }
+
+    /// Sessions with the store, one after another, until a restart is due.
+    async fn sessions(
+        &self,
+        reports: &Reports,
+        restart: &Restart,
+        files: &LocalFiles,
+        mut gate: watch::Receiver<Gate>,
+    ) {
         let mut backoff = Duration::from_millis(500);
         loop {
-            let err = match self.session(&reports, &restart, &files).await {
+            let err = match self.session(reports, restart, files, &mut gate).await {
                 Ok(()) => return, // a restart was requested
                 Err(e) => format!("{e:#}"),
             };
@@ -100,12 +150,99 @@ impl Agent {
             } else {
                 tracing::debug!(error = %err, "fleet: store unreachable");
             }
-            self.set_link(false, Some(err), &files);
-            tokio::time::sleep(backoff).await;
+            self.set_link(false, Some(err), files);
+            // Without the store there is no restart slot to wait for: a configuration that
+            // failed its gate is left at once (the restart back is hitless).
+            if *gate.borrow() == Gate::Failed {
+                restart.request();
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                Ok(()) = gate.changed() => {}
+            }
             backoff = (backoff * 2).min(Duration::from_secs(5));
             if was_up {
                 backoff = Duration::from_millis(500);
             }
+        }
+    }
+
+    /// After a restart into a staged configuration: `applied` once the clock has synchronized
+    /// with this configuration's upstreams (a measurement of this daemon's own: the clock it
+    /// resumed from the previous daemon says "synchronized" for up to the maximum holdover
+    /// whether they answer or not). Past `sync_deadline` without one, the previous
+    /// configuration is put back and the failure remembered; the session restarts into it.
+    async fn first_sync_gate(
+        &self,
+        obs: &Observatory,
+        files: &LocalFiles,
+        gate: watch::Sender<Gate>,
+    ) {
+        let version = match files.state() {
+            Ok(s) => s.applying,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "fleet: local state");
+                None
+            }
+        };
+        let Some(version) = version else {
+            return;
+        };
+        gate.send_replace(Gate::Waiting);
+        info!(
+            revision = version.revision,
+            deadline = %humantime::format_duration(self.spec.sync_deadline),
+            "fleet: the new configuration is running; waiting for its upstreams to synchronize the clock"
+        );
+        let deadline = tokio::time::Instant::now() + self.spec.sync_deadline;
+        let mut ticker = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            ticker.tick().await;
+            let clock = obs.clock();
+            if clock.synchronized && clock.measured_since_start {
+                match files.mark_applied() {
+                    Ok(_) => info!(
+                        revision = version.revision,
+                        "fleet: the new configuration synchronized the clock: applied"
+                    ),
+                    Err(e) => warn!(error = %format!("{e:#}"), "fleet: local state"),
+                }
+                gate.send_replace(Gate::Passed);
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let why = unsynchronized_reason(&clock, self.spec.sync_deadline);
+                match files.roll_back(&why) {
+                    Ok(_) => {
+                        warn!(revision = version.revision, reason = %why, "fleet: the new configuration failed; going back to the previous one")
+                    }
+                    Err(e) => warn!(error = %format!("{e:#}"), "fleet: local state"),
+                }
+                gate.send_replace(Gate::Failed);
+                return;
+            }
+        }
+    }
+
+    /// Records what is wrong with `key`'s value (None: nothing, now); true when that changed.
+    fn problem(&self, key: &str, why: Option<&str>) -> bool {
+        let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        match why {
+            Some(w) if p.get(key).map(String::as_str) != Some(w) => {
+                warn!(
+                    key,
+                    problem = w,
+                    "fleet: a value in the store this host cannot use"
+                );
+                p.insert(key.to_string(), w.to_string());
+                true
+            }
+            None if p.remove(key).is_some() => {
+                info!(key, "fleet: the value in the store is usable again");
+                true
+            }
+            _ => false,
         }
     }
 
@@ -134,6 +271,7 @@ impl Agent {
         reports: &Reports,
         restart: &Restart,
         files: &LocalFiles,
+        gate: &mut watch::Receiver<Gate>,
     ) -> Result<()> {
         let keys = Keys::new(&self.spec.cluster);
         let me = |what| keys.host(&self.spec.host, what);
@@ -175,7 +313,8 @@ impl Agent {
         self.release_restart_slot(&mut client, &keys).await?;
         // A restart waits for the cluster's restart slot: one host at a time, so that some
         // host always holds the addresses (all at once, none would for an election).
-        let mut pending = self.evaluate(&mut client, &keys, files).await?;
+        let mut pending = *gate.borrow_and_update() == Gate::Failed
+            || self.evaluate(&mut client, &keys, files).await?;
         let mut told = false;
         let mut ticker = tokio::time::interval(
             (self.spec.lease_ttl / 5).clamp(Duration::from_millis(500), Duration::from_secs(2)),
@@ -197,6 +336,15 @@ impl Agent {
                 }
                 m = config_watch.message() => {
                     m?.ok_or_else(|| anyhow!("the config watch ended"))?;
+                    true
+                }
+                Ok(()) = gate.changed() => {
+                    // The gate's outcome is in the local state: report it. Failed: the
+                    // previous configuration is staged again, and restarted into.
+                    self.report_local_state(&mut client, &keys, files).await?;
+                    if *gate.borrow_and_update() == Gate::Failed {
+                        pending = true;
+                    }
                     true
                 }
                 m = host_watch.message() => {
@@ -274,7 +422,14 @@ impl Agent {
         keys: &Keys,
         files: &LocalFiles,
     ) -> Result<()> {
-        let status = heartbeat(reports, files, self.started_unix).await?;
+        let mut status = heartbeat(reports, files, self.started_unix).await?;
+        status.store_problems = self
+            .problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, w)| (k.clone(), w.clone()))
+            .collect();
         client
             .put(
                 keys.host(&self.spec.host, STATUS),
@@ -314,9 +469,32 @@ impl Agent {
     async fn evaluate(&self, client: &mut Client, keys: &Keys, files: &LocalFiles) -> Result<bool> {
         let me = |what| keys.host(&self.spec.host, what);
         // Commands first: a restart also picks up whatever configuration is due.
-        if let Some((text, _)) = store::get(client, &me(COMMAND)).await? {
-            let cmd: HostCommand =
-                serde_json::from_str(&text).context("the host's command is not JSON")?;
+        let command = match store::get(client, &me(COMMAND)).await? {
+            Some((text, _)) => match serde_json::from_str::<HostCommand>(&text) {
+                Ok(c) => {
+                    self.problem(&me(COMMAND), None);
+                    Some(c)
+                }
+                Err(e) => {
+                    // Said once, in the command's state and the heartbeat; the session goes on.
+                    let why = format!("not a command ({{\"id\", \"command\"}}): {e}");
+                    if self.problem(&me(COMMAND), Some(&why)) {
+                        let st = CommandState {
+                            id: String::new(),
+                            state: "failed".into(),
+                            message: format!("{}: {why}", me(COMMAND)),
+                        };
+                        self.put_mine(client, keys, COMMAND_STATE, &st).await?;
+                    }
+                    None
+                }
+            },
+            None => {
+                self.problem(&me(COMMAND), None);
+                None
+            }
+        };
+        if let Some(cmd) = command {
             let handled = store::get(client, &me(COMMAND_STATE))
                 .await?
                 .and_then(|(t, _)| serde_json::from_str::<CommandState>(&t).ok())
@@ -357,35 +535,113 @@ impl Agent {
         let Some((latest, latest_rev)) = store::get(client, &keys.config()).await? else {
             return Ok(false); // no cluster config yet: the local file stays
         };
-        let desired = store::get(client, &me(DESIRED))
-            .await?
-            .map(|(t, _)| serde_json::from_str::<Desired>(&t))
-            .transpose()
-            .context("the host's desired revision is not JSON")?
-            .map(|d| d.revision);
-        let revision = desired.unwrap_or(latest_rev);
+        let desired_value = store::get(client, &me(DESIRED)).await?;
+        let desired = match &desired_value {
+            None => None,
+            Some((t, _)) => match serde_json::from_str::<Desired>(t) {
+                Ok(d) => Some(d.revision),
+                Err(e) => {
+                    // Reported failed with the key; this host runs on with what it has.
+                    let why = format!(
+                        "{}: not a desired revision ({{\"revision\": R}}): {e}",
+                        me(DESIRED)
+                    );
+                    if self.problem(&me(DESIRED), Some(&why)) {
+                        warn!(reason = %why, "fleet: ignoring a value this host cannot use");
+                        self.put_config_state(client, keys, 0, ApplyState::Failed, &why)
+                            .await?;
+                    }
+                    return Ok(false);
+                }
+            },
+        };
+        if self.problem(&me(DESIRED), None) {
+            // The bad value is gone: what this host runs is its state again.
+            self.report_local_state(client, keys, files).await?;
+        }
+        let mut revision = desired.unwrap_or(latest_rev);
         if revision <= 0 {
             return Ok(false); // pinned to its local file
         }
+        let host_override = store::get(client, &me(OVERRIDE)).await?;
+        let override_revision = host_override.as_ref().map_or(0, |(_, r)| *r);
+        let state = files.state()?;
+        if state
+            .applying
+            .is_some_and(|v| v.revision != revision || v.override_revision != override_revision)
+        {
+            // The running configuration is still proving itself: the next one waits for it.
+            return Ok(false);
+        }
+        // Compared before anything is fetched: what runs already needs no old revision.
+        let known = |v: Version| {
+            state.applied == Some(v)
+                || state.applying == Some(v)
+                || state.failed.as_ref().is_some_and(|(f, _)| *f == v)
+        };
+        if known(Version {
+            revision,
+            override_revision,
+        }) {
+            return Ok(false);
+        }
+        let mut note = String::new();
         let cluster = if revision == latest_rev {
             latest
         } else {
-            store::get_at(client, &keys.config(), revision)
-                .await?
-                .ok_or_else(|| anyhow!("config revision {revision} is not in the store"))?
+            match store::get_at(client, &keys.config(), revision).await {
+                Ok(Some(text)) => text,
+                Ok(None) => {
+                    let version = Version {
+                        revision,
+                        override_revision,
+                    };
+                    let why = format!("{}: revision {revision} has no config", me(DESIRED));
+                    return self.refuse(client, keys, files, version, why).await;
+                }
+                Err(e) if format!("{e:#}").contains("compacted") => {
+                    // The store no longer has it: the current revision is pinned instead, in
+                    // the store too (unless the desired revision changed meanwhile).
+                    note = format!(
+                        "revision {revision} was compacted away; re-pinned to the current \
+                         revision {latest_rev}"
+                    );
+                    warn!(revision, current = latest_rev, "fleet: the desired revision was compacted away; re-pinned to the current one");
+                    if let Some((_, desired_mod)) = &desired_value {
+                        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+                        let txn = Txn::new()
+                            .when([Compare::mod_revision(
+                                me(DESIRED),
+                                CompareOp::Equal,
+                                *desired_mod,
+                            )])
+                            .and_then([TxnOp::put(
+                                me(DESIRED),
+                                serde_json::to_vec(&Desired {
+                                    revision: latest_rev,
+                                })?,
+                                None,
+                            )]);
+                        client.txn(txn).await?;
+                    }
+                    revision = latest_rev;
+                    if known(Version {
+                        revision,
+                        override_revision,
+                    }) {
+                        self.put_config_state(client, keys, revision, ApplyState::Applied, &note)
+                            .await?;
+                        return Ok(false);
+                    }
+                    latest
+                }
+                Err(e) => return Err(e),
+            }
         };
-        let host_override = store::get(client, &me(OVERRIDE)).await?;
         let version = Version {
             revision,
-            override_revision: host_override.as_ref().map_or(0, |(_, r)| *r),
+            override_revision,
         };
-        let state = files.state()?;
-        if state.applied == Some(version)
-            || state.applying == Some(version)
-            || state.failed.as_ref().is_some_and(|(v, _)| *v == version)
-        {
-            return Ok(false);
-        }
         let origin = format!("etcd {}@{revision}", keys.config());
         let checked = super::effective_config(
             &cluster,
@@ -405,7 +661,7 @@ impl Agent {
                     Ok(()) => {
                         files.record_applied(&text, version)?;
                         *self.running.lock().unwrap_or_else(|e| e.into_inner()) = text;
-                        self.put_config_state(client, keys, revision, ApplyState::Applied, "")
+                        self.put_config_state(client, keys, revision, ApplyState::Applied, &note)
                             .await?;
                         info!(
                             revision,
@@ -418,7 +674,7 @@ impl Agent {
             }
             Ok(text) => {
                 files.stage(&text, version)?;
-                self.put_config_state(client, keys, revision, ApplyState::Applying, "")
+                self.put_config_state(client, keys, revision, ApplyState::Applying, &note)
                     .await?;
                 info!(
                     revision,
@@ -432,11 +688,15 @@ impl Agent {
 
     /// Keeps this host's NTS cookie keys the cluster's: the store holds them, sealed under
     /// the seal key every host has ([`crate::nts::cookie::SealKey`]: whoever reads the store
-    /// learns nothing of them). Whichever agent first finds them due rotates them there
-    /// (compare-and-swap, so there is one new key, never two under one id); every host's key
+    /// learns nothing of them). A rotation is due when the store's `nts_rotation` key is gone:
+    /// it is written with every rotation under a lease of the rotation period, so the store's
+    /// clock decides, not the hosts' (a host whose clock is behind would find every key "from
+    /// the future" and rotate on every tick). Whichever agent finds it due first rotates
+    /// (compare-and-swap on both keys: one new key, never two under one id); every host's key
     /// file follows the store, and its NTS server adopts the file. The first host to publish
     /// seeds the store, and a value that is not sealed is replaced; a sealed one that does not
-    /// open here (another seal key) is left alone and said so: this host keeps its keys.
+    /// open here (another seal key, or altered) is left alone and raised as a store problem:
+    /// this host keeps its keys.
     async fn sync_nts_keys(&self, client: &mut Client, keys: &Keys) -> Result<()> {
         use crate::nts::cookie::{CookieKeys, StoredKeysError};
         use etcd_client::{Compare, CompareOp, Txn, TxnOp};
@@ -455,6 +715,7 @@ impl Agent {
             .and_then(|t| serde_json::from_str::<CookieKeys>(&t).ok())
             .filter(|k| k.check().is_ok());
         let key = keys.nts_keys();
+        let marker = keys.nts_rotation();
         let stored = store::get(client, &key).await?;
         let opened = stored
             .as_ref()
@@ -465,8 +726,10 @@ impl Agent {
                 Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
                 true,
             ),
-            Some((Err(e @ StoredKeysError::DoesNotOpen), _)) => {
-                sync.report(Some(format!("{key}: {e}")));
+            Some((Err(e @ (StoredKeysError::DoesNotOpen | StoredKeysError::Invalid(_))), _)) => {
+                let why = e.to_string();
+                sync.report(Some(format!("{key}: {why}")));
+                self.problem(&key, Some(&why));
                 return Ok(());
             }
             Some((Err(e), rev)) => match local {
@@ -489,15 +752,32 @@ impl Agent {
                 None => return Ok(()),
             },
         };
-        let now = crate::host::hostclock::unix_now_s();
-        let rotated = cluster.rotate_if_due(now, sync.rotation.as_secs().max(1), rand::random());
-        if rotated || !adopted {
+        self.problem(&key, None);
+        let due = adopted && store::get(client, &marker).await?.is_none();
+        if due || !adopted {
+            // The key's created time is only a label now: due means the marker expired.
+            let rotated = due
+                && cluster.rotate_if_due(crate::host::hostclock::unix_now_s(), 0, rand::random());
             let sealed = cluster.seal_for_store(&seal, &key, rand::random());
+            let lease = client
+                .lease_grant(sync.rotation.as_secs().max(2) as i64, None)
+                .await
+                .context("a lease for the NTS key rotation")?
+                .id();
             let txn = Txn::new()
-                .when([guard])
-                .and_then([TxnOp::put(key.clone(), sealed, None)]);
+                .when([guard, Compare::version(marker.clone(), CompareOp::Equal, 0)])
+                .and_then([
+                    TxnOp::put(key.clone(), sealed, None),
+                    TxnOp::put(
+                        marker.clone(),
+                        format!("{:?}", cluster.ids()),
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
+                ]);
             if !client.txn(txn).await?.succeeded() {
-                return Ok(()); // another host was first: its keys are adopted next time
+                // Another host seeded or rotated first: its keys are adopted next time.
+                let _ = client.lease_revoke(lease).await;
+                return Ok(());
             }
             info!(ids = ?cluster.ids(), rotated, "fleet: NTS cookie keys written to the store, sealed");
         }
@@ -589,11 +869,25 @@ async fn heartbeat(reports: &Reports, files: &LocalFiles, started_unix: u64) -> 
         version: report.version.clone(),
         uptime_s: report.uptime_s,
         started_unix,
+        holdover: report.clock.holdover,
+        measured_since_start: report.clock.measured_since_start,
+        last_sync_unix: report.clock.last_sync_mono_ns.and_then(|t| {
+            let now = crate::host::hostclock::read_clock_pair().ok()?;
+            Some((now.unix_ns as f64 - now.mono_ns.saturating_sub(t) as f64) * 1e-9)
+        }),
+        store_problems: Vec::new(),
     })
 }
 
 /// The config state to report from the local files: the newest attempt's outcome.
 fn config_state_of(s: &LocalState) -> Option<ConfigState> {
+    if let Some(v) = s.applying {
+        return Some(ConfigState {
+            revision: v.revision,
+            state: ApplyState::Applying,
+            message: "running; waiting for its upstreams to synchronize the clock".into(),
+        });
+    }
     let applied = s.applied.map(|v| ConfigState {
         revision: v.revision,
         state: ApplyState::Applied,
@@ -630,6 +924,10 @@ mod tests {
         assert_eq!((c.revision, c.state), (7, ApplyState::Failed));
         s.applied = Some(v(9));
         assert_eq!(config_state_of(&s).unwrap().state, ApplyState::Applied);
+        // Restarted into revision 11, not yet proven by a synchronization: applying.
+        s.applying = Some(v(11));
+        let c = config_state_of(&s).unwrap();
+        assert_eq!((c.revision, c.state), (11, ApplyState::Applying));
     }
 
     /// The heartbeat's report is built off the runtime thread: while the report is blocked

@@ -16,6 +16,7 @@
 //! | `hosts/<h>/command_state` | [`CommandState`] | the agent |
 //! | `restart_slot` | the host restarting now, under its lease: one at a time | agents (txn) |
 //! | `nts_keys` | the NTS cookie keys, sealed under the cluster's seal key ([`crate::nts::cookie::SealKey`]), newest rotation wins | agents (compare-and-swap) |
+//! | `nts_rotation` | present until the next rotation is due: under a lease of the rotation period, so etcd's clock decides | agents (with `nts_keys`) |
 //!
 //! Sans IO here: the key names, the values, the TOML merge, the rollout order and the fleet's
 //! alarms; [`store`] connects, [`local`] keeps the host's own files, [`agent`] and [`ops`] do
@@ -44,6 +45,8 @@ pub struct FleetSpec {
     pub password_file: Option<PathBuf>,
     /// The host's status key lives this long after its last heartbeat.
     pub lease_ttl: Duration,
+    /// A restart into a pushed configuration must synchronize with its upstreams this soon.
+    pub sync_deadline: Duration,
     /// Where the applied configuration and the agent's state are kept.
     pub state_dir: PathBuf,
     /// The key that seals the NTS cookie keys in the store (with `[nts]`).
@@ -83,6 +86,10 @@ impl Keys {
     pub fn nts_keys(&self) -> String {
         format!("{}nts_keys", self.prefix)
     }
+    /// Present (under a lease of the rotation period) until the next NTS key rotation is due.
+    pub fn nts_rotation(&self) -> String {
+        format!("{}nts_rotation", self.prefix)
+    }
     pub fn hosts(&self) -> String {
         format!("{}hosts/", self.prefix)
     }
@@ -120,6 +127,19 @@ pub struct HostStatus {
     pub uptime_s: f64,
     /// Process start (Unix s): tells a restarted daemon from one that kept running.
     pub started_unix: u64,
+    /// Synchronized only on the last reference's word: no upstream answers now.
+    #[serde(default)]
+    pub holdover: bool,
+    /// This daemon has measured its reference since it started (a resumed clock has not).
+    #[serde(default)]
+    pub measured_since_start: bool,
+    /// When the clock was last corrected from its reference (Unix s), by this daemon or the
+    /// one it resumed from.
+    #[serde(default)]
+    pub last_sync_unix: Option<f64>,
+    /// Values in the store this host cannot use: (key, why). Each is a fleet alarm.
+    #[serde(default)]
+    pub store_problems: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,6 +317,35 @@ pub fn fleet_alarms(hosts: &[HostView], max_offset_spread_s: f64) -> Vec<FleetAl
                 });
             }
         }
+    }
+    for h in hosts {
+        if let Some(c) = h.command_state.as_ref().filter(|c| c.state == "failed") {
+            out.push(FleetAlarm {
+                alarm: "command_failed".into(),
+                detail: format!("{}: {}", h.host, c.message),
+            });
+        }
+    }
+    // A value in the store hosts cannot use: one alarm per key, naming who said so.
+    let mut problems: std::collections::BTreeMap<&str, (&str, Vec<&str>)> = Default::default();
+    for h in hosts {
+        for (key, why) in h.status.iter().flat_map(|s| &s.store_problems) {
+            // A host's own keys are reported in its config or command state already.
+            if key.contains(&format!("/hosts/{}/", h.host)) {
+                continue;
+            }
+            problems
+                .entry(key)
+                .or_insert((why, Vec::new()))
+                .1
+                .push(&h.host);
+        }
+    }
+    for (key, (why, by)) in problems {
+        out.push(FleetAlarm {
+            alarm: "store_value_unusable".into(),
+            detail: format!("{key}: {why} (seen by {})", by.join(", ")),
+        });
     }
     let live: Vec<&HostStatus> = hosts.iter().filter_map(|h| h.status.as_ref()).collect();
     let mut revisions: Vec<i64> = live.iter().map(|s| s.config_revision).collect();
@@ -480,6 +529,22 @@ mod tests {
         });
         bad[1].status.as_mut().unwrap().config_revision = 4;
         bad[1].status.as_mut().unwrap().offset_s = Some(500e-6);
+        bad[0].command_state = Some(CommandState {
+            id: String::new(),
+            state: "failed".into(),
+            message: "/ntp-xdp/az1/hosts/a/command: not a command".into(),
+        });
+        // Every host says the shared key is unusable: one alarm; a host's own key is said in
+        // its states already.
+        for h in bad.iter_mut().filter_map(|h| h.status.as_mut()) {
+            h.store_problems = vec![("/ntp-xdp/az1/nts_keys".into(), "does not open".into())];
+        }
+        bad[0]
+            .status
+            .as_mut()
+            .unwrap()
+            .store_problems
+            .push(("/ntp-xdp/az1/hosts/a/desired".into(), "not JSON".into()));
         let names: Vec<String> = fleet_alarms(&bad, 100e-6)
             .into_iter()
             .map(|a| a.alarm)
@@ -489,6 +554,8 @@ mod tests {
             [
                 "host_lost",
                 "config_failed",
+                "command_failed",
+                "store_value_unusable",
                 "config_revisions_differ",
                 "offsets_disagree"
             ]

@@ -140,13 +140,29 @@ impl Fleet {
             return Ok(revision);
         }
         for host in rollout_order(&live, canary) {
-            self.client
-                .put(
-                    self.keys.host(&host, DESIRED),
-                    serde_json::to_vec(&Desired { revision })?,
-                    None,
+            // Only while this push's config is the cluster's: a later push owns the hosts.
+            let moved = self
+                .client
+                .txn(
+                    Txn::new()
+                        .when([Compare::mod_revision(
+                            key.clone(),
+                            CompareOp::Equal,
+                            revision,
+                        )])
+                        .and_then([TxnOp::put(
+                            self.keys.host(&host, DESIRED),
+                            serde_json::to_vec(&Desired { revision })?,
+                            None,
+                        )]),
                 )
                 .await?;
+            if !moved.succeeded() {
+                bail!(
+                    "rollout of revision {revision} stopped before {host}: the cluster config was \
+                     pushed again since; the newer push decides what the hosts run"
+                );
+            }
             out(&format!("{host}: applying revision {revision}"));
             self.wait_applied(&host, revision, out)
                 .await
@@ -169,7 +185,7 @@ impl Fleet {
             let h = self.host(host).await?;
             if let Some(c) = h.config_state.as_ref().filter(|c| c.revision == revision) {
                 if c.state == ApplyState::Failed {
-                    bail!("{host} refused revision {revision}: {}", c.message);
+                    bail!("{host} failed revision {revision}: {}", c.message);
                 }
             }
             if let Some(s) = &h.status {
@@ -270,10 +286,11 @@ impl Fleet {
                 {
                     bail!("{host}: restart failed: {}", c.message);
                 }
-                let back = h
-                    .status
-                    .as_ref()
-                    .is_some_and(|s| s.started_unix != before && s.synchronized);
+                // Synchronized by a measurement of the new process's own, not only the clock
+                // it resumed.
+                let back = h.status.as_ref().is_some_and(|s| {
+                    s.started_unix != before && s.synchronized && s.measured_since_start
+                });
                 if done && back {
                     out(&format!("{host}: back and synchronized"));
                     break;

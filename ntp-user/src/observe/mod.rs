@@ -198,6 +198,11 @@ impl Observatory {
 
     /// A report with fresh counters (for `status` and scrapes); table walks at most a second
     /// old. Blocking: async callers take theirs from [`Observatory::reports`].
+    /// The clock task's latest snapshot (cheap: no walk of the maps).
+    pub fn clock(&self) -> crate::clock::snapshot::ClockSnapshot {
+        self.clock.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn report(&self) -> Result<StatusReport> {
         self.report_with(WALK_MAX_AGE)
     }

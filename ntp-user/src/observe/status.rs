@@ -36,6 +36,12 @@ pub struct ClockStatus {
     pub root_dispersion_s: f64,
     /// CLOCK_MONOTONIC of the last correction from the reference.
     pub last_sync_mono_ns: Option<u64>,
+    /// Synchronized on the last reference's word while no upstream answers.
+    #[serde(default)]
+    pub holdover: bool,
+    /// Measured against its reference since this daemon started (not only resumed).
+    #[serde(default)]
+    pub measured_since_start: bool,
     pub sources: Vec<SourceStatus>,
     /// Served time minus the host's CLOCK_REALTIME (s), while synchronized.
     #[serde(default)]
@@ -58,6 +64,8 @@ impl From<&ClockSnapshot> for ClockStatus {
             root_delay_s: c.root_delay_s,
             root_dispersion_s: c.root_dispersion_s,
             last_sync_mono_ns: c.last_sync_mono_ns,
+            holdover: c.holdover,
+            measured_since_start: c.measured_since_start,
             sources: c
                 .sources
                 .iter()
