@@ -144,7 +144,7 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
     let result = start().and_then(|v| {
         log_clock_source(&v);
         let mut opts = v.serve_options();
-        let validate = ntp_user::fleet::host_validator();
+        let validate = ntp_user::config::host_validator();
         let running = match applied.exists() {
             true => std::fs::read_to_string(&applied)?,
             false => local_text.clone(),
@@ -227,7 +227,7 @@ fn fleet(
         .fleet
         .ok_or_else(|| anyhow::anyhow!("config {}: no [fleet] section", config.display()))?;
     // Validation here is the portable part: what only a host can check, it checks itself.
-    let validate = ntp_user::fleet::push_validator();
+    let validate = ntp_user::config::push_validator();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

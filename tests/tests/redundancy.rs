@@ -675,7 +675,8 @@ fn forged_adverts(net: VrrpNet) {
         pair.hosts[master].netns
     ))
     .unwrap();
-    let user = ntp_user::host::keepalived::script_user(&std::fs::canonicalize(ntp_user_bin()).unwrap());
+    let user =
+        ntp_user::host::keepalived::script_user(&std::fs::canonicalize(ntp_user_bin()).unwrap());
     eprintln!("keepalived's health check runs as {user}");
     assert!(
         conf.contains(&format!("script_user {user}\n")) && conf.contains("enable_script_security"),

@@ -88,6 +88,26 @@ pub fn parse_portable(text: &str, origin: &Path) -> Result<Validated> {
 /// A configuration that sets every field whose value reaches a generated file, a command line
 /// or a path, and how to spoil one of them: shared by the tests of `check-config` and of a
 /// fleet push.
+/// How `fleet push` and `fleet override` check a configuration before it is written: what
+/// any machine can check (the files a host reads, only that host can).
+pub fn push_validator() -> crate::fleet::agent::Validator {
+    std::sync::Arc::new(|text, origin| {
+        parse_portable(text, std::path::Path::new(origin))
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    })
+}
+
+/// How a host checks a configuration pushed to it before it applies it: as a local file,
+/// and the interfaces it names exist here.
+pub fn host_validator() -> crate::fleet::agent::Validator {
+    std::sync::Arc::new(|text, origin| {
+        parse(text, std::path::Path::new(origin))
+            .and_then(|v| host_preflight(&v))
+            .map_err(|e| format!("{e:#}"))
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod every_field {
     use std::path::{Path, PathBuf};

@@ -214,26 +214,6 @@ pub fn effective_config(
     toml::to_string(&base).map_err(|e| e.to_string())
 }
 
-/// How `fleet push` and `fleet override` check a configuration before it is written: what
-/// any machine can check (the files a host reads, only that host can).
-pub fn push_validator() -> agent::Validator {
-    std::sync::Arc::new(|text, origin| {
-        crate::config::parse_portable(text, std::path::Path::new(origin))
-            .map(|_| ())
-            .map_err(|e| format!("{e:#}"))
-    })
-}
-
-/// How a host checks a configuration pushed to it before it applies it: as a local file,
-/// and the interfaces it names exist here.
-pub fn host_validator() -> agent::Validator {
-    std::sync::Arc::new(|text, origin| {
-        crate::config::parse(text, std::path::Path::new(origin))
-            .and_then(|v| crate::config::host_preflight(&v))
-            .map_err(|e| format!("{e:#}"))
-    })
-}
-
 /// Whether going from `old` to `new` (whole configurations) changes only what a running
 /// daemon can change in place: the access list and the rate limit (not the table sizes,
 /// fixed when the maps are made).
@@ -399,7 +379,7 @@ mod tests {
         let cluster = every_field::CLUSTER;
         let origin = "etcd /ntp-xdp/az1/config@7";
         let text = effective_config(cluster, None, Some(&local_fleet)).unwrap();
-        push_validator()(&text, origin).expect("the base config is valid");
+        crate::config::push_validator()(&text, origin).expect("the base config is valid");
         let pushed = every_field::FIELDS
             .iter()
             .filter(|f| !f.starts_with("fleet."));
@@ -412,7 +392,10 @@ mod tests {
                     effective_config(cluster, Some(&spoiled), Some(&local_fleet)),
                 ] {
                     let text = text.unwrap();
-                    for validate in [push_validator(), host_validator()] {
+                    for validate in [
+                        crate::config::push_validator(),
+                        crate::config::host_validator(),
+                    ] {
                         let e = validate(&text, origin)
                             .expect_err(&format!("{field} = {value:?} was accepted"));
                         assert!(

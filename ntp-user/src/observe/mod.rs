@@ -476,9 +476,8 @@ async fn control_session(
 ) -> Result<()> {
     let me = nix::unistd::geteuid().as_raw();
     let peer = stream.peer_cred()?.uid();
-    let allowed = peer == me
-        || peer == 0
-        || (kind == Socket::Health && Some(peer) == health_checker_uid());
+    let allowed =
+        peer == me || peer == 0 || (kind == Socket::Health && Some(peer) == health_checker_uid());
     if !allowed {
         stream
             .write_all(b"error: permission denied (not the daemon's owner)\n")
