@@ -100,7 +100,7 @@ fn folders_import_each_other_in_one_direction() {
         ("responder", &["host", "nts"]),
         ("observe", &["clock", "host", "nts", "responder"]),
         ("daemon", &["clock", "host", "nts", "responder", "observe"]),
-        ("fleet", &["host", "nts", "observe", "daemon"]),
+        ("fleet", &["clock", "host", "nts", "observe", "daemon"]),
         (
             "config",
             &[

@@ -977,6 +977,8 @@ fn the_bound_holds_across_a_leap_second() {
         w.run(leap - w.epoch + 12 * HOUR, 16 * S);
         w
     });
+}
+
 /// A daemon that resumes the clock the one before it served is synchronized and in holdover,
 /// but has measured nothing itself: what a rollout's gate tells from a configuration whose
 /// upstreams answer. Only a sample of its own upstreams makes it `measured_since_start`.

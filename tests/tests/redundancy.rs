@@ -542,6 +542,10 @@ fn sigterm_to_the_master_daemon_releases_the_addresses_before_it_exits() {
     };
     let exited_early = wait_until(Duration::from_millis(500), || exited(pid));
     signal_pid_file(&vrrp_child, nix::sys::signal::Signal::SIGCONT);
+    assert!(
+        !exited_early,
+        "the daemon exited while keepalived still held the addresses"
+    );
     // The moment it has exited (not reaped yet), systemd's SIGKILL to the rest of the unit.
     nix::sys::wait::waitid(
         nix::sys::wait::Id::Pid(pid),
