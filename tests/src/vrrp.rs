@@ -40,21 +40,20 @@ impl Advert {
         for a in &self.addresses {
             m.extend_from_slice(&a.octets());
         }
-        let mut sum: u32 = IpNumber(112).0 as u32 + m.len() as u32;
-        for pair in self
-            .src
-            .octets()
-            .chunks(2)
-            .chain(self.dst.octets().chunks(2))
-            .chain(m.chunks(2))
-        {
-            sum += u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]) as u32;
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        m[6..8].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        // etherparse sums the words in memory order: its result goes back the same way.
+        let checksum = self.pseudo_header_sum(&m).ones_complement();
+        m[6..8].copy_from_slice(&checksum.to_ne_bytes());
         m
+    }
+
+    /// The one's-complement sum over the IPv4 pseudo-header and `message` (etherparse's).
+    fn pseudo_header_sum(&self, message: &[u8]) -> etherparse::checksum::Sum16BitWords {
+        etherparse::checksum::Sum16BitWords::new()
+            .add_4bytes(self.src.octets())
+            .add_4bytes(self.dst.octets())
+            .add_2bytes([0, IpNumber(112).0])
+            .add_2bytes((message.len() as u16).to_be_bytes())
+            .add_slice(message)
     }
 
     /// The whole frame, TTL 255 as VRRP requires.
@@ -147,7 +146,8 @@ pub fn mac_of(ns: &str, interface: &str) -> Result<[u8; 6]> {
 mod tests {
     use super::*;
 
-    /// The checksum verifies: the one's-complement sum over pseudo-header and message is 0xffff.
+    /// The checksum verifies: the sum over pseudo-header and message, checksum included, is
+    /// all ones.
     #[test]
     fn the_advert_checksum_verifies() {
         let a = Advert {
@@ -159,20 +159,7 @@ mod tests {
             addresses: vec![Ipv4Addr::new(169, 254, 81, 1)],
         };
         let m = a.message();
-        let mut sum: u32 = 112 + m.len() as u32;
-        for pair in a
-            .src
-            .octets()
-            .chunks(2)
-            .chain(a.dst.octets().chunks(2))
-            .chain(m.chunks(2))
-        {
-            sum += u16::from_be_bytes([pair[0], pair[1]]) as u32;
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        assert_eq!(sum, 0xffff);
+        assert_eq!(a.pseudo_header_sum(&m).ones_complement(), 0);
         let f = a.frame([2, 0, 0, 0, 0, 1]);
         assert_eq!(&f[..6], &VRRP_GROUP_MAC);
         assert_eq!(f[14 + 8], 255, "TTL");

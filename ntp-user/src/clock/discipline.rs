@@ -539,13 +539,7 @@ impl Discipline {
         phase: f64,
         slope: f64,
     ) -> FitError {
-        let xs: Vec<(f64, f64, f64)> = pts
-            .iter()
-            .map(|p| {
-                let (x, r) = Self::coordinates(p, reference, now_ns);
-                (x, r, p.weight)
-            })
-            .collect();
+        let xs = Self::weighted_coordinates(pts, reference, now_ns);
         let n = xs.len();
         let sw: f64 = xs.iter().map(|p| p.2).sum();
         if n == 0 || sw <= 0.0 {
@@ -611,16 +605,24 @@ impl Discipline {
         (x, r)
     }
 
-    /// Weighted least squares over `pts`: (phase at now, slope, number of residual sign runs,
-    /// RMS residual).
-    fn fit_points(pts: &[Point], reference: &ClockModel, now_ns: u64) -> (f64, f64, usize, f64) {
-        let xs: Vec<(f64, f64, f64)> = pts
-            .iter()
+    /// Each point's (time, residual against `reference`, weight).
+    fn weighted_coordinates(
+        pts: &[Point],
+        reference: &ClockModel,
+        now_ns: u64,
+    ) -> Vec<(f64, f64, f64)> {
+        pts.iter()
             .map(|p| {
                 let (x, r) = Self::coordinates(p, reference, now_ns);
                 (x, r, p.weight)
             })
-            .collect();
+            .collect()
+    }
+
+    /// Weighted least squares over `pts`: (phase at now, slope, number of residual sign runs,
+    /// RMS residual).
+    fn fit_points(pts: &[Point], reference: &ClockModel, now_ns: u64) -> (f64, f64, usize, f64) {
+        let xs = Self::weighted_coordinates(pts, reference, now_ns);
         let sw: f64 = xs.iter().map(|p| p.2).sum();
         let mx = xs.iter().map(|p| p.0 * p.2).sum::<f64>() / sw;
         let my = xs.iter().map(|p| p.1 * p.2).sum::<f64>() / sw;
