@@ -186,6 +186,13 @@ fn test(filter: Option<&str>) -> Result<()> {
     setup::setup()?;
     require_root("cargo xtask test")?;
     let bin = build(false)?;
+    // The package as it ships (release, stripped), for the scratch-root check and the booted
+    // test, built once.
+    let packaged = match filter {
+        None => Some(build(true)?),
+        Some(f) if deb::BOOTED_TEST.contains(f) => Some(build(true)?),
+        Some(_) => None,
+    };
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
         .args([
@@ -198,6 +205,11 @@ fn test(filter: Option<&str>) -> Result<()> {
         .env("NTP_USER_BIN", &bin)
         .env("NTP_LOADGEN_BIN", loadgen_bin(&bin))
         .stdout(std::process::Stdio::piped());
+    if let Some(release) = &packaged {
+        let deb = deb::build_deb(release, &workspace_root().join("target/deb-booted"))?;
+        cmd.env("NTP_XDP_DEB", deb)
+            .env("NTP_XDP_ROOTFS", deb::debian_rootfs()?);
+    }
     if let Some(f) = filter {
         cmd.args(["--", f]);
     }
@@ -248,7 +260,8 @@ fn test(filter: Option<&str>) -> Result<()> {
     }
     // The Debian package: installed into a scratch root, verified, purged.
     if filter.is_none() {
-        match deb::check_package(&bin, &workspace_root().join("target/deb-check")) {
+        let release = packaged.as_deref().unwrap_or(&bin);
+        match deb::check_package(release, &workspace_root().join("target/deb-check")) {
             Ok(()) => {
                 println!("test debian_package ... ok");
                 totals.passed += 1;
@@ -257,6 +270,25 @@ fn test(filter: Option<&str>) -> Result<()> {
                 println!("test debian_package ... FAILED: {e:#}");
                 totals.failed += 1;
             }
+        }
+    }
+    // The alerting rules the package ships: promtool's unit tests.
+    if filter.is_none_or(|f| "alert_rules".contains(f)) {
+        let rules = Command::new("promtool")
+            .current_dir(workspace_root().join("xtask/deb/monitoring"))
+            .args(["test", "rules", "ntp-xdp.rules.test.yml"])
+            .output()
+            .context("running promtool")?;
+        if rules.status.success() {
+            println!("test alert_rules ... ok");
+            totals.passed += 1;
+        } else {
+            println!(
+                "test alert_rules ... FAILED: {}{}",
+                String::from_utf8_lossy(&rules.stdout),
+                String::from_utf8_lossy(&rules.stderr)
+            );
+            totals.failed += 1;
         }
     }
     // One closing line for the whole suite (cargo prints one per test binary).
