@@ -64,7 +64,13 @@ struct Container {
 }
 
 impl Container {
-    fn boot(rootfs: &Path, net: &Netns, bpffs: &Bpffs, debs: &Path) -> Result<Container> {
+    fn boot(
+        rootfs: &Path,
+        net: &Netns,
+        bpffs: &Bpffs,
+        debs: &Path,
+        upgrade: &Path,
+    ) -> Result<Container> {
         let log = std::fs::File::create(std::env::temp_dir().join(format!("{}.log", net.name)))?;
         let nspawn = Command::new("systemd-nspawn")
             .args(["--boot", "--ephemeral", "--register=no", "--keep-unit"])
@@ -77,6 +83,7 @@ impl Container {
             .arg("--system-call-filter=bpf perf_event_open")
             .arg(format!("--bind={}:/sys/fs/bpf", bpffs.0.display()))
             .arg(format!("--bind-ro={}:/root/debs", debs.display()))
+            .arg(format!("--bind-ro={}:/root/upgrade", upgrade.display()))
             // The daemon sets sysctls in the namespaces it creates.
             .env("SYSTEMD_NSPAWN_API_VFS_WRITABLE", "network")
             .stdin(Stdio::null())
@@ -236,7 +243,14 @@ fn booted_systemd_package() -> Result<()> {
     let deb_name = deb.file_name().unwrap().to_string_lossy().into_owned();
     let net = Netns::new("nboot")?;
     let bpffs = Bpffs::new()?;
-    let c = Container::boot(&rootfs, &net, &bpffs, deb.parent().unwrap())?;
+    let upgrade_dir = required_path("NTP_XDP_DEB_UPGRADE");
+    let c = Container::boot(
+        &rootfs,
+        &net,
+        &bpffs,
+        deb.parent().unwrap(),
+        upgrade_dir.parent().unwrap(),
+    )?;
 
     // As an operator: install (apt resolves the dependencies), raise the per-source rate for
     // one guest polling 20/s (a conffile edit), enable and start.
@@ -293,16 +307,61 @@ fn booted_systemd_package() -> Result<()> {
         )
     })?;
 
-    // stop: no time from this host within a second.
+    // An upgrade to a higher version: hitless (postinst's try-restart), the conffile edit
+    // kept.
+    let upgrade = required_path("NTP_XDP_DEB_UPGRADE");
+    let upgrade_name = upgrade.file_name().unwrap().to_string_lossy().into_owned();
+    no_request_lost(&guest, "upgrade", || {
+        c.exec(&[
+            "apt-get",
+            "install",
+            "-y",
+            "-q",
+            &format!("/root/upgrade/{upgrade_name}"),
+        ])?;
+        wait_for(
+            "the upgraded daemon to serve",
+            Duration::from_secs(60),
+            || servings(&c) == 3,
+        )
+    })?;
+    let version = c.exec(&["dpkg-query", "-W", "-f=${Version}", "ntp-xdp"])?;
+    assert!(version.ends_with("+upgrade1"), "installed: {version}");
+    let config = std::fs::read_to_string(c.path("/etc/ntp-xdp/ntp-xdp.toml"))?;
+    assert!(
+        config.contains("rate = 100.0"),
+        "the upgrade lost the conffile edit"
+    );
+
+    // stop: no time from this host within a second of asking.
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = poll(&guest, stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
     let asked = Instant::now();
     c.exec(&["systemctl", "stop", "ntp-xdp"])?;
-    eprintln!("systemctl stop took {:?}", asked.elapsed());
-    std::thread::sleep(Duration::from_secs(1).saturating_sub(asked.elapsed()));
-    for _ in 0..5 {
-        if let Some(reply) = one_query(&guest, CLOCK_V4)? {
-            bail!("a stopped service answered: {reply:?}\n{}", c.journal());
-        }
-    }
+    let stopped = asked.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let polled = poller
+        .join()
+        .map_err(|_| anyhow::anyhow!("poller panicked"))?;
+    let last = polled
+        .seen
+        .iter()
+        .map(|s| s.at)
+        .max()
+        .context("no answer before the stop")?;
+    eprintln!(
+        "systemctl stop: returned after {stopped:?}; last answer {:?} after it was asked",
+        last.saturating_duration_since(asked)
+    );
+    assert!(
+        last < asked + Duration::from_secs(1),
+        "a stopped service answered {:?} after the stop was asked\n{}",
+        last - asked,
+        c.journal()
+    );
+    assert!(one_query(&guest, CLOCK_V4)?.is_none());
     assert!(
         c.journal().contains("withdrawn"),
         "the stop did not withdraw:\n{}",

@@ -37,8 +37,12 @@ fn install(src: &Path, dst: &Path, mode: u32) -> Result<()> {
 
 /// Builds the package around `bin` into `out_dir`; returns its path.
 pub fn build_deb(bin: &Path, out_dir: &Path) -> Result<PathBuf> {
+    build_deb_version(bin, out_dir, env!("CARGO_PKG_VERSION"))
+}
+
+/// [`build_deb`] with another version (the booted test's upgrade).
+pub fn build_deb_version(bin: &Path, out_dir: &Path, version: &str) -> Result<PathBuf> {
     let root = workspace_root();
-    let version = env!("CARGO_PKG_VERSION");
     let arch = architecture()?;
     let stage = out_dir.join("stage");
     let _ = std::fs::remove_dir_all(&stage);
@@ -140,10 +144,21 @@ pub fn check_package(bin: &Path, work: &Path) -> Result<()> {
         "usr/bin/ntp-user",
         "etc/ntp-xdp/ntp-xdp.toml",
         "lib/systemd/system/ntp-xdp.service",
+        "usr/share/ntp-xdp/monitoring/ntp-xdp.rules.yml",
+        "usr/share/ntp-xdp/monitoring/ntp-xdp.dashboard.json",
     ] {
         if !scratch.join(f).exists() {
             bail!("the package did not install /{f}");
         }
+    }
+    let sections = Command::new("readelf")
+        .arg("--section-headers")
+        .arg(scratch.join("usr/bin/ntp-user"))
+        .output()
+        .context("running readelf")?;
+    let sections = String::from_utf8_lossy(&sections.stdout);
+    if sections.contains(".symtab") || sections.contains(".debug_info") {
+        bail!("the packaged ntp-user is not stripped");
     }
     let check = Command::new(scratch.join("usr/bin/ntp-user"))
         .args(["check-config", "--config"])

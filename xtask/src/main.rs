@@ -206,8 +206,16 @@ fn test(filter: Option<&str>) -> Result<()> {
         .env("NTP_LOADGEN_BIN", loadgen_bin(&bin))
         .stdout(std::process::Stdio::piped());
     if let Some(release) = &packaged {
-        let deb = deb::build_deb(release, &workspace_root().join("target/deb-booted"))?;
+        let debs = workspace_root().join("target/deb-booted");
+        let deb = deb::build_deb(release, &debs)?;
+        // A higher version of the same, for the upgrade.
+        let upgrade = deb::build_deb_version(
+            release,
+            &debs.join("upgrade"),
+            concat!(env!("CARGO_PKG_VERSION"), "+upgrade1"),
+        )?;
         cmd.env("NTP_XDP_DEB", deb)
+            .env("NTP_XDP_DEB_UPGRADE", upgrade)
             .env("NTP_XDP_ROOTFS", deb::debian_rootfs()?);
     }
     if let Some(f) = filter {

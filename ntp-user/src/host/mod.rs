@@ -16,6 +16,15 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
+/// Whether `pid` has exited and waits for its parent to reap it (a helper of this very
+/// process, whose reaper is not running while it stops).
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? == "Z"))
+        .unwrap_or(false)
+}
+
 /// Stops a helper (dnsmasq, keepalived) an earlier daemon left running: the pid in
 /// `pid_file`, only if that process is `program` and names that pid file on its command line
 /// (a recycled pid is never signalled). Returns the pid stopped.
@@ -36,7 +45,7 @@ pub fn stop_by_pid_file(pid_file: &Path, program: &str) -> Result<Option<i32>> {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
         .with_context(|| format!("stopping a stale {program}"))?;
     for _ in 0..100 {
-        if nix::sys::signal::kill(pid, None).is_err() {
+        if nix::sys::signal::kill(pid, None).is_err() || is_zombie(pid.as_raw()) {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
