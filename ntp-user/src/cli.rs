@@ -74,6 +74,17 @@ pub enum Command {
         #[arg(long)]
         config: Option<std::path::PathBuf>,
     },
+    /// The systemd unit's ExecStop: unless systemd is restarting UNIT (`systemctl restart`,
+    /// a package upgrade), the daemon withdraws as it stops (no address served, dnsmasq and
+    /// radvd stopped); a restart leaves the pinned responder answering for the next daemon.
+    OnStop {
+        /// The daemon's config (the embedded default without it).
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// The unit being stopped (systemd's %n).
+        #[arg(long)]
+        unit: String,
+    },
     /// Print, for platforms that run their own DHCP (OpenStack neutron), the subnet host
     /// route to the clock addresses, and chrony / systemd-timesyncd snippets for guests.
     GuestConfig {

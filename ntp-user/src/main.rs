@@ -49,6 +49,24 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
+        Command::OnStop { config, unit } => load_config(config.as_deref()).and_then(|v| {
+            let vip = v.vip.as_ref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "config {}: no [vip] section, so no pinned responder outlives the daemon",
+                    v.source.display()
+                )
+            })?;
+            use ntp_user::daemon::managed::{on_systemd_stop, StopKind};
+            match on_systemd_stop(&vip.netns, &unit)? {
+                StopKind::Restart => println!(
+                    "{unit}: restarting; the pinned responder answers until the next daemon adopts it"
+                ),
+                StopKind::Stop => {
+                    println!("{unit}: stopping; the daemon withdraws (no address served)")
+                }
+            }
+            Ok(())
+        }),
         Command::GuestConfig { config } => load_config(config.as_deref()).map(|v| {
             let svc = |v4: bool| {
                 v.vip.as_ref().and_then(|vip| {

@@ -765,3 +765,64 @@ fn forged_adverts(net: VrrpNet) {
     );
     assert!(gap < Duration::from_secs(1), "longest gap {gap:?}");
 }
+
+/// `systemctl stop` of the master (the unit's ExecStop asked it to withdraw, then SIGTERM):
+/// by the time its daemon has exited, keepalived has released the addresses (nothing is left
+/// for systemd to SIGKILL), its responder serves nothing, and the standby answers.
+#[test]
+fn a_master_stopped_for_good_releases_the_addresses_before_it_exits() {
+    let mut pair = Pair::start(false, "1s", VrrpNet::Dedicated);
+    let guest = pair.add_guest();
+    let master = pair.elected(&guest);
+    let standby = 1 - master;
+    let netns = pair.hosts[master].netns.clone();
+    let state = format!("/run/ntp-xdp/{netns}");
+    let keepalived: Vec<i32> = ["keepalived.pid", "keepalived-vrrp.pid"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(format!("{state}/{f}")).ok())
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    assert!(!keepalived.is_empty(), "no keepalived pid files in {state}");
+    std::fs::write(ntp_user::daemon::managed::withdraw_marker(&netns), b"").unwrap();
+    let exited_cleanly = pair.hosts[master].daemon.take().unwrap().stop().unwrap();
+    assert!(exited_cleanly, "the master's daemon did not exit cleanly");
+    let alive: Vec<i32> = keepalived
+        .iter()
+        .copied()
+        // Running (a zombie has exited; its new parent reaps it).
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert!(
+        alive.is_empty(),
+        "keepalived {alive:?} outlived the daemon that stopped it"
+    );
+    let held = integration_tests::ip(&[
+        "-n",
+        &netns,
+        "addr",
+        "show",
+        "dev",
+        &pair.hosts[master].ns_if,
+    ])
+    .unwrap();
+    assert!(
+        !held.contains(CLOCK_V4),
+        "the stopped master still holds {CLOCK_V4}:\n{held}"
+    );
+    let standby_stratum = pair.hosts[standby].stratum;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            one_query(&guest, CLOCK_V4)
+                .ok()
+                .flatten()
+                .and_then(|r| NtpHeader::parse(&r))
+                .is_some_and(|h| h.stratum == standby_stratum)
+        }),
+        "the standby did not take over from the stopped master"
+    );
+}

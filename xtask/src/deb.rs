@@ -11,6 +11,10 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{status, workspace_root};
 
+/// The booted test's name (tests/tests/systemd_package.rs): `cargo xtask test` builds what it
+/// needs when it runs.
+pub const BOOTED_TEST: &str = "booted_systemd_package";
+
 const PACKAGE: &str = "ntp-xdp";
 
 fn architecture() -> Result<String> {
@@ -33,12 +37,23 @@ fn install(src: &Path, dst: &Path, mode: u32) -> Result<()> {
 
 /// Builds the package around `bin` into `out_dir`; returns its path.
 pub fn build_deb(bin: &Path, out_dir: &Path) -> Result<PathBuf> {
+    build_deb_version(bin, out_dir, env!("CARGO_PKG_VERSION"))
+}
+
+/// [`build_deb`] with another version (the booted test's upgrade).
+pub fn build_deb_version(bin: &Path, out_dir: &Path, version: &str) -> Result<PathBuf> {
     let root = workspace_root();
-    let version = env!("CARGO_PKG_VERSION");
     let arch = architecture()?;
     let stage = out_dir.join("stage");
     let _ = std::fs::remove_dir_all(&stage);
-    install(bin, &stage.join("usr/bin/ntp-user"), 0o755)?;
+    // Stripped: the symbols stay in the build tree (target/release/ntp-user).
+    std::fs::create_dir_all(stage.join("usr/bin"))?;
+    status(
+        Command::new("strip")
+            .args(["--strip-unneeded", "-o"])
+            .arg(stage.join("usr/bin/ntp-user"))
+            .arg(bin),
+    )?;
     install(
         &root.join("ntp-user/src/config/default-config.toml"),
         &stage.join("etc/ntp-xdp/ntp-xdp.toml"),
@@ -47,6 +62,16 @@ pub fn build_deb(bin: &Path, out_dir: &Path) -> Result<PathBuf> {
     install(
         &root.join("xtask/deb/ntp-xdp.service"),
         &stage.join("lib/systemd/system/ntp-xdp.service"),
+        0o644,
+    )?;
+    install(
+        &root.join("xtask/deb/monitoring/ntp-xdp.rules.yml"),
+        &stage.join("usr/share/ntp-xdp/monitoring/ntp-xdp.rules.yml"),
+        0o644,
+    )?;
+    install(
+        &root.join("xtask/deb/monitoring/ntp-xdp.dashboard.json"),
+        &stage.join("usr/share/ntp-xdp/monitoring/ntp-xdp.dashboard.json"),
         0o644,
     )?;
     install(
@@ -71,7 +96,7 @@ pub fn build_deb(bin: &Path, out_dir: &Path) -> Result<PathBuf> {
             "Package: {PACKAGE}\nVersion: {version}\nArchitecture: {arch}\n\
              Maintainer: ntp-xdp developers <ntp-xdp@localhost>\nSection: net\n\
              Priority: optional\nDepends: libc6, dnsmasq-base, iproute2\n\
-             Recommends: keepalived, radvd\n\
+             Recommends: keepalived, radvd\nSuggests: prometheus, grafana\n\
              Description: in-kernel NTP responder for cloud guests\n \
              An XDP program answers NTP client requests on a VIP host's service namespace\n \
              from a clock the daemon disciplines against upstream servers; the daemon owns\n \
@@ -119,10 +144,21 @@ pub fn check_package(bin: &Path, work: &Path) -> Result<()> {
         "usr/bin/ntp-user",
         "etc/ntp-xdp/ntp-xdp.toml",
         "lib/systemd/system/ntp-xdp.service",
+        "usr/share/ntp-xdp/monitoring/ntp-xdp.rules.yml",
+        "usr/share/ntp-xdp/monitoring/ntp-xdp.dashboard.json",
     ] {
         if !scratch.join(f).exists() {
             bail!("the package did not install /{f}");
         }
+    }
+    let sections = Command::new("readelf")
+        .arg("--section-headers")
+        .arg(scratch.join("usr/bin/ntp-user"))
+        .output()
+        .context("running readelf")?;
+    let sections = String::from_utf8_lossy(&sections.stdout);
+    if sections.contains(".symtab") || sections.contains(".debug_info") {
+        bail!("the packaged ntp-user is not stripped");
     }
     let check = Command::new(scratch.join("usr/bin/ntp-user"))
         .args(["check-config", "--config"])
@@ -173,4 +209,70 @@ pub fn check_package(bin: &Path, work: &Path) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(work);
     Ok(())
+}
+
+/// The Debian mirror apt on this machine uses (its sources), for debootstrap.
+fn debian_mirror() -> String {
+    let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
+    for e in std::fs::read_dir("/etc/apt/sources.list.d")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        texts.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+    }
+    texts
+        .iter()
+        .flat_map(|t| t.lines())
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .flat_map(|l| l.split_whitespace())
+        .find(|w| w.starts_with("http") && w.trim_end_matches('/').ends_with("/debian"))
+        .unwrap_or("http://deb.debian.org/debian")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// Marks a rootfs that is complete (debootstrap finished, the package's dependencies fetched).
+const ROOTFS_READY: &str = ".ntp-xdp-rootfs-ready";
+
+/// A minimal Debian 12 that boots systemd (for the booted package test), built once under
+/// target/debian/bookworm: debootstrap from this machine's mirror, then the package's
+/// dependencies and recommendations downloaded into apt's cache, so that `apt install
+/// ./ntp-xdp_*.deb` in a container without a network resolves them as apt does.
+pub fn debian_rootfs() -> Result<PathBuf> {
+    let dir = workspace_root().join("target/debian");
+    let root = dir.join("bookworm");
+    if root.join(ROOTFS_READY).exists() {
+        return Ok(root);
+    }
+    let tmp = dir.join("bookworm.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&dir)?;
+    let mirror = debian_mirror();
+    eprintln!(
+        "xtask: debootstrap bookworm from {mirror} (once; cached in {})",
+        root.display()
+    );
+    status(
+        Command::new("debootstrap")
+            .args([
+                "--variant=minbase",
+                "--include=systemd,systemd-sysv,dbus,iproute2",
+                "bookworm",
+            ])
+            .arg(&tmp)
+            .arg(&mirror),
+    )
+    .context("debootstrap (the Debian mirror must be reachable)")?;
+    status(
+        Command::new("chroot")
+            .arg(&tmp)
+            .args(["apt-get", "install", "--download-only", "-y", "-q"])
+            .args(["dnsmasq-base", "iproute2", "keepalived", "radvd"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    std::fs::write(tmp.join(ROOTFS_READY), "")?;
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::rename(&tmp, &root)?;
+    Ok(root)
 }

@@ -182,10 +182,19 @@ fn build(release: bool) -> Result<PathBuf> {
         .join("ntp-user"))
 }
 
+/// The scratch-root package check's name, as the filter matches it.
+const DEBIAN_PACKAGE_TEST: &str = "debian_package";
+
 fn test(filter: Option<&str>) -> Result<()> {
     setup::setup()?;
     require_root("cargo xtask test")?;
     let bin = build(false)?;
+    // The package as it ships (release, stripped), for the scratch-root check and the booted
+    // test, built once.
+    let packaged = match filter {
+        Some(f) if !deb::BOOTED_TEST.contains(f) && !DEBIAN_PACKAGE_TEST.contains(f) => None,
+        _ => Some(build(true)?),
+    };
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
         .args([
@@ -198,6 +207,19 @@ fn test(filter: Option<&str>) -> Result<()> {
         .env("NTP_USER_BIN", &bin)
         .env("NTP_LOADGEN_BIN", loadgen_bin(&bin))
         .stdout(std::process::Stdio::piped());
+    if let Some(release) = &packaged {
+        let debs = workspace_root().join("target/deb-booted");
+        let deb = deb::build_deb(release, &debs)?;
+        // A higher version of the same, for the upgrade.
+        let upgrade = deb::build_deb_version(
+            release,
+            &debs.join("upgrade"),
+            concat!(env!("CARGO_PKG_VERSION"), "+upgrade1"),
+        )?;
+        cmd.env("NTP_XDP_DEB", deb)
+            .env("NTP_XDP_DEB_UPGRADE", upgrade)
+            .env("NTP_XDP_ROOTFS", deb::debian_rootfs()?);
+    }
     if let Some(f) = filter {
         cmd.args(["--", f]);
     }
@@ -280,16 +302,36 @@ fn test(filter: Option<&str>) -> Result<()> {
         }
     }
     // The Debian package: installed into a scratch root, verified, purged.
-    if filter.is_none() {
-        match deb::check_package(&bin, &workspace_root().join("target/deb-check")) {
+    if filter.is_none_or(|f| DEBIAN_PACKAGE_TEST.contains(f)) {
+        let release = packaged.as_deref().unwrap_or(&bin);
+        match deb::check_package(release, &workspace_root().join("target/deb-check")) {
             Ok(()) => {
-                println!("test debian_package ... ok");
+                println!("test {DEBIAN_PACKAGE_TEST} ... ok");
                 totals.passed += 1;
             }
             Err(e) => {
-                println!("test debian_package ... FAILED: {e:#}");
+                println!("test {DEBIAN_PACKAGE_TEST} ... FAILED: {e:#}");
                 totals.failed += 1;
             }
+        }
+    }
+    // The alerting rules the package ships: promtool's unit tests.
+    if filter.is_none_or(|f| "alert_rules".contains(f)) {
+        let rules = Command::new("promtool")
+            .current_dir(workspace_root().join("xtask/deb/monitoring"))
+            .args(["test", "rules", "ntp-xdp.rules.test.yml"])
+            .output()
+            .context("running promtool")?;
+        if rules.status.success() {
+            println!("test alert_rules ... ok");
+            totals.passed += 1;
+        } else {
+            println!(
+                "test alert_rules ... FAILED: {}{}",
+                String::from_utf8_lossy(&rules.stdout),
+                String::from_utf8_lossy(&rules.stderr)
+            );
+            totals.failed += 1;
         }
     }
     // One closing line for the whole suite (cargo prints one per test binary).

@@ -51,6 +51,11 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    // the package test: a booted Debian 12 systemd in a container (debootstrap, systemd-nspawn)
+    "debootstrap",
+    "systemd-container",
+    // the alerting rules' unit tests (promtool test rules); its service is never started
+    "prometheus",
 ];
 
 pub fn setup() -> Result<()> {

@@ -429,6 +429,8 @@ pub async fn serve_managed(
     dhcp_spec: Option<DhcpSpec>,
 ) -> Result<()> {
     let _lock = DaemonLock::acquire(&spec.netns)?;
+    // A withdrawal asked of a daemon that had already exited is not this one's.
+    let _ = std::fs::remove_file(withdraw_marker(&spec.netns));
     let host = Netlink::open()?;
     let mut created = Created::load(&spec.netns)?.unwrap_or_default();
     for change in vip::ensure(&spec, &mut created, &host).await?.changes {
@@ -583,9 +585,22 @@ pub async fn serve_managed(
     // once this process has exited the addresses are on no more than one host (systemd kills
     // what is left of the unit then).
     if spec.redundancy.is_some() {
-        if let Some(pid) = keepalived::stop_stale(&spec.netns)? {
-            info!(pid, "keepalived stopped: the addresses are released");
+        match keepalived::stop_stale(&spec.netns) {
+            Ok(Some(pid)) => info!(pid, "keepalived stopped: the addresses are released"),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "waiting for keepalived to release the addresses")
+            }
         }
+    }
+    if std::fs::remove_file(withdraw_marker(&spec.netns)).is_ok() {
+        withdraw(&spec, &mut responder)?;
+        result?;
+        info!(
+            "stopped and withdrawn: this host serves no time until a daemon starts again; the \
+             namespace and pins stay for a fast start (`ntp-user down` removes them)"
+        );
+        return Ok(());
     }
     result?;
     info!(
@@ -593,6 +608,96 @@ pub async fn serve_managed(
          older than max_anchor_age). A new daemon adopts it; `ntp-user down` removes everything"
     );
     Ok(())
+}
+
+/// The file that asks a stopping daemon to withdraw rather than leave the pinned responder
+/// answering: written by `ntp-user on-stop` (the unit's ExecStop) before systemd's SIGTERM.
+pub fn withdraw_marker(netns: &str) -> std::path::PathBuf {
+    state_dir(netns).join("withdraw-on-stop")
+}
+
+/// What `ntp-user on-stop` found systemd doing to the unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopKind {
+    /// The stop half of a restart (`systemctl restart`, `try-restart`, a package upgrade):
+    /// the pinned responder goes on answering until the new daemon adopts it.
+    Restart,
+    /// A stop: the daemon withdraws as it exits.
+    Stop,
+}
+
+/// The unit's ExecStop: unless systemd is restarting `unit`, asks the daemon of `netns` to
+/// withdraw when its SIGTERM comes (systemd sends it once ExecStop has returned).
+pub fn on_systemd_stop(netns: &str, unit: &str) -> Result<StopKind> {
+    let out = std::process::Command::new("systemctl")
+        .args(["list-jobs", "--no-legend", "--full", "--plain"])
+        .output()
+        .context("running systemctl list-jobs")?;
+    if !out.status.success() {
+        bail!(
+            "systemctl list-jobs failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    if unit_job_is_restart(&String::from_utf8_lossy(&out.stdout), unit) {
+        return Ok(StopKind::Restart);
+    }
+    std::fs::create_dir_all(state_dir(netns))
+        .with_context(|| format!("creating {}", state_dir(netns).display()))?;
+    let marker = withdraw_marker(netns);
+    std::fs::write(&marker, b"").with_context(|| format!("writing {}", marker.display()))?;
+    Ok(StopKind::Stop)
+}
+
+/// Whether `systemctl list-jobs --no-legend` (`JOB UNIT TYPE STATE` per line) shows a restart
+/// job on `unit`: systemd runs a restart as a stop under the restart job, then a start.
+fn unit_job_is_restart(list_jobs: &str, unit: &str) -> bool {
+    list_jobs.lines().any(|line| {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        matches!(words.as_slice(), [_, u, "restart", ..] if *u == unit)
+    })
+}
+
+/// A stop for good: no more answers from this host. The responder's served addresses are
+/// cleared (requests pass to a stack where nothing listens once the process is gone), and
+/// the helpers are stopped and awaited: dnsmasq, and radvd (its last advertisement withdraws
+/// the route).
+fn withdraw(spec: &VipSpec, responder: &mut Responder) -> Result<()> {
+    responder
+        .set_served_addresses(&[])
+        .context("clearing the served addresses")?;
+    for (name, stopped) in [
+        ("dnsmasq", dhcp::stop_stale(&spec.netns)),
+        ("radvd", radvd::stop_stale(&spec.netns)),
+    ] {
+        match stopped {
+            Ok(Some(pid)) => info!(pid, "{name} stopped"),
+            Ok(None) => {}
+            Err(e) => warn!(error = %format!("{e:#}"), "stopping {name}"),
+        }
+    }
+    info!(netns = %spec.netns, "withdrawn: no address served");
+    Ok(())
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use super::unit_job_is_restart;
+
+    #[test]
+    fn a_restart_job_is_told_from_a_stop() {
+        let jobs = "1234 ntp-xdp.service restart running\n1240 other.service stop waiting\n";
+        assert!(unit_job_is_restart(jobs, "ntp-xdp.service"));
+        assert!(!unit_job_is_restart(jobs, "other.service"));
+        let stop = "1301 ntp-xdp.service stop running\n";
+        assert!(!unit_job_is_restart(stop, "ntp-xdp.service"));
+        assert!(!unit_job_is_restart("", "ntp-xdp.service"));
+        // Another unit whose name contains ours is not ours.
+        assert!(!unit_job_is_restart(
+            "7 ntp-xdp.service.d restart running\n",
+            "ntp-xdp.service"
+        ));
+    }
 }
 
 /// How often a redundant VIP host looks at which addresses it holds.

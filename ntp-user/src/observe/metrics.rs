@@ -454,4 +454,76 @@ mod tests {
             assert!(text.contains(want), "{want} missing:\n{text}");
         }
     }
+
+    /// Sample names in an exposition: a counter's samples end in `_total`.
+    fn exported_names(text: &str) -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+                [name, "counter"] => Some(format!("{name}_total")),
+                [name, _] => Some(name.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every `ntpxdp_` name in `text` (a PromQL expression, a rules file, a dashboard).
+    fn named_metrics(text: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("ntpxdp_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.push(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    /// The alerting rules and the Grafana dashboard the package ships query only metrics the
+    /// daemon exports (with every optional section on: VRRP, NTS, the fleet).
+    #[test]
+    fn shipped_rules_and_dashboard_name_exported_metrics() {
+        let mut r = StatusReport::default();
+        r.clock.offset_s = Some(0.001);
+        r.clock.host_clock_offset_s = Some(0.001);
+        r.anchor.published = true;
+        r.vrrp = Some(Default::default());
+        r.nts = Some(Default::default());
+        r.fleet = Some(Default::default());
+        let exported = exported_names(&encode_report(&r).unwrap());
+        let rules = include_str!("../../../xtask/deb/monitoring/ntp-xdp.rules.yml");
+        let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../xtask/deb/monitoring/ntp-xdp.dashboard.json"
+        ))
+        .unwrap();
+        let mut queries: Vec<String> = dashboard["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["targets"].as_array().unwrap().iter())
+            .map(|t| t["expr"].as_str().unwrap().to_string())
+            .collect();
+        queries.extend(
+            dashboard["templating"]["list"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v["definition"].as_str().map(str::to_string)),
+        );
+        assert!(queries.len() >= 10, "{queries:?}");
+        for q in &queries {
+            assert!(!named_metrics(q).is_empty(), "a query names no metric: {q}");
+        }
+        let mut named = named_metrics(rules);
+        named.extend(queries.iter().flat_map(|q| named_metrics(q)));
+        assert!(named.len() > 20);
+        let unknown: Vec<&String> = named.iter().filter(|n| !exported.contains(*n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "not exported: {unknown:?}\nexported: {exported:?}"
+        );
+    }
 }
