@@ -8,8 +8,8 @@
 //! VIP namespace, which reaches the upstreams through the host namespace. After both are
 //! synchronized and have settled, a guest measures each in turn with `chronyd -Q` (one sample
 //! per query) until the time is up; after each pair the daemon's own served − host clock is
-//! read from its status ("ntp-xdp-clock"), which separates its clock from its serving path.
-//! Every namespace shares this machine's one clock, so each offset a guest sees is an error. Prints the samples as JSON; never sets a clock; addresses in
+//! read from its status ("ntp-xdp-clock"), which separates its clock from its serving path,
+//! with the error bound its replies state ("served_bound_s"). Every namespace shares this machine's one clock, so each offset a guest sees is an error. Prints the samples as JSON; never sets a clock; addresses in
 //! 169.254.160.0/21 only, removed at the end.
 //!
 //! Environment: NTPX_TIME_MINUTES (measuring, default 3), NTPX_TIME_SETTLE_S (default 60),
@@ -51,11 +51,16 @@ fn wait_synchronized(t: &Topology, addr: &str, what: &str) -> Result<()> {
     }
 }
 
-/// Served time − host clock as the daemon reports it (its status).
-fn daemon_host_offset(socket: &std::path::Path) -> Result<f64> {
-    integration_tests::status_at(socket)?["clock"]["host_clock_offset_s"]
-        .as_f64()
-        .ok_or_else(|| anyhow::anyhow!("no host_clock_offset_s in the status"))
+/// The daemon's own view from its status: served time − host clock, and the error bound its
+/// replies state (root delay / 2 + root dispersion; none while unsynchronized).
+fn daemon_clock(socket: &std::path::Path) -> Result<(f64, Option<f64>)> {
+    let status: ntp_user::observe::status::StatusReport =
+        serde_json::from_value(integration_tests::status_at(socket)?)?;
+    let offset = status
+        .clock
+        .host_clock_offset_s
+        .ok_or_else(|| anyhow::anyhow!("no host clock offset in the status"))?;
+    Ok((offset, status.clock.served_error_bound_s()))
 }
 
 fn main() -> Result<()> {
@@ -146,11 +151,12 @@ fn main() -> Result<()> {
                 Err(e) => eprintln!("time bench: {server}: {e:#}"),
             }
         }
-        match daemon_host_offset(&control) {
-            Ok(offset) => samples.push(serde_json::json!({
+        match daemon_clock(&control) {
+            Ok((offset, bound)) => samples.push(serde_json::json!({
                 "t_s": start.elapsed().as_secs_f64(),
                 "server": "ntp-xdp-clock",
                 "offset_s": offset,
+                "served_bound_s": bound,
             })),
             Err(e) => eprintln!("time bench: daemon status: {e:#}"),
         }

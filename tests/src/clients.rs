@@ -9,10 +9,13 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use crate::topology::Netns;
 use crate::unique_name;
 
+/// setpriv's arguments that take CAP_SYS_TIME out of a program's reach for good.
+const NO_SYS_TIME: [&str; 2] = ["--bounding-set", "-sys_time"];
+
 /// Wraps a client so that even a misbehaving one cannot set the clock.
 fn no_sys_time(ns: &Netns, program: &str) -> Command {
     let mut c = ns.command("setpriv");
-    c.args(["--bounding-set", "-sys_time", program]);
+    c.args(NO_SYS_TIME).arg(program);
     c
 }
 
@@ -149,10 +152,13 @@ pub fn chronyd_query(ns: &Netns, addr: &str) -> Result<ChronyMeasurement> {
 
 /// A guest's chronyd following `addr` as a guest's would (polling every second), under `-x`
 /// and without CAP_SYS_TIME: it never touches the clock. Its command socket lets `chronyc
-/// tracking` read what it makes of the server, as ClockBound does.
+/// tracking` read what it makes of the server, as ClockBound does. The socket is chrony's
+/// standard /run/chrony/chronyd.sock (the only one ClockBound knows) in a /run of its own: a
+/// mount namespace with a tmpfs on /run, so the machine's /run/chrony is never touched.
 pub struct ChronyTracker {
     child: std::process::Child,
-    dir: TempDir,
+    /// Its config and pid file, removed with it.
+    _dir: TempDir,
 }
 
 /// `chronyc tracking`, the figures an error bound is made of (seconds).
@@ -183,31 +189,45 @@ impl ChronyTracker {
     pub fn start(ns: &Netns, addr: &str) -> Result<ChronyTracker> {
         let dir = TempDir(std::env::temp_dir().join(unique_name("chronytrk")));
         std::fs::create_dir_all(&dir.0)?;
-        // chronyd opens its command socket only in a directory others cannot enter.
-        std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         let conf = dir.0.join("chrony.conf");
         std::fs::write(
             &conf,
             format!(
                 "server {addr} iburst minpoll 0 maxpoll 0\npidfile {d}/chronyd.pid\n\
-                 cmdport 0\nbindcmdaddress {d}/chronyd.sock\n",
+                 cmdport 0\nbindcmdaddress /run/chrony/chronyd.sock\n",
                 d = dir.0.display()
             ),
         )?;
-        let child = no_sys_time(ns, "chronyd")
-            .args(["-x", "-u", "root", "-d", "-f"])
+        // chronyd opens its command socket only in a directory others cannot enter; ClockBound
+        // writes its segment in /run/clockbound.
+        let private_run = "mount -t tmpfs -o mode=0755 ntpx-run /run && \
+                           mkdir -m 0700 /run/chrony /run/clockbound && exec \"$@\"";
+        let child = ns
+            .command("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .args([private_run, "sh", "setpriv"])
+            .args(NO_SYS_TIME)
+            .args(["chronyd", "-x", "-u", "root", "-d", "-f"])
             .arg(&conf)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .context("starting chronyd")?;
-        Ok(ChronyTracker { child, dir })
+        Ok(ChronyTracker { child, _dir: dir })
+    }
+
+    /// chronyd's /run as the test sees it (`ip netns exec`, unshare, sh and setpriv each exec
+    /// the next, so the child is chronyd itself).
+    fn run_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root/run", self.child.id()))
     }
 
     pub fn tracking(&self) -> Result<Tracking> {
         let out = Command::new("chronyc")
             .arg("-h")
-            .arg(self.dir.0.join("chronyd.sock"))
+            // chronyc binds its own socket beside this path; chronyd, resolving it in its
+            // own namespace, finds it there.
+            .arg(self.run_dir().join("chrony/chronyd.sock"))
             .args(["-c", "tracking"])
             .output()
             .context("running chronyc")?;
@@ -239,6 +259,81 @@ impl Drop for ChronyTracker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// AWS's ClockBound daemon (`clockbound`, built by `cargo xtask setup`) beside a
+/// [`ChronyTracker`], as a guest runs it without a VMClock device: in the tracker's mount
+/// namespace it reads chronyd's tracking over /run/chrony/chronyd.sock and publishes its bound
+/// in /run/clockbound/shm0, which [`ClockBound::now`] reads as an application does. It runs
+/// without CAP_SYS_TIME and with clock-disruption support off (it then only reads chronyd).
+pub struct ClockBound {
+    child: std::process::Child,
+    shm: std::ffi::CString,
+    log: PathBuf,
+}
+
+/// What ClockBound's client API returns now.
+#[derive(Debug, Clone, Copy)]
+pub struct ClockBoundNow {
+    /// Half the (earliest, latest) interval: the bound on CLOCK_REALTIME's error (seconds).
+    pub bound_s: f64,
+    pub status: clock_bound_shm::ClockStatus,
+}
+
+impl ClockBound {
+    /// `max_drift_ppm`: the drift allowance it adds per second since chronyd's tracking was
+    /// read (what `ntp-user guest-config` suggests).
+    pub fn start(tracker: &ChronyTracker, max_drift_ppm: u32) -> Result<ClockBound> {
+        let pid = tracker.child.id();
+        let mount_ns = format!("/proc/{pid}/ns/mnt");
+        if std::fs::read_link(&mount_ns)? == std::fs::read_link("/proc/self/ns/mnt")? {
+            bail!("chronyd {pid} is not in its own mount namespace yet");
+        }
+        let run = tracker.run_dir();
+        let shm =
+            std::ffi::CString::new(run.join("clockbound/shm0").as_os_str().as_encoded_bytes())?;
+        let log = std::env::temp_dir().join(format!("{}.log", unique_name("clockbound")));
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--mount={mount_ns}"))
+            .arg("setpriv")
+            .args(NO_SYS_TIME)
+            .args(["clockbound", "--disable-clock-disruption-support"])
+            .args(["--max-drift-rate", &max_drift_ppm.to_string()])
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting clockbound (built by `cargo xtask setup`)")?;
+        Ok(ClockBound { child, shm, log })
+    }
+
+    /// The bound and status ClockBound's segment gives now.
+    pub fn now(&self) -> Result<ClockBoundNow> {
+        let mut reader = clock_bound_shm::ShmReader::new(&self.shm)
+            .map_err(|e| anyhow!("opening {:?}: {e:?}", self.shm))?;
+        let (earliest, latest, status) = reader
+            .snapshot()
+            .and_then(|ceb| ceb.now())
+            .map_err(|e| anyhow!("reading {:?}: {e:?}", self.shm))?;
+        let width = latest - earliest;
+        Ok(ClockBoundNow {
+            bound_s: (width.tv_sec() as f64 + width.tv_nsec() as f64 * 1e-9) / 2.0,
+            status,
+        })
+    }
+
+    /// What it logged (for a failing test's message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ClockBound {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 

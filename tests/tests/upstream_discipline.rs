@@ -5,7 +5,7 @@
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use integration_tests::clients::{chronyd_query, ChronyTracker};
+use integration_tests::clients::{chronyd_query, ChronyTracker, ClockBound};
 use integration_tests::topology::{
     link_namespaces, ChronyServer, Netns, OffsetServer, ServeProcess, Topology,
 };
@@ -215,9 +215,10 @@ fn serves_disciplined_time_from_real_upstreams_and_holds_over() {
 }
 
 /// The error bound a guest reads: its chronyd's `chronyc tracking` root delay / 2 + root
-/// dispersion is at least the guest's measured offset to the true (host) clock, with honest
-/// upstreams and with one whose time is 1 ms off; and the dispersion the daemon serves is its
-/// own estimate, microseconds, not RFC 5905's growing 15 µs/s.
+/// dispersion, and the bound AWS's ClockBound daemon publishes from it, are at least the
+/// guest's measured offset to the true (host) clock, with honest upstreams and with one whose
+/// time is 1 ms off; and the dispersion the daemon serves is its own estimate, microseconds,
+/// not RFC 5905's growing 15 µs/s.
 #[test]
 fn a_guests_error_bound_covers_its_offset_with_honest_and_wrong_upstreams() {
     let t = Topology::new(111).unwrap();
@@ -288,6 +289,29 @@ fn a_guests_error_bound_covers_its_offset_with_honest_and_wrong_upstreams() {
             },
             || eprintln!("last tracking: {:?}", tracking.borrow()),
         );
+        // As `ntp-user guest-config` suggests: 50 ppm of drift allowance per second since
+        // ClockBound last read chronyd (once a second).
+        let clockbound = ClockBound::start(&guest, 50).unwrap();
+        let clockbound_now = std::cell::RefCell::new(None);
+        wait_for_or(
+            "ClockBound to publish a synchronized bound",
+            Duration::from_secs(30),
+            &mut || {
+                let now = clockbound.now();
+                let ok = now
+                    .as_ref()
+                    .is_ok_and(|n| n.status == clock_bound_shm::ClockStatus::Synchronized);
+                *clockbound_now.borrow_mut() = Some(now);
+                ok
+            },
+            || {
+                eprintln!(
+                    "last reading: {:?}\nclockbound's log:\n{}",
+                    clockbound_now.borrow(),
+                    clockbound.log()
+                )
+            },
+        );
         // Until the regression holds enough points for a frequency (some 40 s here), the
         // frequency is known only within the model's ±2 %, and the bound says so.
         let started = Instant::now();
@@ -307,6 +331,7 @@ fn a_guests_error_bound_covers_its_offset_with_honest_and_wrong_upstreams() {
         for round in 0..5 {
             let measured = chronyd_query(&t.guest, CLOCK_V4).unwrap();
             let tr = guest.tracking().unwrap();
+            let published = clockbound.now().unwrap();
             let served = query(&t.guest, CLOCK_V4).expect("a reply");
             let served_dispersion =
                 ntp_common::time::short_to_ns(served.root_dispersion) as f64 * 1e-9;
@@ -317,11 +342,13 @@ fn a_guests_error_bound_covers_its_offset_with_honest_and_wrong_upstreams() {
                 + status["clock"]["root_dispersion_s"].as_f64().unwrap();
             eprintln!(
                 "{label}, round {round}: guest offset {:+.1} µs; chrony's root delay/2 + \
-                 dispersion {:.1} µs (ClockBound {:.1} µs); served root delay {:.1} µs, \
-                 dispersion {:.1} µs; daemon: served − host {:+.1} µs, bound {:.1} µs",
+                 dispersion {:.1} µs (ClockBound's formula {:.1} µs, its daemon {:.1} µs); \
+                 served root delay {:.1} µs, dispersion {:.1} µs; daemon: served − host \
+                 {:+.1} µs, bound {:.1} µs",
                 measured.offset_s * 1e6,
                 tr.root_distance_s() * 1e6,
                 tr.clockbound_s() * 1e6,
+                published.bound_s * 1e6,
                 served_delay * 1e6,
                 served_dispersion * 1e6,
                 host_offset * 1e6,
@@ -341,6 +368,15 @@ fn a_guests_error_bound_covers_its_offset_with_honest_and_wrong_upstreams() {
                 "{label}: the guest's bound {tr:?} is below its offset {measured:?}"
             );
             assert!(tr.clockbound_s() >= measured.offset_s.abs(), "{label}");
+            assert_eq!(
+                published.status,
+                clock_bound_shm::ClockStatus::Synchronized,
+                "{label}: {published:?}"
+            );
+            assert!(
+                published.bound_s >= measured.offset_s.abs(),
+                "{label}: ClockBound's bound {published:?} is below the offset {measured:?}"
+            );
             assert!(
                 status_bound >= host_offset.abs(),
                 "{label}: served bound {status_bound} s, served − host {host_offset} s"
@@ -354,6 +390,7 @@ fn a_guests_error_bound_covers_its_offset_with_honest_and_wrong_upstreams() {
             worst_ratio = worst_ratio.max(measured.offset_s.abs() / tr.root_distance_s());
         }
         eprintln!("{label}: largest |offset| / bound {worst_ratio:.3}");
+        drop(clockbound);
         drop(guest);
         assert!(serve.stop().unwrap(), "daemon did not exit cleanly");
         let _ = std::fs::remove_file(&control);

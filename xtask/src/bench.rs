@@ -922,12 +922,14 @@ pub fn time_bench(bin: &Path, out_dir: &Path) -> Result<()> {
             median_us: q(&signed, 0.5),
         });
     }
+    let bound = served_bound_summary(samples);
     std::fs::create_dir_all(out_dir)?;
     std::fs::write(
         out_dir.join("time.json"),
         serde_json::to_vec_pretty(&serde_json::json!({
             "machine": machine(),
             "summary": summaries,
+            "served_bound": bound,
             "run": run,
         }))?,
     )?;
@@ -958,6 +960,15 @@ pub fn time_bench(bin: &Path, out_dir: &Path) -> Result<()> {
             name, m.samples, m.median_abs_us, m.p95_abs_us, m.median_us
         );
     }
+    if let Some(b) = &bound {
+        let _ = writeln!(
+            s,
+            "\nThe error bound ntp-xdp's replies state (root delay / 2 + root dispersion, from \
+             its status with each \"ntp-xdp-clock\" sample): median {:.1} µs, largest {:.1} µs \
+             over {} samples; its largest |served − host clock| is {:.1} µs.",
+            b.median_us, b.max_us, b.samples, b.max_abs_offset_us
+        );
+    }
     std::fs::write(out_dir.join("time.md"), &s)?;
     println!("{s}");
     println!(
@@ -965,6 +976,43 @@ pub fn time_bench(bin: &Path, out_dir: &Path) -> Result<()> {
         out_dir.display()
     );
     Ok(())
+}
+
+/// The bound the daemon served beside its own offsets (µs), over the samples that had one.
+#[derive(Debug, Serialize)]
+struct ServedBoundSummary {
+    samples: usize,
+    median_us: f64,
+    max_us: f64,
+    /// The largest |served − host clock| among the same samples.
+    max_abs_offset_us: f64,
+}
+
+/// (t, bound µs, offset µs) of the daemon's own samples that carry a served bound.
+fn served_bounds(samples: &[Value]) -> Vec<(f64, f64, f64)> {
+    samples
+        .iter()
+        .filter(|s| s["server"] == "ntp-xdp-clock")
+        .filter_map(|s| {
+            Some((
+                s["t_s"].as_f64()?,
+                s["served_bound_s"].as_f64()? * 1e6,
+                s["offset_s"].as_f64()? * 1e6,
+            ))
+        })
+        .collect()
+}
+
+fn served_bound_summary(samples: &[Value]) -> Option<ServedBoundSummary> {
+    let points = served_bounds(samples);
+    let mut bounds: Vec<f64> = points.iter().map(|p| p.1).collect();
+    bounds.sort_by(f64::total_cmp);
+    Some(ServedBoundSummary {
+        samples: bounds.len(),
+        median_us: *bounds.get(bounds.len() / 2)?,
+        max_us: *bounds.last()?,
+        max_abs_offset_us: points.iter().map(|p| p.2.abs()).fold(0.0, f64::max),
+    })
 }
 
 fn plot_time(samples: &[Value], path: &Path) -> Result<()> {
@@ -983,12 +1031,14 @@ fn plot_time(samples: &[Value], path: &Path) -> Result<()> {
         points("chronyd-relay"),
         points("ntp-xdp-clock"),
     );
+    let bounds = served_bounds(samples);
     let t_max = xdp.iter().chain(&relay).map(|p| p.0).fold(1.0, f64::max);
     let y = xdp
         .iter()
         .chain(&relay)
         .chain(&clock)
         .map(|p| p.1.abs())
+        .chain(bounds.iter().map(|b| b.1))
         .fold(1.0, f64::max);
     let mut chart = ChartBuilder::on(&root)
         .caption("guest-seen offset", ("sans-serif", 18))
@@ -1013,7 +1063,60 @@ fn plot_time(samples: &[Value], path: &Path) -> Result<()> {
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], c));
         chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 2, c.filled())))?;
     }
+    // The served bound as an envelope: every offset of the daemon's clock should sit inside.
+    let grey = RGBColor(110, 110, 110);
+    chart
+        .draw_series(LineSeries::new(bounds.iter().map(|b| (b.0, b.1)), grey))?
+        .label("± served error bound (its status)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], grey));
+    chart.draw_series(LineSeries::new(bounds.iter().map(|b| (b.0, -b.1)), grey))?;
     chart.configure_series_labels().border_style(BLACK).draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Value> {
+        let mut v = Vec::new();
+        for (i, (bound, offset)) in [(3e-6, 0.5e-6), (4e-6, -1e-6), (2e-6, 0.2e-6)]
+            .into_iter()
+            .enumerate()
+        {
+            let t = i as f64;
+            v.push(serde_json::json!({"t_s": t, "server": "ntp-xdp", "offset_s": 1e-6}));
+            v.push(serde_json::json!({"t_s": t, "server": "chronyd-relay", "offset_s": -2e-6}));
+            v.push(serde_json::json!({
+                "t_s": t, "server": "ntp-xdp-clock", "offset_s": offset, "served_bound_s": bound,
+            }));
+        }
+        // Unsynchronized at that instant: no bound.
+        v.push(serde_json::json!({
+            "t_s": 3.0, "server": "ntp-xdp-clock", "offset_s": 9e-6, "served_bound_s": null,
+        }));
+        v
+    }
+
+    #[test]
+    fn the_time_summary_carries_the_served_bound() {
+        let b = served_bound_summary(&samples()).unwrap();
+        assert_eq!(b.samples, 3);
+        assert!((b.median_us - 3.0).abs() < 1e-9, "{b:?}");
+        assert!((b.max_us - 4.0).abs() < 1e-9, "{b:?}");
+        assert!((b.max_abs_offset_us - 1.0).abs() < 1e-9, "{b:?}");
+        assert!(served_bound_summary(&samples()[..2]).is_none());
+    }
+
+    #[test]
+    fn the_time_plot_draws_the_served_bound() {
+        let dir = std::env::temp_dir().join(format!("ntpx-time-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("time.svg");
+        plot_time(&samples(), &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(svg.contains("served error bound"), "{svg}");
+    }
 }

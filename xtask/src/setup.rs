@@ -63,7 +63,8 @@ pub fn setup() -> Result<()> {
     ensure_toolchain(&toolchain)?;
     ensure_apt_packages()?;
     ensure_bpf_linker()?;
-    ensure_ntpd_rs()?;
+    ensure_cargo_tool(&NTPD_RS)?;
+    ensure_cargo_tool(&CLOCKBOUND)?;
     ensure_rustfmt()?;
     check_llvm_majors(&toolchain)
 }
@@ -289,12 +290,37 @@ fn ensure_bpf_linker() -> Result<()> {
     )
 }
 
+/// A tool built from crates.io at a pinned version, installed by `cargo install --locked`.
+struct CargoTool {
+    /// The crate on crates.io.
+    krate: &'static str,
+    version: &'static str,
+    /// The installed binary whose `--version` says which version is there.
+    binary: &'static str,
+    /// Why the tests need it (for the log).
+    purpose: &'static str,
+}
+
 /// ntpd-rs, the tests' second NTS client (not in Debian 12): its `ntp-ctl force-sync`
 /// measures through NTS and, the clock being right, only says so.
-const NTPD_RS_VERSION: &str = "1.9.0";
+const NTPD_RS: CargoTool = CargoTool {
+    krate: "ntpd",
+    version: "1.9.0",
+    binary: "ntp-ctl",
+    purpose: "the NTS tests (about two minutes)",
+};
 
-fn ensure_ntpd_rs() -> Result<()> {
-    let installed = Command::new("ntp-ctl")
+/// AWS's ClockBound daemon (not in Debian 12): the error-bound test runs it in a guest, where
+/// it reads chronyd's tracking over the command socket and publishes the bound in shared memory.
+const CLOCKBOUND: CargoTool = CargoTool {
+    krate: "clock-bound-d",
+    version: "2.0.3",
+    binary: "clockbound",
+    purpose: "the error-bound test (about two minutes)",
+};
+
+fn ensure_cargo_tool(tool: &CargoTool) -> Result<()> {
+    let installed = Command::new(tool.binary)
         .arg("--version")
         .output()
         .ok()
@@ -304,17 +330,20 @@ fn ensure_ntpd_rs() -> Result<()> {
             text.push_str(&String::from_utf8_lossy(&o.stderr));
             text.trim().to_string()
         });
-    if installed.as_deref() == Some(&format!("ntp-ctl {NTPD_RS_VERSION}")) {
+    if installed.as_deref() == Some(&format!("{} {}", tool.binary, tool.version)) {
         return Ok(());
     }
-    eprintln!("setup: building ntpd-rs {NTPD_RS_VERSION} for the NTS tests (about two minutes)");
+    eprintln!(
+        "setup: building {} {} for {}",
+        tool.krate, tool.version, tool.purpose
+    );
     status(Command::new("cargo").args([
         "install",
         "--force",
         "--locked",
-        "ntpd",
+        tool.krate,
         "--version",
-        NTPD_RS_VERSION,
+        tool.version,
     ]))
 }
 
