@@ -78,6 +78,20 @@ fn wait_for_or(
     }
 }
 
+/// An upstream's namespace on 169.254.`subnet`.0/24, linked to `host` (which is .2): the
+/// namespace and the upstream's address (.1).
+fn upstream_namespace(host: &Netns, subnet: u8) -> (Netns, String) {
+    let ns = Netns::new("ntu").unwrap();
+    link_namespaces(
+        host,
+        &format!("169.254.{subnet}.2/24"),
+        &ns,
+        &format!("169.254.{subnet}.1/24"),
+    )
+    .unwrap();
+    (ns, format!("169.254.{subnet}.1"))
+}
+
 #[test]
 fn serves_disciplined_time_from_real_upstreams_and_holds_over() {
     let t = Topology::new(51).unwrap();
@@ -85,17 +99,9 @@ fn serves_disciplined_time_from_real_upstreams_and_holds_over() {
     let mut upstreams = Vec::new();
     let mut addrs = Vec::new();
     for i in 0..3u8 {
-        let ns = Netns::new("ntu").unwrap();
-        let subnet = 52 + i;
-        link_namespaces(
-            &host,
-            &format!("169.254.{subnet}.2/24"),
-            &ns,
-            &format!("169.254.{subnet}.1/24"),
-        )
-        .unwrap();
+        let (ns, addr) = upstream_namespace(&host, 52 + i);
         upstreams.push((ChronyServer::start(&ns, UPSTREAM_STRATUM).unwrap(), ns));
-        addrs.push(format!("169.254.{subnet}.1"));
+        addrs.push(addr);
     }
     let control = std::env::temp_dir().join(format!("ntpx-discipline-{}.sock", std::process::id()));
     let control_arg = control.to_string_lossy().into_owned();
@@ -227,19 +233,11 @@ fn a_guests_error_bound_covers_its_offset_with_honest_and_wrong_upstreams() {
     let mut chronys = Vec::new();
     let mut addrs = Vec::new();
     for i in 0..4u8 {
-        let ns = Netns::new("ntu").unwrap();
-        let subnet = 112 + i;
-        link_namespaces(
-            &host,
-            &format!("169.254.{subnet}.2/24"),
-            &ns,
-            &format!("169.254.{subnet}.1/24"),
-        )
-        .unwrap();
+        let (ns, addr) = upstream_namespace(&host, 112 + i);
         if i < 3 {
             chronys.push(ChronyServer::start(&ns, UPSTREAM_STRATUM).unwrap());
         }
-        addrs.push(format!("169.254.{subnet}.1"));
+        addrs.push(addr);
         namespaces.push(ns);
     }
     let _wrong = OffsetServer::start(&namespaces[3], 1_000_000).unwrap();
