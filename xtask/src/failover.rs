@@ -150,9 +150,16 @@ fn poll(span: Duration, answered: &AtomicU64) -> Result<Seen> {
         sock.send_to(&req, (CLOCK, 123)).ok()?;
         sock.set_read_timeout(Some(Duration::from_millis(300)))
             .ok()?;
-        let got = sock.recv(&mut buf).ok()?;
+        // An answer to an earlier request that came late is read past: otherwise each read
+        // would take the one before and the loop would stay one answer behind.
+        let stratum = loop {
+            let got = sock.recv(&mut buf).ok()?;
+            if got >= 48 && buf[24..32] == cookie.to_be_bytes() && buf[0] & 7 == 4 {
+                break buf[1];
+            }
+        };
         sock.set_read_timeout(Some(Duration::from_millis(2))).ok()?;
-        (got >= 48 && buf[24..32] == cookie.to_be_bytes() && buf[0] & 7 == 4).then_some(buf[1])
+        Some(stratum)
     };
     while answer(&sock, cookie).is_none() {
         cookie += 1;
