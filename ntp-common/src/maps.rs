@@ -24,6 +24,8 @@ pub const KOD_BUDGET: &str = "KOD_BUDGET";
 /// The VIP hosts whose VRRP adverts may arrive on the guests' side (a shared network's
 /// unicast peers, as ::ffff:a.b.c.d); VRRP from any other source is dropped there.
 pub const VRRP_PEERS: &str = "VRRP_PEERS";
+/// How many peers `VRRP_PEERS` holds (a config with more is refused).
+pub const VRRP_PEERS_MAX: u32 = 16;
 /// A word per CPU that the responder's memory barriers exchange (BPF has no fence instruction,
 /// only fully ordered atomics; on a per-CPU word they share no cache line between CPUs).
 pub const BARRIER: &str = "BARRIER";

@@ -42,7 +42,8 @@ pub static RATE: LruHashMap<SourceKey, SourceState> = LruHashMap::with_max_entri
 pub static GUESTS: LruHashMap<SourceKey, GuestClock> = LruHashMap::with_max_entries(65536, 0);
 /// VIP hosts whose VRRP may arrive on the guests' side (see `ntp_common::maps::VRRP_PEERS`).
 #[map]
-pub static VRRP_PEERS: HashMap<[u8; 16], u8> = HashMap::with_max_entries(16, 0);
+pub static VRRP_PEERS: HashMap<[u8; 16], u8> =
+    HashMap::with_max_entries(ntp_common::maps::VRRP_PEERS_MAX, 0);
 /// The global kiss-o'-death budget, per CPU (no atomics on the fast path).
 #[map]
 pub static KOD_BUDGET: PerCpuArray<SourceState> = PerCpuArray::with_max_entries(1, 0);

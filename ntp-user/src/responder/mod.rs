@@ -211,7 +211,7 @@ impl ServedAddrs {
 }
 
 /// The size of the responder's VRRP peer table (`VRRP_PEERS` in the eBPF object).
-pub const MAX_VRRP_PEERS: usize = 16;
+pub const MAX_VRRP_PEERS: usize = ntp_common::maps::VRRP_PEERS_MAX as usize;
 
 /// Makes a map of addresses (keyed as the served addresses are) exactly `addrs` (stale ones
 /// out first).
