@@ -19,6 +19,7 @@ use crate::host::netlink::Netlink;
 use crate::host::netns;
 use crate::host::vip::{self, state_dir, Created, VipSpec};
 use crate::host::{helper, keepalived, radvd};
+use crate::responder::attach::{self, Attachment, LinkKind, Step};
 use crate::responder::userspace::SocketPlace;
 use crate::responder::{self, attach_pinned, pin_dir, Attached, OwnMacs, Responder};
 use crate::responder::{XdpModePref, PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
@@ -78,10 +79,9 @@ fn running_pid(netns: &str) -> Option<u32> {
 /// Where each attachment ended up, for the repair pass to restore it the same way.
 #[derive(Debug, Clone)]
 struct AttachPlan {
-    /// Mode of the responder on the namespace end (Driver: the host end carries the pass
-    /// program).
-    ns_mode: XdpMode,
-    host_interfaces: Vec<(String, XdpMode)>,
+    /// The responder on the namespace end (native: the host end carries the pass program).
+    ns_end: Attachment,
+    host_interfaces: Vec<Attachment>,
 }
 
 fn link_pin(netns: &str, what: &str) -> std::path::PathBuf {
@@ -115,35 +115,6 @@ fn release_unwanted_links(spec: &VipSpec, mode: XdpModePref) -> Result<Vec<Strin
     Ok(released)
 }
 
-fn mode_name(mode: XdpMode) -> &'static str {
-    match mode {
-        XdpMode::Driver => "native",
-        XdpMode::Skb => "generic",
-        _ => "other",
-    }
-}
-
-/// One attachment as it came about, for the log and for telling a hitless restart (every
-/// link adopted) from a fresh start.
-#[derive(Debug, Clone)]
-struct AttachNote {
-    program: &'static str,
-    interface: String,
-    mode: XdpMode,
-    how: Attached,
-}
-
-impl AttachNote {
-    fn new(program: &'static str, interface: &str, mode: XdpMode, how: Attached) -> AttachNote {
-        AttachNote {
-            program,
-            interface: interface.to_string(),
-            mode,
-            how,
-        }
-    }
-}
-
 /// Attaches the responder (and the peer's pass program in native mode), adopting pinned
 /// attachments of an earlier daemon.
 async fn attach_all(
@@ -151,7 +122,7 @@ async fn attach_all(
     spec: &VipSpec,
     ns: &File,
     mode: XdpModePref,
-) -> Result<(AttachPlan, Vec<AttachNote>)> {
+) -> Result<AttachPlan> {
     let host = Netlink::open()?;
     let inside = Netlink::open_in(ns)?;
     let ns_if = inside
@@ -162,66 +133,26 @@ async fn attach_all(
         .link(&spec.host_interface)
         .await?
         .with_context(|| format!("{} missing", spec.host_interface))?;
-    // The responder on the namespace end, in `mode`, through its pinned link.
-    let attach_ns_end = |responder: &mut Responder, mode: XdpMode| {
-        netns::within(ns, || {
+    // The namespace end's peer is the host end: ours.
+    let attempts = attach::plan(mode, LinkKind::VethPeerOurs)?;
+    let ns_end = attach::execute(&spec.ns_interface, &attempts, |step| match step {
+        Step::PassOnPeer => attach_pinned(
+            responder.program(PEER_PASS_PROGRAM)?,
+            host_if.index,
+            XdpMode::Driver,
+            &link_pin(&spec.netns, "peer"),
+            host_if.xdp_prog_id,
+        ),
+        Step::Responder(m) => netns::within(ns, || {
             attach_pinned(
                 responder.program(RESPONDER_PROGRAM)?,
                 ns_if.index,
-                mode,
+                m,
                 &link_pin(&spec.netns, "responder"),
                 ns_if.xdp_prog_id,
             )
-        })
-    };
-    let mut notes = Vec::new();
-    let mut ns_mode = None;
-    if mode != XdpModePref::Generic {
-        // The peer first: a native XDP_TX frame is only delivered to a peer with a program.
-        let native = (|| -> Result<Attached> {
-            let how = attach_pinned(
-                responder.program(PEER_PASS_PROGRAM)?,
-                host_if.index,
-                XdpMode::Driver,
-                &link_pin(&spec.netns, "peer"),
-                host_if.xdp_prog_id,
-            )
-            .context("attaching the pass program to the host end")?;
-            notes.push(AttachNote::new(
-                "pass program",
-                &spec.host_interface,
-                XdpMode::Driver,
-                how,
-            ));
-            attach_ns_end(responder, XdpMode::Driver)
-        })();
-        match native {
-            Ok(how) => {
-                notes.push(AttachNote::new(
-                    "responder",
-                    &spec.ns_interface,
-                    XdpMode::Driver,
-                    how,
-                ));
-                ns_mode = Some(XdpMode::Driver);
-            }
-            Err(e) if mode == XdpModePref::Native => return Err(e),
-            Err(e) => warn!(error = %format!("{e:#}"), "native XDP failed; using generic"),
-        }
-    }
-    let ns_mode = match ns_mode {
-        Some(m) => m,
-        None => {
-            let how = attach_ns_end(responder, XdpMode::Skb)?;
-            notes.push(AttachNote::new(
-                "responder",
-                &spec.ns_interface,
-                XdpMode::Skb,
-                how,
-            ));
-            XdpMode::Skb
-        }
-    };
+        }),
+    })?;
     let mut host_interfaces = Vec::new();
     for name in &spec.host_interfaces {
         let link = host
@@ -229,44 +160,30 @@ async fn attach_all(
             .await?
             .with_context(|| format!("vip.host_interfaces: {name} does not exist"))?;
         let pin = link_pin(&spec.netns, &format!("host_{name}"));
-        // Native XDP_TX on a veth only delivers when the peer runs a program, and the peer
-        // of a host interface is not ours: veths get generic mode, real NICs native first.
-        let native = if link.kind == Some(netlink_packet_route::link::InfoKind::Veth) {
-            Err(anyhow!("a veth whose peer is not ours"))
+        // The peer of a host veth is not ours; a host interface takes whichever mode works,
+        // whatever the namespace end was asked for.
+        let kind = if link.kind == Some(netlink_packet_route::link::InfoKind::Veth) {
+            LinkKind::VethPeerForeign
         } else {
-            attach_pinned(
+            LinkKind::Device
+        };
+        let attempts = attach::plan(XdpModePref::Auto, kind)?;
+        host_interfaces.push(attach::execute(name, &attempts, |step| match step {
+            Step::PassOnPeer => Err(anyhow!("the peer of host interface {name} is not ours")),
+            Step::Responder(m) => attach_pinned(
                 responder.program(RESPONDER_PROGRAM)?,
                 link.index,
-                XdpMode::Driver,
+                m,
                 &pin,
                 link.xdp_prog_id,
-            )
-        };
-        let (how, m) = match native {
-            Ok(how) => (how, XdpMode::Driver),
-            Err(_) => (
-                attach_pinned(
-                    responder.program(RESPONDER_PROGRAM)?,
-                    link.index,
-                    XdpMode::Skb,
-                    &pin,
-                    link.xdp_prog_id,
-                )
-                .with_context(|| format!("attaching the responder to {name}"))?,
-                XdpMode::Skb,
             ),
-        };
-        notes.push(AttachNote::new("responder on host interface", name, m, how));
-        host_interfaces.push((name.clone(), m));
+        })?);
     }
     responder.set_own_macs(&own_macs_now(spec, &host, &inside).await?)?;
-    Ok((
-        AttachPlan {
-            ns_mode,
-            host_interfaces,
-        },
-        notes,
-    ))
+    Ok(AttachPlan {
+        ns_end,
+        host_interfaces,
+    })
 }
 
 /// Re-attaches from the pinned programs wherever an interface lost its program (a veth
@@ -276,7 +193,7 @@ async fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>>
     let host = Netlink::open()?;
     let ns = netns::open_named_netns(&spec.netns)?;
     let inside = Netlink::open_in(&ns)?;
-    if plan.ns_mode == XdpMode::Driver {
+    if plan.ns_end.peer_pass.is_some() {
         if let Some(l) = host.link(&spec.host_interface).await? {
             if l.xdp_prog_id.is_none() {
                 let mut prog = responder::pinned_program(&spec.netns, PEER_PASS_PROGRAM)?;
@@ -301,7 +218,7 @@ async fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>>
                 attach_pinned(
                     &mut prog,
                     l.index,
-                    plan.ns_mode,
+                    plan.ns_end.mode,
                     &link_pin(&spec.netns, "responder"),
                     None,
                 )
@@ -309,18 +226,19 @@ async fn reattach_lost(spec: &VipSpec, plan: &AttachPlan) -> Result<Vec<String>>
             out.push(format!(
                 "re-attached the responder to {} ({})",
                 spec.ns_interface,
-                mode_name(plan.ns_mode)
+                plan.ns_end.mode_name()
             ));
         }
     }
-    for (name, mode) in &plan.host_interfaces {
+    for attachment in &plan.host_interfaces {
+        let name = &attachment.interface;
         if let Some(l) = host.link(name).await? {
             if l.xdp_prog_id.is_none() {
                 let mut prog = responder::pinned_program(&spec.netns, RESPONDER_PROGRAM)?;
                 attach_pinned(
                     &mut prog,
                     l.index,
-                    *mode,
+                    attachment.mode,
                     &link_pin(&spec.netns, &format!("host_{name}")),
                     None,
                 )?;
@@ -479,34 +397,34 @@ pub async fn serve_managed(
     for gone in release_unwanted_links(&spec, opts.xdp_mode)? {
         info!(attachment = %gone, "released an attachment the config no longer asks for");
     }
-    let (plan, notes) = if opts.xdp_mode == XdpModePref::Off {
+    let plan = if opts.xdp_mode == XdpModePref::Off {
         info!("XDP off: the userspace path answers everything");
-        (None, Vec::new())
+        None
     } else {
-        let (plan, notes) = attach_all(&mut responder, &spec, &ns, opts.xdp_mode).await?;
-        (Some(plan), notes)
+        Some(attach_all(&mut responder, &spec, &ns, opts.xdp_mode).await?)
     };
-    let links = if notes.is_empty() {
+    let attachments: Vec<&Attachment> = plan
+        .iter()
+        .flat_map(|p| std::iter::once(&p.ns_end).chain(&p.host_interfaces))
+        .collect();
+    let adopted_only = |a: &&Attachment| {
+        a.how == Attached::Adopted && a.peer_pass.is_none_or(|p| p == Attached::Adopted)
+    };
+    let links = if attachments.is_empty() {
         "none"
-    } else if notes.iter().all(|n| n.how == Attached::Adopted) {
+    } else if attachments.iter().all(adopted_only) {
         "adopted"
     } else {
         "new"
     };
-    for n in &notes {
-        info!(
-            program = n.program,
-            interface = %n.interface,
-            mode = mode_name(n.mode),
-            how = ?n.how,
-            "responder"
-        );
+    for a in &attachments {
+        info!(attachment = %a, "responder");
     }
     info!(
         netns = %spec.netns,
         interface = %spec.ns_interface,
         addresses = ?served,
-        mode = plan.as_ref().map_or("off", |p| mode_name(p.ns_mode)),
+        mode = plan.as_ref().map_or("off", |p| p.ns_end.mode_name()),
         program_id = responder.program_id()?,
         links,
         adopted_anchor = adopted,

@@ -2,8 +2,7 @@
 
 use std::fs::File;
 
-use anyhow::{bail, Context as _, Result};
-use aya::programs::XdpMode;
+use anyhow::{anyhow, bail, Context as _, Result};
 use ntp_common::anchor::PARAM_FLAG_LOG;
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
@@ -11,14 +10,8 @@ use tracing::{info, warn};
 use crate::daemon::{serve_responder, AbortOnDrop, ClockSource, ServeOptions};
 use crate::host::netlink::Netlink;
 use crate::host::netns;
-use crate::responder::{Responder, XdpModePref};
-
-/// How the responder ended up attached.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attachment {
-    pub mode: &'static str,
-    pub peer: Option<String>,
-}
+use crate::responder::attach::{self, Attachment, LinkKind, Step};
+use crate::responder::{Attached, Responder, XdpModePref};
 
 pub async fn serve(mut opts: ServeOptions) -> Result<()> {
     if opts.addresses.is_empty() {
@@ -47,15 +40,9 @@ pub async fn serve(mut opts: ServeOptions) -> Result<()> {
         None
     };
     let attachment = if opts.xdp_mode == XdpModePref::Off {
-        Attachment {
-            mode: "off",
-            peer: None,
-        }
+        None
     } else {
-        match &service_ns {
-            Some(ns) => attach(&mut responder, &opts, Some(ns), home).await?,
-            None => attach(&mut responder, &opts, None, home).await?,
-        }
+        Some(attach(&mut responder, &opts, service_ns.as_ref(), home).await?)
     };
     let place = crate::responder::userspace::SocketPlace {
         netns: opts.netns.clone(),
@@ -80,8 +67,8 @@ pub async fn serve(mut opts: ServeOptions) -> Result<()> {
         netns = opts.netns.as_deref().unwrap_or("(current)"),
         interface = %opts.interface,
         addresses = ?opts.addresses,
-        mode = attachment.mode,
-        peer = attachment.peer.as_deref().unwrap_or("-"),
+        mode = attachment.as_ref().map_or("off", |a| a.mode_name()),
+        peer_pass = ?attachment.as_ref().and_then(|a| a.peer_pass),
         program_id = responder.program_id()?,
         "responder attached; serving the {source}"
     );
@@ -127,8 +114,8 @@ fn spawn_log_pump(
     }))
 }
 
-/// Attaches according to the requested mode; on a veth in native mode, the peer gets the pass
-/// program first so that no XDP_TX reply is ever lost to a peer without one.
+/// Attaches as [`attach::plan`] says for the requested mode and the interface; a veth's peer
+/// is looked for among the named namespaces (or `--peer-netns`).
 async fn attach(
     responder: &mut Responder,
     opts: &ServeOptions,
@@ -160,8 +147,13 @@ async fn attach(
         }
     }
 
-    let want_native = opts.xdp_mode != XdpModePref::Generic;
-    if want_native && local.is_veth() {
+    let mut peer = None;
+    let link = if !local.is_veth() {
+        LinkKind::Device
+    } else if opts.xdp_mode == XdpModePref::Generic {
+        // The peer does not matter in generic mode.
+        LinkKind::VethPeerForeign
+    } else {
         let candidates = match &opts.peer_netns {
             Some(name) => vec![(name.clone(), netns::open_named_netns(name)?)],
             None => {
@@ -170,71 +162,46 @@ async fn attach(
                 c
             }
         };
-        match netns::find_veth_peer(&nl, &local, candidates).await? {
-            Some(peer) => {
-                // A peer that carries an XDP program already (a guest's own, a benchmark's
-                // counter) makes XDP_TX deliver as well as ours would: keep it.
-                let peer_prog = Netlink::open_in(&peer.netns)?
-                    .link_by_index(peer.index)
+        peer = netns::find_veth_peer(&nl, &local, candidates).await?;
+        match &peer {
+            None => {
+                warn!(interface = %opts.interface, "veth peer not found in any named namespace");
+                LinkKind::VethPeerForeign
+            }
+            Some(p) => {
+                let program = Netlink::open_in(&p.netns)?
+                    .link_by_index(p.index)
                     .await?
                     .and_then(|l| l.xdp_prog_id);
-                match peer_prog {
-                    Some(id) => info!(
-                        peer_program_id = id,
-                        "the veth peer carries an XDP program already; native XDP_TX delivers through it"
-                    ),
-                    None => netns::within(&peer.netns, || {
-                        responder
-                            .attach_peer_pass(peer.index)
-                            .context("attaching the pass program to the veth peer")
-                    })?,
+                info!(
+                    peer = format!("ifindex {} in {}", p.index, p.netns_label),
+                    peer_program_id = program,
+                    "veth peer found"
+                );
+                match program {
+                    Some(_) => LinkKind::VethPeerProgrammed,
+                    None => LinkKind::VethPeerOurs,
                 }
-                inside(&mut || {
-                    responder
-                        .attach_responder(local.index, XdpMode::Driver)
-                        .context("attaching the responder in native mode")
-                })?;
-                return Ok(Attachment {
-                    mode: "native",
-                    peer: Some(format!("ifindex {} in {}", peer.index, peer.netns_label)),
-                });
             }
-            None if opts.xdp_mode == XdpModePref::Native => bail!(
-                "native mode on veth {:?} needs its peer to carry an XDP program, but the peer \
-                 was not found in any named namespace; pass --peer-netns NAME or use --xdp-mode generic",
-                opts.interface
-            ),
-            None => warn!(
-                interface = %opts.interface,
-                "veth peer not found; falling back to generic XDP"
-            ),
         }
-    } else if want_native {
-        let mut native = Ok(());
-        inside(&mut || {
-            native = responder.attach_responder(local.index, XdpMode::Driver);
-            Ok(())
-        })?;
-        match native {
-            Ok(()) => {
-                return Ok(Attachment {
-                    mode: "native",
-                    peer: None,
-                })
-            }
-            Err(e) if opts.xdp_mode == XdpModePref::Native => {
-                return Err(e).context("attaching the responder in native mode")
-            }
-            Err(e) => warn!(error = %e, "native XDP not available; falling back to generic"),
-        }
-    }
-    inside(&mut || {
-        responder
-            .attach_responder(local.index, XdpMode::Skb)
-            .context("attaching the responder in generic mode")
+    };
+    let attempts = attach::plan(opts.xdp_mode, link).map_err(|e| {
+        anyhow!(
+            "{e}: veth {:?}'s peer was not found in any named namespace; pass --peer-netns NAME \
+             or use --xdp-mode generic",
+            opts.interface
+        )
     })?;
-    Ok(Attachment {
-        mode: "generic",
-        peer: None,
+    attach::execute(&opts.interface, &attempts, |step| {
+        match step {
+            Step::PassOnPeer => {
+                let peer = peer.as_ref().context("no veth peer")?;
+                netns::within(&peer.netns, || Ok(responder.attach_peer_pass(peer.index)?))?
+            }
+            Step::Responder(mode) => {
+                inside(&mut || Ok(responder.attach_responder(local.index, mode)?))?
+            }
+        }
+        Ok(Attached::New)
     })
 }

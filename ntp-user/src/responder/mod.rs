@@ -11,6 +11,7 @@
 
 pub mod admission;
 pub mod anchor_maps;
+pub mod attach;
 pub mod object;
 pub mod observer;
 pub mod pins;
