@@ -79,6 +79,66 @@ counters! {
 
 pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;
 
+/// What a counter counts: the family it belongs to in metrics and status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterKind {
+    /// Requests answered with time.
+    Answered,
+    /// A subset of the answered ones (counted twice on purpose).
+    AnsweredSubset,
+    /// Left to the kernel.
+    Passed,
+    /// Dropped without an answer.
+    Dropped,
+    /// Answered with a kiss-o'-death instead of time.
+    Kod,
+}
+
+impl CounterKind {
+    /// The prefix every counter name of this kind starts with.
+    pub const fn prefix(self) -> &'static str {
+        match self {
+            CounterKind::Answered | CounterKind::AnsweredSubset => "answered_",
+            CounterKind::Passed => "passed_",
+            CounterKind::Dropped => "dropped_",
+            CounterKind::Kod => "kod_",
+        }
+    }
+}
+
+impl Counter {
+    pub const fn kind(self) -> CounterKind {
+        use Counter::*;
+        match self {
+            AnsweredV4 | AnsweredV6 => CounterKind::Answered,
+            AnsweredUnsynchronized => CounterKind::AnsweredSubset,
+            PassedNotIp | PassedNotServed | PassedNotNtp | PassedFragment | PassedIpv6ExtHeader
+            | PassedExtension | PassedNotClient | PassedOtherHost | PassedVrrpPeer => {
+                CounterKind::Passed
+            }
+            DroppedShort
+            | DroppedBadLength
+            | DroppedBadIpChecksum
+            | DroppedBadUdpChecksum
+            | DroppedVersion
+            | DroppedSourcePort
+            | DroppedBadAddress
+            | DroppedNoAnchor
+            | DroppedRateLimited
+            | DroppedDenied
+            | DroppedVrrp
+            | DroppedVlan => CounterKind::Dropped,
+            KodRate | KodDeny => CounterKind::Kod,
+        }
+    }
+
+    /// The name without its kind's prefix: the reason (or code) label in metrics.
+    pub fn reason(self) -> &'static str {
+        let name = self.name();
+        name.strip_prefix(self.kind().prefix()).unwrap_or(name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +150,14 @@ mod tests {
             for d in &Counter::ALL[i + 1..] {
                 assert_ne!(c.name(), d.name());
             }
+        }
+    }
+
+    #[test]
+    fn every_name_starts_with_its_kinds_prefix() {
+        for c in Counter::ALL {
+            assert!(c.name().starts_with(c.kind().prefix()), "{c:?}");
+            assert!(!c.reason().is_empty() && c.reason() != c.name(), "{c:?}");
         }
     }
 }

@@ -10,6 +10,7 @@ use integration_tests::clients::{
 };
 use integration_tests::vip::{VipHost, VipOptions};
 use integration_tests::{run, CLOCK_V4};
+use ntp_common::Counter;
 use ntp_user::observe::status::StatusReport;
 
 const METRICS: &str = "127.0.0.1:9273";
@@ -116,11 +117,11 @@ fn a_flooding_guest_is_limited_and_another_guest_is_not_harmed() {
     // The operator sees it: counters, the rate-limit metric and the drop-rate alarm.
     let r = status(&vip);
     assert!(
-        r.responder.counter("dropped_rate_limited") > 50_000,
+        r.responder.counter(Counter::DroppedRateLimited) > 50_000,
         "{:?}",
         r.responder
     );
-    assert!(r.responder.counter("kod_rate") >= kod);
+    assert!(r.responder.counter(Counter::KodRate) >= kod);
     let body = scrape(&vip);
     assert!(metric(&body, "ntpxdp_rate_limited_total").unwrap() > 50_000.0);
     vip.daemon()
@@ -177,18 +178,18 @@ fn deny_and_allow_lists_end_to_end() {
     assert!(ntpdig(&outside, CLOCK_V4).is_err());
     let r = status(&vip);
     assert_eq!(
-        r.responder.counter("kod_deny"),
+        r.responder.counter(Counter::KodDeny),
         2,
         "{:?}",
         r.responder.counters
     );
     assert!(
-        r.responder.counter("dropped_denied") >= 3,
+        r.responder.counter(Counter::DroppedDenied) >= 3,
         "{:?}",
         r.responder.counters
     );
     // ntpdig's request and chronyd's from the allowed guest, nothing else.
-    let answered = r.responder.counter("answered_ipv4");
+    let answered = r.responder.counter(Counter::AnsweredV4);
     assert!((2..=10).contains(&answered), "{:?}", r.responder.counters);
 }
 

@@ -11,6 +11,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use ntp_common::counters::{Counter as XdpCounter, CounterKind};
+
 use crate::observe::alarms::AlarmKind;
 use crate::observe::status::StatusReport;
 
@@ -76,8 +78,8 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
 
     let replies = Family::<PathFamily, Counter>::default();
     for (path, family, v) in [
-        ("xdp", "ipv4", resp.counter("answered_ipv4")),
-        ("xdp", "ipv6", resp.counter("answered_ipv6")),
+        ("xdp", "ipv4", resp.counter(XdpCounter::AnsweredV4)),
+        ("xdp", "ipv6", resp.counter(XdpCounter::AnsweredV6)),
         ("userspace", "ipv4", resp.userspace_answered_ipv4),
         ("userspace", "ipv6", resp.userspace_answered_ipv6),
     ] {
@@ -93,20 +95,17 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
 
     let dropped = Family::<Reason, Counter>::default();
     let passed = Family::<Reason, Counter>::default();
-    for (name, v) in &resp.counters {
-        if let Some(reason) = name.strip_prefix("dropped_") {
-            dropped
-                .get_or_create(&Reason {
-                    reason: reason.to_string(),
-                })
-                .inc_by(*v);
-        } else if let Some(reason) = name.strip_prefix("passed_") {
-            passed
-                .get_or_create(&Reason {
-                    reason: reason.to_string(),
-                })
-                .inc_by(*v);
-        }
+    for c in XdpCounter::ALL {
+        let family = match c.kind() {
+            CounterKind::Dropped => &dropped,
+            CounterKind::Passed => &passed,
+            _ => continue,
+        };
+        family
+            .get_or_create(&Reason {
+                reason: c.reason().to_string(),
+            })
+            .inc_by(resp.counter(*c));
     }
     dropped
         .get_or_create(&Reason {
@@ -127,9 +126,9 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
 
     let kods = Family::<Code, Counter>::default();
     kods.get_or_create(&Code { code: "RATE" })
-        .inc_by(resp.counter("kod_rate"));
+        .inc_by(resp.counter(XdpCounter::KodRate));
     kods.get_or_create(&Code { code: "DENY" })
-        .inc_by(resp.counter("kod_deny"));
+        .inc_by(resp.counter(XdpCounter::KodDeny));
     reg.register(
         "kiss_of_death_sent",
         "Kiss-o'-death replies sent, by code",
@@ -137,14 +136,15 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
     );
 
     let limited = Counter::<u64>::default();
-    limited.inc_by(resp.counter("dropped_rate_limited") + resp.counter("kod_rate"));
+    limited
+        .inc_by(resp.counter(XdpCounter::DroppedRateLimited) + resp.counter(XdpCounter::KodRate));
     reg.register(
         "rate_limited",
         "Requests over their source's rate (dropped or answered with RATE)",
         limited,
     );
     let unsync = Counter::<u64>::default();
-    unsync.inc_by(resp.counter("answered_unsynchronized"));
+    unsync.inc_by(resp.counter(XdpCounter::AnsweredUnsynchronized));
     reg.register(
         "replies_unsynchronized",
         "XDP replies that said LI=3 (unsynchronized or stale anchor)",

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context as _, Result};
+use ntp_common::counters::{Counter as XdpCounter, CounterKind};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::snapshot::ClockSnapshot;
@@ -141,22 +142,21 @@ pub struct ResponderStatus {
 }
 
 impl ResponderStatus {
-    pub fn counter(&self, name: &str) -> u64 {
-        self.counters.get(name).copied().unwrap_or(0)
+    pub fn counter(&self, counter: XdpCounter) -> u64 {
+        self.counters.get(counter.name()).copied().unwrap_or(0)
     }
 
     /// Requests judged (answered or refused) and refused (dropped or answered with a KoD).
     pub fn judged_and_refused(&self) -> (u64, u64) {
-        let refused: u64 = self
-            .counters
+        let refused: u64 = XdpCounter::ALL
             .iter()
-            .filter(|(k, _)| k.starts_with("dropped_") || k.starts_with("kod_"))
-            .map(|(_, v)| v)
+            .filter(|c| matches!(c.kind(), CounterKind::Dropped | CounterKind::Kod))
+            .map(|c| self.counter(*c))
             .sum::<u64>()
             + self.userspace_dropped
             + self.userspace_refused;
-        let answered = self.counter("answered_ipv4")
-            + self.counter("answered_ipv6")
+        let answered = self.counter(XdpCounter::AnsweredV4)
+            + self.counter(XdpCounter::AnsweredV6)
             + self.userspace_answered_ipv4
             + self.userspace_answered_ipv6;
         (answered + refused, refused)
