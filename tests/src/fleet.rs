@@ -310,6 +310,9 @@ pub struct FleetOptions {
     pub clock_behind: Option<(usize, Duration)>,
 }
 
+/// Where the relays of [`FleetOptions::relayed_host`] listen, on each member's address.
+const STORE_RELAY_PORT: u16 = 12379;
+
 /// libfaketime, which [`FleetOptions::clock_behind`] preloads into a daemon.
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
@@ -389,7 +392,7 @@ impl Fleet {
         home.ip(&["link", "set", &vrrp_bridge, "up"])?;
         let etcd = EtcdCluster::start(&home, SUBNET + 10)?;
         let (store_relays, relayed_endpoints) = match options.relayed_host {
-            Some(_) => etcd.relays(12379)?,
+            Some(_) => etcd.relays(STORE_RELAY_PORT)?,
             None => (Vec::new(), Vec::new()),
         };
         let dir = std::env::temp_dir().join(unique_name("ntpxdp-fleet"));

@@ -819,7 +819,11 @@ fn a_host_cut_off_from_the_store_serves_on_is_shown_lost_and_catches_up_after() 
             .filter(|h| h.0 != "vip-a")
             .all(|h| !h.1 && h.2 == r && h.3 == "applied")
     };
-    assert!(others_on(&f, r1), "{:?}", hosts(&f));
+    assert!(
+        Fleet::wait_until(Duration::from_secs(30), || others_on(&f, r1)),
+        "{:?}",
+        hosts(&f)
+    );
     // The partition lasts 30 s (the fault, not a wait for an event): all along, vip-a runs
     // what it ran, synchronized, and says the store is lost.
     loop {
