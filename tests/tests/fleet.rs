@@ -1,7 +1,8 @@
 //! The fleet end to end: a three-member etcd cluster (TLS, client certificates) and three
 //! redundant VIP hosts whose daemons are its agents, a guest polling the clock address 20
 //! times a second throughout. Pushes (valid, invalid, failing on one host, rolling), a
-//! rolling restart, the store failing member by member and all at once, a daemon killed.
+//! rolling restart, the store failing member by member and all at once, a daemon killed, the
+//! master cut off from the store, two operators pushing at once, a host whose clock is behind.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
