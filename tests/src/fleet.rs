@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::clients::Polled;
+use crate::relay::TcpRelay;
 use crate::topology::{Netns, ServeProcess};
 use crate::{ntp_user_bin, unique_name, CLOCK_V4};
 
@@ -183,6 +184,27 @@ impl EtcdCluster {
         Ok(())
     }
 
+    /// One relay per member, listening on the member's address at `port` (so the server
+    /// certificate's addresses still match) and forwarding to its client port; with the
+    /// endpoints to give a host that reaches the store through them.
+    pub fn relays(&self, port: u16) -> Result<(Vec<TcpRelay>, Vec<String>)> {
+        let mut relays = Vec::new();
+        for m in &self.members {
+            let addr: std::net::IpAddr = m.addr.parse()?;
+            relays.push(TcpRelay::start(
+                &m.ns,
+                (addr, port).into(),
+                (addr, 2379).into(),
+            )?);
+        }
+        let endpoints = self
+            .members
+            .iter()
+            .map(|m| format!("https://{}:{port}", m.addr))
+            .collect();
+        Ok((relays, endpoints))
+    }
+
     /// SIGKILL one member.
     pub fn kill_member(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {
@@ -269,8 +291,30 @@ pub struct FleetHost {
     /// Its part of the configuration (names, priority, stratum).
     pub override_text: String,
     pub stratum: u8,
+    /// Its daemon's wall clock runs this far behind (libfaketime).
+    pub clock_behind: Option<Duration>,
     pub daemon: Option<ServeProcess>,
 }
+
+/// What a test changes in a fleet.
+#[derive(Default)]
+pub struct FleetOptions {
+    /// Added to the cluster's part of the configuration (e.g. an `[nts]` section: each host's
+    /// override then names its own NTS key file, and every host's `[fleet]` the one seal key
+    /// file, [`Fleet::nts_seal_key`]).
+    pub cluster_extra: String,
+    /// This host reaches etcd through relays the test can cut ([`Fleet::cut_store_link`]).
+    pub relayed_host: Option<usize>,
+    /// This host's daemon runs with its wall clock behind by this much (libfaketime; the
+    /// system clock is untouched).
+    pub clock_behind: Option<(usize, Duration)>,
+}
+
+/// Where the relays of [`FleetOptions::relayed_host`] listen, on each member's address.
+const STORE_RELAY_PORT: u16 = 12379;
+
+/// libfaketime, which [`FleetOptions::clock_behind`] preloads into a daemon.
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 /// Three redundant VIP hosts (priorities 150, 100, 50; local strata 10, 11, 12, so a guest
 /// can tell who answers) on one guest bridge, with an etcd cluster.
@@ -285,6 +329,9 @@ pub struct Fleet {
     pub vrrp_bridge: String,
     pub dir: PathBuf,
     pub home: Netns,
+    /// The relayed host's way to the store ([`FleetOptions::relayed_host`]).
+    store_relays: Vec<TcpRelay>,
+    relayed_host: Option<usize>,
 }
 
 /// The cluster's part of the configuration: the same on every host. VRRP speaks on
@@ -321,10 +368,19 @@ impl Fleet {
         Fleet::start_with("")
     }
 
-    /// With `cluster_extra` added to the cluster's part (e.g. an `[nts]` section: each host's
-    /// override then names its own NTS key file, and every host's `[fleet]` the one seal key
-    /// file, [`Fleet::nts_seal_key`]).
+    /// With `cluster_extra` added to the cluster's part ([`FleetOptions::cluster_extra`]).
     pub fn start_with(cluster_extra: &str) -> Result<Fleet> {
+        Fleet::start_with_options(FleetOptions {
+            cluster_extra: cluster_extra.to_string(),
+            ..Default::default()
+        })
+    }
+
+    pub fn start_with_options(options: FleetOptions) -> Result<Fleet> {
+        let cluster_extra = options.cluster_extra.as_str();
+        if options.clock_behind.is_some() && !Path::new(LIBFAKETIME).exists() {
+            bail!("{LIBFAKETIME} is missing: run `cargo xtask setup` (Debian package faketime)");
+        }
         static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let home = Netns::new("nth")?;
@@ -335,6 +391,10 @@ impl Fleet {
         home.ip(&["link", "add", &vrrp_bridge, "type", "bridge"])?;
         home.ip(&["link", "set", &vrrp_bridge, "up"])?;
         let etcd = EtcdCluster::start(&home, SUBNET + 10)?;
+        let (store_relays, relayed_endpoints) = match options.relayed_host {
+            Some(_) => etcd.relays(STORE_RELAY_PORT)?,
+            None => (Vec::new(), Vec::new()),
+        };
         let dir = std::env::temp_dir().join(unique_name("ntpxdp-fleet"));
         std::fs::create_dir_all(&dir)?;
         let cluster = cluster_config(&guest_bridge, &vrrp_bridge, -24) + cluster_extra;
@@ -381,11 +441,15 @@ impl Fleet {
             let mut fleet: toml::Table = etcd
                 .fleet_section(name, &dir.join(name))
                 .parse::<toml::Table>()?;
+            let section = fleet["fleet"].as_table_mut().expect("a table");
             if nts {
-                fleet["fleet"].as_table_mut().expect("a table").insert(
+                section.insert(
                     "nts_seal_key_file".into(),
                     seal_key.display().to_string().into(),
                 );
+            }
+            if options.relayed_host == Some(i) {
+                section.insert("endpoints".into(), relayed_endpoints.clone().into());
             }
             let local = ntp_user::fleet::effective_config(
                 &cluster,
@@ -401,6 +465,10 @@ impl Fleet {
                 config,
                 override_text,
                 stratum,
+                clock_behind: options
+                    .clock_behind
+                    .filter(|(host, _)| *host == i)
+                    .map(|(_, behind)| behind),
                 daemon: None,
             });
         }
@@ -412,11 +480,23 @@ impl Fleet {
             vrrp_bridge,
             dir,
             home,
+            store_relays,
+            relayed_host: options.relayed_host,
         };
         for i in 0..3 {
             fleet.start_daemon(i)?;
         }
         Ok(fleet)
+    }
+
+    /// The relayed host loses the store: nothing passes either way, connections hang.
+    pub fn cut_store_link(&self) {
+        assert!(!self.store_relays.is_empty(), "no relayed host");
+        self.store_relays.iter().for_each(TcpRelay::cut);
+    }
+
+    pub fn heal_store_link(&self) {
+        self.store_relays.iter().for_each(TcpRelay::heal);
     }
 
     /// The seal key file every host shares (with `[nts]`).
@@ -435,6 +515,12 @@ impl Fleet {
     pub fn start_daemon(&mut self, i: usize) -> Result<()> {
         let mut cmd = Command::new(ntp_user_bin());
         cmd.args(["run", "--config"]).arg(&self.hosts[i].config);
+        if let Some(behind) = self.hosts[i].clock_behind {
+            // CLOCK_MONOTONIC stays true: the responder pairs it with the kernel's.
+            cmd.env("LD_PRELOAD", LIBFAKETIME)
+                .env("FAKETIME", format!("-{}", behind.as_secs()))
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
         let cmd = self.in_home(cmd);
         self.hosts[i].daemon = Some(ServeProcess::spawn(cmd, "responder attached")?);
         Ok(())
@@ -447,14 +533,35 @@ impl Fleet {
         }
     }
 
-    /// `ntp-user fleet ARGS` as an operator on the home network (with host a's config).
-    pub fn fleet_cmd(&self, args: &[&str]) -> Output {
+    /// `ntp-user fleet ARGS` as an operator on the home network (with the config of the first
+    /// host that reaches the store directly).
+    fn fleet_command(&self, args: &[&str]) -> Command {
+        let direct = (0..self.hosts.len())
+            .find(|i| Some(*i) != self.relayed_host)
+            .expect("a host without relays");
         let mut cmd = Command::new(ntp_user_bin());
         cmd.args(["fleet", "--config"])
-            .arg(&self.hosts[0].config)
+            .arg(&self.hosts[direct].config)
             .args(["--host-timeout", "60s"])
             .args(args);
-        self.in_home(cmd).output().expect("running ntp-user fleet")
+        self.in_home(cmd)
+    }
+
+    pub fn fleet_cmd(&self, args: &[&str]) -> Output {
+        self.fleet_command(args)
+            .output()
+            .expect("running ntp-user fleet")
+    }
+
+    /// `fleet ARGS` started, not waited for: an operator's command that takes a while.
+    pub fn fleet_spawn(&self, args: &[&str]) -> Result<Operator> {
+        let child = self
+            .fleet_command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning ntp-user fleet")?;
+        Ok(Operator { child: Some(child) })
     }
 
     /// `fleet ARGS`, which must succeed; its stdout.
@@ -504,6 +611,36 @@ impl Fleet {
             std::thread::sleep(Duration::from_millis(200));
         }
         false
+    }
+}
+
+/// A running `ntp-user fleet` command; killed if the test ends first.
+pub struct Operator {
+    child: Option<Child>,
+}
+
+impl Operator {
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Its exit and output, once it ends within `timeout`; None while it still runs.
+    pub fn finish(&mut self, timeout: Duration) -> Option<Output> {
+        if !Fleet::wait_until(timeout, || !self.running()) {
+            return None;
+        }
+        self.child.take()?.wait_with_output().ok()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -557,6 +694,15 @@ pub fn switches(p: &Polled) -> usize {
         .windows(2)
         .filter(|w| w[0].stratum != w[1].stratum)
         .count()
+}
+
+/// The longest time between two answers the guest saw.
+pub fn longest_gap(p: &Polled) -> Duration {
+    p.seen
+        .windows(2)
+        .map(|w| w[1].at - w[0].at)
+        .max()
+        .unwrap_or_default()
 }
 
 pub fn lost(p: &Polled) -> u64 {

@@ -8,6 +8,7 @@ pub mod clients;
 pub mod fleet;
 pub mod frames;
 pub mod nts;
+pub mod relay;
 pub mod topology;
 pub mod vip;
 pub mod vrrp;

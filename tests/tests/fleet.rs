@@ -1,15 +1,17 @@
 //! The fleet end to end: a three-member etcd cluster (TLS, client certificates) and three
 //! redundant VIP hosts whose daemons are its agents, a guest polling the clock address 20
 //! times a second throughout. Pushes (valid, invalid, failing on one host, rolling), a
-//! rolling restart, the store failing member by member and all at once, a daemon killed.
+//! rolling restart, the store failing member by member and all at once, a daemon killed, the
+//! master cut off from the store, two operators pushing at once, a host whose clock is behind.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use integration_tests::clients::{poll, tally_answers};
 use integration_tests::fleet::{
-    all_applied, cluster_config, hosts, lost, master, ready, revision_of, started, switches, Fleet,
+    all_applied, cluster_config, hosts, longest_gap, lost, master, ready, revision_of, started,
+    switches, Fleet, FleetOptions,
 };
 
 #[test]
@@ -746,4 +748,354 @@ fn a_push_that_cannot_synchronize_stops_at_its_canary_and_bad_values_never_stop_
     );
     assert_eq!(lost(&seen), 0, "requests lost");
     assert!(seen.seen.iter().all(|s| s.leap != 3));
+}
+
+/// The master cut off from the store: its link to every etcd member blackholed (relays that
+/// stop forwarding and hold the connections open, as a dropped link does). It serves on with
+/// what it runs; the operator and the other hosts see it lost; a push made meanwhile reaches
+/// the others; once the link heals its heartbeat returns and it applies that push.
+#[test]
+fn a_host_cut_off_from_the_store_serves_on_is_shown_lost_and_catches_up_after() {
+    let f = Fleet::start_with_options(FleetOptions {
+        relayed_host: Some(0),
+        ..Default::default()
+    })
+    .unwrap();
+    let guest = ready(&f, 35);
+    // vip-a has the highest priority: it holds the addresses, so the guest's time is its.
+    assert!(
+        Fleet::wait_until(Duration::from_secs(30), || master(&f) == "vip-a"),
+        "{:?}",
+        hosts(&f)
+    );
+    let a_stratum = f.hosts[0].stratum;
+    let r0 = f.status(0).unwrap()["fleet"]["config_revision"].clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = poll(&guest, stop.clone());
+    let t0 = Instant::now();
+
+    f.cut_store_link();
+    let unreachable = |f: &Fleet| {
+        f.status(0).is_ok_and(|s| {
+            s["fleet"]["store_reachable"] == false
+                && s["alarms"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|a| a["name"] == "fleet_store_unreachable"))
+        })
+    };
+    // Its lease runs out: lost to everyone else, with the alarm; it knows it is cut off.
+    assert!(
+        Fleet::wait_until(Duration::from_secs(30), || {
+            hosts(&f).iter().any(|h| h.0 == "vip-a" && h.1)
+        }),
+        "{:?}",
+        hosts(&f)
+    );
+    let lost_at = t0.elapsed();
+    let s = f.fleet_status().unwrap();
+    assert!(
+        s["alarms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["alarm"] == "host_lost" && a["detail"].as_str().unwrap().contains("vip-a")),
+        "{s}"
+    );
+    assert!(f.fleet_ok(&["status"]).unwrap().contains("LOST"));
+    assert!(Fleet::wait_until(Duration::from_secs(30), || unreachable(
+        &f
+    )));
+
+    // A push meanwhile: the others apply it; the cut-off host keeps what it runs.
+    let v1 = f
+        .file(
+            "v1.toml",
+            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -21),
+        )
+        .unwrap();
+    let r1 = revision_of(&f.fleet_ok(&["push", &v1]).unwrap());
+    let others_on = |f: &Fleet, r: i64| {
+        hosts(f)
+            .iter()
+            .filter(|h| h.0 != "vip-a")
+            .all(|h| !h.1 && h.2 == r && h.3 == "applied")
+    };
+    assert!(
+        Fleet::wait_until(Duration::from_secs(30), || others_on(&f, r1)),
+        "{:?}",
+        hosts(&f)
+    );
+    // The partition lasts 30 s (the fault, not a wait for an event): all along, vip-a runs
+    // what it ran, synchronized, and says the store is lost.
+    loop {
+        let s = f.status(0).unwrap();
+        assert_eq!(s["fleet"]["config_revision"], r0, "{}", s["fleet"]);
+        assert_eq!(s["clock"]["synchronized"], true);
+        assert!(unreachable(&f), "{}", s["fleet"]);
+        assert!(hosts(&f).iter().any(|h| h.0 == "vip-a" && h.1));
+        if t0.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let cut_for = t0.elapsed();
+    let answered_while_cut: Vec<u8> = {
+        // The answers so far are the partition's: the poller keeps going.
+        stop.store(true, Ordering::Relaxed);
+        let seen = poller.join().unwrap();
+        eprintln!(
+            "cut off for {cut_for:?} (lost to the others after {lost_at:?}): {} sent, {} lost, \
+             longest gap {:?}",
+            seen.sent,
+            lost(&seen),
+            longest_gap(&seen)
+        );
+        assert!(
+            longest_gap(&seen) < Duration::from_secs(2),
+            "the guest went unanswered for {:?} while the master was cut off from the store",
+            longest_gap(&seen)
+        );
+        seen.seen.iter().map(|s| s.stratum).collect()
+    };
+    assert!(
+        answered_while_cut.iter().all(|s| *s == a_stratum),
+        "another host answered while vip-a was cut off: strata {:?}",
+        {
+            let mut v = answered_while_cut.clone();
+            v.dedup();
+            v
+        }
+    );
+
+    // Healed: it reconnects, its heartbeat returns, and it applies the push it missed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = poll(&guest, stop.clone());
+    let healed = Instant::now();
+    f.heal_store_link();
+    assert!(
+        Fleet::wait_until(Duration::from_secs(90), || all_applied(&f, r1)),
+        "{:?}",
+        hosts(&f)
+    );
+    eprintln!("caught up {:?} after the link healed", healed.elapsed());
+    assert!(Fleet::wait_until(Duration::from_secs(30), || !unreachable(
+        &f
+    )));
+    let s = f.fleet_status().unwrap();
+    assert!(
+        !s["alarms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["alarm"] == "host_lost"),
+        "{s}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let seen = poller.join().unwrap();
+    eprintln!(
+        "after the heal: {} sent, {} lost, {} switches, longest gap {:?}",
+        seen.sent,
+        lost(&seen),
+        switches(&seen),
+        longest_gap(&seen)
+    );
+    assert!(
+        longest_gap(&seen) < Duration::from_secs(2),
+        "the guest went unanswered for {:?} while vip-a caught up",
+        longest_gap(&seen)
+    );
+    assert!(seen.seen.iter().all(|s| s.leap != 3));
+}
+
+/// Two operators at once: A's rolling push is under way, held at its canary (the cluster's
+/// restart slot is taken, as while another host restarts), when B pushes another config. A
+/// stops at once and says why, and writes nothing more: no host is told to run A's revision.
+/// Once the slot is free, every host ends on B's revision.
+#[test]
+fn a_second_operators_push_is_never_undone_by_the_first_ones_rollout() {
+    let f = Fleet::start().unwrap();
+    let _guest = ready(&f, 36);
+    let etcdctl = |args: &[&str]| {
+        let out = f.etcd.etcdctl(&f.home, true, args);
+        assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+    };
+    let by = |name: &str| {
+        f.fleet_status().unwrap()["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["host"] == name)
+            .unwrap()
+            .clone()
+    };
+    let slot = "/ntp-xdp/az-test/restart_slot";
+    etcdctl(&["put", slot, "held-by-the-test"]);
+    let va = f
+        .file(
+            "a.toml",
+            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -21),
+        )
+        .unwrap();
+    let vb = f
+        .file(
+            "b.toml",
+            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -22),
+        )
+        .unwrap();
+    let mut a = f
+        .fleet_spawn(&["push", &va, "--rolling", "--canary", "vip-b"])
+        .unwrap();
+    // A's canary has A's revision staged and waits for the slot to restart into it.
+    let mut ra = 0;
+    assert!(
+        Fleet::wait_until(Duration::from_secs(30), || {
+            let b = by("vip-b");
+            ra = b["desired"].as_i64().unwrap_or(0);
+            b["config_state"]["state"] == "applying" && b["config_state"]["revision"] == ra
+        }),
+        "{}",
+        by("vip-b")
+    );
+    assert!(a.running(), "A's rollout ended before B's push");
+
+    let mut b = f.fleet_spawn(&["push", &vb]).unwrap();
+    let out = a.finish(Duration::from_secs(30)).unwrap_or_else(|| {
+        panic!(
+            "A's rollout goes on after B's push: {}",
+            f.fleet_status().unwrap()
+        )
+    });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("operator A: {text}");
+    let rb = f.fleet_status().unwrap()["config_revision"]
+        .as_i64()
+        .unwrap();
+    assert!(rb > ra);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("pushed again") && text.contains(&format!("revision {rb}")),
+        "{text}"
+    );
+    for name in ["vip-a", "vip-b", "vip-c"] {
+        let h = by(name);
+        assert_ne!(h["desired"], ra, "A's revision is still desired: {h}");
+    }
+
+    // The slot free: the hosts restart one at a time, and B's push completes.
+    etcdctl(&["del", slot]);
+    let out = b
+        .finish(Duration::from_secs(240))
+        .unwrap_or_else(|| panic!("B's push did not end: {:?}", hosts(&f)));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(revision_of(&text), rb);
+    assert!(
+        Fleet::wait_until(Duration::from_secs(60), || all_applied(&f, rb)),
+        "{:?}",
+        hosts(&f)
+    );
+    for name in ["vip-a", "vip-b", "vip-c"] {
+        let h = by(name);
+        assert_ne!(h["desired"], ra, "A's revision is desired again: {h}");
+    }
+}
+
+/// NTS key rotation is timed by the store (the `nts_rotation` key under a lease of the
+/// rotation period), not by the hosts' clocks: with vip-c's daemon living three hours in the
+/// past (libfaketime; the system clock is untouched), every key looks "from the future" to it
+/// and three hours old to the others, yet the cluster rotates once per period, and all three
+/// hosts keep the same keys.
+#[test]
+fn a_host_whose_clock_is_behind_cannot_make_the_fleet_rotate_nts_keys_on_every_tick() {
+    use integration_tests::nts::TestPki;
+    const ROTATION: Duration = Duration::from_secs(5);
+    const BEHIND: Duration = Duration::from_secs(3 * 3600);
+    const WINDOW: Duration = Duration::from_secs(30);
+    let pki = TestPki::new(&[integration_tests::CLOCK_V4]).unwrap();
+    let f = Fleet::start_with_options(FleetOptions {
+        cluster_extra: format!(
+            "\n[nts]\ncertificate_chain = \"{}\"\nprivate_key = \"{}\"\nkey_rotation = \"{}s\"\n",
+            pki.chain.display(),
+            pki.key.display(),
+            ROTATION.as_secs()
+        ),
+        clock_behind: Some((2, BEHIND)),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(Fleet::wait_until(Duration::from_secs(30), || {
+        hosts(&f).iter().filter(|h| !h.1).count() == 3
+    }));
+    // vip-c's daemon reads its wall clock three hours behind: its start time says so.
+    let start = started(&f);
+    let behind = start[0] as i64 - start[2] as i64;
+    assert!(
+        (behind - BEHIND.as_secs() as i64).abs() < 600,
+        "vip-c's clock is not behind: start times {start:?}"
+    );
+    let key_ids = |f: &Fleet| -> Vec<Vec<u64>> {
+        (0..3)
+            .map(|i| {
+                f.status(i).map_or(vec![], |s| {
+                    s["nts"]["key_ids"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+                        .unwrap_or_default()
+                })
+            })
+            .collect()
+    };
+    let same = |f: &Fleet| {
+        let ids = key_ids(f);
+        !ids[0].is_empty() && ids.iter().all(|i| *i == ids[0])
+    };
+    assert!(
+        Fleet::wait_until(Duration::from_secs(30), || same(&f)),
+        "{:?}",
+        key_ids(&f)
+    );
+    // Each rotation is one write of the sealed keys: the key's version counts them.
+    let writes = || -> u64 {
+        let out = f.etcd.etcdctl(
+            &f.home,
+            true,
+            &["get", "/ntp-xdp/az-test/nts_keys", "-w", "json"],
+        );
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["kvs"][0]["version"].as_u64().unwrap()
+    };
+    let before = writes();
+    let from = Instant::now();
+    // The window is what is measured: rotations in it, not an event to wait for.
+    std::thread::sleep(WINDOW);
+    let rotations = writes() - before;
+    let window = from.elapsed();
+    // Rotations are a period apart, give or take the delay between a rotation's lease grant
+    // and its write (one interval can be that much shorter on a loaded machine): one extra.
+    // Timed by each host's clock, vip-c would rotate on every tick (0.8 s) of its agent.
+    let allowed = window.as_secs() / ROTATION.as_secs() + 2;
+    eprintln!(
+        "{rotations} rotations in {window:?} with a {ROTATION:?} period (at most {allowed}); \
+         key ids {:?}",
+        key_ids(&f)
+    );
+    assert!(rotations >= 1, "no rotation in {window:?}");
+    assert!(
+        rotations <= allowed,
+        "{rotations} rotations in {window:?}, more than one per {ROTATION:?}"
+    );
+    assert!(
+        Fleet::wait_until(Duration::from_secs(20), || same(&f)),
+        "the hosts' keys differ: {:?}",
+        key_ids(&f)
+    );
 }

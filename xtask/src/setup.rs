@@ -56,6 +56,9 @@ const APT_PACKAGES: &[&str] = &[
     "systemd-container",
     // the alerting rules' unit tests (promtool test rules); its service is never started
     "prometheus",
+    // the fleet test of a host whose clock is behind: libfaketime preloaded into its daemon
+    // (the system clock is never touched)
+    "faketime",
 ];
 
 pub fn setup() -> Result<()> {

@@ -135,7 +135,10 @@ impl Fleet {
         let live: Vec<HostView> = hosts.into_iter().filter(|h| !h.lost()).collect();
         if !rolling {
             for h in &live {
-                self.wait_applied(&h.host, revision, out).await?;
+                if let Waited::Superseded(newer) = self.wait_applied(&h.host, revision, out).await?
+                {
+                    bail!(superseded(revision, &h.host, newer));
+                }
             }
             return Ok(revision);
         }
@@ -158,30 +161,41 @@ impl Fleet {
                 )
                 .await?;
             if !moved.succeeded() {
-                bail!(
-                    "rollout of revision {revision} stopped before {host}: the cluster config was \
-                     pushed again since; the newer push decides what the hosts run"
-                );
+                let newer = store::get(&mut self.client, &key)
+                    .await?
+                    .map_or(0, |(_, r)| r);
+                bail!(superseded(revision, &host, newer));
             }
             out(&format!("{host}: applying revision {revision}"));
-            self.wait_applied(&host, revision, out)
+            let waited = self
+                .wait_applied(&host, revision, out)
                 .await
                 .with_context(|| {
                     format!("rollout stopped at {host}; later hosts keep their config")
                 })?;
+            if let Waited::Superseded(newer) = waited {
+                bail!(superseded(revision, &host, newer));
+            }
         }
         Ok(revision)
     }
 
-    /// Waits until `host` runs `revision` and is synchronized, or says it failed.
+    /// Waits until `host` runs `revision` and is synchronized, or says it failed; stops
+    /// waiting when the cluster config is pushed again meanwhile (the host goes on to that).
     async fn wait_applied(
         &mut self,
         host: &str,
         revision: i64,
         out: &mut dyn FnMut(&str),
-    ) -> Result<()> {
+    ) -> Result<Waited> {
         let deadline = Instant::now() + self.host_timeout;
         loop {
+            let now = store::get(&mut self.client, &self.keys.config())
+                .await?
+                .map_or(0, |(_, r)| r);
+            if now != revision {
+                return Ok(Waited::Superseded(now));
+            }
             let h = self.host(host).await?;
             if let Some(c) = h.config_state.as_ref().filter(|c| c.revision == revision) {
                 if c.state == ApplyState::Failed {
@@ -193,7 +207,7 @@ impl Fleet {
                     out(&format!(
                         "{host}: applied revision {revision}, synchronized"
                     ));
-                    return Ok(());
+                    return Ok(Waited::Applied);
                 }
             }
             if Instant::now() > deadline {
@@ -306,6 +320,22 @@ impl Fleet {
         }
         Ok(())
     }
+}
+
+/// How a wait for a host to apply a push ended (other than by an error).
+enum Waited {
+    Applied,
+    /// The cluster config was pushed again (its revision now): that push owns the hosts.
+    Superseded(i64),
+}
+
+/// Why a push stopped when another one came.
+fn superseded(revision: i64, host: &str, newer: i64) -> String {
+    format!(
+        "push of revision {revision} stopped at {host}: the cluster config was pushed again \
+         since (revision {newer}); the newer push decides what the hosts run, and this one \
+         writes nothing more"
+    )
 }
 
 /// The config revision a host runs now (0: its local file).
