@@ -69,11 +69,33 @@ impl Fleet {
             let text = super::effective_config(cluster, None, None).map_err(|e| anyhow!(e))?;
             return validate(&text, origin).map_err(|e| anyhow!(e));
         }
+        // Every host's override in one read: a cluster has hundreds of hosts.
+        let all = self
+            .client
+            .get(
+                self.keys.hosts(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .context("reading the hosts' overrides")?;
+        let overrides: std::collections::BTreeMap<String, String> = all
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                let (host, part) = self.keys.split_host_key(&key)?;
+                (part == OVERRIDE).then(|| {
+                    (
+                        host.to_string(),
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                    )
+                })
+            })
+            .collect();
         for h in hosts {
-            let over = store::get(&mut self.client, &self.keys.host(&h.host, OVERRIDE)).await?;
-            let text =
-                super::effective_config(cluster, over.as_ref().map(|(t, _)| t.as_str()), None)
-                    .map_err(|e| anyhow!("for host {}: {e}", h.host))?;
+            let over = overrides.get(&h.host).map(String::as_str);
+            let text = super::effective_config(cluster, over, None)
+                .map_err(|e| anyhow!("for host {}: {e}", h.host))?;
             validate(&text, origin).map_err(|e| anyhow!("for host {}: {e}", h.host))?;
         }
         Ok(())
