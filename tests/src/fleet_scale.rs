@@ -46,11 +46,14 @@ pub struct ScaleRun {
 #[derive(Debug, Clone, Default)]
 pub struct PushFigures {
     pub revision: i64,
+    /// Until `fleet push` wrote the config: its checks (every host's override read and
+    /// the config validated with it).
+    pub checks: Duration,
     /// Until `fleet push` returned: every host reported the revision applied and synchronized.
     pub operator: Duration,
-    /// Until the last host's `config_state` said `applied` for the revision.
+    /// From the config's write until the last host's `config_state` said `applied` for it.
     pub last_config_applied: Option<Duration>,
-    /// Until the last host's heartbeat carried the revision.
+    /// From the config's write until the last host's heartbeat carried it.
     pub last_status: Option<Duration>,
     /// Hosts whose `config_state` says `applied` for the revision at the end.
     pub hosts_applied: usize,
@@ -302,6 +305,7 @@ impl Sim {
         let start = Instant::now();
         let mut order = Vec::new();
         let mut lines = Vec::new();
+        let mut written = None;
         let pushed = self
             .operator
             .push(
@@ -314,12 +318,16 @@ impl Sim {
                     if let Some((host, _)) = line.split_once(": applying revision") {
                         order.push(host.to_string());
                     }
+                    if line.starts_with("config revision") {
+                        written = Some(Instant::now());
+                    }
                     lines.push(line.to_string());
                 },
             )
             .await;
         let revision = pushed.with_context(|| format!("fleet push: {}", lines.join("\n")))?;
         let operator = start.elapsed();
+        let written = written.context("fleet push did not say it wrote the config")?;
         // The heartbeat of the last host may reach the watch a moment after the operator's read.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -341,7 +349,7 @@ impl Sim {
                 .map(|h| m.get(&(h.clone(), revision)).copied())
                 .collect::<Option<Vec<Instant>>>()
                 .and_then(|v| v.into_iter().max())
-                .map(|t| t.saturating_duration_since(start))
+                .map(|t| t.saturating_duration_since(written))
         };
         let (last_config_applied, last_status) = {
             let seen = self.seen.lock().unwrap();
@@ -358,6 +366,7 @@ impl Sim {
             .count();
         Ok(PushFigures {
             revision,
+            checks: written.saturating_duration_since(start),
             operator,
             last_config_applied,
             last_status,
@@ -612,11 +621,13 @@ impl std::fmt::Display for ScaleFigures {
         ] {
             writeln!(
                 f,
-                "{what}: revision {} applied by {}/{} hosts; last config_state applied {}, last \
-                 heartbeat with it {}, `fleet push` returned {} ({} restarts{})",
+                "{what}: revision {} applied by {}/{} hosts; written after {} of checks, then the \
+                 last config_state applied {}, the last heartbeat with it {}; `fleet push` \
+                 returned after {} in all ({} restarts{})",
                 p.revision,
                 p.hosts_applied,
                 self.hosts,
+                ms(p.checks),
                 opt(p.last_config_applied),
                 opt(p.last_status),
                 ms(p.operator),
