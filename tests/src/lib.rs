@@ -6,6 +6,7 @@
 
 pub mod clients;
 pub mod fleet;
+pub mod fleet_scale;
 pub mod frames;
 pub mod nts;
 pub mod relay;

@@ -873,6 +873,32 @@ struct TimeSummary {
     median_us: f64,
 }
 
+/// `cargo xtask bench --fleet-scale --hosts N`: runs tests/examples/fleet_scale.rs (N
+/// simulated hosts, each the fleet's real agent with a local side that applies at once,
+/// against a real three-member etcd with TLS in namespaces) and prints its figures. A debug
+/// build: what is measured is the store's work (etcd is its own binary), not the agents'.
+pub fn fleet_scale(hosts: usize) -> Result<()> {
+    let status = Command::new("cargo")
+        .current_dir(crate::workspace_root())
+        .args([
+            "run",
+            "--quiet",
+            "-p",
+            "integration-tests",
+            "--example",
+            "fleet_scale",
+            "--",
+            "--hosts",
+            &hosts.to_string(),
+        ])
+        .status()
+        .context("running the fleet scale bench")?;
+    if !status.success() {
+        bail!("the fleet scale bench failed ({status})");
+    }
+    Ok(())
+}
+
 /// `cargo xtask bench --time`: runs tests/examples/time_bench.rs (ntp-xdp and a chronyd relay
 /// on the same three upstreams, a guest measuring both in turn) and writes
 /// time.json / time.svg / time.md under `out_dir`.

@@ -55,6 +55,13 @@ enum Task {
         /// upstreams, as a guest sees it (a few minutes).
         #[arg(long, conflicts_with_all = ["smoke", "compare"])]
         time: bool,
+        /// Instead of rates: the fleet's agents as simulated hosts against a real 3-member
+        /// etcd (pushes in place, by restart, rolling with a canary; the store's write rate).
+        #[arg(long, conflicts_with_all = ["smoke", "compare", "time"])]
+        fleet_scale: bool,
+        /// With --fleet-scale: how many hosts.
+        #[arg(long, requires = "fleet_scale", default_value_t = 300)]
+        hosts: usize,
     },
     /// Set up, build in release mode, and package: target/deb/ntp-xdp_VERSION_ARCH.deb.
     Deb,
@@ -90,6 +97,13 @@ fn main() -> ExitCode {
             .and_then(|()| require_root("cargo xtask bench --time"))
             .and_then(|()| build(true))
             .and_then(|bin| bench::time_bench(&bin, &workspace_root().join("target/bench"))),
+        Task::Bench {
+            fleet_scale: true,
+            hosts,
+            ..
+        } => setup::setup()
+            .and_then(|()| require_root("cargo xtask bench --fleet-scale"))
+            .and_then(|()| bench::fleet_scale(hosts)),
         Task::Bench { smoke, compare, .. } => setup::setup()
             .and_then(|()| require_root("cargo xtask bench"))
             .and_then(|()| build(!smoke))

@@ -117,16 +117,39 @@ impl NtsKeySync {
     }
 }
 
+/// What the agent reads of its own daemon: the status report its heartbeat carries and the
+/// clock's snapshot the first-synchronization gate watches.
+#[derive(Clone)]
+pub struct LocalDaemon {
+    pub reports: Reports,
+    pub clock: Arc<dyn Fn() -> crate::clock::snapshot::ClockSnapshot + Send + Sync>,
+}
+
+impl LocalDaemon {
+    /// The daemon's observatory.
+    pub fn of(obs: &Arc<Observatory>) -> LocalDaemon {
+        let o = obs.clone();
+        LocalDaemon {
+            reports: obs.reports(),
+            clock: Arc::new(move || o.clock()),
+        }
+    }
+}
+
 impl Agent {
     /// Runs until the daemon stops (or restarts itself).
     pub async fn run(self, obs: Arc<Observatory>, restart: Restart) {
-        let reports = obs.reports();
+        self.run_beside(LocalDaemon::of(&obs), restart).await
+    }
+
+    /// Runs beside `local` until the daemon stops (or `restart` is requested).
+    pub async fn run_beside(self, local: LocalDaemon, restart: Restart) {
         let files = LocalFiles::new(&self.spec.state_dir);
         self.set_link(false, None, &files);
         let (gate_tx, gate_rx) = watch::channel(Gate::Idle);
         tokio::join!(
-            self.first_sync_gate(&obs, &files, gate_tx),
-            self.sessions(&reports, &restart, &files, gate_rx)
+            self.first_sync_gate(&local, &files, gate_tx),
+            self.sessions(&local.reports, &restart, &files, gate_rx)
         );
     }
 
@@ -175,7 +198,7 @@ impl Agent {
     /// configuration is put back and the failure remembered; the session restarts into it.
     async fn first_sync_gate(
         &self,
-        obs: &Observatory,
+        local: &LocalDaemon,
         files: &LocalFiles,
         gate: watch::Sender<Gate>,
     ) {
@@ -199,7 +222,7 @@ impl Agent {
         let mut ticker = tokio::time::interval(Duration::from_millis(250));
         loop {
             ticker.tick().await;
-            let clock = obs.clock();
+            let clock = (local.clock)();
             if clock.synchronized && clock.measured_since_start {
                 match files.mark_applied() {
                     Ok(_) => info!(
@@ -311,7 +334,7 @@ impl Agent {
             )
             .await?;
         self.release_restart_slot(&mut client, &keys).await?;
-        // A restart waits for the cluster's restart slot: one host at a time, so that some
+        // A restart waits for its VRRP group's restart slot: one host at a time, so that some
         // host always holds the addresses (all at once, none would for an election).
         let mut pending = *gate.borrow_and_update() == Gate::Failed
             || self.evaluate(&mut client, &keys, files).await?;
@@ -373,8 +396,8 @@ impl Agent {
         }
     }
 
-    /// Takes the cluster's restart slot for this host (bound to its lease, so a host that
-    /// dies frees it); true when it has it.
+    /// Takes the restart slot of this host's group for it (bound to its lease, so a host that
+    /// dies frees it); true when it has it, or needs none.
     async fn take_restart_slot(
         &self,
         client: &mut Client,
@@ -382,7 +405,14 @@ impl Agent {
         lease: i64,
     ) -> Result<bool> {
         use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-        let key = keys.restart_slot();
+        let group = {
+            let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            super::restart_group(&running)
+        };
+        let Some(group) = group else {
+            return Ok(true);
+        };
+        let key = keys.restart_slot(&group);
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
@@ -398,18 +428,28 @@ impl Agent {
             .is_some_and(|(holder, _)| holder == self.spec.host))
     }
 
-    /// Frees the restart slot if this host holds it (it is back).
+    /// Frees the restart slot this host holds (it is back), whichever group's it is: the
+    /// configuration it restarted into may have moved it to another.
     async fn release_restart_slot(&self, client: &mut Client, keys: &Keys) -> Result<()> {
-        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-        let key = keys.restart_slot();
-        let txn = Txn::new()
-            .when([Compare::value(
-                key.clone(),
-                CompareOp::Equal,
-                self.spec.host.clone(),
-            )])
-            .and_then([TxnOp::delete(key, None)]);
-        client.txn(txn).await?;
+        use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+        let slots = client
+            .get(keys.restart_slots(), Some(GetOptions::new().with_prefix()))
+            .await
+            .context("reading the restart slots")?;
+        for kv in slots
+            .kvs()
+            .iter()
+            .filter(|kv| kv.value() == self.spec.host.as_bytes())
+        {
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    kv.key(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then([TxnOp::delete(kv.key(), None)]);
+            client.txn(txn).await?;
+        }
         Ok(())
     }
 

@@ -14,7 +14,7 @@
 //! | `hosts/<h>/config_state` | [`ConfigState`]: revision, applying/applied/failed, message | the agent |
 //! | `hosts/<h>/command` | [`HostCommand`]: `{"id", "command": "restart"}` | `fleet restart` |
 //! | `hosts/<h>/command_state` | [`CommandState`] | the agent |
-//! | `restart_slot` | the host restarting now, under its lease: one at a time | agents (txn) |
+//! | `restart_slot/<group>` | the host of a VRRP group ([`restart_group`]) restarting now, under its lease: one at a time | agents (txn) |
 //! | `nts_keys` | the NTS cookie keys, sealed under the cluster's seal key ([`crate::nts::cookie::SealKey`]), newest rotation wins | agents (compare-and-swap) |
 //! | `nts_rotation` | present until the next rotation is due: under a lease of the rotation period, so etcd's clock decides | agents (with `nts_keys`) |
 //!
@@ -78,9 +78,13 @@ impl Keys {
     pub fn config(&self) -> String {
         format!("{}config", self.prefix)
     }
-    /// Held (under its lease) by the one host restarting now.
-    pub fn restart_slot(&self) -> String {
-        format!("{}restart_slot", self.prefix)
+    /// Held (under its lease) by the one host of restart group `group` ([`restart_group`])
+    /// restarting now.
+    pub fn restart_slot(&self, group: &str) -> String {
+        format!("{}{group}", self.restart_slots())
+    }
+    pub fn restart_slots(&self) -> String {
+        format!("{}restart_slot/", self.prefix)
     }
     /// The NTS cookie keys every host of the cluster uses.
     pub fn nts_keys(&self) -> String {
@@ -212,6 +216,19 @@ pub fn effective_config(
         base.insert("fleet".into(), f.clone());
     }
     toml::to_string(&base).map_err(|e| e.to_string())
+}
+
+/// The hosts that restart one at a time: those of one VRRP group (the same
+/// `redundancy.virtual_router_id`), so that one of them always holds the group's addresses.
+/// None without `[redundancy]`: the hitless restart needs no other host (the pinned responder
+/// answers throughout), and a cluster of hundreds restarts into a push at once.
+pub fn restart_group(config: &str) -> Option<String> {
+    let t: toml::Table = config.parse().ok()?;
+    let vrid = t
+        .get("redundancy")?
+        .get("virtual_router_id")?
+        .as_integer()?;
+    Some(format!("vrrp-{vrid}"))
 }
 
 /// Whether going from `old` to `new` (whole configurations) changes only what a running
@@ -446,6 +463,23 @@ mod tests {
         assert_eq!(s, "/ntp-xdp/az1/hosts/vip-a/status");
         assert_eq!(k.split_host_key(&s), Some(("vip-a", "status")));
         assert_eq!(k.split_host_key("/ntp-xdp/az2/hosts/a/status"), None);
+    }
+
+    /// Hosts of one VRRP group restart one at a time; a host without redundancy waits for
+    /// no one.
+    #[test]
+    fn a_vrrp_group_shares_a_restart_slot_and_a_single_host_needs_none() {
+        let k = Keys::new("az1");
+        let a = "[service]\ninterface = \"v\"\n\n[redundancy]\nvirtual_router_id = 51\n";
+        let b = "[redundancy]\nvirtual_router_id = 51\npriority = 50\n";
+        let other = "[redundancy]\nvirtual_router_id = 52\n";
+        assert_eq!(restart_group(a), restart_group(b));
+        assert_ne!(restart_group(a), restart_group(other));
+        let slot = k.restart_slot(&restart_group(a).unwrap());
+        assert_eq!(slot, "/ntp-xdp/az1/restart_slot/vrrp-51");
+        assert!(slot.starts_with(&k.restart_slots()));
+        assert_eq!(restart_group("[service]\ninterface = \"v\"\n"), None);
+        assert_eq!(restart_group("not toml ["), None);
     }
 
     #[test]

@@ -14,6 +14,10 @@ use super::{
     HostView, Keys, COMMAND, DESIRED, OVERRIDE,
 };
 
+/// Operations in one transaction: etcd refuses more than `--max-txn-ops` (128 by default), so
+/// what is written for every host goes in batches of this many.
+const TXN_OPS: usize = 100;
+
 pub struct Fleet {
     client: Client,
     keys: Keys,
@@ -65,11 +69,33 @@ impl Fleet {
             let text = super::effective_config(cluster, None, None).map_err(|e| anyhow!(e))?;
             return validate(&text, origin).map_err(|e| anyhow!(e));
         }
+        // Every host's override in one read: a cluster has hundreds of hosts.
+        let all = self
+            .client
+            .get(
+                self.keys.hosts(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .context("reading the hosts' overrides")?;
+        let overrides: std::collections::BTreeMap<String, String> = all
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                let (host, part) = self.keys.split_host_key(&key)?;
+                (part == OVERRIDE).then(|| {
+                    (
+                        host.to_string(),
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                    )
+                })
+            })
+            .collect();
         for h in hosts {
-            let over = store::get(&mut self.client, &self.keys.host(&h.host, OVERRIDE)).await?;
-            let text =
-                super::effective_config(cluster, over.as_ref().map(|(t, _)| t.as_str()), None)
-                    .map_err(|e| anyhow!("for host {}: {e}", h.host))?;
+            let over = overrides.get(&h.host).map(String::as_str);
+            let text = super::effective_config(cluster, over, None)
+                .map_err(|e| anyhow!("for host {}: {e}", h.host))?;
             validate(&text, origin).map_err(|e| anyhow!("for host {}: {e}", h.host))?;
         }
         Ok(())
@@ -101,37 +127,81 @@ impl Fleet {
             Some((_, r)) => Compare::mod_revision(key.clone(), CompareOp::Equal, *r),
             None => Compare::version(key.clone(), CompareOp::Equal, 0),
         };
-        let mut ops = vec![TxnOp::put(key.clone(), cluster, None)];
-        for h in &hosts {
-            let desired = self.keys.host(&h.host, DESIRED);
-            if rolling {
-                // Every host stays where it is until its turn.
-                let now = running_revision(h);
-                ops.push(TxnOp::put(
-                    desired,
-                    serde_json::to_vec(&Desired { revision: now })?,
-                    None,
-                ));
-            } else {
-                ops.push(TxnOp::delete(desired, None));
+        let changed = || {
+            anyhow!(
+                "the cluster config changed since it was read at revision {read_rev} (another \
+                 operator?): nothing written; look at it and push again"
+            )
+        };
+        if rolling {
+            // Every host stays where it is until its turn: pinned to what it runs before the
+            // config changes, while it is still the one read (a pin to what a host runs
+            // changes nothing there, should the config write below lose to another push).
+            for batch in hosts.chunks(TXN_OPS) {
+                let mut pins = Vec::with_capacity(batch.len());
+                for h in batch {
+                    let now = running_revision(h);
+                    pins.push(TxnOp::put(
+                        self.keys.host(&h.host, DESIRED),
+                        serde_json::to_vec(&Desired { revision: now })?,
+                        None,
+                    ));
+                }
+                let resp = self
+                    .client
+                    .txn(Txn::new().when([guard.clone()]).and_then(pins))
+                    .await
+                    .context("pinning the hosts")?;
+                if !resp.succeeded() {
+                    return Err(changed());
+                }
             }
         }
         let resp = self
             .client
-            .txn(Txn::new().when([guard]).and_then(ops))
+            .txn(
+                Txn::new()
+                    .when([guard])
+                    .and_then([TxnOp::put(key.clone(), cluster, None)]),
+            )
             .await
             .context("writing the config")?;
         if !resp.succeeded() {
-            bail!(
-                "the cluster config changed since it was read at revision {read_rev} (another \
-                 operator?): nothing written; look at it and push again"
-            );
+            return Err(changed());
         }
         let revision = resp
             .header()
             .map(|h| h.revision())
             .ok_or_else(|| anyhow!("no revision in the store's answer"))?;
         out(&format!("config revision {revision} written"));
+        if !rolling {
+            // Every host runs the newest: the pins go, while the config is this push's.
+            for batch in hosts.chunks(TXN_OPS) {
+                let unpin: Vec<TxnOp> = batch
+                    .iter()
+                    .map(|h| TxnOp::delete(self.keys.host(&h.host, DESIRED), None))
+                    .collect();
+                let resp = self
+                    .client
+                    .txn(
+                        Txn::new()
+                            .when([Compare::mod_revision(
+                                key.clone(),
+                                CompareOp::Equal,
+                                revision,
+                            )])
+                            .and_then(unpin),
+                    )
+                    .await
+                    .context("unpinning the hosts")?;
+                if !resp.succeeded() {
+                    bail!(
+                        "revision {revision} was pushed over before every host was unpinned; \
+                         the newer push decides what the hosts run"
+                    );
+                }
+            }
+        }
         let live: Vec<HostView> = hosts.into_iter().filter(|h| !h.lost()).collect();
         if !rolling {
             for h in &live {
@@ -221,14 +291,17 @@ impl Fleet {
     }
 
     async fn host(&mut self, host: &str) -> Result<HostView> {
-        Ok(store::hosts(&mut self.client, &self.keys)
-            .await?
-            .into_iter()
-            .find(|h| h.host == host)
-            .unwrap_or_else(|| HostView {
-                host: host.to_string(),
-                ..Default::default()
-            }))
+        // This host's keys only: a rollout reads one host for each of the others.
+        Ok(
+            store::hosts_under(&mut self.client, &self.keys, &self.keys.host(host, ""))
+                .await?
+                .into_iter()
+                .find(|h| h.host == host)
+                .unwrap_or_else(|| HostView {
+                    host: host.to_string(),
+                    ..Default::default()
+                }),
+        )
     }
 
     /// `fleet override HOST FILE`: the host's own part, validated over the cluster config.

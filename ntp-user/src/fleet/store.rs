@@ -97,9 +97,14 @@ pub async fn get_at(client: &mut Client, key: &str, revision: i64) -> Result<Opt
 
 /// Every host the store knows of (by any of its keys), with what it says about each.
 pub async fn hosts(client: &mut Client, keys: &Keys) -> Result<Vec<HostView>> {
+    hosts_under(client, keys, &keys.hosts()).await
+}
+
+/// The hosts with keys under `prefix` (all of them, or one: `hosts/<h>/`).
+pub async fn hosts_under(client: &mut Client, keys: &Keys, prefix: &str) -> Result<Vec<HostView>> {
     use std::collections::BTreeMap;
     let resp = client
-        .get(keys.hosts(), Some(GetOptions::new().with_prefix()))
+        .get(prefix, Some(GetOptions::new().with_prefix()))
         .await
         .context("reading the hosts")?;
     let mut out: BTreeMap<String, HostView> = BTreeMap::new();
