@@ -5,7 +5,10 @@
 //! move to the standby. Measured (printed): the longest gap between answered requests;
 //! asserted: no LI=3, no reply going backwards, a generous bound on the gap, and the old
 //! master, back, stays standby (no second switch). Each host serves its own local stratum
-//! (10, 11), so the guest can tell who answers.
+//! (10, 11), so the guest can tell who answers. An IPv6 guest, routed to the IPv6 clock
+//! address by router advertisements, goes through the daemon's kill -9, the lost host and
+//! SIGTERM as well; every advertisement on its link must come from the host holding the
+//! addresses.
 
 use std::path::PathBuf;
 use std::process::Command;
