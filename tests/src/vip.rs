@@ -496,6 +496,7 @@ impl RouterAdverts {
             let mut buf = [0u8; 1500];
             while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
                 if Instant::now() >= next_solicitation {
+                    // A solicitation the kernel refuses is one no router answers.
                     // SAFETY: the buffer and the address outlive the call; lengths are theirs.
                     unsafe {
                         nix::libc::sendto(
@@ -509,9 +510,11 @@ impl RouterAdverts {
                     };
                     next_solicitation += Duration::from_secs(1);
                 }
-                // SAFETY: as above; `from` is written by the kernel up to `from_len`.
+                // SAFETY: sockaddr_in6 is plain data; zero is a valid starting value.
                 let mut from: nix::libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
                 let mut from_len = std::mem::size_of::<nix::libc::sockaddr_in6>() as u32;
+                // SAFETY: the buffer and `from` outlive the call; the kernel writes at most
+                // their lengths.
                 let n = unsafe {
                     nix::libc::recvfrom(
                         fd.as_raw_fd(),
