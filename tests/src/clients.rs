@@ -461,7 +461,7 @@ pub fn skewed_requests(
     let addr = addr.to_string();
     std::thread::spawn(move || -> anyhow::Result<u32> {
         ntp_user::host::netns::enter(&file)?;
-        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let sock = unbound_socket_for(addr.parse()?)?;
         sock.connect((addr.as_str(), 123))?;
         sock.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
         let mut answered = 0;
@@ -546,7 +546,7 @@ pub fn one_query_with_tail(
     let addr = addr.to_string();
     std::thread::spawn(move || -> anyhow::Result<Option<Vec<u8>>> {
         ntp_user::host::netns::enter(&file)?;
-        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let sock = unbound_socket_for(addr.parse()?)?;
         sock.connect((addr.as_str(), 123))?;
         sock.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
         let mut req = vec![0u8; 48 + tail];
@@ -558,6 +558,16 @@ pub fn one_query_with_tail(
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
+}
+
+/// A UDP socket on an ephemeral port of `addr`'s family.
+fn unbound_socket_for(addr: std::net::IpAddr) -> std::io::Result<std::net::UdpSocket> {
+    let any: std::net::IpAddr = if addr.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    std::net::UdpSocket::bind((any, 0))
 }
 
 /// What the guest saw of one request.
@@ -597,6 +607,16 @@ pub fn poll_counting(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> std::thread::JoinHandle<Polled> {
+    poll_counting_at(guest, crate::CLOCK_V4, stop, answered)
+}
+
+/// [`poll_counting`] of the clock address `addr` (IPv4 or IPv6).
+pub fn poll_counting_at(
+    guest: &crate::topology::Netns,
+    addr: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<Polled> {
     use std::time::{Duration, Instant};
     const PACE: Duration = Duration::from_millis(50);
     const ANSWER_WAIT: Duration = Duration::from_millis(500);
@@ -608,6 +628,7 @@ pub fn poll_counting(
         sent: Instant,
         answered: Option<Instant>,
     }
+    let addr: std::net::IpAddr = addr.parse().expect("a clock address");
     let file = guest.file().unwrap();
     std::thread::spawn(move || {
         ntp_user::host::netns::enter(&file).unwrap();
@@ -628,13 +649,14 @@ pub fn poll_counting(
             let now = Instant::now();
             if !stopping && now >= next {
                 p.sent += 1;
-                let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-                sock.connect((crate::CLOCK_V4, 123)).unwrap();
+                let sock = unbound_socket_for(addr).unwrap();
                 sock.set_nonblocking(true).unwrap();
                 let cookie = 0x5eed_0000_0000_0000u64 | p.sent;
                 let req = ntp_common::packet::NtpHeader::client_request(6, cookie).serialize();
-                // A send the kernel refuses is a request that goes unanswered.
-                let _ = sock.send(&req);
+                // A route or send the kernel refuses is a request that goes unanswered.
+                if sock.connect((addr, 123)).is_ok() {
+                    let _ = sock.send(&req);
+                }
                 in_flight.push(InFlight {
                     sock,
                     cookie,

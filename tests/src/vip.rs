@@ -345,3 +345,232 @@ impl Drop for VipHost {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Makes `guest` take routes and an address from router advertisements as a Linux guest set up
+/// for IPv6 clock routes does (`accept_ra`, `accept_ra_rt_info_max_plen = 128`, SLAAC), then
+/// sets its link down and up so that it solicits a router at once.
+pub fn accept_router_advertisements(guest: &Netns) -> Result<()> {
+    for (key, value) in [
+        ("accept_ra", "1"),
+        ("accept_ra_rt_info_max_plen", "128"),
+        ("autoconf", "1"),
+    ] {
+        run(guest
+            .command("sysctl")
+            .args(["-qw", &format!("net.ipv6.conf.eth0.{key}={value}")]))?;
+    }
+    guest.ip(&["link", "set", "eth0", "down"])?;
+    guest.ip(&["link", "set", "eth0", "up"])?;
+    Ok(())
+}
+
+/// One router advertisement a guest received.
+#[derive(Clone, Debug)]
+pub struct RouterAdvert {
+    pub at: Instant,
+    /// Its IPv6 source (a link-local address of the router).
+    pub source: std::net::Ipv6Addr,
+    /// The sender's MAC, from the source link-layer address option.
+    pub source_mac: Option<[u8; 6]>,
+    /// Its Route Information Options (RFC 4191): prefix, length, lifetime in seconds.
+    pub routes: Vec<(std::net::Ipv6Addr, u8, u32)>,
+}
+
+impl RouterAdvert {
+    /// The ICMPv6 message (type 134), or None for anything else.
+    pub fn parse(at: Instant, source: std::net::Ipv6Addr, m: &[u8]) -> Option<RouterAdvert> {
+        const HEADER: usize = 16;
+        if m.len() < HEADER || m[0] != 134 {
+            return None;
+        }
+        let mut ra = RouterAdvert {
+            at,
+            source,
+            source_mac: None,
+            routes: Vec::new(),
+        };
+        let mut opts = &m[HEADER..];
+        while opts.len() >= 2 {
+            let len = usize::from(opts[1]) * 8;
+            if len == 0 || len > opts.len() {
+                return None;
+            }
+            let o = &opts[..len];
+            match o[0] {
+                1 if len >= 8 => ra.source_mac = o[2..8].try_into().ok(),
+                24 if len >= 8 => {
+                    let mut prefix = [0u8; 16];
+                    let n = (len - 8).min(16);
+                    prefix[..n].copy_from_slice(&o[8..8 + n]);
+                    let lifetime = u32::from_be_bytes(o[4..8].try_into().ok()?);
+                    ra.routes.push((prefix.into(), o[2], lifetime));
+                }
+                _ => {}
+            }
+            opts = &opts[len..];
+        }
+        Some(ra)
+    }
+}
+
+/// Every router advertisement that reaches a guest's interface, on a raw ICMPv6 socket in its
+/// namespace, which also sends a router solicitation every second: any radvd running on the
+/// link answers within about a second of being asked (silent ones are asked too).
+pub struct RouterAdverts {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<RouterAdvert>>>,
+    reader: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl RouterAdverts {
+    pub fn capture(ns: &Netns, interface: &str) -> Result<RouterAdverts> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+        let file = ns.file()?;
+        let interface = interface.to_string();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen_by_reader = seen.clone();
+        let (ready, opened) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || -> Result<()> {
+            let open = || -> Result<(OwnedFd, u32)> {
+                ntp_user::host::netns::enter(&file)?;
+                let ifindex = nix::net::if_::if_nametoindex(interface.as_str())
+                    .with_context(|| format!("no interface {interface}"))?;
+                // SAFETY: a plain socket(2) call; the descriptor is owned at once.
+                let raw = unsafe {
+                    nix::libc::socket(
+                        nix::libc::AF_INET6,
+                        nix::libc::SOCK_RAW,
+                        nix::libc::IPPROTO_ICMPV6,
+                    )
+                };
+                if raw < 0 {
+                    return Err(std::io::Error::last_os_error()).context("socket(ICMPv6)");
+                }
+                // SAFETY: `raw` is a new descriptor nobody else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                let timeout = nix::sys::time::TimeVal::new(0, 100_000);
+                nix::sys::socket::setsockopt(
+                    &fd,
+                    nix::sys::socket::sockopt::ReceiveTimeout,
+                    &timeout,
+                )?;
+                // Neighbour discovery is refused unless its hop limit is 255 (RFC 4861).
+                let hops: nix::libc::c_int = 255;
+                // SAFETY: the option value is a live c_int of the size given.
+                let set = unsafe {
+                    nix::libc::setsockopt(
+                        fd.as_raw_fd(),
+                        nix::libc::IPPROTO_IPV6,
+                        nix::libc::IPV6_MULTICAST_HOPS,
+                        std::ptr::addr_of!(hops).cast(),
+                        std::mem::size_of::<nix::libc::c_int>() as u32,
+                    )
+                };
+                if set < 0 {
+                    return Err(std::io::Error::last_os_error()).context("IPV6_MULTICAST_HOPS");
+                }
+                Ok((fd, ifindex))
+            };
+            let (fd, ifindex) = match open() {
+                Ok(o) => {
+                    let _ = ready.send(Ok(()));
+                    o
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(format!("{e:#}")));
+                    return Err(e);
+                }
+            };
+            // All routers, ff02::2, on this interface.
+            // SAFETY: sockaddr_in6 is plain data; zero is a valid starting value.
+            let mut routers: nix::libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            routers.sin6_family = nix::libc::AF_INET6 as u16;
+            routers.sin6_addr.s6_addr =
+                std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2).octets();
+            routers.sin6_scope_id = ifindex;
+            // Type 133, code 0, checksum (the kernel's), reserved.
+            let solicitation = [133u8, 0, 0, 0, 0, 0, 0, 0];
+            let mut next_solicitation = Instant::now();
+            let mut buf = [0u8; 1500];
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                if Instant::now() >= next_solicitation {
+                    // A solicitation the kernel refuses is one no router answers.
+                    // SAFETY: the buffer and the address outlive the call; lengths are theirs.
+                    unsafe {
+                        nix::libc::sendto(
+                            fd.as_raw_fd(),
+                            solicitation.as_ptr().cast(),
+                            solicitation.len(),
+                            0,
+                            std::ptr::addr_of!(routers).cast(),
+                            std::mem::size_of::<nix::libc::sockaddr_in6>() as u32,
+                        )
+                    };
+                    next_solicitation += Duration::from_secs(1);
+                }
+                // SAFETY: sockaddr_in6 is plain data; zero is a valid starting value.
+                let mut from: nix::libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+                let mut from_len = std::mem::size_of::<nix::libc::sockaddr_in6>() as u32;
+                // SAFETY: the buffer and `from` outlive the call; the kernel writes at most
+                // their lengths.
+                let n = unsafe {
+                    nix::libc::recvfrom(
+                        fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        0,
+                        std::ptr::addr_of_mut!(from).cast(),
+                        &mut from_len,
+                    )
+                };
+                if n <= 0 {
+                    continue;
+                }
+                let source = std::net::Ipv6Addr::from(from.sin6_addr.s6_addr);
+                if let Some(ra) = RouterAdvert::parse(Instant::now(), source, &buf[..n as usize]) {
+                    seen_by_reader
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(ra);
+                }
+            }
+            Ok(())
+        });
+        opened
+            .recv()
+            .context("the capture thread ended")?
+            .map_err(|e| anyhow!(e))?;
+        Ok(RouterAdverts {
+            stop,
+            seen,
+            reader: Some(reader),
+        })
+    }
+
+    /// What was received so far, in order.
+    pub fn received(&self) -> Vec<RouterAdvert> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops capturing; what was received, in order.
+    pub fn finish(mut self) -> Result<Vec<RouterAdvert>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.reader
+            .take()
+            .expect("joined once")
+            .join()
+            .map_err(|_| anyhow!("the capture thread panicked"))??;
+        Ok(self.received())
+    }
+}
+
+impl Drop for RouterAdverts {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}

@@ -5,7 +5,10 @@
 //! move to the standby. Measured (printed): the longest gap between answered requests;
 //! asserted: no LI=3, no reply going backwards, a generous bound on the gap, and the old
 //! master, back, stays standby (no second switch). Each host serves its own local stratum
-//! (10, 11), so the guest can tell who answers.
+//! (10, 11), so the guest can tell who answers. An IPv6 guest, routed to the IPv6 clock
+//! address by router advertisements, goes through the daemon's kill -9, the lost host and
+//! SIGTERM as well; every advertisement on its link must come from the host holding the
+//! addresses.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,14 +16,33 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use integration_tests::clients::{one_query, poll, poll_counting, Polled, Seen};
+use integration_tests::clients::{one_query, poll, poll_counting_at, Polled, Seen};
 use integration_tests::topology::{Netns, ServeProcess};
-use integration_tests::{ntp_user_bin, run, unique_name, CLOCK_V4};
+use integration_tests::vip::{RouterAdvert, RouterAdverts};
+use integration_tests::vrrp::mac_of;
+use integration_tests::{ntp_user_bin, run, unique_name, CLOCK_V4, CLOCK_V6};
 use ntp_common::packet::NtpHeader;
 
 const SUBNET: u8 = 81;
 /// The VIP hosts' own network, where VRRP speaks (guests are not on it).
 const VRRP_SUBNET: u8 = 181;
+
+/// Which clock address the guest polls.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Family {
+    V4,
+    /// The IPv6 clock address, routed by router advertisements (the hosts serve both).
+    V6,
+}
+
+impl Family {
+    fn clock(self) -> &'static str {
+        match self {
+            Family::V4 => CLOCK_V4,
+            Family::V6 => CLOCK_V6,
+        }
+    }
+}
 
 /// Where VRRP speaks.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -65,6 +87,17 @@ impl Pair {
     /// own joined to the guests' bridge by an uplink that its daemon tracks. `advert`: the
     /// advertisement interval, None for the default.
     fn start(with_uplinks: bool, advert: Option<&str>, vrrp: VrrpNet) -> Pair {
+        Pair::start_serving(with_uplinks, advert, vrrp, Family::V4)
+    }
+
+    /// [`Pair::start`]; with [`Family::V6`], the hosts also serve the IPv6 clock address and
+    /// route guests to it by router advertisements.
+    fn start_serving(
+        with_uplinks: bool,
+        advert: Option<&str>,
+        vrrp: VrrpNet,
+        family: Family,
+    ) -> Pair {
         let home = Netns::new("nth").unwrap();
         let new_bridge = || {
             let b = unique_name("nb");
@@ -114,13 +147,23 @@ impl Pair {
             } else {
                 (guest_bridge.clone(), String::new())
             };
+            let (addresses, ipv6) = match family {
+                Family::V4 => (format!("\"{CLOCK_V4}\""), String::new()),
+                Family::V6 => (
+                    format!("\"{CLOCK_V4}\", \"{CLOCK_V6}\""),
+                    format!(
+                        "service_address6 = \"fd00:ec2:{SUBNET}::1/64\"\n\
+                         ipv6_route_advertisements = true"
+                    ),
+                ),
+            };
             std::fs::write(
                 &config,
                 format!(
                     r#"[service]
 netns = "{netns}"
 interface = "{ns_if}"
-addresses = ["{CLOCK_V4}"]
+addresses = [{addresses}]
 xdp_mode = "generic"
 
 [clock]
@@ -131,6 +174,7 @@ host_interface = "{host_if}"
 bridge = "{bridge}"
 service_address = "169.254.{SUBNET}.1/24"
 repair_interval = "1s"
+{ipv6}
 
 [redundancy]
 virtual_router_id = {vrid}
@@ -244,12 +288,13 @@ enable = false
         guest
     }
 
-    /// The whole host `i` lost at once: its daemon and keepalived killed with -9 (nothing
-    /// resigns), then its veths deleted (the pinned responder goes with its interface).
+    /// The whole host `i` lost at once: its daemon, keepalived and radvd killed with -9
+    /// (nothing resigns), then its veths deleted (the pinned responder goes with its
+    /// interface).
     fn lose_host(&mut self, i: usize) {
         self.hosts[i].daemon.take().unwrap().kill9().unwrap();
         let state = format!("/run/ntp-xdp/{}", self.hosts[i].netns);
-        for f in ["keepalived-vrrp.pid", "keepalived.pid"] {
+        for f in ["keepalived-vrrp.pid", "keepalived.pid", "radvd.pid"] {
             signal_pid_file(&format!("{state}/{f}"), nix::sys::signal::Signal::SIGKILL);
         }
         let h = &self.hosts[i];
@@ -258,20 +303,26 @@ enable = false
         }
     }
 
-    /// The virtual addresses present on host `i`'s guest-side interface.
+    /// The virtual addresses (IPv4 and IPv6) present on host `i`'s guest-side interface.
     fn held_addresses(&self, i: usize) -> Vec<String> {
         let h = &self.hosts[i];
         let out =
             run(Command::new("ip").args(["-n", &h.netns, "-j", "addr", "show", "dev", &h.ns_if]))
                 .unwrap();
         let links: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let service = format!("169.254.{SUBNET}.1");
+        let moving = [
+            format!("169.254.{SUBNET}.1"),
+            CLOCK_V4.to_string(),
+            format!("fd00:ec2:{SUBNET}::1"),
+            CLOCK_V6.to_string(),
+            ntp_user::host::radvd::shared_router_address(self.vrid).to_string(),
+        ];
         links[0]["addr_info"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|a| a["local"].as_str())
-            .filter(|a| *a == service || *a == CLOCK_V4)
+            .filter(|a| moving.iter().any(|m| m == a))
             .map(str::to_string)
             .collect()
     }
@@ -323,29 +374,43 @@ enum Failure {
 
 #[test]
 fn the_addresses_move_when_the_master_daemon_is_killed() {
-    failover(Failure::DaemonKilled);
+    failover(Failure::DaemonKilled, Family::V4);
 }
 
 #[test]
 fn the_addresses_move_when_the_master_daemon_is_frozen() {
-    failover(Failure::DaemonFrozen);
+    failover(Failure::DaemonFrozen, Family::V4);
 }
 
 #[test]
 fn the_addresses_move_when_the_masters_keepalived_is_killed() {
-    failover(Failure::KeepalivedKilled);
+    failover(Failure::KeepalivedKilled, Family::V4);
 }
 
 #[test]
 fn the_addresses_move_when_the_masters_uplink_goes_down() {
-    failover(Failure::UplinkDown);
+    failover(Failure::UplinkDown, Family::V4);
 }
 
 /// With the default configuration, the standby answers well within the old 1 s default's
 /// master-down interval (3.6 s) after the master's host vanishes.
 #[test]
 fn the_addresses_move_when_the_masters_whole_host_is_lost() {
-    failover(Failure::HostLost);
+    failover(Failure::HostLost, Family::V4);
+}
+
+/// An IPv6 guest, routed to the clock address by the master's router advertisements, through
+/// the kill -9 of the master's daemon: the same figures as IPv4, and only the host holding the
+/// addresses advertises a route.
+#[test]
+fn the_ipv6_clock_address_moves_when_the_master_daemon_is_killed() {
+    failover(Failure::DaemonKilled, Family::V6);
+}
+
+/// The same when the master's whole host is lost.
+#[test]
+fn the_ipv6_clock_address_moves_when_the_masters_whole_host_is_lost() {
+    failover(Failure::HostLost, Family::V6);
 }
 
 fn signal_pid_file(path: &str, signal: nix::sys::signal::Signal) {
@@ -375,16 +440,107 @@ fn longest_gap(seen: &[Seen]) -> Duration {
         .unwrap_or_default()
 }
 
-fn failover(failure: Failure) {
+/// An IPv6 guest of the pair: it takes its address and the route to the IPv6 clock address
+/// from router advertisements; returns once it is answered there by `master`. The capture of
+/// every advertisement on its link starts first.
+fn ipv6_guest(pair: &Pair, guest: &Netns, master: usize) -> RouterAdverts {
+    let adverts = RouterAdverts::capture(guest, "eth0").unwrap();
+    integration_tests::vip::accept_router_advertisements(guest).unwrap();
+    let master_stratum = pair.hosts[master].stratum;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let addrs = guest
+                .ip(&["-6", "addr", "show", "dev", "eth0"])
+                .unwrap_or_default();
+            !addrs.contains("tentative")
+                && one_query(guest, CLOCK_V6)
+                    .ok()
+                    .flatten()
+                    .and_then(|r| NtpHeader::parse(&r))
+                    .is_some_and(|h| h.stratum == master_stratum)
+        }),
+        "the guest was not answered at {CLOCK_V6} by the master:\n{}\n{}",
+        guest.ip(&["-6", "route"]).unwrap_or_default(),
+        guest.ip(&["-6", "addr"]).unwrap_or_default()
+    );
+    adverts
+}
+
+/// Who sent each router advertisement, by its source link-layer address (`macs`: each host's
+/// on the guests' link): once the new master has advertised, every one must have come from
+/// the host that held the addresses then (`master` before `failed_at`, `standby` from
+/// `moved_at` on; either in between), with the route to the IPv6 clock address.
+fn check_adverts(
+    capture: RouterAdverts,
+    macs: [[u8; 6]; 2],
+    (master, standby): (usize, usize),
+    (failed_at, moved_at): (Instant, Instant),
+) {
+    let who = |ra: &RouterAdvert| {
+        ra.source_mac
+            .and_then(|m| macs.iter().position(|h| *h == m))
+    };
+    // The new master, asked every second, answers within a few.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            capture
+                .received()
+                .iter()
+                .any(|ra| ra.at >= moved_at && who(ra) == Some(standby))
+        }),
+        "the new master sent no router advertisement"
+    );
+    let adverts = capture.finish().unwrap();
+    eprintln!(
+        "{} router advertisements, from (source, host) {:?}",
+        adverts.len(),
+        adverts
+            .iter()
+            .map(|ra| (ra.source, who(ra)))
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    let clock: std::net::Ipv6Addr = CLOCK_V6.parse().unwrap();
+    for ra in &adverts {
+        let sender = who(ra);
+        let holder = if ra.at < failed_at {
+            vec![master]
+        } else if ra.at >= moved_at {
+            vec![standby]
+        } else {
+            vec![master, standby]
+        };
+        assert!(
+            sender.is_some_and(|s| holder.contains(&s)),
+            "a router advertisement from {:?} (host {sender:?}) {:?} after the failure, while \
+             host {holder:?} held the addresses: {ra:?}",
+            ra.source,
+            ra.at.checked_duration_since(failed_at),
+        );
+        assert!(
+            ra.routes.iter().any(|r| *r == (clock, 128, 1800)),
+            "no route to {CLOCK_V6}: {ra:?}"
+        );
+    }
+    assert!(
+        adverts
+            .iter()
+            .any(|ra| who(ra) == Some(master) && ra.at < failed_at),
+        "no router advertisement from the master before the failure: {adverts:?}"
+    );
+}
+
+fn failover(failure: Failure, family: Family) {
     let uplinks = failure == Failure::UplinkDown;
-    let mut pair = Pair::start(uplinks, None, VrrpNet::Dedicated);
+    let mut pair = Pair::start_serving(uplinks, None, VrrpNet::Dedicated, family);
     let guest = pair.add_guest();
     let master = pair.elected(&guest);
     let standby = 1 - master;
+    let macs = [0, 1].map(|i| mac_of(&pair.hosts[i].netns, &pair.hosts[i].ns_if).unwrap());
+    let adverts = (family == Family::V6).then(|| ipv6_guest(&pair, &guest, master));
 
     let stop = Arc::new(AtomicBool::new(false));
     let answered = Arc::new(AtomicU64::new(0));
-    let poller = poll_counting(&guest, stop.clone(), answered.clone());
+    let poller = poll_counting_at(&guest, family.clock(), stop.clone(), answered.clone());
     assert!(
         answered_at_least(&answered, SETTLE_ANSWERS),
         "the master did not answer the guest steadily"
@@ -412,14 +568,15 @@ fn failover(failure: Failure) {
     }
     let standby_stratum = pair.hosts[standby].stratum;
     let moved = wait_until(Duration::from_secs(20), || {
-        one_query(&guest, CLOCK_V4)
+        one_query(&guest, family.clock())
             .ok()
             .flatten()
             .and_then(|r| NtpHeader::parse(&r))
             .is_some_and(|h| h.stratum == standby_stratum)
     });
     assert!(moved, "the standby never answered after {failure:?}");
-    let moved_after = failed_at.elapsed();
+    let moved_at = Instant::now();
+    let moved_after = moved_at - failed_at;
     // The old master comes back: as standby, and the guest sees no second switch.
     match failure {
         Failure::DaemonKilled => pair.start_daemon(master),
@@ -487,8 +644,11 @@ fn failover(failure: Failure) {
         })
         .max()
         .unwrap_or(0);
+    if let Some(adverts) = adverts {
+        check_adverts(adverts, macs, (master, standby), (failed_at, moved_at));
+    }
     eprintln!(
-        "{failure:?}: {} of {sent} requests answered, longest gap {:?}, \
+        "{failure:?} ({family:?}): {} of {sent} requests answered, longest gap {:?}, \
          standby answering {:?} after the failure, worst step back {} µs",
         seen.len(),
         gap,
@@ -517,14 +677,31 @@ fn failover(failure: Failure) {
 /// master, so they are never on two hosts; the standby takes over.
 #[test]
 fn sigterm_to_the_master_daemon_releases_the_addresses_before_it_exits() {
-    let mut pair = Pair::start(false, None, VrrpNet::Dedicated);
+    sigterm_to_the_master(Family::V4);
+}
+
+/// The same for an IPv6 guest: the IPv6 addresses and the router address are released too,
+/// and only the host holding them advertises the route.
+#[test]
+fn sigterm_to_the_master_daemon_releases_the_ipv6_addresses_before_it_exits() {
+    sigterm_to_the_master(Family::V6);
+}
+
+fn sigterm_to_the_master(family: Family) {
+    let mut pair = Pair::start_serving(false, None, VrrpNet::Dedicated, family);
     let guest = pair.add_guest();
     let master = pair.elected(&guest);
     let standby = 1 - master;
+    let macs = [0, 1].map(|i| mac_of(&pair.hosts[i].netns, &pair.hosts[i].ns_if).unwrap());
+    let adverts = (family == Family::V6).then(|| ipv6_guest(&pair, &guest, master));
     let stop = Arc::new(AtomicBool::new(false));
     let answered = Arc::new(AtomicU64::new(0));
-    let poller = poll_counting(&guest, stop.clone(), answered.clone());
+    let poller = poll_counting_at(&guest, family.clock(), stop.clone(), answered.clone());
     assert!(answered_at_least(&answered, SETTLE_ANSWERS));
+    if family == Family::V6 {
+        let held = pair.held_addresses(master);
+        assert_eq!(held.len(), 5, "the master holds {held:?}");
+    }
 
     let daemon = pair.hosts[master].daemon.take().unwrap();
     let pid = nix::unistd::Pid::from_raw(daemon.pid() as i32);
@@ -570,6 +747,7 @@ fn sigterm_to_the_master_daemon_releases_the_addresses_before_it_exits() {
         wait_until(Duration::from_secs(20), || pair.role(standby) == "master"),
         "the standby did not take the addresses"
     );
+    let moved_at = Instant::now();
     let now = answered.load(Ordering::Relaxed);
     assert!(answered_at_least(&answered, now + SETTLE_ANSWERS));
     stop.store(true, Ordering::Relaxed);
@@ -579,9 +757,12 @@ fn sigterm_to_the_master_daemon_releases_the_addresses_before_it_exits() {
         duplicates,
         ..
     } = poller.join().unwrap();
+    if let Some(adverts) = adverts {
+        check_adverts(adverts, macs, (master, standby), (stopping, moved_at));
+    }
     eprintln!(
-        "SIGTERM: daemon exited {exited_after:?} after it, {} of {sent} requests answered, \
-         longest gap {:?}",
+        "SIGTERM ({family:?}): daemon exited {exited_after:?} after it, {} of {sent} requests \
+         answered, longest gap {:?}",
         seen.len(),
         longest_gap(&seen)
     );
@@ -665,7 +846,7 @@ fn forged_adverts_from_a_guest_move_nothing_on_a_shared_network() {
 }
 
 fn forged_adverts(net: VrrpNet) {
-    use integration_tests::vrrp::{mac_of, Advert, PacketSocket, VRRP_GROUP, VRRP_GROUP_MAC};
+    use integration_tests::vrrp::{Advert, PacketSocket, VRRP_GROUP, VRRP_GROUP_MAC};
     use std::net::Ipv4Addr;
 
     let pair = Pair::start(false, Some("1s"), net);

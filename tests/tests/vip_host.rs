@@ -609,21 +609,7 @@ fn ipv6_guests_learn_the_clock_route_from_router_advertisements() {
     })
     .unwrap();
     let guest = vip.add_guest().unwrap();
-    for (key, value) in [
-        ("accept_ra", "1"),
-        ("accept_ra_rt_info_max_plen", "128"),
-        ("autoconf", "1"),
-    ] {
-        integration_tests::run(
-            guest
-                .command("sysctl")
-                .args(["-qw", &format!("net.ipv6.conf.eth0.{key}={value}")]),
-        )
-        .unwrap();
-    }
-    // Down and up: the guest solicits a router at once.
-    guest.ip(&["link", "set", "eth0", "down"]).unwrap();
-    guest.ip(&["link", "set", "eth0", "up"]).unwrap();
+    integration_tests::vip::accept_router_advertisements(&guest).unwrap();
     let learned = VipHost::wait_until(Duration::from_secs(30), || {
         let routes = guest.ip(&["-6", "route"])?;
         let addrs = guest.ip(&["-6", "addr", "show", "dev", "eth0"])?;

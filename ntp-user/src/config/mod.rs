@@ -360,6 +360,33 @@ addresses = ["169.254.169.123"]
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Redundant hosts with router advertisements: radvd sends from the group's router
+    /// address, which keepalived moves with the service and clock addresses.
+    #[test]
+    fn redundant_hosts_advertise_routes_from_an_address_that_moves() {
+        let v = parse(
+            "[service]\nnetns = \"ns\"\ninterface = \"v0\"\n\
+             addresses = [\"169.254.169.123\", \"fd00:ec2::123\"]\n\
+             [vip]\nhost_interface = \"h0\"\nbridge = \"br0\"\n\
+             service_address = \"169.254.100.1/24\"\nservice_address6 = \"fd00:ec2:100::1/64\"\n\
+             ipv6_route_advertisements = true\n[redundancy]\nvirtual_router_id = 7\n\
+             bridge = \"mgmt\"\nown_address = \"169.254.250.2/24\"\n\
+             unicast_peers = [\"169.254.250.3\"]\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let spec = v.vip.unwrap();
+        let router: IpAddr = "fe80::200:5eff:fe00:207".parse().unwrap();
+        let ra = spec.router_advertisements.as_ref().unwrap();
+        assert_eq!(ra.router_address.map(IpAddr::V6), Some(router));
+        let keepalived = &spec.redundancy.as_ref().unwrap().keepalived;
+        assert!(keepalived
+            .virtual_addresses
+            .contains(&ipnet::IpNet::new(router, 64).unwrap()));
+        // Not an address the responder answers on.
+        assert!(!spec.served_addresses().contains(&router));
+    }
+
     #[test]
     fn vrrp_speaks_where_guests_cannot_reach_it() {
         let vip = |redundancy: &str| {

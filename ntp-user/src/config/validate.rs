@@ -973,6 +973,15 @@ fn validate_redundancy(
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "ntp-user".into());
     let health_socket = crate::host::vip::health_socket(&v.netns);
+    // IPv6 guests route the clock address via the router advertisements' source: the group's
+    // address, which moves with the others.
+    let mut virtual_addresses = v.virtual_addresses();
+    if let Some(ra) = v.router_advertisements.as_mut() {
+        let router = crate::host::radvd::shared_router_address(r.virtual_router_id);
+        ra.router_address = Some(router);
+        virtual_addresses
+            .push(ipnet::IpNet::new(router.into(), 64).expect("64 is an IPv6 prefix length"));
+    }
     v.redundancy = Some(crate::host::vip::Redundancy {
         own_address: own,
         track_interfaces: r.track_interfaces.iter().map(ToString::to_string).collect(),
@@ -987,7 +996,7 @@ fn validate_redundancy(
             advert_interval: advert,
             own_address: own.addr(),
             unicast_peers: r.unicast_peers.clone(),
-            virtual_addresses: v.virtual_addresses(),
+            virtual_addresses,
             health_command: vec![
                 exe,
                 "health".into(),

@@ -1,8 +1,13 @@
 //! Router advertisements for IPv6 guests (radvd, in the service namespace, on the guest-facing
 //! veth end): a Route Information Option (RFC 4191) for each IPv6 clock address, so guests
 //! with `accept_ra_rt_info_max_plen` learn the route to it, and the service prefix for SLAAC.
-//! Never a default router (router lifetime 0). On redundant VIP hosts only the master runs it.
+//! Never a default router (router lifetime 0). On redundant VIP hosts only the master runs it,
+//! and it advertises from the group's shared router address, which keepalived moves with the
+//! others: guests route the clock address via an address that is always the master's, and the
+//! new master's unsolicited neighbour advertisement moves them as its gratuitous ARP moves IPv4
+//! guests.
 
+use std::net::Ipv6Addr;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -19,6 +24,27 @@ pub struct RadvdSpec {
     pub prefix: Ipv6Net,
     /// The IPv6 clock addresses, each a /128 route via this router.
     pub routes: Vec<Ipv6Net>,
+    /// Redundant VIP hosts: the group's [`shared_router_address`], the only source radvd may
+    /// send from (none while this host does not hold it), and the route is kept when radvd
+    /// stops (the next master advertises it from the same address). None: the interface's
+    /// own link-local address, and the route withdrawn when radvd stops.
+    pub router_address: Option<Ipv6Addr>,
+}
+
+/// The link-local address the hosts of VRRP group `virtual_router_id` send router
+/// advertisements from: the EUI-64 address of the group's IPv6 virtual router MAC
+/// (00-00-5E-00-02-{VRID}, RFC 9568 §7.3), which no host's own interface has.
+pub fn shared_router_address(virtual_router_id: u8) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfe80,
+        0,
+        0,
+        0,
+        0x0200,
+        0x5eff,
+        0xfe00,
+        0x0200 | u16::from(virtual_router_id),
+    )
 }
 
 impl RadvdSpec {
@@ -34,20 +60,29 @@ impl RadvdSpec {
     /// as more than that value.
     pub fn config_text(&self) -> Result<ConfFile, Unwritable> {
         let r = Syntax::Radvd;
+        let remove_route = if self.router_address.is_some() {
+            "    RemoveRoute off;\n"
+        } else {
+            ""
+        };
         let routes: String = self
             .routes
             .iter()
             .map(|route| {
                 Ok(format!(
-                    "  route {} {{\n    AdvRouteLifetime 1800;\n  }};\n",
+                    "  route {} {{\n    AdvRouteLifetime 1800;\n{remove_route}  }};\n",
                     r.word(route)?
                 ))
             })
             .collect::<Result<_, Unwritable>>()?;
+        let source = match self.router_address {
+            Some(a) => format!("  AdvRASrcAddress {{\n    {};\n  }};\n", r.word(a)?),
+            None => String::new(),
+        };
         r.file(format!(
             "# Written by ntp-user for namespace {netns}; rewritten at every start.\n\
              interface {ifname} {{\n  AdvSendAdvert on;\n  AdvDefaultLifetime 0;\n  \
-             MinRtrAdvInterval 10;\n  MaxRtrAdvInterval 30;\n  prefix {prefix} {{\n    \
+             MinRtrAdvInterval 10;\n  MaxRtrAdvInterval 30;\n{source}  prefix {prefix} {{\n    \
              AdvOnLink on;\n    AdvAutonomous on;\n  }};\n{routes}}};\n",
             netns = r.word(&self.netns)?,
             ifname = r.word(&self.interface)?,
@@ -106,6 +141,7 @@ pub fn for_vip(
         interface: interface.into(),
         prefix,
         routes,
+        router_address: None,
     })
 }
 
@@ -136,5 +172,31 @@ mod tests {
             assert!(c.contains(want), "{want:?} missing:\n{c}");
         }
         assert!(!c.contains("169.254"), "{c}");
+        assert!(!c.contains("AdvRASrcAddress"), "{c}");
+        assert!(!c.contains("RemoveRoute"), "{c}");
+    }
+
+    #[test]
+    fn redundant_hosts_advertise_from_the_groups_address_and_keep_the_route_when_stopping() {
+        let mut spec = for_vip(
+            "ntpxdp-vip",
+            "ntpxdp-v0",
+            "fd00:ec2:100::1/64".parse().unwrap(),
+            &["fd00:ec2::123".parse().unwrap()],
+        )
+        .unwrap();
+        assert_eq!(
+            shared_router_address(51),
+            "fe80::200:5eff:fe00:233".parse::<Ipv6Addr>().unwrap()
+        );
+        spec.router_address = Some(shared_router_address(51));
+        let c = spec.config_text().unwrap();
+        let c = c.as_str();
+        for want in [
+            "AdvRASrcAddress {\n    fe80::200:5eff:fe00:233;\n  };",
+            "route fd00:ec2::123/128 {\n    AdvRouteLifetime 1800;\n    RemoveRoute off;\n  };",
+        ] {
+            assert!(c.contains(want), "{want:?} missing:\n{c}");
+        }
     }
 }
