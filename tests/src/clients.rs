@@ -581,6 +581,14 @@ pub struct Seen {
 
 /// What the poller saw: every answer in order, how many requests went out, and how many got a
 /// second answer (two hosts answering one request).
+/// The longest time between two consecutive answers.
+pub fn longest_gap(seen: &[Seen]) -> std::time::Duration {
+    seen.windows(2)
+        .map(|w| w[1].at - w[0].at)
+        .max()
+        .unwrap_or_default()
+}
+
 pub struct Polled {
     pub seen: Vec<Seen>,
     pub sent: u64,

@@ -697,14 +697,6 @@ pub fn switches(p: &Polled) -> usize {
 }
 
 /// The longest time between two answers the guest saw.
-pub fn longest_gap(p: &Polled) -> Duration {
-    p.seen
-        .windows(2)
-        .map(|w| w[1].at - w[0].at)
-        .max()
-        .unwrap_or_default()
-}
-
 pub fn lost(p: &Polled) -> u64 {
     p.sent - p.seen.len() as u64
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use integration_tests::clients::{one_query, poll, poll_counting_at, Polled, Seen};
+use integration_tests::clients::{longest_gap, one_query, poll, poll_counting_at, Polled, Seen};
 use integration_tests::topology::{Netns, ServeProcess};
 use integration_tests::vip::{RouterAdvert, RouterAdverts};
 use integration_tests::vrrp::mac_of;
@@ -433,13 +433,6 @@ fn answered_at_least(answered: &AtomicU64, n: u64) -> bool {
 }
 
 /// The longest time between two answers the guest saw.
-fn longest_gap(seen: &[Seen]) -> Duration {
-    seen.windows(2)
-        .map(|w| w[1].at - w[0].at)
-        .max()
-        .unwrap_or_default()
-}
-
 /// An IPv6 guest of the pair: it takes its address and the route to the IPv6 clock address
 /// from router advertisements; returns once it is answered there by `master`. The capture of
 /// every advertisement on its link starts first.
