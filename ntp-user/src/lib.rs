@@ -20,3 +20,4 @@ pub mod host;
 pub mod nts;
 pub mod observe;
 pub mod responder;
+pub mod vip;

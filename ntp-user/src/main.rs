@@ -86,7 +86,7 @@ fn main() -> ExitCode {
             });
             print!(
                 "{}",
-                ntp_user::host::dhcp::guest_config(
+                ntp_user::vip::dhcp::guest_config(
                     v4,
                     v6,
                     &v.service.addresses,

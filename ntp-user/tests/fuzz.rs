@@ -168,7 +168,7 @@ proptest! {
 
 use ntp_common::reply::request_rejection;
 
-use ntp_user::host::conffile::Syntax;
+use ntp_user::vip::conffile::Syntax;
 
 /// How keepalived and radvd split a file, or stricter: per line (a NUL ends a C line too),
 /// comments (`#`, and keepalived's `!`) cut outside quotes, a double-quoted string one token,

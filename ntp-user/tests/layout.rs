@@ -65,11 +65,11 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
     g
 }
 
-#[test]
-fn folders_import_each_other_in_one_direction() {
-    let g = graph();
+/// Panics naming the first import cycle of `g` (`what` says where).
+fn assert_acyclic(what: &str, g: &BTreeMap<String, BTreeSet<String>>) {
     // Depth-first search for a cycle.
     fn visit(
+        what: &str,
         n: &str,
         g: &BTreeMap<String, BTreeSet<String>>,
         path: &mut Vec<String>,
@@ -79,33 +79,162 @@ fn folders_import_each_other_in_one_direction() {
             return;
         }
         if let Some(i) = path.iter().position(|p| p == n) {
-            panic!("import cycle: {} -> {n}", path[i..].join(" -> "));
+            panic!("import cycle in {what}: {} -> {n}", path[i..].join(" -> "));
         }
         path.push(n.to_string());
         for d in g.get(n).into_iter().flatten() {
-            visit(d, g, path, done);
+            visit(what, d, g, path, done);
         }
         path.pop();
         done.insert(n.to_string());
     }
     let mut done = BTreeSet::new();
     for n in g.keys() {
-        visit(n, &g, &mut Vec::new(), &mut done);
+        visit(what, n, g, &mut Vec::new(), &mut done);
     }
+}
+
+/// Whether `text` at byte `i` starts a path segment (not the tail of a longer name or path).
+fn starts_a_path(text: &str, i: usize) -> bool {
+    !text[..i]
+        .chars()
+        .next_back()
+        .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
+}
+
+/// The files of one folder and what each imports from its siblings: `mod` is the folder's
+/// mod.rs, which a sibling imports by naming one of its items (`super::Item`).
+fn folder_graph(folder: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let name = folder.file_name().unwrap().to_string_lossy().into_owned();
+    let files: Vec<PathBuf> = std::fs::read_dir(folder)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+        .collect();
+    let stems: BTreeSet<String> = files
+        .iter()
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let mut g = BTreeMap::new();
+    for f in &files {
+        let me = f.file_stem().unwrap().to_string_lossy().into_owned();
+        // Declarations and re-exports in mod.rs are the folder's face, not imports.
+        let text: String = code(&std::fs::read_to_string(f).unwrap())
+            .lines()
+            .filter(|l| {
+                let l = l.trim_start();
+                !(me == "mod"
+                    && (l.starts_with("pub mod ")
+                        || l.starts_with("mod ")
+                        || l.starts_with("pub use ")))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut deps = BTreeSet::new();
+        let prefixes = [
+            format!("crate::{name}::"),
+            "super::".to_string(),
+            "self::".to_string(),
+        ];
+        for prefix in &prefixes {
+            for (i, _) in text.match_indices(prefix.as_str()) {
+                if !starts_a_path(&text, i) || (prefix == "super::" && me == "mod") {
+                    continue;
+                }
+                let next: String = text[i + prefix.len()..]
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if stems.contains(&next) && next != "mod" {
+                    deps.insert(next);
+                } else if me != "mod" && prefix != "self::" {
+                    deps.insert("mod".to_string());
+                }
+            }
+        }
+        if me == "mod" {
+            // mod.rs names its children directly: `child::Item`.
+            for s in stems.iter().filter(|s| *s != "mod") {
+                let pat = format!("{s}::");
+                if text
+                    .match_indices(pat.as_str())
+                    .any(|(i, _)| starts_a_path(&text, i))
+                {
+                    deps.insert(s.clone());
+                }
+            }
+        }
+        deps.remove(&me);
+        g.insert(me, deps);
+    }
+    g
+}
+
+#[test]
+fn the_files_of_each_folder_import_each_other_in_one_direction() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut cycles = Vec::new();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let folder = e.unwrap().path();
+        if folder.is_dir() {
+            let g = folder_graph(&folder);
+            let what = folder.file_name().unwrap().to_string_lossy().into_owned();
+            if let Err(e) = std::panic::catch_unwind(|| assert_acyclic(&what, &g)) {
+                cycles.push(
+                    e.downcast_ref::<String>()
+                        .cloned()
+                        .unwrap_or_else(|| what.clone()),
+                );
+            }
+        }
+    }
+    assert!(cycles.is_empty(), "{}", cycles.join("\n"));
+}
+
+#[test]
+fn a_circle_inside_a_folder_is_found() {
+    let dir = std::env::temp_dir().join(format!("layout-circle-{}", std::process::id()));
+    let folder = dir.join("things");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("mod.rs"), "pub mod a;\npub mod b;\n").unwrap();
+    std::fs::write(
+        folder.join("a.rs"),
+        "use crate::things::b::B;\npub struct A;\n",
+    )
+    .unwrap();
+    std::fs::write(folder.join("b.rs"), "use super::a::A;\npub struct B;\n").unwrap();
+    let g = folder_graph(&folder);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let found = std::panic::catch_unwind(|| assert_acyclic("things", &g));
+    assert!(found.is_err(), "{g:?}");
+}
+
+#[test]
+fn folders_import_each_other_in_one_direction() {
+    let g = graph();
+    assert_acyclic("the crate's folders", &g);
     // The layers, bottom up: each may import only those below it.
     let allowed: &[(&str, &[&str])] = &[
         ("clock", &[]),
         ("host", &[]),
+        ("vip", &["host"]),
         ("nts", &["host"]),
         ("responder", &["host", "nts"]),
-        ("observe", &["clock", "host", "nts", "responder"]),
-        ("daemon", &["clock", "host", "nts", "responder", "observe"]),
-        ("fleet", &["clock", "host", "nts", "observe", "daemon"]),
+        ("observe", &["clock", "host", "vip", "nts", "responder"]),
+        (
+            "daemon",
+            &["clock", "host", "vip", "nts", "responder", "observe"],
+        ),
+        (
+            "fleet",
+            &["clock", "host", "vip", "nts", "observe", "daemon"],
+        ),
         (
             "config",
             &[
                 "clock",
                 "host",
+                "vip",
                 "nts",
                 "responder",
                 "observe",
@@ -121,6 +250,7 @@ fn folders_import_each_other_in_one_direction() {
                 "daemon",
                 "fleet",
                 "host",
+                "vip",
                 "nts",
                 "responder",
             ],

@@ -341,7 +341,7 @@ impl Drop for VipHost {
         // Whatever `down` could not remove (a failed test may leave anything) goes too.
         let _ = ip(&["netns", "del", &self.netns]);
         let _ = std::fs::remove_dir_all(ntp_user::responder::pin_dir(&self.netns));
-        let _ = std::fs::remove_dir_all(ntp_user::host::vip::state_dir(&self.netns));
+        let _ = std::fs::remove_dir_all(ntp_user::host::files::state_dir(&self.netns));
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -287,7 +287,7 @@ fn wrong_guest_clocks_are_alarmed_and_metrics_and_status_follow_traffic() {
     ] {
         assert!(text.contains(want), "{want} missing:\n{text}");
     }
-    let socket = ntp_user::host::vip::state_dir(&vip.netns).join("control.sock");
+    let socket = ntp_user::host::files::state_dir(&vip.netns).join("control.sock");
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);

@@ -315,7 +315,7 @@ enable = false
             CLOCK_V4.to_string(),
             format!("fd00:ec2:{SUBNET}::1"),
             CLOCK_V6.to_string(),
-            ntp_user::host::radvd::shared_router_address(self.vrid).to_string(),
+            ntp_user::vip::radvd::shared_router_address(self.vrid).to_string(),
         ];
         links[0]["addr_info"]
             .as_array()
@@ -854,7 +854,7 @@ fn forged_adverts(net: VrrpNet) {
     ))
     .unwrap();
     let user =
-        ntp_user::host::keepalived::script_user(&std::fs::canonicalize(ntp_user_bin()).unwrap());
+        ntp_user::vip::keepalived::script_user(&std::fs::canonicalize(ntp_user_bin()).unwrap());
     eprintln!("keepalived's health check runs as {user}");
     assert!(
         conf.contains(&format!("script_user {user}\n")) && conf.contains("enable_script_security"),

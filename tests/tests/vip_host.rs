@@ -255,7 +255,7 @@ fn host_state(vip: &VipHost) -> HostState {
         netns_exists,
         host_links,
         pins_exist: ntp_user::responder::pin_dir(&vip.netns).exists(),
-        state_exists: ntp_user::host::vip::state_dir(&vip.netns).exists(),
+        state_exists: ntp_user::host::files::state_dir(&vip.netns).exists(),
         dnsmasq_running,
     }
 }

@@ -20,8 +20,8 @@ pub struct Validated {
     pub local_stratum: u8,
     pub refid_override: Option<[u8; 4]>,
     /// What the daemon creates and keeps (None: attach to an interface that exists).
-    pub vip: Option<crate::host::vip::VipSpec>,
-    pub dhcp: Option<crate::host::dhcp::DhcpSpec>,
+    pub vip: Option<crate::vip::VipSpec>,
+    pub dhcp: Option<crate::vip::dhcp::DhcpSpec>,
     pub admission: crate::responder::admission::AdmissionSpec,
     pub observe: crate::observe::ObserveSpec,
     pub nts: Option<crate::nts::server::NtsSpec>,

@@ -668,7 +668,7 @@ addresses = ["169.254.169.123"]
         let v = parse(VIP, Path::new("x.toml")).unwrap();
         assert_eq!(
             v.observe.control_socket.unwrap(),
-            crate::host::vip::state_dir("ntp-vip").join("control.sock")
+            crate::host::files::state_dir("ntp-vip").join("control.sock")
         );
 
         for (section, field, want) in [

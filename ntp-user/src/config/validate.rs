@@ -187,7 +187,7 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
     observe.health_socket = vip
         .as_ref()
         .filter(|v| v.redundancy.is_some())
-        .map(|v| crate::host::vip::health_socket(&v.netns));
+        .map(|v| crate::vip::health_socket(&v.netns));
     if let Some(v) = &vip {
         check_helper_files(v, origin)?;
     }
@@ -403,7 +403,7 @@ pub fn host_preflight(v: &Validated) -> Result<()> {
 pub fn validate_nts(
     n: &NtsSection,
     service: &ServiceSection,
-    vip: Option<&crate::host::vip::VipSpec>,
+    vip: Option<&crate::vip::VipSpec>,
     fleet: Option<&crate::fleet::FleetSpec>,
     host_files: bool,
     origin: &Path,
@@ -639,7 +639,7 @@ pub fn validate_observe(
     metrics: &MetricsSection,
     control: &ControlSection,
     a: &AlarmsSection,
-    vip: Option<&crate::host::vip::VipSpec>,
+    vip: Option<&crate::vip::VipSpec>,
     origin: &Path,
 ) -> Result<crate::observe::ObserveSpec> {
     let bad =
@@ -674,7 +674,7 @@ pub fn validate_observe(
     }
     let control_socket = match (&control.socket, vip) {
         (Some(p), _) => Some(p.clone().into()),
-        (None, Some(v)) => Some(crate::host::vip::state_dir(&v.netns).join("control.sock")),
+        (None, Some(v)) => Some(crate::host::files::state_dir(&v.netns).join("control.sock")),
         (None, None) => None,
     };
     Ok(crate::observe::ObserveSpec {
@@ -700,7 +700,7 @@ pub fn validate_observe(
     })
 }
 
-fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::host::vip::VipSpec>> {
+fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpec>> {
     let bad =
         |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
     let Some(v) = &cfg.vip else {
@@ -744,7 +744,7 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::host::vip::
                 field,
                 format!(
                     "{net} is the subnet itself; give the address, e.g. {}/{}",
-                    crate::host::vip::first_host(&net),
+                    crate::vip::first_host(&net),
                     net.prefix_len()
                 ),
             ));
@@ -779,7 +779,7 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::host::vip::
             "must be between 100ms and 1h".into(),
         ));
     }
-    Ok(Some(crate::host::vip::VipSpec {
+    Ok(Some(crate::vip::VipSpec {
         netns: netns.to_string(),
         ns_interface: cfg.service.interface.to_string(),
         host_interface: v.host_interface.to_string(),
@@ -806,7 +806,7 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::host::vip::
                         "service.addresses has no IPv6 clock address to route to".into(),
                     ));
                 }
-                crate::host::radvd::for_vip(
+                crate::vip::radvd::for_vip(
                     &netns,
                     &cfg.service.interface,
                     s6,
@@ -822,7 +822,7 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::host::vip::
 /// unicast peers are required so that adverts from anyone else are refused.
 fn validate_redundancy(
     cfg: &Config,
-    vip: &mut Option<crate::host::vip::VipSpec>,
+    vip: &mut Option<crate::vip::VipSpec>,
     origin: &Path,
 ) -> Result<()> {
     let bad =
@@ -901,7 +901,7 @@ fn validate_redundancy(
                     format!("{bridge:?} is the guests' bridge (vip.bridge)"),
                 ));
             }
-            Some(crate::host::vip::VrrpLink {
+            Some(crate::vip::VrrpLink {
                 ns_interface: r.interface.to_string(),
                 host_interface: r.host_interface.to_string(),
                 bridge: bridge.to_string(),
@@ -972,20 +972,20 @@ fn validate_redundancy(
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "ntp-user".into());
-    let health_socket = crate::host::vip::health_socket(&v.netns);
+    let health_socket = crate::vip::health_socket(&v.netns);
     // IPv6 guests route the clock address via the router advertisements' source: the group's
     // address, which moves with the others.
     let mut virtual_addresses = v.virtual_addresses();
     if let Some(ra) = v.router_advertisements.as_mut() {
-        let router = crate::host::radvd::shared_router_address(r.virtual_router_id);
+        let router = crate::vip::radvd::shared_router_address(r.virtual_router_id);
         ra.router_address = Some(router);
         virtual_addresses
             .push(ipnet::IpNet::new(router.into(), 64).expect("64 is an IPv6 prefix length"));
     }
-    v.redundancy = Some(crate::host::vip::Redundancy {
+    v.redundancy = Some(crate::vip::Redundancy {
         own_address: own,
         track_interfaces: r.track_interfaces.iter().map(ToString::to_string).collect(),
-        keepalived: crate::host::keepalived::KeepalivedSpec {
+        keepalived: crate::vip::keepalived::KeepalivedSpec {
             netns: v.netns.clone(),
             vrrp_interface: link
                 .as_ref()
@@ -1011,7 +1011,7 @@ fn validate_redundancy(
 
 /// The helpers' files render: a value they cannot carry (the daemon's own path, say) is a
 /// config error here, not a helper that never starts.
-fn check_helper_files(v: &crate::host::vip::VipSpec, origin: &Path) -> Result<()> {
+fn check_helper_files(v: &crate::vip::VipSpec, origin: &Path) -> Result<()> {
     if let Some(r) = &v.redundancy {
         r.keepalived
             .config_text()
@@ -1027,9 +1027,9 @@ fn check_helper_files(v: &crate::host::vip::VipSpec, origin: &Path) -> Result<()
 
 fn validate_dhcp(
     cfg: &Config,
-    vip: Option<&crate::host::vip::VipSpec>,
+    vip: Option<&crate::vip::VipSpec>,
     origin: &Path,
-) -> Result<Option<crate::host::dhcp::DhcpSpec>> {
+) -> Result<Option<crate::vip::dhcp::DhcpSpec>> {
     let bad =
         |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
     let d = &cfg.dhcp;
@@ -1113,7 +1113,7 @@ fn validate_dhcp(
             "option 121 routes IPv4 clock addresses, and service.addresses has none".into(),
         ));
     }
-    Ok(Some(crate::host::dhcp::DhcpSpec {
+    Ok(Some(crate::vip::dhcp::DhcpSpec {
         netns: vip.netns.clone(),
         interface: vip.ns_interface.clone(),
         service: subnet,

@@ -1,4 +1,4 @@
-//! The daemon on a VIP host: it creates and keeps the namespace plumbing ([`crate::host::vip`]),
+//! The daemon on a VIP host: it creates and keeps the namespace plumbing ([`crate::vip`]),
 //! attaches the responder through pinned links, serves DHCP, and leaves the pinned responder
 //! answering when it stops, so that a restart or an upgrade (or a crash) is hitless.
 //! `ntp-user down` removes all of it.
@@ -13,16 +13,17 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use crate::daemon::{serve_responder, AbortOnDrop, ServeOptions, UserSockets};
-use crate::host::dhcp::{self, DhcpSpec};
+use crate::daemon::serving::{serve_responder, AbortOnDrop, ServeOptions, UserSockets};
+use crate::host::files::state_dir;
 use crate::host::netlink::Netlink;
 use crate::host::netns;
-use crate::host::vip::{self, state_dir, Created, VipSpec};
-use crate::host::{helper, keepalived, radvd};
 use crate::responder::attach::{self, Attachment, LinkKind, Step};
 use crate::responder::userspace::SocketPlace;
 use crate::responder::{self, attach_pinned, pin_dir, Attached, OwnMacs, Responder};
 use crate::responder::{XdpModePref, PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
+use crate::vip::dhcp::{self, DhcpSpec};
+use crate::vip::{self, Created, VipSpec};
+use crate::vip::{helper, keepalived, radvd};
 
 /// One daemon per namespace: an exclusive lock held for the daemon's life.
 pub struct DaemonLock {

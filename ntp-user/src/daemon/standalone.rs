@@ -7,7 +7,9 @@ use ntp_common::anchor::PARAM_FLAG_LOG;
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
-use crate::daemon::{serve_responder, AbortOnDrop, ClockSource, ServeOptions};
+use crate::daemon::serving::{
+    serve_responder, AbortOnDrop, ClockSource, ServeOptions, UserSockets,
+};
 use crate::host::netlink::Netlink;
 use crate::host::netns;
 use crate::responder::attach::{self, Attachment, LinkKind, Step};
@@ -50,7 +52,7 @@ pub async fn serve(mut opts: ServeOptions) -> Result<()> {
     };
     // An attached interface is not ours to recreate: the sockets stay where they are bound.
     let (_never, plumbing) = tokio::sync::watch::channel(0u64);
-    let user_sockets = crate::daemon::UserSockets {
+    let user_sockets = UserSockets {
         sockets: crate::responder::userspace::bind_sockets(service_ns.as_ref(), &opts.addresses)?,
         place,
         plumbing,
@@ -162,7 +164,7 @@ async fn attach(
                 c
             }
         };
-        peer = netns::find_veth_peer(&nl, &local, candidates).await?;
+        peer = nl.find_veth_peer(&local, candidates).await?;
         match &peer {
             None => {
                 warn!(interface = %opts.interface, "veth peer not found in any named namespace");

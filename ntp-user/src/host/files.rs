@@ -1,12 +1,18 @@
 //! Small host IO shared by the daemon's parts: sockets bound to service addresses that may be
-//! briefly missing, and files replaced atomically and readable by root only.
+//! briefly missing, files replaced atomically and readable by root only, and where the daemon
+//! keeps its state.
 
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
+
+/// Where the daemon keeps what it must remember across restarts for one namespace.
+pub fn state_dir(netns: &str) -> PathBuf {
+    Path::new("/run/ntp-xdp").join(netns)
+}
 
 /// A socket of `kind` bound to `addr`:`port`, with IP_FREEBIND (an alias that is briefly
 /// missing, drift being repaired, must not stop the daemon), SO_REUSEADDR, and IPv6-only for

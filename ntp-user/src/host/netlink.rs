@@ -416,3 +416,49 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
         _ => None,
     }
 }
+
+/// The far end of a veth: its namespace and index.
+pub struct VethPeer {
+    pub netns: File,
+    pub netns_label: String,
+    pub index: u32,
+}
+
+impl Netlink {
+    /// Finds the namespace holding the peer of veth `local` (which lives in this session's
+    /// namespace). Interface indexes repeat across namespaces (every new namespace's first
+    /// veth is often ifindex 2), so a candidate is matched by identity: the kernel's ID for
+    /// the candidate, seen from here, must equal the ID `local` names its peer's namespace by.
+    pub async fn find_veth_peer(
+        &self,
+        local: &Link,
+        candidates: Vec<(String, File)>,
+    ) -> Result<Option<VethPeer>> {
+        let Some(peer_index) = local.peer_index else {
+            return Ok(None);
+        };
+        let Some(peer_nsid) = local.peer_netnsid else {
+            // Both ends in this namespace.
+            return Ok(Some(VethPeer {
+                netns: netns::current_netns()?,
+                netns_label: "(same namespace)".to_string(),
+                index: peer_index,
+            }));
+        };
+        for (label, ns) in candidates {
+            if self.nsid_of(&ns).await? != Some(peer_nsid) {
+                continue;
+            }
+            let there = Netlink::open_in(&ns)?;
+            let facts = there.link_by_index(peer_index).await?;
+            if facts.is_some_and(|f| f.is_veth()) {
+                return Ok(Some(VethPeer {
+                    netns: ns,
+                    netns_label: label,
+                    index: peer_index,
+                }));
+            }
+        }
+        Ok(None)
+    }
+}

@@ -1,13 +1,11 @@
 //! Network namespaces: named ones under /run/netns (created and removed as `ip netns` does),
-//! entering one for a moment, and finding the namespace of a veth's peer.
+//! and entering one for a moment.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _, Result};
 use nix::sched::{setns, CloneFlags};
-
-use crate::host::netlink::{Link, Netlink};
 
 /// Where `ip netns add NAME` puts a namespace.
 pub fn named_netns_path(name: &str) -> PathBuf {
@@ -41,50 +39,6 @@ pub fn within<T>(ns: &File, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let result = f();
     enter(&home).context("returning to the original network namespace")?;
     result
-}
-
-/// The far end of a veth: its namespace and index.
-pub struct VethPeer {
-    pub netns: File,
-    pub netns_label: String,
-    pub index: u32,
-}
-
-/// Finds the namespace holding the peer of veth `local` (which lives in the namespace of the
-/// session `here`). Interface indexes repeat across namespaces (every new namespace's first
-/// veth is often ifindex 2), so a candidate is matched by identity: the kernel's ID for the candidate,
-/// seen from here, must equal the ID `local` names its peer's namespace by.
-pub async fn find_veth_peer(
-    here: &Netlink,
-    local: &Link,
-    candidates: Vec<(String, File)>,
-) -> Result<Option<VethPeer>> {
-    let Some(peer_index) = local.peer_index else {
-        return Ok(None);
-    };
-    let Some(peer_nsid) = local.peer_netnsid else {
-        // Both ends in this namespace.
-        return Ok(Some(VethPeer {
-            netns: current_netns()?,
-            netns_label: "(same namespace)".to_string(),
-            index: peer_index,
-        }));
-    };
-    for (label, ns) in candidates {
-        if here.nsid_of(&ns).await? != Some(peer_nsid) {
-            continue;
-        }
-        let there = Netlink::open_in(&ns)?;
-        let facts = there.link_by_index(peer_index).await?;
-        if facts.is_some_and(|f| f.is_veth()) {
-            return Ok(Some(VethPeer {
-                netns: ns,
-                netns_label: label,
-                index: peer_index,
-            }));
-        }
-    }
-    Ok(None)
 }
 
 /// Every named namespace under /run/netns.

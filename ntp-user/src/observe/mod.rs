@@ -418,7 +418,7 @@ enum Socket {
 
 /// The uid keepalived's health check runs as (`keepalived::UNPRIVILEGED_SCRIPT_USER`).
 fn health_checker_uid() -> Option<u32> {
-    nix::unistd::User::from_name(crate::host::keepalived::UNPRIVILEGED_SCRIPT_USER)
+    nix::unistd::User::from_name(crate::vip::keepalived::UNPRIVILEGED_SCRIPT_USER)
         .ok()
         .flatten()
         .map(|u| u.uid.as_raw())

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use ipnet::{IpNet, Ipv6Net};
 
-use crate::host::conffile::{ConfFile, Syntax, Unwritable};
-use crate::host::vip::state_dir;
+use crate::host::files::state_dir;
+use crate::vip::conffile::{ConfFile, Syntax, Unwritable};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RadvdSpec {
@@ -91,7 +91,7 @@ impl RadvdSpec {
     }
 }
 
-impl crate::host::helper::Helper for RadvdSpec {
+impl crate::vip::helper::Helper for RadvdSpec {
     fn name(&self) -> &'static str {
         "radvd"
     }
@@ -101,9 +101,9 @@ impl crate::host::helper::Helper for RadvdSpec {
     }
 
     fn command(&self) -> Result<(PathBuf, Vec<String>)> {
-        crate::host::helper::write_config(&self.config_file(), &self.config_text()?)?;
+        crate::vip::helper::write_config(&self.config_file(), &self.config_text()?)?;
         Ok((
-            crate::host::helper::program_path(self.name()),
+            crate::vip::helper::program_path(self.name()),
             vec![
                 "--nodaemon".into(),
                 "--logmethod=stderr".into(),
@@ -116,7 +116,7 @@ impl crate::host::helper::Helper for RadvdSpec {
 
 /// Stops a radvd an earlier daemon left running for this namespace.
 pub fn stop_stale(netns: &str) -> Result<Option<i32>> {
-    crate::host::stop_by_pid_file(&state_dir(netns).join("radvd.pid"), "radvd")
+    crate::vip::helper::stop_by_pid_file(&state_dir(netns).join("radvd.pid"), "radvd")
 }
 
 /// The radvd spec for a VIP host: its IPv6 service subnet and IPv6 clock addresses.

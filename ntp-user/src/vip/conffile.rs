@@ -2,7 +2,7 @@
 //! file is a fixed template in which every value goes through [`Syntax::word`] (one bare
 //! token) or [`Syntax::command`] (keepalived's quoted script string), which refuse a value the
 //! helper would read as anything but that token; [`ConfFile`], the only thing
-//! [`crate::host::helper::write_config`] writes, is made by [`Syntax::file`], which checks the
+//! [`crate::vip::helper::write_config`] writes, is made by [`Syntax::file`], which checks the
 //! whole text once more (printable ASCII lines, quotes closed on their line, braces balanced).
 //!
 //! A bare token is made of `A-Z a-z 0-9 / . _ - :` (names, addresses, prefixes, numbers and

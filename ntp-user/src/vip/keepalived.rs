@@ -4,7 +4,7 @@
 //! unsolicited neighbour advertisements. The daemon writes its configuration, supervises it,
 //! and is tracked by it (`ntp-user health`): a dead, frozen or unsynchronized daemon gives the
 //! addresses up. No preemption: a recovered host comes back as standby. Supervised as every
-//! helper is ([`crate::host::helper`]).
+//! helper is ([`crate::vip::helper`]).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -14,8 +14,8 @@ use anyhow::{Context as _, Result};
 use ipnet::IpNet;
 use tracing::info;
 
-use crate::host::conffile::{ConfFile, Syntax, Unwritable};
-use crate::host::vip::state_dir;
+use crate::host::files::state_dir;
+use crate::vip::conffile::{ConfFile, Syntax, Unwritable};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeepalivedSpec {
@@ -170,14 +170,18 @@ impl KeepalivedSpec {
 /// waits for it: the parent (which takes its VRRP child with it and releases the addresses),
 /// and the VRRP child too in case the parent was killed without a chance to.
 pub fn stop_stale(netns: &str) -> Result<Option<i32>> {
-    let parent =
-        crate::host::stop_by_pid_file(&state_dir(netns).join("keepalived.pid"), "keepalived")?;
-    let child =
-        crate::host::stop_by_pid_file(&state_dir(netns).join("keepalived-vrrp.pid"), "keepalived")?;
+    let parent = crate::vip::helper::stop_by_pid_file(
+        &state_dir(netns).join("keepalived.pid"),
+        "keepalived",
+    )?;
+    let child = crate::vip::helper::stop_by_pid_file(
+        &state_dir(netns).join("keepalived-vrrp.pid"),
+        "keepalived",
+    )?;
     Ok(parent.or(child))
 }
 
-impl crate::host::helper::Helper for KeepalivedSpec {
+impl crate::vip::helper::Helper for KeepalivedSpec {
     fn name(&self) -> &'static str {
         "keepalived"
     }
@@ -187,8 +191,8 @@ impl crate::host::helper::Helper for KeepalivedSpec {
     }
 
     fn command(&self) -> Result<(PathBuf, Vec<String>)> {
-        crate::host::helper::write_config(&self.config_file(), &self.config_text()?)?;
-        Ok((crate::host::helper::program_path(self.name()), self.args()))
+        crate::vip::helper::write_config(&self.config_file(), &self.config_text()?)?;
+        Ok((crate::vip::helper::program_path(self.name()), self.args()))
     }
 
     /// A keepalived killed outright leaves its addresses behind: a new one starts from none

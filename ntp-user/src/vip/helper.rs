@@ -15,7 +15,7 @@ use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::host::vip::state_dir;
+use crate::host::files::state_dir;
 
 /// One helper daemon.
 pub trait Helper: Send + Sync + 'static {
@@ -45,8 +45,8 @@ pub fn program_path(name: &str) -> PathBuf {
 }
 
 /// Writes a helper's configuration file (rewritten at every start): only a [`ConfFile`], whose
-/// every value was checked by [`crate::host::conffile`].
-pub fn write_config(path: &Path, file: &crate::host::conffile::ConfFile) -> Result<()> {
+/// every value was checked by [`crate::vip::conffile`].
+pub fn write_config(path: &Path, file: &crate::vip::conffile::ConfFile) -> Result<()> {
     std::fs::write(path, file.as_str()).with_context(|| format!("writing {}", path.display()))
 }
 
@@ -138,4 +138,45 @@ async fn run_once<H: Helper>(helper: &H) -> Result<std::process::ExitStatus> {
         });
     }
     Ok(child.wait().await?)
+}
+
+/// Whether `pid` has exited: gone, or a zombie (a helper this daemon started is its child,
+/// reaped later).
+fn exited(pid: nix::unistd::Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        // The state follows the command name's closing parenthesis.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+    })
+}
+
+/// Stops a helper (dnsmasq, keepalived) an earlier daemon left running: the pid in
+/// `pid_file`, only if that process is `program` and names that pid file on its command line
+/// (a recycled pid is never signalled). Returns the pid stopped.
+pub fn stop_by_pid_file(pid_file: &Path, program: &str) -> Result<Option<i32>> {
+    let Ok(text) = std::fs::read_to_string(pid_file) else {
+        return Ok(None);
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return Ok(None);
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    let argv0 = cmdline.split('\0').next().unwrap_or("");
+    if !argv0.ends_with(program) || !cmdline.contains(&*pid_file.to_string_lossy()) {
+        return Ok(None);
+    }
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+        .with_context(|| format!("stopping a stale {program}"))?;
+    // keepalived releases its addresses before it exits: on a loaded machine that can take a
+    // while, and an exit before it leaves them behind.
+    for _ in 0..250 {
+        if exited(pid) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(pid_file);
+    Ok(Some(pid.as_raw()))
 }

@@ -7,8 +7,18 @@
 //! created (rather than adopted) is recorded in a state file so that `ntp-user down` removes
 //! exactly that.
 
+//!
+//! Beside the plumbing, this folder holds the helper daemons the VIP host runs in its namespace
+//! (dnsmasq, keepalived, radvd), their supervision, and the one writer of their config files.
+
+pub mod conffile;
+pub mod dhcp;
+pub mod helper;
+pub mod keepalived;
+pub mod radvd;
+
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -16,6 +26,7 @@ use ipnet::IpNet;
 use netlink_packet_route::link::InfoKind;
 use serde::{Deserialize, Serialize};
 
+use crate::host::files::state_dir;
 use crate::host::netlink::Netlink;
 use crate::host::netns::{self, create_named_netns, delete_named_netns};
 
@@ -43,7 +54,7 @@ pub struct VipSpec {
     /// master only), this host keeps its own address.
     pub redundancy: Option<Redundancy>,
     /// Router advertisements with the route to the IPv6 clock addresses (radvd).
-    pub router_advertisements: Option<crate::host::radvd::RadvdSpec>,
+    pub router_advertisements: Option<crate::vip::radvd::RadvdSpec>,
 }
 
 /// What a redundant VIP host keeps besides what keepalived moves.
@@ -52,7 +63,7 @@ pub struct Redundancy {
     /// This host's own address (the VRRP source): on `link`'s namespace end, or on the
     /// guests' link with a shared network.
     pub own_address: IpNet,
-    pub keepalived: crate::host::keepalived::KeepalivedSpec,
+    pub keepalived: crate::vip::keepalived::KeepalivedSpec,
     /// Uplinks in the daemon's namespace whose failure makes this host unhealthy.
     pub track_interfaces: Vec<String>,
     /// The link VRRP speaks on, out of the guests' reach (None: the guests' own link).
@@ -98,11 +109,6 @@ impl VipSpec {
 /// The first host address of a subnet (for error messages).
 pub fn first_host(net: &IpNet) -> IpAddr {
     net.hosts().next().unwrap_or(net.addr())
-}
-
-/// Where the daemon keeps what it must remember across restarts for one namespace.
-pub fn state_dir(netns: &str) -> PathBuf {
-    Path::new("/run/ntp-xdp").join(netns)
 }
 
 /// The socket keepalived's health check asks (`ntp-user health --socket`).

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Result;
 use ipnet::Ipv4Net;
 
-use crate::host::vip::state_dir;
+use crate::host::files::state_dir;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DhcpSpec {
@@ -101,10 +101,10 @@ impl DhcpSpec {
 /// Stops a dnsmasq an earlier daemon left running for this namespace (by its pid file, and
 /// only if that process is dnsmasq using that pid file).
 pub fn stop_stale(spec_netns: &str) -> Result<Option<i32>> {
-    crate::host::stop_by_pid_file(&state_dir(spec_netns).join("dnsmasq.pid"), "dnsmasq")
+    crate::vip::helper::stop_by_pid_file(&state_dir(spec_netns).join("dnsmasq.pid"), "dnsmasq")
 }
 
-impl crate::host::helper::Helper for DhcpSpec {
+impl crate::vip::helper::Helper for DhcpSpec {
     fn name(&self) -> &'static str {
         "dnsmasq"
     }
@@ -118,7 +118,7 @@ impl crate::host::helper::Helper for DhcpSpec {
     /// signal.
     fn command(&self) -> Result<(PathBuf, Vec<String>)> {
         Ok((
-            crate::host::helper::program_path(self.name()),
+            crate::vip::helper::program_path(self.name()),
             self.dnsmasq_args(),
         ))
     }

@@ -1,0 +1,424 @@
+//! What both modes run once the responder is set up: the clock task, the userspace path,
+//! NTS, observability and the mode's own tasks, on the daemon's one runtime.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use ntp_common::ServerParams;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+use crate::clock::snapshot::{ClockReference, ClockSnapshot};
+use crate::clock::system::SystemConfig;
+use crate::daemon::clock_task;
+use crate::host::hostclock::HostClockIdentity;
+use crate::observe::status::ClockSnapshotCell;
+use crate::observe::Observatory;
+use crate::responder::userspace::{SharedAdmission, SocketPlace, UserspaceCounters};
+use crate::responder::{Responder, XdpModePref};
+
+/// Where served time comes from.
+#[derive(Debug, Clone)]
+pub enum ClockSource {
+    /// The host clock as it is (already disciplined by chrony/PTP, or no upstream at all:
+    /// a local stratum like chrony's `local stratum 10`).
+    HostClock {
+        identity: HostClockIdentity,
+        publish_interval: Duration,
+    },
+    /// The daemon's own clock, disciplined against these upstreams.
+    Upstreams {
+        system: SystemConfig,
+        upstreams: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub netns: Option<String>,
+    pub interface: String,
+    pub addresses: Vec<IpAddr>,
+    pub xdp_mode: XdpModePref,
+    pub peer_netns: Option<String>,
+    pub params: ServerParams,
+    pub log_packets: bool,
+    pub clock: ClockSource,
+    /// The plumbing the daemon creates and keeps (None: attach to an existing interface and
+    /// detach on exit).
+    pub managed: Option<(crate::vip::VipSpec, Option<crate::vip::dhcp::DhcpSpec>)>,
+    /// Access list, rate limit, guest clock records.
+    pub admission: crate::responder::admission::AdmissionSpec,
+    /// Metrics, control socket, alarms.
+    pub observe: crate::observe::ObserveSpec,
+    /// Network Time Security (None: off).
+    pub nts: Option<crate::nts::server::NtsSpec>,
+    /// A task that runs beside the daemon's own with its observatory (the fleet agent).
+    pub companion: Option<Companion>,
+    /// Asked for, the daemon stops as on SIGTERM so that its caller can start it again.
+    pub restart: Restart,
+}
+
+/// A request to restart the daemon in place: it stops as on SIGTERM (the pinned responder
+/// keeps answering) and `ntp-user run` starts itself again.
+#[derive(Clone, Default, Debug)]
+pub struct Restart(Arc<RestartFlag>);
+
+#[derive(Default, Debug)]
+struct RestartFlag {
+    requested: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Restart {
+    pub fn request(&self) {
+        self.0
+            .requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.notify.notify_one();
+    }
+
+    pub fn requested(&self) -> bool {
+        self.0.requested.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn wait(&self) {
+        if !self.requested() {
+            self.0.notify.notified().await;
+        }
+    }
+}
+
+/// What a companion runs: given the observatory and the restart handle once the responder
+/// serves (so its start says the configuration started).
+pub type CompanionTask = Box<
+    dyn FnOnce(Arc<Observatory>, Restart, LiveAdmission) -> futures::future::BoxFuture<'static, ()>
+        + Send,
+>;
+
+/// Changes who is answered (policy, access list) without a restart: the kernel's maps and
+/// the userspace path's copy of the policy.
+pub type LiveAdmission =
+    Arc<dyn Fn(&crate::responder::admission::AdmissionSpec) -> Result<()> + Send + Sync>;
+
+/// A task run beside the daemon's (the fleet agent), and the cell it reports its store in.
+#[derive(Clone)]
+pub struct Companion {
+    pub fleet: crate::observe::status::FleetCell,
+    task: Arc<std::sync::Mutex<Option<CompanionTask>>>,
+}
+
+impl Companion {
+    pub fn new(fleet: crate::observe::status::FleetCell, task: CompanionTask) -> Companion {
+        Companion {
+            fleet,
+            task: Arc::new(std::sync::Mutex::new(Some(task))),
+        }
+    }
+
+    fn take(&self) -> Option<CompanionTask> {
+        self.task.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for Companion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Companion(..)")
+    }
+}
+
+/// The userspace path's sockets as bound at start, where to bind them again, and the plumbing
+/// epoch that says when (managed mode; it never moves in standalone mode).
+pub(crate) struct UserSockets {
+    pub sockets: Vec<std::net::UdpSocket>,
+    pub place: SocketPlace,
+    pub plumbing: tokio::sync::watch::Receiver<u64>,
+}
+
+/// What both modes run once the responder is set up: observability, the userspace path,
+/// the mode's own tasks, and the clock task until shutdown. Returns the userspace counters.
+pub(crate) async fn serve_responder(
+    opts: &ServeOptions,
+    responder: &mut Responder,
+    user_sockets: UserSockets,
+    continuity: Option<clock_task::Continuity>,
+    mode_tasks: Vec<AbortOnDrop>,
+    vrrp: crate::observe::status::VrrpCell,
+) -> Result<Arc<UserspaceCounters>> {
+    let nts = match &opts.nts {
+        Some(spec) => Some(start_nts(spec, &user_sockets)?),
+        None => None,
+    };
+    let fleet_cell = opts
+        .companion
+        .as_ref()
+        .map(|c| c.fleet.clone())
+        .unwrap_or_default();
+    let (observatory, clock_status, user_counters) = Observatory::for_responder(
+        &opts.observe,
+        responder,
+        vrrp,
+        nts.as_ref().map(|n| n.state.clone()),
+        fleet_cell,
+    )?;
+    let result = async {
+        let signal = shutdown_signal()?;
+        let restart = opts.restart.clone();
+        let shutdown = async move {
+            tokio::select! {
+                () = signal => {}
+                () = restart.wait() => info!("restart requested: stopping to start again"),
+            }
+        };
+        let _observe: Vec<AbortOnDrop> = crate::observe::start(observatory.clone())
+            .await?
+            .into_iter()
+            .map(AbortOnDrop)
+            .collect();
+        let admission: SharedAdmission = Arc::new(std::sync::Mutex::new(
+            responder.userspace_admission(opts.admission.policy)?,
+        ));
+        let nts_state = nts.as_ref().map(|n| n.state.clone());
+        let live_admission = admission.clone();
+        // Its own thread: TLS handshakes never hold up the clock task or the userspace path.
+        let _key_exchange = nts.map(|n| n.start(admission.clone())).transpose()?;
+        let _userspace = AbortOnDrop(tokio::spawn(userspace_path(
+            user_sockets,
+            responder.subscribe(),
+            opts.params,
+            admission,
+            user_counters.clone(),
+            nts_state,
+        )));
+        // Everything is set up: the companion's start says so (the fleet agent marks a
+        // staged configuration applied).
+        let writer = std::sync::Mutex::new(responder.admission_writer()?);
+        let live: LiveAdmission = Arc::new(move |spec| {
+            writer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .apply(spec)?;
+            live_admission
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_policy(spec.policy);
+            Ok(())
+        });
+        let _companion = opts
+            .companion
+            .as_ref()
+            .and_then(Companion::take)
+            .map(|task| {
+                AbortOnDrop(tokio::spawn(task(
+                    observatory.clone(),
+                    opts.restart.clone(),
+                    live,
+                )))
+            });
+
+        let _mode_tasks = mode_tasks;
+        run_clock(&opts.clock, responder, continuity, clock_status, shutdown).await
+    }
+    .await;
+    if let Some(socket) = &opts.observe.control_socket {
+        let _ = std::fs::remove_file(socket);
+    }
+    result.map(|()| user_counters)
+}
+
+/// NTS, set up before anything serves: the keys loaded (or made), the certificate read, the
+/// listeners bound, so that a mistake stops the start rather than a guest's key exchange.
+struct NtsRuntime {
+    state: Arc<crate::nts::server::NtsState>,
+    spec: crate::nts::server::NtsSpec,
+    netns: Option<String>,
+    listeners: Vec<std::net::TcpListener>,
+    plumbing: tokio::sync::watch::Receiver<u64>,
+    tls: Arc<rustls::ServerConfig>,
+}
+
+fn start_nts(spec: &crate::nts::server::NtsSpec, sockets: &UserSockets) -> Result<NtsRuntime> {
+    use crate::nts::server;
+    let tls = server::tls_config(&spec.certificate_chain, &spec.private_key)?;
+    let state = Arc::new(
+        server::load_or_create_keys(
+            &spec.key_file,
+            spec.rotate_locally.then_some(spec.key_rotation),
+        )
+        .context("NTS cookie keys")?,
+    );
+    let netns = sockets.place.netns.clone();
+    let listeners = server::bind_listeners(netns.as_deref(), &spec.listen, spec.port)?;
+    Ok(NtsRuntime {
+        state,
+        spec: spec.clone(),
+        netns,
+        listeners,
+        plumbing: sockets.plumbing.clone(),
+        tls,
+    })
+}
+
+impl NtsRuntime {
+    /// Starts the key exchange on its thread; it stops when the handle is dropped.
+    fn start(self, admission: SharedAdmission) -> Result<crate::nts::server::KeyExchangeThread> {
+        let admit: crate::nts::server::Admit = Arc::new(move |ip| {
+            let now = crate::host::hostclock::monotonic_now_ns().unwrap_or(0);
+            let decision = admission
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .admit(ip, now);
+            decision == crate::responder::userspace::Admitted::Answer
+        });
+        crate::nts::server::KeyExchange {
+            spec: self.spec,
+            netns_name: self.netns,
+            listeners: self.listeners,
+            plumbing: self.plumbing,
+            tls: self.tls,
+            state: self.state,
+            admit,
+        }
+        .spawn()
+    }
+}
+
+/// Aborts a task when dropped (when the runtime's main future ends).
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs the userspace path; logs if it ever stops.
+async fn userspace_path(
+    sockets: UserSockets,
+    anchors: tokio::sync::watch::Receiver<ntp_common::TimeAnchor>,
+    params: ServerParams,
+    admission: SharedAdmission,
+    counters: Arc<UserspaceCounters>,
+    nts: Option<Arc<crate::nts::server::NtsState>>,
+) {
+    let UserSockets {
+        sockets,
+        place,
+        plumbing,
+    } = sockets;
+    if let Err(e) = crate::responder::userspace::serve(
+        sockets, place, plumbing, anchors, params, admission, counters, nts,
+    )
+    .await
+    {
+        tracing::error!(error = %format!("{e:#}"), "the userspace path stopped");
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: stopping"),
+            _ = sigint.recv() => info!("SIGINT: stopping"),
+        }
+    })
+}
+
+/// Runs the clock `source` and publishes it until `shutdown`: the host clock, or the daemon's
+/// own disciplined one (continuing across restarts with `continuity`).
+async fn run_clock(
+    source: &ClockSource,
+    responder: &mut Responder,
+    continuity: Option<clock_task::Continuity>,
+    status: ClockSnapshotCell,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    match source {
+        ClockSource::HostClock {
+            identity,
+            publish_interval,
+        } => serve_host_clock(responder, identity, *publish_interval, status, shutdown).await,
+        ClockSource::Upstreams { system, upstreams } => {
+            clock_task::run_disciplined(
+                responder,
+                system.clone(),
+                upstreams,
+                continuity,
+                status,
+                shutdown,
+            )
+            .await
+        }
+    }
+}
+
+async fn serve_host_clock(
+    responder: &mut Responder,
+    identity: &HostClockIdentity,
+    publish_interval: Duration,
+    status: ClockSnapshotCell,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let mut ticker = tokio::time::interval(publish_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    let mut kernel_unsynced = false;
+    let mut rate = crate::host::hostclock::HostClockRate::default();
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let pair = crate::host::hostclock::read_clock_pair()?;
+                let anchor = crate::host::hostclock::host_clock_anchor_at(
+                    identity,
+                    pair,
+                    rate.update(pair),
+                )?;
+                let unsynced = anchor.leap == ntp_common::wire::LEAP_UNSYNCHRONIZED;
+                if unsynced != kernel_unsynced {
+                    kernel_unsynced = unsynced;
+                    if unsynced {
+                        warn!("the kernel says the host clock is unsynchronized: serving LI=3");
+                    } else {
+                        info!("the kernel says the host clock is synchronized: serving it");
+                    }
+                }
+                let publication = responder.publish_anchor(anchor)?;
+                *status.lock().unwrap_or_else(|e| e.into_inner()) = ClockSnapshot {
+                    reference: if identity.follow_kernel_sync {
+                        ClockReference::KernelDisciplined
+                    } else {
+                        ClockReference::LocalStratum(identity.stratum)
+                    },
+                    synchronized: !unsynced,
+                    root_dispersion_s: anchor.root_dispersion_ns as f64 * 1e-9,
+                    stratum: identity.stratum,
+                    refid: Some(identity.refid),
+                    leap: ntp_common::wire::Leap::from_bits(anchor.leap),
+                    last_sync_mono_ns: (!unsynced).then_some(anchor.mono_ns),
+                    // The host clock is read afresh at every publication.
+                    measured_since_start: !unsynced,
+                    ..Default::default()
+                };
+                if publication.stepped_back_ns > 0 {
+                    tracing::error!(
+                        stepped_back_s = publication.stepped_back_ns as f64 * 1e-9,
+                        unsynchronized_for_s = crate::responder::STEP_UNSYNC_NS / 1_000_000_000,
+                        "the host clock went back too far to hold served time: stepped back, \
+                         serving LI=3 for a while"
+                    );
+                } else if publication.held_back_ns > 1_000_000 {
+                    warn!(
+                        held_back_ms = publication.held_back_ns as f64 / 1e6,
+                        "host clock went backwards; holding served time until it catches up"
+                    );
+                }
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    Ok(())
+}
