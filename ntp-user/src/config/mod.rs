@@ -7,48 +7,22 @@
 //! - [`validate`]: every field checked, errors as [`ConfigError`];
 //! - [`lower`]: the validated config ([`Validated`]) and its lowering to daemon options.
 
+pub mod error;
 pub mod lower;
 pub mod names;
 pub mod schema;
 pub mod validate;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 
+pub use error::ConfigError;
 pub use lower::Validated;
 pub use schema::*;
 pub use validate::{
     check_holdover, host_preflight, parse_refid, validate_admission, validate_observe,
 };
-
-/// A configuration error: the file (or "(command line)"), the field if one is to blame, and
-/// why. Callers that report errors elsewhere (a fleet's config state) downcast to it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("config {}: {}{reason}", file.display(), field.as_ref().map(|f| format!("field `{f}`: ")).unwrap_or_default())]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub field: Option<String>,
-    pub reason: String,
-}
-
-impl ConfigError {
-    pub fn field(file: &Path, field: &str, reason: impl Into<String>) -> ConfigError {
-        ConfigError {
-            file: file.to_path_buf(),
-            field: Some(field.to_string()),
-            reason: reason.into(),
-        }
-    }
-
-    pub fn file(file: &Path, reason: impl Into<String>) -> ConfigError {
-        ConfigError {
-            file: file.to_path_buf(),
-            field: None,
-            reason: reason.into(),
-        }
-    }
-}
 
 /// The configuration `cargo xtask run` and `ntp-user run` use when given no file: serve the
 /// host clock as a local stratum on the demo namespace pair.

@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::Result;
 use ipnet::IpNet;
 
+use super::error::ConfigError;
+use super::lower::Validated;
 use super::names::SafePath;
 use super::schema::*;
-use super::{ConfigError, Validated};
 use crate::clock::discipline::DisciplineConfig;
 use crate::clock::system::SystemConfig;
 use crate::clock::upstream::PollConfig;
