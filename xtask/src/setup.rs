@@ -54,8 +54,10 @@ const APT_PACKAGES: &[&str] = &[
     // the package test: a booted Debian 12 systemd in a container (debootstrap, systemd-nspawn)
     "debootstrap",
     "systemd-container",
-    // the alerting rules' unit tests (promtool test rules); its service is never started
+    // the alerting rules' unit tests (promtool test rules) and the live alerts test (the
+    // prometheus binary in a test namespace, asked with curl); its service is never started
     "prometheus",
+    "curl",
 ];
 
 pub fn setup() -> Result<()> {
