@@ -209,7 +209,9 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         let _ = self.command(&["systemctl", "poweroff"]).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // After the container stops, nspawn removes its ephemeral copy of the rootfs (hundreds
+        // of MB): killed during that, it would leave the copy behind.
+        let deadline = Instant::now() + Duration::from_secs(180);
         while Instant::now() < deadline {
             if matches!(self.nspawn.try_wait(), Ok(Some(_))) {
                 return;
