@@ -10,14 +10,7 @@ const DEFAULT_LOG_FILTER: &str = "info,netlink_packet_route=error";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    ntp_user::observe::journal::init(DEFAULT_LOG_FILTER);
     let result = match cli.command {
         Command::Serve(a) => a.into_options().and_then(serve),
         Command::Run { config } => run_daemon(config.as_deref()),

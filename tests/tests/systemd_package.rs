@@ -11,12 +11,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use integration_tests::clients::{chronyd_query, one_query, poll};
+use integration_tests::nts::{key_exchange, nts_request, NtsSession, Tamper, TestPki};
 use integration_tests::topology::Netns;
 use integration_tests::vip::{configure_guest, guest_on_bridge};
 use integration_tests::{run, unique_name, CLOCK_V4};
+use ntp_user::nts::packet::client_open_reply;
 
 /// The bridge of the package's default config, where guests plug in.
 const BRIDGE: &str = "ntpxdp-br0";
+/// The default config's service namespace and the interface in it.
+const SERVICE_NETNS: &str = "ntpxdp-vip";
+const SERVICE_INTERFACE: &str = "ntpxdp-v0";
+/// Where `[nts] key_file` defaults to (the unit's StateDirectory).
+const NTS_KEY_FILE: &str = "/var/lib/ntp-xdp/nts-keys.json";
 
 fn required_path(var: &str) -> PathBuf {
     let p: PathBuf = std::env::var_os(var)
@@ -153,12 +160,58 @@ impl Container {
         self.exec(&["journalctl", "-u", "ntp-xdp", "--no-pager", "-o", "cat"])
             .unwrap_or_default()
     }
+
+    /// The daemon's own journal entries (not systemd's about the unit), at `priority` or more
+    /// urgent, with the priority each was filed at.
+    fn daemon_entries(&self, priority: &str) -> Result<Vec<JournalEntry>> {
+        let out = self.exec(&[
+            "journalctl",
+            "-u",
+            "ntp-xdp",
+            "--no-pager",
+            "-o",
+            "json",
+            "-p",
+            priority,
+        ])?;
+        let mut entries = Vec::new();
+        for line in out.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("journal entry {line:?}"))?;
+            if v["SYSLOG_IDENTIFIER"] != "ntp-user" {
+                continue;
+            }
+            let field = |name: &str| v[name].as_str().unwrap_or_default().to_string();
+            entries.push(JournalEntry {
+                priority: field("PRIORITY").parse().unwrap_or(u8::MAX),
+                message: field("MESSAGE"),
+            });
+        }
+        Ok(entries)
+    }
+
+    /// The unit's status line (sd_notify STATUS=, shown by `systemctl status`).
+    fn status_text(&self) -> String {
+        self.exec(&[
+            "systemctl",
+            "show",
+            "-p",
+            "StatusText",
+            "--value",
+            "ntp-xdp",
+        ])
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+    }
 }
 
 impl Drop for Container {
     fn drop(&mut self) {
         let _ = self.command(&["systemctl", "poweroff"]).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // After the container stops, nspawn removes its ephemeral copy of the rootfs (hundreds
+        // of MB): killed during that, it would leave the copy behind.
+        let deadline = Instant::now() + Duration::from_secs(180);
         while Instant::now() < deadline {
             if matches!(self.nspawn.try_wait(), Ok(Some(_))) {
                 return;
@@ -168,6 +221,20 @@ impl Drop for Container {
         let _ = self.nspawn.kill();
         let _ = self.nspawn.wait();
     }
+}
+
+struct JournalEntry {
+    priority: u8,
+    message: String,
+}
+
+/// Whether a cookie the guest got before answers an NTS request with a reply that
+/// authenticates under the session's keys.
+fn cookie_works(guest: &Netns, session: &NtsSession, cookie: &[u8]) -> Result<bool> {
+    let got = nts_request(guest, CLOCK_V4, session, cookie, Tamper::None)?;
+    Ok(got
+        .and_then(|(reply, uid)| client_open_reply(&reply, &uid, &session.s2c))
+        .is_some())
 }
 
 /// The child of `nspawn` that is PID 1 of its own PID namespace.
@@ -272,24 +339,94 @@ fn booted_systemd_package() -> Result<()> {
         );
     }
     c.sh("printf '\\n[limits]\\nrate = 100.0\\nburst = 200\\n' >> /etc/ntp-xdp/ntp-xdp.toml")?;
+    // NTS with a certificate of a test CA: its cookie keys must outlive the upgrade.
+    let pki = TestPki::new(&[CLOCK_V4])?;
+    std::fs::copy(&pki.chain, c.path("/etc/ntp-xdp/nts-chain.pem"))?;
+    std::fs::copy(&pki.key, c.path("/etc/ntp-xdp/nts-key.pem"))?;
+    c.sh("chmod 600 /etc/ntp-xdp/nts-key.pem && printf '\\n[nts]\\n\
+         certificate_chain = \"/etc/ntp-xdp/nts-chain.pem\"\\n\
+         private_key = \"/etc/ntp-xdp/nts-key.pem\"\\n' >> /etc/ntp-xdp/ntp-xdp.toml")?;
     c.exec(&["systemctl", "enable", "--now", "ntp-xdp"])?;
     wait_for("the daemon to serve", Duration::from_secs(60), || {
         servings(&c) == 1
     })
     .with_context(|| c.journal())?;
+
+    // systemctl status names what it serves (the daemon's STATUS=).
+    let expected_status = format!("to guests on bridge {BRIDGE} (namespace {SERVICE_NETNS})");
+    wait_for("the unit's status line", Duration::from_secs(10), || {
+        c.status_text().contains(&expected_status)
+    })
+    .with_context(|| format!("StatusText={:?}", c.status_text()))?;
+    let status_text = c.status_text();
+    assert!(
+        status_text.starts_with("serving ") && status_text.contains(CLOCK_V4),
+        "the status line does not name the clock address: {status_text:?}"
+    );
     let status = c
         .command(&["systemctl", "status", "--no-pager", "-l", "ntp-xdp"])
         .output()?;
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
     assert!(
-        status.contains("active (running)") && status.contains(CLOCK_V4),
-        "systemctl status does not name what it serves:\n{status}"
+        status.contains("active (running)") && status.contains(&status_text),
+        "systemctl status does not show the status line:\n{status}"
     );
-    let journal = c.journal();
+
+    // The journal files the daemon's lines at their levels: a drift it repairs (the namespace
+    // end's IPv6 addresses flushed; the IPv4 guest is not disturbed) is a warning, serving is
+    // info.
+    c.exec(&[
+        "ip",
+        "-n",
+        SERVICE_NETNS,
+        "-6",
+        "addr",
+        "flush",
+        "dev",
+        SERVICE_INTERFACE,
+        "scope",
+        "global",
+    ])?;
+    let mut warnings = Vec::new();
+    wait_for(
+        "the repair's warning in the journal",
+        Duration::from_secs(30),
+        || {
+            warnings = c.daemon_entries("warning").unwrap_or_default();
+            warnings
+                .iter()
+                .any(|e| e.message.contains("drift repaired"))
+        },
+    )
+    .with_context(|| {
+        let all = c.daemon_entries("debug").unwrap_or_default();
+        all.iter()
+            .map(|e| format!("<{}> {}", e.priority, e.message))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    for e in warnings
+        .iter()
+        .filter(|e| e.message.contains("drift repaired"))
+    {
+        assert_eq!(
+            e.priority, 4,
+            "a warning filed as {}: {}",
+            e.priority, e.message
+        );
+    }
     assert!(
-        journal.contains(" INFO ") && journal.contains("responder attached"),
-        "the journal lacks the daemon's levelled lines:\n{journal}"
+        !warnings
+            .iter()
+            .any(|e| e.message.contains("responder attached")),
+        "`journalctl -p warning` shows info lines"
     );
+    let all = c.daemon_entries("debug")?;
+    let serving = all
+        .iter()
+        .find(|e| e.message.contains("responder attached (pinned); serving"))
+        .context("no serving line in the journal")?;
+    assert_eq!(serving.priority, 6, "{}", serving.message);
 
     // A guest on the unit's bridge.
     let guest = guest_on_bridge(&net, BRIDGE)?;
@@ -307,8 +444,17 @@ fn booted_systemd_package() -> Result<()> {
         )
     })?;
 
+    // NTS: a guest's key exchange, and the cookie keys as they are on disk.
+    let session = key_exchange(&guest, CLOCK_V4, &pki.ca_der)?;
+    assert!(
+        cookie_works(&guest, &session, &session.cookies[0])?,
+        "an NTS request before the upgrade got no authentic reply"
+    );
+    let keys_before = std::fs::read(c.path(NTS_KEY_FILE))
+        .with_context(|| format!("the NTS key file {NTS_KEY_FILE}"))?;
+
     // An upgrade to a higher version: hitless (postinst's try-restart), the conffile edit
-    // kept.
+    // and the NTS keys kept.
     let upgrade = required_path("NTP_XDP_DEB_UPGRADE");
     let upgrade_name = upgrade.file_name().unwrap().to_string_lossy().into_owned();
     no_request_lost(&guest, "upgrade", || {
@@ -329,8 +475,17 @@ fn booted_systemd_package() -> Result<()> {
     assert!(version.ends_with("+upgrade1"), "installed: {version}");
     let config = std::fs::read_to_string(c.path("/etc/ntp-xdp/ntp-xdp.toml"))?;
     assert!(
-        config.contains("rate = 100.0"),
-        "the upgrade lost the conffile edit"
+        config.contains("rate = 100.0") && config.contains("[nts]"),
+        "the upgrade lost the conffile edits"
+    );
+    let keys_after = std::fs::read(c.path(NTS_KEY_FILE))?;
+    assert!(
+        keys_after == keys_before,
+        "the upgrade changed the NTS key file"
+    );
+    assert!(
+        cookie_works(&guest, &session, &session.cookies[1])?,
+        "a cookie from before the upgrade got no authentic reply"
     );
 
     // stop: no time from this host within a second of asking.
@@ -389,10 +544,20 @@ fn booted_systemd_package() -> Result<()> {
     );
     assert!(one_query(&guest, CLOCK_V4)?.is_none());
 
-    // purge: nothing of it left.
+    // purge: nothing of it left; what the operator put in /etc/ntp-xdp (the NTS certificate
+    // and key) is theirs, and dpkg keeps the directory for it.
     c.exec(&["apt-get", "purge", "-y", "-q", "ntp-xdp"])?;
+    let mut kept: Vec<String> = std::fs::read_dir(c.path("/etc/ntp-xdp"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        ["nts-chain.pem", "nts-key.pem"],
+        "apt purge left files of the package in /etc/ntp-xdp"
+    );
     for p in [
-        "/etc/ntp-xdp",
         "/var/lib/ntp-xdp",
         "/etc/systemd/system/multi-user.target.wants/ntp-xdp.service",
         "/lib/systemd/system/ntp-xdp.service",

@@ -54,11 +54,13 @@ const APT_PACKAGES: &[&str] = &[
     // the package test: a booted Debian 12 systemd in a container (debootstrap, systemd-nspawn)
     "debootstrap",
     "systemd-container",
-    // the alerting rules' unit tests (promtool test rules); its service is never started
+    // the alerting rules' unit tests (promtool test rules) and the live alerts test (the
+    // prometheus binary in a test namespace, asked with curl); its service is never started
     "prometheus",
     // the fleet test of a host whose clock is behind: libfaketime preloaded into its daemon
     // (the system clock is never touched)
     "faketime",
+    "curl",
 ];
 
 pub fn setup() -> Result<()> {

@@ -432,6 +432,7 @@ pub async fn serve_managed(
         pins = %pin_dir(&spec.netns).display(),
         "responder attached (pinned); serving"
     );
+    crate::observe::journal::notify_status(&serving_status(&spec, &served));
 
     let continuity = crate::daemon::clock_task::Continuity {
         state_file: state_dir(&spec.netns).join("clock.json"),
@@ -596,7 +597,27 @@ fn withdraw(spec: &VipSpec, responder: &mut Responder) -> Result<()> {
         }
     }
     info!(netns = %spec.netns, "withdrawn: no address served");
+    crate::observe::journal::notify_status("withdrawn: no address served");
     Ok(())
+}
+
+/// The unit's status line while serving: the addresses, and where the guests are.
+fn serving_status(spec: &VipSpec, served: &[IpAddr]) -> String {
+    let addresses: Vec<String> = served.iter().map(IpAddr::to_string).collect();
+    let guests = spec.bridge.as_deref().map_or_else(
+        || format!("interface {}", spec.host_interface),
+        |b| format!("bridge {b}"),
+    );
+    let role = if spec.redundancy.is_some() {
+        " while VRRP master"
+    } else {
+        ""
+    };
+    format!(
+        "serving {} to guests on {guests}{role} (namespace {})",
+        addresses.join(", "),
+        spec.netns
+    )
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 pub mod alarms;
 pub mod guests;
+pub mod journal;
 pub mod metrics;
 pub mod status;
 
