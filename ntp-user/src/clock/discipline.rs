@@ -3,11 +3,12 @@
 //!
 //! The model is a chain of linear segments, each exactly a [`TimeAnchor`] line (the kernel
 //! extrapolates with the same arithmetic), joined without jumps. Each update adds an absolute
-//! "true time at this monotonic instant" point; a weighted regression over the recent points,
-//! taken against the current segment, gives the model's phase and frequency error. The
-//! frequency error is corrected at once (a rate change, never a jump); the phase error is
-//! slewed away at no more than `max_slew_ppm`. Before the first synchronization the model may
-//! step once; afterwards an error above the panic threshold is refused and reported.
+//! "true time at this monotonic instant" point; an estimator (a bank of Kalman filters, or a
+//! weighted regression over the recent points: [`Estimator`]), taken against the current
+//! segment, gives the model's phase and frequency error. The frequency error is corrected at
+//! once (a rate change, never a jump); the phase error is slewed away at no more than
+//! `max_slew_ppm`. Before the first synchronization the model may step once; afterwards an
+//! error above the panic threshold is refused and reported.
 
 use std::collections::VecDeque;
 
