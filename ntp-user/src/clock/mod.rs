@@ -5,6 +5,7 @@
 pub mod bound;
 pub mod discipline;
 pub mod filter;
+pub mod kalman;
 pub mod leap;
 pub mod names;
 pub mod selection;

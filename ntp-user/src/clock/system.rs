@@ -523,6 +523,7 @@ impl System {
                 events.push(SystemEvent::StepRefused { offset_s });
                 return;
             }
+            DisciplineEvent::Outlier { .. } => return,
             DisciplineEvent::Stepped { offset_s } => {
                 self.last_offset_s = Some(offset_s);
                 events.push(SystemEvent::Stepped { offset_s })
