@@ -23,6 +23,8 @@ pub const SOURCES: &str = "SOURCES";
 /// Per CPU: where a new source's entry is built before it is inserted (the BPF stack has
 /// no room for it).
 pub const SOURCE_SCRATCH: &str = "SOURCE_SCRATCH";
+/// Per CPU: the state of the generator of the bits below the precision.
+pub const RANDOM: &str = "RANDOM";
 /// Per-CPU state of the global kiss-o'-death budget.
 pub const KOD_BUDGET: &str = "KOD_BUDGET";
 /// The VIP hosts whose VRRP adverts may arrive on the guests' side (a shared network's
@@ -155,7 +157,7 @@ unsafe impl aya::Pod for Attachment {}
 /// Counts of the benchmark's programs (`crate::bench`), never used by the daemon.
 pub const BENCH_COUNTS: &str = "BENCH_COUNTS";
 
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     ANCHORS,
     ANCHOR_ACTIVE,
     SERVER_PARAMS,
@@ -165,6 +167,7 @@ pub const ALL: [&str; 14] = [
     ACL,
     SOURCES,
     SOURCE_SCRATCH,
+    RANDOM,
     KOD_BUDGET,
     VRRP_PEERS,
     BARRIER,

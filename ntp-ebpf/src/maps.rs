@@ -43,6 +43,9 @@ pub static SOURCES: LruHashMap<SourceKey, SourceRecord> = LruHashMap::with_max_e
 /// Where a new source's entry is built and inserted from (the BPF stack has no room for it).
 #[map]
 pub static SOURCE_SCRATCH: PerCpuArray<SourceRecord> = PerCpuArray::with_max_entries(1, 0);
+/// Each CPU's random generator state (`ntp_common::reply::next_random`), seeded on first use.
+#[map]
+pub static RANDOM: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// VIP hosts whose VRRP may arrive on the guests' side (see `ntp_common::maps::VRRP_PEERS`).
 #[map]
 pub static VRRP_PEERS: HashMap<[u8; 16], u8> =

@@ -6,14 +6,15 @@ use ntp_common::{
     checksum::{finish, finish_udp, le_words_sum},
     policy::{ResponderPolicy, POLICY_GUEST_CLOCKS},
     reply::{
-        guest_offset_fixed, write_kiss_of_death, write_reply_but_transmit, write_transmit,
-        ClientRequest,
+        guest_offset_fixed, next_random, write_kiss_of_death, write_reply_but_transmit,
+        write_transmit, ClientRequest,
     },
     wire::*,
     ServerParams, TimeAnchor,
 };
 
 use crate::admit::Source;
+use crate::maps::RANDOM;
 use crate::packet::{swap, Packet};
 use crate::parse::{ipv4_header_sum, Request};
 
@@ -40,6 +41,22 @@ pub fn turn_around(pkt: &Packet, req: &Request) -> Option<()> {
         ip[7] = REPLY_TTL;
     }
     Some(())
+}
+
+/// 32 random bits from this CPU's generator, seeded from the kernel's on first use.
+#[inline(always)]
+fn random_bits() -> u32 {
+    let Some(state) = RANDOM.get_ptr_mut(0) else {
+        return unsafe { bpf_get_prandom_u32() };
+    };
+    // SAFETY: this CPU's slot; the program is not preempted by itself on a CPU.
+    let state = unsafe { &mut *state };
+    if *state == 0 {
+        *state = (unsafe { bpf_get_prandom_u32() } as u64) << 32
+            | unsafe { bpf_get_prandom_u32() } as u64
+            | 1;
+    }
+    next_random(state)
 }
 
 /// What the reply is built from besides the request: the anchor, the server's header fields,
@@ -69,7 +86,7 @@ pub fn answer(
     // SAFETY: the NTP header is the last 48 of the segment's 56 bytes.
     let hdr = unsafe { &mut *(seg.as_mut_ptr().add(UDP_HEADER_LEN) as *mut [u8; NTP_HEADER_LEN]) };
     let request = ClientRequest::parse(hdr);
-    let random = unsafe { bpf_get_prandom_u32() };
+    let random = random_bits();
     let rx_mono = cx.rx_mono;
     match kod {
         None => {

@@ -1717,6 +1717,24 @@ fn guest_clocks_share_the_rate_entry_of_their_source() {
     assert_eq!(observer.rate_sources(), 2);
 }
 
+/// The transmit timestamp's bits below the precision are random (RFC 5905 §6), from the
+/// responder's own per-CPU generator: they vary from reply to reply.
+#[test]
+fn the_bits_below_the_precision_vary_between_replies() {
+    let (mut r, _) = responder(AnchorState::Synchronized).unwrap();
+    let frame = Frame::v4(v4_request()).build();
+    // Untagged IPv4: the NTP header at 42, its transmit timestamp 40 bytes in.
+    let low: std::collections::HashSet<u64> = (0..64)
+        .map(|_| {
+            let out = r.test_run(&frame).unwrap();
+            assert_eq!(out.action, XDP_TX);
+            read_be64(&out.frame, 82) & sub_precision_mask(-24)
+        })
+        .collect();
+    // 64 draws of 8 bits: ~56 distinct values expected, fewer than 32 one time in 10^15.
+    assert!(low.len() >= 32, "{} distinct low bits", low.len());
+}
+
 #[test]
 fn truncated_and_garbled_frames_are_never_answered_wrongly() {
     let (mut r, _) = responder(AnchorState::Synchronized).unwrap();
