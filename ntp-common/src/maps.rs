@@ -4,7 +4,7 @@
 //! static); `ntp-user` checks at test time that the object holds exactly these.
 
 use crate::anchor::{ServerParams, TimeAnchor};
-use crate::policy::{GuestClock, ResponderPolicy, SourceKey, SourceState};
+use crate::policy::{GuestClock, ResponderPolicy, SourceKey, SourceRecord, SourceState};
 
 /// The anchor's two slots.
 pub const ANCHORS: &str = "ANCHORS";
@@ -17,8 +17,14 @@ pub const ATTACHMENTS: &str = "ATTACHMENTS";
 pub const COUNTERS: &str = "COUNTERS";
 pub const POLICY: &str = "POLICY";
 pub const ACL: &str = "ACL";
-pub const RATE: &str = "RATE";
-pub const GUESTS: &str = "GUESTS";
+/// Per source ([`SourceKey`] from `policy::rate_key`): its rate state and its guest clock
+/// record ([`SourceRecord`]), one lookup per request.
+pub const SOURCES: &str = "SOURCES";
+/// Per CPU: where a new source's entry is built before it is inserted (the BPF stack has
+/// no room for it).
+pub const SOURCE_SCRATCH: &str = "SOURCE_SCRATCH";
+/// Per CPU: the state of the generator of the bits below the precision.
+pub const RANDOM: &str = "RANDOM";
 /// Per-CPU state of the global kiss-o'-death budget.
 pub const KOD_BUDGET: &str = "KOD_BUDGET";
 /// The VIP hosts whose VRRP adverts may arrive on the guests' side (a shared network's
@@ -151,7 +157,7 @@ unsafe impl aya::Pod for Attachment {}
 /// Counts of the benchmark's programs (`crate::bench`), never used by the daemon.
 pub const BENCH_COUNTS: &str = "BENCH_COUNTS";
 
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     ANCHORS,
     ANCHOR_ACTIVE,
     SERVER_PARAMS,
@@ -159,8 +165,9 @@ pub const ALL: [&str; 14] = [
     COUNTERS,
     POLICY,
     ACL,
-    RATE,
-    GUESTS,
+    SOURCES,
+    SOURCE_SCRATCH,
+    RANDOM,
     KOD_BUDGET,
     VRRP_PEERS,
     BARRIER,
@@ -200,6 +207,9 @@ pub const LAYOUT_FINGERPRINT: u64 = {
         offset_of!(ServerParams, vrrp_router_id),
         size_of::<SourceState>(),
         size_of::<GuestClock>(),
+        size_of::<SourceRecord>(),
+        offset_of!(SourceRecord, guest),
+        offset_of!(SourceRecord, guest_addr),
         size_of::<ResponderPolicy>(),
         crate::counters::COUNTER_COUNT as usize,
         // The anchor's slot selection: the generation word (this build: u32, slot = gen & 1).

@@ -269,6 +269,51 @@ pub struct GuestClock {
     pub last_seen_ns: u64,
 }
 
+/// One source's entry in the per-source table: its rate state and the clock its answered
+/// requests showed, found with one lookup per request. Keyed by [`rate_key`]: an IPv6 guest's
+/// record is its prefix's (one guest usually holds the whole /64), with the full address of
+/// the last request that carried a clock reading.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SourceRecord {
+    pub rate: SourceState,
+    /// `guest.requests == 0`: no clock reading recorded (a rate entry only).
+    pub guest: GuestClock,
+    /// The address `guest` was seen from (IPv4 as ::ffff:a.b.c.d).
+    pub guest_addr: [u8; 16],
+}
+
+impl SourceRecord {
+    /// The entry of a source first seen now, holding `rate`.
+    #[inline(always)]
+    pub const fn new(rate: SourceState) -> SourceRecord {
+        SourceRecord {
+            rate,
+            guest: GuestClock {
+                offset_fixed: 0,
+                requests: 0,
+                last_seen_ns: 0,
+            },
+            guest_addr: [0; 16],
+        }
+    }
+
+    /// Records a request from `addr` whose clock read `offset_fixed` at `now_ns`.
+    #[inline(always)]
+    pub fn record_guest(&mut self, addr: &[u8; 16], offset_fixed: i64, now_ns: u64) {
+        self.guest.offset_fixed = offset_fixed;
+        self.guest.requests += 1;
+        self.guest.last_seen_ns = now_ns;
+        self.guest_addr = *addr;
+    }
+
+    /// The guest's clock record, if any request carried one.
+    pub fn guest_clock(&self) -> Option<GuestClock> {
+        (self.guest.requests != 0).then_some(self.guest)
+    }
+}
+
 /// Converts a 32.32 difference to nanoseconds without 128-bit arithmetic.
 pub fn fixed_to_ns(fixed: i64) -> i64 {
     let secs = fixed >> 32;
@@ -286,6 +331,8 @@ unsafe impl aya::Pod for SourceState {}
 unsafe impl aya::Pod for GuestClock {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SourceKey {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SourceRecord {}
 
 #[cfg(test)]
 mod tests {
@@ -307,6 +354,32 @@ mod tests {
         assert_eq!(core::mem::size_of::<SourceKey>(), 20);
         assert_eq!(core::mem::size_of::<SourceState>(), 16);
         assert_eq!(core::mem::size_of::<GuestClock>(), 24);
+        assert_eq!(core::mem::size_of::<SourceRecord>(), 56);
+    }
+
+    #[test]
+    fn a_source_record_keeps_the_last_guest_address() {
+        let mut r = SourceRecord::new(SourceState {
+            tat_ns: 7,
+            last_kod_ns: 0,
+        });
+        assert_eq!(r.guest_clock(), None);
+        let a = [0xfd, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 5];
+        let mut b = a;
+        b[15] = 9;
+        r.record_guest(&a, 10, 100);
+        r.record_guest(&b, -20, 200);
+        assert_eq!(r.guest_addr, b);
+        assert_eq!(
+            r.guest_clock(),
+            Some(GuestClock {
+                offset_fixed: -20,
+                requests: 2,
+                last_seen_ns: 200
+            })
+        );
+        // The rate state is untouched by the guest's record.
+        assert_eq!(r.rate.tat_ns, 7);
     }
 
     #[test]

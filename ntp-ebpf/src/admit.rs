@@ -6,13 +6,13 @@ use aya_ebpf::maps::lpm_trie::Key;
 use ntp_common::{
     policy::{
         admit, global_kod_allowed, kod_due, rate_key, would_admit, Admission, ResponderPolicy,
-        SourceState, ACL_ALLOW, KISS_DENY, KISS_RATE, POLICY_ACL, POLICY_DEFAULT_DENY,
-        POLICY_KOD_DENY, POLICY_RATE_LIMIT,
+        SourceKey, SourceRecord, SourceState, ACL_ALLOW, KISS_DENY, KISS_RATE, POLICY_ACL,
+        POLICY_DEFAULT_DENY, POLICY_KOD_DENY, POLICY_RATE_LIMIT,
     },
     Counter,
 };
 
-use crate::maps::{ACL, KOD_BUDGET, RATE};
+use crate::maps::{ACL, KOD_BUDGET, SOURCES, SOURCE_SCRATCH};
 use crate::parse::Request;
 
 /// What admission decided for a valid request.
@@ -44,22 +44,66 @@ fn global_kod(now: u64, policy: &ResponderPolicy) -> bool {
     }
 }
 
+/// Inserts a source first seen now, with its rate state and (address, offset, time) of its
+/// clock reading. A full LRU table evicts its least recently used entry to make room.
+#[inline(always)]
+fn insert_source(key: &SourceKey, rate: SourceState, guest: Option<(&[u8; 16], i64, u64)>) {
+    // Built in a per-CPU slot, not on the stack (which has no room for it).
+    let Some(record) = SOURCE_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, used only here and never across a helper that could yield.
+    let record = unsafe { &mut *record };
+    *record = SourceRecord::new(rate);
+    if let Some((addr, offset, now)) = guest {
+        record.record_guest(addr, offset, now);
+    }
+    let _ = SOURCES.insert(key, record, 0);
+}
+
+/// The source's entry in the per-source table as admission left it (`None`: not looked up,
+/// or first seen), for the answer to add the guest's clock to without a second lookup.
+pub struct Source(Option<*mut SourceRecord>);
+
+impl Source {
+    /// Records a guest's clock reading (`offset_fixed`): in the entry admission found, or
+    /// else (no rate limiting, or a source's first request) in the one this looks up or
+    /// inserts.
+    #[inline(always)]
+    pub fn record_guest(self, req: &Request, offset: i64, now: u64, policy: &ResponderPolicy) {
+        let entry = match self.0 {
+            Some(p) => p,
+            None => {
+                let key = rate_key(&req.src, req.v4, req.vlan, policy.v6_prefix_len);
+                match SOURCES.get_ptr_mut(&key) {
+                    Some(p) => p,
+                    None => {
+                        insert_source(&key, SourceState::default(), Some((&req.src, offset, now)));
+                        return;
+                    }
+                }
+            }
+        };
+        unsafe { (*entry).record_guest(&req.src, offset, now) };
+    }
+}
+
 /// Access list, then the source's rate.
 #[inline(always)]
-pub fn admission(req: &Request, now: u64, policy: &ResponderPolicy) -> Admit {
+pub fn admission(req: &Request, now: u64, policy: &ResponderPolicy) -> (Admit, Source) {
     let is_denied = denied(&req.src, policy);
     if is_denied && !policy.has(POLICY_KOD_DENY) {
-        return Admit::Drop(Counter::DroppedDenied);
+        return (Admit::Drop(Counter::DroppedDenied), Source(None));
     }
     if !is_denied && !policy.has(POLICY_RATE_LIMIT) {
-        return Admit::Answer;
+        return (Admit::Answer, Source(None));
     }
     // Concurrent requests of one source on two CPUs may both pass on the same token: the
     // limit is exact per CPU and at most #CPUs times looser for a source that floods them all.
     let key = rate_key(&req.src, req.v4, req.vlan, policy.v6_prefix_len);
-    let slot = RATE.get_ptr_mut(&key);
+    let slot = SOURCES.get_ptr_mut(&key);
     let mut state = match slot {
-        Some(p) => unsafe { *p },
+        Some(p) => unsafe { (*p).rate },
         None => SourceState::default(),
     };
     let decision = if is_denied {
@@ -78,13 +122,12 @@ pub fn admission(req: &Request, now: u64, policy: &ResponderPolicy) -> Admit {
         }
     };
     match slot {
-        Some(p) => unsafe { *p = state },
+        Some(p) => unsafe { (*p).rate = state },
         // A full LRU table evicts its least recently used entry to make room.
-        None => {
-            let _ = RATE.insert(&key, &state, 0);
-        }
+        None => insert_source(&key, state, None),
     }
-    decision
+    let source = Source(slot);
+    (decision, source)
 }
 
 /// For a request passed up to the userspace path: the access list, and whether its source
@@ -96,8 +139,8 @@ pub fn admits_upward(req: &Request, now: u64, policy: &ResponderPolicy) -> Resul
     }
     if policy.has(POLICY_RATE_LIMIT) {
         let key = rate_key(&req.src, req.v4, req.vlan, policy.v6_prefix_len);
-        if let Some(state) = unsafe { RATE.get(&key) } {
-            if !would_admit(state, now, policy) {
+        if let Some(record) = unsafe { SOURCES.get(&key) } {
+            if !would_admit(&record.rate, now, policy) {
                 return Err(Counter::DroppedRateLimited);
             }
         }

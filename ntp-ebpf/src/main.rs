@@ -44,7 +44,7 @@ mod program {
     use ntp_common::{
         anchor::PARAM_FLAG_LOG,
         maps::{attachment_slot, Attachment},
-        policy::{ResponderPolicy, POLICY_GUEST_CLOCKS},
+        policy::ResponderPolicy,
         Counter, ServerParams, TimeAnchor,
     };
 
@@ -87,11 +87,11 @@ mod program {
         // Receive timestamp: as early as possible.
         let rx_mono = unsafe { bpf_ktime_get_ns() };
         let params = match SERVER_PARAMS.get(0) {
-            Some(p) => *p,
-            None => ServerParams::DEFAULT,
+            Some(p) => p,
+            None => &ServerParams::DEFAULT,
         };
         let pkt = Packet::new(&ctx);
-        let verdict = handle(&pkt, ctx.ingress_ifindex() as u32, rx_mono, &params);
+        let verdict = handle(&pkt, ctx.ingress_ifindex() as u32, rx_mono, params);
         count(verdict.counter);
         if verdict.unsynchronized {
             count(Counter::AnsweredUnsynchronized);
@@ -160,13 +160,13 @@ mod program {
             Err(verdict) => return verdict,
         };
         let policy = match POLICY.get(0) {
-            Some(p) => *p,
-            None => ResponderPolicy::OPEN,
+            Some(p) => p,
+            None => &ResponderPolicy::OPEN,
         };
         if req.extended {
             // The userspace path answers it; admitted here first, so a denied or flooding
             // source costs the kernel a lookup, not the daemon a wakeup.
-            return match admits_upward(&req, rx_mono, &policy) {
+            return match admits_upward(&req, rx_mono, policy) {
                 Ok(()) => pass(Counter::PassedExtension),
                 Err(counter) => drop(counter),
             };
@@ -177,7 +177,8 @@ mod program {
         if !anchor.is_published() {
             return drop(Counter::DroppedNoAnchor);
         }
-        let (kod, counter) = match admission(&req, rx_mono, &policy) {
+        let (admitted, source) = admission(&req, rx_mono, policy);
+        let (kod, counter) = match admitted {
             Admit::Answer if req.v4 => (None, Counter::AnsweredV4),
             Admit::Answer => (None, Counter::AnsweredV6),
             Admit::Kod(code, counter) => (Some(code), counter),
@@ -189,11 +190,10 @@ mod program {
         let cx = ReplyContext {
             anchor: &anchor,
             params,
-            guest_clocks: policy.has(POLICY_GUEST_CLOCKS),
-            kod_poll: policy.kod_poll,
+            policy,
             rx_mono,
         };
-        let Some(synced) = answer(pkt, &req, &cx, kod) else {
+        let Some(synced) = answer(pkt, &req, &cx, kod, source) else {
             return drop(Counter::DroppedShort);
         };
         Verdict {

@@ -9,7 +9,9 @@ use ntp_common::{
     anchor::{ANCHOR_MAP_FLAGS, ANCHOR_SLOTS},
     counters::COUNTER_COUNT,
     maps::{Attachment, ATTACHMENT_SLOTS},
-    policy::{GuestClock, ResponderPolicy, SourceKey, SourceState, ACL_TRIE_ENTRIES, VLAN_ID_MAX},
+    policy::{
+        ResponderPolicy, SourceKey, SourceRecord, SourceState, ACL_TRIE_ENTRIES, VLAN_ID_MAX,
+    },
     ServerParams, TimeAnchor,
 };
 
@@ -33,13 +35,17 @@ pub static POLICY: Array<ResponderPolicy> = Array::with_max_entries(1, 0);
 /// and `::/0` → the default.
 #[map]
 pub static ACL: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(ACL_TRIE_ENTRIES, 0);
-/// Rate-limit state per source (IPv4 address or IPv6 prefix, with its VLAN). LRU: a full
-/// table forgets the longest-idle source, so it never refuses a new one. Sized at load.
+/// Per source (IPv4 address or IPv6 prefix, with its VLAN): its rate state and the clock its
+/// answered requests showed, found with one lookup. LRU: a full table forgets the
+/// longest-idle source, so it never refuses a new one. Sized at load.
 #[map]
-pub static RATE: LruHashMap<SourceKey, SourceState> = LruHashMap::with_max_entries(65536, 0);
-/// Apparent clock error of each guest (full source address and VLAN), for the alarm list.
+pub static SOURCES: LruHashMap<SourceKey, SourceRecord> = LruHashMap::with_max_entries(65536, 0);
+/// Where a new source's entry is built and inserted from (the BPF stack has no room for it).
 #[map]
-pub static GUESTS: LruHashMap<SourceKey, GuestClock> = LruHashMap::with_max_entries(65536, 0);
+pub static SOURCE_SCRATCH: PerCpuArray<SourceRecord> = PerCpuArray::with_max_entries(1, 0);
+/// Each CPU's random generator state (`ntp_common::reply::next_random`), seeded on first use.
+#[map]
+pub static RANDOM: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// VIP hosts whose VRRP may arrive on the guests' side (see `ntp_common::maps::VRRP_PEERS`).
 #[map]
 pub static VRRP_PEERS: HashMap<[u8; 16], u8> =

@@ -4,16 +4,17 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use ntp_common::{
     checksum::{finish, finish_udp, le_words_sum},
-    policy::{GuestClock, SourceKey},
+    policy::{ResponderPolicy, POLICY_GUEST_CLOCKS},
     reply::{
-        guest_offset_fixed, write_kiss_of_death, write_reply_but_transmit, write_transmit,
-        ClientRequest,
+        guest_offset_fixed, next_random, write_kiss_of_death, write_reply_but_transmit,
+        write_transmit, ClientRequest,
     },
     wire::*,
     ServerParams, TimeAnchor,
 };
 
-use crate::maps::GUESTS;
+use crate::admit::Source;
+use crate::maps::RANDOM;
 use crate::packet::{swap, Packet};
 use crate::parse::{ipv4_header_sum, Request};
 
@@ -42,24 +43,20 @@ pub fn turn_around(pkt: &Packet, req: &Request) -> Option<()> {
     Some(())
 }
 
-/// Remembers what a guest's request said about its clock.
+/// 32 random bits from this CPU's generator, seeded from the kernel's on first use.
 #[inline(always)]
-fn record_guest(key: &SourceKey, offset_fixed: i64, now: u64) {
-    match GUESTS.get_ptr_mut(key) {
-        Some(g) => unsafe {
-            (*g).offset_fixed = offset_fixed;
-            (*g).requests += 1;
-            (*g).last_seen_ns = now;
-        },
-        None => {
-            let entry = GuestClock {
-                offset_fixed,
-                requests: 1,
-                last_seen_ns: now,
-            };
-            let _ = GUESTS.insert(key, &entry, 0);
-        }
+fn random_bits() -> u32 {
+    let Some(state) = RANDOM.get_ptr_mut(0) else {
+        return unsafe { bpf_get_prandom_u32() };
+    };
+    // SAFETY: this CPU's slot; the program is not preempted by itself on a CPU.
+    let state = unsafe { &mut *state };
+    if *state == 0 {
+        *state = (unsafe { bpf_get_prandom_u32() } as u64) << 32
+            | unsafe { bpf_get_prandom_u32() } as u64
+            | 1;
     }
+    next_random(state)
 }
 
 /// What the reply is built from besides the request: the anchor, the server's header fields,
@@ -67,19 +64,20 @@ fn record_guest(key: &SourceKey, offset_fixed: i64, now: u64) {
 pub struct ReplyContext<'a> {
     pub anchor: &'a TimeAnchor,
     pub params: &'a ServerParams,
-    pub guest_clocks: bool,
-    pub kod_poll: i8,
+    pub policy: &'a ResponderPolicy,
     pub rx_mono: u64,
 }
 
 /// Writes the NTP reply (or a kiss-o'-death with `kod`) and the UDP header over the request
-/// segment. Returns whether a reply claims synchronization.
+/// segment, and the guest's clock in its `source` entry. Returns whether a reply claims
+/// synchronization.
 #[inline(always)]
 pub fn answer(
     pkt: &Packet,
     req: &Request,
     cx: &ReplyContext,
     kod: Option<[u8; 4]>,
+    source: Source,
 ) -> Option<bool> {
     let seg = pkt.bytes::<{ NTP_UDP_LEN as usize }>(req.l4)?;
     swap::<2>(seg, 0, 2);
@@ -88,7 +86,7 @@ pub fn answer(
     // SAFETY: the NTP header is the last 48 of the segment's 56 bytes.
     let hdr = unsafe { &mut *(seg.as_mut_ptr().add(UDP_HEADER_LEN) as *mut [u8; NTP_HEADER_LEN]) };
     let request = ClientRequest::parse(hdr);
-    let random = unsafe { bpf_get_prandom_u32() };
+    let random = random_bits();
     let rx_mono = cx.rx_mono;
     match kod {
         None => {
@@ -98,10 +96,9 @@ pub fn answer(
             let tx_mono = unsafe { bpf_ktime_get_ns() };
             write_transmit(hdr, cx.anchor, cx.params, receive, tx_mono, random);
             // A zero transmit timestamp says nothing about the guest's clock.
-            if cx.guest_clocks && u64::from_be_bytes(request.transmit) != 0 {
-                // The full address (no prefix aggregation) and its VLAN.
-                let key = SourceKey::new(req.src, req.vlan);
-                record_guest(&key, guest_offset_fixed(request.transmit, receive), rx_mono);
+            if cx.policy.has(POLICY_GUEST_CLOCKS) && u64::from_be_bytes(request.transmit) != 0 {
+                let offset = guest_offset_fixed(request.transmit, receive);
+                source.record_guest(req, offset, rx_mono, cx.policy);
             }
         }
         Some(code) => write_kiss_of_death(
@@ -113,7 +110,7 @@ pub fn answer(
             unsafe { bpf_ktime_get_ns() },
             random,
             code,
-            cx.kod_poll,
+            cx.policy.kod_poll,
         ),
     }
     // The pseudo-header sum does not change when source and destination swap.

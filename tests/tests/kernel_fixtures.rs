@@ -1671,6 +1671,70 @@ fn guest_clocks_are_recorded_from_transmit_timestamps() {
     assert!(g.last_seen_ns <= now && now - g.last_seen_ns < 10 * NANOS_PER_SEC);
 }
 
+/// With rate limiting on, a guest's clock is recorded in its rate entry (one lookup per
+/// request): one entry per source for both, and an IPv6 guest's record is its /64's, under
+/// the address of its last request.
+#[test]
+fn guest_clocks_share_the_rate_entry_of_their_source() {
+    let (mut r, anchor) = responder(AnchorState::Synchronized).unwrap();
+    // A burst of two, then nothing for 1000 s.
+    let mut p = ResponderPolicy::OPEN.with_rate(0.001, 2);
+    p.flags |= POLICY_GUEST_CLOCKS;
+    r.set_policy(p).unwrap();
+    let observer = r.observer().unwrap();
+    let ahead = || {
+        let now = monotonic_now_ns().unwrap();
+        let t = ntp_ns_to_timestamp(anchor.ntp_ns_at(now) + 2 * NANOS_PER_SEC);
+        let mut req = v4_request();
+        req[40..48].copy_from_slice(&t.to_be_bytes());
+        req
+    };
+    let mut second_v6 = GUEST_V6;
+    second_v6[15] = 9;
+    for frame in [
+        Frame::v4(ahead()),
+        Frame::v4(ahead()),
+        Frame::v6(ahead()),
+        Frame {
+            src_v6: second_v6,
+            ..Frame::v6(ahead())
+        },
+    ] {
+        assert_eq!(r.test_run(&frame.build()).unwrap().action, XDP_TX);
+    }
+    // The rate state is in the same entries: the v4 guest's burst is spent, and the
+    // refused request is not recorded.
+    let out = r.test_run(&Frame::v4(ahead()).build()).unwrap();
+    assert_eq!(out.action, XDP_DROP);
+    let mut records = observer.guest_clocks();
+    records.sort_by_key(|(addr, _, _)| *addr);
+    let seen: Vec<(IpAddr, u64)> = records.iter().map(|(a, _, g)| (*a, g.requests)).collect();
+    assert_eq!(
+        seen,
+        [(IpAddr::from(GUEST_V4), 2), (IpAddr::from(second_v6), 2)],
+        "{records:?}"
+    );
+    assert_eq!(observer.rate_sources(), 2);
+}
+
+/// The transmit timestamp's bits below the precision are random (RFC 5905 §6), from the
+/// responder's own per-CPU generator: they vary from reply to reply.
+#[test]
+fn the_bits_below_the_precision_vary_between_replies() {
+    let (mut r, _) = responder(AnchorState::Synchronized).unwrap();
+    let frame = Frame::v4(v4_request()).build();
+    // Untagged IPv4: the NTP header at 42, its transmit timestamp 40 bytes in.
+    let low: std::collections::HashSet<u64> = (0..64)
+        .map(|_| {
+            let out = r.test_run(&frame).unwrap();
+            assert_eq!(out.action, XDP_TX);
+            read_be64(&out.frame, 82) & sub_precision_mask(-24)
+        })
+        .collect();
+    // 64 draws of 8 bits: ~56 distinct values expected, fewer than 32 one time in 10^15.
+    assert!(low.len() >= 32, "{} distinct low bits", low.len());
+}
+
 #[test]
 fn truncated_and_garbled_frames_are_never_answered_wrongly() {
     let (mut r, _) = responder(AnchorState::Synchronized).unwrap();

@@ -51,6 +51,10 @@ struct TargetResult {
     softirq_ns_per_reply: f64,
     /// At the first (moderate) rate, the same for every target.
     latency: Value,
+    /// XDP targets: the loaded program's instructions (as the verifier left them) and JIT
+    /// bytes.
+    program_insns: Option<u64>,
+    program_jited_bytes: Option<u64>,
 }
 
 /// What the generator delivers with nothing answering (the requests counted and dropped by
@@ -430,14 +434,29 @@ fn process_cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
-/// Total run time of a BPF program (kernel.bpf_stats_enabled must be on).
-fn bpf_run_time_ns(program_id: u32) -> Result<u64> {
+/// What `bpftool prog show` says of a loaded BPF program.
+fn bpf_prog_info(program_id: u32) -> Result<Value> {
     let out = Command::new("bpftool")
         .args(["prog", "show", "id", &program_id.to_string(), "-j"])
         .output()
         .context("running bpftool")?;
-    let v: Value = serde_json::from_slice(&out.stdout).context("bpftool output")?;
-    Ok(v["run_time_ns"].as_u64().unwrap_or(0))
+    serde_json::from_slice(&out.stdout).context("bpftool output")
+}
+
+/// Total run time of a BPF program (kernel.bpf_stats_enabled must be on).
+fn bpf_run_time_ns(program_id: u32) -> Result<u64> {
+    Ok(bpf_prog_info(program_id)?["run_time_ns"]
+        .as_u64()
+        .unwrap_or(0))
+}
+
+/// The loaded program's size: (instructions after the verifier's rewrites, JIT bytes).
+fn bpf_prog_size(program_id: u32) -> Result<(u64, u64)> {
+    let v = bpf_prog_info(program_id)?;
+    Ok((
+        v["bytes_xlated"].as_u64().unwrap_or(0) / 8,
+        v["bytes_jited"].as_u64().unwrap_or(0),
+    ))
 }
 
 /// Softirq time over all CPUs (ns), from /proc/stat.
@@ -537,6 +556,7 @@ fn measure(
     let sat_all = flood(t, &counts, sat_rate, t.threads, step)?;
     let sat_one = flood(t, &counts, sat_rate, 1, step)?;
     let loss_free_rate = best.as_ref().map_or(0.0, |b| b.sent_per_s);
+    let size = s.program_id.map(bpf_prog_size).transpose()?;
     Ok(TargetResult {
         name: name.to_string(),
         loss_free_rate,
@@ -547,6 +567,8 @@ fn measure(
         saturation_one_thread: sat_one["replies_per_s"].as_f64().unwrap_or(0.0),
         steps,
         latency,
+        program_insns: size.map(|(insns, _)| insns),
+        program_jited_bytes: size.map(|(_, jited)| jited),
     })
 }
 
@@ -720,6 +742,27 @@ fn table(r: &Report) -> String {
                 line_rate(10.0) * ns / 1e9,
                 line_rate(25.0) / 1e6,
                 line_rate(25.0) * ns / 1e9,
+            );
+            // The veth softirq time holds both ends' driver work (the generator's transmit,
+            // the reply's delivery and the sink's count too): an upper bound of that share.
+            let all = ns + native.softirq_ns_per_reply;
+            let _ = writeln!(
+                s,
+                "With the softirq time per reply too ({all:.0} ns: an upper bound, it holds \
+                 both veth ends' work): {:.1} M replies/s per core; 10 GbE {:.1} cores, 25 GbE \
+                 {:.1} cores.",
+                1e3 / all,
+                line_rate(10.0) * all / 1e9,
+                line_rate(25.0) * all / 1e9,
+            );
+        }
+    }
+    for t in &r.targets {
+        if let (Some(insns), Some(jited)) = (t.program_insns, t.program_jited_bytes) {
+            let _ = writeln!(
+                s,
+                "\n{}: the loaded responder is {insns} instructions ({jited} bytes JIT-compiled).",
+                t.name
             );
         }
     }

@@ -57,12 +57,14 @@ pub enum XdpModePref {
     Off,
 }
 
-/// Sizes of the per-source tables, set when the object is loaded.
+/// Sizes of the per-source table, set when the object is loaded: it holds the larger of
+/// the two (a source's rate state and its guest clock record share one entry); sources
+/// beyond it evict the longest idle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableSizes {
-    /// Rate-limit state: sources beyond this evict the longest idle.
+    /// Sources whose rate is limited.
     pub rate_sources: u32,
-    /// Guest clock records.
+    /// Guests whose clocks are recorded.
     pub guests: u32,
 }
 
@@ -555,8 +557,13 @@ impl Responder {
 }
 
 impl TableSizes {
+    /// Entries of the per-source table, which holds both (a source's rate state and its
+    /// guest clock record share an entry).
+    pub fn sources(&self) -> u32 {
+        self.rate_sources.max(self.guests).max(1)
+    }
+
     fn apply(&self, loader: &mut EbpfLoader) {
-        loader.map_max_entries(maps::RATE, self.rate_sources.max(1));
-        loader.map_max_entries(maps::GUESTS, self.guests.max(1));
+        loader.map_max_entries(maps::SOURCES, self.sources());
     }
 }

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::Ebpf;
 use ntp_common::maps;
-use ntp_common::policy::{GuestClock, SourceKey, SourceState};
+use ntp_common::policy::{GuestClock, SourceKey, SourceRecord};
 use ntp_common::{Counter, TimeAnchor};
 
 use super::admission::key_address;
@@ -20,8 +20,7 @@ use super::object::RESPONDER_PROGRAM;
 pub struct Observer {
     anchor: AnchorMaps,
     counters: PerCpuArray<MapData, u64>,
-    guests: HashMap<MapData, SourceKey, GuestClock>,
-    rate: HashMap<MapData, SourceKey, SourceState>,
+    sources: HashMap<MapData, SourceKey, SourceRecord>,
 }
 
 impl Observer {
@@ -34,8 +33,7 @@ impl Observer {
                 false,
             )?,
             counters: PerCpuArray::try_from(reopen(ebpf, maps::COUNTERS)?)?,
-            guests: HashMap::try_from(reopen(ebpf, maps::GUESTS)?)?,
-            rate: HashMap::try_from(reopen(ebpf, maps::RATE)?)?,
+            sources: HashMap::try_from(reopen(ebpf, maps::SOURCES)?)?,
         })
     }
 
@@ -51,18 +49,19 @@ impl Observer {
         read_counters(&self.counters)
     }
 
-    /// Every guest clock record: (source address, VLAN, record).
+    /// Every guest clock record: (source address, VLAN, record). An IPv6 guest's is its
+    /// rate prefix's, under the address of its last request with a clock reading.
     pub fn guest_clocks(&self) -> Vec<(IpAddr, u16, GuestClock)> {
-        self.guests
+        self.sources
             .iter()
             .flatten()
-            .map(|(k, v)| (key_address(&k.addr), k.vlan, v))
+            .filter_map(|(k, v)| Some((key_address(&v.guest_addr), k.vlan, v.guest_clock()?)))
             .collect()
     }
 
-    /// How many sources the rate table tracks now.
+    /// How many sources the per-source table tracks now.
     pub fn rate_sources(&self) -> usize {
-        self.rate.keys().flatten().count()
+        self.sources.keys().flatten().count()
     }
 }
 

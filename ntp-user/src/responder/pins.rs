@@ -21,14 +21,13 @@ pub fn pin_dir(instance: &str) -> PathBuf {
 /// Maps kept in bpffs so that a restarted daemon continues with the same anchor, addresses,
 /// counters, per-source rate state and guest clocks while the pinned attachment keeps
 /// answering. (The policy and access list are rewritten from the config at every start.)
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 6] = [
     maps::ANCHORS,
     maps::ANCHOR_ACTIVE,
     maps::SERVER_PARAMS,
     maps::ATTACHMENTS,
     maps::COUNTERS,
-    maps::RATE,
-    maps::GUESTS,
+    maps::SOURCES,
 ];
 
 /// The maps of this build's layout live in a directory named after its fingerprint: a build
@@ -198,28 +197,24 @@ pub fn pinned_program(instance: &str, program: &str) -> Result<Xdp> {
         .with_context(|| format!("opening pinned program {}", path.display()))
 }
 
-/// The per-source tables are caches: a pin of another size (the config changed) is dropped
+/// The per-source table is a cache: a pin of another size (the config changed) is dropped
 /// and starts empty, rather than refusing to start.
 pub fn drop_resized_tables(dir: &Path, sizes: TableSizes) -> Result<()> {
-    for (name, want) in [
-        (maps::RATE, sizes.rate_sources),
-        (maps::GUESTS, sizes.guests),
-    ] {
-        let path = dir.join(name);
-        if !path.exists() {
-            continue;
-        }
-        let info = aya::maps::MapInfo::from_pin(&path)
-            .with_context(|| format!("reading pinned map {}", path.display()))?;
-        if info.max_entries() != want.max(1) {
-            tracing::info!(
-                map = name,
-                old = info.max_entries(),
-                new = want,
-                "table resized by the config; starting it empty"
-            );
-            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-        }
+    let path = dir.join(maps::SOURCES);
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = aya::maps::MapInfo::from_pin(&path)
+        .with_context(|| format!("reading pinned map {}", path.display()))?;
+    let want = sizes.sources();
+    if info.max_entries() != want {
+        tracing::info!(
+            map = maps::SOURCES,
+            old = info.max_entries(),
+            new = want,
+            "table resized by the config; starting it empty"
+        );
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
     }
     Ok(())
 }

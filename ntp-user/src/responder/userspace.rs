@@ -3,7 +3,7 @@
 //! IPv6 with extension headers) and everything when XDP is off (`xdp_mode = "off"`).
 //!
 //! Every request it answers passes the same admission as the kernel's: the access list (the
-//! same LPM map) and the source's rate (the same RATE map, where it takes the token the
+//! same LPM map) and the source's rate (the same SOURCES map, where it takes the token the
 //! kernel only peeked at before passing the request up).
 //!
 //! The reply is built by the kernel's own builder ([`write_server_reply`]) from the same
@@ -21,8 +21,8 @@ use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, MapData};
 use ntp_common::policy::{
     admit, global_kod_allowed, kod_due, rate_key, v6_source_is_bogus, Admission, ResponderPolicy,
-    SourceKey, SourceState, ACL_ALLOW, KISS_DENY, KISS_RATE, POLICY_ACL, POLICY_DEFAULT_DENY,
-    POLICY_KOD_DENY, POLICY_RATE_LIMIT,
+    SourceKey, SourceRecord, SourceState, ACL_ALLOW, KISS_DENY, KISS_RATE, POLICY_ACL,
+    POLICY_DEFAULT_DENY, POLICY_KOD_DENY, POLICY_RATE_LIMIT,
 };
 use ntp_common::reply::{
     request_rejection, write_kiss_of_death, write_server_reply, ClientRequest,
@@ -73,7 +73,9 @@ pub enum Admitted {
 pub struct UserspaceAdmission {
     policy: ResponderPolicy,
     acl: LpmTrie<MapData, [u8; 16], u8>,
-    rate: HashMap<MapData, SourceKey, SourceState>,
+    /// The kernel's per-source table: this path takes tokens from its rate state and leaves
+    /// the guest's clock record as it is.
+    sources: HashMap<MapData, SourceKey, SourceRecord>,
     /// The global KoD budget of this path (the kernel keeps its own per CPU).
     kod_budget: SourceState,
 }
@@ -85,7 +87,7 @@ impl UserspaceAdmission {
         Ok(UserspaceAdmission {
             policy,
             acl: LpmTrie::try_from(reopen(ebpf, maps::ACL)?)?,
-            rate: HashMap::try_from(reopen(ebpf, maps::RATE)?)?,
+            sources: HashMap::try_from(reopen(ebpf, maps::SOURCES)?)?,
             kod_budget: SourceState::default(),
         })
     }
@@ -121,9 +123,13 @@ impl UserspaceAdmission {
         // operator made (the daemon makes none), and then shares its address's untagged
         // bucket: a tag never buys a second one here.
         let key = rate_key(&addr, v4, 0, p.v6_prefix_len);
-        let mut state = self.rate.get(&key, 0).unwrap_or_default();
+        let mut record = self
+            .sources
+            .get(&key, 0)
+            .unwrap_or(SourceRecord::new(SourceState::default()));
+        let state = &mut record.rate;
         let decision = if denied {
-            if kod_due(&mut state, now, &p) && global_kod_allowed(&mut self.kod_budget, now, &p) {
+            if kod_due(state, now, &p) && global_kod_allowed(&mut self.kod_budget, now, &p) {
                 Admitted::Kod {
                     code: KISS_DENY,
                     poll: p.kod_poll,
@@ -132,7 +138,7 @@ impl UserspaceAdmission {
                 Admitted::Drop
             }
         } else {
-            match admit(&mut state, now, &p) {
+            match admit(state, now, &p) {
                 Admission::Answer => Admitted::Answer,
                 Admission::Limited { kod: true }
                     if global_kod_allowed(&mut self.kod_budget, now, &p) =>
@@ -145,7 +151,7 @@ impl UserspaceAdmission {
                 Admission::Limited { .. } => Admitted::Drop,
             }
         };
-        if let Err(e) = self.rate.insert(key, state, 0) {
+        if let Err(e) = self.sources.insert(key, record, 0) {
             debug!(error = %e, "rate table update failed");
         }
         decision
