@@ -1431,7 +1431,7 @@ fn tagged_requests_are_answered_only_on_the_configured_vlans() {
     let (mut r, anchor) = responder(AnchorState::Synchronized).unwrap();
     // What a config without `access.vlans` writes: no VLAN listed.
     let mut spec = AdmissionSpec::open();
-    spec.apply(&mut r).unwrap();
+    r.apply_admission(&spec).unwrap();
     let on = |vlan: Vlan, frame: Frame| {
         Frame {
             vlan: Some(vlan),

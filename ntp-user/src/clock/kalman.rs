@@ -19,7 +19,7 @@
 //! prediction scores); the likeliest one's estimate is served. Its covariance gives the phase
 //! and frequency errors the served bound states.
 
-use crate::clock::discipline::ClockModel;
+use crate::clock::model::ClockModel;
 
 const NS: f64 = 1e-9;
 

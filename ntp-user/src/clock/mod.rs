@@ -7,6 +7,7 @@ pub mod discipline;
 pub mod filter;
 pub mod kalman;
 pub mod leap;
+pub mod model;
 pub mod names;
 pub mod selection;
 pub mod snapshot;

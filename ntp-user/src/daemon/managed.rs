@@ -370,7 +370,7 @@ pub async fn serve_managed(
     let mut responder = Responder::load_pinned(&pin_dir(&spec.netns), opts.admission.tables)?;
     let adopted = responder.current_anchor().is_some();
     responder.set_params(opts.params)?;
-    opts.admission.apply(&mut responder)?;
+    responder.apply_admission(&opts.admission)?;
     let mut served: Vec<IpAddr> = spec.served_addresses();
     for a in &opts.addresses {
         if !served.contains(a) {

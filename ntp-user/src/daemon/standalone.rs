@@ -28,7 +28,7 @@ pub async fn serve(mut opts: ServeOptions) -> Result<()> {
     };
 
     let mut responder = Responder::load_sized(opts.admission.tables)?;
-    opts.admission.apply(&mut responder)?;
+    responder.apply_admission(&opts.admission)?;
     if opts.log_packets {
         opts.params.flags |= PARAM_FLAG_LOG;
     }

@@ -11,7 +11,25 @@ use ipnet::IpNet;
 use ntp_common::policy::{ResponderPolicy, ACL_ALLOW, ACL_DENY, POLICY_ACL, POLICY_DEFAULT_DENY};
 use ntp_common::wire::ipv4_mapped_key;
 
-use crate::responder::{Responder, TableSizes};
+/// Sizes of the per-source table, set when the object is loaded: it holds the larger of
+/// the two (a source's rate state and its guest clock record share one entry); sources
+/// beyond it evict the longest idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSizes {
+    /// Sources whose rate is limited.
+    pub rate_sources: u32,
+    /// Guests whose clocks are recorded.
+    pub guests: u32,
+}
+
+impl Default for TableSizes {
+    fn default() -> Self {
+        TableSizes {
+            rate_sources: 65_536,
+            guests: 65_536,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct AdmissionSpec {
@@ -32,11 +50,6 @@ impl AdmissionSpec {
             vlans: Vec::new(),
             tables: TableSizes::default(),
         }
-    }
-
-    /// Writes the policy, the access list and the VLANs into the responder's maps.
-    pub fn apply(&self, responder: &mut Responder) -> Result<()> {
-        responder.admission_writer()?.apply(self)
     }
 }
 

@@ -35,7 +35,7 @@ use ntp_common::policy::ResponderPolicy;
 use ntp_common::wire::ipv4_mapped_key;
 use ntp_common::{Counter, ServerParams, TimeAnchor};
 
-pub use admission::{acl_key, key_address, AclEntry};
+pub use admission::{acl_key, key_address, AclEntry, TableSizes};
 pub use object::{EBPF_OBJECT, PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
 pub use observer::{loaded_responder_stats, Observer, ResponderStats};
 pub use pins::{
@@ -55,26 +55,6 @@ pub enum XdpModePref {
     Generic,
     /// No XDP: the daemon's userspace path answers everything.
     Off,
-}
-
-/// Sizes of the per-source table, set when the object is loaded: it holds the larger of
-/// the two (a source's rate state and its guest clock record share one entry); sources
-/// beyond it evict the longest idle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TableSizes {
-    /// Sources whose rate is limited.
-    pub rate_sources: u32,
-    /// Guests whose clocks are recorded.
-    pub guests: u32,
-}
-
-impl Default for TableSizes {
-    fn default() -> Self {
-        TableSizes {
-            rate_sources: 65_536,
-            guests: 65_536,
-        }
-    }
 }
 
 /// Key of the served-address map for an address.
@@ -315,6 +295,11 @@ impl Responder {
     pub fn set_vlans(&mut self, vlans: &[u16]) -> Result<()> {
         let mut map: HashMap<_, u16, u8> = HashMap::try_from(self.map(maps::VLANS)?)?;
         admission::write_vlans(&mut map, vlans)
+    }
+
+    /// Writes the policy, the access list and the VLANs of `spec` into the maps.
+    pub fn apply_admission(&mut self, spec: &admission::AdmissionSpec) -> Result<()> {
+        self.admission_writer()?.apply(spec)
     }
 
     /// Handles on the policy, the access list and the VLANs for another task: the fleet

@@ -11,7 +11,7 @@ use aya_obj::programs::XdpAttachType;
 use ntp_common::maps::{self, LAYOUT_FINGERPRINT};
 use ntp_common::Counter;
 
-use super::TableSizes;
+use super::admission::TableSizes;
 
 /// Where one instance's pins live.
 pub fn pin_dir(instance: &str) -> PathBuf {
