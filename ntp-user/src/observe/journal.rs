@@ -27,7 +27,9 @@ pub fn syslog_priority(level: &Level) -> u8 {
 }
 
 /// An event format that starts each line with the event's syslog priority (`<N>`), which the
-/// journal strips and records as the entry's PRIORITY.
+/// journal strips and records as the entry's PRIORITY. A message of several lines (an error
+/// chain, a config file's error) gets the prefix on each: the journal files every line on its
+/// own, and a continuation line must neither fall to the default priority nor set its own.
 pub struct SyslogPriorityPrefix<F>(pub F);
 
 impl<S, N, F> FormatEvent<S, N> for SyslogPriorityPrefix<F>
@@ -42,8 +44,13 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        write!(writer, "<{}>", syslog_priority(event.metadata().level()))?;
-        self.0.format_event(ctx, writer, event)
+        let mut text = String::new();
+        self.0.format_event(ctx, Writer::new(&mut text), event)?;
+        let priority = syslog_priority(event.metadata().level());
+        for line in text.strip_suffix('\n').unwrap_or(&text).split('\n') {
+            writeln!(writer, "<{priority}>{line}")?;
+        }
+        Ok(())
     }
 }
 
@@ -136,15 +143,18 @@ mod tests {
             tracing::warn!(repair = "address", "drift repaired");
             tracing::info!("serving");
             tracing::debug!("detail");
+            tracing::warn!("first line\n<0>second line");
         });
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines.len(), 6, "{text}");
         for (line, prefix, words) in [
             (lines[0], "<3>", "an error"),
             (lines[1], "<4>", "drift repaired repair=\"address\""),
             (lines[2], "<6>", "serving"),
             (lines[3], "<7>", "detail"),
+            (lines[4], "<4>", "first line"),
+            (lines[5], "<4><0>second line", "second line"),
         ] {
             assert!(line.starts_with(prefix) && line.contains(words), "{line:?}");
         }
