@@ -1794,10 +1794,11 @@ impl Drop for PinDirGuard {
 }
 
 /// Maps pinned by a build with another map layout (its fingerprint directory) are never
-/// adopted: the daemon refuses with the way out, rather than serve misread anchors. Maps of
-/// this build's layout are adopted, with the anchor and its generation.
+/// adopted: they are retired and the daemon starts with fresh ones, rather than serve misread
+/// anchors or refuse to start. Maps of this build's layout are adopted, with the anchor and
+/// its generation.
 #[test]
-fn pins_of_another_layout_are_refused() -> Result<()> {
+fn pins_of_another_layout_are_retired_and_ours_adopted() -> Result<()> {
     let instance = format!("ntv-layout-{}", std::process::id());
     let dir = ntp_user::responder::pin_dir(&instance);
     let _guard = PinDirGuard(dir.clone());
@@ -1812,15 +1813,29 @@ fn pins_of_another_layout_are_refused() -> Result<()> {
     assert_eq!(again.current_anchor(), Some(anchor));
     assert_eq!(again.publish_anchor(anchor)?.generation, generation + 1);
     drop(again);
-    // Another build's maps beside ours: refused, naming the way out.
-    std::fs::create_dir(dir.join("maps-00000000deadbeef"))?;
-    let err = match Responder::load_pinned(&dir, TableSizes::default()) {
-        Ok(_) => panic!("maps of another layout were adopted"),
-        Err(e) => format!("{e:#}"),
-    };
-    assert!(
-        err.contains("another map layout") && err.contains("ntp-user down"),
-        "{err}"
+    // Another build's maps beside ours (an upgrade that changed a map's layout): retired, so
+    // the new build starts rather than leaving the old program to serve a frozen anchor;
+    // ours are adopted as before.
+    let foreign = dir.join("maps-00000000deadbeef");
+    std::fs::create_dir(&foreign)?;
+    let retired = ntp_user::responder::pins::retire_other_layouts(&dir)?;
+    assert_eq!(retired, vec![foreign.clone()]);
+    assert!(!foreign.exists());
+    std::fs::create_dir(&foreign)?;
+    let mut upgraded = Responder::load_pinned(&dir, TableSizes::default())?;
+    assert!(!foreign.exists(), "maps of another layout were left");
+    assert_eq!(upgraded.current_anchor(), Some(anchor));
+    assert_eq!(upgraded.publish_anchor(anchor)?.generation, generation + 2);
+    drop(upgraded);
+    // Only this build's maps as another build left them: nothing of theirs is read.
+    let ours = ntp_user::responder::pins::map_dir(&dir);
+    std::fs::rename(&ours, &foreign)?;
+    let fresh = Responder::load_pinned(&dir, TableSizes::default())?;
+    assert!(!foreign.exists());
+    assert_eq!(
+        fresh.current_anchor(),
+        None,
+        "an anchor of another layout was adopted"
     );
     Ok(())
 }

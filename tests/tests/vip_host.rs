@@ -632,3 +632,40 @@ fn ipv6_guests_learn_the_clock_route_from_router_advertisements() {
     let d = ntpdig(&guest, "fd00:ec2::123").unwrap();
     assert_eq!(d.stratum, 10);
 }
+
+/// An upgrade whose build lays a map out otherwise finds the old build's pins: the new daemon
+/// retires them and serves (with fresh maps and the clock from its state file) rather than
+/// refuse to start while the old program serves a frozen anchor.
+#[test]
+fn a_restart_across_a_map_layout_change_serves_again() {
+    let mut vip = VipHost::start(VipOptions {
+        subnet: 73,
+        xdp_mode: "native",
+        ..Default::default()
+    })
+    .unwrap();
+    let guest = vip.add_guest().unwrap();
+    vip.configure_guest_statically(&guest, 23).unwrap();
+    ntpdig(&guest, CLOCK_V4).unwrap();
+    // The build before: its maps under another fingerprint, its attachments pinned.
+    assert!(vip.stop_daemon().unwrap(), "daemon exited with an error");
+    let pins = ntp_user::responder::pin_dir(&vip.netns);
+    let ours = ntp_user::responder::pins::map_dir(&pins);
+    let theirs = pins.join("maps-00000000deadbeef");
+    std::fs::rename(&ours, &theirs).unwrap();
+    let attached = vip.start_daemon().unwrap().attached.clone();
+    assert!(
+        attached.contains("adopted_anchor=false") && attached.contains("links=\"adopted\""),
+        "{attached}"
+    );
+    assert!(!theirs.exists(), "the old layout's maps were left");
+    assert!(ours.exists());
+    // The pinned attachment now runs this build's program, on this build's maps.
+    let mut last = None;
+    let served = VipHost::wait_until(Duration::from_secs(30), || {
+        last = Some(ntpdig(&guest, CLOCK_V4));
+        Ok(matches!(&last, Some(Ok(r)) if r.leap == "no-leap"))
+    })
+    .unwrap();
+    assert!(served, "no synchronized answer after the upgrade: {last:?}");
+}

@@ -354,7 +354,7 @@ impl Responder {
         let _bpffs = bpffs_lock()?;
         ensure_bpffs()?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        pins::check_pinned_layout(dir)?;
+        pins::retire_other_layouts(dir)?;
         let map_dir = pins::map_dir(dir);
         std::fs::create_dir_all(&map_dir)
             .with_context(|| format!("creating {}", map_dir.display()))?;

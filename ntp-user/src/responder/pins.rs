@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{Xdp, XdpMode};
@@ -219,39 +219,49 @@ pub fn drop_resized_tables(dir: &Path, sizes: TableSizes) -> Result<()> {
     Ok(())
 }
 
-/// Refuses maps pinned by a build whose map layout differs: reusing them would make this
-/// build's program read garbage, or serve a reordered anchor as synchronized. Such maps sit in
-/// another `maps-<fingerprint>` directory (or, from builds before fingerprints, in `dir`
-/// itself). `ntp-user down` clears them; that restart is then not hitless.
-pub fn check_pinned_layout(dir: &Path) -> Result<()> {
+/// Retires maps pinned by a build whose map layout differs (an upgrade that changed a map's
+/// value): reusing them would make this build's program read garbage, or serve a reordered
+/// anchor as synchronized, and refusing to start would leave the old program serving a frozen
+/// anchor. Such maps sit in another `maps-<fingerprint>` directory (or, from builds before
+/// fingerprints, in `dir` itself); a counter table of another length is another layout too.
+/// The old program keeps its maps until this build's program replaces it in the pinned
+/// attachments; the clock continues from its state file, but the served anchor and the
+/// per-source tables start anew, so this one restart is not hitless. Returns what was retired.
+pub fn retire_other_layouts(dir: &Path) -> Result<Vec<PathBuf>> {
     let ours = map_dir(dir);
+    let mut retired = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
+        return Ok(retired);
     };
     for e in entries.flatten() {
         let path = e.path();
         let name = e.file_name().to_string_lossy().into_owned();
-        let foreign = (name.starts_with("maps-") && path != ours) || PINNED_MAPS.contains(&&*name);
-        if foreign {
-            bail!(
-                "maps pinned at {} were made by a build with another map layout (this build's \
-                 is maps-{LAYOUT_FINGERPRINT:016x}); stop the old daemon and run `ntp-user down` \
-                 first",
-                path.display()
-            );
+        if name.starts_with("maps-") && path != ours {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing {}", path.display()))?;
+            retired.push(path);
+        } else if PINNED_MAPS.contains(&&*name) {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            retired.push(path);
         }
     }
-    // Within our layout, the counter table's length is part of the layout too.
     let counters = ours.join(maps::COUNTERS);
     if counters.exists() {
         let info = aya::maps::MapInfo::from_pin(&counters)
             .with_context(|| format!("reading pinned map {}", counters.display()))?;
         if info.max_entries() != Counter::ALL.len() as u32 || info.value_size() != 8 {
-            bail!(
-                "the counters pinned at {} do not match this build; run `ntp-user down` first",
-                counters.display()
-            );
+            std::fs::remove_dir_all(&ours)
+                .with_context(|| format!("removing {}", ours.display()))?;
+            retired.push(ours);
         }
     }
-    Ok(())
+    if !retired.is_empty() {
+        tracing::warn!(
+            retired = ?retired,
+            layout = format!("maps-{LAYOUT_FINGERPRINT:016x}"),
+            "maps pinned by a build with another map layout were retired: this restart is not \
+             hitless (the served anchor and the per-source tables start anew)"
+        );
+    }
+    Ok(retired)
 }
