@@ -130,7 +130,7 @@ impl Fleet {
         let changed = || {
             anyhow!(
                 "the cluster config changed since it was read at revision {read_rev} (another \
-                 operator?): nothing written; look at it and push again"
+                 operator?): this push was not written; look at it and push again"
             )
         };
         if rolling {
@@ -157,13 +157,36 @@ impl Fleet {
                 }
             }
         }
+        // Without --rolling every host runs the newest: the pins go. With few enough hosts they
+        // go in the config's own transaction; beyond, in batches before it under the same
+        // guard, so a push cut off midway leaves hosts following the config as it was, never
+        // pinned behind a config already written.
+        let unpin = |batch: &[HostView]| -> Vec<TxnOp> {
+            batch
+                .iter()
+                .map(|h| TxnOp::delete(self.keys.host(&h.host, DESIRED), None))
+                .collect()
+        };
+        let mut write = vec![TxnOp::put(key.clone(), cluster, None)];
+        if !rolling {
+            if hosts.len() < TXN_OPS {
+                write.extend(unpin(&hosts));
+            } else {
+                for batch in hosts.chunks(TXN_OPS) {
+                    let resp = self
+                        .client
+                        .txn(Txn::new().when([guard.clone()]).and_then(unpin(batch)))
+                        .await
+                        .context("unpinning the hosts")?;
+                    if !resp.succeeded() {
+                        return Err(changed());
+                    }
+                }
+            }
+        }
         let resp = self
             .client
-            .txn(
-                Txn::new()
-                    .when([guard])
-                    .and_then([TxnOp::put(key.clone(), cluster, None)]),
-            )
+            .txn(Txn::new().when([guard]).and_then(write))
             .await
             .context("writing the config")?;
         if !resp.succeeded() {
@@ -174,34 +197,6 @@ impl Fleet {
             .map(|h| h.revision())
             .ok_or_else(|| anyhow!("no revision in the store's answer"))?;
         out(&format!("config revision {revision} written"));
-        if !rolling {
-            // Every host runs the newest: the pins go, while the config is this push's.
-            for batch in hosts.chunks(TXN_OPS) {
-                let unpin: Vec<TxnOp> = batch
-                    .iter()
-                    .map(|h| TxnOp::delete(self.keys.host(&h.host, DESIRED), None))
-                    .collect();
-                let resp = self
-                    .client
-                    .txn(
-                        Txn::new()
-                            .when([Compare::mod_revision(
-                                key.clone(),
-                                CompareOp::Equal,
-                                revision,
-                            )])
-                            .and_then(unpin),
-                    )
-                    .await
-                    .context("unpinning the hosts")?;
-                if !resp.succeeded() {
-                    bail!(
-                        "revision {revision} was pushed over before every host was unpinned; \
-                         the newer push decides what the hosts run"
-                    );
-                }
-            }
-        }
         let live: Vec<HostView> = hosts.into_iter().filter(|h| !h.lost()).collect();
         if !rolling {
             for h in &live {
