@@ -31,6 +31,13 @@ enum Gate {
     Failed,
 }
 
+/// Whether a host that restarted is back, so another host of its VRRP group may restart:
+/// synchronized (what keepalived's health check asks) and not still proving a new
+/// configuration.
+fn is_back(status: &HostStatus, gate: Gate) -> bool {
+    status.synchronized && gate != Gate::Waiting
+}
+
 /// Why a clock that has not measured its upstreams since the restart fails the gate.
 fn unsynchronized_reason(
     clock: &crate::clock::snapshot::ClockSnapshot,
@@ -310,7 +317,7 @@ impl Agent {
             info!(endpoints = %self.spec.endpoints.join(","), cluster = %self.spec.cluster, host = %self.spec.host, "fleet: connected");
         }
         self.report_local_state(&mut client, &keys, files).await?;
-        self.beat(&mut client, reports, lease, &keys, files).await?;
+        let status = self.beat(&mut client, reports, lease, &keys, files).await?;
         // Watch from the revision the first evaluation reads at: nothing is missed between.
         let start = client
             .get(keys.config(), None)
@@ -333,7 +340,13 @@ impl Agent {
                 ),
             )
             .await?;
-        self.release_restart_slot(&mut client, &keys).await?;
+        // A slot this host took for its restart stays its own (now under this session's lease)
+        // until it is back: synchronized, its configuration proven, so keepalived's health
+        // check passes again before another host of its group may go.
+        let mut holding = self.keep_restart_slot(&mut client, &keys, lease).await?;
+        if holding && is_back(&status, *gate.borrow()) {
+            holding = !self.release_restart_slot(&mut client, &keys).await?;
+        }
         // A restart waits for its VRRP group's restart slot: one host at a time, so that some
         // host always holds the addresses (all at once, none would for an election).
         let mut pending = *gate.borrow_and_update() == Gate::Failed
@@ -346,7 +359,10 @@ impl Agent {
             let relevant = tokio::select! {
                 _ = ticker.tick() => {
                     keeper.keep_alive().await.context("lease keep-alive")?;
-                    self.beat(&mut client, reports, lease, &keys, files).await?;
+                    let status = self.beat(&mut client, reports, lease, &keys, files).await?;
+                    if holding && is_back(&status, *gate.borrow()) {
+                        holding = !self.release_restart_slot(&mut client, &keys).await?;
+                    }
                     self.sync_nts_keys(&mut client, &keys).await?;
                     false
                 }
@@ -428,9 +444,44 @@ impl Agent {
             .is_some_and(|(holder, _)| holder == self.spec.host))
     }
 
+    /// Moves the restart slots this host holds onto `lease` (the previous process's lease
+    /// ends with it); true when it holds one.
+    async fn keep_restart_slot(
+        &self,
+        client: &mut Client,
+        keys: &Keys,
+        lease: i64,
+    ) -> Result<bool> {
+        use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+        let slots = client
+            .get(keys.restart_slots(), Some(GetOptions::new().with_prefix()))
+            .await
+            .context("reading the restart slots")?;
+        let mut holding = false;
+        for kv in slots
+            .kvs()
+            .iter()
+            .filter(|kv| kv.value() == self.spec.host.as_bytes())
+        {
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    kv.key(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then([TxnOp::put(
+                    kv.key(),
+                    self.spec.host.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            holding |= client.txn(txn).await?.succeeded();
+        }
+        Ok(holding)
+    }
+
     /// Frees the restart slot this host holds (it is back), whichever group's it is: the
-    /// configuration it restarted into may have moved it to another.
-    async fn release_restart_slot(&self, client: &mut Client, keys: &Keys) -> Result<()> {
+    /// configuration it restarted into may have moved it to another. True when released.
+    async fn release_restart_slot(&self, client: &mut Client, keys: &Keys) -> Result<bool> {
         use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
         let slots = client
             .get(keys.restart_slots(), Some(GetOptions::new().with_prefix()))
@@ -450,7 +501,8 @@ impl Agent {
                 .and_then([TxnOp::delete(kv.key(), None)]);
             client.txn(txn).await?;
         }
-        Ok(())
+        info!("fleet: back after the restart; restart slot released");
+        Ok(true)
     }
 
     /// Puts the heartbeat under the lease.
@@ -461,7 +513,7 @@ impl Agent {
         lease: i64,
         keys: &Keys,
         files: &LocalFiles,
-    ) -> Result<()> {
+    ) -> Result<HostStatus> {
         let mut status = heartbeat(reports, files, self.started_unix).await?;
         status.store_problems = self
             .problems
@@ -478,7 +530,7 @@ impl Agent {
             )
             .await
             .context("heartbeat")?;
-        Ok(())
+        Ok(status)
     }
 
     /// Tells the store what this host did while it could not, or before its restart.
