@@ -89,7 +89,8 @@ pub struct Attachment {
     pub interface: String,
     pub mode: XdpMode,
     pub how: Attached,
-    /// The pass program on the veth peer, when this attachment put it there.
+    /// The pass program on the veth peer, when this attachment (or a native attempt before
+    /// it) put it there.
     pub peer_pass: Option<Attached>,
 }
 
@@ -125,13 +126,16 @@ pub fn execute(
     attempts: &[Attempt],
     mut run: impl FnMut(Step) -> Result<Attached>,
 ) -> Result<Attachment> {
+    // A pass program an attempt put on the peer stays there when a later attempt is the one
+    // that works: the outcome says so, and the repair pass keeps it.
+    let mut peer_pass = None;
     for (i, attempt) in attempts.iter().enumerate() {
         let mut one = || -> Result<Attachment> {
-            let peer_pass = if attempt.pass_on_peer {
-                Some(run(Step::PassOnPeer).context("attaching the pass program to the veth peer")?)
-            } else {
-                None
-            };
+            if attempt.pass_on_peer {
+                peer_pass = Some(
+                    run(Step::PassOnPeer).context("attaching the pass program to the veth peer")?,
+                );
+            }
             let how = run(Step::Responder(attempt.mode)).with_context(|| {
                 format!(
                     "attaching the responder to {interface} in {} mode",
@@ -217,7 +221,11 @@ mod tests {
             ]
         );
         assert_eq!(done.mode, XdpMode::Skb);
-        assert_eq!(done.peer_pass, None);
+        assert_eq!(
+            done.peer_pass,
+            Some(Attached::New),
+            "the pass program stays on the peer"
+        );
 
         let err = execute("veth0", &[NATIVE_WITH_PASS], |step| match step {
             Step::PassOnPeer => Err(anyhow::anyhow!("peer gone")),
