@@ -775,3 +775,23 @@ pub fn started(f: &Fleet) -> Vec<u64> {
     v.sort();
     v.into_iter().map(|(_, s)| s).collect()
 }
+
+/// Each host's NTS key ids, as its status shows them (empty for a host that does not answer).
+pub fn nts_key_ids(f: &Fleet) -> Vec<Vec<u64>> {
+    (0..f.hosts.len())
+        .map(|i| {
+            f.status(i).map_or(vec![], |s| {
+                s["nts"]["key_ids"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+                    .unwrap_or_default()
+            })
+        })
+        .collect()
+}
+
+/// Whether every host holds the same NTS keys.
+pub fn same_nts_keys(f: &Fleet) -> bool {
+    let ids = nts_key_ids(f);
+    !ids[0].is_empty() && ids.iter().all(|i| *i == ids[0])
+}

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use integration_tests::clients::{longest_gap, poll, tally_answers};
 use integration_tests::fleet::{
-    all_applied, cluster_config, hosts, lost, master, ready, revision_of, started, switches, Fleet,
-    FleetOptions,
+    all_applied, cluster_config, hosts, lost, master, nts_key_ids, ready, revision_of,
+    same_nts_keys, started, switches, Fleet, FleetOptions,
 };
 
 #[test]
@@ -346,28 +346,12 @@ fn nts_cookies_work_on_whichever_host_holds_the_addresses() {
     ))
     .unwrap();
     let guest = f.add_guest(32).unwrap();
-    let key_ids = |f: &Fleet| -> Vec<Vec<u64>> {
-        (0..3)
-            .map(|i| {
-                f.status(i).map_or(vec![], |s| {
-                    s["nts"]["key_ids"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
-                        .unwrap_or_default()
-                })
-            })
-            .collect()
-    };
-    let same = |f: &Fleet| {
-        let ids = key_ids(f);
-        !ids[0].is_empty() && ids.iter().all(|i| *i == ids[0])
-    };
     // The three hosts made their own keys at start; through the store, sealed under the seal
     // key they share, they agree, and keep agreeing across rotations.
     assert!(
-        Fleet::wait_until(Duration::from_secs(20), || same(&f)),
+        Fleet::wait_until(Duration::from_secs(20), || same_nts_keys(&f)),
         "{:?}",
-        key_ids(&f)
+        nts_key_ids(&f)
     );
     // What etcd holds says nothing of the keys: not their bytes, in any spelling.
     let out = f.etcd.etcdctl(
@@ -406,14 +390,14 @@ fn nts_cookies_work_on_whichever_host_holds_the_addresses() {
         }
     }
     assert!(seen >= 3, "the hosts' key files hold their keys");
-    let first = key_ids(&f)[0].clone();
+    let first = nts_key_ids(&f)[0].clone();
     assert!(
         Fleet::wait_until(Duration::from_secs(20), || {
-            let ids = key_ids(&f);
-            ids[0].last() != first.last() && same(&f)
+            let ids = nts_key_ids(&f);
+            ids[0].last() != first.last() && same_nts_keys(&f)
         }),
         "no common rotation: {:?}",
-        key_ids(&f)
+        nts_key_ids(&f)
     );
 
     // A guest's cookies from the master work on the standby that takes over.
@@ -433,7 +417,10 @@ fn nts_cookies_work_on_whichever_host_holds_the_addresses() {
     assert!(authentic(&session.cookies[0]));
     // A rotation reaches the other hosts within a heartbeat: wait until they agree, so the
     // key that sealed the cookie is theirs too.
-    assert!(Fleet::wait_until(Duration::from_secs(10), || same(&f)));
+    assert!(Fleet::wait_until(
+        Duration::from_secs(10),
+        || same_nts_keys(&f)
+    ));
     let i = f.hosts.iter().position(|h| h.name == master).unwrap();
     f.kill_daemon(i).unwrap();
     assert!(
@@ -1041,26 +1028,10 @@ fn a_host_whose_clock_is_behind_cannot_make_the_fleet_rotate_nts_keys_on_every_t
         (behind - BEHIND.as_secs() as i64).abs() < 600,
         "vip-c's clock is not behind: start times {start:?}"
     );
-    let key_ids = |f: &Fleet| -> Vec<Vec<u64>> {
-        (0..3)
-            .map(|i| {
-                f.status(i).map_or(vec![], |s| {
-                    s["nts"]["key_ids"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
-                        .unwrap_or_default()
-                })
-            })
-            .collect()
-    };
-    let same = |f: &Fleet| {
-        let ids = key_ids(f);
-        !ids[0].is_empty() && ids.iter().all(|i| *i == ids[0])
-    };
     assert!(
-        Fleet::wait_until(Duration::from_secs(30), || same(&f)),
+        Fleet::wait_until(Duration::from_secs(30), || same_nts_keys(&f)),
         "{:?}",
-        key_ids(&f)
+        nts_key_ids(&f)
     );
     // Each rotation is one write of the sealed keys: the key's version counts them.
     let writes = || -> u64 {
@@ -1086,7 +1057,7 @@ fn a_host_whose_clock_is_behind_cannot_make_the_fleet_rotate_nts_keys_on_every_t
     eprintln!(
         "{rotations} rotations in {window:?} with a {ROTATION:?} period (at most {allowed}); \
          key ids {:?}",
-        key_ids(&f)
+        nts_key_ids(&f)
     );
     assert!(rotations >= 1, "no rotation in {window:?}");
     assert!(
@@ -1094,8 +1065,8 @@ fn a_host_whose_clock_is_behind_cannot_make_the_fleet_rotate_nts_keys_on_every_t
         "{rotations} rotations in {window:?}, more than one per {ROTATION:?}"
     );
     assert!(
-        Fleet::wait_until(Duration::from_secs(20), || same(&f)),
+        Fleet::wait_until(Duration::from_secs(20), || same_nts_keys(&f)),
         "the hosts' keys differ: {:?}",
-        key_ids(&f)
+        nts_key_ids(&f)
     );
 }

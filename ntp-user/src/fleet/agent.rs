@@ -444,6 +444,27 @@ impl Agent {
             .is_some_and(|(holder, _)| holder == self.spec.host))
     }
 
+    /// The restart slots this host holds (one, or one per group its configurations named).
+    async fn held_restart_slots(
+        &self,
+        client: &mut Client,
+        keys: &Keys,
+    ) -> Result<Vec<etcd_client::KeyValue>> {
+        let slots = client
+            .get(
+                keys.restart_slots(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .context("reading the restart slots")?;
+        Ok(slots
+            .kvs()
+            .iter()
+            .filter(|kv| kv.value() == self.spec.host.as_bytes())
+            .cloned()
+            .collect())
+    }
+
     /// Moves the restart slots this host holds onto `lease` (the previous process's lease
     /// ends with it); true when it holds one.
     async fn keep_restart_slot(
@@ -452,17 +473,9 @@ impl Agent {
         keys: &Keys,
         lease: i64,
     ) -> Result<bool> {
-        use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
-        let slots = client
-            .get(keys.restart_slots(), Some(GetOptions::new().with_prefix()))
-            .await
-            .context("reading the restart slots")?;
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
         let mut holding = false;
-        for kv in slots
-            .kvs()
-            .iter()
-            .filter(|kv| kv.value() == self.spec.host.as_bytes())
-        {
+        for kv in self.held_restart_slots(client, keys).await? {
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     kv.key(),
@@ -482,16 +495,8 @@ impl Agent {
     /// Frees the restart slot this host holds (it is back), whichever group's it is: the
     /// configuration it restarted into may have moved it to another. True when released.
     async fn release_restart_slot(&self, client: &mut Client, keys: &Keys) -> Result<bool> {
-        use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
-        let slots = client
-            .get(keys.restart_slots(), Some(GetOptions::new().with_prefix()))
-            .await
-            .context("reading the restart slots")?;
-        for kv in slots
-            .kvs()
-            .iter()
-            .filter(|kv| kv.value() == self.spec.host.as_bytes())
-        {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+        for kv in self.held_restart_slots(client, keys).await? {
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     kv.key(),
