@@ -20,4 +20,5 @@ pub mod host;
 pub mod nts;
 pub mod observe;
 pub mod responder;
+pub mod userspace;
 pub mod vip;

@@ -1,9 +1,9 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
+use ntp_user::cli::print_stats;
 use ntp_user::cli::{Cli, Command};
 use ntp_user::daemon::{run as serve, ClockSource};
-use ntp_user::responder::stats::print_stats;
 
 /// netlink-packet-route warns about every attribute newer than itself; that is noise here.
 const DEFAULT_LOG_FILTER: &str = "info,netlink_packet_route=error";

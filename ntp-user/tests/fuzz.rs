@@ -154,7 +154,7 @@ proptest! {
             stratum: 2,
             ..Default::default()
         };
-        let r = ntp_user::responder::userspace::answer(&request, port, &anchor, &ServerParams::DEFAULT, mono, mono + 100, 7);
+        let r = ntp_user::userspace::answer(&request, port, &anchor, &ServerParams::DEFAULT, mono, mono + 100, 7);
         if let Ok(reply) = r {
             prop_assert!(reply.len() <= request.len());
             prop_assert!(port != 0);

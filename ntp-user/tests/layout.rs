@@ -220,10 +220,22 @@ fn folders_import_each_other_in_one_direction() {
         ("vip", &["host"]),
         ("nts", &["host"]),
         ("responder", &["host", "nts"]),
-        ("observe", &["clock", "host", "vip", "nts", "responder"]),
+        ("userspace", &["host", "nts", "responder"]),
+        (
+            "observe",
+            &["clock", "host", "vip", "nts", "responder", "userspace"],
+        ),
         (
             "daemon",
-            &["clock", "host", "vip", "nts", "responder", "observe"],
+            &[
+                "clock",
+                "host",
+                "vip",
+                "nts",
+                "responder",
+                "userspace",
+                "observe",
+            ],
         ),
         (
             "fleet",

@@ -136,7 +136,7 @@ const TX_STAMP_TRIES: usize = 5;
 
 /// Receives one datagram with the kernel's receive timestamp, as CLOCK_MONOTONIC.
 async fn recv_timestamped(sock: &UdpSocket) -> std::io::Result<(Vec<u8>, u64)> {
-    let (bytes, _, rx) = crate::responder::userspace::recv_timestamped(sock).await?;
+    let (bytes, _, rx) = crate::userspace::recv_timestamped(sock).await?;
     Ok((bytes, rx))
 }
 

@@ -18,9 +18,9 @@ use crate::host::files::state_dir;
 use crate::host::netlink::Netlink;
 use crate::host::netns;
 use crate::responder::attach::{self, Attachment, LinkKind, Step};
-use crate::responder::userspace::SocketPlace;
 use crate::responder::{self, attach_pinned, pin_dir, Attached, OwnMacs, Responder};
 use crate::responder::{XdpModePref, PEER_PASS_PROGRAM, RESPONDER_PROGRAM};
+use crate::userspace::SocketPlace;
 use crate::vip::dhcp::{self, DhcpSpec};
 use crate::vip::{self, Created, VipSpec};
 use crate::vip::{helper, keepalived, radvd};
@@ -392,7 +392,7 @@ pub async fn serve_managed(
         _ => Vec::new(),
     };
     responder.set_vrrp_peers(&vrrp_peers)?;
-    let user_sockets = crate::responder::userspace::bind_sockets(Some(&ns), &served)?;
+    let user_sockets = crate::userspace::bind_sockets(Some(&ns), &served)?;
     // Attachments an earlier daemon pinned that this config no longer asks for would go on
     // answering from maps nobody updates: release them.
     for gone in release_unwanted_links(&spec, opts.xdp_mode)? {

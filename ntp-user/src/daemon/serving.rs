@@ -16,8 +16,8 @@ use crate::daemon::clock_task;
 use crate::host::hostclock::HostClockIdentity;
 use crate::observe::status::ClockSnapshotCell;
 use crate::observe::Observatory;
-use crate::responder::userspace::{SharedAdmission, SocketPlace, UserspaceCounters};
 use crate::responder::{Responder, XdpModePref};
+use crate::userspace::{SharedAdmission, SocketPlace, UserspaceCounters};
 
 /// Where served time comes from.
 #[derive(Debug, Clone)]
@@ -177,7 +177,7 @@ pub(crate) async fn serve_responder(
             .map(AbortOnDrop)
             .collect();
         let admission: SharedAdmission = Arc::new(std::sync::Mutex::new(
-            responder.userspace_admission(opts.admission.policy)?,
+            crate::userspace::UserspaceAdmission::new(responder, opts.admission.policy)?,
         ));
         let nts_state = nts.as_ref().map(|n| n.state.clone());
         let live_admission = admission.clone();
@@ -269,7 +269,7 @@ impl NtsRuntime {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .admit(ip, now);
-            decision == crate::responder::userspace::Admitted::Answer
+            decision == crate::userspace::Admitted::Answer
         });
         crate::nts::server::KeyExchange {
             spec: self.spec,
@@ -307,7 +307,7 @@ async fn userspace_path(
         place,
         plumbing,
     } = sockets;
-    if let Err(e) = crate::responder::userspace::serve(
+    if let Err(e) = crate::userspace::serve(
         sockets, place, plumbing, anchors, params, admission, counters, nts,
     )
     .await

@@ -46,14 +46,14 @@ pub async fn serve(mut opts: ServeOptions) -> Result<()> {
     } else {
         Some(attach(&mut responder, &opts, service_ns.as_ref(), home).await?)
     };
-    let place = crate::responder::userspace::SocketPlace {
+    let place = crate::userspace::SocketPlace {
         netns: opts.netns.clone(),
         addresses: opts.addresses.clone(),
     };
     // An attached interface is not ours to recreate: the sockets stay where they are bound.
     let (_never, plumbing) = tokio::sync::watch::channel(0u64);
     let user_sockets = UserSockets {
-        sockets: crate::responder::userspace::bind_sockets(service_ns.as_ref(), &opts.addresses)?,
+        sockets: crate::userspace::bind_sockets(service_ns.as_ref(), &opts.addresses)?,
         place,
         plumbing,
     };

@@ -24,8 +24,8 @@ use crate::observe::guests::{summarize, GuestPolicy, GuestSummary};
 use crate::observe::status::{
     refid_text, AnchorStatus, ClockSnapshotCell, ResponderStatus, StatusReport,
 };
-use crate::responder::userspace::UserspaceCounters;
 use crate::responder::Observer;
+use crate::userspace::UserspaceCounters;
 
 #[derive(Debug, Clone, Default)]
 pub struct ObserveSpec {

@@ -15,9 +15,7 @@ pub mod attach;
 pub mod object;
 pub mod observer;
 pub mod pins;
-pub mod stats;
 pub mod test_run;
-pub mod userspace;
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -419,12 +417,10 @@ impl Responder {
         Ok(OwnMacs(Attachments::open(&self.ebpf)?))
     }
 
-    /// Admission for the userspace path: the same maps, through handles of its own.
-    pub fn userspace_admission(
-        &self,
-        policy: ResponderPolicy,
-    ) -> Result<userspace::UserspaceAdmission> {
-        userspace::UserspaceAdmission::new(&self.ebpf, policy)
+    /// A handle of its own on one of the maps (for the userspace path's admission, which
+    /// reads and writes the same maps from another task).
+    pub fn reopen_map(&self, name: &str) -> Result<aya::maps::Map> {
+        observer::reopen(&self.ebpf, name)
     }
 
     /// One of the loaded programs, for attaching.

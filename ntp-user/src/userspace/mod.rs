@@ -81,13 +81,15 @@ pub struct UserspaceAdmission {
 }
 
 impl UserspaceAdmission {
-    pub fn new(ebpf: &aya::Ebpf, policy: ResponderPolicy) -> Result<UserspaceAdmission> {
-        use super::observer::reopen;
+    pub fn new(
+        responder: &crate::responder::Responder,
+        policy: ResponderPolicy,
+    ) -> Result<UserspaceAdmission> {
         use ntp_common::maps;
         Ok(UserspaceAdmission {
             policy,
-            acl: LpmTrie::try_from(reopen(ebpf, maps::ACL)?)?,
-            sources: HashMap::try_from(reopen(ebpf, maps::SOURCES)?)?,
+            acl: LpmTrie::try_from(responder.reopen_map(maps::ACL)?)?,
+            sources: HashMap::try_from(responder.reopen_map(maps::SOURCES)?)?,
             kod_budget: SourceState::default(),
         })
     }
