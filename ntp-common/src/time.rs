@@ -29,6 +29,11 @@ pub const fn unix_ns_to_ntp_ns(unix_ns: u64) -> u64 {
     unix_ns + NTP_UNIX_OFFSET_SECS * NANOS_PER_SEC
 }
 
+/// A duration in nanoseconds, saturating at `u64::MAX` (584 years): the maps' unit.
+pub fn duration_ns(d: core::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Converts a parts-per-million frequency offset to the fixed-point form of the anchor.
 pub fn ppm_to_freq_scaled(ppm: f64) -> i64 {
     let scaled = ppm * 1e-6 * (1u64 << FREQ_SCALE_BITS) as f64;
@@ -189,6 +194,15 @@ mod tests {
     use super::*;
 
     const SEC: u64 = NANOS_PER_SEC;
+
+    #[test]
+    fn durations_saturate_at_the_maps_limit() {
+        assert_eq!(
+            duration_ns(core::time::Duration::from_millis(1500)),
+            1_500_000_000
+        );
+        assert_eq!(duration_ns(core::time::Duration::MAX), u64::MAX);
+    }
 
     #[test]
     fn div_1e9_is_exact() {

@@ -277,7 +277,7 @@ impl ServeArgs {
                 a.upstreams.len()
             );
         }
-        let max_age_ns = a.max_anchor_age.as_nanos().min(u64::MAX as u128) as u64;
+        let max_age_ns = ntp_common::time::duration_ns(a.max_anchor_age);
         if !a.upstreams.is_empty() {
             crate::config::check_holdover(a.max_holdover, a.upstream_max_poll)
                 .map_err(|why| anyhow::anyhow!("--max-holdover: {why}"))?;
@@ -297,7 +297,7 @@ impl ServeArgs {
                 system: SystemConfig {
                     min_sources: a.min_sources,
                     max_anchor_age_ns: max_age_ns,
-                    max_holdover_ns: a.max_holdover.as_nanos().min(u64::MAX as u128) as u64,
+                    max_holdover_ns: ntp_common::time::duration_ns(a.max_holdover),
                     poll: crate::clock::upstream::PollConfig {
                         max_poll: a.upstream_max_poll,
                         ..Default::default()

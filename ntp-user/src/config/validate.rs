@@ -220,8 +220,8 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
             ..DisciplineConfig::default()
         },
         min_sources: c.min_sources.max(1),
-        max_holdover_ns: holdover.as_nanos().min(u64::MAX as u128) as u64,
-        max_anchor_age_ns: max_age.as_nanos().min(u64::MAX as u128) as u64,
+        max_holdover_ns: ntp_common::time::duration_ns(holdover),
+        max_anchor_age_ns: ntp_common::time::duration_ns(max_age),
         leap_smear: c.leap_smear,
         holdover_wander_ppm_per_hour: c.holdover_wander_ppm_per_hour,
         stratum_override: c.stratum,
@@ -562,7 +562,7 @@ pub fn validate_admission(
             format!("{} must be in 1..=16777216", l.sources),
         ));
     }
-    policy.kod_interval_ns = kod_interval.as_nanos().min(u64::MAX as u128) as u64;
+    policy.kod_interval_ns = ntp_common::time::duration_ns(kod_interval);
     policy.kod_poll = l.kod_poll;
     match a.deny_action.as_str() {
         "kod" => policy.flags |= POLICY_KOD_DENY,
