@@ -177,7 +177,7 @@ fn with_xdp_off_the_userspace_path_serves_real_clients() {
 
 /// Every request that gets time has passed the access list and the rate limit, whichever
 /// path answers it: a denied guest's request padded with a MAC-sized tail is dropped in the
-/// kernel (it used to get a full LI=0 reply from userspace), and with XDP off the userspace
+/// kernel (passing it up would give it a full LI=0 reply from userspace), and with XDP off the userspace
 /// path itself refuses it; a guest over its rate gets no more than its burst through
 /// userspace either (the kernel peeks, userspace takes the tokens).
 #[test]
