@@ -345,7 +345,8 @@ impl Agent {
         // check passes again before another host of its group may go.
         let mut holding = self.keep_restart_slot(&mut client, &keys, lease).await?;
         if holding && is_back(&status, *gate.borrow()) {
-            holding = !self.release_restart_slot(&mut client, &keys).await?;
+            self.release_restart_slot(&mut client, &keys).await?;
+            holding = false;
         }
         // A restart waits for its VRRP group's restart slot: one host at a time, so that some
         // host always holds the addresses (all at once, none would for an election).
@@ -361,7 +362,8 @@ impl Agent {
                     keeper.keep_alive().await.context("lease keep-alive")?;
                     let status = self.beat(&mut client, reports, lease, &keys, files).await?;
                     if holding && is_back(&status, *gate.borrow()) {
-                        holding = !self.release_restart_slot(&mut client, &keys).await?;
+                        self.release_restart_slot(&mut client, &keys).await?;
+                        holding = false;
                     }
                     self.sync_nts_keys(&mut client, &keys).await?;
                     false
@@ -465,6 +467,29 @@ impl Agent {
             .collect())
     }
 
+    /// Applies `op` to each restart slot this host holds, each guarded by the slot's mod
+    /// revision; true when one was.
+    async fn rewrite_held_slots(
+        &self,
+        client: &mut Client,
+        keys: &Keys,
+        op: impl Fn(&[u8]) -> etcd_client::TxnOp,
+    ) -> Result<bool> {
+        use etcd_client::{Compare, CompareOp, Txn};
+        let mut done = false;
+        for kv in self.held_restart_slots(client, keys).await? {
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    kv.key(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then([op(kv.key())]);
+            done |= client.txn(txn).await?.succeeded();
+        }
+        Ok(done)
+    }
+
     /// Moves the restart slots this host holds onto `lease` (the previous process's lease
     /// ends with it); true when it holds one.
     async fn keep_restart_slot(
@@ -473,41 +498,20 @@ impl Agent {
         keys: &Keys,
         lease: i64,
     ) -> Result<bool> {
-        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-        let mut holding = false;
-        for kv in self.held_restart_slots(client, keys).await? {
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    kv.key(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
-                .and_then([TxnOp::put(
-                    kv.key(),
-                    self.spec.host.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
-            holding |= client.txn(txn).await?.succeeded();
-        }
-        Ok(holding)
+        let host = self.spec.host.clone();
+        self.rewrite_held_slots(client, keys, |key| {
+            etcd_client::TxnOp::put(key, host.clone(), Some(PutOptions::new().with_lease(lease)))
+        })
+        .await
     }
 
     /// Frees the restart slot this host holds (it is back), whichever group's it is: the
-    /// configuration it restarted into may have moved it to another. True when released.
-    async fn release_restart_slot(&self, client: &mut Client, keys: &Keys) -> Result<bool> {
-        use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-        for kv in self.held_restart_slots(client, keys).await? {
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    kv.key(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
-                .and_then([TxnOp::delete(kv.key(), None)]);
-            client.txn(txn).await?;
-        }
+    /// configuration it restarted into may have moved it to another.
+    async fn release_restart_slot(&self, client: &mut Client, keys: &Keys) -> Result<()> {
+        self.rewrite_held_slots(client, keys, |key| etcd_client::TxnOp::delete(key, None))
+            .await?;
         info!("fleet: back after the restart; restart slot released");
-        Ok(true)
+        Ok(())
     }
 
     /// Puts the heartbeat under the lease.
