@@ -584,6 +584,18 @@ impl Fleet {
         Ok(p.display().to_string())
     }
 
+    /// Pushes the test cluster's config with `precision` (which makes each push differ), as
+    /// file `name`, with `extra` arguments (`--rolling`, ...): the revision written.
+    pub fn push_cluster(&self, name: &str, precision: i8, extra: &[&str]) -> Result<i64> {
+        let file = self.file(
+            name,
+            &cluster_config(&self.guest_bridge, &self.vrrp_bridge, precision),
+        )?;
+        let mut args = vec!["push", file.as_str()];
+        args.extend_from_slice(extra);
+        Ok(revision_of(&self.fleet_ok(&args)?))
+    }
+
     pub fn fleet_status(&self) -> Result<serde_json::Value> {
         Ok(serde_json::from_str(
             &self.fleet_ok(&["status", "--json"])?,

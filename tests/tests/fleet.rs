@@ -231,13 +231,7 @@ fn the_store_failing_never_stops_the_time_and_lost_hosts_are_shown() {
     // One member down: pushes and status still work.
     f.etcd.kill_member(0);
     marks.push(("member 0 killed, push v1", std::time::Instant::now()));
-    let v1 = f
-        .file(
-            "v1.toml",
-            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -21),
-        )
-        .unwrap();
-    let r1 = revision_of(&f.fleet_ok(&["push", &v1]).unwrap());
+    let r1 = f.push_cluster("v1.toml", -21, &[]).unwrap();
     assert!(all_applied(&f, r1), "{:?}", hosts(&f));
     // The member back: it catches up with the others, and pushes go on.
     f.etcd.start_member(0).unwrap();
@@ -245,13 +239,7 @@ fn the_store_failing_never_stops_the_time_and_lost_hosts_are_shown() {
         .wait_healthy(&f.home, Duration::from_secs(30))
         .unwrap();
     marks.push(("member 0 back, push v1b", std::time::Instant::now()));
-    let v1b = f
-        .file(
-            "v1b.toml",
-            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -22),
-        )
-        .unwrap();
-    let r1 = revision_of(&f.fleet_ok(&["push", &v1b]).unwrap());
+    let r1 = f.push_cluster("v1b.toml", -22, &[]).unwrap();
     assert!(all_applied(&f, r1), "{:?}", hosts(&f));
 
     // All members down for a minute: every daemon serves on with its config, and says the
@@ -560,13 +548,7 @@ fn a_push_that_cannot_synchronize_stops_at_its_canary_and_bad_values_never_stop_
     let guest = ready(&f, 34);
     let stop = Arc::new(AtomicBool::new(false));
     let poller = poll(&guest, stop.clone());
-    let v1 = f
-        .file(
-            "v1.toml",
-            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -21),
-        )
-        .unwrap();
-    let r1 = revision_of(&f.fleet_ok(&["push", &v1]).unwrap());
+    let r1 = f.push_cluster("v1.toml", -21, &[]).unwrap();
     assert!(all_applied(&f, r1), "{:?}", hosts(&f));
     let by = |name: &str| {
         f.fleet_status().unwrap()["hosts"]
@@ -684,24 +666,12 @@ fn a_push_that_cannot_synchronize_stops_at_its_canary_and_bad_values_never_stop_
         "/ntp-xdp/az-test/hosts/vip-a/command",
         "{\"id\": \"nothing\", \"command\": \"none\"}",
     );
-    let v2 = f
-        .file(
-            "v2.toml",
-            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -22),
-        )
-        .unwrap();
-    let r2 = revision_of(&f.fleet_ok(&["push", &v2]).unwrap());
+    let r2 = f.push_cluster("v2.toml", -22, &[]).unwrap();
     assert!(all_applied(&f, r2), "{:?}", hosts(&f));
 
     // 3. A rollout paused with vip-c pinned to r1, and the store compacted: r1's config is
     // gone. vip-c re-pins to the current revision, says so, and stays connected.
-    let v3 = f
-        .file(
-            "v3.toml",
-            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -23),
-        )
-        .unwrap();
-    let r3 = revision_of(&f.fleet_ok(&["push", &v3]).unwrap());
+    let r3 = f.push_cluster("v3.toml", -23, &[]).unwrap();
     assert!(all_applied(&f, r3), "{:?}", hosts(&f));
     let out = f.etcd.etcdctl(&f.home, true, &["compact", &r3.to_string()]);
     assert!(out.status.success(), "{out:?}");
@@ -794,13 +764,7 @@ fn a_host_cut_off_from_the_store_serves_on_is_shown_lost_and_catches_up_after() 
     )));
 
     // A push meanwhile: the others apply it; the cut-off host keeps what it runs.
-    let v1 = f
-        .file(
-            "v1.toml",
-            &cluster_config(&f.guest_bridge, &f.vrrp_bridge, -21),
-        )
-        .unwrap();
-    let r1 = revision_of(&f.fleet_ok(&["push", &v1]).unwrap());
+    let r1 = f.push_cluster("v1.toml", -21, &[]).unwrap();
     let others_on = |f: &Fleet, r: i64| {
         hosts(f)
             .iter()
