@@ -271,8 +271,8 @@ pub struct GuestClock {
 
 /// One source's entry in the per-source table: its rate state and the clock its answered
 /// requests showed, found with one lookup per request. Keyed by [`rate_key`]: an IPv6 guest's
-/// record is its prefix's (one guest usually holds the whole /64), with the full address of
-/// the last request that carried a clock reading.
+/// record is its prefix's, with the full address of the last request that carried a clock
+/// reading, so guests sharing a prefix (SLAAC on one link) share one record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
