@@ -1,4 +1,4 @@
-//! Builds the eBPF object (ntp-ebpf) with aya-build and embeds it into the ntp-user binary.
+//! Builds the eBPF object (ntp-ebpf) with aya-build and embeds it into the ntp-xdp binary.
 //!
 //! The toolchain is the dated nightly named in `ntp-ebpf/rust-toolchain.toml` (never plain
 //! "nightly", whose LLVM may be newer than bpf-linker's); `cargo xtask setup` installs it and a

@@ -1,4 +1,4 @@
-//! Types and arithmetic shared by the XDP responder (`ntp-ebpf`) and the daemon (`ntp-user`).
+//! Types and arithmetic shared by the XDP responder (`ntp-ebpf`) and the daemon (`ntp-xdp`).
 //!
 //! Everything here is `no_std`, allocation-free and verifier-friendly: fixed-size loops,
 //! byte-wise access, no 128-bit arithmetic. The same code builds the reply in the kernel and

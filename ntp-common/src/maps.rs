@@ -1,7 +1,7 @@
 //! The responder's maps as both sides name them, and the fingerprint of their value layouts.
 //!
 //! The eBPF crate declares each map as a static of the same name (aya names a map after its
-//! static); `ntp-user` checks at test time that the object holds exactly these.
+//! static); `ntp-xdp` checks at test time that the object holds exactly these.
 
 use crate::anchor::{ServerParams, TimeAnchor};
 use crate::policy::{GuestClock, ResponderPolicy, SourceKey, SourceRecord, SourceState};

@@ -218,5 +218,5 @@ static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {
-    eprintln!("ntp-ebpf is an eBPF object; ntp-user embeds and loads it");
+    eprintln!("ntp-ebpf is an eBPF object; ntp-xdp embeds and loads it");
 }

@@ -39,7 +39,7 @@ impl From<XdpModeArg> for XdpModePref {
 
 #[derive(Debug, Parser)]
 #[command(
-    name = "ntp-user",
+    name = "ntp-xdp",
     version,
     long_version = concat!(
         env!("CARGO_PKG_VERSION"),
@@ -244,7 +244,7 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9273); off without it.
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Control socket for `ntp-user status --socket`; off without it.
+    /// Control socket for `ntp-xdp status --socket`; off without it.
     #[arg(long)]
     pub control_socket: Option<crate::config::names::SafePath>,
     /// Guests whose clock is off by more than this are alarmed.
@@ -359,7 +359,7 @@ impl ServeArgs {
             log_packets: a.log_packets,
             clock,
             managed: None,
-            // NTS needs a certificate and a key file: configured in `[nts]` (`ntp-user run`).
+            // NTS needs a certificate and a key file: configured in `[nts]` (`ntp-xdp run`).
             nts: None,
             companion: None,
             restart: Default::default(),
@@ -390,7 +390,7 @@ mod tests {
     #[test]
     fn serve_rejects_bad_values() {
         let base = [
-            "ntp-user",
+            "ntp-xdp",
             "serve",
             "--interface",
             "veth0",
@@ -412,7 +412,7 @@ mod tests {
     }
 }
 
-/// `ntp-user stats`: the counters of every loaded responder.
+/// `ntp-xdp stats`: the counters of every loaded responder.
 pub fn print_stats(json: bool) -> anyhow::Result<()> {
     use std::io::Write as _;
     let all = crate::responder::loaded_responder_stats()?;
@@ -429,7 +429,7 @@ pub fn print_stats(json: bool) -> anyhow::Result<()> {
         })
     };
     match written {
-        // `ntp-user stats | head` closing the pipe is not an error.
+        // `ntp-xdp stats | head` closing the pipe is not an error.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),
     }

@@ -9,7 +9,7 @@
 //! - [`host`]: netlink, network namespaces, the VIP plumbing, DHCP, the host clock.
 //! - [`observe`]: status report, alarms, metrics, guest clocks, the control socket.
 //! - [`daemon`]: the one runtime: the clock task, standalone and managed modes, repair.
-//! - [`fleet`]: the cluster in etcd: the agent (inside the daemon) and `ntp-user fleet`.
+//! - [`fleet`]: the cluster in etcd: the agent (inside the daemon) and `ntp-xdp fleet`.
 //! - [`config`]: the TOML schema, its validation and its lowering to daemon options.
 pub mod cli;
 pub mod clock;

@@ -97,7 +97,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// `ntp-user status`: the report of the daemon behind a control socket.
+/// `ntp-xdp status`: the report of the daemon behind a control socket.
 fn status(
     config: Option<&std::path::Path>,
     socket: Option<std::path::PathBuf>,
@@ -124,7 +124,7 @@ fn status(
     Ok(())
 }
 
-/// `ntp-user run`: the daemon from its config; in a fleet, from the configuration last pushed
+/// `ntp-xdp run`: the daemon from its config; in a fleet, from the configuration last pushed
 /// to it (falling back to the one before when that fails to start), with the fleet agent.
 fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
     use ntp_user::fleet::local::LocalFiles;
@@ -207,7 +207,7 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
 fn restart_self() -> anyhow::Error {
     use std::os::unix::process::CommandExt as _;
     let mut args = std::env::args_os();
-    let argv0 = args.next().unwrap_or_else(|| "ntp-user".into());
+    let argv0 = args.next().unwrap_or_else(|| "ntp-xdp".into());
     tracing::info!("starting again");
     let e = std::process::Command::new("/proc/self/exe")
         .arg0(argv0)
@@ -226,7 +226,7 @@ fn log_clock_source(v: &ntp_user::config::Validated) {
     }
 }
 
-/// `ntp-user fleet ...`.
+/// `ntp-xdp fleet ...`.
 fn fleet(
     config: &std::path::Path,
     host_timeout: std::time::Duration,

@@ -12,7 +12,7 @@ use integration_tests::fleet::{cluster_config, lost, ready, switches, Fleet};
 
 fn step(f: &Fleet, title: &str, args: &[&str]) -> anyhow::Result<()> {
     println!(
-        "\n$ ntp-user fleet --config vip-a.toml {}    # {title}",
+        "\n$ ntp-xdp fleet --config vip-a.toml {}    # {title}",
         args.join(" ")
     );
     print!("{}", f.fleet_ok(args)?);

@@ -283,7 +283,7 @@ pub struct ClockBoundNow {
 
 impl ClockBound {
     /// `max_drift_ppm`: the drift allowance it adds per second since chronyd's tracking was
-    /// read (what `ntp-user guest-config` suggests).
+    /// read (what `ntp-xdp guest-config` suggests).
     pub fn start(tracker: &ChronyTracker, max_drift_ppm: u32) -> Result<ClockBound> {
         let pid = tracker.child.id();
         let mount_ns = format!("/proc/{pid}/ns/mnt");

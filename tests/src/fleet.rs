@@ -533,7 +533,7 @@ impl Fleet {
         }
     }
 
-    /// `ntp-user fleet ARGS` as an operator on the home network (with the config of the first
+    /// `ntp-xdp fleet ARGS` as an operator on the home network (with the config of the first
     /// host that reaches the store directly).
     fn fleet_command(&self, args: &[&str]) -> Command {
         let direct = (0..self.hosts.len())
@@ -550,7 +550,7 @@ impl Fleet {
     pub fn fleet_cmd(&self, args: &[&str]) -> Output {
         self.fleet_command(args)
             .output()
-            .expect("running ntp-user fleet")
+            .expect("running ntp-xdp fleet")
     }
 
     /// `fleet ARGS` started, not waited for: an operator's command that takes a while.
@@ -560,7 +560,7 @@ impl Fleet {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .context("spawning ntp-user fleet")?;
+            .context("spawning ntp-xdp fleet")?;
         Ok(Operator { child: Some(child) })
     }
 
@@ -569,7 +569,7 @@ impl Fleet {
         let out = self.fleet_cmd(args);
         if !out.status.success() {
             bail!(
-                "ntp-user fleet {args:?} failed: {}{}",
+                "ntp-xdp fleet {args:?} failed: {}{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
@@ -626,7 +626,7 @@ impl Fleet {
     }
 }
 
-/// A running `ntp-user fleet` command; killed if the test ends first.
+/// A running `ntp-xdp fleet` command; killed if the test ends first.
 pub struct Operator {
     child: Option<Child>,
 }

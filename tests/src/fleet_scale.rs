@@ -2,7 +2,7 @@
 //! certificates, in namespaces): each simulated host runs the real agent
 //! ([`ntp_user::fleet::agent::Agent`]: lease, heartbeat, watches, restart slot, gate) beside a
 //! local side that applies a configuration at once and reports a synchronized clock, and the
-//! operator's pushes are the real `ntp-user fleet push` ([`ntp_user::fleet::ops::Fleet`]). What
+//! operator's pushes are the real `ntp-xdp fleet push` ([`ntp_user::fleet::ops::Fleet`]). What
 //! it measures is the store traffic of the fleet's own logic; there is no responder.
 
 use std::collections::BTreeMap;
@@ -165,7 +165,7 @@ fn local_daemon() -> LocalDaemon {
 }
 
 /// One simulated host: the agent, and a new one whenever it asks for the restart (what
-/// `ntp-user run` does by exec), running what its state directory says.
+/// `ntp-xdp run` does by exec), running what its state directory says.
 async fn host_loop(
     spec: FleetSpec,
     local_fleet: toml::Value,

@@ -1,5 +1,5 @@
 //! Shared pieces of the integration tests: namespaces that clean up after themselves, the
-//! guest ↔ VIP topology, the `ntp-user serve` process, third-party NTP clients and frames.
+//! guest ↔ VIP topology, the `ntp-xdp serve` process, third-party NTP clients and frames.
 //!
 //! Network rules: IPv4 only from 169.254.0.0/16; IPv6 only inside the test's own namespaces.
 //! Every namespace is deleted by its guard, also when a test fails.
@@ -49,9 +49,9 @@ pub fn ip(args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(args))
 }
 
-/// Path of the `ntp-user` binary under test: `NTP_USER_BIN` (set by `cargo xtask test`), else
+/// Path of the `ntp-xdp` binary under test: `NTP_XDP_BIN` (set by `cargo xtask test`), else
 /// the debug build next to this workspace.
-/// The load generator (`xtask/loadgen`), built beside ntp-user by `cargo xtask test`.
+/// The load generator (`xtask/loadgen`), built beside ntp-xdp by `cargo xtask test`.
 pub fn ntp_loadgen_bin() -> std::path::PathBuf {
     match std::env::var_os("NTP_LOADGEN_BIN") {
         Some(p) => p.into(),
@@ -59,7 +59,7 @@ pub fn ntp_loadgen_bin() -> std::path::PathBuf {
     }
 }
 
-/// A daemon's own report over its control socket (`ntp-user status --socket S --json`).
+/// A daemon's own report over its control socket (`ntp-xdp status --socket S --json`).
 pub fn status_at(socket: &std::path::Path) -> Result<serde_json::Value> {
     let out = run(Command::new(ntp_user_bin())
         .arg("status")
@@ -70,13 +70,13 @@ pub fn status_at(socket: &std::path::Path) -> Result<serde_json::Value> {
 }
 
 pub fn ntp_user_bin() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("NTP_USER_BIN") {
+    if let Some(p) = std::env::var_os("NTP_XDP_BIN") {
         return p.into();
     }
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ntp-user");
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ntp-xdp");
     assert!(
         p.exists(),
-        "{} is missing: run the tests with `cargo xtask test`, or build ntp-user first",
+        "{} is missing: run the tests with `cargo xtask test`, or build ntp-xdp first",
         p.display()
     );
     p

@@ -182,7 +182,7 @@ impl Topology {
     }
 }
 
-/// `ntp-user serve` running in the foreground of a child process; SIGTERM on drop.
+/// `ntp-xdp serve` running in the foreground of a child process; SIGTERM on drop.
 pub struct ServeProcess {
     child: Child,
     pub log: mpsc::Receiver<String>,
@@ -191,7 +191,7 @@ pub struct ServeProcess {
 }
 
 impl ServeProcess {
-    /// Starts `ntp-user serve` on the topology's VIP end and waits until it says it attached.
+    /// Starts `ntp-xdp serve` on the topology's VIP end and waits until it says it attached.
     pub fn start(t: &Topology, mode: &str, extra: &[&str]) -> Result<ServeProcess> {
         Self::start_in(None, t, mode, extra)
     }
@@ -229,7 +229,7 @@ impl ServeProcess {
         ServeProcess::spawn(cmd, "responder attached")
     }
 
-    /// Runs `cmd` (an ntp-user command) with its log on a channel, and waits for `ready` in it.
+    /// Runs `cmd` (an ntp-xdp command) with its log on a channel, and waits for `ready` in it.
     pub fn spawn(mut cmd: Command, ready: &str) -> Result<ServeProcess> {
         cmd.env(
             "RUST_LOG",
@@ -239,7 +239,7 @@ impl ServeProcess {
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("spawning ntp-user")?;
+        let mut child = cmd.spawn().context("spawning ntp-xdp")?;
         let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -292,7 +292,7 @@ impl ServeProcess {
                 Err(_) => {
                     let status = self.child.try_wait()?;
                     bail!(
-                        "no {needle:?} from ntp-user serve (exit: {status:?}); log:\n{}",
+                        "no {needle:?} from ntp-xdp serve (exit: {status:?}); log:\n{}",
                         seen.join("\n")
                     );
                 }

@@ -224,14 +224,14 @@ lease_time = "10m"
         format!("169.254.{}.0/24", self.subnet.wrapping_add(100))
     }
 
-    /// `ntp-user ARGS` in the host namespace (setns only: same mount namespace and bpffs).
+    /// `ntp-xdp ARGS` in the host namespace (setns only: same mount namespace and bpffs).
     pub fn ntp_user(&self, args: &[&str]) -> Result<Command> {
         let mut cmd = Command::new(ntp_user_bin());
         cmd.args(args);
         in_netns(cmd, &self.home)
     }
 
-    /// Starts `ntp-user run --config` and waits until the responder is attached.
+    /// Starts `ntp-xdp run --config` and waits until the responder is attached.
     pub fn start_daemon(&mut self) -> Result<&mut ServeProcess> {
         if self.daemon.is_some() {
             bail!("the daemon is already running");
@@ -264,7 +264,7 @@ lease_time = "10m"
         }
     }
 
-    /// `ntp-user down --config`: its output.
+    /// `ntp-xdp down --config`: its output.
     pub fn down(&self) -> Result<String> {
         let config = self.config.to_string_lossy().into_owned();
         run(&mut self.ntp_user(&["down", "--config", &config])?)
@@ -287,7 +287,7 @@ lease_time = "10m"
         configure_guest(guest, self.subnet, host_octet)
     }
 
-    /// The daemon's report (`ntp-user status --json` through its config's control socket).
+    /// The daemon's report (`ntp-xdp status --json` through its config's control socket).
     pub fn status_report(&self) -> Result<ntp_user::observe::status::StatusReport> {
         let config = self.config.to_string_lossy().into_owned();
         let out = run(&mut self.ntp_user(&["status", "--config", &config, "--json"])?)?;

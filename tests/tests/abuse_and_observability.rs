@@ -1,4 +1,4 @@
-//! Rate limits, access lists, guest clock alarms, metrics and `ntp-user status`, end to end:
+//! Rate limits, access lists, guest clock alarms, metrics and `ntp-xdp status`, end to end:
 //! the daemon on a VIP host in a test namespace, guests on its bridge.
 
 use std::sync::atomic::{AtomicBool, Ordering};

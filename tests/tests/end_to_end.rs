@@ -1,4 +1,4 @@
-//! End to end: `ntp-user serve` on the VIP side of a veth, real NTP clients in the guest
+//! End to end: `ntp-xdp serve` on the VIP side of a veth, real NTP clients in the guest
 //! namespace, over IPv4 and IPv6, in generic and native XDP mode.
 
 use std::process::Command;
@@ -72,7 +72,7 @@ fn clients_accept_replies(mode: &str, subnet: u8) {
         );
     }
     let ok = serve.stop().unwrap();
-    assert!(ok, "ntp-user serve did not exit cleanly on SIGTERM");
+    assert!(ok, "ntp-xdp serve did not exit cleanly on SIGTERM");
     assert_eq!(
         t.xdp_attached().unwrap(),
         (false, false),

@@ -1,5 +1,5 @@
 //! The operator's alerting rules against a live daemon: Debian's Prometheus scrapes the
-//! /metrics of an `ntp-user serve` disciplined by two chronyd upstreams, all in the test's own
+//! /metrics of an `ntp-xdp serve` disciplined by two chronyd upstreams, all in the test's own
 //! namespaces. Prometheus loads the rules the package ships (xtask/deb/monitoring), with every
 //! `for:` a sixtieth as long (5m becomes 5s) and evaluated every second: a typed rewrite of
 //! the shipped file, the expressions untouched. Silencing the upstreams must fire the

@@ -178,7 +178,7 @@ impl Container {
         for line in out.lines().filter(|l| !l.trim().is_empty()) {
             let v: serde_json::Value =
                 serde_json::from_str(line).with_context(|| format!("journal entry {line:?}"))?;
-            if v["SYSLOG_IDENTIFIER"] != "ntp-user" {
+            if v["SYSLOG_IDENTIFIER"] != "ntp-xdp" {
                 continue;
             }
             let field = |name: &str| v[name].as_str().unwrap_or_default().to_string();
@@ -532,12 +532,12 @@ fn booted_systemd_package() -> Result<()> {
     c.exec(&["apt-get", "remove", "-y", "-q", "ntp-xdp"])?;
     let leftovers = c.sh(
         "ip netns list; ip -br link show ntpxdp-br0 2>/dev/null; ls /run/ntp-xdp 2>/dev/null; \
-         cat /proc/[0-9]*/comm | grep -E 'ntp-user|dnsmasq|radvd|keepalived' || true",
+         cat /proc/[0-9]*/comm | grep -E 'ntp-xdp|dnsmasq|radvd|keepalived' || true",
     )?;
     assert!(leftovers.trim().is_empty(), "apt remove left: {leftovers}");
     let pinned = bpffs.pinned();
     assert!(pinned.is_empty(), "apt remove left pins: {pinned:?}");
-    assert!(!c.path("/usr/bin/ntp-user").exists());
+    assert!(!c.path("/usr/bin/ntp-xdp").exists());
     assert!(
         c.path("/etc/ntp-xdp/ntp-xdp.toml").exists(),
         "remove took the conffile"

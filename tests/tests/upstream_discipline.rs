@@ -287,7 +287,7 @@ fn a_guests_error_bound_covers_its_offset_with_honest_and_wrong_upstreams() {
             },
             || eprintln!("last tracking: {:?}", tracking.borrow()),
         );
-        // As `ntp-user guest-config` suggests: 50 ppm of drift allowance per second since
+        // As `ntp-xdp guest-config` suggests: 50 ppm of drift allowance per second since
         // ClockBound last read chronyd (once a second).
         let clockbound = ClockBound::start(&guest, 50).unwrap();
         let clockbound_now = std::cell::RefCell::new(None);

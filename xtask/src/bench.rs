@@ -265,14 +265,14 @@ fn start_ntp_user(bin: &Path, t: &Topology, mode: &str) -> Result<Server> {
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
-        .context("starting ntp-user serve")?;
+        .context("starting ntp-xdp serve")?;
     let stderr = child.stderr.take().context("stderr")?;
     let mut lines = std::io::BufReader::new(stderr).lines();
     let attached = loop {
         match lines.next() {
             Some(Ok(l)) if l.contains("responder attached") => break l,
             Some(Ok(_)) => continue,
-            _ => bail!("ntp-user serve --xdp-mode {mode} exited before attaching"),
+            _ => bail!("ntp-xdp serve --xdp-mode {mode} exited before attaching"),
         }
     };
     std::thread::spawn(move || for _ in lines {});
@@ -588,7 +588,7 @@ fn machine() -> String {
     format!("{cores} × {cpu}, Linux {kernel}")
 }
 
-/// Runs the benchmark with `bin` (a built ntp-user); writes its outputs under `out_dir`.
+/// Runs the benchmark with `bin` (a built ntp-xdp); writes its outputs under `out_dir`.
 pub fn bench(bin: &Path, out_dir: &Path, smoke: bool, compare: Option<&Path>) -> Result<()> {
     // Read first: a bad file should fail before minutes of measuring.
     let old: Option<Value> = match compare {
@@ -957,7 +957,7 @@ pub fn time_bench(bin: &Path, out_dir: &Path) -> Result<()> {
             "--example",
             "time_bench",
         ])
-        .env("NTP_USER_BIN", bin)
+        .env("NTP_XDP_BIN", bin)
         .env("NTP_LOADGEN_BIN", crate::loadgen_bin(bin))
         .stderr(Stdio::inherit())
         .output()

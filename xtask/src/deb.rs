@@ -1,6 +1,6 @@
-//! `cargo xtask deb`: a Debian package of the daemon, built with dpkg-deb: `ntp-user` in
+//! `cargo xtask deb`: a Debian package of the daemon, built with dpkg-deb: `ntp-xdp` in
 //! /usr/bin, the documented default config as a conffile in /etc/ntp-xdp, the systemd unit
-//! (no CAP_SYS_TIME, the clock protected), maintainer scripts (`ntp-user down` on removal),
+//! (no CAP_SYS_TIME, the clock protected), maintainer scripts (`ntp-xdp down` on removal),
 //! and the runtime dependencies. `cargo xtask test` checks it: installed into a scratch root,
 //! the unit verified by systemd-analyze, the config accepted, and a purge leaves nothing.
 
@@ -46,12 +46,12 @@ pub fn build_deb_version(bin: &Path, out_dir: &Path, version: &str) -> Result<Pa
     let arch = architecture()?;
     let stage = out_dir.join("stage");
     let _ = std::fs::remove_dir_all(&stage);
-    // Stripped: the symbols stay in the build tree (target/release/ntp-user).
+    // Stripped: the symbols stay in the build tree (target/release/ntp-xdp).
     std::fs::create_dir_all(stage.join("usr/bin"))?;
     status(
         Command::new("strip")
             .args(["--strip-unneeded", "-o"])
-            .arg(stage.join("usr/bin/ntp-user"))
+            .arg(stage.join("usr/bin/ntp-xdp"))
             .arg(bin),
     )?;
     install(
@@ -128,7 +128,7 @@ fn dpkg(scratch: &Path) -> Command {
 }
 
 /// The package installed into a scratch root: files where they belong, the unit verified by
-/// systemd-analyze against this machine's units, the config accepted by `ntp-user
+/// systemd-analyze against this machine's units, the config accepted by `ntp-xdp
 /// check-config`; purged: nothing of it left.
 pub fn check_package(bin: &Path, work: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(work);
@@ -141,7 +141,7 @@ pub fn check_package(bin: &Path, work: &Path) -> Result<()> {
     std::fs::write(admin.join("status"), "")?;
     status(dpkg(&scratch).arg("-i").arg(&deb))?;
     for f in [
-        "usr/bin/ntp-user",
+        "usr/bin/ntp-xdp",
         "etc/ntp-xdp/ntp-xdp.toml",
         "lib/systemd/system/ntp-xdp.service",
         "usr/share/ntp-xdp/monitoring/ntp-xdp.rules.yml",
@@ -153,20 +153,20 @@ pub fn check_package(bin: &Path, work: &Path) -> Result<()> {
     }
     let sections = Command::new("readelf")
         .arg("--section-headers")
-        .arg(scratch.join("usr/bin/ntp-user"))
+        .arg(scratch.join("usr/bin/ntp-xdp"))
         .output()
         .context("running readelf")?;
     let sections = String::from_utf8_lossy(&sections.stdout);
     if sections.contains(".symtab") || sections.contains(".debug_info") {
-        bail!("the packaged ntp-user is not stripped");
+        bail!("the packaged ntp-xdp is not stripped");
     }
-    let check = Command::new(scratch.join("usr/bin/ntp-user"))
+    let check = Command::new(scratch.join("usr/bin/ntp-xdp"))
         .args(["check-config", "--config"])
         .arg(scratch.join("etc/ntp-xdp/ntp-xdp.toml"))
         .output()?;
     if !check.status.success() {
         bail!(
-            "ntp-user check-config refused the installed config: {}",
+            "ntp-xdp check-config refused the installed config: {}",
             String::from_utf8_lossy(&check.stderr)
         );
     }
@@ -198,7 +198,7 @@ pub fn check_package(bin: &Path, work: &Path) -> Result<()> {
     }
     status(dpkg(&scratch).args(["--purge", PACKAGE]))?;
     for f in [
-        "usr/bin/ntp-user",
+        "usr/bin/ntp-xdp",
         "etc/ntp-xdp",
         "lib/systemd/system/ntp-xdp.service",
         "usr/share/doc/ntp-xdp",

@@ -27,7 +27,7 @@ enum Task {
     /// Set up, build, and run the daemon in the foreground with the embedded default config
     /// (it creates its namespace, veth, bridge and DHCP); removes what it created on exit.
     Run {
-        /// Extra arguments for `ntp-user run` (e.g. `-- --config FILE`).
+        /// Extra arguments for `ntp-xdp run` (e.g. `-- --config FILE`).
         #[arg(last = true)]
         run_args: Vec<String>,
     },
@@ -153,7 +153,7 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-/// The load generator, built beside ntp-user by [`build`].
+/// The load generator, built beside ntp-xdp by [`build`].
 pub fn loadgen_bin(ntp_user: &Path) -> PathBuf {
     ntp_user.with_file_name("ntp-loadgen")
 }
@@ -171,7 +171,7 @@ fn fleet_demo(bin: &Path) -> Result<()> {
             "--example",
             "fleet_demo",
         ])
-        .env("NTP_USER_BIN", bin)
+        .env("NTP_XDP_BIN", bin)
         .env("NTP_LOADGEN_BIN", loadgen_bin(bin))
         .status()
         .context("running the fleet demo")?;
@@ -181,7 +181,7 @@ fn fleet_demo(bin: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds ntp-user (and the load generator); returns ntp-user's path.
+/// Builds the ntp-xdp binary (crate ntp-user) and the load generator; returns its path.
 fn build(release: bool) -> Result<PathBuf> {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
@@ -193,7 +193,7 @@ fn build(release: bool) -> Result<PathBuf> {
     Ok(workspace_root()
         .join("target")
         .join(if release { "release" } else { "debug" })
-        .join("ntp-user"))
+        .join("ntp-xdp"))
 }
 
 /// The scratch-root package check's name, as the filter matches it.
@@ -218,7 +218,7 @@ fn test(filter: Option<&str>) -> Result<()> {
             "--exclude",
             "ntp-ebpf",
         ])
-        .env("NTP_USER_BIN", &bin)
+        .env("NTP_XDP_BIN", &bin)
         .env("NTP_LOADGEN_BIN", loadgen_bin(&bin))
         .stdout(std::process::Stdio::piped());
     if let Some(release) = &packaged {
@@ -501,7 +501,7 @@ fn command_with_default_sigint(program: &Path) -> Result<Command> {
     Ok(cmd)
 }
 
-/// `ntp-user down` with the same config: removes what the daemon created.
+/// `ntp-xdp down` with the same config: removes what the daemon created.
 fn down(bin: &Path, run_args: &[String]) -> Result<()> {
     let mut cmd = Command::new(bin);
     cmd.arg("down");
@@ -522,7 +522,7 @@ fn run_daemon(run_args: &[String]) -> Result<()> {
          fd00:ec2::123), a veth into bridge {DEFAULT_BRIDGE} and DHCP on 169.254.100.0/24.\n  \
          {} stats        responder counters\n  \
          cargo xtask demo    a guest that gets its route by DHCP and queries the clock\n\
-         Ctrl-C stops it; then `ntp-user down` removes what it created.",
+         Ctrl-C stops it; then `ntp-xdp down` removes what it created.",
         bin.display()
     );
     let mut cmd = command_with_default_sigint(&bin)?;
@@ -557,7 +557,7 @@ fn demo() -> Result<()> {
         .env("NO_COLOR", "1")
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .context("starting ntp-user run")?;
+        .context("starting ntp-xdp run")?;
     let stderr = daemon.stderr.take().context("daemon stderr")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -26,7 +26,7 @@ pub enum SourceState {
 }
 
 impl SourceState {
-    /// The word `ntp-user status` shows.
+    /// The word `ntp-xdp status` shows.
     pub fn describe(&self) -> String {
         match self {
             SourceState::Selected => "selected".into(),

@@ -651,7 +651,7 @@ impl System {
         events.push(SystemEvent::LeapApplied(leap));
     }
 
-    /// The clock and its upstreams as `ntp-user status` shows them. `anchor` is what was
+    /// The clock and its upstreams as `ntp-xdp status` shows them. `anchor` is what was
     /// published at `now_ns`.
     pub fn snapshot(&self, now_ns: u64, anchor: &TimeAnchor) -> ClockSnapshot {
         let model = self.discipline.estimate_line(now_ns);

@@ -24,7 +24,7 @@ pub use validate::{
     check_holdover, host_preflight, parse_refid, validate_admission, validate_observe,
 };
 
-/// The configuration `cargo xtask run` and `ntp-user run` use when given no file: serve the
+/// The configuration `cargo xtask run` and `ntp-xdp run` use when given no file: serve the
 /// host clock as a local stratum on the demo namespace pair.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default-config.toml");
 
@@ -53,7 +53,7 @@ fn read(text: &str, origin: &Path) -> std::result::Result<Config, ConfigError> {
 }
 
 /// Like [`parse`], but without reading the files the config names (NTS certificate and
-/// key): what `ntp-user fleet push` checks on an operator's machine, where they need not
+/// key): what `ntp-xdp fleet push` checks on an operator's machine, where they need not
 /// exist. Each host checks them itself before it applies the config.
 pub fn parse_portable(text: &str, origin: &Path) -> Result<Validated> {
     validate::validate(read(text, origin)?, origin, false)

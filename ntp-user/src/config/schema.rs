@@ -228,7 +228,7 @@ impl Default for MetricsSection {
     }
 }
 
-/// The local control socket `ntp-user status` talks to (owner-only).
+/// The local control socket `ntp-xdp status` talks to (owner-only).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlSection {

@@ -972,7 +972,7 @@ fn validate_redundancy(
     }
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "ntp-user".into());
+        .unwrap_or_else(|_| "ntp-xdp".into());
     let health_socket = crate::vip::health_socket(&v.netns);
     // IPv6 guests route the clock address via the router advertisements' source: the group's
     // address, which moves with the others.

@@ -1,7 +1,7 @@
 //! The daemon on a VIP host: it creates and keeps the namespace plumbing ([`crate::vip`]),
 //! attaches the responder through pinned links, serves DHCP, and leaves the pinned responder
 //! answering when it stops, so that a restart or an upgrade (or a crash) is hitless.
-//! `ntp-user down` removes all of it.
+//! `ntp-xdp down` removes all of it.
 
 use std::fs::File;
 use std::net::IpAddr;
@@ -518,25 +518,25 @@ pub async fn serve_managed(
         result?;
         info!(
             "stopped and withdrawn: this host serves no time until a daemon starts again; the \
-             namespace and pins stay for a fast start (`ntp-user down` removes them)"
+             namespace and pins stay for a fast start (`ntp-xdp down` removes them)"
         );
         return Ok(());
     }
     result?;
     info!(
         "stopped; the pinned responder keeps answering from the last anchor (LI=3 once it is \
-         older than max_anchor_age). A new daemon adopts it; `ntp-user down` removes everything"
+         older than max_anchor_age). A new daemon adopts it; `ntp-xdp down` removes everything"
     );
     Ok(())
 }
 
 /// The file that asks a stopping daemon to withdraw rather than leave the pinned responder
-/// answering: written by `ntp-user on-stop` (the unit's ExecStop) before systemd's SIGTERM.
+/// answering: written by `ntp-xdp on-stop` (the unit's ExecStop) before systemd's SIGTERM.
 pub fn withdraw_marker(netns: &str) -> std::path::PathBuf {
     state_dir(netns).join("withdraw-on-stop")
 }
 
-/// What `ntp-user on-stop` found systemd doing to the unit.
+/// What `ntp-xdp on-stop` found systemd doing to the unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopKind {
     /// The stop half of a restart (`systemctl restart`, `try-restart`, a package upgrade):
@@ -764,7 +764,7 @@ async fn watch_role(
     }
 }
 
-/// `ntp-user down`: removes exactly what the daemon of this config created, and its pins.
+/// `ntp-xdp down`: removes exactly what the daemon of this config created, and its pins.
 pub async fn down(spec: &VipSpec) -> Result<Vec<String>> {
     if DaemonLock::held(&spec.netns) {
         bail!(

@@ -1,6 +1,6 @@
 //! The daemon: one runtime that runs the clock task, the userspace path, observability and,
 //! in managed mode, DHCP and the plumbing's repair. [`run`] is its entry point; the standalone
-//! mode (`ntp-user serve`, an existing interface) and the managed mode (a VIP host's own
+//! mode (`ntp-xdp serve`, an existing interface) and the managed mode (a VIP host's own
 //! namespace, pinned and hitless) differ only in how they set the responder up, then both run
 //! [`serving`].
 pub mod clock_task;
@@ -29,7 +29,7 @@ pub fn run(mut opts: ServeOptions) -> Result<()> {
     result
 }
 
-/// `ntp-user down`: removes what the daemon of `spec` created (see [`managed::down`]).
+/// `ntp-xdp down`: removes what the daemon of `spec` created (see [`managed::down`]).
 pub fn down(spec: &crate::vip::VipSpec) -> Result<Vec<String>> {
     runtime()?.block_on(managed::down(spec))
 }

@@ -61,7 +61,7 @@ pub struct ServeOptions {
 }
 
 /// A request to restart the daemon in place: it stops as on SIGTERM (the pinned responder
-/// keeps answering) and `ntp-user run` starts itself again.
+/// keeps answering) and `ntp-xdp run` starts itself again.
 #[derive(Clone, Default, Debug)]
 pub struct Restart(Arc<RestartFlag>);
 

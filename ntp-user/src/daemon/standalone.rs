@@ -1,4 +1,4 @@
-//! `ntp-user serve`: attach the responder to one interface and keep its anchor fresh.
+//! `ntp-xdp serve`: attach the responder to one interface and keep its anchor fresh.
 
 use std::fs::File;
 

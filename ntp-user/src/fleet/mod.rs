@@ -1,5 +1,5 @@
 //! The fleet: VIP hosts of one cluster keep their configuration, state and commands in etcd;
-//! the daemon is the agent ([`agent`]), `ntp-user fleet` the operator's side ([`ops`]).
+//! the daemon is the agent ([`agent`]), `ntp-xdp fleet` the operator's side ([`ops`]).
 //! The store is never on the time path: a daemon that cannot reach it serves with its last
 //! good configuration and says so.
 //!

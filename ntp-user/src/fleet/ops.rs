@@ -1,4 +1,4 @@
-//! `ntp-user fleet`: the operator's side. Pushes are validated here first and written with a
+//! `ntp-xdp fleet`: the operator's side. Pushes are validated here first and written with a
 //! compare-and-swap on the config's revision; rollouts go host by host (canary first, the
 //! VRRP master last) and stop at the first failure; `status` is one table for the cluster.
 

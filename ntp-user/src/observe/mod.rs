@@ -1,6 +1,6 @@
 //! The daemon's operator surface: the status report (built on request from the kernel's
 //! maps and the clock loop's view), alarms evaluated every second, the Prometheus endpoint
-//! and the owner-only control socket `ntp-user status` talks to.
+//! and the owner-only control socket `ntp-xdp status` talks to.
 
 pub mod alarms;
 pub mod guests;
@@ -216,7 +216,7 @@ impl Observatory {
 
     /// Whether this host should hold the service addresses: the kernel serves a fresh,
     /// synchronized anchor (the daemon publishes every second; a frozen or unsynchronized one
-    /// fails this). keepalived asks it every second through `ntp-user health`.
+    /// fails this). keepalived asks it every second through `ntp-xdp health`.
     pub fn health(&self) -> std::result::Result<(), String> {
         let now = monotonic_now_ns().map_err(|e| e.to_string())?;
         let anchor = self.observer.current_anchor().map_err(|e| e.to_string())?;
@@ -334,7 +334,7 @@ pub async fn start(obs: Arc<Observatory>) -> Result<Vec<tokio::task::JoinHandle<
     for (path, kind) in sockets {
         let Some(path) = path else { continue };
         let listener = bind_control(&path, kind)?;
-        info!(socket = %path.display(), ?kind, "control socket (ntp-user status / health)");
+        info!(socket = %path.display(), ?kind, "control socket (ntp-xdp status / health)");
         let o = obs.clone();
         // A local user who opens sessions and sends nothing holds a few of them, never the
         // daemon's descriptors.

@@ -1,4 +1,4 @@
-//! What `ntp-user status` shows and the metrics endpoint exports: one report, built by the
+//! What `ntp-xdp status` shows and the metrics endpoint exports: one report, built by the
 //! daemon on request, sent as JSON over the control socket and rendered here as tables in the
 //! manner of `chronyc tracking` and `chronyc sources`.
 
@@ -483,7 +483,7 @@ fn ask(socket: &Path, command: &str, timeout: std::time::Duration) -> Result<Str
     Ok(text)
 }
 
-/// Asks the daemon whether it should hold the service addresses (`ntp-user health`, run by
+/// Asks the daemon whether it should hold the service addresses (`ntp-xdp health`, run by
 /// keepalived every second): Ok, or why not.
 pub fn query_health(socket: &Path) -> Result<()> {
     let text = ask(socket, "health", std::time::Duration::from_millis(800))?;

@@ -508,7 +508,7 @@ impl Responder {
             .map(|_| ())
     }
 
-    /// The kernel's ID of the loaded responder program (as `ntp-user stats` and bpftool show it).
+    /// The kernel's ID of the loaded responder program (as `ntp-xdp stats` and bpftool show it).
     pub fn program_id(&mut self) -> Result<u32> {
         Ok(self.xdp(RESPONDER_PROGRAM)?.info()?.id())
     }

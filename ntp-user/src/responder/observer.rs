@@ -1,5 +1,5 @@
 //! Read-only handles on the responder's maps for the operator's views (status, metrics,
-//! `ntp-user stats`), opened independently of the [`Responder`](super::Responder) the clock
+//! `ntp-xdp stats`), opened independently of the [`Responder`](super::Responder) the clock
 //! task holds.
 
 use std::net::IpAddr;
@@ -128,7 +128,7 @@ pub fn loaded_responder_stats() -> Result<Vec<ResponderStats>> {
         }
     }
     if found.is_empty() {
-        bail!("no {RESPONDER_PROGRAM} program is loaded on this machine (is `ntp-user serve` running?)");
+        bail!("no {RESPONDER_PROGRAM} program is loaded on this machine (is `ntp-xdp serve` running?)");
     }
     Ok(found)
 }

@@ -155,9 +155,9 @@ mod tests {
             assert!(Syntax::Radvd.word(bad).is_err(), "{bad:?}");
         }
         assert_eq!(
-            k.command(&["/usr/bin/ntp-user", "health", "--socket", "/run/c.sock"])
+            k.command(&["/usr/bin/ntp-xdp", "health", "--socket", "/run/c.sock"])
                 .unwrap(),
-            "\"/usr/bin/ntp-user health --socket /run/c.sock\""
+            "\"/usr/bin/ntp-xdp health --socket /run/c.sock\""
         );
         assert!(k.command(&["/usr/bin/ntp user", "health"]).is_err());
         assert!(k.command(&["/x\"", "health"]).is_err());

@@ -2,7 +2,7 @@
 //! neutron's HA routers run it in theirs: it owns the virtual addresses (the service and clock
 //! addresses), moves them to a standby when this host fails, and sends the gratuitous ARPs and
 //! unsolicited neighbour advertisements. The daemon writes its configuration, supervises it,
-//! and is tracked by it (`ntp-user health`): a dead, frozen or unsynchronized daemon gives the
+//! and is tracked by it (`ntp-xdp health`): a dead, frozen or unsynchronized daemon gives the
 //! addresses up. No preemption: a recovered host comes back as standby. Supervised as every
 //! helper is ([`crate::vip::helper`]).
 
@@ -35,7 +35,7 @@ pub struct KeepalivedSpec {
     pub unicast_peers: Vec<IpAddr>,
     /// The addresses that move: IPv4 ones are advertised, IPv6 ones follow them.
     pub virtual_addresses: Vec<IpNet>,
-    /// The health check keepalived runs every second (`ntp-user health --socket ...`).
+    /// The health check keepalived runs every second (`ntp-xdp health --socket ...`).
     pub health_command: Vec<String>,
 }
 
@@ -131,7 +131,7 @@ impl KeepalivedSpec {
             )
         };
         k.file(format!(
-            "# Written by ntp-user for namespace {netns}; rewritten at every start.\n\
+            "# Written by ntp-xdp for namespace {netns}; rewritten at every start.\n\
              global_defs {{\n  router_id ntpxdp-{netns}\n  script_user {script_user}\n  \
              enable_script_security\n  vrrp_version 3\n  vrrp_garp_master_repeat 3\n  \
              vrrp_garp_master_refresh 60\n  vrrp_rt_priority {VRRP_RT_PRIORITY}\n  \
@@ -242,7 +242,7 @@ mod tests {
                 "169.254.169.123/32".parse().unwrap(),
                 "fd00:ec2::123/128".parse().unwrap(),
             ],
-            health_command: vec!["/usr/bin/ntp-user".into(), "health".into()],
+            health_command: vec!["/usr/bin/ntp-xdp".into(), "health".into()],
         };
         let c = spec.config_text().unwrap();
         let c = c.as_str();
@@ -259,7 +259,7 @@ mod tests {
             "169.254.100.1/24 dev ntpxdp-v0",
             "169.254.169.123/32 dev ntpxdp-v0",
             "virtual_ipaddress_excluded {\n    fd00:ec2::123/128 dev ntpxdp-v0",
-            "script \"/usr/bin/ntp-user health\"",
+            "script \"/usr/bin/ntp-xdp health\"",
             "track_script",
             "vrrp_rt_priority 50",
             "vrrp_no_swap",

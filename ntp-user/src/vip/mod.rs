@@ -4,7 +4,7 @@
 //!
 //! [`ensure`] is both start-up and drift repair: it compares what exists with the spec, adopts
 //! what is already right and fixes the rest, and returns one line per change. What the daemon
-//! created (rather than adopted) is recorded in a state file so that `ntp-user down` removes
+//! created (rather than adopted) is recorded in a state file so that `ntp-xdp down` removes
 //! exactly that.
 
 //!
@@ -111,7 +111,7 @@ pub fn first_host(net: &IpNet) -> IpAddr {
     net.hosts().next().unwrap_or(net.addr())
 }
 
-/// The socket keepalived's health check asks (`ntp-user health --socket`).
+/// The socket keepalived's health check asks (`ntp-xdp health --socket`).
 pub fn health_socket(netns: &str) -> PathBuf {
     state_dir(netns).join("health.sock")
 }

@@ -80,7 +80,7 @@ impl RadvdSpec {
             None => String::new(),
         };
         r.file(format!(
-            "# Written by ntp-user for namespace {netns}; rewritten at every start.\n\
+            "# Written by ntp-xdp for namespace {netns}; rewritten at every start.\n\
              interface {ifname} {{\n  AdvSendAdvert on;\n  AdvDefaultLifetime 0;\n  \
              MinRtrAdvInterval 10;\n  MaxRtrAdvInterval 30;\n{source}  prefix {prefix} {{\n    \
              AdvOnLink on;\n    AdvAutonomous on;\n  }};\n{routes}}};\n",
