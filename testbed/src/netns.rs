@@ -110,14 +110,9 @@ pub fn guest_on_bridge(home: &Netns, bridge: &str) -> Result<Netns> {
     plug_guest(Some(home), bridge, Netns::new("ntg")?)
 }
 
-/// The same on a bridge of the machine's own namespace, with the guest's fixed name.
-pub fn named_guest_on_host_bridge(name: &str, bridge: &str) -> Result<Netns> {
-    plug_guest(None, bridge, Netns::named(name)?)
-}
-
 /// Plugs `guest` into `bridge` (in `home`, or the machine's own namespace) through a veth:
 /// the port on the bridge, `eth0` in the guest, both up.
-fn plug_guest(home: Option<&Netns>, bridge: &str, guest: Netns) -> Result<Netns> {
+pub fn plug_guest(home: Option<&Netns>, bridge: &str, guest: Netns) -> Result<Netns> {
     let port = unique_name("np");
     let mut add = vec!["link", "add", &port];
     if let Some(h) = home {

@@ -1,6 +1,7 @@
 //! `ntp-xdp serve` in a child process, its log on a channel.
 
 use std::io::{BufRead as _, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -35,14 +36,25 @@ impl ServeProcess {
         mode: &str,
         extra: &[&str],
     ) -> Result<ServeProcess> {
+        Self::start_in_with(&ntp_xdp_bin(), home, t, mode, extra)
+    }
+
+    /// The same with the `ntp-xdp` binary at `bin`.
+    pub fn start_in_with(
+        bin: &Path,
+        home: Option<&Netns>,
+        t: &Topology,
+        mode: &str,
+        extra: &[&str],
+    ) -> Result<ServeProcess> {
         let mut cmd = match home {
             Some(ns) => {
-                let mut c = ns.command(ntp_xdp_bin().to_str().ok_or_else(|| anyhow!("path"))?);
+                let mut c = ns.command(bin.to_str().ok_or_else(|| anyhow!("path"))?);
                 c.arg("serve");
                 c
             }
             None => {
-                let mut c = Command::new(ntp_xdp_bin());
+                let mut c = Command::new(bin);
                 c.arg("serve");
                 c
             }
@@ -62,6 +74,11 @@ impl ServeProcess {
 
     /// Runs `cmd` (an ntp-xdp command) with its log on a channel, and waits for `ready` in it.
     pub fn spawn(mut cmd: Command, ready: &str) -> Result<ServeProcess> {
+        Self::spawn_ref(&mut cmd, ready)
+    }
+
+    /// [`ServeProcess::spawn`] of a command built in place (`Command::new(..).args(..)`).
+    pub fn spawn_ref(cmd: &mut Command, ready: &str) -> Result<ServeProcess> {
         cmd.env(
             "RUST_LOG",
             std::env::var("NTPX_SERVE_LOG")

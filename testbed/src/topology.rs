@@ -22,16 +22,24 @@ pub struct Topology {
 impl Topology {
     /// `subnet` picks 169.254.<subnet>.0/24 and fd00:ec2:<subnet>::/64 for the link.
     pub fn new(subnet: u8) -> Result<Topology> {
+        Self::with_queues(subnet, None)
+    }
+
+    /// The same with `queues` rx/tx queue pairs on each veth end (the kernel's default, one,
+    /// when `None`): a load spread over every core needs one pair per core.
+    pub fn with_queues(subnet: u8, queues: Option<usize>) -> Result<Topology> {
         let guest = Netns::new("ntg")?;
         let vip = Netns::new("ntv")?;
         let vip_if = unique_name("nv");
         let guest_if = unique_name("ng");
-        ip(&[
-            "link",
-            "add",
-            &vip_if,
-            "netns",
-            &vip.name,
+        let queues = queues.map(|q| q.to_string());
+        let queue_args: Vec<&str> = match &queues {
+            Some(q) => vec!["numtxqueues", q, "numrxqueues", q],
+            None => vec![],
+        };
+        let mut add = vec!["link", "add", &vip_if, "netns", &vip.name];
+        add.extend(&queue_args);
+        add.extend([
             "type",
             "veth",
             "peer",
@@ -39,7 +47,9 @@ impl Topology {
             &guest_if,
             "netns",
             &guest.name,
-        ])?;
+        ]);
+        add.extend(&queue_args);
+        ip(&add)?;
         let t = Topology {
             service_v4: format!("169.254.{subnet}.1"),
             guest_v4: format!("169.254.{subnet}.2"),
