@@ -1,6 +1,7 @@
 //! chronyd, as a server in a namespace and as a query-only client, and ntpdig: never able to
 //! set the clock (no CAP_SYS_TIME; a server also `-x`).
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -202,4 +203,120 @@ pub fn chronyd_query(ns: &Netns, addr: &str) -> Result<ChronyMeasurement> {
         tests_passed: f[5] == "111" && f[6] == "111" && f[7] == "1111",
         logged_offset_s: f[11].parse().context("offset column")?,
     })
+}
+
+/// A guest's chronyd following `addr` as a guest's would (polling every second), under `-x`
+/// and without CAP_SYS_TIME: it never touches the clock. Its command socket lets `chronyc
+/// tracking` read what it makes of the server, as ClockBound does. The socket is chrony's
+/// standard /run/chrony/chronyd.sock (the only one ClockBound knows) in a /run of its own: a
+/// mount namespace with a tmpfs on /run, so the machine's /run/chrony is never touched.
+pub struct ChronyTracker {
+    child: Child,
+    /// Its config and pid file, removed with it.
+    _dir: TempDir,
+}
+
+/// `chronyc tracking`, the figures an error bound is made of (seconds).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tracking {
+    pub stratum: u8,
+    /// How far chronyd thinks the system clock is from NTP time.
+    pub system_time_s: f64,
+    pub last_offset_s: f64,
+    pub root_delay_s: f64,
+    pub root_dispersion_s: f64,
+    pub leap: String,
+}
+
+impl Tracking {
+    /// The bound the server's replies give the guest, with the guest's own path added.
+    pub fn root_distance_s(&self) -> f64 {
+        self.root_delay_s / 2.0 + self.root_dispersion_s
+    }
+
+    /// ClockBound's clock error bound (without its drift allowance, which only widens it).
+    pub fn clockbound_s(&self) -> f64 {
+        self.system_time_s.abs() + self.root_distance_s()
+    }
+}
+
+impl ChronyTracker {
+    pub fn start(ns: &Netns, addr: &str) -> Result<ChronyTracker> {
+        let dir = TempDir::new("chronytrk")?;
+        let conf = dir.0.join("chrony.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "server {addr} iburst minpoll 0 maxpoll 0\npidfile {d}/chronyd.pid\n\
+                 cmdport 0\nbindcmdaddress /run/chrony/chronyd.sock\n",
+                d = dir.0.display()
+            ),
+        )?;
+        // chronyd opens its command socket only in a directory others cannot enter; ClockBound
+        // writes its segment in /run/clockbound.
+        let private_run = "mount -t tmpfs -o mode=0755 ntpx-run /run && \
+                           mkdir -m 0700 /run/chrony /run/clockbound && exec \"$@\"";
+        let child = ns
+            .command("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .args([private_run, "sh", "setpriv"])
+            .args(NO_SYS_TIME)
+            .args(["chronyd", "-x", "-u", "root", "-d", "-f"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting chronyd")?;
+        Ok(ChronyTracker { child, _dir: dir })
+    }
+
+    /// chronyd's /run as the test sees it (`ip netns exec`, unshare, sh and setpriv each exec
+    /// the next, so the child is chronyd itself).
+    pub fn run_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root/run", self.pid()))
+    }
+
+    /// chronyd's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn tracking(&self) -> Result<Tracking> {
+        let out = Command::new("chronyc")
+            .arg("-h")
+            // chronyc binds its own socket beside this path; chronyd, resolving it in its
+            // own namespace, finds it there.
+            .arg(self.run_dir().join("chrony/chronyd.sock"))
+            .args(["-c", "tracking"])
+            .output()
+            .context("running chronyc")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // Ref-ID,name,stratum,ref time,system time,last offset,RMS offset,frequency,
+        // residual frequency,skew,root delay,root dispersion,update interval,leap status
+        let f: Vec<&str> = text.trim().split(',').collect();
+        if !out.status.success() || f.len() < 14 {
+            bail!(
+                "chronyc tracking: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let num = |i: usize| -> Result<f64> {
+            f[i].parse().with_context(|| format!("field {i} of {text}"))
+        };
+        Ok(Tracking {
+            stratum: f[2].parse().context("stratum")?,
+            system_time_s: num(4)?,
+            last_offset_s: num(5)?,
+            root_delay_s: num(10)?,
+            root_dispersion_s: num(11)?,
+            leap: f[13].to_string(),
+        })
+    }
+}
+
+impl Drop for ChronyTracker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -6,125 +6,12 @@ use std::process::Command;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-use crate::topology::Netns;
 use crate::unique_name;
 use testbed::chrony::NO_SYS_TIME;
 pub use testbed::chrony::{
-    chronyd_query, ntpdig, ntpdig_best_of_3, ChronyMeasurement, NtpdigReply,
+    chronyd_query, ntpdig, ntpdig_best_of_3, ChronyMeasurement, ChronyTracker, NtpdigReply,
+    Tracking,
 };
-use testbed::TempDir;
-
-/// A guest's chronyd following `addr` as a guest's would (polling every second), under `-x`
-/// and without CAP_SYS_TIME: it never touches the clock. Its command socket lets `chronyc
-/// tracking` read what it makes of the server, as ClockBound does. The socket is chrony's
-/// standard /run/chrony/chronyd.sock (the only one ClockBound knows) in a /run of its own: a
-/// mount namespace with a tmpfs on /run, so the machine's /run/chrony is never touched.
-pub struct ChronyTracker {
-    child: std::process::Child,
-    /// Its config and pid file, removed with it.
-    _dir: TempDir,
-}
-
-/// `chronyc tracking`, the figures an error bound is made of (seconds).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tracking {
-    pub stratum: u8,
-    /// How far chronyd thinks the system clock is from NTP time.
-    pub system_time_s: f64,
-    pub last_offset_s: f64,
-    pub root_delay_s: f64,
-    pub root_dispersion_s: f64,
-    pub leap: String,
-}
-
-impl Tracking {
-    /// The bound the server's replies give the guest, with the guest's own path added.
-    pub fn root_distance_s(&self) -> f64 {
-        self.root_delay_s / 2.0 + self.root_dispersion_s
-    }
-
-    /// ClockBound's clock error bound (without its drift allowance, which only widens it).
-    pub fn clockbound_s(&self) -> f64 {
-        self.system_time_s.abs() + self.root_distance_s()
-    }
-}
-
-impl ChronyTracker {
-    pub fn start(ns: &Netns, addr: &str) -> Result<ChronyTracker> {
-        let dir = TempDir(std::env::temp_dir().join(unique_name("chronytrk")));
-        std::fs::create_dir_all(&dir.0)?;
-        let conf = dir.0.join("chrony.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "server {addr} iburst minpoll 0 maxpoll 0\npidfile {d}/chronyd.pid\n\
-                 cmdport 0\nbindcmdaddress /run/chrony/chronyd.sock\n",
-                d = dir.0.display()
-            ),
-        )?;
-        // chronyd opens its command socket only in a directory others cannot enter; ClockBound
-        // writes its segment in /run/clockbound.
-        let private_run = "mount -t tmpfs -o mode=0755 ntpx-run /run && \
-                           mkdir -m 0700 /run/chrony /run/clockbound && exec \"$@\"";
-        let child = ns
-            .command("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c"])
-            .args([private_run, "sh", "setpriv"])
-            .args(NO_SYS_TIME)
-            .args(["chronyd", "-x", "-u", "root", "-d", "-f"])
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting chronyd")?;
-        Ok(ChronyTracker { child, _dir: dir })
-    }
-
-    /// chronyd's /run as the test sees it (`ip netns exec`, unshare, sh and setpriv each exec
-    /// the next, so the child is chronyd itself).
-    fn run_dir(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/root/run", self.child.id()))
-    }
-
-    pub fn tracking(&self) -> Result<Tracking> {
-        let out = Command::new("chronyc")
-            .arg("-h")
-            // chronyc binds its own socket beside this path; chronyd, resolving it in its
-            // own namespace, finds it there.
-            .arg(self.run_dir().join("chrony/chronyd.sock"))
-            .args(["-c", "tracking"])
-            .output()
-            .context("running chronyc")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        // Ref-ID,name,stratum,ref time,system time,last offset,RMS offset,frequency,
-        // residual frequency,skew,root delay,root dispersion,update interval,leap status
-        let f: Vec<&str> = text.trim().split(',').collect();
-        if !out.status.success() || f.len() < 14 {
-            bail!(
-                "chronyc tracking: {text}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let num = |i: usize| -> Result<f64> {
-            f[i].parse().with_context(|| format!("field {i} of {text}"))
-        };
-        Ok(Tracking {
-            stratum: f[2].parse().context("stratum")?,
-            system_time_s: num(4)?,
-            last_offset_s: num(5)?,
-            root_delay_s: num(10)?,
-            root_dispersion_s: num(11)?,
-            leap: f[13].to_string(),
-        })
-    }
-}
-
-impl Drop for ChronyTracker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// AWS's ClockBound daemon (`clockbound`, built by `cargo xtask setup`) beside a
 /// [`ChronyTracker`], as a guest runs it without a VMClock device: in the tracker's mount
@@ -149,7 +36,7 @@ impl ClockBound {
     /// `max_drift_ppm`: the drift allowance it adds per second since chronyd's tracking was
     /// read (what `ntp-xdp guest-config` suggests).
     pub fn start(tracker: &ChronyTracker, max_drift_ppm: u32) -> Result<ClockBound> {
-        let pid = tracker.child.id();
+        let pid = tracker.pid();
         let mount_ns = format!("/proc/{pid}/ns/mnt");
         if std::fs::read_link(&mount_ns)? == std::fs::read_link("/proc/self/ns/mnt")? {
             bail!("chronyd {pid} is not in its own mount namespace yet");

@@ -123,11 +123,9 @@ impl Fleet {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let home = Netns::new("nth")?;
         let guest_bridge = unique_name("nb");
-        home.ip(&["link", "add", &guest_bridge, "type", "bridge"])?;
-        home.ip(&["link", "set", &guest_bridge, "up"])?;
+        home.add_bridge(&guest_bridge)?;
         let vrrp_bridge = unique_name("nb");
-        home.ip(&["link", "add", &vrrp_bridge, "type", "bridge"])?;
-        home.ip(&["link", "set", &vrrp_bridge, "up"])?;
+        home.add_bridge(&vrrp_bridge)?;
         let etcd = EtcdCluster::start(&home, SUBNET + 10)?;
         let (store_relays, relayed_endpoints) = match options.relayed_host {
             Some(_) => etcd.relays(STORE_RELAY_PORT)?,
