@@ -862,20 +862,22 @@ struct TimeSummary {
 /// against a real three-member etcd with TLS in namespaces) and prints its figures. A debug
 /// build: what is measured is the store's work (etcd is its own binary), not the agents'.
 pub fn fleet_scale(hosts: usize, records: &Path) -> Result<()> {
+    // Built first: the load average recorded is the machine's, not the compiler's.
+    crate::status(
+        Command::new("cargo")
+            .current_dir(crate::workspace_root())
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "integration-tests",
+                "--example",
+                "fleet_scale",
+            ]),
+    )?;
     let machine = machine();
-    let out = Command::new("cargo")
-        .current_dir(crate::workspace_root())
-        .args([
-            "run",
-            "--quiet",
-            "-p",
-            "integration-tests",
-            "--example",
-            "fleet_scale",
-            "--",
-            "--hosts",
-            &hosts.to_string(),
-        ])
+    let out = Command::new(crate::workspace_root().join("target/debug/examples/fleet_scale"))
+        .args(["--hosts", &hosts.to_string()])
         .stderr(Stdio::inherit())
         .output()
         .context("running the fleet scale bench")?;
