@@ -79,7 +79,7 @@ fn within<T: Send + 'static>(
 ) -> Result<T> {
     let file = ns.file()?;
     std::thread::spawn(move || {
-        ntp_user::host::netns::enter(&file)?;
+        testbed::netns::enter(&file)?;
         f()
     })
     .join()

@@ -5,8 +5,6 @@
 //! The daemon is started by entering the host namespace with setns only (not `ip netns exec`,
 //! which also remounts /sys and would hide the bpffs its pins live in).
 
-use std::os::fd::AsFd as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -15,67 +13,11 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::topology::{Netns, ServeProcess};
 use crate::{ip, ntp_user_bin, run, unique_name, CLOCK_V4, CLOCK_V6};
+pub use testbed::netns::{configure_guest, guest_on_bridge, in_netns};
 
 /// The udhcpc event script test guests (and `cargo xtask demo`) use: the address, then the
 /// option 121 routes (RFC 3442), else option 3. Prints what it applied.
 pub const UDHCPC_SCRIPT: &str = include_str!("../assets/udhcpc.sh");
-
-/// A guest namespace whose `eth0` is a port of `bridge` in `home` (no address yet).
-pub fn guest_on_bridge(home: &Netns, bridge: &str) -> Result<Netns> {
-    let guest = Netns::new("ntg")?;
-    let port = unique_name("np");
-    ip(&[
-        "link",
-        "add",
-        &port,
-        "netns",
-        &home.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        &guest.name,
-    ])?;
-    home.ip(&["link", "set", &port, "master", bridge, "up"])?;
-    guest.ip(&["link", "set", "eth0", "up"])?;
-    Ok(guest)
-}
-
-/// A guest's static address 169.254.SUBNET.OCTET/24 and its route to the clock address via
-/// the service address 169.254.SUBNET.1, as DHCP would give them.
-pub fn configure_guest(guest: &Netns, subnet: u8, octet: u8) -> Result<()> {
-    guest.ip(&[
-        "addr",
-        "add",
-        &format!("169.254.{subnet}.{octet}/24"),
-        "dev",
-        "eth0",
-    ])?;
-    guest.ip(&[
-        "route",
-        "add",
-        &format!("{CLOCK_V4}/32"),
-        "via",
-        &format!("169.254.{subnet}.1"),
-    ])?;
-    Ok(())
-}
-
-/// `cmd` runs in `ns`'s network namespace, entered with setns only (same mount namespace, so
-/// the bpffs and /run/ntp-xdp stay visible).
-pub fn in_netns(mut cmd: Command, ns: &Netns) -> Result<Command> {
-    let ns = ns.file()?;
-    // SAFETY: setns is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-            Ok(())
-        });
-    }
-    Ok(cmd)
-}
 
 pub struct VipOptions {
     /// 169.254.<subnet>.0/24 is the service subnet.
@@ -434,7 +376,7 @@ impl RouterAdverts {
         let (ready, opened) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || -> Result<()> {
             let open = || -> Result<(OwnedFd, u32)> {
-                ntp_user::host::netns::enter(&file)?;
+                testbed::netns::enter(&file)?;
                 let ifindex = nix::net::if_::if_nametoindex(interface.as_str())
                     .with_context(|| format!("no interface {interface}"))?;
                 // SAFETY: a plain socket(2) call; the descriptor is owned at once.

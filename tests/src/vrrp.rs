@@ -79,7 +79,7 @@ impl PacketSocket {
         let interface = interface.to_string();
         // A socket belongs to the namespace it was made in: make it on a thread that enters it.
         std::thread::spawn(move || -> Result<PacketSocket> {
-            ntp_user::host::netns::enter(&file)?;
+            testbed::netns::enter(&file)?;
             let ifindex = nix::net::if_::if_nametoindex(interface.as_str())
                 .with_context(|| format!("no interface {interface}"))?
                 as i32;

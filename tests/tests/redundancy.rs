@@ -101,8 +101,7 @@ impl Pair {
         let home = Netns::new("nth").unwrap();
         let new_bridge = || {
             let b = unique_name("nb");
-            home.ip(&["link", "add", &b, "type", "bridge"]).unwrap();
-            home.ip(&["link", "set", &b, "up"]).unwrap();
+            home.add_bridge(&b).unwrap();
             b
         };
         let guest_bridge = new_bridge();

@@ -10,16 +10,18 @@
 //! with ratios to chronyd; `--compare OLD.json` adds the change against an earlier run.
 //! `--smoke` runs seconds at tiny rates: it checks the harness, not the speed.
 
-use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 use serde_json::Value;
+use testbed::chrony::ChronyServer;
+use testbed::serve::ServeProcess;
+use testbed::Topology;
 
-const CLOCK: &str = "169.254.169.123";
+use testbed::CLOCK_V4 as CLOCK;
 
 /// One step of the rate search.
 #[derive(Debug, Clone, Serialize)]
@@ -76,11 +78,10 @@ struct Report {
     micro: Value,
 }
 
-/// Namespaces of the run and the reply counter on the guest's veth, removed on drop;
-/// bpf_stats restored on drop.
-struct Topology {
-    guest: String,
-    vip: String,
+/// The run's guest → VIP veth (testbed's topology, one queue pair per core) and the reply
+/// counter on the guest's veth, removed on drop; bpf_stats restored on drop.
+struct Rig {
+    net: Topology,
     bpf_stats_before: Option<String>,
     /// bpffs directory of the run's counting programs.
     pins: PathBuf,
@@ -89,7 +90,7 @@ struct Topology {
     threads: usize,
 }
 
-impl Topology {
+impl Rig {
     fn sink_pins(&self) -> PathBuf {
         self.pins.join("sink")
     }
@@ -101,84 +102,34 @@ impl Topology {
     fn sink(&self, args: &[&str]) -> Result<()> {
         crate::status(Command::new(&self.loadgen).arg("sink").args(args))
     }
-}
 
-impl Topology {
-    fn create(bin: &Path) -> Result<Topology> {
-        let pid = std::process::id() % 100_000;
+    /// 169.254.220.0/24 on the veth (VIP .1, guest .2), the clock address on the VIP end.
+    fn create(bin: &Path) -> Result<Rig> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(16));
-        let mut t = Topology {
-            guest: format!("ntgb{pid}"),
-            vip: format!("ntvb{pid}"),
+        let net = Topology::with_queues(220, Some(threads))?;
+        let mut t = Rig {
+            net,
             bpf_stats_before: std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").ok(),
-            pins: PathBuf::from(format!("/sys/fs/bpf/ntpxdp-bench-{pid}")),
+            pins: PathBuf::from(format!(
+                "/sys/fs/bpf/ntpxdp-bench-{}",
+                std::process::id() % 100_000
+            )),
             loadgen: crate::loadgen_bin(bin),
             vip_mac: String::new(),
             threads,
         };
-        let ip = |args: &[&str]| crate::status(Command::new("ip").args(args));
-        ip(&["netns", "add", &t.guest])?;
-        ip(&["netns", "add", &t.vip])?;
-        // One queue pair per core, so that every core can carry its share.
-        let queues = threads.to_string();
-        ip(&[
-            "link",
-            "add",
-            "bv0",
-            "netns",
-            &t.vip,
-            "numtxqueues",
-            &queues,
-            "numrxqueues",
-            &queues,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "bg0",
-            "netns",
-            &t.guest,
-            "numtxqueues",
-            &queues,
-            "numrxqueues",
-            &queues,
-        ])?;
-        let (v, g) = (t.vip.as_str(), t.guest.as_str());
-        ip(&["-n", v, "addr", "add", "169.254.220.1/24", "dev", "bv0"])?;
-        ip(&["-n", v, "addr", "add", &format!("{CLOCK}/32"), "dev", "bv0"])?;
-        ip(&["-n", v, "link", "set", "bv0", "up"])?;
-        ip(&["-n", v, "link", "set", "lo", "up"])?;
         // The flood's 254 source addresses live behind the guest veth.
-        ip(&[
-            "-n",
-            v,
-            "route",
-            "add",
-            "169.254.221.0/24",
-            "via",
-            "169.254.220.2",
-        ])?;
-        ip(&["-n", g, "addr", "add", "169.254.220.2/24", "dev", "bg0"])?;
-        ip(&["-n", g, "link", "set", "bg0", "up"])?;
-        ip(&["-n", g, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            g,
-            "route",
-            "add",
-            &format!("{CLOCK}/32"),
-            "via",
-            "169.254.220.1",
-        ])?;
+        t.net
+            .vip
+            .ip(&["route", "add", "169.254.221.0/24", "via", &t.net.guest_v4])?;
         std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
             .context("enabling kernel.bpf_stats_enabled")?;
-        let out = Command::new("ip")
-            .args(["-n", &t.vip, "-j", "link", "show", "bv0"])
-            .output()?;
-        let link: Value = serde_json::from_slice(&out.stdout).context("ip -j link output")?;
+        let link: Value =
+            serde_json::from_str(&t.net.vip.ip(&["-j", "link", "show", &t.net.vip_if])?)
+                .context("ip -j link output")?;
         t.vip_mac = link[0]["address"]
             .as_str()
-            .context("no MAC for bv0")?
+            .context("no MAC on the VIP veth")?
             .to_string();
         // Native on the guest's veth: it also lets the native responder's XDP_TX deliver
         // (veth needs an XDP program on the peer), and it passes everything but the flood's
@@ -188,9 +139,9 @@ impl Topology {
             "--pin-dir",
             &sink.to_string_lossy(),
             "--netns",
-            &t.guest,
+            &t.net.guest.name,
             "--interface",
-            "bg0",
+            &t.net.guest_if,
             "--kind",
             "replies",
         ])?;
@@ -198,12 +149,9 @@ impl Topology {
     }
 }
 
-impl Drop for Topology {
+impl Drop for Rig {
     fn drop(&mut self) {
         let _ = self.sink(&["--detach", "--pin-dir", &self.pins.to_string_lossy()]);
-        for ns in [&self.guest, &self.vip] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
         if let Some(v) = &self.bpf_stats_before {
             let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", v.trim());
         }
@@ -212,37 +160,34 @@ impl Drop for Topology {
 
 /// A server under test, stopped on drop.
 struct Server {
-    child: Child,
+    process: ServerProcess,
     /// XDP targets: the responder's program ID (CPU from BPF stats).
     program_id: Option<u32>,
-    _dir: Option<TempDir>,
 }
 
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+enum ServerProcess {
+    Daemon(ServeProcess),
+    Chronyd(ChronyServer),
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        match &self.process {
+            ServerProcess::Daemon(d) => d.pid(),
+            ServerProcess::Chronyd(c) => c.pid(),
+        }
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
-}
-
-fn start_ntp_user(bin: &Path, t: &Topology, mode: &str) -> Result<Server> {
-    let mut child = Command::new(bin)
+fn start_ntp_user(bin: &Path, t: &Rig, mode: &str) -> Result<Server> {
+    let mut cmd = Command::new(bin);
+    let cmd = cmd
         .args([
             "serve",
             "--netns",
-            &t.vip,
+            &t.net.vip.name,
             "--interface",
-            "bv0",
+            &t.net.vip_if,
             "--address",
             CLOCK,
         ])
@@ -259,71 +204,26 @@ fn start_ntp_user(bin: &Path, t: &Topology, mode: &str) -> Result<Server> {
             "1000000",
             "--burst",
             "1000000",
-        ])
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info,netlink_packet_route=error")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting ntp-xdp serve")?;
-    let stderr = child.stderr.take().context("stderr")?;
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    let attached = loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains("responder attached") => break l,
-            Some(Ok(_)) => continue,
-            _ => bail!("ntp-xdp serve --xdp-mode {mode} exited before attaching"),
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+        ]);
+    let serve = ServeProcess::spawn_ref(cmd, "responder attached")
+        .with_context(|| format!("ntp-xdp serve --xdp-mode {mode}"))?;
     let program_id = if mode == "off" {
         None
     } else {
-        attached
-            .split("program_id=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
+        Some(serve.program_id()?)
     };
     Ok(Server {
-        child,
+        process: ServerProcess::Daemon(serve),
         program_id,
-        _dir: None,
     })
 }
 
-fn start_chronyd(t: &Topology) -> Result<Server> {
-    let dir = std::env::temp_dir().join(format!("ntpxdp-bench-chrony-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let conf = dir.join("chrony.conf");
-    // A plain server: its own clock as local stratum, every client allowed, no rate limit
-    // (chrony limits nothing unless `ratelimit` is given), private pidfile, no command socket.
-    std::fs::write(
-        &conf,
-        format!(
-            "local stratum 2\nallow\npidfile {d}/chronyd.pid\ncmdport 0\nbindcmdaddress /\n",
-            d = dir.display()
-        ),
-    )?;
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &t.vip,
-            "setpriv",
-            "--bounding-set",
-            "-sys_time",
-        ])
-        .args(["chronyd", "-x", "-u", "root", "-d", "-f"])
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting chronyd")?;
+/// chronyd as a plain server: its own clock as local stratum, every client allowed, no rate
+/// limit (chrony limits nothing unless `ratelimit` is given).
+fn start_chronyd(t: &Rig) -> Result<Server> {
     Ok(Server {
-        child,
+        process: ServerProcess::Chronyd(ChronyServer::start(&t.net.vip, 2)?),
         program_id: None,
-        _dir: Some(TempDir(dir)),
     })
 }
 
@@ -340,7 +240,7 @@ fn loadgen(cmd: &mut Command) -> Result<Value> {
 }
 
 /// `ntp-loadgen run` at `rate` through UDP sockets: every reply timed.
-fn timed_run(t: &Topology, rate: f64, duration: Duration) -> Result<Value> {
+fn timed_run(t: &Rig, rate: f64, duration: Duration) -> Result<Value> {
     loadgen(
         Command::new(&t.loadgen)
             .args([
@@ -348,7 +248,7 @@ fn timed_run(t: &Topology, rate: f64, duration: Duration) -> Result<Value> {
                 "--target",
                 &format!("{CLOCK}:123"),
                 "--netns",
-                &t.guest,
+                &t.net.guest.name,
             ])
             .args(["--threads", "1", "--rate", &format!("{}", rate as u64)])
             .args(["--duration", &format!("{}ms", duration.as_millis())]),
@@ -356,16 +256,11 @@ fn timed_run(t: &Topology, rate: f64, duration: Duration) -> Result<Value> {
 }
 
 /// `ntp-loadgen flood` at `rate` from `threads` threads, outcome read from `counts`.
-fn flood(
-    t: &Topology,
-    counts: &Path,
-    rate: f64,
-    threads: usize,
-    duration: Duration,
-) -> Result<Value> {
+fn flood(t: &Rig, counts: &Path, rate: f64, threads: usize, duration: Duration) -> Result<Value> {
     loadgen(
         Command::new(&t.loadgen)
-            .args(["flood", "--netns", &t.guest, "--interface", "bg0"])
+            .args(["flood", "--netns", &t.net.guest.name])
+            .args(["--interface", &t.net.guest_if])
             // 254 guests behind the guest veth (the VIP routes their /24 back through it).
             .args(["--src", "169.254.221.1", "--sources", "254"])
             .args(["--target", CLOCK, "--dst-mac", &t.vip_mac])
@@ -379,16 +274,16 @@ fn flood(
 
 /// The generator's ceiling: what it delivers to the server's veth with a program there that
 /// counts and drops every request (no server).
-fn ceiling(t: &Topology, smoke: bool) -> Result<Ceiling> {
+fn ceiling(t: &Rig, smoke: bool) -> Result<Ceiling> {
     let pins = t.ceiling_pins();
     let pins_s = pins.to_string_lossy();
     t.sink(&[
         "--pin-dir",
         &pins_s,
         "--netns",
-        &t.vip,
+        &t.net.vip.name,
         "--interface",
-        "bv0",
+        &t.net.vip_if,
         "--kind",
         "requests",
         "--generic",
@@ -478,12 +373,12 @@ fn softirq_ns() -> u64 {
 fn server_cpu_ns(s: &Server) -> Result<u64> {
     match s.program_id {
         Some(id) => bpf_run_time_ns(id),
-        None => Ok(process_cpu_ns(s.child.id())),
+        None => Ok(process_cpu_ns(s.pid())),
     }
 }
 
 fn measure(
-    t: &Topology,
+    t: &Rig,
     name: &str,
     s: &Server,
     ceiling: &Ceiling,
@@ -572,6 +467,8 @@ fn measure(
     })
 }
 
+/// The machine a run measures on: cores, CPU model, kernel, and the load average when the
+/// run starts (other work on the machine skews every figure).
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -585,11 +482,48 @@ fn machine() -> String {
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
-    format!("{cores} × {cpu}, Linux {kernel}")
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "{cores} × {cpu}, Linux {kernel}, load average {} at start",
+        if load.len() == 3 {
+            load.join(" ")
+        } else {
+            "?".into()
+        }
+    )
+}
+
+/// Writes a run's summary as `DIR/<YYYY-MM-DD>-<kind>.md` (UTC date; `-2`, `-3`... when the
+/// day already has one: a result documentation links is never overwritten); returns its path.
+pub fn write_record(dir: &Path, kind: &str, command: &str, summary: &str) -> Result<PathBuf> {
+    let date = time::OffsetDateTime::now_utc().date();
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = (1..)
+        .map(|n| match n {
+            1 => dir.join(format!("{date}-{kind}.md")),
+            n => dir.join(format!("{date}-{kind}-{n}.md")),
+        })
+        .find(|p| !p.exists())
+        .expect("an unused name");
+    std::fs::write(
+        &path,
+        format!("# `{command}`, {date}\n\n{}\n", summary.trim_end()),
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 /// Runs the benchmark with `bin` (a built ntp-xdp); writes its outputs under `out_dir`.
-pub fn bench(bin: &Path, out_dir: &Path, smoke: bool, compare: Option<&Path>) -> Result<()> {
+/// The summary also goes to `records` as a dated file ([`write_record`]).
+pub fn bench(
+    bin: &Path,
+    out_dir: &Path,
+    records: &Path,
+    smoke: bool,
+    compare: Option<&Path>,
+) -> Result<()> {
+    let machine = machine();
     // Read first: a bad file should fail before minutes of measuring.
     let old: Option<Value> = match compare {
         Some(p) => Some(
@@ -600,7 +534,7 @@ pub fn bench(bin: &Path, out_dir: &Path, smoke: bool, compare: Option<&Path>) ->
         ),
         None => None,
     };
-    let t = Topology::create(bin)?;
+    let t = Rig::create(bin)?;
     eprintln!("xtask bench: generator ceiling");
     let ceiling = ceiling(&t, smoke)?;
     let mut targets = Vec::new();
@@ -635,7 +569,7 @@ pub fn bench(bin: &Path, out_dir: &Path, smoke: bool, compare: Option<&Path>) ->
     let micro: Value =
         serde_json::from_slice(&micro_out.stdout).context("ntp-loadgen micro output")?;
     let report = Report {
-        machine: machine(),
+        machine,
         smoke,
         threads,
         ceiling,
@@ -653,10 +587,17 @@ pub fn bench(bin: &Path, out_dir: &Path, smoke: bool, compare: Option<&Path>) ->
         table.push_str(&compare_reports(old, &serde_json::to_value(&report)?));
     }
     std::fs::write(out_dir.join("table.md"), &table)?;
+    let command = match (smoke, compare) {
+        (true, _) => "cargo xtask bench --smoke".to_string(),
+        (false, Some(old)) => format!("cargo xtask bench --compare {}", old.display()),
+        (false, None) => "cargo xtask bench".to_string(),
+    };
+    let record = write_record(records, "rate", &command, &table)?;
     println!("{table}");
     println!(
-        "written: {}/results.json, rate.svg, table.md",
-        out_dir.display()
+        "written: {}/results.json, rate.svg, table.md; {}",
+        out_dir.display(),
+        record.display()
     );
     Ok(())
 }
@@ -920,52 +861,47 @@ struct TimeSummary {
 /// simulated hosts, each the fleet's real agent with a local side that applies at once,
 /// against a real three-member etcd with TLS in namespaces) and prints its figures. A debug
 /// build: what is measured is the store's work (etcd is its own binary), not the agents'.
-pub fn fleet_scale(hosts: usize) -> Result<()> {
-    let status = Command::new("cargo")
-        .current_dir(crate::workspace_root())
-        .args([
-            "run",
-            "--quiet",
-            "-p",
-            "integration-tests",
-            "--example",
-            "fleet_scale",
-            "--",
-            "--hosts",
-            &hosts.to_string(),
-        ])
-        .status()
+pub fn fleet_scale(hosts: usize, records: &Path) -> Result<()> {
+    // Built first: the load average recorded is the machine's, not the compiler's.
+    crate::status(
+        Command::new("cargo")
+            .current_dir(crate::workspace_root())
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "integration-tests",
+                "--example",
+                "fleet_scale",
+            ]),
+    )?;
+    let machine = machine();
+    let out = Command::new(crate::workspace_root().join("target/debug/examples/fleet_scale"))
+        .args(["--hosts", &hosts.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
         .context("running the fleet scale bench")?;
-    if !status.success() {
-        bail!("the fleet scale bench failed ({status})");
+    if !out.status.success() {
+        bail!("the fleet scale bench failed ({})", out.status);
     }
+    let figures = String::from_utf8_lossy(&out.stdout);
+    print!("{figures}");
+    let record = write_record(
+        records,
+        "fleet-scale",
+        &format!("cargo xtask bench --fleet-scale --hosts {hosts}"),
+        &format!("Machine: {machine}\n\n{figures}"),
+    )?;
+    println!("written: {}", record.display());
     Ok(())
 }
 
-/// `cargo xtask bench --time`: runs tests/examples/time_bench.rs (ntp-xdp and a chronyd relay
-/// on the same three upstreams, a guest measuring both in turn) and writes
+/// `cargo xtask bench --time`: the time comparison ([`crate::time_bench`]: ntp-xdp and a
+/// chronyd relay on the same three upstreams, a guest measuring both in turn); writes
 /// time.json / time.svg / time.md under `out_dir`.
-pub fn time_bench(bin: &Path, out_dir: &Path) -> Result<()> {
-    let out = Command::new("cargo")
-        .current_dir(crate::workspace_root())
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "-p",
-            "integration-tests",
-            "--example",
-            "time_bench",
-        ])
-        .env("NTP_XDP_BIN", bin)
-        .env("NTP_LOADGEN_BIN", crate::loadgen_bin(bin))
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running the time bench")?;
-    if !out.status.success() {
-        bail!("the time bench failed ({})", out.status);
-    }
-    let run: Value = serde_json::from_slice(&out.stdout).context("time bench output")?;
+pub fn time_bench(bin: &Path, out_dir: &Path, records: &Path) -> Result<()> {
+    let machine = machine();
+    let run = crate::time_bench::run(bin).context("the time bench")?;
     let samples = run["samples"].as_array().context("no samples")?;
     let mut summaries = Vec::new();
     for server in ["ntp-xdp", "chronyd-relay", "ntp-xdp-clock"] {
@@ -996,7 +932,7 @@ pub fn time_bench(bin: &Path, out_dir: &Path) -> Result<()> {
     std::fs::write(
         out_dir.join("time.json"),
         serde_json::to_vec_pretty(&serde_json::json!({
-            "machine": machine(),
+            "machine": machine,
             "summary": summaries,
             "served_bound": bound,
             "run": run,
@@ -1009,9 +945,7 @@ pub fn time_bench(bin: &Path, out_dir: &Path) -> Result<()> {
         s,
         "Machine: {}; {} min of guest measurements (`chronyd -Q`, one sample each, servers in \
          turn) after {} s of settling; three chronyd upstreams, `local stratum 3`.\n",
-        machine(),
-        run["minutes"],
-        run["settle_s"]
+        machine, run["minutes"], run["settle_s"]
     );
     let _ = writeln!(
         s,
@@ -1039,10 +973,12 @@ pub fn time_bench(bin: &Path, out_dir: &Path) -> Result<()> {
         );
     }
     std::fs::write(out_dir.join("time.md"), &s)?;
+    let record = write_record(records, "time", "cargo xtask bench --time", &s)?;
     println!("{s}");
     println!(
-        "written: {}/time.json, time.svg, time.md",
-        out_dir.display()
+        "written: {}/time.json, time.svg, time.md; {}",
+        out_dir.display(),
+        record.display()
     );
     Ok(())
 }
@@ -1166,6 +1102,33 @@ mod tests {
             "t_s": 3.0, "server": "ntp-xdp-clock", "offset_s": 9e-6, "served_bound_s": null,
         }));
         v
+    }
+
+    #[test]
+    fn records_are_dated_and_never_overwritten() {
+        let dir = std::env::temp_dir().join(format!("ntpx-records-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = write_record(&dir, "rate", "cargo xtask bench", "Machine: m\n").unwrap();
+        let second = write_record(&dir, "rate", "cargo xtask bench", "second\n").unwrap();
+        let today = time::OffsetDateTime::now_utc().date().to_string();
+        assert_eq!(first, dir.join(format!("{today}-rate.md")));
+        assert_eq!(second, dir.join(format!("{today}-rate-2.md")));
+        let text = std::fs::read_to_string(&first).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(text.starts_with("# `cargo xtask bench`, "), "{text}");
+        assert!(text.contains("Machine: m"), "{text}");
+        // YYYY-MM-DD
+        let b = today.as_bytes();
+        assert!(b.len() == 10 && b[4] == b'-' && b[7] == b'-', "{today}");
+    }
+
+    #[test]
+    fn the_machine_names_its_load_at_start() {
+        let m = machine();
+        assert!(
+            m.contains(" × ") && m.contains("Linux ") && m.contains("load average "),
+            "{m}"
+        );
     }
 
     #[test]

@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::net::UdpSocket;
 use std::os::fd::AsFd as _;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{ip, plug_guest};
+use testbed::netns::{in_netns, plug_guest, Netns};
 
 const HOME: &str = "ntpxdp-fo-home";
 const GUEST: &str = "ntpxdp-fo-guest";
@@ -26,11 +25,13 @@ const BRIDGE: &str = "ntpxdp-fobr";
 const VRRP_BRIDGE: &str = "ntpxdp-fovr";
 const CLOCK: &str = "169.254.169.123";
 
-/// Removes the demo's namespaces, daemons and pins, whatever state they are in.
+/// Stops the demo's daemons and removes what they made (`down` of their configs), then its
+/// host namespace (the guest's is a guard of its own).
 struct Cleanup {
     bin: PathBuf,
     configs: Vec<PathBuf>,
     daemons: Vec<Child>,
+    home: Netns,
 }
 
 impl Drop for Cleanup {
@@ -43,34 +44,17 @@ impl Drop for Cleanup {
             let _ = d.wait();
         }
         for c in &self.configs {
-            let _ = in_home(&self.bin)
-                .args(["down", "--config"])
-                .arg(c)
-                .output();
-        }
-        for ns in [GUEST, HOME] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
+            if let Ok(mut down) = in_home(&self.bin, &self.home) {
+                let _ = down.args(["down", "--config"]).arg(c).output();
+            }
         }
     }
 }
 
 /// `bin` run in the demo's host namespace (setns only: `ip netns exec` would remount /sys and
 /// hide the bpffs the pins live in).
-fn in_home(bin: &Path) -> Command {
-    let mut cmd = Command::new(bin);
-    if let Ok(ns) = std::fs::File::open(format!("/run/netns/{HOME}")) {
-        // SAFETY: setns is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-                Ok(())
-            });
-        }
-    }
-    cmd
+fn in_home(bin: &Path, home: &Netns) -> Result<Command> {
+    in_netns(Command::new(bin), home)
 }
 
 fn config(i: u8) -> String {
@@ -226,26 +210,27 @@ fn fail_over(bin: &Path, failure: Failure) -> Result<String> {
     for (i, path) in configs.iter().enumerate() {
         std::fs::write(path, config(i as u8))?;
     }
+    // What an interrupted demo left: `down` of its configs in its host namespace, which
+    // goes with them.
+    if Path::new("/run/netns").join(HOME).exists() {
+        drop(Cleanup {
+            bin: bin.to_path_buf(),
+            configs: configs.clone(),
+            daemons: vec![],
+            home: Netns { name: HOME.into() },
+        });
+    }
     let mut cleanup = Cleanup {
         bin: bin.to_path_buf(),
         configs: configs.clone(),
         daemons: Vec::new(),
+        home: Netns::named(HOME)?,
     };
-    // What an interrupted demo left (`down` of its configs, its namespaces).
-    drop(Cleanup {
-        bin: bin.to_path_buf(),
-        configs: configs.clone(),
-        daemons: vec![],
-    });
-    ip(&["netns", "add", HOME])?;
-    ip(&["netns", "add", GUEST])?;
-    ip(&["-n", HOME, "link", "add", BRIDGE, "type", "bridge"])?;
-    ip(&["-n", HOME, "link", "set", BRIDGE, "up"])?;
-    ip(&["-n", HOME, "link", "add", VRRP_BRIDGE, "type", "bridge"])?;
-    ip(&["-n", HOME, "link", "set", VRRP_BRIDGE, "up"])?;
+    cleanup.home.add_bridge(BRIDGE)?;
+    cleanup.home.add_bridge(VRRP_BRIDGE)?;
     for (i, path) in configs.iter().enumerate() {
         eprintln!("xtask: VIP host {i} (local stratum {})", 10 + i);
-        let child = in_home(bin)
+        let child = in_home(bin, &cleanup.home)?
             .args(["run", "--config"])
             .arg(path)
             .env("NO_COLOR", "1")
@@ -254,19 +239,9 @@ fn fail_over(bin: &Path, failure: Failure) -> Result<String> {
             .context("starting a daemon")?;
         cleanup.daemons.push(child);
     }
-    plug_guest(Some(HOME), "ntpxdp-fog", BRIDGE, GUEST)?;
-    ip(&[
-        "-n",
-        GUEST,
-        "addr",
-        "add",
-        "169.254.90.21/24",
-        "dev",
-        "eth0",
-    ])?;
-    ip(&[
-        "-n",
-        GUEST,
+    let guest = plug_guest(Some(&cleanup.home), BRIDGE, Netns::named(GUEST)?)?;
+    guest.ip(&["addr", "add", "169.254.90.21/24", "dev", "eth0"])?;
+    guest.ip(&[
         "route",
         "add",
         &format!("{CLOCK}/32"),
@@ -274,12 +249,12 @@ fn fail_over(bin: &Path, failure: Failure) -> Result<String> {
         "169.254.90.1",
     ])?;
 
-    let guest = std::fs::File::open(format!("/run/netns/{GUEST}"))?;
+    let guest_ns = guest.file()?;
     let answered = Arc::new(AtomicU64::new(0));
     let poller = {
         let answered = answered.clone();
         std::thread::spawn(move || -> Result<Seen> {
-            nix::sched::setns(guest.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            nix::sched::setns(guest_ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
             poll(Duration::from_secs(15), &answered)
         })
     };
@@ -291,7 +266,7 @@ fn fail_over(bin: &Path, failure: Failure) -> Result<String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let master = in_home(bin)
+    let master = in_home(bin, &cleanup.home)?
         .args([
             "status",
             "--json",
@@ -320,7 +295,7 @@ fn fail_over(bin: &Path, failure: Failure) -> Result<String> {
             format!("ntpxdp-foh{master}"),
             format!("ntpxdp-forh{master}"),
         ] {
-            ip(&["-n", HOME, "link", "del", &link])?;
+            cleanup.home.ip(&["link", "del", &link])?;
         }
     }
     let seen = poller
@@ -333,6 +308,7 @@ fn fail_over(bin: &Path, failure: Failure) -> Result<String> {
         .max()
         .unwrap_or_default();
     let switches = seen.answers.windows(2).filter(|w| w[0].1 != w[1].1).count();
+    drop(guest);
     drop(cleanup);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(format!(

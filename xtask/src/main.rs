@@ -4,6 +4,7 @@ mod bench;
 mod deb;
 mod failover;
 mod setup;
+mod time_bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -43,7 +44,8 @@ enum Task {
         fleet: bool,
     },
     /// Set up, build, and benchmark the responder (generic, native), the userspace path and
-    /// chronyd side by side; writes target/bench/{results.json,rate.svg,table.md}.
+    /// chronyd side by side; writes target/bench/{results.json,rate.svg,table.md} and the
+    /// summary with the machine as docs/benchmarks/<YYYY-MM-DD>-<rate|time|fleet-scale>.md.
     Bench {
         /// Seconds at tiny rates: checks the harness runs, measures nothing.
         #[arg(long)]
@@ -96,14 +98,16 @@ fn main() -> ExitCode {
         Task::Bench { time: true, .. } => setup::setup()
             .and_then(|()| require_root("cargo xtask bench --time"))
             .and_then(|()| build(true))
-            .and_then(|bin| bench::time_bench(&bin, &workspace_root().join("target/bench"))),
+            .and_then(|bin| {
+                bench::time_bench(&bin, &workspace_root().join("target/bench"), &records_dir())
+            }),
         Task::Bench {
             fleet_scale: true,
             hosts,
             ..
         } => setup::setup()
             .and_then(|()| require_root("cargo xtask bench --fleet-scale"))
-            .and_then(|()| bench::fleet_scale(hosts)),
+            .and_then(|()| bench::fleet_scale(hosts, &records_dir())),
         Task::Bench { smoke, compare, .. } => setup::setup()
             .and_then(|()| require_root("cargo xtask bench"))
             .and_then(|()| build(!smoke))
@@ -113,7 +117,9 @@ fn main() -> ExitCode {
                 } else {
                     "target/bench"
                 });
-                bench::bench(&bin, &dir, smoke, compare.as_deref())
+                // A smoke run measures nothing: its record stays beside its outputs.
+                let records = if smoke { dir.clone() } else { records_dir() };
+                bench::bench(&bin, &dir, &records, smoke, compare.as_deref())
             }),
         Task::Deb => setup::setup().and_then(|()| build(true)).and_then(|bin| {
             let deb = deb::build_deb(&bin, &workspace_root().join("target/deb"))?;
@@ -129,6 +135,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Where benchmark runs leave their dated summaries for the documentation to link.
+fn records_dir() -> PathBuf {
+    workspace_root().join("docs/benchmarks")
 }
 
 fn workspace_root() -> PathBuf {
@@ -366,7 +377,7 @@ fn test(filter: Option<&str>) -> Result<()> {
 fn bench_smoke(bin: &Path) -> Result<()> {
     let dir = workspace_root().join("target/bench-smoke");
     let _ = std::fs::remove_dir_all(&dir);
-    bench::bench(bin, &dir, true, None)?;
+    bench::bench(bin, &dir, &dir, true, None)?;
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("results.json"))?)?;
     let targets = v["targets"].as_array().context("no targets")?;
     let names: Vec<&str> = targets.iter().filter_map(|t| t["name"].as_str()).collect();
@@ -391,6 +402,19 @@ fn bench_smoke(bin: &Path) -> Result<()> {
     }
     if v["micro"].as_array().is_none_or(|m| m.len() < 4) {
         bail!("micro cases missing: {}", v["micro"]);
+    }
+    // The dated summary: the table and the machine it ran on.
+    let record = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with("-rate.md"))
+        .context("no dated <YYYY-MM-DD>-rate.md record")?;
+    let text = std::fs::read_to_string(&record)?;
+    if !text.contains("load average") || !text.contains("| chronyd |") {
+        bail!(
+            "{} lacks the machine or the table: {text}",
+            record.display()
+        );
     }
     let svg = std::fs::read_to_string(dir.join("rate.svg"))?;
     if !svg.contains("<svg") || !svg.contains("chronyd") {
@@ -449,30 +473,7 @@ impl TestTotals {
 /// Names in the embedded default config (ntp-user/src/config/default-config.toml) the demo relies on.
 const DEFAULT_BRIDGE: &str = "ntpxdp-br0";
 const DEMO_GUEST_NS: &str = "ntpxdp-guest";
-const DEMO_GUEST_PORT: &str = "ntpxdp-g0";
 const CLOCK_V4: &str = "169.254.169.123";
-
-fn ip(args: &[&str]) -> Result<()> {
-    status(Command::new("ip").args(args))
-}
-
-/// Plugs the guest namespace `guest` into `bridge` (in namespace `home`, or the current one)
-/// through a veth: `port` on the bridge, `eth0` in the guest, both up with the guest's `lo`.
-fn plug_guest(home: Option<&str>, port: &str, bridge: &str, guest: &str) -> Result<()> {
-    let mut add = vec!["link", "add", port];
-    if let Some(h) = home {
-        add.extend(["netns", h]);
-    }
-    add.extend(["type", "veth", "peer", "name", "eth0", "netns", guest]);
-    ip(&add)?;
-    let in_home = |args: &[&str]| match home {
-        Some(h) => ip(&[&["-n", h], args].concat()),
-        None => ip(args),
-    };
-    in_home(&["link", "set", port, "master", bridge, "up"])?;
-    ip(&["-n", guest, "link", "set", "lo", "up"])?;
-    ip(&["-n", guest, "link", "set", "eth0", "up"])
-}
 
 /// Ignores SIGINT here (Ctrl-C reaches the whole foreground group: the daemon stops, and we
 /// stay alive to clean up), and returns a command whose child gets the default back.
@@ -532,18 +533,6 @@ fn run_daemon(run_args: &[String]) -> Result<()> {
     result.and(cleaned)
 }
 
-/// Removes the demo guest (its bridge port goes with it), whatever state it is in.
-struct DemoGuest;
-
-impl Drop for DemoGuest {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", DEMO_GUEST_NS])
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-}
-
 /// `cargo xtask demo`: the daemon with the embedded default, a guest namespace on its bridge
 /// that gets its address and the option 121 route from dnsmasq with a real DHCP client, then
 /// `chronyd -Q` against the clock address from the guest. Removes everything on exit.
@@ -574,23 +563,18 @@ fn demo() -> Result<()> {
     let result = (|| -> Result<()> {
         rx.recv_timeout(std::time::Duration::from_secs(60))
             .context("the daemon did not attach the responder within 60 s")?;
-        drop(DemoGuest); // a guest left by an interrupted demo
-        let _guest = DemoGuest;
-        ip(&["netns", "add", DEMO_GUEST_NS])?;
-        plug_guest(None, DEMO_GUEST_PORT, DEFAULT_BRIDGE, DEMO_GUEST_NS)?;
+        // Removed with its bridge port when dropped (one an interrupted demo left, first).
+        let guest = testbed::netns::plug_guest(
+            None,
+            DEFAULT_BRIDGE,
+            testbed::Netns::named(DEMO_GUEST_NS)?,
+        )?;
         let script = workspace_root().join("tests/assets/udhcpc.sh");
         eprintln!("xtask: guest {DEMO_GUEST_NS}: DHCP (busybox udhcpc)");
         status(
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    DEMO_GUEST_NS,
-                    "busybox",
-                    "udhcpc",
-                    "-i",
-                    "eth0",
-                ])
+            guest
+                .command("busybox")
+                .args(["udhcpc", "-i", "eth0"])
                 .args([
                     "-f",
                     "-q",
@@ -606,33 +590,22 @@ fn demo() -> Result<()> {
                 .arg(&script),
         )?;
         eprintln!("xtask: guest routes:");
-        ip(&["-n", DEMO_GUEST_NS, "route"])?;
+        eprint!("{}", guest.ip(&["route"])?);
         eprintln!("xtask: chronyd -Q {CLOCK_V4} from the guest (query only, no CAP_SYS_TIME):");
-        let dir = std::env::temp_dir().join(format!("ntpxdp-demo-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let conf = dir.join("chrony.conf");
+        let dir = testbed::TempDir::new("ntpxdp-demo")?;
+        let conf = dir.path().join("chrony.conf");
         std::fs::write(
             &conf,
             format!(
                 "server {CLOCK_V4} iburst\npidfile {d}/chronyd.pid\ncmdport 0\nbindcmdaddress /\n",
-                d = dir.display()
+                d = dir.path().display()
             ),
         )?;
-        let queried = status(
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    DEMO_GUEST_NS,
-                    "setpriv",
-                    "--bounding-set",
-                    "-sys_time",
-                ])
-                .args(["chronyd", "-u", "root", "-Q", "-t", "10", "-f"])
+        status(
+            testbed::chrony::no_sys_time(&guest, "chronyd")
+                .args(["-u", "root", "-Q", "-t", "10", "-f"])
                 .arg(&conf),
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-        queried
+        )
     })();
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemon.id() as i32),

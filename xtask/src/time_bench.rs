@@ -9,18 +9,20 @@
 //! synchronized and have settled, a guest measures each in turn with `chronyd -Q` (one sample
 //! per query) until the time is up; after each pair the daemon's own served − host clock is
 //! read from its status ("ntp-xdp-clock"), which separates its clock from its serving path,
-//! with the error bound its replies state ("served_bound_s"). Every namespace shares this machine's one clock, so each offset a guest sees is an error. Prints the samples as JSON; never sets a clock; addresses in
-//! 169.254.160.0/21 only, removed at the end.
+//! with the error bound its replies state ("served_bound_s"). Every namespace shares this
+//! machine's one clock, so each offset a guest sees is an error. Returns the samples as JSON;
+//! never sets a clock; addresses in 169.254.160.0/21 only, removed at the end.
 //!
 //! Environment: NTPX_TIME_MINUTES (measuring, default 3), NTPX_TIME_SETTLE_S (default 60),
 //! NTPX_TIME_LOG (a file for the daemon's log; its level from NTPX_SERVE_LOG).
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
-use integration_tests::clients::chronyd_query;
-use integration_tests::topology::{link_namespaces, ChronyServer, Netns, ServeProcess, Topology};
-use integration_tests::CLOCK_V4;
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+use testbed::chrony::{chronyd_query, ChronyServer};
+use testbed::serve::ServeProcess;
+use testbed::{link_namespaces, Netns, Topology, CLOCK_V4};
 
 const UPSTREAM_STRATUM: u8 = 3;
 
@@ -54,16 +56,28 @@ fn wait_synchronized(t: &Topology, addr: &str, what: &str) -> Result<()> {
 /// The daemon's own view from its status: served time − host clock, and the error bound its
 /// replies state (root delay / 2 + root dispersion; none while unsynchronized).
 fn daemon_clock(socket: &std::path::Path) -> Result<(f64, Option<f64>)> {
-    let status: ntp_user::observe::status::StatusReport =
-        serde_json::from_value(integration_tests::status_at(socket)?)?;
-    let offset = status
-        .clock
-        .host_clock_offset_s
-        .ok_or_else(|| anyhow::anyhow!("no host clock offset in the status"))?;
-    Ok((offset, status.clock.served_error_bound_s()))
+    let status = testbed::status_at(socket)?;
+    clock_of(&status["clock"])
 }
 
-fn main() -> Result<()> {
+/// (served − host clock, served error bound) from the status report's `clock`: the fields
+/// must be there (a renamed one fails the bench rather than reading as zero).
+fn clock_of(clock: &Value) -> Result<(f64, Option<f64>)> {
+    let field = |name: &str| {
+        clock[name]
+            .as_f64()
+            .with_context(|| format!("no clock.{name} in the status: {clock}"))
+    };
+    let offset = field("host_clock_offset_s")?;
+    let synchronized = clock["synchronized"]
+        .as_bool()
+        .with_context(|| format!("no clock.synchronized in the status: {clock}"))?;
+    let bound = field("root_delay_s")? / 2.0 + field("root_dispersion_s")?;
+    Ok((offset, synchronized.then_some(bound)))
+}
+
+/// Runs the comparison against `ntp-xdp` at `bin`: the samples and the run's settings.
+pub fn run(bin: &std::path::Path) -> Result<Value> {
     let minutes = env_f64("NTPX_TIME_MINUTES", 3.0);
     let settle = Duration::from_secs_f64(env_f64("NTPX_TIME_SETTLE_S", 60.0));
     let t = Topology::new(160)?;
@@ -121,7 +135,7 @@ fn main() -> Result<()> {
         args.push("--upstream");
         args.push(a);
     }
-    let serve = ServeProcess::start_in(Some(&host), &t, "native", &args)?;
+    let serve = ServeProcess::start_in_with(bin, Some(&host), &t, "native", &args)?;
     let mut relay_conf = String::new();
     for a in &addrs {
         relay_conf.push_str(&format!("server {a} iburst minpoll 4 maxpoll 4\n"));
@@ -165,14 +179,35 @@ fn main() -> Result<()> {
     if let Ok(path) = std::env::var("NTPX_TIME_LOG") {
         std::fs::write(&path, serve.drain_log().join("\n"))?;
     }
-    println!(
-        "{}",
-        serde_json::json!({
-            "upstreams": addrs,
-            "minutes": minutes,
-            "settle_s": settle.as_secs_f64(),
-            "samples": samples,
-        })
-    );
-    Ok(())
+    Ok(serde_json::json!({
+        "upstreams": addrs,
+        "minutes": minutes,
+        "settle_s": settle.as_secs_f64(),
+        "samples": samples,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_served_bound_is_stated_only_while_synchronized() {
+        let clock = serde_json::json!({
+            "synchronized": true, "root_delay_s": 4e-6, "root_dispersion_s": 1e-6,
+            "host_clock_offset_s": -2e-6,
+        });
+        let (offset, bound) = clock_of(&clock).unwrap();
+        assert_eq!(offset, -2e-6);
+        assert!((bound.unwrap() - 3e-6).abs() < 1e-12);
+        let mut unsynchronized = clock.clone();
+        unsynchronized["synchronized"] = false.into();
+        assert_eq!(clock_of(&unsynchronized).unwrap().1, None);
+        let mut renamed = clock;
+        renamed
+            .as_object_mut()
+            .unwrap()
+            .remove("host_clock_offset_s");
+        assert!(clock_of(&renamed).is_err());
+    }
 }

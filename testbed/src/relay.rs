@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 
-use crate::topology::Netns;
+use crate::netns::{enter, Netns};
 
 /// How often a blocked relay thread looks at the switches.
 const LOOK: Duration = Duration::from_millis(50);
@@ -47,7 +47,7 @@ impl TcpRelay {
         let s = switches.clone();
         let acceptor = std::thread::spawn(move || {
             // Threads spawned from here are in `ns` too.
-            let bound = ntp_user::host::netns::enter(&file).and_then(|()| {
+            let bound = enter(&file).and_then(|()| {
                 let l = TcpListener::bind(listen)?;
                 l.set_nonblocking(true)?;
                 Ok(l)
