@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 
 use ntp_common::counters::{Counter as XdpCounter, CounterKind};
 
+use crate::clock::snapshot::{SourceSnapshot, SourceState};
 use crate::observe::alarms::AlarmKind;
 use crate::observe::status::StatusReport;
 
@@ -174,7 +175,7 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         &mut reg,
         "clock_leap",
         "Leap indicator served",
-        c.leap as f64,
+        c.leap.bits() as f64,
     );
     if let Some(o) = c.offset_s {
         gauge(
@@ -239,14 +240,14 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         );
     }
 
-    let up = |f: &dyn Fn(&crate::observe::status::SourceStatus) -> Option<f64>| {
+    let up = |f: &dyn Fn(&SourceSnapshot) -> Option<f64>| {
         c.sources
             .iter()
             .filter_map(|s| {
                 f(s).map(|v| {
                     (
                         Upstream {
-                            upstream: s.address.clone(),
+                            upstream: s.addr.to_string(),
                         },
                         v,
                     )
@@ -270,13 +271,13 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         &mut reg,
         "upstream_selected",
         "1 for the system peer",
-        up(&|s| Some((s.state == "selected") as u8 as f64)),
+        up(&|s| Some((s.state == SourceState::Selected) as u8 as f64)),
     );
     family_gauge(
         &mut reg,
         "upstream_falseticker",
         "1 when outvoted by the others",
-        up(&|s| Some((s.state == "falseticker") as u8 as f64)),
+        up(&|s| Some((s.state == SourceState::Falseticker) as u8 as f64)),
     );
     family_gauge(
         &mut reg,
@@ -426,11 +427,16 @@ mod tests {
             .counters
             .insert("dropped_rate_limited".into(), 7);
         r.responder.counters.insert("kod_rate".into(), 1);
-        r.clock.sources.push(crate::observe::status::SourceStatus {
-            address: "169.254.1.1:123".into(),
-            state: "selected".into(),
+        r.clock.sources.push(SourceSnapshot {
+            addr: "169.254.1.1:123".parse().unwrap(),
+            state: SourceState::Selected,
             reach: 255,
-            ..Default::default()
+            poll: 6,
+            stratum: Some(1),
+            offset_s: None,
+            delay_s: None,
+            jitter_s: None,
+            interleaved: None,
         });
         r.clock.synchronized = true;
         r.clock.root_delay_s = 40e-6;
