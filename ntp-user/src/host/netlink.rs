@@ -341,33 +341,25 @@ impl Netlink {
         let h = self.handle.clone();
         self.run(&format!("adding route {to}"), async move {
             let req = h.route().add().output_interface(oif);
-            match (to, via) {
-                (IpNet::V4(n), Some(IpAddr::V4(g))) => {
-                    req.v4()
-                        .destination_prefix(n.addr(), n.prefix_len())
-                        .gateway(g)
-                        .execute()
-                        .await
+            match to {
+                IpNet::V4(n) => {
+                    let req = req.v4().destination_prefix(n.addr(), n.prefix_len());
+                    match via {
+                        Some(IpAddr::V4(g)) => req.gateway(g),
+                        // Without a gateway, the destination is on the link.
+                        _ => req.scope(RouteScope::Link),
+                    }
+                    .execute()
+                    .await
                 }
-                (IpNet::V4(n), _) => {
-                    req.v4()
-                        .scope(RouteScope::Link)
-                        .destination_prefix(n.addr(), n.prefix_len())
-                        .execute()
-                        .await
-                }
-                (IpNet::V6(n), Some(IpAddr::V6(g))) => {
-                    req.v6()
-                        .destination_prefix(n.addr(), n.prefix_len())
-                        .gateway(g)
-                        .execute()
-                        .await
-                }
-                (IpNet::V6(n), _) => {
-                    req.v6()
-                        .destination_prefix(n.addr(), n.prefix_len())
-                        .execute()
-                        .await
+                IpNet::V6(n) => {
+                    let req = req.v6().destination_prefix(n.addr(), n.prefix_len());
+                    match via {
+                        Some(IpAddr::V6(g)) => req.gateway(g),
+                        _ => req,
+                    }
+                    .execute()
+                    .await
                 }
             }
         })
