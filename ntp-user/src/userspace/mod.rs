@@ -553,44 +553,24 @@ mod tests {
 
     #[test]
     fn the_kernel_rules_apply() {
-        let a = anchor();
-        let p = ServerParams::DEFAULT;
-        let ok = li_vn_mode(0, 4, MODE_CLIENT);
+        let judge = |request: &[u8], from_port, anchor: &TimeAnchor| {
+            answer(request, from_port, anchor, &ServerParams::DEFAULT, 0, 0, 0).map(|_| ())
+        };
+        let (a, ok) = (anchor(), li_vn_mode(0, 4, MODE_CLIENT));
+        assert_eq!(judge(&request(ok, 0)[..47], 1, &a), Err(Unanswered::Short));
+        assert_eq!(judge(&request(ok, 0), 0, &a), Err(Unanswered::SourcePort));
         assert_eq!(
-            answer(&request(ok, 0)[..47], 1, &a, &p, 0, 0, 0),
-            Err(Unanswered::Short)
-        );
-        assert_eq!(
-            answer(&request(ok, 0), 0, &a, &p, 0, 0, 0),
-            Err(Unanswered::SourcePort)
-        );
-        assert_eq!(
-            answer(
-                &request(li_vn_mode(0, 4, MODE_SERVER), 0),
-                1,
-                &a,
-                &p,
-                0,
-                0,
-                0
-            ),
+            judge(&request(li_vn_mode(0, 4, MODE_SERVER), 0), 1, &a),
             Err(Unanswered::Rejected(Counter::PassedNotClient))
         );
         assert_eq!(
-            answer(
-                &request(li_vn_mode(0, 5, MODE_CLIENT), 0),
-                1,
-                &a,
-                &p,
-                0,
-                0,
-                0
-            ),
+            judge(&request(li_vn_mode(0, 5, MODE_CLIENT), 0), 1, &a),
             Err(Unanswered::Rejected(Counter::DroppedVersion))
         );
         assert_eq!(
-            answer(&request(ok, 0), 1, &TimeAnchor::default(), &p, 0, 0, 0),
+            judge(&request(ok, 0), 1, &TimeAnchor::default()),
             Err(Unanswered::NoAnchor)
         );
+        assert_eq!(judge(&request(ok, 0), 1, &a), Ok(()));
     }
 }
