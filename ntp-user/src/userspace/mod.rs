@@ -270,6 +270,13 @@ pub async fn serve(
     counters: Arc<UserspaceCounters>,
     nts: Option<Arc<NtsState>>,
 ) -> Result<()> {
+    let server = SocketServer {
+        anchors,
+        params,
+        admission,
+        counters,
+        nts,
+    };
     let mut sockets = Some(sockets);
     loop {
         let socks = match sockets.take() {
@@ -287,15 +294,7 @@ pub async fn serve(
         for sock in socks {
             let sock = UdpSocket::from_std(sock).context("registering a server socket")?;
             info!(address = %sock.local_addr()?, "userspace path listening");
-            let (anchors, counters, admission, nts) = (
-                anchors.clone(),
-                counters.clone(),
-                admission.clone(),
-                nts.clone(),
-            );
-            tasks.spawn(async move {
-                serve_socket(sock, anchors, params, admission, counters, nts).await
-            });
+            tasks.spawn(serve_socket(sock, server.clone()));
         }
         tokio::select! {
             Some(done) = tasks.join_next() => {
@@ -310,14 +309,24 @@ pub async fn serve(
     }
 }
 
-async fn serve_socket(
-    sock: UdpSocket,
+/// What each socket's server answers from and counts into.
+#[derive(Clone)]
+struct SocketServer {
     anchors: watch::Receiver<TimeAnchor>,
     params: ServerParams,
     admission: SharedAdmission,
     counters: Arc<UserspaceCounters>,
     nts: Option<Arc<NtsState>>,
-) -> Result<()> {
+}
+
+async fn serve_socket(sock: UdpSocket, server: SocketServer) -> Result<()> {
+    let SocketServer {
+        anchors,
+        params,
+        admission,
+        counters,
+        nts,
+    } = server;
     // Requests that arrive before the first publication wait in the socket rather than be
     // dropped for want of an anchor (a daemon starting, or restarting, answers them all).
     let mut first = anchors.clone();
