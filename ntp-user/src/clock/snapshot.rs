@@ -55,22 +55,23 @@ impl TryFrom<String> for SourceState {
     type Error = String;
 
     fn try_from(word: String) -> Result<SourceState, String> {
-        Ok(match word.as_str() {
-            "selected" => SourceState::Selected,
-            "candidate" => SourceState::Candidate,
-            "falseticker" => SourceState::Falseticker,
-            "outlier" => SourceState::Outlier,
-            "unusable" => SourceState::Unusable,
-            "unreachable" => SourceState::Unreachable,
-            _ => {
-                let code = word
-                    .strip_prefix("denied (")
-                    .and_then(|rest| rest.strip_suffix(')'))
-                    .and_then(|code| <[u8; 4]>::try_from(code.as_bytes()).ok())
-                    .ok_or_else(|| format!("{word:?} is not an upstream's state"))?;
-                SourceState::Denied(code)
-            }
-        })
+        use SourceState::*;
+        let denied = || {
+            let code = word.strip_prefix("denied (")?.strip_suffix(')')?;
+            Some(Denied(code.as_bytes().try_into().ok()?))
+        };
+        [
+            Selected,
+            Candidate,
+            Falseticker,
+            Outlier,
+            Unusable,
+            Unreachable,
+        ]
+        .into_iter()
+        .find(|state| state.describe() == word)
+        .or_else(denied)
+        .ok_or_else(|| format!("{word:?} is not an upstream's state"))
     }
 }
 
@@ -90,7 +91,6 @@ pub enum ClockReference {
 }
 
 const LOCAL_STRATUM_WORDS: &str = "host clock as local stratum ";
-const KERNEL_DISCIPLINED_WORDS: &str = "host-clock (kernel clock disciplined by another daemon)";
 
 impl ClockReference {
     pub fn describe(&self) -> String {
@@ -98,7 +98,9 @@ impl ClockReference {
             ClockReference::Starting => "starting".into(),
             ClockReference::Upstreams => "upstream".into(),
             ClockReference::LocalStratum(s) => format!("{LOCAL_STRATUM_WORDS}{s}"),
-            ClockReference::KernelDisciplined => KERNEL_DISCIPLINED_WORDS.into(),
+            ClockReference::KernelDisciplined => {
+                "host-clock (kernel clock disciplined by another daemon)".into()
+            }
         }
     }
 }
@@ -113,17 +115,17 @@ impl TryFrom<String> for ClockReference {
     type Error = String;
 
     fn try_from(words: String) -> Result<ClockReference, String> {
-        Ok(match words.as_str() {
-            "starting" => ClockReference::Starting,
-            "upstream" => ClockReference::Upstreams,
-            KERNEL_DISCIPLINED_WORDS => ClockReference::KernelDisciplined,
-            _ => ClockReference::LocalStratum(
-                words
-                    .strip_prefix(LOCAL_STRATUM_WORDS)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| format!("{words:?} is not a clock reference"))?,
-            ),
-        })
+        use ClockReference::*;
+        let local = || {
+            Some(LocalStratum(
+                words.strip_prefix(LOCAL_STRATUM_WORDS)?.parse().ok()?,
+            ))
+        };
+        [Starting, Upstreams, KernelDisciplined]
+            .into_iter()
+            .find(|reference| reference.describe() == words)
+            .or_else(local)
+            .ok_or_else(|| format!("{words:?} is not a clock reference"))
     }
 }
 
