@@ -18,7 +18,7 @@ use ntp_user::fleet::agent::{Agent, LocalDaemon, Validator};
 use ntp_user::fleet::local::LocalFiles;
 use ntp_user::fleet::ops::Fleet;
 use ntp_user::fleet::{ApplyState, ConfigState, FleetSpec, HostStatus, Keys};
-use ntp_user::observe::status::{ClockStatus, StatusReport};
+use ntp_user::observe::status::StatusReport;
 use ntp_user::observe::Reports;
 
 use crate::fleet::EtcdCluster;
@@ -149,7 +149,7 @@ fn local_daemon() -> LocalDaemon {
         measured_since_start: true,
         ..Default::default()
     };
-    let report_clock = ClockStatus::from(&clock);
+    let report_clock = clock.clone();
     let started = Instant::now();
     LocalDaemon {
         reports: Reports::new(move || {

@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 
 use crate::clock::bound::{DisciplineError, SIGMAS};
-use crate::clock::kalman::{Absorption, KalmanBank};
+use crate::clock::kalman::{Absorption, Kalman, KalmanBank};
 pub use crate::clock::model::ClockModel;
 
 const NS: f64 = 1e-9;
@@ -409,14 +409,14 @@ impl Discipline {
     /// Kalman filters started at `point`, the rate guessed at the current frequency and known
     /// only within the model's limits.
     fn start_kalman(&self, point: &Point, sigma_s: f64) -> KalmanBank {
-        KalmanBank::start(
+        KalmanBank::start(Kalman::start(
             point.mono_ns,
             point.true_ntp_ns,
             sigma_s,
             self.freq_ppm * 1e-6,
             self.config.max_freq_ppm * 1e-6,
             self.config.kalman_wander,
-        )
+        ))
     }
 
     /// Records the error bounds of the update just made at `now_ns`: the fit's, plus the

@@ -248,19 +248,12 @@ pub struct KalmanBank {
 }
 
 impl KalmanBank {
-    /// Starts every filter at a point (see [`Kalman::start`]); `wander` is the bank's centre.
-    pub fn start(
-        mono_ns: u64,
-        true_ntp_ns: u64,
-        sigma_s: f64,
-        freq: f64,
-        freq_sigma: f64,
-        wander: f64,
-    ) -> KalmanBank {
+    /// Filters like `centre` (see [`Kalman::start`]) but for their wander, spread around its.
+    pub fn start(centre: Kalman) -> KalmanBank {
         let filters: Vec<Kalman> = BANK_STEPS
-            .map(|k| {
-                let q = wander * BANK_FACTOR.powi(k);
-                Kalman::start(mono_ns, true_ntp_ns, sigma_s, freq, freq_sigma, q)
+            .map(|k| Kalman {
+                wander: centre.wander * BANK_FACTOR.powi(k),
+                ..centre.clone()
             })
             .collect();
         let centre = BANK_STEPS.clone().position(|k| k == 0).unwrap_or(0);
@@ -405,7 +398,8 @@ mod tests {
                 let mut osc = Oscillator::new(seed, -80e-6, 3e-10);
                 osc.tick(S);
                 let first = osc.read(10e-6);
-                let mut bank = KalmanBank::start(osc.mono, first, 10e-6, 0.0, 500e-6, centre);
+                let mut bank =
+                    KalmanBank::start(Kalman::start(osc.mono, first, 10e-6, 0.0, 500e-6, centre));
                 for i in 0..3000 {
                     osc.tick(16 * S);
                     let read = osc.read(10e-6);

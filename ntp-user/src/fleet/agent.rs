@@ -963,7 +963,7 @@ async fn heartbeat(reports: &Reports, files: &LocalFiles, started_unix: u64) -> 
             .clock
             .sources
             .iter()
-            .map(|s| (s.address.clone(), s.reach))
+            .map(|s| (s.addr.to_string(), s.reach))
             .collect(),
         alarms: report.alarms.iter().map(|a| a.name.clone()).collect(),
         config_revision: state.applied.map_or(0, |v| v.revision),

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd as _;
 use anyhow::{anyhow, Context as _, Result};
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
-use netlink_packet_route::address::{AddressAttribute, AddressFlag};
+use netlink_packet_route::address::{AddressAttribute, AddressFlag, AddressMessage};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlag, LinkInfo, LinkXdp};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
 
@@ -238,21 +238,27 @@ impl Netlink {
         .await
     }
 
+    /// The kernel's messages for the addresses on link `index` (only `address`, if given).
+    async fn address_messages(
+        &self,
+        index: u32,
+        address: Option<IpAddr>,
+    ) -> Result<Vec<AddressMessage>> {
+        let h = self.handle.clone();
+        self.run("RTM_GETADDR", async move {
+            let mut req = h.address().get().set_link_index_filter(index);
+            if let Some(address) = address {
+                req = req.set_address_filter(address);
+            }
+            req.execute().try_collect().await
+        })
+        .await
+    }
+
     /// Addresses on link `index`, with prefix lengths.
     pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
-        let h = self.handle.clone();
-        let msgs: Vec<_> = self
-            .run("RTM_GETADDR", async move {
-                h.address()
-                    .get()
-                    .set_link_index_filter(index)
-                    .execute()
-                    .try_collect()
-                    .await
-            })
-            .await?;
         let mut out = Vec::new();
-        for m in msgs {
+        for m in self.address_messages(index, None).await? {
             for a in &m.attributes {
                 if let AddressAttribute::Address(ip) = a {
                     if let Ok(net) = IpNet::new(*ip, m.header.prefix_len) {
@@ -280,19 +286,7 @@ impl Netlink {
     }
 
     pub async fn delete_address(&self, index: u32, net: IpNet) -> Result<()> {
-        let h = self.handle.clone();
-        let msgs: Vec<_> = self
-            .run("RTM_GETADDR", async move {
-                h.address()
-                    .get()
-                    .set_link_index_filter(index)
-                    .set_address_filter(net.addr())
-                    .execute()
-                    .try_collect()
-                    .await
-            })
-            .await?;
-        for m in msgs {
+        for m in self.address_messages(index, Some(net.addr())).await? {
             let h = self.handle.clone();
             self.run(&format!("deleting address {net}"), async move {
                 h.address().del(m).execute().await
@@ -341,33 +335,25 @@ impl Netlink {
         let h = self.handle.clone();
         self.run(&format!("adding route {to}"), async move {
             let req = h.route().add().output_interface(oif);
-            match (to, via) {
-                (IpNet::V4(n), Some(IpAddr::V4(g))) => {
-                    req.v4()
-                        .destination_prefix(n.addr(), n.prefix_len())
-                        .gateway(g)
-                        .execute()
-                        .await
+            match to {
+                IpNet::V4(n) => {
+                    let req = req.v4().destination_prefix(n.addr(), n.prefix_len());
+                    match via {
+                        Some(IpAddr::V4(g)) => req.gateway(g),
+                        // Without a gateway, the destination is on the link.
+                        _ => req.scope(RouteScope::Link),
+                    }
+                    .execute()
+                    .await
                 }
-                (IpNet::V4(n), _) => {
-                    req.v4()
-                        .scope(RouteScope::Link)
-                        .destination_prefix(n.addr(), n.prefix_len())
-                        .execute()
-                        .await
-                }
-                (IpNet::V6(n), Some(IpAddr::V6(g))) => {
-                    req.v6()
-                        .destination_prefix(n.addr(), n.prefix_len())
-                        .gateway(g)
-                        .execute()
-                        .await
-                }
-                (IpNet::V6(n), _) => {
-                    req.v6()
-                        .destination_prefix(n.addr(), n.prefix_len())
-                        .execute()
-                        .await
+                IpNet::V6(n) => {
+                    let req = req.v6().destination_prefix(n.addr(), n.prefix_len());
+                    match via {
+                        Some(IpAddr::V6(g)) => req.gateway(g),
+                        _ => req,
+                    }
+                    .execute()
+                    .await
                 }
             }
         })

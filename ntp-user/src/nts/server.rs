@@ -583,20 +583,15 @@ where
         Err(e) => (ke::error_response(e), Some(e.to_string())),
         Ok(Negotiated::NtpV4AesSiv) => {
             let conn = tls.get_ref().1;
-            let c2s = conn
-                .export_keying_material(
+            let export = |s2c: bool| {
+                conn.export_keying_material(
                     [0u8; 32],
                     EXPORTER_LABEL,
-                    Some(&ke::exporter_context(false)),
+                    Some(&ke::exporter_context(s2c)),
                 )
-                .context("exporting the C2S key")?;
-            let s2c = conn
-                .export_keying_material(
-                    [0u8; 32],
-                    EXPORTER_LABEL,
-                    Some(&ke::exporter_context(true)),
-                )
-                .context("exporting the S2C key")?;
+                .with_context(|| format!("exporting the {} key", if s2c { "S2C" } else { "C2S" }))
+            };
+            let (c2s, s2c) = (export(false)?, export(true)?);
             let cookies = state.cookies(&SessionKeys { c2s, s2c }, COOKIES_PER_KE);
             let server = if local.is_ipv4() {
                 spec.ntp_server_v4

@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 
 use ntp_common::counters::{Counter as XdpCounter, CounterKind};
 
+use crate::clock::snapshot::{SourceSnapshot, SourceState};
 use crate::observe::alarms::AlarmKind;
 use crate::observe::status::StatusReport;
 
@@ -71,26 +72,41 @@ where
     reg.register(name, help, f);
 }
 
+fn counter(reg: &mut Registry, name: &str, help: &str, v: u64) {
+    let c = Counter::<u64>::default();
+    c.inc_by(v);
+    reg.register(name, help, c);
+}
+
+fn family_counter<L>(reg: &mut Registry, name: &str, help: &str, rows: Vec<(L, u64)>)
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let f = Family::<L, Counter>::default();
+    for (labels, v) in rows {
+        f.get_or_create(&labels).inc_by(v);
+    }
+    reg.register(name, help, f);
+}
+
 /// The text exposition format of `r`.
 pub fn encode_report(r: &StatusReport) -> Result<String> {
     let mut reg = Registry::with_prefix("ntpxdp");
     let resp = &r.responder;
 
-    let replies = Family::<PathFamily, Counter>::default();
-    for (path, family, v) in [
+    let replies = [
         ("xdp", "ipv4", resp.counter(XdpCounter::AnsweredV4)),
         ("xdp", "ipv6", resp.counter(XdpCounter::AnsweredV6)),
         ("userspace", "ipv4", resp.userspace_answered_ipv4),
         ("userspace", "ipv6", resp.userspace_answered_ipv6),
-    ] {
-        replies
-            .get_or_create(&PathFamily { path, family })
-            .inc_by(v);
-    }
-    reg.register(
+    ];
+    family_counter(
+        &mut reg,
         "replies",
         "NTP replies sent, by path and address family",
-        replies,
+        replies
+            .map(|(path, family, v)| (PathFamily { path, family }, v))
+            .to_vec(),
     );
 
     let dropped = Family::<Reason, Counter>::default();
@@ -124,31 +140,27 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         passed,
     );
 
-    let kods = Family::<Code, Counter>::default();
-    kods.get_or_create(&Code { code: "RATE" })
-        .inc_by(resp.counter(XdpCounter::KodRate));
-    kods.get_or_create(&Code { code: "DENY" })
-        .inc_by(resp.counter(XdpCounter::KodDeny));
-    reg.register(
+    family_counter(
+        &mut reg,
         "kiss_of_death_sent",
         "Kiss-o'-death replies sent, by code",
-        kods,
+        vec![
+            (Code { code: "RATE" }, resp.counter(XdpCounter::KodRate)),
+            (Code { code: "DENY" }, resp.counter(XdpCounter::KodDeny)),
+        ],
     );
 
-    let limited = Counter::<u64>::default();
-    limited
-        .inc_by(resp.counter(XdpCounter::DroppedRateLimited) + resp.counter(XdpCounter::KodRate));
-    reg.register(
+    counter(
+        &mut reg,
         "rate_limited",
         "Requests over their source's rate (dropped or answered with RATE)",
-        limited,
+        resp.counter(XdpCounter::DroppedRateLimited) + resp.counter(XdpCounter::KodRate),
     );
-    let unsync = Counter::<u64>::default();
-    unsync.inc_by(resp.counter(XdpCounter::AnsweredUnsynchronized));
-    reg.register(
+    counter(
+        &mut reg,
         "replies_unsynchronized",
         "XDP replies that said LI=3 (unsynchronized or stale anchor)",
-        unsync,
+        resp.counter(XdpCounter::AnsweredUnsynchronized),
     );
     gauge(
         &mut reg,
@@ -174,7 +186,7 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         &mut reg,
         "clock_leap",
         "Leap indicator served",
-        c.leap as f64,
+        c.leap.bits() as f64,
     );
     if let Some(o) = c.offset_s {
         gauge(
@@ -239,14 +251,14 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         );
     }
 
-    let up = |f: &dyn Fn(&crate::observe::status::SourceStatus) -> Option<f64>| {
+    let up = |f: &dyn Fn(&SourceSnapshot) -> Option<f64>| {
         c.sources
             .iter()
             .filter_map(|s| {
                 f(s).map(|v| {
                     (
                         Upstream {
-                            upstream: s.address.clone(),
+                            upstream: s.addr.to_string(),
                         },
                         v,
                     )
@@ -270,13 +282,13 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         &mut reg,
         "upstream_selected",
         "1 for the system peer",
-        up(&|s| Some((s.state == "selected") as u8 as f64)),
+        up(&|s| Some((s.state == SourceState::Selected) as u8 as f64)),
     );
     family_gauge(
         &mut reg,
         "upstream_falseticker",
         "1 when outvoted by the others",
-        up(&|s| Some((s.state == "falseticker") as u8 as f64)),
+        up(&|s| Some((s.state == SourceState::Falseticker) as u8 as f64)),
     );
     family_gauge(
         &mut reg,
@@ -372,41 +384,43 @@ pub fn encode_report(r: &StatusReport) -> Result<String> {
         );
     }
     if let Some(n) = &r.nts {
-        let ke = Family::<Outcome, Counter>::default();
-        for (outcome, v) in [
-            ("ok", n.key_exchanges),
-            ("failed", n.key_exchange_failures),
-            ("refused", n.key_exchanges_refused),
-            ("source_limit", n.key_exchanges_over_source_limit),
-            ("busy", n.key_exchanges_busy),
-            ("deadline", n.key_exchange_deadlines),
-        ] {
-            ke.get_or_create(&Outcome { outcome }).inc_by(v);
-        }
-        reg.register(
+        let by_outcome = |rows: &[(&'static str, u64)]| {
+            rows.iter()
+                .map(|&(outcome, v)| (Outcome { outcome }, v))
+                .collect()
+        };
+        family_counter(
+            &mut reg,
             "nts_key_exchanges",
             "NTS key exchanges, by outcome (refused: access list or rate; source_limit: the \
              address or IPv6 /64 had its share running; busy: the server had its most running; \
              deadline: the client did not finish in time)",
-            ke,
+            by_outcome(&[
+                ("ok", n.key_exchanges),
+                ("failed", n.key_exchange_failures),
+                ("refused", n.key_exchanges_refused),
+                ("source_limit", n.key_exchanges_over_source_limit),
+                ("busy", n.key_exchanges_busy),
+                ("deadline", n.key_exchange_deadlines),
+            ]),
         );
-        let req = Family::<Outcome, Counter>::default();
-        for (outcome, v) in [
-            ("answered", n.requests_answered),
-            ("cookie_failure", n.cookie_failures),
-            ("authentication_failure", n.authentication_failures),
-            ("malformed", n.malformed),
-        ] {
-            req.get_or_create(&Outcome { outcome }).inc_by(v);
-        }
-        reg.register(
+        family_counter(
+            &mut reg,
             "nts_requests",
             "NTS-protected requests, by outcome (failures get an NTS NAK, malformed nothing)",
-            req,
+            by_outcome(&[
+                ("answered", n.requests_answered),
+                ("cookie_failure", n.cookie_failures),
+                ("authentication_failure", n.authentication_failures),
+                ("malformed", n.malformed),
+            ]),
         );
-        let rotations = Counter::<u64>::default();
-        rotations.inc_by(n.key_rotations);
-        reg.register("nts_key_rotations", "NTS cookie key rotations", rotations);
+        counter(
+            &mut reg,
+            "nts_key_rotations",
+            "NTS cookie key rotations",
+            n.key_rotations,
+        );
     }
 
     let mut out = String::new();
@@ -426,11 +440,16 @@ mod tests {
             .counters
             .insert("dropped_rate_limited".into(), 7);
         r.responder.counters.insert("kod_rate".into(), 1);
-        r.clock.sources.push(crate::observe::status::SourceStatus {
-            address: "169.254.1.1:123".into(),
-            state: "selected".into(),
+        r.clock.sources.push(SourceSnapshot {
+            addr: "169.254.1.1:123".parse().unwrap(),
+            state: SourceState::Selected,
             reach: 255,
-            ..Default::default()
+            poll: 6,
+            stratum: Some(1),
+            offset_s: None,
+            delay_s: None,
+            jitter_s: None,
+            interleaved: None,
         });
         r.clock.synchronized = true;
         r.clock.root_delay_s = 40e-6;

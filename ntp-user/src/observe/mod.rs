@@ -18,12 +18,11 @@ use anyhow::{Context as _, Result};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::{debug, info, warn};
 
+use crate::clock::snapshot::{refid_text, ClockSnapshot};
 use crate::host::hostclock::monotonic_now_ns;
 use crate::observe::alarms::{AlarmInputs, AlarmThresholds, Alarms};
 use crate::observe::guests::{summarize, GuestPolicy, GuestSummary};
-use crate::observe::status::{
-    refid_text, AnchorStatus, ClockSnapshotCell, ResponderStatus, StatusReport,
-};
+use crate::observe::status::{AnchorStatus, ClockSnapshotCell, ResponderStatus, StatusReport};
 use crate::responder::Observer;
 use crate::userspace::UserspaceCounters;
 
@@ -164,7 +163,7 @@ impl Observatory {
         Ok(StatusReport {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_s: now.saturating_sub(self.started_mono_ns) as f64 * 1e-9,
-            clock: (&*self.clock.lock().unwrap_or_else(|e| e.into_inner())).into(),
+            clock: self.clock(),
             anchor: AnchorStatus {
                 published: anchor.is_published(),
                 age_s: anchor.age_ns(now) as f64 * 1e-9,
@@ -197,13 +196,13 @@ impl Observatory {
         })
     }
 
-    /// A report with fresh counters (for `status` and scrapes); table walks at most a second
-    /// old. Blocking: async callers take theirs from [`Observatory::reports`].
     /// The clock task's latest snapshot (cheap: no walk of the maps).
-    pub fn clock(&self) -> crate::clock::snapshot::ClockSnapshot {
+    pub fn clock(&self) -> ClockSnapshot {
         self.clock.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// A report with fresh counters (for `status` and scrapes); table walks at most a second
+    /// old. Blocking: async callers take theirs from [`Observatory::reports`].
     pub fn report(&self) -> Result<StatusReport> {
         self.report_with(WALK_MAX_AGE)
     }

@@ -19,103 +19,6 @@ use crate::observe::guests::GuestSummary;
 /// The clock task's latest snapshot of its clock, shared with the control and metrics tasks.
 pub type ClockSnapshotCell = Arc<Mutex<ClockSnapshot>>;
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ClockStatus {
-    /// "upstream" (the daemon's own disciplined clock) or "host-clock".
-    pub reference: String,
-    pub synchronized: bool,
-    pub stratum: u8,
-    pub refid: String,
-    pub leap: u8,
-    /// Last measured offset of the clock against the selected upstreams (s).
-    pub offset_s: Option<f64>,
-    pub frequency_ppm: f64,
-    /// Points the discipline's last fit used (0 without a disciplined clock).
-    #[serde(default)]
-    pub regression_points: usize,
-    pub root_delay_s: f64,
-    pub root_dispersion_s: f64,
-    /// CLOCK_MONOTONIC of the last correction from the reference.
-    pub last_sync_mono_ns: Option<u64>,
-    /// Synchronized on the last reference's word while no upstream answers.
-    #[serde(default)]
-    pub holdover: bool,
-    /// Measured against its reference since this daemon started (not only resumed).
-    #[serde(default)]
-    pub measured_since_start: bool,
-    pub sources: Vec<SourceStatus>,
-    /// Served time minus the host's CLOCK_REALTIME (s), while synchronized.
-    #[serde(default)]
-    pub host_clock_offset_s: Option<f64>,
-}
-
-impl From<&ClockSnapshot> for ClockStatus {
-    fn from(c: &ClockSnapshot) -> ClockStatus {
-        ClockStatus {
-            reference: c.reference.describe(),
-            synchronized: c.synchronized,
-            stratum: c.stratum,
-            refid: c
-                .refid
-                .map_or_else(|| "INIT".into(), |r| refid_text(r, c.stratum)),
-            leap: c.leap.bits(),
-            offset_s: c.offset_s,
-            frequency_ppm: c.frequency_ppm,
-            regression_points: c.regression_points,
-            root_delay_s: c.root_delay_s,
-            root_dispersion_s: c.root_dispersion_s,
-            last_sync_mono_ns: c.last_sync_mono_ns,
-            holdover: c.holdover,
-            measured_since_start: c.measured_since_start,
-            sources: c
-                .sources
-                .iter()
-                .map(|s| SourceStatus {
-                    address: s.addr.to_string(),
-                    state: s.state.describe(),
-                    reach: s.reach,
-                    poll: s.poll,
-                    stratum: s.stratum,
-                    offset_s: s.offset_s,
-                    delay_s: s.delay_s,
-                    jitter_s: s.jitter_s,
-                    interleaved: s.interleaved,
-                })
-                .collect(),
-            host_clock_offset_s: c.host_clock_offset_s,
-        }
-    }
-}
-
-impl ClockStatus {
-    /// RFC 5905 root distance: what a client adds to its error bound for this server.
-    pub fn root_distance_s(&self) -> f64 {
-        self.root_delay_s / 2.0 + self.root_dispersion_s
-    }
-
-    /// The bound on |served time − true time| a guest reads from the replies (root delay / 2 +
-    /// root dispersion), while they claim synchronization.
-    pub fn served_error_bound_s(&self) -> Option<f64> {
-        self.synchronized.then(|| self.root_distance_s())
-    }
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct SourceStatus {
-    pub address: String,
-    /// selected, candidate, falseticker, unreachable, denied.
-    pub state: String,
-    pub reach: u8,
-    pub poll: i8,
-    pub stratum: Option<u8>,
-    pub offset_s: Option<f64>,
-    pub delay_s: Option<f64>,
-    pub jitter_s: Option<f64>,
-    /// The latest sample came from an interleaved response (None before the first).
-    #[serde(default)]
-    pub interleaved: Option<bool>,
-}
-
 /// The anchor the kernel serves right now, read from its map.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AnchorStatus {
@@ -167,7 +70,7 @@ impl ResponderStatus {
 pub struct StatusReport {
     pub version: String,
     pub uptime_s: f64,
-    pub clock: ClockStatus,
+    pub clock: ClockSnapshot,
     pub anchor: AnchorStatus,
     pub responder: ResponderStatus,
     pub guests: GuestSummary,
@@ -261,25 +164,6 @@ pub struct VrrpStatus {
 /// The role watcher's view, shared with the control and metrics tasks.
 pub type VrrpCell = Arc<Mutex<Option<VrrpStatus>>>;
 
-/// A reference ID as people read it: a dotted IPv4 address, or the ASCII code.
-pub fn refid_text(refid: [u8; 4], stratum: u8) -> String {
-    if stratum >= 2 {
-        std::net::Ipv4Addr::from(refid).to_string()
-    } else {
-        refid
-            .iter()
-            .take_while(|b| **b != 0)
-            .map(|b| {
-                if b.is_ascii_graphic() {
-                    *b as char
-                } else {
-                    '?'
-                }
-            })
-            .collect()
-    }
-}
-
 fn si(seconds: Option<f64>) -> String {
     let Some(s) = seconds else {
         return "-".into();
@@ -331,9 +215,9 @@ pub fn render(r: &StatusReport) -> String {
     }
     let _ = writeln!(o, "\nTracking");
     let rows: Vec<(&str, String)> = vec![
-        ("Reference", c.reference.clone()),
+        ("Reference", c.reference.describe()),
         ("Synchronized", c.synchronized.to_string()),
-        ("Reference ID", c.refid.clone()),
+        ("Reference ID", c.refid_text()),
         ("Stratum", c.stratum.to_string()),
         ("Last offset", si(c.offset_s)),
         ("Frequency", format!("{:+.3} ppm", c.frequency_ppm)),
@@ -346,7 +230,7 @@ pub fn render(r: &StatusReport) -> String {
         ("Root delay", si(Some(c.root_delay_s))),
         ("Root dispersion", si(Some(c.root_dispersion_s))),
         ("Root distance", si(Some(c.root_distance_s()))),
-        ("Leap indicator", c.leap.to_string()),
+        ("Leap indicator", c.leap.bits().to_string()),
         (
             "Served anchor age",
             if r.anchor.published {
@@ -370,8 +254,8 @@ pub fn render(r: &StatusReport) -> String {
             let _ = writeln!(
                 o,
                 "  {:<28} {:<12} {:>2} {:>4} {:>5o} {:>12} {:>12} {:>12} {:>6}",
-                s.address,
-                s.state,
+                s.addr.to_string(),
+                s.state.describe(),
                 s.stratum.map_or("-".into(), |x| x.to_string()),
                 s.poll,
                 s.reach,
@@ -505,14 +389,7 @@ pub fn query(socket: &Path) -> Result<StatusReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn refids_read_as_people_expect() {
-        assert_eq!(refid_text([169, 254, 0, 1], 3), "169.254.0.1");
-        assert_eq!(refid_text(*b"LOCL", 10), "76.79.67.76");
-        assert_eq!(refid_text(*b"GPS\0", 1), "GPS");
-        assert_eq!(refid_text(*b"INIT", 0), "INIT");
-    }
+    use crate::clock::snapshot::{SourceSnapshot, SourceState};
 
     #[test]
     fn judged_and_refused_count_every_refusal() {
@@ -554,12 +431,16 @@ mod tests {
     #[test]
     fn render_shows_every_section() {
         let mut r = StatusReport::default();
-        r.clock.sources.push(SourceStatus {
-            address: "169.254.1.1:123".into(),
-            state: "selected".into(),
+        r.clock.sources.push(SourceSnapshot {
+            addr: "169.254.1.1:123".parse().unwrap(),
+            state: SourceState::Selected,
             reach: 0o377,
+            poll: 6,
+            stratum: Some(1),
             offset_s: Some(12e-6),
-            ..Default::default()
+            delay_s: None,
+            jitter_s: None,
+            interleaved: None,
         });
         r.alarms.push(ActiveAlarm {
             name: "no_sync".into(),

@@ -270,6 +270,13 @@ pub async fn serve(
     counters: Arc<UserspaceCounters>,
     nts: Option<Arc<NtsState>>,
 ) -> Result<()> {
+    let server = SocketServer {
+        anchors,
+        params,
+        admission,
+        counters,
+        nts,
+    };
     let mut sockets = Some(sockets);
     loop {
         let socks = match sockets.take() {
@@ -287,15 +294,7 @@ pub async fn serve(
         for sock in socks {
             let sock = UdpSocket::from_std(sock).context("registering a server socket")?;
             info!(address = %sock.local_addr()?, "userspace path listening");
-            let (anchors, counters, admission, nts) = (
-                anchors.clone(),
-                counters.clone(),
-                admission.clone(),
-                nts.clone(),
-            );
-            tasks.spawn(async move {
-                serve_socket(sock, anchors, params, admission, counters, nts).await
-            });
+            tasks.spawn(serve_socket(sock, server.clone()));
         }
         tokio::select! {
             Some(done) = tasks.join_next() => {
@@ -310,14 +309,24 @@ pub async fn serve(
     }
 }
 
-async fn serve_socket(
-    sock: UdpSocket,
+/// What each socket's server answers from and counts into.
+#[derive(Clone)]
+struct SocketServer {
     anchors: watch::Receiver<TimeAnchor>,
     params: ServerParams,
     admission: SharedAdmission,
     counters: Arc<UserspaceCounters>,
     nts: Option<Arc<NtsState>>,
-) -> Result<()> {
+}
+
+async fn serve_socket(sock: UdpSocket, server: SocketServer) -> Result<()> {
+    let SocketServer {
+        anchors,
+        params,
+        admission,
+        counters,
+        nts,
+    } = server;
     // Requests that arrive before the first publication wait in the socket rather than be
     // dropped for want of an anchor (a daemon starting, or restarting, answers them all).
     let mut first = anchors.clone();
@@ -553,44 +562,24 @@ mod tests {
 
     #[test]
     fn the_kernel_rules_apply() {
-        let a = anchor();
-        let p = ServerParams::DEFAULT;
-        let ok = li_vn_mode(0, 4, MODE_CLIENT);
+        let judge = |request: &[u8], from_port, anchor: &TimeAnchor| {
+            answer(request, from_port, anchor, &ServerParams::DEFAULT, 0, 0, 0).map(|_| ())
+        };
+        let (a, ok) = (anchor(), li_vn_mode(0, 4, MODE_CLIENT));
+        assert_eq!(judge(&request(ok, 0)[..47], 1, &a), Err(Unanswered::Short));
+        assert_eq!(judge(&request(ok, 0), 0, &a), Err(Unanswered::SourcePort));
         assert_eq!(
-            answer(&request(ok, 0)[..47], 1, &a, &p, 0, 0, 0),
-            Err(Unanswered::Short)
-        );
-        assert_eq!(
-            answer(&request(ok, 0), 0, &a, &p, 0, 0, 0),
-            Err(Unanswered::SourcePort)
-        );
-        assert_eq!(
-            answer(
-                &request(li_vn_mode(0, 4, MODE_SERVER), 0),
-                1,
-                &a,
-                &p,
-                0,
-                0,
-                0
-            ),
+            judge(&request(li_vn_mode(0, 4, MODE_SERVER), 0), 1, &a),
             Err(Unanswered::Rejected(Counter::PassedNotClient))
         );
         assert_eq!(
-            answer(
-                &request(li_vn_mode(0, 5, MODE_CLIENT), 0),
-                1,
-                &a,
-                &p,
-                0,
-                0,
-                0
-            ),
+            judge(&request(li_vn_mode(0, 5, MODE_CLIENT), 0), 1, &a),
             Err(Unanswered::Rejected(Counter::DroppedVersion))
         );
         assert_eq!(
-            answer(&request(ok, 0), 1, &TimeAnchor::default(), &p, 0, 0, 0),
+            judge(&request(ok, 0), 1, &TimeAnchor::default()),
             Err(Unanswered::NoAnchor)
         );
+        assert_eq!(judge(&request(ok, 0), 1, &a), Ok(()));
     }
 }
