@@ -12,6 +12,7 @@ pub mod lower;
 pub mod names;
 pub mod schema;
 pub mod validate;
+pub mod values;
 
 use std::path::Path;
 
@@ -20,9 +21,8 @@ use anyhow::Result;
 pub use error::ConfigError;
 pub use lower::Validated;
 pub use schema::*;
-pub use validate::{
-    check_holdover, host_preflight, parse_refid, validate_admission, validate_observe,
-};
+pub use validate::{check_holdover, host_preflight, validate_admission, validate_observe};
+pub use values::{parse_refid, HumanDuration, RefId};
 
 /// The configuration `cargo xtask run` and `ntp-xdp run` use when given no file: serve the
 /// host clock as a local stratum on the demo namespace pair.

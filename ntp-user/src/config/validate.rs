@@ -1,7 +1,7 @@
 //! Validation: every field checked, each error naming the file, the field and the reason
 //! ([`ConfigError`]), before anything is started.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,22 +17,6 @@ use crate::clock::system::SystemConfig;
 use crate::clock::upstream::PollConfig;
 use crate::responder::XdpModePref;
 
-/// Parses a reference ID: an IPv4 address (stratum 2+ convention) or 1-4 ASCII characters,
-/// NUL-padded (stratum 1 and local clocks).
-pub fn parse_refid(s: &str) -> Result<[u8; 4], String> {
-    if let Ok(v4) = s.parse::<Ipv4Addr>() {
-        return Ok(v4.octets());
-    }
-    if s.is_empty() || s.len() > 4 || !s.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!(
-            "{s:?} is neither an IPv4 address nor 1-4 printable ASCII characters"
-        ));
-    }
-    let mut id = [0u8; 4];
-    id[..s.len()].copy_from_slice(s.as_bytes());
-    Ok(id)
-}
-
 /// The clock is updated at most once per poll: a holdover shorter than two of the longest
 /// poll intervals would declare it unsynchronized between ordinary polls.
 pub fn check_holdover(max_holdover: Duration, max_poll: i8) -> std::result::Result<(), String> {
@@ -45,17 +29,6 @@ pub fn check_holdover(max_holdover: Duration, max_poll: i8) -> std::result::Resu
         ));
     }
     Ok(())
-}
-
-fn duration(origin: &Path, field: &str, value: &str) -> Result<Duration> {
-    humantime::parse_duration(value).map_err(|e| {
-        ConfigError::field(
-            origin,
-            field,
-            format!("{value:?} is not a duration like 30s or 1h ({e})"),
-        )
-        .into()
-    })
 }
 
 /// `host_files`: read the files the config names (false on an operator's machine).
@@ -75,29 +48,9 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
             format!("{} is outside -32..=0 (log2 seconds)", s.precision),
         ));
     }
-    let xdp_mode = match s.xdp_mode.as_str() {
-        "auto" => XdpModePref::Auto,
-        "native" => XdpModePref::Native,
-        "generic" => XdpModePref::Generic,
-        "off" => XdpModePref::Off,
-        other => {
-            return Err(bad(
-                "service.xdp_mode",
-                format!("{other:?} is not one of auto, native, generic, off"),
-            ))
-        }
-    };
+    let xdp_mode = XdpModePref::from(s.xdp_mode);
     let c = &cfg.clock;
-    let reference = match c.reference.as_str() {
-        "upstream" => Reference::Upstream,
-        "host-clock" => Reference::HostClock,
-        other => {
-            return Err(bad(
-                "clock.reference",
-                format!("{other:?} is not one of upstream, host-clock"),
-            ))
-        }
-    };
+    let reference = c.reference;
     if !(0..=17).contains(&c.min_poll) || !(0..=17).contains(&c.max_poll) || c.min_poll > c.max_poll
     {
         return Err(bad(
@@ -133,9 +86,7 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
             format!("{} must be in (0, 100]", c.holdover_wander_ppm_per_hour),
         ));
     }
-    let panic = duration(origin, "clock.panic_threshold", &c.panic_threshold)?;
-    let holdover = duration(origin, "clock.max_holdover", &c.max_holdover)?;
-    let max_age = duration(origin, "clock.max_anchor_age", &c.max_anchor_age)?;
+    let (panic, holdover, max_age) = (*c.panic_threshold, *c.max_holdover, *c.max_anchor_age);
     check_holdover(holdover, c.max_poll).map_err(|why| bad("clock.max_holdover", why))?;
     if max_age < Duration::from_secs(2) {
         return Err(bad(
@@ -169,10 +120,7 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
             }
         }
     }
-    let refid_override = match &c.refid {
-        Some(r) => Some(parse_refid(r).map_err(|e| bad("clock.refid", e))?),
-        None => None,
-    };
+    let refid_override = c.refid.map(|r| r.0);
     let mut vip = validate_vip(&cfg, origin)?;
     let dhcp = validate_dhcp(&cfg, vip.as_ref(), origin)?;
     let admission = validate_admission(&cfg.limits, &cfg.access, &cfg.guest_clocks, origin)?;
@@ -331,11 +279,11 @@ pub fn validate_fleet(f: &FleetSection, origin: &Path) -> Result<crate::fleet::F
                 .into(),
         ));
     }
-    let lease_ttl = duration(origin, "fleet.lease_ttl", &f.lease_ttl)?;
+    let lease_ttl = *f.lease_ttl;
     if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(300) {
         return Err(bad("fleet.lease_ttl", "must be between 2s and 5m".into()));
     }
-    let sync_deadline = duration(origin, "fleet.sync_deadline", &f.sync_deadline)?;
+    let sync_deadline = *f.sync_deadline;
     if sync_deadline < Duration::from_secs(5) || sync_deadline > Duration::from_secs(3600) {
         return Err(bad(
             "fleet.sync_deadline",
@@ -449,7 +397,7 @@ pub fn validate_nts(
     if n.port == 0 {
         return Err(bad("nts.port", "must not be 0".into()));
     }
-    let key_rotation = duration(origin, "nts.key_rotation", &n.key_rotation)?;
+    let key_rotation = *n.key_rotation;
     if key_rotation < Duration::from_secs(1) || key_rotation > Duration::from_secs(30 * 86400) {
         return Err(bad(
             "nts.key_rotation",
@@ -507,7 +455,7 @@ pub fn validate_admission(
     use ntp_common::policy::*;
     let bad =
         |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
-    let kod_interval = duration(origin, "limits.kod_interval", &l.kod_interval)?;
+    let kod_interval = *l.kod_interval;
     // Zero would send a KoD for every refused request: a reflector, not a limiter.
     if kod_interval < Duration::from_secs(1) {
         return Err(bad(
@@ -564,15 +512,8 @@ pub fn validate_admission(
     }
     policy.kod_interval_ns = ntp_common::time::duration_ns(kod_interval);
     policy.kod_poll = l.kod_poll;
-    match a.deny_action.as_str() {
-        "kod" => policy.flags |= POLICY_KOD_DENY,
-        "drop" => {}
-        other => {
-            return Err(bad(
-                "access.deny_action",
-                format!("{other:?} is not one of kod, drop"),
-            ))
-        }
+    if a.deny_action == DenyAction::Kod {
+        policy.flags |= POLICY_KOD_DENY;
     }
     let mut acl = Vec::new();
     for (field, list, allow) in [
@@ -645,8 +586,7 @@ pub fn validate_observe(
 ) -> Result<crate::observe::ObserveSpec> {
     let bad =
         |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
-    let alarm_offset = duration(origin, "guest_clocks.alarm_offset", &g.alarm_offset)?;
-    let opaque_beyond = duration(origin, "guest_clocks.opaque_beyond", &g.opaque_beyond)?;
+    let (alarm_offset, opaque_beyond) = (*g.alarm_offset, *g.opaque_beyond);
     if opaque_beyond <= alarm_offset {
         return Err(bad(
             "guest_clocks.opaque_beyond",
@@ -659,7 +599,7 @@ pub fn validate_observe(
             format!("{} must be in (0, 1]", a.max_drop_fraction),
         ));
     }
-    let window = duration(origin, "alarms.window", &a.window)?;
+    let window = *a.window;
     if window < Duration::from_secs(1) {
         return Err(bad("alarms.window", "must be at least 1s".into()));
     }
@@ -685,16 +625,13 @@ pub fn validate_observe(
         guests: crate::observe::guests::GuestPolicy {
             enabled: g.enable,
             alarm_offset_s: alarm_offset.as_secs_f64(),
-            forget_after_s: duration(origin, "guest_clocks.forget_after", &g.forget_after)?
-                .as_secs_f64(),
+            forget_after_s: g.forget_after.as_secs_f64(),
             opaque_beyond_s: opaque_beyond.as_secs_f64(),
         },
         alarms: crate::observe::alarms::AlarmThresholds {
-            no_sync_after_s: duration(origin, "alarms.no_sync_after", &a.no_sync_after)?
-                .as_secs_f64(),
-            max_offset_s: duration(origin, "alarms.max_offset", &a.max_offset)?.as_secs_f64(),
-            max_anchor_age_s: duration(origin, "alarms.max_anchor_age", &a.max_anchor_age)?
-                .as_secs_f64(),
+            no_sync_after_s: a.no_sync_after.as_secs_f64(),
+            max_offset_s: a.max_offset.as_secs_f64(),
+            max_anchor_age_s: a.max_anchor_age.as_secs_f64(),
             max_drop_fraction: a.max_drop_fraction,
             window_s: window.as_secs_f64(),
         },
@@ -773,7 +710,7 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpe
         }
         routes.push((r.to.trunc(), r.via));
     }
-    let repair_interval = duration(origin, "vip.repair_interval", &v.repair_interval)?;
+    let repair_interval = *v.repair_interval;
     if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&repair_interval) {
         return Err(bad(
             "vip.repair_interval",
@@ -849,7 +786,7 @@ fn validate_redundancy(
             format!("{} is outside 1..=254", r.priority),
         ));
     }
-    let advert = duration(origin, "redundancy.advert_interval", &r.advert_interval)?;
+    let advert = *r.advert_interval;
     if !(Duration::from_millis(10)..=Duration::from_secs(40)).contains(&advert) {
         return Err(bad(
             "redundancy.advert_interval",
@@ -1089,10 +1026,7 @@ fn validate_dhcp(
             ));
         }
     }
-    let lease_time = match &d.lease_time {
-        Some(s) => duration(origin, "dhcp.lease_time", s)?,
-        None => Duration::from_secs(3600),
-    };
+    let lease_time = *d.lease_time;
     if lease_time < Duration::from_secs(120) {
         return Err(bad(
             "dhcp.lease_time",
