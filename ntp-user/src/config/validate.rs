@@ -136,7 +136,7 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
     observe.health_socket = vip
         .as_ref()
         .filter(|v| v.redundancy.is_some())
-        .map(|v| crate::vip::health_socket(&v.netns));
+        .map(|v| v.health_socket());
     if let Some(v) = &vip {
         check_helper_files(v, origin)?;
     }
@@ -359,10 +359,6 @@ pub fn validate_nts(
 ) -> Result<crate::nts::server::NtsSpec> {
     let bad =
         |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
-    if host_files {
-        crate::nts::server::tls_config(&n.certificate_chain, &n.private_key)
-            .map_err(|e| bad("nts.certificate_chain", format!("{e:#}")))?;
-    }
     if let Some(f) = fleet {
         if !f.tls() {
             return Err(bad(
@@ -373,7 +369,7 @@ pub fn validate_nts(
             ));
         }
         if host_files {
-            crate::fleet::local::read_seal_key(&f.nts_seal_key_file)
+            f.read_seal_key()
                 .map_err(|e| bad("fleet.nts_seal_key_file", format!("{e:#}")))?;
         }
     }
@@ -432,7 +428,7 @@ pub fn validate_nts(
                 .copied()),
         }
     };
-    Ok(crate::nts::server::NtsSpec {
+    let spec = crate::nts::server::NtsSpec {
         certificate_chain: n.certificate_chain.clone().into(),
         private_key: n.private_key.clone().into(),
         listen,
@@ -442,7 +438,12 @@ pub fn validate_nts(
         rotate_locally: fleet.is_none(),
         ntp_server_v4: pick(true)?,
         ntp_server_v6: pick(false)?,
-    })
+    };
+    if host_files {
+        spec.tls_config()
+            .map_err(|e| bad("nts.certificate_chain", format!("{e:#}")))?;
+    }
+    Ok(spec)
 }
 
 /// The responder's admission from the `[limits]`, `[access]` and `[guest_clocks]` sections.
@@ -542,7 +543,6 @@ pub fn validate_admission(
             format!("{} prefixes; at most {ACL_MAX_PREFIXES} fit", acl.len()),
         ));
     }
-    policy.flags |= crate::responder::admission::acl_policy_flags(&acl);
     let mut vlans: Vec<u16> = Vec::new();
     for (i, id) in a.vlans.iter().enumerate() {
         let field = format!("access.vlans[{i}]");
@@ -564,7 +564,7 @@ pub fn validate_admission(
             format!("{} must be in 1..=16777216", g.guests),
         ));
     }
-    Ok(crate::responder::admission::AdmissionSpec {
+    let mut spec = crate::responder::admission::AdmissionSpec {
         policy,
         acl,
         vlans,
@@ -572,7 +572,9 @@ pub fn validate_admission(
             rate_sources: l.sources,
             guests: g.guests,
         },
-    })
+    };
+    spec.policy.flags |= spec.acl_policy_flags();
+    Ok(spec)
 }
 
 /// Metrics, control socket, guest-clock and alarm thresholds from their sections.
@@ -615,7 +617,7 @@ pub fn validate_observe(
     }
     let control_socket = match (&control.socket, vip) {
         (Some(p), _) => Some(p.clone().into()),
-        (None, Some(v)) => Some(crate::host::files::state_dir(&v.netns).join("control.sock")),
+        (None, Some(v)) => Some(v.default_control_socket()),
         (None, None) => None,
     };
     Ok(crate::observe::ObserveSpec {
@@ -682,7 +684,7 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpe
                 field,
                 format!(
                     "{net} is the subnet itself; give the address, e.g. {}/{}",
-                    crate::vip::first_host(&net),
+                    net.hosts().next().unwrap_or(net.addr()),
                     net.prefix_len()
                 ),
             ));
@@ -717,7 +719,7 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpe
             "must be between 100ms and 1h".into(),
         ));
     }
-    Ok(Some(crate::vip::VipSpec {
+    let mut spec = crate::vip::VipSpec {
         netns: netns.to_string(),
         ns_interface: cfg.service.interface.to_string(),
         host_interface: v.host_interface.to_string(),
@@ -729,30 +731,27 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpe
         repair_interval,
         host_interfaces: v.host_interfaces.iter().map(ToString::to_string).collect(),
         redundancy: None,
-        router_advertisements: match (v.ipv6_route_advertisements, v.service_address6) {
-            (false, _) => None,
-            (true, None) => {
+        router_advertisements: None,
+    };
+    match (v.ipv6_route_advertisements, v.service_address6) {
+        (false, _) => {}
+        (true, None) => {
+            return Err(bad(
+                "vip.ipv6_route_advertisements",
+                "needs vip.service_address6 (the advertisements come from it)".into(),
+            ))
+        }
+        (true, Some(s6)) => {
+            if !cfg.service.addresses.iter().any(|a| a.is_ipv6()) {
                 return Err(bad(
                     "vip.ipv6_route_advertisements",
-                    "needs vip.service_address6 (the advertisements come from it)".into(),
-                ))
+                    "service.addresses has no IPv6 clock address to route to".into(),
+                ));
             }
-            (true, Some(s6)) => {
-                if !cfg.service.addresses.iter().any(|a| a.is_ipv6()) {
-                    return Err(bad(
-                        "vip.ipv6_route_advertisements",
-                        "service.addresses has no IPv6 clock address to route to".into(),
-                    ));
-                }
-                crate::vip::radvd::for_vip(
-                    &netns,
-                    &cfg.service.interface,
-                    s6,
-                    &cfg.service.addresses,
-                )
-            }
-        },
-    }))
+            spec.router_advertisements = spec.router_advertisements_for(s6);
+        }
+    }
+    Ok(Some(spec))
 }
 
 /// `[redundancy]`: checked against the `[vip]` it extends. VRRP speaks on a link of the VIP
@@ -910,13 +909,12 @@ fn validate_redundancy(
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "ntp-xdp".into());
-    let health_socket = crate::vip::health_socket(&v.netns);
+    let health_socket = v.health_socket();
     // IPv6 guests route the clock address via the router advertisements' source: the group's
     // address, which moves with the others.
     let mut virtual_addresses = v.virtual_addresses();
     if let Some(ra) = v.router_advertisements.as_mut() {
-        let router = crate::vip::radvd::shared_router_address(r.virtual_router_id);
-        ra.router_address = Some(router);
+        let router = ra.share_with_group(r.virtual_router_id);
         virtual_addresses
             .push(ipnet::IpNet::new(router.into(), 64).expect("64 is an IPv6 prefix length"));
     }
