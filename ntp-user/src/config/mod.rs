@@ -10,6 +10,7 @@
 pub mod error;
 pub mod lower;
 pub mod names;
+pub mod reference;
 pub mod schema;
 pub mod validate;
 pub mod values;

@@ -65,7 +65,7 @@ pub struct Config {
 pub struct FleetSection {
     /// etcd client URLs: https:// with TLS (`ca` or `certificate` set), else http://.
     pub endpoints: Vec<Token>,
-    /// The cluster (e.g. the availability zone): keys live under /ntp-xdp/<cluster>/.
+    /// The cluster (e.g. the availability zone): keys live under `/ntp-xdp/<cluster>/`.
     /// 1-64 of letters, digits, `-`, `_`, `.`.
     pub cluster: String,
     /// This host's name in the cluster (1-64 of letters, digits, `-`, `_`, `.`). Default: the
@@ -197,7 +197,7 @@ pub struct AccessSection {
     /// What a denied source gets.
     pub deny_action: DenyAction,
     /// VLAN IDs (1-4094) whose tagged requests are answered; untagged ones always are.
-    /// Kept wide here so that a value out of range gets its own error.
+    // Kept wide here so that a value out of range gets its own error.
     pub vlans: Vec<i64>,
 }
 

@@ -68,12 +68,12 @@ impl schemars::JsonSchema for HumanDuration {
         "Duration".into()
     }
 
-    fn inline_schema() -> bool {
-        true
-    }
-
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({ "type": "string", "format": "duration" })
+        schemars::json_schema!({
+            "type": "string",
+            "format": "duration",
+            "description": "A duration: a number and a unit (ns, us, ms, s, m, h, d), or several, e.g. `500ms`, `30s`, `1h`, `1d`, `1m 30s`.",
+        })
     }
 }
 
@@ -134,12 +134,12 @@ impl schemars::JsonSchema for RefId {
         "RefId".into()
     }
 
-    fn inline_schema() -> bool {
-        true
-    }
-
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({ "type": "string", "format": "refid" })
+        schemars::json_schema!({
+            "type": "string",
+            "format": "refid",
+            "description": "A reference ID: an IPv4 address or 1-4 printable ASCII characters.",
+        })
     }
 }
 
