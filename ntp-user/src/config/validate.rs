@@ -1,5 +1,6 @@
-//! Validation: every field checked, each error naming the file, the field and the reason
-//! ([`ConfigError`]), before anything is started.
+//! Validation of a whole configuration before anything is started: each section checks itself
+//! ([`super::sections`]); here are the checks across sections. Each error names the file, the
+//! field and the reason ([`ConfigError`]).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -10,117 +11,22 @@ use ipnet::IpNet;
 
 use super::error::ConfigError;
 use super::lower::Validated;
-use super::names::SafePath;
 use super::schema::*;
-use crate::clock::discipline::DisciplineConfig;
-use crate::clock::system::SystemConfig;
-use crate::clock::upstream::PollConfig;
 use crate::responder::XdpModePref;
-
-/// The clock is updated at most once per poll: a holdover shorter than two of the longest
-/// poll intervals would declare it unsynchronized between ordinary polls.
-pub fn check_holdover(max_holdover: Duration, max_poll: i8) -> std::result::Result<(), String> {
-    let needed = Duration::from_secs(2u64 << max_poll.clamp(0, 17));
-    if max_holdover < needed {
-        return Err(format!(
-            "{} is shorter than two polls at max_poll {max_poll} ({}); raise it or lower max_poll",
-            humantime::format_duration(max_holdover),
-            humantime::format_duration(needed)
-        ));
-    }
-    Ok(())
-}
 
 /// `host_files`: read the files the config names (false on an operator's machine).
 pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<Validated> {
-    let bad =
-        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
     let s = &cfg.service;
-    if s.addresses.is_empty() {
-        return Err(bad(
-            "service.addresses",
-            "at least one address to answer for is needed".into(),
-        ));
-    }
-    if !(-32..=0).contains(&s.precision) {
-        return Err(bad(
-            "service.precision",
-            format!("{} is outside -32..=0 (log2 seconds)", s.precision),
-        ));
-    }
+    s.check(origin)?;
     let xdp_mode = XdpModePref::from(s.xdp_mode);
     let c = &cfg.clock;
     let reference = c.reference;
-    if !(0..=17).contains(&c.min_poll) || !(0..=17).contains(&c.max_poll) || c.min_poll > c.max_poll
-    {
-        return Err(bad(
-            "clock.min_poll",
-            format!(
-                "poll bounds {}..{} must satisfy 0 <= min_poll <= max_poll <= 17",
-                c.min_poll, c.max_poll
-            ),
-        ));
-    }
-    if reference == Reference::Upstream && !cfg.upstreams.is_empty() {
-        if c.min_sources == 0 || c.min_sources > cfg.upstreams.len() {
-            return Err(bad(
-                "clock.min_sources",
-                format!(
-                    "{} must be between 1 and the {} configured upstreams",
-                    c.min_sources,
-                    cfg.upstreams.len()
-                ),
-            ));
-        }
-    }
-    if !(c.max_slew_ppm > 0.0 && c.max_slew_ppm <= 100_000.0) {
-        return Err(bad(
-            "clock.max_slew_ppm",
-            format!("{} must be in (0, 100000]", c.max_slew_ppm),
-        ));
-    }
-    // Above 100 ppm an hour no oscillator is worth a bound; zero claims a perfect one.
-    if !(c.holdover_wander_ppm_per_hour > 0.0 && c.holdover_wander_ppm_per_hour <= 100.0) {
-        return Err(bad(
-            "clock.holdover_wander_ppm_per_hour",
-            format!("{} must be in (0, 100]", c.holdover_wander_ppm_per_hour),
-        ));
-    }
-    let (panic, holdover, max_age) = (*c.panic_threshold, *c.max_holdover, *c.max_anchor_age);
-    check_holdover(holdover, c.max_poll).map_err(|why| bad("clock.max_holdover", why))?;
-    if max_age < Duration::from_secs(2) {
-        return Err(bad(
-            "clock.max_anchor_age",
-            "must be at least 2s (the anchor is republished every second)".into(),
-        ));
-    }
-    // A stopped daemon's pinned responder serves its last anchor this long as synchronized:
-    // beyond an hour, a dead daemon would go unnoticed by guests for too long.
-    if max_age > Duration::from_secs(3600) {
-        return Err(bad(
-            "clock.max_anchor_age",
-            "must be at most 1h (guests are told LI=3 once the daemon stopped this long ago)"
-                .into(),
-        ));
-    }
-    // Zero would refuse every correction after the first: the clock could never follow.
-    if panic < Duration::from_millis(1) {
-        return Err(bad(
-            "clock.panic_threshold",
-            "must be at least 1ms (0 would refuse every correction)".into(),
-        ));
-    }
-    for (field, v) in [
-        ("clock.stratum", c.stratum),
-        ("clock.local_stratum", Some(c.local_stratum)),
-    ] {
-        if let Some(v) = v {
-            if !(1..=15).contains(&v) {
-                return Err(bad(field, format!("{v} is outside 1..=15")));
-            }
-        }
-    }
-    let refid_override = c.refid.map(|r| r.0);
+    let upstreams = match reference {
+        Reference::Upstream => cfg.upstreams.len(),
+        Reference::HostClock => 0,
+    };
+    let system = c.lower(upstreams, origin)?;
+    let refid_override = system.refid_override;
     let mut vip = validate_vip(&cfg, origin)?;
     let dhcp = validate_dhcp(&cfg, vip.as_ref(), origin)?;
     let admission = validate_admission(&cfg.limits, &cfg.access, &cfg.guest_clocks, origin)?;
@@ -141,7 +47,7 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
         check_helper_files(v, origin)?;
     }
     let fleet = match &cfg.fleet {
-        Some(f) => Some(validate_fleet(f, origin)?),
+        Some(f) => Some(f.lower(origin)?),
         None => None,
     };
     let nts = match &cfg.nts {
@@ -154,26 +60,6 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
             origin,
         )?),
         None => None,
-    };
-    let system = SystemConfig {
-        poll: PollConfig {
-            min_poll: c.min_poll,
-            max_poll: c.max_poll,
-            iburst: true,
-            interleaved: c.interleaved,
-        },
-        discipline: DisciplineConfig {
-            max_slew_ppm: c.max_slew_ppm,
-            panic_threshold_s: panic.as_secs_f64(),
-            ..DisciplineConfig::default()
-        },
-        min_sources: c.min_sources.max(1),
-        max_holdover_ns: ntp_common::time::duration_ns(holdover),
-        max_anchor_age_ns: ntp_common::time::duration_ns(max_age),
-        leap_smear: c.leap_smear,
-        holdover_wander_ppm_per_hour: c.holdover_wander_ppm_per_hour,
-        stratum_override: c.stratum,
-        refid_override,
     };
     Ok(Validated {
         source: origin.to_path_buf(),
@@ -190,122 +76,6 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
         observe,
         nts,
         fleet,
-    })
-}
-
-/// The `[fleet]` section: endpoints that are URLs, names usable in keys, TLS files together,
-/// credentials only over TLS.
-pub fn validate_fleet(f: &FleetSection, origin: &Path) -> Result<crate::fleet::FleetSpec> {
-    let bad =
-        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
-    if f.endpoints.is_empty() {
-        return Err(bad("fleet.endpoints", "at least one etcd endpoint".into()));
-    }
-    let tls = f.ca.is_some() || f.certificate.is_some();
-    for (i, e) in f.endpoints.iter().enumerate() {
-        let scheme_ok = if tls {
-            e.starts_with("https://")
-        } else {
-            e.starts_with("http://")
-        };
-        if !scheme_ok {
-            return Err(bad(
-                &format!("fleet.endpoints[{i}]"),
-                format!(
-                    "{e:?} must start with {} ({})",
-                    if tls { "https://" } else { "http://" },
-                    if tls {
-                        "TLS is configured"
-                    } else {
-                        "no TLS is configured"
-                    }
-                ),
-            ));
-        }
-    }
-    let name_ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 64
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    };
-    if !name_ok(&f.cluster) {
-        return Err(bad(
-            "fleet.cluster",
-            format!("{:?}: 1-64 of letters, digits, '-', '_', '.'", f.cluster),
-        ));
-    }
-    let host = match &f.host {
-        Some(h) => h.clone(),
-        None => nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_default(),
-    };
-    if !name_ok(&host) {
-        return Err(bad(
-            "fleet.host",
-            format!("{host:?}: 1-64 of letters, digits, '-', '_', '.'"),
-        ));
-    }
-    if f.certificate.is_some() != f.key.is_some() {
-        return Err(bad(
-            "fleet.certificate",
-            "certificate and key go together".into(),
-        ));
-    }
-    for (field, file) in [
-        ("fleet.ca", &f.ca),
-        ("fleet.certificate", &f.certificate),
-        ("fleet.key", &f.key),
-        ("fleet.password_file", &f.password_file),
-    ] {
-        if let Some(p) = file {
-            std::fs::metadata(p).map_err(|e| bad(field, format!("{}: {e}", p.display())))?;
-        }
-    }
-    if f.password_file.is_some() && f.user.is_none() {
-        return Err(bad("fleet.password_file", "needs fleet.user".into()));
-    }
-    if !tls && (f.user.is_some() || f.password_file.is_some()) {
-        let field = match f.password_file {
-            Some(_) => "fleet.password_file",
-            None => "fleet.user",
-        };
-        return Err(bad(
-            field,
-            "etcd credentials (and the token etcd gives for them) would travel in clear: \
-             needs TLS (fleet.ca, https:// endpoints)"
-                .into(),
-        ));
-    }
-    let lease_ttl = *f.lease_ttl;
-    if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(300) {
-        return Err(bad("fleet.lease_ttl", "must be between 2s and 5m".into()));
-    }
-    let sync_deadline = *f.sync_deadline;
-    if sync_deadline < Duration::from_secs(5) || sync_deadline > Duration::from_secs(3600) {
-        return Err(bad(
-            "fleet.sync_deadline",
-            "must be between 5s and 1h".into(),
-        ));
-    }
-    let path = |p: &Option<SafePath>| p.clone().map(PathBuf::from);
-    let state_dir = path(&f.state_dir).unwrap_or_else(|| "/var/lib/ntp-xdp/fleet".into());
-    Ok(crate::fleet::FleetSpec {
-        endpoints: f.endpoints.iter().map(ToString::to_string).collect(),
-        cluster: f.cluster.clone(),
-        host,
-        ca: path(&f.ca),
-        certificate: path(&f.certificate),
-        key: path(&f.key),
-        user: f.user.as_ref().map(ToString::to_string),
-        password_file: path(&f.password_file),
-        lease_ttl,
-        sync_deadline,
-        nts_seal_key_file: path(&f.nts_seal_key_file)
-            .unwrap_or_else(|| state_dir.join("nts-seal.key")),
-        state_dir,
     })
 }
 
