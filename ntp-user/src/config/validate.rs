@@ -826,3 +826,52 @@ fn validate_dhcp(
         clock_addresses,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::{every_field, parse_portable, reference, ConfigError};
+
+    /// Every duration key of the schema, spoiled, is refused as it is read, and the error
+    /// names the file, that key and the value.
+    #[test]
+    fn a_bad_duration_names_its_field() {
+        let schema = reference::json_schema();
+        let defs = schema["$defs"].as_object().unwrap();
+        let mut fields = Vec::new();
+        for (section, property) in schema["properties"].as_object().unwrap() {
+            let text = property.to_string();
+            let Some(def) = defs.keys().find(|d| text.contains(&format!("/{d}\""))) else {
+                continue;
+            };
+            for (key, p) in defs[def]["properties"].as_object().unwrap() {
+                if p.to_string().contains("#/$defs/Duration\"") {
+                    fields.push((section.clone(), key.clone()));
+                }
+            }
+        }
+        assert!(fields.len() >= 17, "{fields:?}");
+        let dir = every_field::scratch("durations");
+        let base = format!("{}{}", every_field::CLUSTER, every_field::fleet(&dir));
+        for (section, key) in fields {
+            let mut root: toml::Table = base.parse().unwrap();
+            root.entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .unwrap()
+                .insert(key.clone(), toml::Value::String("soon".into()));
+            let text = toml::to_string(&root).unwrap();
+            let e = parse_portable(&text, Path::new("/etc/ntp-xdp.toml"))
+                .expect_err(&format!("{section}.{key} = \"soon\" was accepted"));
+            let c = e.downcast_ref::<ConfigError>().expect("a ConfigError");
+            assert_eq!(c.file, Path::new("/etc/ntp-xdp.toml"));
+            assert_eq!(
+                c.field.as_deref(),
+                Some(format!("{section}.{key}").as_str())
+            );
+            assert!(c.reason.contains("\"soon\" is not a duration"), "{e:#}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
