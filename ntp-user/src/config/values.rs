@@ -43,9 +43,24 @@ impl From<Duration> for HumanDuration {
     }
 }
 
+/// In the largest unit that holds it whole (`1000s`, `1d`, `200ms`), as an operator writes it;
+/// read back as the same duration.
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
+        let ns = self.0.as_nanos();
+        let units: [(u128, &str); 7] = [
+            (86_400_000_000_000, "d"),
+            (3_600_000_000_000, "h"),
+            (60_000_000_000, "m"),
+            (1_000_000_000, "s"),
+            (1_000_000, "ms"),
+            (1_000, "us"),
+            (1, "ns"),
+        ];
+        match units.iter().find(|(unit, _)| ns % unit == 0 && ns > 0) {
+            Some((unit, name)) => write!(f, "{}{name}", ns / unit),
+            None => f.write_str("0s"),
+        }
     }
 }
 
@@ -155,7 +170,16 @@ mod tests {
         );
         let e = "forever".parse::<HumanDuration>().unwrap_err();
         assert!(e.contains("\"forever\"") && e.contains("30s or 1h"), "{e}");
-        assert_eq!(HumanDuration::from_millis(200).to_string(), "200ms");
+        for (d, text) in [
+            (HumanDuration::from_millis(200), "200ms"),
+            (HumanDuration::from_secs(1000), "1000s"),
+            (HumanDuration::from_secs(86400), "1d"),
+            (HumanDuration::from_secs(90), "90s"),
+            (HumanDuration::from_secs(0), "0s"),
+        ] {
+            assert_eq!(d.to_string(), text);
+            assert_eq!(text.parse::<HumanDuration>().unwrap(), d);
+        }
         assert_eq!("GPS".parse::<RefId>().unwrap().0, [b'G', b'P', b'S', 0]);
         assert_eq!("169.254.0.1".parse::<RefId>().unwrap().0, [169, 254, 0, 1]);
         assert!("TOOLONG".parse::<RefId>().is_err());
