@@ -1,6 +1,7 @@
 //! Each section's own checks, and its lowering to the daemon's spec where it has one of its
 //! own: what needs no other section. [`super::validate`] holds the checks across sections.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,8 +31,7 @@ pub fn check_holdover(max_holdover: Duration, max_poll: i8) -> std::result::Resu
 impl ServiceSection {
     /// Addresses to answer for, a precision a packet can carry.
     pub fn check(&self, origin: &Path) -> Result<()> {
-        let bad =
-            |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
+        let bad = field_error(origin);
         let s = self;
         if s.addresses.is_empty() {
             return Err(bad(
@@ -53,8 +53,7 @@ impl ClockSection {
     /// The clock's discipline, checked; `upstreams`: how many upstreams it follows (0: it
     /// serves the host clock).
     pub fn lower(&self, upstreams: usize, origin: &Path) -> Result<SystemConfig> {
-        let bad =
-            |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
+        let bad = field_error(origin);
         let c = self;
         if !(0..=17).contains(&c.min_poll)
             || !(0..=17).contains(&c.max_poll)
@@ -155,8 +154,7 @@ impl FleetSection {
     /// credentials only over TLS.
     pub fn lower(&self, origin: &Path) -> Result<crate::fleet::FleetSpec> {
         let f = self;
-        let bad =
-            |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
+        let bad = field_error(origin);
         if f.endpoints.is_empty() {
             return Err(bad("fleet.endpoints", "at least one etcd endpoint".into()));
         }
@@ -266,5 +264,195 @@ impl FleetSection {
                 .unwrap_or_else(|| state_dir.join("nts-seal.key")),
             state_dir,
         })
+    }
+}
+
+/// `bad(field, why)`: the error naming `origin`, the field and why.
+fn field_error(origin: &Path) -> impl Fn(&str, String) -> anyhow::Error + '_ {
+    move |field, why| anyhow::Error::from(ConfigError::field(origin, field, why))
+}
+
+impl LimitsSection {
+    /// The responder's rate limits and kiss-o'-death settings (without the access list's).
+    pub fn policy(&self, origin: &Path) -> Result<ntp_common::policy::ResponderPolicy> {
+        use ntp_common::policy::*;
+        let bad = field_error(origin);
+        let l = self;
+        let kod_interval = *l.kod_interval;
+        // Zero would send a KoD for every refused request: a reflector, not a limiter.
+        if kod_interval < Duration::from_secs(1) {
+            return Err(bad(
+                "limits.kod_interval",
+                "must be at least 1s (one kiss-o'-death per source per interval)".into(),
+            ));
+        }
+        if !(16..=64).contains(&l.ipv6_prefix) {
+            return Err(bad(
+                "limits.ipv6_prefix",
+                format!("{} is outside 16..=64", l.ipv6_prefix),
+            ));
+        }
+        if !(l.kod_global_rate.is_finite() && l.kod_global_rate > 0.0 && l.kod_global_rate <= 1e6) {
+            return Err(bad(
+                "limits.kod_global_rate",
+                format!("{} must be in (0, 1000000] per second", l.kod_global_rate),
+            ));
+        }
+        let mut policy = ResponderPolicy::OPEN.with_global_kod_cap(
+            l.kod_global_rate,
+            (l.kod_global_rate / 10.0).clamp(1.0, 1e5) as u32,
+        );
+        policy.v6_prefix_len = l.ipv6_prefix;
+        if l.enable {
+            if !(l.rate.is_finite() && l.rate > 0.0 && l.rate <= 1e6) {
+                return Err(bad(
+                    "limits.rate",
+                    format!("{} must be in (0, 1000000] requests per second", l.rate),
+                ));
+            }
+            if l.burst == 0 || l.burst > 1_000_000 {
+                return Err(bad(
+                    "limits.burst",
+                    format!("{} must be in 1..=1000000", l.burst),
+                ));
+            }
+            policy = policy.with_rate(l.rate, l.burst);
+            if l.kod {
+                policy.flags |= POLICY_KOD_RATE;
+            }
+        }
+        if !(0..=17).contains(&l.kod_poll) {
+            return Err(bad(
+                "limits.kod_poll",
+                format!("{} is outside 0..=17 (log2 seconds)", l.kod_poll),
+            ));
+        }
+        if !(1..=16_777_216).contains(&l.sources) {
+            return Err(bad(
+                "limits.sources",
+                format!("{} must be in 1..=16777216", l.sources),
+            ));
+        }
+        policy.kod_interval_ns = ntp_common::time::duration_ns(kod_interval);
+        policy.kod_poll = l.kod_poll;
+        Ok(policy)
+    }
+}
+
+impl AccessSection {
+    /// The access list: each prefix once, as many as the responder's table holds.
+    pub fn acl(&self, origin: &Path) -> Result<Vec<crate::responder::AclEntry>> {
+        use ntp_common::policy::ACL_MAX_PREFIXES;
+        let bad = field_error(origin);
+        let mut acl: Vec<crate::responder::AclEntry> = Vec::new();
+        for (field, list, allow) in [
+            ("access.allow", &self.allow, true),
+            ("access.deny", &self.deny, false),
+        ] {
+            for (i, net) in list.iter().enumerate() {
+                if acl.iter().any(|e| e.prefix == net.trunc()) {
+                    return Err(bad(
+                        &format!("{field}[{i}]"),
+                        format!("{net} is listed twice (in allow and deny, or repeated)"),
+                    ));
+                }
+                acl.push(crate::responder::AclEntry {
+                    prefix: net.trunc(),
+                    allow,
+                });
+            }
+        }
+        if acl.len() > ACL_MAX_PREFIXES as usize {
+            return Err(bad(
+                "access",
+                format!("{} prefixes; at most {ACL_MAX_PREFIXES} fit", acl.len()),
+            ));
+        }
+        Ok(acl)
+    }
+
+    /// The VLAN IDs answered: each a VLAN ID, each once.
+    pub fn vlan_ids(&self, origin: &Path) -> Result<Vec<u16>> {
+        use ntp_common::policy::VLAN_ID_MAX;
+        let bad = field_error(origin);
+        let mut vlans: Vec<u16> = Vec::new();
+        for (i, id) in self.vlans.iter().enumerate() {
+            let field = format!("access.vlans[{i}]");
+            let id = u16::try_from(*id)
+                .ok()
+                .filter(|id| (1..=VLAN_ID_MAX).contains(id))
+                .ok_or_else(|| bad(&field, format!("{id} is not a VLAN ID (1..={VLAN_ID_MAX})")))?;
+            if vlans.contains(&id) {
+                return Err(bad(&field, format!("VLAN {id} is listed twice")));
+            }
+            vlans.push(id);
+        }
+        Ok(vlans)
+    }
+}
+
+impl GuestClocksSection {
+    /// How guests' clocks are tracked and alarmed.
+    pub fn policy(&self, origin: &Path) -> Result<crate::observe::guests::GuestPolicy> {
+        let bad = field_error(origin);
+        if !(1..=16_777_216).contains(&self.guests) {
+            return Err(bad(
+                "guest_clocks.guests",
+                format!("{} must be in 1..=16777216", self.guests),
+            ));
+        }
+        if self.opaque_beyond <= self.alarm_offset {
+            return Err(bad(
+                "guest_clocks.opaque_beyond",
+                "must be larger than guest_clocks.alarm_offset".into(),
+            ));
+        }
+        Ok(crate::observe::guests::GuestPolicy {
+            enabled: self.enable,
+            alarm_offset_s: self.alarm_offset.as_secs_f64(),
+            forget_after_s: self.forget_after.as_secs_f64(),
+            opaque_beyond_s: self.opaque_beyond.as_secs_f64(),
+        })
+    }
+}
+
+impl AlarmsSection {
+    /// The alarms' thresholds.
+    pub fn thresholds(&self, origin: &Path) -> Result<crate::observe::alarms::AlarmThresholds> {
+        let bad = field_error(origin);
+        let a = self;
+        if !(a.max_drop_fraction > 0.0 && a.max_drop_fraction <= 1.0) {
+            return Err(bad(
+                "alarms.max_drop_fraction",
+                format!("{} must be in (0, 1]", a.max_drop_fraction),
+            ));
+        }
+        if *a.window < Duration::from_secs(1) {
+            return Err(bad("alarms.window", "must be at least 1s".into()));
+        }
+        Ok(crate::observe::alarms::AlarmThresholds {
+            no_sync_after_s: a.no_sync_after.as_secs_f64(),
+            max_offset_s: a.max_offset.as_secs_f64(),
+            max_anchor_age_s: a.max_anchor_age.as_secs_f64(),
+            max_drop_fraction: a.max_drop_fraction,
+            window_s: a.window.as_secs_f64(),
+        })
+    }
+}
+
+impl MetricsSection {
+    /// Where metrics are served (None: not at all); beyond this host only when asked for.
+    pub fn listen_address(&self, origin: &Path) -> Result<Option<SocketAddr>> {
+        if self.enable && !self.listen.ip().is_loopback() && !self.allow_remote {
+            return Err(field_error(origin)(
+                "metrics.listen",
+                format!(
+                    "{} is not a loopback address; the metrics name guests, so set \
+                     metrics.allow_remote = true to serve them beyond this host",
+                    self.listen
+                ),
+            ));
+        }
+        Ok(self.enable.then_some(self.listen))
     }
 }

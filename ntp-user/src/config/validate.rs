@@ -224,115 +224,15 @@ pub fn validate_admission(
     origin: &Path,
 ) -> Result<crate::responder::admission::AdmissionSpec> {
     use ntp_common::policy::*;
-    let bad =
-        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
-    let kod_interval = *l.kod_interval;
-    // Zero would send a KoD for every refused request: a reflector, not a limiter.
-    if kod_interval < Duration::from_secs(1) {
-        return Err(bad(
-            "limits.kod_interval",
-            "must be at least 1s (one kiss-o'-death per source per interval)".into(),
-        ));
-    }
-    if !(16..=64).contains(&l.ipv6_prefix) {
-        return Err(bad(
-            "limits.ipv6_prefix",
-            format!("{} is outside 16..=64", l.ipv6_prefix),
-        ));
-    }
-    if !(l.kod_global_rate.is_finite() && l.kod_global_rate > 0.0 && l.kod_global_rate <= 1e6) {
-        return Err(bad(
-            "limits.kod_global_rate",
-            format!("{} must be in (0, 1000000] per second", l.kod_global_rate),
-        ));
-    }
-    let mut policy = ResponderPolicy::OPEN.with_global_kod_cap(
-        l.kod_global_rate,
-        (l.kod_global_rate / 10.0).clamp(1.0, 1e5) as u32,
-    );
-    policy.v6_prefix_len = l.ipv6_prefix;
-    if l.enable {
-        if !(l.rate.is_finite() && l.rate > 0.0 && l.rate <= 1e6) {
-            return Err(bad(
-                "limits.rate",
-                format!("{} must be in (0, 1000000] requests per second", l.rate),
-            ));
-        }
-        if l.burst == 0 || l.burst > 1_000_000 {
-            return Err(bad(
-                "limits.burst",
-                format!("{} must be in 1..=1000000", l.burst),
-            ));
-        }
-        policy = policy.with_rate(l.rate, l.burst);
-        if l.kod {
-            policy.flags |= POLICY_KOD_RATE;
-        }
-    }
-    if !(0..=17).contains(&l.kod_poll) {
-        return Err(bad(
-            "limits.kod_poll",
-            format!("{} is outside 0..=17 (log2 seconds)", l.kod_poll),
-        ));
-    }
-    if !(1..=16_777_216).contains(&l.sources) {
-        return Err(bad(
-            "limits.sources",
-            format!("{} must be in 1..=16777216", l.sources),
-        ));
-    }
-    policy.kod_interval_ns = ntp_common::time::duration_ns(kod_interval);
-    policy.kod_poll = l.kod_poll;
+    let mut policy = l.policy(origin)?;
     if a.deny_action == DenyAction::Kod {
         policy.flags |= POLICY_KOD_DENY;
     }
-    let mut acl = Vec::new();
-    for (field, list, allow) in [
-        ("access.allow", &a.allow, true),
-        ("access.deny", &a.deny, false),
-    ] {
-        for (i, net) in list.iter().enumerate() {
-            if acl
-                .iter()
-                .any(|e: &crate::responder::AclEntry| e.prefix == net.trunc())
-            {
-                return Err(bad(
-                    &format!("{field}[{i}]"),
-                    format!("{net} is listed twice (in allow and deny, or repeated)"),
-                ));
-            }
-            acl.push(crate::responder::AclEntry {
-                prefix: net.trunc(),
-                allow,
-            });
-        }
-    }
-    if acl.len() > ACL_MAX_PREFIXES as usize {
-        return Err(bad(
-            "access",
-            format!("{} prefixes; at most {ACL_MAX_PREFIXES} fit", acl.len()),
-        ));
-    }
-    let mut vlans: Vec<u16> = Vec::new();
-    for (i, id) in a.vlans.iter().enumerate() {
-        let field = format!("access.vlans[{i}]");
-        let id = u16::try_from(*id)
-            .ok()
-            .filter(|id| (1..=VLAN_ID_MAX).contains(id))
-            .ok_or_else(|| bad(&field, format!("{id} is not a VLAN ID (1..={VLAN_ID_MAX})")))?;
-        if vlans.contains(&id) {
-            return Err(bad(&field, format!("VLAN {id} is listed twice")));
-        }
-        vlans.push(id);
-    }
+    let acl = a.acl(origin)?;
+    let vlans = a.vlan_ids(origin)?;
+    g.policy(origin)?;
     if g.enable {
         policy.flags |= POLICY_GUEST_CLOCKS;
-    }
-    if !(1..=16_777_216).contains(&g.guests) {
-        return Err(bad(
-            "guest_clocks.guests",
-            format!("{} must be in 1..=16777216", g.guests),
-        ));
     }
     let mut spec = crate::responder::admission::AdmissionSpec {
         policy,
@@ -356,57 +256,20 @@ pub fn validate_observe(
     vip: Option<&crate::vip::VipSpec>,
     origin: &Path,
 ) -> Result<crate::observe::ObserveSpec> {
-    let bad =
-        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
-    let (alarm_offset, opaque_beyond) = (*g.alarm_offset, *g.opaque_beyond);
-    if opaque_beyond <= alarm_offset {
-        return Err(bad(
-            "guest_clocks.opaque_beyond",
-            "must be larger than guest_clocks.alarm_offset".into(),
-        ));
-    }
-    if !(a.max_drop_fraction > 0.0 && a.max_drop_fraction <= 1.0) {
-        return Err(bad(
-            "alarms.max_drop_fraction",
-            format!("{} must be in (0, 1]", a.max_drop_fraction),
-        ));
-    }
-    let window = *a.window;
-    if window < Duration::from_secs(1) {
-        return Err(bad("alarms.window", "must be at least 1s".into()));
-    }
-    if metrics.enable && !metrics.listen.ip().is_loopback() && !metrics.allow_remote {
-        return Err(bad(
-            "metrics.listen",
-            format!(
-                "{} is not a loopback address; the metrics name guests, so set \
-                 metrics.allow_remote = true to serve them beyond this host",
-                metrics.listen
-            ),
-        ));
-    }
+    let guests = g.policy(origin)?;
+    let alarms = a.thresholds(origin)?;
+    let metrics_listen = metrics.listen_address(origin)?;
     let control_socket = match (&control.socket, vip) {
         (Some(p), _) => Some(p.clone().into()),
         (None, Some(v)) => Some(v.default_control_socket()),
         (None, None) => None,
     };
     Ok(crate::observe::ObserveSpec {
-        metrics_listen: metrics.enable.then_some(metrics.listen),
+        metrics_listen,
         control_socket,
         health_socket: None,
-        guests: crate::observe::guests::GuestPolicy {
-            enabled: g.enable,
-            alarm_offset_s: alarm_offset.as_secs_f64(),
-            forget_after_s: g.forget_after.as_secs_f64(),
-            opaque_beyond_s: opaque_beyond.as_secs_f64(),
-        },
-        alarms: crate::observe::alarms::AlarmThresholds {
-            no_sync_after_s: a.no_sync_after.as_secs_f64(),
-            max_offset_s: a.max_offset.as_secs_f64(),
-            max_anchor_age_s: a.max_anchor_age.as_secs_f64(),
-            max_drop_fraction: a.max_drop_fraction,
-            window_s: window.as_secs_f64(),
-        },
+        guests,
+        alarms,
     })
 }
 
