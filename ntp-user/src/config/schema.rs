@@ -90,8 +90,9 @@ pub struct FleetSection {
     /// (5s-1h).
     #[serde(default = "FleetSection::default_sync_deadline")]
     pub sync_deadline: HumanDuration,
-    /// The applied configuration and the agent's state. Default: /var/lib/ntp-xdp/fleet.
-    pub state_dir: Option<SafePath>,
+    /// The applied configuration and the agent's state.
+    #[serde(default = "FleetSection::default_state_dir")]
+    pub state_dir: SafePath,
     /// With `[nts]`: 32 bytes (mode 0600) that seal the NTS cookie keys in etcd; the same
     /// file on every host of the cluster. Default: `state_dir`/nts-seal.key.
     pub nts_seal_key_file: Option<SafePath>,
@@ -104,6 +105,10 @@ impl FleetSection {
 
     fn default_sync_deadline() -> HumanDuration {
         HumanDuration::from_secs(60)
+    }
+
+    fn default_state_dir() -> SafePath {
+        SafePath::try_from("/var/lib/ntp-xdp/fleet").expect("a safe path")
     }
 }
 
@@ -123,8 +128,8 @@ pub struct NtsSection {
     #[serde(default = "NtsSection::default_port")]
     pub port: u16,
     /// The cookie keys, kept across restarts; hosts that share it share cookies.
-    /// Default: /var/lib/ntp-xdp/nts-keys.json.
-    pub key_file: Option<SafePath>,
+    #[serde(default = "NtsSection::default_key_file")]
+    pub key_file: SafePath,
     /// How often a new cookie key is made (cookies stay good for three more; 1s-30d).
     #[serde(default = "NtsSection::default_key_rotation")]
     pub key_rotation: HumanDuration,
@@ -140,6 +145,10 @@ impl NtsSection {
 
     fn default_key_rotation() -> HumanDuration {
         HumanDuration::from_secs(86400)
+    }
+
+    fn default_key_file() -> SafePath {
+        SafePath::try_from("/var/lib/ntp-xdp/nts-keys.json").expect("a safe path")
     }
 }
 

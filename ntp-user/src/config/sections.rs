@@ -248,7 +248,7 @@ impl FleetSection {
             ));
         }
         let path = |p: &Option<SafePath>| p.clone().map(PathBuf::from);
-        let state_dir = path(&f.state_dir).unwrap_or_else(|| "/var/lib/ntp-xdp/fleet".into());
+        let state_dir = PathBuf::from(f.state_dir.clone());
         Ok(crate::fleet::FleetSpec {
             endpoints: f.endpoints.iter().map(ToString::to_string).collect(),
             cluster: f.cluster.clone(),

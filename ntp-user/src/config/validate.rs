@@ -170,11 +170,7 @@ pub fn validate_nts(
             "must be between 1s and 30d (cookies outlive it by three rotations)".into(),
         ));
     }
-    let key_file = n
-        .key_file
-        .clone()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/lib/ntp-xdp/nts-keys.json".into());
+    let key_file = PathBuf::from(n.key_file.clone());
     if key_file.file_name().is_none() {
         return Err(bad("nts.key_file", "must name a file".into()));
     }
