@@ -236,7 +236,7 @@ pub struct ServeArgs {
     #[arg(long = "deny", value_name = "PREFIX")]
     pub deny: Vec<ipnet::IpNet>,
     /// What denied sources get: a DENY kiss-o'-death now and then, or nothing.
-    #[arg(long, default_value = "kod")]
+    #[arg(long, value_enum, default_value = "kod")]
     pub deny_action: crate::config::DenyAction,
     /// Answer requests tagged with this VLAN ID (repeatable); untagged ones always are.
     #[arg(long = "vlan", value_name = "ID")]

@@ -222,24 +222,15 @@ impl Default for AccessSection {
 }
 
 /// What a denied source gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DenyAction {
     /// A DENY kiss-o'-death, at most one per `limits.kod_interval`.
     Kod,
     /// Nothing.
     Drop,
-}
-
-impl std::str::FromStr for DenyAction {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "kod" => Ok(DenyAction::Kod),
-            "drop" => Ok(DenyAction::Drop),
-            other => Err(format!("{other:?} is not one of kod, drop")),
-        }
-    }
 }
 
 /// Guests' clocks as their requests show them, and the alarm list of those far off.
