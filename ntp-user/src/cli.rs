@@ -236,8 +236,8 @@ pub struct ServeArgs {
     #[arg(long = "deny", value_name = "PREFIX")]
     pub deny: Vec<ipnet::IpNet>,
     /// What denied sources get: a DENY kiss-o'-death now and then, or nothing.
-    #[arg(long, default_value = "kod", value_parser = ["kod", "drop"])]
-    pub deny_action: String,
+    #[arg(long, value_enum, default_value = "kod")]
+    pub deny_action: crate::config::DenyAction,
     /// Answer requests tagged with this VLAN ID (repeatable); untagged ones always are.
     #[arg(long = "vlan", value_name = "ID")]
     pub vlans: Vec<i64>,
@@ -249,7 +249,7 @@ pub struct ServeArgs {
     pub control_socket: Option<crate::config::names::SafePath>,
     /// Guests whose clock is off by more than this are alarmed.
     #[arg(long, default_value = "100ms")]
-    pub guest_alarm_offset: String,
+    pub guest_alarm_offset: crate::config::HumanDuration,
 }
 
 /// Parses a duration such as `500ms`, `1s` or `2m`.

@@ -306,3 +306,125 @@ fn the_clock_core_is_sans_io() {
         }
     }
 }
+
+/// Calls from the files of `folder` into the crate's other folders: a path `crate::x::...::f`
+/// that ends in a lowercase name (a function, called or passed), or a function imported by
+/// `use crate::x::...::f` and then called. Types, consts and enum variants are not calls.
+fn calls_into_other_folders(folder: &Path) -> Vec<String> {
+    let me = folder.file_name().unwrap().to_string_lossy().into_owned();
+    let segment = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let lowercase = |s: &str| s.starts_with(|c: char| c.is_ascii_lowercase());
+    let mut found = Vec::new();
+    for f in sources(folder) {
+        let file = f.file_name().unwrap().to_string_lossy().into_owned();
+        let text = code(&std::fs::read_to_string(&f).unwrap());
+        let (uses, body): (Vec<&str>, Vec<&str>) = text
+            .split_inclusive(';')
+            .partition(|s| s.trim_start().starts_with("use ") || s.contains("\nuse "));
+        // Paths in the code: the last segment before anything but `::`.
+        let body = body.concat();
+        for (i, _) in body.match_indices("crate::") {
+            if !starts_a_path(&body, i) {
+                continue;
+            }
+            let mut rest = &body[i + 7..];
+            let folder_name = segment(rest);
+            if folder_name == me {
+                continue;
+            }
+            let mut last = folder_name.clone();
+            while rest[last.len()..].starts_with("::") {
+                rest = &rest[last.len() + 2..];
+                last = segment(rest);
+            }
+            if lowercase(&last) && last != folder_name {
+                found.push(format!(
+                    "{file}: crate::{}",
+                    &body[i + 7..i + 7 + (body[i + 7..].len() - rest.len()) + last.len()]
+                ));
+            }
+        }
+        // Functions imported by name, then called.
+        for u in uses {
+            let Some(path) = u.split("use crate::").nth(1) else {
+                continue;
+            };
+            let path: String = path.chars().filter(|c| !c.is_whitespace()).collect();
+            let path = path.trim_end_matches(';');
+            if segment(path) == me {
+                continue;
+            }
+            let leaves: Vec<&str> = match path.split_once('{') {
+                Some((_, group)) => group.trim_end_matches('}').split(',').collect(),
+                None => vec![path.rsplit("::").next().unwrap()],
+            };
+            for leaf in leaves {
+                let name = leaf
+                    .rsplit(" as ")
+                    .next()
+                    .unwrap()
+                    .rsplit("::")
+                    .next()
+                    .unwrap();
+                if lowercase(name)
+                    && body
+                        .match_indices(&format!("{name}("))
+                        .any(|(i, _)| starts_a_path(&body, i) && !body[..i].ends_with("fn "))
+                {
+                    found.push(format!("{file}: {name}( imported from crate::{path}"));
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn config_imports_nothing_but_types() {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/config");
+    let calls = calls_into_other_folders(&config);
+    assert!(
+        calls.is_empty(),
+        "config calls functions of other folders (compute such values where they are used, or \
+         make them methods of the types config builds):\n{}",
+        calls.join("\n")
+    );
+}
+
+#[test]
+fn a_call_from_config_into_another_folder_is_found() {
+    let dir = std::env::temp_dir().join(format!("layout-calls-{}", std::process::id()));
+    let folder = dir.join("config");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("types.rs"),
+        "use crate::vip::{radvd, VipSpec};\nuse crate::config::names::parse;\n\
+         fn port() -> u16 { crate::nts::KE_PORT }\n\
+         fn mode() -> crate::responder::XdpModePref { crate::responder::XdpModePref::Auto }\n\
+         fn spec(v: &VipSpec) -> Option<radvd::RadvdSpec> { parse(v); v.health_socket(); None }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        folder.join("calls.rs"),
+        "use crate::host::files::state_dir;\n\
+         fn a(n: &str) { crate::vip::health_socket(n); state_dir(n); }\n\
+         fn b(v: Option<crate::vip::VipSpec>) { v.map(crate::vip::VipSpec::health_socket); }\n",
+    )
+    .unwrap();
+    let mut calls = calls_into_other_folders(&folder);
+    std::fs::remove_dir_all(&dir).unwrap();
+    calls.sort();
+    assert_eq!(
+        calls,
+        [
+            "calls.rs: crate::vip::VipSpec::health_socket",
+            "calls.rs: crate::vip::health_socket",
+            "calls.rs: state_dir( imported from crate::host::files::state_dir",
+        ],
+        "{calls:?}"
+    );
+}

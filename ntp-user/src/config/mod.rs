@@ -10,8 +10,11 @@
 pub mod error;
 pub mod lower;
 pub mod names;
+pub mod reference;
 pub mod schema;
+pub mod sections;
 pub mod validate;
+pub mod values;
 
 use std::path::Path;
 
@@ -20,9 +23,9 @@ use anyhow::Result;
 pub use error::ConfigError;
 pub use lower::Validated;
 pub use schema::*;
-pub use validate::{
-    check_holdover, host_preflight, parse_refid, validate_admission, validate_observe,
-};
+pub use sections::check_holdover;
+pub use validate::{host_preflight, validate_admission, validate_observe};
+pub use values::{parse_refid, HumanDuration, RefId};
 
 /// The configuration `cargo xtask run` and `ntp-xdp run` use when given no file: serve the
 /// host clock as a local stratum on the demo namespace pair.

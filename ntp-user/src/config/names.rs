@@ -56,9 +56,19 @@ fn is_token(s: &str) -> bool {
 macro_rules! checked_string {
     ($(#[$doc:meta])* $name:ident, $check:ident, $what:literal) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Deserialize)]
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
         #[serde(try_from = "String")]
         pub struct $name(String);
+
+        impl schemars::JsonSchema for $name {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($name).into()
+            }
+
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({ "type": "string", "description": concat!("A string: ", $what, ".") })
+            }
+        }
 
         impl $name {
             pub fn as_str(&self) -> &str {

@@ -1,7 +1,8 @@
-//! Validation: every field checked, each error naming the file, the field and the reason
-//! ([`ConfigError`]), before anything is started.
+//! Validation of a whole configuration before anything is started: each section checks itself
+//! ([`super::sections`]); here are the checks across sections. Each error names the file, the
+//! field and the reason ([`ConfigError`]).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,169 +11,22 @@ use ipnet::IpNet;
 
 use super::error::ConfigError;
 use super::lower::Validated;
-use super::names::SafePath;
 use super::schema::*;
-use crate::clock::discipline::DisciplineConfig;
-use crate::clock::system::SystemConfig;
-use crate::clock::upstream::PollConfig;
 use crate::responder::XdpModePref;
-
-/// Parses a reference ID: an IPv4 address (stratum 2+ convention) or 1-4 ASCII characters,
-/// NUL-padded (stratum 1 and local clocks).
-pub fn parse_refid(s: &str) -> Result<[u8; 4], String> {
-    if let Ok(v4) = s.parse::<Ipv4Addr>() {
-        return Ok(v4.octets());
-    }
-    if s.is_empty() || s.len() > 4 || !s.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!(
-            "{s:?} is neither an IPv4 address nor 1-4 printable ASCII characters"
-        ));
-    }
-    let mut id = [0u8; 4];
-    id[..s.len()].copy_from_slice(s.as_bytes());
-    Ok(id)
-}
-
-/// The clock is updated at most once per poll: a holdover shorter than two of the longest
-/// poll intervals would declare it unsynchronized between ordinary polls.
-pub fn check_holdover(max_holdover: Duration, max_poll: i8) -> std::result::Result<(), String> {
-    let needed = Duration::from_secs(2u64 << max_poll.clamp(0, 17));
-    if max_holdover < needed {
-        return Err(format!(
-            "{} is shorter than two polls at max_poll {max_poll} ({}); raise it or lower max_poll",
-            humantime::format_duration(max_holdover),
-            humantime::format_duration(needed)
-        ));
-    }
-    Ok(())
-}
-
-fn duration(origin: &Path, field: &str, value: &str) -> Result<Duration> {
-    humantime::parse_duration(value).map_err(|e| {
-        ConfigError::field(
-            origin,
-            field,
-            format!("{value:?} is not a duration like 30s or 1h ({e})"),
-        )
-        .into()
-    })
-}
 
 /// `host_files`: read the files the config names (false on an operator's machine).
 pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<Validated> {
-    let bad =
-        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
     let s = &cfg.service;
-    if s.addresses.is_empty() {
-        return Err(bad(
-            "service.addresses",
-            "at least one address to answer for is needed".into(),
-        ));
-    }
-    if !(-32..=0).contains(&s.precision) {
-        return Err(bad(
-            "service.precision",
-            format!("{} is outside -32..=0 (log2 seconds)", s.precision),
-        ));
-    }
-    let xdp_mode = match s.xdp_mode.as_str() {
-        "auto" => XdpModePref::Auto,
-        "native" => XdpModePref::Native,
-        "generic" => XdpModePref::Generic,
-        "off" => XdpModePref::Off,
-        other => {
-            return Err(bad(
-                "service.xdp_mode",
-                format!("{other:?} is not one of auto, native, generic, off"),
-            ))
-        }
-    };
+    s.check(origin)?;
+    let xdp_mode = XdpModePref::from(s.xdp_mode);
     let c = &cfg.clock;
-    let reference = match c.reference.as_str() {
-        "upstream" => Reference::Upstream,
-        "host-clock" => Reference::HostClock,
-        other => {
-            return Err(bad(
-                "clock.reference",
-                format!("{other:?} is not one of upstream, host-clock"),
-            ))
-        }
+    let reference = c.reference;
+    let upstreams = match reference {
+        Reference::Upstream => cfg.upstreams.len(),
+        Reference::HostClock => 0,
     };
-    if !(0..=17).contains(&c.min_poll) || !(0..=17).contains(&c.max_poll) || c.min_poll > c.max_poll
-    {
-        return Err(bad(
-            "clock.min_poll",
-            format!(
-                "poll bounds {}..{} must satisfy 0 <= min_poll <= max_poll <= 17",
-                c.min_poll, c.max_poll
-            ),
-        ));
-    }
-    if reference == Reference::Upstream && !cfg.upstreams.is_empty() {
-        if c.min_sources == 0 || c.min_sources > cfg.upstreams.len() {
-            return Err(bad(
-                "clock.min_sources",
-                format!(
-                    "{} must be between 1 and the {} configured upstreams",
-                    c.min_sources,
-                    cfg.upstreams.len()
-                ),
-            ));
-        }
-    }
-    if !(c.max_slew_ppm > 0.0 && c.max_slew_ppm <= 100_000.0) {
-        return Err(bad(
-            "clock.max_slew_ppm",
-            format!("{} must be in (0, 100000]", c.max_slew_ppm),
-        ));
-    }
-    // Above 100 ppm an hour no oscillator is worth a bound; zero claims a perfect one.
-    if !(c.holdover_wander_ppm_per_hour > 0.0 && c.holdover_wander_ppm_per_hour <= 100.0) {
-        return Err(bad(
-            "clock.holdover_wander_ppm_per_hour",
-            format!("{} must be in (0, 100]", c.holdover_wander_ppm_per_hour),
-        ));
-    }
-    let panic = duration(origin, "clock.panic_threshold", &c.panic_threshold)?;
-    let holdover = duration(origin, "clock.max_holdover", &c.max_holdover)?;
-    let max_age = duration(origin, "clock.max_anchor_age", &c.max_anchor_age)?;
-    check_holdover(holdover, c.max_poll).map_err(|why| bad("clock.max_holdover", why))?;
-    if max_age < Duration::from_secs(2) {
-        return Err(bad(
-            "clock.max_anchor_age",
-            "must be at least 2s (the anchor is republished every second)".into(),
-        ));
-    }
-    // A stopped daemon's pinned responder serves its last anchor this long as synchronized:
-    // beyond an hour, a dead daemon would go unnoticed by guests for too long.
-    if max_age > Duration::from_secs(3600) {
-        return Err(bad(
-            "clock.max_anchor_age",
-            "must be at most 1h (guests are told LI=3 once the daemon stopped this long ago)"
-                .into(),
-        ));
-    }
-    // Zero would refuse every correction after the first: the clock could never follow.
-    if panic < Duration::from_millis(1) {
-        return Err(bad(
-            "clock.panic_threshold",
-            "must be at least 1ms (0 would refuse every correction)".into(),
-        ));
-    }
-    for (field, v) in [
-        ("clock.stratum", c.stratum),
-        ("clock.local_stratum", Some(c.local_stratum)),
-    ] {
-        if let Some(v) = v {
-            if !(1..=15).contains(&v) {
-                return Err(bad(field, format!("{v} is outside 1..=15")));
-            }
-        }
-    }
-    let refid_override = match &c.refid {
-        Some(r) => Some(parse_refid(r).map_err(|e| bad("clock.refid", e))?),
-        None => None,
-    };
+    let system = c.lower(upstreams, origin)?;
+    let refid_override = system.refid_override;
     let mut vip = validate_vip(&cfg, origin)?;
     let dhcp = validate_dhcp(&cfg, vip.as_ref(), origin)?;
     let admission = validate_admission(&cfg.limits, &cfg.access, &cfg.guest_clocks, origin)?;
@@ -188,12 +42,12 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
     observe.health_socket = vip
         .as_ref()
         .filter(|v| v.redundancy.is_some())
-        .map(|v| crate::vip::health_socket(&v.netns));
+        .map(|v| v.health_socket());
     if let Some(v) = &vip {
         check_helper_files(v, origin)?;
     }
     let fleet = match &cfg.fleet {
-        Some(f) => Some(validate_fleet(f, origin)?),
+        Some(f) => Some(f.lower(origin)?),
         None => None,
     };
     let nts = match &cfg.nts {
@@ -206,26 +60,6 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
             origin,
         )?),
         None => None,
-    };
-    let system = SystemConfig {
-        poll: PollConfig {
-            min_poll: c.min_poll,
-            max_poll: c.max_poll,
-            iburst: true,
-            interleaved: c.interleaved,
-        },
-        discipline: DisciplineConfig {
-            max_slew_ppm: c.max_slew_ppm,
-            panic_threshold_s: panic.as_secs_f64(),
-            ..DisciplineConfig::default()
-        },
-        min_sources: c.min_sources.max(1),
-        max_holdover_ns: ntp_common::time::duration_ns(holdover),
-        max_anchor_age_ns: ntp_common::time::duration_ns(max_age),
-        leap_smear: c.leap_smear,
-        holdover_wander_ppm_per_hour: c.holdover_wander_ppm_per_hour,
-        stratum_override: c.stratum,
-        refid_override,
     };
     Ok(Validated {
         source: origin.to_path_buf(),
@@ -242,122 +76,6 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
         observe,
         nts,
         fleet,
-    })
-}
-
-/// The `[fleet]` section: endpoints that are URLs, names usable in keys, TLS files together,
-/// credentials only over TLS.
-pub fn validate_fleet(f: &FleetSection, origin: &Path) -> Result<crate::fleet::FleetSpec> {
-    let bad =
-        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
-    if f.endpoints.is_empty() {
-        return Err(bad("fleet.endpoints", "at least one etcd endpoint".into()));
-    }
-    let tls = f.ca.is_some() || f.certificate.is_some();
-    for (i, e) in f.endpoints.iter().enumerate() {
-        let scheme_ok = if tls {
-            e.starts_with("https://")
-        } else {
-            e.starts_with("http://")
-        };
-        if !scheme_ok {
-            return Err(bad(
-                &format!("fleet.endpoints[{i}]"),
-                format!(
-                    "{e:?} must start with {} ({})",
-                    if tls { "https://" } else { "http://" },
-                    if tls {
-                        "TLS is configured"
-                    } else {
-                        "no TLS is configured"
-                    }
-                ),
-            ));
-        }
-    }
-    let name_ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 64
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    };
-    if !name_ok(&f.cluster) {
-        return Err(bad(
-            "fleet.cluster",
-            format!("{:?}: 1-64 of letters, digits, '-', '_', '.'", f.cluster),
-        ));
-    }
-    let host = match &f.host {
-        Some(h) => h.clone(),
-        None => nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_default(),
-    };
-    if !name_ok(&host) {
-        return Err(bad(
-            "fleet.host",
-            format!("{host:?}: 1-64 of letters, digits, '-', '_', '.'"),
-        ));
-    }
-    if f.certificate.is_some() != f.key.is_some() {
-        return Err(bad(
-            "fleet.certificate",
-            "certificate and key go together".into(),
-        ));
-    }
-    for (field, file) in [
-        ("fleet.ca", &f.ca),
-        ("fleet.certificate", &f.certificate),
-        ("fleet.key", &f.key),
-        ("fleet.password_file", &f.password_file),
-    ] {
-        if let Some(p) = file {
-            std::fs::metadata(p).map_err(|e| bad(field, format!("{}: {e}", p.display())))?;
-        }
-    }
-    if f.password_file.is_some() && f.user.is_none() {
-        return Err(bad("fleet.password_file", "needs fleet.user".into()));
-    }
-    if !tls && (f.user.is_some() || f.password_file.is_some()) {
-        let field = match f.password_file {
-            Some(_) => "fleet.password_file",
-            None => "fleet.user",
-        };
-        return Err(bad(
-            field,
-            "etcd credentials (and the token etcd gives for them) would travel in clear: \
-             needs TLS (fleet.ca, https:// endpoints)"
-                .into(),
-        ));
-    }
-    let lease_ttl = duration(origin, "fleet.lease_ttl", &f.lease_ttl)?;
-    if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(300) {
-        return Err(bad("fleet.lease_ttl", "must be between 2s and 5m".into()));
-    }
-    let sync_deadline = duration(origin, "fleet.sync_deadline", &f.sync_deadline)?;
-    if sync_deadline < Duration::from_secs(5) || sync_deadline > Duration::from_secs(3600) {
-        return Err(bad(
-            "fleet.sync_deadline",
-            "must be between 5s and 1h".into(),
-        ));
-    }
-    let path = |p: &Option<SafePath>| p.clone().map(PathBuf::from);
-    let state_dir = path(&f.state_dir).unwrap_or_else(|| "/var/lib/ntp-xdp/fleet".into());
-    Ok(crate::fleet::FleetSpec {
-        endpoints: f.endpoints.iter().map(ToString::to_string).collect(),
-        cluster: f.cluster.clone(),
-        host,
-        ca: path(&f.ca),
-        certificate: path(&f.certificate),
-        key: path(&f.key),
-        user: f.user.as_ref().map(ToString::to_string),
-        password_file: path(&f.password_file),
-        lease_ttl,
-        sync_deadline,
-        nts_seal_key_file: path(&f.nts_seal_key_file)
-            .unwrap_or_else(|| state_dir.join("nts-seal.key")),
-        state_dir,
     })
 }
 
@@ -411,10 +129,6 @@ pub fn validate_nts(
 ) -> Result<crate::nts::server::NtsSpec> {
     let bad =
         |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
-    if host_files {
-        crate::nts::server::tls_config(&n.certificate_chain, &n.private_key)
-            .map_err(|e| bad("nts.certificate_chain", format!("{e:#}")))?;
-    }
     if let Some(f) = fleet {
         if !f.tls() {
             return Err(bad(
@@ -425,7 +139,7 @@ pub fn validate_nts(
             ));
         }
         if host_files {
-            crate::fleet::local::read_seal_key(&f.nts_seal_key_file)
+            f.read_seal_key()
                 .map_err(|e| bad("fleet.nts_seal_key_file", format!("{e:#}")))?;
         }
     }
@@ -449,18 +163,14 @@ pub fn validate_nts(
     if n.port == 0 {
         return Err(bad("nts.port", "must not be 0".into()));
     }
-    let key_rotation = duration(origin, "nts.key_rotation", &n.key_rotation)?;
+    let key_rotation = *n.key_rotation;
     if key_rotation < Duration::from_secs(1) || key_rotation > Duration::from_secs(30 * 86400) {
         return Err(bad(
             "nts.key_rotation",
             "must be between 1s and 30d (cookies outlive it by three rotations)".into(),
         ));
     }
-    let key_file = n
-        .key_file
-        .clone()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/lib/ntp-xdp/nts-keys.json".into());
+    let key_file = PathBuf::from(n.key_file.clone());
     if key_file.file_name().is_none() {
         return Err(bad("nts.key_file", "must name a file".into()));
     }
@@ -484,7 +194,7 @@ pub fn validate_nts(
                 .copied()),
         }
     };
-    Ok(crate::nts::server::NtsSpec {
+    let spec = crate::nts::server::NtsSpec {
         certificate_chain: n.certificate_chain.clone().into(),
         private_key: n.private_key.clone().into(),
         listen,
@@ -494,7 +204,12 @@ pub fn validate_nts(
         rotate_locally: fleet.is_none(),
         ntp_server_v4: pick(true)?,
         ntp_server_v6: pick(false)?,
-    })
+    };
+    if host_files {
+        spec.tls_config()
+            .map_err(|e| bad("nts.certificate_chain", format!("{e:#}")))?;
+    }
+    Ok(spec)
 }
 
 /// The responder's admission from the `[limits]`, `[access]` and `[guest_clocks]` sections.
@@ -505,125 +220,17 @@ pub fn validate_admission(
     origin: &Path,
 ) -> Result<crate::responder::admission::AdmissionSpec> {
     use ntp_common::policy::*;
-    let bad =
-        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
-    let kod_interval = duration(origin, "limits.kod_interval", &l.kod_interval)?;
-    // Zero would send a KoD for every refused request: a reflector, not a limiter.
-    if kod_interval < Duration::from_secs(1) {
-        return Err(bad(
-            "limits.kod_interval",
-            "must be at least 1s (one kiss-o'-death per source per interval)".into(),
-        ));
+    let mut policy = l.policy(origin)?;
+    if a.deny_action == DenyAction::Kod {
+        policy.flags |= POLICY_KOD_DENY;
     }
-    if !(16..=64).contains(&l.ipv6_prefix) {
-        return Err(bad(
-            "limits.ipv6_prefix",
-            format!("{} is outside 16..=64", l.ipv6_prefix),
-        ));
-    }
-    if !(l.kod_global_rate.is_finite() && l.kod_global_rate > 0.0 && l.kod_global_rate <= 1e6) {
-        return Err(bad(
-            "limits.kod_global_rate",
-            format!("{} must be in (0, 1000000] per second", l.kod_global_rate),
-        ));
-    }
-    let mut policy = ResponderPolicy::OPEN.with_global_kod_cap(
-        l.kod_global_rate,
-        (l.kod_global_rate / 10.0).clamp(1.0, 1e5) as u32,
-    );
-    policy.v6_prefix_len = l.ipv6_prefix;
-    if l.enable {
-        if !(l.rate.is_finite() && l.rate > 0.0 && l.rate <= 1e6) {
-            return Err(bad(
-                "limits.rate",
-                format!("{} must be in (0, 1000000] requests per second", l.rate),
-            ));
-        }
-        if l.burst == 0 || l.burst > 1_000_000 {
-            return Err(bad(
-                "limits.burst",
-                format!("{} must be in 1..=1000000", l.burst),
-            ));
-        }
-        policy = policy.with_rate(l.rate, l.burst);
-        if l.kod {
-            policy.flags |= POLICY_KOD_RATE;
-        }
-    }
-    if !(0..=17).contains(&l.kod_poll) {
-        return Err(bad(
-            "limits.kod_poll",
-            format!("{} is outside 0..=17 (log2 seconds)", l.kod_poll),
-        ));
-    }
-    if !(1..=16_777_216).contains(&l.sources) {
-        return Err(bad(
-            "limits.sources",
-            format!("{} must be in 1..=16777216", l.sources),
-        ));
-    }
-    policy.kod_interval_ns = ntp_common::time::duration_ns(kod_interval);
-    policy.kod_poll = l.kod_poll;
-    match a.deny_action.as_str() {
-        "kod" => policy.flags |= POLICY_KOD_DENY,
-        "drop" => {}
-        other => {
-            return Err(bad(
-                "access.deny_action",
-                format!("{other:?} is not one of kod, drop"),
-            ))
-        }
-    }
-    let mut acl = Vec::new();
-    for (field, list, allow) in [
-        ("access.allow", &a.allow, true),
-        ("access.deny", &a.deny, false),
-    ] {
-        for (i, net) in list.iter().enumerate() {
-            if acl
-                .iter()
-                .any(|e: &crate::responder::AclEntry| e.prefix == net.trunc())
-            {
-                return Err(bad(
-                    &format!("{field}[{i}]"),
-                    format!("{net} is listed twice (in allow and deny, or repeated)"),
-                ));
-            }
-            acl.push(crate::responder::AclEntry {
-                prefix: net.trunc(),
-                allow,
-            });
-        }
-    }
-    if acl.len() > ACL_MAX_PREFIXES as usize {
-        return Err(bad(
-            "access",
-            format!("{} prefixes; at most {ACL_MAX_PREFIXES} fit", acl.len()),
-        ));
-    }
-    policy.flags |= crate::responder::admission::acl_policy_flags(&acl);
-    let mut vlans: Vec<u16> = Vec::new();
-    for (i, id) in a.vlans.iter().enumerate() {
-        let field = format!("access.vlans[{i}]");
-        let id = u16::try_from(*id)
-            .ok()
-            .filter(|id| (1..=VLAN_ID_MAX).contains(id))
-            .ok_or_else(|| bad(&field, format!("{id} is not a VLAN ID (1..={VLAN_ID_MAX})")))?;
-        if vlans.contains(&id) {
-            return Err(bad(&field, format!("VLAN {id} is listed twice")));
-        }
-        vlans.push(id);
-    }
+    let acl = a.acl(origin)?;
+    let vlans = a.vlan_ids(origin)?;
+    g.policy(origin)?;
     if g.enable {
         policy.flags |= POLICY_GUEST_CLOCKS;
     }
-    if !(1..=16_777_216).contains(&g.guests) {
-        return Err(bad(
-            "guest_clocks.guests",
-            format!("{} must be in 1..=16777216", g.guests),
-        ));
-    }
-    Ok(crate::responder::admission::AdmissionSpec {
+    let mut spec = crate::responder::admission::AdmissionSpec {
         policy,
         acl,
         vlans,
@@ -631,7 +238,9 @@ pub fn validate_admission(
             rate_sources: l.sources,
             guests: g.guests,
         },
-    })
+    };
+    spec.policy.flags |= spec.acl_policy_flags();
+    Ok(spec)
 }
 
 /// Metrics, control socket, guest-clock and alarm thresholds from their sections.
@@ -643,61 +252,20 @@ pub fn validate_observe(
     vip: Option<&crate::vip::VipSpec>,
     origin: &Path,
 ) -> Result<crate::observe::ObserveSpec> {
-    let bad =
-        |field: &str, why: String| anyhow::Error::from(ConfigError::field(origin, field, why));
-    let alarm_offset = duration(origin, "guest_clocks.alarm_offset", &g.alarm_offset)?;
-    let opaque_beyond = duration(origin, "guest_clocks.opaque_beyond", &g.opaque_beyond)?;
-    if opaque_beyond <= alarm_offset {
-        return Err(bad(
-            "guest_clocks.opaque_beyond",
-            "must be larger than guest_clocks.alarm_offset".into(),
-        ));
-    }
-    if !(a.max_drop_fraction > 0.0 && a.max_drop_fraction <= 1.0) {
-        return Err(bad(
-            "alarms.max_drop_fraction",
-            format!("{} must be in (0, 1]", a.max_drop_fraction),
-        ));
-    }
-    let window = duration(origin, "alarms.window", &a.window)?;
-    if window < Duration::from_secs(1) {
-        return Err(bad("alarms.window", "must be at least 1s".into()));
-    }
-    if metrics.enable && !metrics.listen.ip().is_loopback() && !metrics.allow_remote {
-        return Err(bad(
-            "metrics.listen",
-            format!(
-                "{} is not a loopback address; the metrics name guests, so set \
-                 metrics.allow_remote = true to serve them beyond this host",
-                metrics.listen
-            ),
-        ));
-    }
+    let guests = g.policy(origin)?;
+    let alarms = a.thresholds(origin)?;
+    let metrics_listen = metrics.listen_address(origin)?;
     let control_socket = match (&control.socket, vip) {
         (Some(p), _) => Some(p.clone().into()),
-        (None, Some(v)) => Some(crate::host::files::state_dir(&v.netns).join("control.sock")),
+        (None, Some(v)) => Some(v.default_control_socket()),
         (None, None) => None,
     };
     Ok(crate::observe::ObserveSpec {
-        metrics_listen: metrics.enable.then_some(metrics.listen),
+        metrics_listen,
         control_socket,
         health_socket: None,
-        guests: crate::observe::guests::GuestPolicy {
-            enabled: g.enable,
-            alarm_offset_s: alarm_offset.as_secs_f64(),
-            forget_after_s: duration(origin, "guest_clocks.forget_after", &g.forget_after)?
-                .as_secs_f64(),
-            opaque_beyond_s: opaque_beyond.as_secs_f64(),
-        },
-        alarms: crate::observe::alarms::AlarmThresholds {
-            no_sync_after_s: duration(origin, "alarms.no_sync_after", &a.no_sync_after)?
-                .as_secs_f64(),
-            max_offset_s: duration(origin, "alarms.max_offset", &a.max_offset)?.as_secs_f64(),
-            max_anchor_age_s: duration(origin, "alarms.max_anchor_age", &a.max_anchor_age)?
-                .as_secs_f64(),
-            max_drop_fraction: a.max_drop_fraction,
-            window_s: window.as_secs_f64(),
-        },
+        guests,
+        alarms,
     })
 }
 
@@ -745,7 +313,7 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpe
                 field,
                 format!(
                     "{net} is the subnet itself; give the address, e.g. {}/{}",
-                    crate::vip::first_host(&net),
+                    net.hosts().next().unwrap_or(net.addr()),
                     net.prefix_len()
                 ),
             ));
@@ -773,14 +341,14 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpe
         }
         routes.push((r.to.trunc(), r.via));
     }
-    let repair_interval = duration(origin, "vip.repair_interval", &v.repair_interval)?;
+    let repair_interval = *v.repair_interval;
     if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&repair_interval) {
         return Err(bad(
             "vip.repair_interval",
             "must be between 100ms and 1h".into(),
         ));
     }
-    Ok(Some(crate::vip::VipSpec {
+    let mut spec = crate::vip::VipSpec {
         netns: netns.to_string(),
         ns_interface: cfg.service.interface.to_string(),
         host_interface: v.host_interface.to_string(),
@@ -792,30 +360,27 @@ fn validate_vip(cfg: &Config, origin: &Path) -> Result<Option<crate::vip::VipSpe
         repair_interval,
         host_interfaces: v.host_interfaces.iter().map(ToString::to_string).collect(),
         redundancy: None,
-        router_advertisements: match (v.ipv6_route_advertisements, v.service_address6) {
-            (false, _) => None,
-            (true, None) => {
+        router_advertisements: None,
+    };
+    match (v.ipv6_route_advertisements, v.service_address6) {
+        (false, _) => {}
+        (true, None) => {
+            return Err(bad(
+                "vip.ipv6_route_advertisements",
+                "needs vip.service_address6 (the advertisements come from it)".into(),
+            ))
+        }
+        (true, Some(s6)) => {
+            if !cfg.service.addresses.iter().any(|a| a.is_ipv6()) {
                 return Err(bad(
                     "vip.ipv6_route_advertisements",
-                    "needs vip.service_address6 (the advertisements come from it)".into(),
-                ))
+                    "service.addresses has no IPv6 clock address to route to".into(),
+                ));
             }
-            (true, Some(s6)) => {
-                if !cfg.service.addresses.iter().any(|a| a.is_ipv6()) {
-                    return Err(bad(
-                        "vip.ipv6_route_advertisements",
-                        "service.addresses has no IPv6 clock address to route to".into(),
-                    ));
-                }
-                crate::vip::radvd::for_vip(
-                    &netns,
-                    &cfg.service.interface,
-                    s6,
-                    &cfg.service.addresses,
-                )
-            }
-        },
-    }))
+            spec.router_advertisements = spec.router_advertisements_for(s6);
+        }
+    }
+    Ok(Some(spec))
 }
 
 /// `[redundancy]`: checked against the `[vip]` it extends. VRRP speaks on a link of the VIP
@@ -849,7 +414,7 @@ fn validate_redundancy(
             format!("{} is outside 1..=254", r.priority),
         ));
     }
-    let advert = duration(origin, "redundancy.advert_interval", &r.advert_interval)?;
+    let advert = *r.advert_interval;
     if !(Duration::from_millis(10)..=Duration::from_secs(40)).contains(&advert) {
         return Err(bad(
             "redundancy.advert_interval",
@@ -973,13 +538,12 @@ fn validate_redundancy(
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "ntp-xdp".into());
-    let health_socket = crate::vip::health_socket(&v.netns);
+    let health_socket = v.health_socket();
     // IPv6 guests route the clock address via the router advertisements' source: the group's
     // address, which moves with the others.
     let mut virtual_addresses = v.virtual_addresses();
     if let Some(ra) = v.router_advertisements.as_mut() {
-        let router = crate::vip::radvd::shared_router_address(r.virtual_router_id);
-        ra.router_address = Some(router);
+        let router = ra.share_with_group(r.virtual_router_id);
         virtual_addresses
             .push(ipnet::IpNet::new(router.into(), 64).expect("64 is an IPv6 prefix length"));
     }
@@ -1089,10 +653,7 @@ fn validate_dhcp(
             ));
         }
     }
-    let lease_time = match &d.lease_time {
-        Some(s) => duration(origin, "dhcp.lease_time", s)?,
-        None => Duration::from_secs(3600),
-    };
+    let lease_time = *d.lease_time;
     if lease_time < Duration::from_secs(120) {
         return Err(bad(
             "dhcp.lease_time",
@@ -1123,4 +684,53 @@ fn validate_dhcp(
         router: d.router,
         clock_addresses,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::{every_field, parse_portable, reference, ConfigError};
+
+    /// Every duration key of the schema, spoiled, is refused as it is read, and the error
+    /// names the file, that key and the value.
+    #[test]
+    fn a_bad_duration_names_its_field() {
+        let schema = reference::json_schema();
+        let defs = schema["$defs"].as_object().unwrap();
+        let mut fields = Vec::new();
+        for (section, property) in schema["properties"].as_object().unwrap() {
+            let text = property.to_string();
+            let Some(def) = defs.keys().find(|d| text.contains(&format!("/{d}\""))) else {
+                continue;
+            };
+            for (key, p) in defs[def]["properties"].as_object().unwrap() {
+                if p.to_string().contains("#/$defs/Duration\"") {
+                    fields.push((section.clone(), key.clone()));
+                }
+            }
+        }
+        assert!(fields.len() >= 17, "{fields:?}");
+        let dir = every_field::scratch("durations");
+        let base = format!("{}{}", every_field::CLUSTER, every_field::fleet(&dir));
+        for (section, key) in fields {
+            let mut root: toml::Table = base.parse().unwrap();
+            root.entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .unwrap()
+                .insert(key.clone(), toml::Value::String("soon".into()));
+            let text = toml::to_string(&root).unwrap();
+            let e = parse_portable(&text, Path::new("/etc/ntp-xdp.toml"))
+                .expect_err(&format!("{section}.{key} = \"soon\" was accepted"));
+            let c = e.downcast_ref::<ConfigError>().expect("a ConfigError");
+            assert_eq!(c.file, Path::new("/etc/ntp-xdp.toml"));
+            assert_eq!(
+                c.field.as_deref(),
+                Some(format!("{section}.{key}").as_str())
+            );
+            assert!(c.reason.contains("\"soon\" is not a duration"), "{e:#}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

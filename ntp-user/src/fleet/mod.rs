@@ -58,6 +58,11 @@ impl FleetSpec {
     pub fn tls(&self) -> bool {
         self.ca.is_some() || self.certificate.is_some()
     }
+
+    /// The key that seals the NTS cookie keys in the store, read and checked.
+    pub fn read_seal_key(&self) -> anyhow::Result<crate::nts::cookie::SealKey> {
+        local::read_seal_key(&self.nts_seal_key_file)
+    }
 }
 
 /// The key names of one cluster.

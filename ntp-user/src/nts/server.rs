@@ -217,6 +217,13 @@ pub fn load_or_create_keys(file: &Path, rotation: Option<Duration>) -> Result<Nt
     Ok(state)
 }
 
+impl NtsSpec {
+    /// Its TLS 1.3 server configuration (see [`tls_config`]): the files load and go together.
+    pub fn tls_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+        tls_config(&self.certificate_chain, &self.private_key)
+    }
+}
+
 /// The TLS 1.3 server configuration: the certificate chain and key, ALPN `ntske/1` only.
 pub fn tls_config(chain: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(chain)

@@ -51,6 +51,11 @@ impl AdmissionSpec {
             tables: TableSizes::default(),
         }
     }
+
+    /// The `POLICY_*` flags its access list implies (see [`acl_policy_flags`]).
+    pub fn acl_policy_flags(&self) -> u8 {
+        acl_policy_flags(&self.acl)
+    }
 }
 
 /// The `POLICY_*` flags an access list implies: consulted when it has entries; with any

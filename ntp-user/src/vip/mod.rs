@@ -104,16 +104,22 @@ impl VipSpec {
         out.extend(self.service_addresses.iter().map(IpNet::addr));
         out
     }
-}
 
-/// The first host address of a subnet (for error messages).
-pub fn first_host(net: &IpNet) -> IpAddr {
-    net.hosts().next().unwrap_or(net.addr())
-}
+    /// The socket keepalived's health check asks (`ntp-xdp health --socket`).
+    pub fn health_socket(&self) -> PathBuf {
+        state_dir(&self.netns).join("health.sock")
+    }
 
-/// The socket keepalived's health check asks (`ntp-xdp health --socket`).
-pub fn health_socket(netns: &str) -> PathBuf {
-    state_dir(netns).join("health.sock")
+    /// The control socket when none is configured: beside the namespace's other state.
+    pub fn default_control_socket(&self) -> PathBuf {
+        state_dir(&self.netns).join("control.sock")
+    }
+
+    /// Router advertisements on the namespace end for the IPv6 service subnet `service6`,
+    /// routing to the IPv6 clock addresses (None: `service6` is not IPv6).
+    pub fn router_advertisements_for(&self, service6: IpNet) -> Option<radvd::RadvdSpec> {
+        radvd::for_vip(&self.netns, &self.ns_interface, service6, &self.aliases)
+    }
 }
 
 /// What this daemon created, as opposed to found: `down` removes exactly this.

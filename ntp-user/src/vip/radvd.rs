@@ -48,6 +48,14 @@ pub fn shared_router_address(virtual_router_id: u8) -> Ipv6Addr {
 }
 
 impl RadvdSpec {
+    /// Sends from the [`shared_router_address`] of VRRP group `virtual_router_id` (redundant
+    /// VIP hosts), which it returns: the address that moves with the group's others.
+    pub fn share_with_group(&mut self, virtual_router_id: u8) -> Ipv6Addr {
+        let router = shared_router_address(virtual_router_id);
+        self.router_address = Some(router);
+        router
+    }
+
     pub fn config_file(&self) -> PathBuf {
         state_dir(&self.netns).join("radvd.conf")
     }
