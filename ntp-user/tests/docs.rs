@@ -2,6 +2,7 @@
 //! ones CI runs, every relative link in README.md and docs/ leads to a file that exists, and
 //! the docs say what is, not how it came to be (no history, no issue numbers).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 const README_MAX_LINES: usize = 200;
@@ -218,4 +219,80 @@ fn the_checks_find_what_they_look_for() {
         ["it used to", "used to be", "issue 13", "issue 2"]
     );
     assert!(history("What is, and why.").is_empty());
+}
+
+/// The keys of the generated reference, as `section.key` (`upstream.address`, `vip.routes`).
+fn reference_keys(reference: &str) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    let mut section = None;
+    for line in reference.lines() {
+        if let Some(h) = line.strip_prefix("## ") {
+            let name = h.trim_matches(|c| c == '`' || c == '[' || c == ']');
+            section = (!name.contains(' ')).then(|| name.to_string());
+        } else if let (Some(s), Some(row)) = (&section, line.strip_prefix("| `")) {
+            if let Some(key) = row.split('`').next() {
+                keys.insert(format!("{s}.{key}"));
+            }
+        }
+    }
+    keys
+}
+
+/// The `section.key` names a document gives in backticks whose section is one of the config's
+/// and whose key the reference does not have.
+fn unknown_keys(keys: &BTreeSet<String>, text: &str) -> Vec<String> {
+    let sections: BTreeSet<&str> = keys.iter().filter_map(|k| k.split('.').next()).collect();
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter_map(|t| {
+            let name = t
+                .split('[')
+                .next()
+                .unwrap_or(t)
+                .split('=')
+                .next()
+                .unwrap()
+                .trim();
+            let (section, key) = name.split_once('.')?;
+            // File names (`fleet.rs`, `nts.toml`) are not keys.
+            let file = ["rs", "md", "toml", "json", "svg", "conf", "pem", "service"].contains(&key);
+            let word =
+                |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+            (sections.contains(section) && word(key) && !file && !keys.contains(name))
+                .then(|| name.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn every_config_key_the_docs_name_is_in_the_schema() {
+    let root = root();
+    let keys =
+        reference_keys(&std::fs::read_to_string(root.join("docs/config-reference.md")).unwrap());
+    assert!(
+        keys.contains("clock.max_poll") && keys.contains("upstream.address"),
+        "{keys:?}"
+    );
+    assert_eq!(
+        unknown_keys(&keys, "`clock.max_pol` and `clock.max_poll`"),
+        ["clock.max_pol"]
+    );
+    let mut unknown = Vec::new();
+    let mut named = 0;
+    for (path, text) in documents() {
+        named += text.matches("`clock.").count();
+        for k in unknown_keys(&keys, &text) {
+            unknown.push(format!("{}: `{k}`", path.display()));
+        }
+    }
+    assert!(
+        named > 3,
+        "the docs name hardly any key: the check would check nothing"
+    );
+    assert!(
+        unknown.is_empty(),
+        "keys the schema does not have:\n{}",
+        unknown.join("\n")
+    );
 }
