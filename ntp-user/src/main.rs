@@ -3,7 +3,8 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use ntp_user::cli::print_stats;
 use ntp_user::cli::{Cli, Command};
-use ntp_user::daemon::{run as serve, ClockSource};
+use ntp_user::config::ClockSource;
+use ntp_user::daemon::{run as serve, Beside, Stopped};
 
 /// netlink-packet-route warns about every attribute newer than itself; that is noise here.
 const DEFAULT_LOG_FILTER: &str = "info,netlink_packet_route=error";
@@ -12,7 +13,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     ntp_user::observe::journal::init(DEFAULT_LOG_FILTER);
     let result = match cli.command {
-        Command::Serve(a) => a.into_options().and_then(serve),
+        Command::Serve(a) => a
+            .settings()
+            .and_then(|s| serve(&s, Beside::default()))
+            .map(|_| ()),
         Command::Run { config } => run_daemon(config.as_deref()),
         Command::Fleet {
             config,
@@ -21,7 +25,7 @@ fn main() -> ExitCode {
         } => fleet(&config, host_timeout, command),
         Command::CheckConfig { config } => ntp_user::config::load(&config).map(|v| {
             println!("{}: valid", v.source.display());
-            println!("{:#?}", v.serve_options());
+            println!("{v:#?}");
         }),
         Command::Stats { json } => print_stats(json),
         Command::Status {
@@ -131,7 +135,7 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
     let local = load_config(path)?;
     let Some(fleet) = local.fleet.clone() else {
         log_clock_source(&local);
-        return serve(local.serve_options());
+        return serve(&local, Beside::default()).map(|_| ());
     };
     let local_text = match path {
         Some(p) => std::fs::read_to_string(p)?,
@@ -154,7 +158,6 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
     };
     let result = start().and_then(|v| {
         log_clock_source(&v);
-        let mut opts = v.serve_options();
         let validate = ntp_user::config::host_validator();
         let running = match applied.exists() {
             true => std::fs::read_to_string(&applied)?,
@@ -174,7 +177,7 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
             started_unix: ntp_user::host::hostclock::unix_now_s(),
         };
         let cell = agent.cell.clone();
-        opts.companion = Some(ntp_user::daemon::Companion::new(
+        let companion = Some(ntp_user::daemon::Companion::new(
             cell,
             Box::new(move |obs, restart, live_admission| {
                 agent.live = Some(std::sync::Arc::new(move |text: &str| {
@@ -185,8 +188,11 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
                 Box::pin(agent.run(obs, restart))
             }),
         ));
-        let restart = opts.restart.clone();
-        serve(opts).map(|()| restart.requested())
+        let beside = Beside {
+            companion,
+            ..Default::default()
+        };
+        serve(&v, beside).map(|stopped| stopped == Stopped::Restart)
     });
     match result {
         Ok(true) => Err(restart_self()),
@@ -217,7 +223,7 @@ fn restart_self() -> anyhow::Error {
 }
 
 fn log_clock_source(v: &ntp_user::config::Validated) {
-    if let ClockSource::HostClock { identity, .. } = &v.serve_options().clock {
+    if let ClockSource::HostClock { identity, .. } = &v.clock_source() {
         tracing::info!(
             config = %v.source.display(),
             "no upstream configured: serving the host clock as local stratum {}",

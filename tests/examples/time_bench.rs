@@ -110,12 +110,14 @@ fn main() -> Result<()> {
     // what is left of a guest-seen offset beyond it is the serving path's.
     let control = std::env::temp_dir().join(format!("ntpx-time-bench-{}.sock", std::process::id()));
     let control_arg = control.to_string_lossy().into_owned();
+    let control_set = format!("control.socket={control_arg}");
     let mut args = vec![
-        "--upstream-max-poll",
-        "4",
-        "--no-rate-limit",
-        "--control-socket",
-        &control_arg,
+        "--set",
+        "clock.max_poll=4",
+        "--set",
+        "limits.enable=false",
+        "--set",
+        &control_set,
     ];
     for a in &addrs {
         args.push("--upstream");

@@ -18,7 +18,7 @@ use std::path::Path;
 use anyhow::Result;
 
 pub use error::ConfigError;
-pub use lower::Validated;
+pub use lower::{ClockSource, Validated};
 pub use schema::*;
 pub use validate::{
     check_holdover, host_preflight, parse_refid, validate_admission, validate_observe,
@@ -38,6 +38,24 @@ pub fn load(path: &Path) -> Result<Validated> {
 /// Parses and validates config text; `origin` names it in errors.
 pub fn parse(text: &str, origin: &Path) -> Result<Validated> {
     validate::validate(read(text, origin)?, origin, true)
+}
+
+/// Validates a configuration assembled as a TOML table (`serve`'s flags over a file).
+pub fn parse_table(table: &toml::Table, origin: &Path) -> Result<Validated> {
+    let text = toml::to_string(table).map_err(|e| ConfigError::file(origin, e.to_string()))?;
+    parse(&text, origin)
+}
+
+/// Lays `over` on `base`: tables merge key by key, any other value replaces the base's.
+pub fn merge_toml(base: &mut toml::Table, over: &toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_toml(b, o),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
 }
 
 /// The TOML as the schema's types; a value refused names the field it was read from.
@@ -227,6 +245,16 @@ addresses = ["169.254.169.123"]
 "#;
 
     #[test]
+    fn refids() {
+        assert_eq!(parse_refid("LOCL").unwrap(), *b"LOCL");
+        assert_eq!(parse_refid("GPS").unwrap(), [b'G', b'P', b'S', 0]);
+        assert_eq!(parse_refid("169.254.0.1").unwrap(), [169, 254, 0, 1]);
+        assert!(parse_refid("").is_err());
+        assert!(parse_refid("TOOLONG").is_err());
+        assert!(parse_refid("a b").is_err());
+    }
+
+    #[test]
     fn embedded_default_is_valid() {
         let v = parse(EMBEDDED_DEFAULT, Path::new("(embedded)")).unwrap();
         assert!(v.upstreams.is_empty());
@@ -389,7 +417,7 @@ addresses = ["169.254.169.123"]
         assert_eq!(r.keepalived.vrrp_interface, "ntpxdp-r0");
         assert_eq!(r.keepalived.address_interface, "v0");
         assert!(spec.wanted_addresses().is_empty());
-        assert_eq!(v.serve_options().params.vrrp_router_id, 7);
+        assert_eq!(v.server_params().vrrp_router_id, 7);
         assert!(v.observe.health_socket.is_some());
         assert!(r
             .keepalived

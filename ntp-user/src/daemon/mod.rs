@@ -10,23 +10,38 @@ pub mod standalone;
 
 use anyhow::{Context as _, Result};
 
-pub use serving::{
-    AbortOnDrop, ClockSource, Companion, CompanionTask, LiveAdmission, Restart, ServeOptions,
-};
+pub use serving::{AbortOnDrop, Beside, Companion, CompanionTask, LiveAdmission, Restart};
 
-/// Runs the daemon until SIGINT/SIGTERM: the managed mode when `opts.managed` is set,
-/// otherwise the standalone one.
-pub fn run(mut opts: ServeOptions) -> Result<()> {
+use crate::config::Validated;
+
+/// Why the daemon stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// SIGINT or SIGTERM.
+    Signal,
+    /// A restart was requested (the fleet agent's): the caller starts it again.
+    Restart,
+}
+
+/// Runs the daemon of `settings` until SIGINT/SIGTERM or a restart request: the managed mode
+/// with a `[vip]`, otherwise the standalone one (an interface that exists).
+pub fn run(settings: &Validated, beside: Beside) -> Result<Stopped> {
     let rt = runtime()?;
     let result = rt.block_on(async {
-        match opts.managed.take() {
-            Some((vip, dhcp)) => managed::serve_managed(opts, vip, dhcp).await,
-            None => standalone::serve(opts).await,
+        match &settings.vip {
+            Some(vip) => {
+                managed::serve_managed(settings, &beside, vip, settings.dhcp.as_ref()).await
+            }
+            None => standalone::serve(settings, &beside).await,
         }
     });
     // Dropping the runtime drops every task still on it: the helpers get their SIGTERM.
     drop(rt);
-    result
+    result?;
+    Ok(match beside.restart.requested() {
+        true => Stopped::Restart,
+        false => Stopped::Signal,
+    })
 }
 
 /// `ntp-xdp down`: removes what the daemon of `spec` created (see [`managed::down`]).

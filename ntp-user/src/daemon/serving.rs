@@ -1,7 +1,6 @@
 //! What both modes run once the responder is set up: the clock task, the userspace path,
 //! NTS, observability and the mode's own tasks, on the daemon's one runtime.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,49 +10,17 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
 use crate::clock::snapshot::{ClockReference, ClockSnapshot};
-use crate::clock::system::SystemConfig;
+use crate::config::{ClockSource, Validated};
 use crate::daemon::clock_task;
 use crate::host::hostclock::HostClockIdentity;
 use crate::observe::status::ClockSnapshotCell;
 use crate::observe::Observatory;
-use crate::responder::{Responder, XdpModePref};
+use crate::responder::Responder;
 use crate::userspace::{SharedAdmission, SocketPlace, UserspaceCounters};
 
-/// Where served time comes from.
-#[derive(Debug, Clone)]
-pub enum ClockSource {
-    /// The host clock as it is (already disciplined by chrony/PTP, or no upstream at all:
-    /// a local stratum like chrony's `local stratum 10`).
-    HostClock {
-        identity: HostClockIdentity,
-        publish_interval: Duration,
-    },
-    /// The daemon's own clock, disciplined against these upstreams.
-    Upstreams {
-        system: SystemConfig,
-        upstreams: Vec<String>,
-    },
-}
-
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    pub netns: Option<String>,
-    pub interface: String,
-    pub addresses: Vec<IpAddr>,
-    pub xdp_mode: XdpModePref,
-    pub peer_netns: Option<String>,
-    pub params: ServerParams,
-    pub log_packets: bool,
-    pub clock: ClockSource,
-    /// The plumbing the daemon creates and keeps (None: attach to an existing interface and
-    /// detach on exit).
-    pub managed: Option<(crate::vip::VipSpec, Option<crate::vip::dhcp::DhcpSpec>)>,
-    /// Access list, rate limit, guest clock records.
-    pub admission: crate::responder::admission::AdmissionSpec,
-    /// Metrics, control socket, alarms.
-    pub observe: crate::observe::ObserveSpec,
-    /// Network Time Security (None: off).
-    pub nts: Option<crate::nts::server::NtsSpec>,
+/// What the daemon runs beside its own tasks, and how that asks it to stop and start again.
+#[derive(Clone, Default)]
+pub struct Beside {
     /// A task that runs beside the daemon's own with its observatory (the fleet agent).
     pub companion: Option<Companion>,
     /// Asked for, the daemon stops as on SIGTERM so that its caller can start it again.
@@ -139,24 +106,25 @@ pub(crate) struct UserSockets {
 /// What both modes run once the responder is set up: observability, the userspace path,
 /// the mode's own tasks, and the clock task until shutdown. Returns the userspace counters.
 pub(crate) async fn serve_responder(
-    opts: &ServeOptions,
+    settings: &Validated,
+    beside: &Beside,
     responder: &mut Responder,
     user_sockets: UserSockets,
     continuity: Option<clock_task::Continuity>,
     mode_tasks: Vec<AbortOnDrop>,
     vrrp: crate::observe::status::VrrpCell,
 ) -> Result<Arc<UserspaceCounters>> {
-    let nts = match &opts.nts {
+    let nts = match &settings.nts {
         Some(spec) => Some(start_nts(spec, &user_sockets)?),
         None => None,
     };
-    let fleet_cell = opts
+    let fleet_cell = beside
         .companion
         .as_ref()
         .map(|c| c.fleet.clone())
         .unwrap_or_default();
     let (observatory, clock_status, user_counters) = Observatory::for_responder(
-        &opts.observe,
+        &settings.observe,
         responder,
         vrrp,
         nts.as_ref().map(|n| n.state.clone()),
@@ -164,7 +132,7 @@ pub(crate) async fn serve_responder(
     )?;
     let result = async {
         let signal = shutdown_signal()?;
-        let restart = opts.restart.clone();
+        let restart = beside.restart.clone();
         let shutdown = async move {
             tokio::select! {
                 () = signal => {}
@@ -177,7 +145,7 @@ pub(crate) async fn serve_responder(
             .map(AbortOnDrop)
             .collect();
         let admission: SharedAdmission = Arc::new(std::sync::Mutex::new(
-            crate::userspace::UserspaceAdmission::new(responder, opts.admission.policy)?,
+            crate::userspace::UserspaceAdmission::new(responder, settings.admission.policy)?,
         ));
         let nts_state = nts.as_ref().map(|n| n.state.clone());
         let live_admission = admission.clone();
@@ -186,7 +154,7 @@ pub(crate) async fn serve_responder(
         let _userspace = AbortOnDrop(tokio::spawn(userspace_path(
             user_sockets,
             responder.subscribe(),
-            opts.params,
+            settings.server_params(),
             admission,
             user_counters.clone(),
             nts_state,
@@ -205,23 +173,30 @@ pub(crate) async fn serve_responder(
                 .set_policy(spec.policy);
             Ok(())
         });
-        let _companion = opts
+        let _companion = beside
             .companion
             .as_ref()
             .and_then(Companion::take)
             .map(|task| {
                 AbortOnDrop(tokio::spawn(task(
                     observatory.clone(),
-                    opts.restart.clone(),
+                    beside.restart.clone(),
                     live,
                 )))
             });
 
         let _mode_tasks = mode_tasks;
-        run_clock(&opts.clock, responder, continuity, clock_status, shutdown).await
+        run_clock(
+            &settings.clock_source(),
+            responder,
+            continuity,
+            clock_status,
+            shutdown,
+        )
+        .await
     }
     .await;
-    if let Some(socket) = &opts.observe.control_socket {
+    if let Some(socket) = &settings.observe.control_socket {
         let _ = std::fs::remove_file(socket);
     }
     result.map(|()| user_counters)

@@ -181,18 +181,6 @@ pub struct CommandState {
     pub message: String,
 }
 
-/// Merges `over` into `base`: tables key by key, anything else replaced.
-pub fn merge_toml(base: &mut toml::Table, over: &toml::Table) {
-    for (k, v) in over {
-        match (base.get_mut(k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_toml(b, o),
-            _ => {
-                base.insert(k.clone(), v.clone());
-            }
-        }
-    }
-}
-
 /// The configuration a host runs: the cluster's, its override over it, and its own `[fleet]`
 /// section (how it reaches the store is its own business).
 pub fn effective_config(
@@ -210,7 +198,7 @@ pub fn effective_config(
         let over: toml::Table = o
             .parse()
             .map_err(|e| format!("the host override is not TOML: {e}"))?;
-        merge_toml(&mut base, &over);
+        crate::config::merge_toml(&mut base, &over);
     }
     if let Some(f) = local_fleet {
         base.insert("fleet".into(), f.clone());
