@@ -158,7 +158,6 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
     };
     let result = start().and_then(|v| {
         log_clock_source(&v);
-        let validate = ntp_user::config::host_validator();
         let running = match applied.exists() {
             true => std::fs::read_to_string(&applied)?,
             false => local_text.clone(),
@@ -166,7 +165,7 @@ fn run_daemon(path: Option<&std::path::Path>) -> anyhow::Result<()> {
         let mut agent = ntp_user::fleet::agent::Agent {
             spec: fleet.clone(),
             local_fleet: local_fleet.clone(),
-            validate,
+            check: ntp_user::fleet::agent::Check::OnThisHost,
             cell: Default::default(),
             nts_keys: v.nts.as_ref().map(|n| {
                 ntp_user::fleet::agent::NtsKeySync::new(n.key_file.clone(), n.key_rotation)
@@ -243,8 +242,6 @@ fn fleet(
     let spec = v
         .fleet
         .ok_or_else(|| anyhow::anyhow!("config {}: no [fleet] section", config.display()))?;
-    // Validation here is the portable part: what only a host can check, it checks itself.
-    let validate = ntp_user::config::push_validator();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -262,14 +259,7 @@ fn fleet(
                     .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
                 let origin = file.display().to_string();
                 let rev = f
-                    .push(
-                        &text,
-                        &origin,
-                        &validate,
-                        rolling,
-                        canary.as_deref(),
-                        &mut out,
-                    )
+                    .push(&text, &origin, rolling, canary.as_deref(), &mut out)
                     .await?;
                 println!("done: revision {rev}");
             }
@@ -277,7 +267,7 @@ fn fleet(
                 let text = std::fs::read_to_string(&file)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
                 let origin = file.display().to_string();
-                let rev = f.set_override(&host, &text, &origin, &validate).await?;
+                let rev = f.set_override(&host, &text, &origin).await?;
                 println!("{host}: override written at revision {rev}");
             }
             FleetCommand::Restart { .. } => {

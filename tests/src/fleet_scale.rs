@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use etcd_client::{Client, GetOptions, WatchOptions};
 use ntp_user::clock::snapshot::{ClockReference, ClockSnapshot};
-use ntp_user::fleet::agent::{Agent, LocalDaemon, Validator};
+use ntp_user::fleet::agent::{Agent, Check, LocalDaemon};
 use ntp_user::fleet::local::LocalFiles;
 use ntp_user::fleet::ops::Fleet;
 use ntp_user::fleet::{ApplyState, ConfigState, FleetSpec, HostStatus, Keys};
@@ -170,7 +170,7 @@ async fn host_loop(
     spec: FleetSpec,
     local_fleet: toml::Value,
     local_text: String,
-    validate: Validator,
+    check: Check,
     restarts: Arc<AtomicUsize>,
 ) {
     loop {
@@ -179,7 +179,7 @@ async fn host_loop(
         let agent = Agent {
             spec: spec.clone(),
             local_fleet: local_fleet.clone(),
-            validate: validate.clone(),
+            check,
             cell: Default::default(),
             started_unix: ntp_user::host::hostclock::unix_now_s(),
             nts_keys: None,
@@ -291,7 +291,6 @@ struct Sim {
     seen: Arc<Mutex<Seen>>,
     restarts: Arc<AtomicUsize>,
     hosts: Vec<String>,
-    validate: Validator,
 }
 
 impl Sim {
@@ -311,7 +310,6 @@ impl Sim {
             .push(
                 text,
                 "fleet-scale push",
-                &self.validate,
                 rolling,
                 canary,
                 &mut |line: &str| {
@@ -482,7 +480,7 @@ async fn simulate_in(
     };
     // Hosts check a pushed configuration as a local file (their interfaces aside: they have
     // none).
-    let validate = ntp_user::config::push_validator();
+    let check = Check::Portable;
     let base = cluster_config(-20, "");
     let restarts = Arc::new(AtomicUsize::new(0));
     let hosts: Vec<String> = (0..run.hosts).map(host_name).collect();
@@ -498,12 +496,7 @@ async fn simulate_in(
     operator.host_timeout = run.host_timeout;
     for i in 0..run.hosts + run.absent {
         operator
-            .set_override(
-                &host_name(i),
-                &host_override(i),
-                "fleet-scale override",
-                &validate,
-            )
+            .set_override(&host_name(i), &host_override(i), "fleet-scale override")
             .await?;
     }
     let mut tasks = Vec::new();
@@ -517,7 +510,7 @@ async fn simulate_in(
             spec,
             local_fleet,
             local_text,
-            validate.clone(),
+            check,
             restarts.clone(),
         )));
     }
@@ -544,7 +537,6 @@ async fn simulate_in(
         seen,
         restarts,
         hosts,
-        validate,
     };
     let live_push = sim
         .push(&cluster_config(-20, "\"169.254.0.0/16\""), false, None)

@@ -26,7 +26,7 @@ pub struct Validated {
     pub admission: crate::responder::admission::AdmissionSpec,
     pub observe: crate::observe::ObserveSpec,
     pub nts: Option<crate::nts::server::NtsSpec>,
-    pub fleet: Option<crate::fleet::FleetSpec>,
+    pub fleet: Option<FleetSpec>,
 }
 
 /// Where served time comes from.
@@ -90,5 +90,34 @@ impl Validated {
     /// The service namespace, if the interface is in one of its own.
     pub fn netns(&self) -> Option<&str> {
         self.service.netns.as_ref().map(|n| n.as_str())
+    }
+}
+
+/// The `[fleet]` section, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetSpec {
+    pub endpoints: Vec<String>,
+    pub cluster: String,
+    pub host: String,
+    /// TLS: the CA that signed the servers' certificates, and this client's certificate and key.
+    pub ca: Option<PathBuf>,
+    pub certificate: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// The host's status key lives this long after its last heartbeat.
+    pub lease_ttl: Duration,
+    /// A restart into a pushed configuration must synchronize with its upstreams this soon.
+    pub sync_deadline: Duration,
+    /// Where the applied configuration and the agent's state are kept.
+    pub state_dir: PathBuf,
+    /// The key that seals the NTS cookie keys in the store (with `[nts]`).
+    pub nts_seal_key_file: PathBuf,
+}
+
+impl FleetSpec {
+    /// Whether the store is reached over TLS (what travels to it is private).
+    pub fn tls(&self) -> bool {
+        self.ca.is_some() || self.certificate.is_some()
     }
 }

@@ -5,7 +5,7 @@
 //! - [`names`]: the names and paths in them, refused as they are read if they hold anything a
 //!   generated file or a command line could not carry;
 //! - [`validate`]: every field checked, errors as [`ConfigError`];
-//! - [`lower`]: the validated config ([`Validated`]) and its lowering to daemon options.
+//! - [`lower`]: the validated config ([`Validated`]), the one settings type the daemon runs.
 
 pub mod error;
 pub mod lower;
@@ -18,11 +18,9 @@ use std::path::Path;
 use anyhow::Result;
 
 pub use error::ConfigError;
-pub use lower::{ClockSource, Validated};
+pub use lower::{ClockSource, FleetSpec, Validated};
 pub use schema::*;
-pub use validate::{
-    check_holdover, host_preflight, parse_refid, validate_admission, validate_observe,
-};
+pub use validate::{check_holdover, parse_refid, validate_admission, validate_observe};
 
 /// The configuration `cargo xtask run` and `ntp-xdp run` use when given no file: serve the
 /// host clock as a local stratum on the demo namespace pair.
@@ -80,26 +78,6 @@ pub fn parse_portable(text: &str, origin: &Path) -> Result<Validated> {
 /// A configuration that sets every field whose value reaches a generated file, a command line
 /// or a path, and how to spoil one of them: shared by the tests of `check-config` and of a
 /// fleet push.
-/// How `fleet push` and `fleet override` check a configuration before it is written: what
-/// any machine can check (the files a host reads, only that host can).
-pub fn push_validator() -> crate::fleet::agent::Validator {
-    std::sync::Arc::new(|text, origin| {
-        parse_portable(text, std::path::Path::new(origin))
-            .map(|_| ())
-            .map_err(|e| format!("{e:#}"))
-    })
-}
-
-/// How a host checks a configuration pushed to it before it applies it: as a local file,
-/// and the interfaces it names exist here.
-pub fn host_validator() -> crate::fleet::agent::Validator {
-    std::sync::Arc::new(|text, origin| {
-        parse(text, std::path::Path::new(origin))
-            .and_then(|v| host_preflight(&v))
-            .map_err(|e| format!("{e:#}"))
-    })
-}
-
 #[cfg(test)]
 pub(crate) mod every_field {
     use std::path::{Path, PathBuf};

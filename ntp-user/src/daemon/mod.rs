@@ -10,7 +10,8 @@ pub mod standalone;
 
 use anyhow::{Context as _, Result};
 
-pub use serving::{AbortOnDrop, Beside, Companion, CompanionTask, LiveAdmission, Restart};
+pub use crate::fleet::agent::Restart;
+pub use serving::{AbortOnDrop, Beside, Companion, CompanionTask, LiveAdmission};
 
 use crate::config::Validated;
 

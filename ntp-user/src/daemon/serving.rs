@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use crate::clock::snapshot::{ClockReference, ClockSnapshot};
 use crate::config::{ClockSource, Validated};
 use crate::daemon::clock_task;
+use crate::fleet::agent::Restart;
 use crate::host::hostclock::HostClockIdentity;
 use crate::observe::status::ClockSnapshotCell;
 use crate::observe::Observatory;
@@ -25,36 +26,6 @@ pub struct Beside {
     pub companion: Option<Companion>,
     /// Asked for, the daemon stops as on SIGTERM so that its caller can start it again.
     pub restart: Restart,
-}
-
-/// A request to restart the daemon in place: it stops as on SIGTERM (the pinned responder
-/// keeps answering) and `ntp-xdp run` starts itself again.
-#[derive(Clone, Default, Debug)]
-pub struct Restart(Arc<RestartFlag>);
-
-#[derive(Default, Debug)]
-struct RestartFlag {
-    requested: std::sync::atomic::AtomicBool,
-    notify: tokio::sync::Notify,
-}
-
-impl Restart {
-    pub fn request(&self) {
-        self.0
-            .requested
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.0.notify.notify_one();
-    }
-
-    pub fn requested(&self) -> bool {
-        self.0.requested.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    async fn wait(&self) {
-        if !self.requested() {
-            self.0.notify.notified().await;
-        }
-    }
 }
 
 /// What a companion runs: given the observatory and the restart handle once the responder

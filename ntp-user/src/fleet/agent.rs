@@ -16,7 +16,7 @@ use super::{
     store, ApplyState, CommandState, ConfigState, Desired, FleetSpec, HostCommand, HostStatus,
     Keys, COMMAND, COMMAND_STATE, CONFIG_STATE, DESIRED, OVERRIDE, STATUS,
 };
-use crate::daemon::Restart;
+use crate::config::Validated;
 use crate::observe::status::{FleetCell, FleetLink};
 use crate::observe::{Observatory, Reports};
 
@@ -65,15 +65,105 @@ fn unsynchronized_reason(
     )
 }
 
-/// Validates a configuration text as a local file would be, plus what only this host can
-/// check (its interfaces, its files). `origin` names where it came from in errors.
-pub type Validator = Arc<dyn Fn(&str, &str) -> Result<(), String> + Send + Sync>;
+/// How a configuration text is checked before it is written or run; `origin` names where it
+/// came from in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// What any machine can check (`fleet push` on an operator's machine): the files a host
+    /// reads, only that host can.
+    Portable,
+    /// As a local file on this host, and the interfaces it names exist here (a host before it
+    /// applies a pushed configuration).
+    OnThisHost,
+}
+
+impl Check {
+    pub fn run(self, text: &str, origin: &str) -> Result<(), String> {
+        let origin = std::path::Path::new(origin);
+        let checked = match self {
+            Check::Portable => crate::config::parse_portable(text, origin).map(|_| ()),
+            Check::OnThisHost => {
+                crate::config::parse(text, origin).and_then(|v| host_preflight(&v))
+            }
+        };
+        checked.map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// What only this host can check before it runs a configuration pushed to it: the
+/// interfaces it names exist here.
+pub fn host_preflight(v: &Validated) -> Result<()> {
+    let origin = v.source.as_path();
+    let exists = |name: &str| nix::net::if_::if_nametoindex(name).is_ok();
+    let mut named: Vec<(String, &str)> = Vec::new();
+    if let Some(vip) = &v.vip {
+        for (i, h) in vip.host_interfaces.iter().enumerate() {
+            named.push((format!("vip.host_interfaces[{i}]"), h.as_str()));
+        }
+        if let Some(r) = &vip.redundancy {
+            for (i, t) in r.track_interfaces.iter().enumerate() {
+                named.push((format!("redundancy.track_interfaces[{i}]"), t.as_str()));
+            }
+            if let Some(link) = &r.link {
+                named.push(("redundancy.bridge".into(), link.bridge.as_str()));
+            }
+        }
+        if let (Some(b), false) = (&vip.bridge, vip.create_bridge) {
+            named.push(("vip.bridge".into(), b.as_str()));
+        }
+    } else if v.service.netns.is_none() {
+        named.push(("service.interface".into(), v.service.interface.as_str()));
+    }
+    for (field, name) in named {
+        if !exists(name) {
+            return Err(crate::config::ConfigError::field(
+                origin,
+                &field,
+                format!("there is no interface {name:?} on this host"),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// A request to restart the daemon in place: it stops as on SIGTERM (the pinned responder
+/// keeps answering) and `ntp-xdp run` starts itself again.
+#[derive(Clone, Default, Debug)]
+pub struct Restart(Arc<RestartFlag>);
+
+#[derive(Default, Debug)]
+struct RestartFlag {
+    requested: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Restart {
+    pub fn request(&self) {
+        self.0
+            .requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.notify.notify_one();
+    }
+
+    pub fn requested(&self) -> bool {
+        self.0.requested.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves once a restart is requested.
+    pub async fn wait(&self) {
+        if !self.requested() {
+            self.0.notify.notified().await;
+        }
+    }
+}
 
 pub struct Agent {
     pub spec: FleetSpec,
     /// This host's own `[fleet]` table, kept in every configuration it runs.
     pub local_fleet: toml::Value,
-    pub validate: Validator,
+    /// How a configuration pushed to this host is checked before it is applied.
+    pub check: Check,
     pub cell: FleetCell,
     pub started_unix: u64,
     /// With NTS: the agent rotates the keys in the store and every host's file follows it.
@@ -749,7 +839,7 @@ impl Agent {
             host_override.as_ref().map(|(t, _)| t.as_str()),
             Some(&self.local_fleet),
         )
-        .and_then(|text| (self.validate)(&text, &origin).map(|()| text));
+        .and_then(|text| self.check.run(&text, &origin).map(|()| text));
         match checked {
             Ok(text)
                 if self.live.is_some() && {
@@ -804,7 +894,7 @@ impl Agent {
         let Some(sync) = &self.nts_keys else {
             return Ok(());
         };
-        let seal = match super::local::read_seal_key(&self.spec.nts_seal_key_file) {
+        let seal = match crate::nts::server::read_seal_key(&self.spec.nts_seal_key_file) {
             Ok(k) => k,
             Err(e) => {
                 sync.report(Some(format!("{e:#}")));
