@@ -462,6 +462,84 @@ mod tests {
     }
 }
 
+/// `ntp-xdp status`: the report of the daemon behind a control socket (`socket`, or the one
+/// the config names).
+pub fn status(config: Option<&Path>, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let socket = match socket {
+        Some(s) => s,
+        None => {
+            let v = crate::config::load_or_default(config)?;
+            v.observe.control_socket.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "config {}: no control socket (set control.socket, or give --socket)",
+                    v.source.display()
+                )
+            })?
+        }
+    };
+    let report = crate::observe::status::query(&socket)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", crate::observe::status::render(&report));
+    }
+    Ok(())
+}
+
+impl FleetCommand {
+    /// `ntp-xdp fleet ...`, with the store the `[fleet]` of `config` names.
+    pub fn run(self, config: &Path, host_timeout: Duration) -> anyhow::Result<()> {
+        let spec = crate::config::load(config)?
+            .fleet
+            .ok_or_else(|| anyhow::anyhow!("config {}: no [fleet] section", config.display()))?;
+        let read = |file: &Path| {
+            std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut f = crate::fleet::ops::Fleet::connect(&spec).await?;
+            f.host_timeout = host_timeout;
+            let mut out = |line: &str| println!("{line}");
+            match self {
+                FleetCommand::Push {
+                    file,
+                    rolling,
+                    canary,
+                } => {
+                    let origin = file.display().to_string();
+                    let rev = f
+                        .push(&read(&file)?, &origin, rolling, canary.as_deref(), &mut out)
+                        .await?;
+                    println!("done: revision {rev}");
+                }
+                FleetCommand::Override { host, file } => {
+                    let origin = file.display().to_string();
+                    let rev = f.set_override(&host, &read(&file)?, &origin).await?;
+                    println!("{host}: override written at revision {rev}");
+                }
+                FleetCommand::Restart { .. } => {
+                    f.rolling_restart(&mut out).await?;
+                    println!("done: every live host restarted");
+                }
+                FleetCommand::Status {
+                    json,
+                    max_offset_spread,
+                } => {
+                    let r = f.report(max_offset_spread.as_secs_f64()).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                    } else {
+                        print!("{}", crate::fleet::ops::render(&r));
+                    }
+                }
+            }
+            anyhow::Ok(())
+        })
+    }
+}
+
 /// `ntp-xdp stats`: the counters of every loaded responder.
 pub fn print_stats(json: bool) -> anyhow::Result<()> {
     use std::io::Write as _;

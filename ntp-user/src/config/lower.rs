@@ -87,6 +87,34 @@ impl Validated {
         }
     }
 
+    /// `guest-config`: for platforms that run their own DHCP, the subnet host route to the
+    /// clock addresses and snippets for guests' NTP clients.
+    pub fn guest_config(&self) -> String {
+        use std::net::IpAddr;
+        let service = |v4: bool| {
+            self.vip.as_ref().and_then(|vip| {
+                vip.service_addresses
+                    .iter()
+                    .map(|n| n.addr())
+                    .find(|a| a.is_ipv4() == v4)
+            })
+        };
+        let v4 = service(true).and_then(|a| match a {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        });
+        let v6 = service(false).and_then(|a| match a {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        });
+        crate::vip::dhcp::guest_config(
+            v4,
+            v6,
+            &self.service.addresses,
+            self.nts.as_ref().map(|n| n.port),
+        )
+    }
+
     /// The service namespace, if the interface is in one of its own.
     pub fn netns(&self) -> Option<&str> {
         self.service.netns.as_ref().map(|n| n.as_str())

@@ -33,6 +33,14 @@ pub fn load(path: &Path) -> Result<Validated> {
     parse(&text, path)
 }
 
+/// A config file, or the embedded default without one.
+pub fn load_or_default(path: Option<&Path>) -> Result<Validated> {
+    match path {
+        Some(path) => load(path),
+        None => parse(EMBEDDED_DEFAULT, Path::new("(embedded default)")),
+    }
+}
+
 /// Parses and validates config text; `origin` names it in errors.
 pub fn parse(text: &str, origin: &Path) -> Result<Validated> {
     validate::validate(read(text, origin)?, origin, true)
