@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use etcd_client::{Client, GetOptions, WatchOptions};
 use ntp_user::clock::snapshot::{ClockReference, ClockSnapshot};
-use ntp_user::fleet::agent::{Agent, Check, LocalDaemon};
+use ntp_user::fleet::agent::{Agent, Check, LiveRequest, LocalDaemon};
 use ntp_user::fleet::local::LocalFiles;
 use ntp_user::fleet::ops::Fleet;
 use ntp_user::fleet::{ApplyState, ConfigState, FleetSpec, HostStatus, Keys};
@@ -176,6 +176,14 @@ async fn host_loop(
     loop {
         let applied = LocalFiles::new(&spec.state_dir).applied_config();
         let running = std::fs::read_to_string(&applied).unwrap_or_else(|_| local_text.clone());
+        // The access list and limits "applied" in place at once (until the agent, and with it
+        // the sender, is gone).
+        let (live, mut requests) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            while let Some(LiveRequest::ApplyAdmission(_, reply)) = requests.recv().await {
+                let _ = reply.send(Ok(()));
+            }
+        });
         let agent = Agent {
             spec: spec.clone(),
             local_fleet: local_fleet.clone(),
@@ -184,8 +192,7 @@ async fn host_loop(
             started_unix: ntp_user::host::hostclock::unix_now_s(),
             nts_keys: None,
             running: Mutex::new(running),
-            // The access list and limits "applied" in place at once.
-            live: Some(Arc::new(|_text: &str| Ok(()))),
+            live: Some(live),
             problems: Default::default(),
         };
         let restart = ntp_user::daemon::Restart::default();

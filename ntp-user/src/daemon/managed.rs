@@ -345,7 +345,7 @@ async fn repair(
 /// responder and the plumbing in place.
 pub async fn serve_managed(
     settings: &Validated,
-    beside: &Beside,
+    beside: Beside,
     spec: &VipSpec,
     dhcp_spec: Option<&DhcpSpec>,
 ) -> Result<()> {

@@ -13,7 +13,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 
 pub use crate::fleet::agent::Restart;
-pub use serving::{AbortOnDrop, Beside, Companion, CompanionTask, LiveAdmission};
+pub use serving::{AbortOnDrop, Beside};
 
 use crate::config::Validated;
 
@@ -29,19 +29,20 @@ pub enum Stopped {
 /// Runs the daemon of `settings` until SIGINT/SIGTERM or a restart request: the managed mode
 /// with a `[vip]`, otherwise the standalone one (an interface that exists).
 pub fn run(settings: &Validated, beside: Beside) -> Result<Stopped> {
+    let restart = beside.restart.clone();
     let rt = runtime()?;
     let result = rt.block_on(async {
         match &settings.vip {
             Some(vip) => {
-                managed::serve_managed(settings, &beside, vip, settings.dhcp.as_ref()).await
+                managed::serve_managed(settings, beside, vip, settings.dhcp.as_ref()).await
             }
-            None => standalone::serve(settings, &beside).await,
+            None => standalone::serve(settings, beside).await,
         }
     });
     // Dropping the runtime drops every task still on it: the helpers get their SIGTERM.
     drop(rt);
     result?;
-    Ok(match beside.restart.requested() {
+    Ok(match restart.requested() {
         true => Stopped::Restart,
         false => Stopped::Signal,
     })
@@ -83,7 +84,7 @@ pub fn run_from_config(path: Option<&Path>) -> Result<()> {
             true => std::fs::read_to_string(&applied)?,
             false => local_text.clone(),
         };
-        let mut agent = crate::fleet::agent::Agent {
+        let agent = crate::fleet::agent::Agent {
             spec: fleet.clone(),
             local_fleet: local_fleet.clone(),
             check: crate::fleet::agent::Check::OnThisHost,
@@ -93,24 +94,13 @@ pub fn run_from_config(path: Option<&Path>) -> Result<()> {
                 .as_ref()
                 .map(|n| crate::fleet::agent::NtsKeySync::new(n.key_file.clone(), n.key_rotation)),
             running: std::sync::Mutex::new(running),
+            // The daemon serves the agent's requests once it runs.
             live: None,
             problems: Default::default(),
             started_unix: crate::host::hostclock::unix_now_s(),
         };
-        let cell = agent.cell.clone();
-        let companion = Companion::new(
-            cell,
-            Box::new(move |obs, restart, live_admission| {
-                agent.live = Some(std::sync::Arc::new(move |text: &str| {
-                    let v = crate::config::parse(text, Path::new("(fleet)"))
-                        .map_err(|e| format!("{e:#}"))?;
-                    live_admission(&v.admission).map_err(|e| format!("{e:#}"))
-                }));
-                Box::pin(agent.run(obs, restart))
-            }),
-        );
         let beside = Beside {
-            companion: Some(companion),
+            agent: Some(agent),
             ..Default::default()
         };
         run(&v, beside)

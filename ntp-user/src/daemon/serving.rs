@@ -20,50 +20,13 @@ use crate::responder::Responder;
 use crate::userspace::{SharedAdmission, SocketPlace, UserspaceCounters};
 
 /// What the daemon runs beside its own tasks, and how that asks it to stop and start again.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct Beside {
-    /// A task that runs beside the daemon's own with its observatory (the fleet agent).
-    pub companion: Option<Companion>,
+    /// The fleet agent: started once the responder serves (so its start says the
+    /// configuration started), its requests served by the daemon.
+    pub agent: Option<crate::fleet::agent::Agent>,
     /// Asked for, the daemon stops as on SIGTERM so that its caller can start it again.
     pub restart: Restart,
-}
-
-/// What a companion runs: given the observatory and the restart handle once the responder
-/// serves (so its start says the configuration started).
-pub type CompanionTask = Box<
-    dyn FnOnce(Arc<Observatory>, Restart, LiveAdmission) -> futures::future::BoxFuture<'static, ()>
-        + Send,
->;
-
-/// Changes who is answered (policy, access list) without a restart: the kernel's maps and
-/// the userspace path's copy of the policy.
-pub type LiveAdmission =
-    Arc<dyn Fn(&crate::responder::admission::AdmissionSpec) -> Result<()> + Send + Sync>;
-
-/// A task run beside the daemon's (the fleet agent), and the cell it reports its store in.
-#[derive(Clone)]
-pub struct Companion {
-    pub fleet: crate::observe::status::FleetCell,
-    task: Arc<std::sync::Mutex<Option<CompanionTask>>>,
-}
-
-impl Companion {
-    pub fn new(fleet: crate::observe::status::FleetCell, task: CompanionTask) -> Companion {
-        Companion {
-            fleet,
-            task: Arc::new(std::sync::Mutex::new(Some(task))),
-        }
-    }
-
-    fn take(&self) -> Option<CompanionTask> {
-        self.task.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-}
-
-impl std::fmt::Debug for Companion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Companion(..)")
-    }
 }
 
 /// The userspace path's sockets as bound at start, where to bind them again, and the plumbing
@@ -78,7 +41,7 @@ pub(crate) struct UserSockets {
 /// the mode's own tasks, and the clock task until shutdown. Returns the userspace counters.
 pub(crate) async fn serve_responder(
     settings: &Validated,
-    beside: &Beside,
+    mut beside: Beside,
     responder: &mut Responder,
     user_sockets: UserSockets,
     continuity: Option<clock_task::Continuity>,
@@ -90,9 +53,9 @@ pub(crate) async fn serve_responder(
         None => None,
     };
     let fleet_cell = beside
-        .companion
+        .agent
         .as_ref()
-        .map(|c| c.fleet.clone())
+        .map(|a| a.cell.clone())
         .unwrap_or_default();
     let (observatory, clock_status, user_counters) = Observatory::for_responder(
         &settings.observe,
@@ -130,31 +93,26 @@ pub(crate) async fn serve_responder(
             user_counters.clone(),
             nts_state,
         )));
-        // Everything is set up: the companion's start says so (the fleet agent marks a
-        // staged configuration applied).
-        let writer = std::sync::Mutex::new(responder.admission_writer()?);
-        let live: LiveAdmission = Arc::new(move |spec| {
-            writer
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .apply(spec)?;
-            live_admission
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_policy(spec.policy);
-            Ok(())
-        });
-        let _companion = beside
-            .companion
-            .as_ref()
-            .and_then(Companion::take)
-            .map(|task| {
-                AbortOnDrop(tokio::spawn(task(
-                    observatory.clone(),
-                    beside.restart.clone(),
-                    live,
-                )))
-            });
+        // Everything is set up: the agent's start says so (it marks a staged configuration
+        // applied).
+        let writer = responder.admission_writer()?;
+        let _agent: Vec<AbortOnDrop> = match beside.agent.take() {
+            Some(mut agent) => {
+                let (requests, incoming) = tokio::sync::mpsc::channel(1);
+                agent.live = Some(requests);
+                vec![
+                    AbortOnDrop(tokio::spawn(serve_live_requests(
+                        incoming,
+                        writer,
+                        live_admission,
+                    ))),
+                    AbortOnDrop(tokio::spawn(
+                        agent.run(observatory.clone(), beside.restart.clone()),
+                    )),
+                ]
+            }
+            None => Vec::new(),
+        };
 
         let _mode_tasks = mode_tasks;
         run_clock(
@@ -171,6 +129,29 @@ pub(crate) async fn serve_responder(
         let _ = std::fs::remove_file(socket);
     }
     result.map(|()| user_counters)
+}
+
+/// Serves the fleet agent's requests: who is answered (policy, access list) changed without a
+/// restart, in the kernel's maps and the userspace path's copy of the policy.
+async fn serve_live_requests(
+    mut incoming: tokio::sync::mpsc::Receiver<crate::fleet::agent::LiveRequest>,
+    mut writer: crate::responder::admission::AdmissionWriter,
+    userspace: SharedAdmission,
+) {
+    use crate::fleet::agent::LiveRequest;
+    while let Some(request) = incoming.recv().await {
+        match request {
+            LiveRequest::ApplyAdmission(spec, reply) => {
+                let applied = writer.apply(&spec).map(|()| {
+                    userspace
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .set_policy(spec.policy)
+                });
+                let _ = reply.send(applied.map_err(|e| format!("{e:#}")));
+            }
+        }
+    }
 }
 
 /// NTS, set up before anything serves: the keys loaded (or made), the certificate read, the

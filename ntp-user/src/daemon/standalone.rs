@@ -14,7 +14,7 @@ use crate::host::netns;
 use crate::responder::attach::{self, Attachment, LinkKind, Step};
 use crate::responder::{Attached, Responder, XdpModePref};
 
-pub async fn serve(settings: &Validated, beside: &Beside) -> Result<()> {
+pub async fn serve(settings: &Validated, beside: Beside) -> Result<()> {
     let addresses = &settings.service.addresses;
     // The daemon stays in its own namespace (upstream sockets live there) and enters the
     // service namespace only to attach.

@@ -170,8 +170,9 @@ pub struct Agent {
     pub nts_keys: Option<NtsKeySync>,
     /// The configuration running now (to tell what can change in place).
     pub running: std::sync::Mutex<String>,
-    /// Applies a configuration's access list and rate limit in place (set by the daemon).
-    pub live: Option<LiveApply>,
+    /// Where requests to the daemon go: the access list and rate limit applied in place (set
+    /// by the daemon once it serves).
+    pub live: Option<tokio::sync::mpsc::Sender<LiveRequest>>,
     /// Values in the store this host cannot use, by key: in every heartbeat until they go.
     pub problems: StoreProblems,
 }
@@ -179,8 +180,16 @@ pub struct Agent {
 /// Values in the store a host cannot use: key → why.
 pub type StoreProblems = std::sync::Mutex<std::collections::BTreeMap<String, String>>;
 
-/// Applies the live-changeable part of a configuration text in place.
-pub type LiveApply = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+/// What the agent asks of the daemon it runs in.
+#[derive(Debug)]
+pub enum LiveRequest {
+    /// Answer by this access list and rate limit from now on, without a restart; the reply
+    /// says whether it took.
+    ApplyAdmission(
+        crate::responder::admission::AdmissionSpec,
+        tokio::sync::oneshot::Sender<Result<(), String>>,
+    ),
+}
 
 /// The NTS cookie keys kept in step with the store's.
 pub struct NtsKeySync {
@@ -847,8 +856,7 @@ impl Agent {
                     super::live_changeable(&running, &text)
                 } =>
             {
-                let live = self.live.as_ref().expect("checked");
-                match live(&text) {
+                match self.apply_in_place(&text).await {
                     Ok(()) => {
                         files.record_applied(&text, version)?;
                         *self.running.lock().unwrap_or_else(|e| e.into_inner()) = text;
@@ -875,6 +883,23 @@ impl Agent {
             }
             Err(why) => self.refuse(client, keys, files, version, why).await,
         }
+    }
+
+    /// Asks the daemon to answer by `text`'s access list and rate limit from now on.
+    async fn apply_in_place(&self, text: &str) -> Result<(), String> {
+        let settings = crate::config::parse(text, std::path::Path::new("(fleet)"))
+            .map_err(|e| format!("{e:#}"))?;
+        let daemon = self.live.as_ref().ok_or("no daemon to apply it in")?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let stopping = "the daemon is stopping".to_string();
+        if daemon
+            .send(LiveRequest::ApplyAdmission(settings.admission, reply))
+            .await
+            .is_err()
+        {
+            return Err(stopping);
+        }
+        answer.await.unwrap_or(Err(stopping))
     }
 
     /// Keeps this host's NTS cookie keys the cluster's: the store holds them, sealed under
