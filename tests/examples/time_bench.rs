@@ -2,7 +2,7 @@
 //! chronyd relaying the same upstreams.
 //!
 //! Three chronyd servers (`local stratum 3`) in namespaces of their own are the upstreams. The
-//! daemon runs in the VIP host's namespace, disciplined against them (`--upstream-max-poll 4`),
+//! daemon runs in the VIP host's namespace, disciplined against them (`--set clock.max_poll=4`),
 //! serving the clock address on the VIP veth in native XDP. chronyd as a relay (`-x`, the
 //! same three servers at `minpoll 4 maxpoll 4`) serves the VIP veth's service address from the
 //! VIP namespace, which reaches the upstreams through the host namespace. After both are
