@@ -1,41 +1,11 @@
 //! Command-line interface.
 
-use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use ntp_common::ServerParams;
-
-use crate::clock::system::SystemConfig;
-use crate::config::parse_refid;
-use crate::daemon::{ClockSource, ServeOptions};
-use crate::host::hostclock::HostClockIdentity;
-use crate::responder::XdpModePref;
-
-/// `--xdp-mode`: the CLI's spelling of [`XdpModePref`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum XdpModeArg {
-    /// Native where it works (on a veth: when the peer can get a pass program), else generic.
-    Auto,
-    /// Driver mode; on a veth the peer gets a pass program so XDP_TX frames are delivered.
-    Native,
-    /// Generic (SKB) mode: works on every device, slower.
-    Generic,
-    /// No XDP: the daemon's userspace path answers everything.
-    Off,
-}
-
-impl From<XdpModeArg> for XdpModePref {
-    fn from(a: XdpModeArg) -> XdpModePref {
-        match a {
-            XdpModeArg::Auto => XdpModePref::Auto,
-            XdpModeArg::Native => XdpModePref::Native,
-            XdpModeArg::Generic => XdpModePref::Generic,
-            XdpModeArg::Off => XdpModePref::Off,
-        }
-    }
-}
+use crate::config::{ConfigError, Validated};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -166,249 +136,430 @@ pub enum FleetCommand {
     },
 }
 
+/// `serve`'s flags: settings of the configuration file's schema, laid over `--config` (or
+/// over nothing) and checked by the one path a file takes; `--set` reaches every other one.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Named network namespace (/run/netns/NS) holding the interface; default: the current one.
-    #[arg(long)]
+    /// A config file the flags are laid over.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Named network namespace (/run/netns/NS) holding the interface (service.netns);
+    /// without it, the current one.
+    #[arg(long, value_name = "NS")]
     pub netns: Option<String>,
-    /// Interface to attach to.
-    #[arg(long)]
-    pub interface: String,
-    /// Destination address to answer for (repeatable): clock aliases and service addresses.
-    #[arg(long = "address", required = true)]
-    pub addresses: Vec<IpAddr>,
-    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
-    pub xdp_mode: XdpModeArg,
-    /// Namespace of the veth peer (native mode); default: searched among the initial and named ones.
-    #[arg(long)]
-    pub peer_netns: Option<String>,
-    /// Stratum to announce (1-15).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=15))]
-    pub stratum: u8,
-    /// Reference ID: up to four ASCII characters (e.g. LOCL, GPS) or an IPv4 address.
-    #[arg(long, default_value = "LOCL", value_parser = parse_refid)]
-    pub refid: [u8; 4],
-    /// How often the anchor is republished.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    pub publish_interval: Duration,
-    /// After this long without a new anchor, replies say unsynchronized (LI=3).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub max_anchor_age: Duration,
-    /// Clock precision as log2 seconds (bits below it are randomised in transmit timestamps).
-    #[arg(long, default_value_t = -24, allow_negative_numbers = true,
-          value_parser = clap::value_parser!(i8).range(-32..=0))]
-    pub precision: i8,
-    /// Smallest poll exponent echoed back to clients.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i8).range(0..=17))]
-    pub poll_min: i8,
-    /// Largest poll exponent echoed back to clients.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i8).range(0..=17))]
-    pub poll_max: i8,
-    /// Log every packet the responder handles (aya-log; for debugging only).
-    #[arg(long)]
-    pub log_packets: bool,
-    /// Upstream NTP server (repeatable): discipline the daemon's own clock against these
-    /// instead of serving the host clock.
+    /// Interface to attach to (service.interface).
+    #[arg(long, value_name = "NAME")]
+    pub interface: Option<String>,
+    /// Destination address to answer for (repeatable; service.addresses): clock aliases and
+    /// service addresses.
+    #[arg(long = "address", value_name = "IP")]
+    pub addresses: Vec<String>,
+    /// Upstream NTP server (repeatable; [[upstream]] address): discipline the daemon's own
+    /// clock against these instead of serving the host clock.
     #[arg(long = "upstream", value_name = "HOST[:PORT]")]
     pub upstreams: Vec<String>,
-    /// Agreeing upstreams needed before the clock is steered.
-    #[arg(long, default_value_t = 1)]
-    pub min_sources: usize,
-    /// With every upstream lost, serve on the last frequency this long, then say LI=3.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
-    pub max_holdover: Duration,
-    /// Longest interval between polls of an upstream, log2 s (4..=17; default 10 = 1024 s).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i8).range(4..=17))]
-    pub upstream_max_poll: i8,
-    /// Sustained requests per second per source (IPv4 address, IPv6 /64).
-    #[arg(long, default_value_t = 2.0)]
-    pub rate_limit: f64,
-    /// Requests a source may send at once.
-    #[arg(long, default_value_t = 16)]
-    pub burst: u32,
-    /// Answer everyone without limit (benchmarks).
-    #[arg(long)]
-    pub no_rate_limit: bool,
-    /// Answer only these prefixes (repeatable); the longest match among --allow/--deny wins.
-    #[arg(long = "allow", value_name = "PREFIX")]
-    pub allow: Vec<ipnet::IpNet>,
-    /// Never answer these prefixes (repeatable).
-    #[arg(long = "deny", value_name = "PREFIX")]
-    pub deny: Vec<ipnet::IpNet>,
-    /// What denied sources get: a DENY kiss-o'-death now and then, or nothing.
-    #[arg(long, value_enum, default_value = "kod")]
-    pub deny_action: crate::config::DenyAction,
-    /// Answer requests tagged with this VLAN ID (repeatable); untagged ones always are.
-    #[arg(long = "vlan", value_name = "ID")]
-    pub vlans: Vec<i64>,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9273); off without it.
-    #[arg(long)]
-    pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Control socket for `ntp-xdp status --socket`; off without it.
-    #[arg(long)]
-    pub control_socket: Option<crate::config::names::SafePath>,
-    /// Guests whose clock is off by more than this are alarmed.
-    #[arg(long, default_value = "100ms")]
-    pub guest_alarm_offset: crate::config::HumanDuration,
+    /// auto, native, generic or off (service.xdp_mode).
+    #[arg(long, value_name = "MODE")]
+    pub xdp_mode: Option<String>,
+    /// Namespace of the veth peer, for native mode (service.peer_netns); without it, searched
+    /// among the initial and the named ones.
+    #[arg(long, value_name = "NS")]
+    pub peer_netns: Option<String>,
+    /// Any setting of the config file, by its dotted key, with a TOML value (repeatable):
+    /// `--set clock.local_stratum=3`, `--set limits.enable=false`,
+    /// `--set 'access.deny=["169.254.7.0/24"]'`. A value that is not TOML is a string
+    /// (`--set clock.max_holdover=10m`). `serve` has no metrics endpoint unless
+    /// `--set metrics.enable=true`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
 }
 
-/// Parses a duration such as `500ms`, `1s` or `2m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration like 500ms or 2s: {e}"))
-}
+/// What `serve` names as the origin of its settings in errors.
+const COMMAND_LINE: &str = "(command line)";
 
 impl ServeArgs {
-    /// `serve`'s flags as daemon options. The flags are another source of the same settings
-    /// as a config file's sections, so they go through the same validators.
-    pub fn into_options(self) -> anyhow::Result<ServeOptions> {
-        let a = self;
-        if a.poll_min > a.poll_max {
-            anyhow::bail!(
-                "--poll-min ({}) is above --poll-max ({})",
-                a.poll_min,
-                a.poll_max
-            );
-        }
-        if !a.upstreams.is_empty() && (a.min_sources == 0 || a.min_sources > a.upstreams.len()) {
-            anyhow::bail!(
-                "--min-sources {} must be between 1 and the {} upstreams given",
-                a.min_sources,
-                a.upstreams.len()
-            );
-        }
-        let max_age_ns = ntp_common::time::duration_ns(a.max_anchor_age);
-        if !a.upstreams.is_empty() {
-            crate::config::check_holdover(a.max_holdover, a.upstream_max_poll)
-                .map_err(|why| anyhow::anyhow!("--max-holdover: {why}"))?;
-        }
-        let clock = if a.upstreams.is_empty() {
-            ClockSource::HostClock {
-                identity: HostClockIdentity {
-                    follow_kernel_sync: false,
-                    stratum: a.stratum,
-                    refid: a.refid,
-                    max_age_ns,
-                },
-                publish_interval: a.publish_interval,
+    /// The settings `serve` runs: its own base (no metrics endpoint: a one-off claims no
+    /// fixed port), the `--config` file over it, the flags, then each `--set`, validated as
+    /// one configuration.
+    pub fn settings(&self) -> anyhow::Result<Validated> {
+        let mut table: toml::Table = "[metrics]\nenable = false\n".parse()?;
+        let origin = match &self.config {
+            Some(path) => {
+                crate::config::merge_toml(&mut table, &read_table(path)?);
+                PathBuf::from(format!("{} {COMMAND_LINE}", path.display()))
             }
-        } else {
-            ClockSource::Upstreams {
-                system: SystemConfig {
-                    min_sources: a.min_sources,
-                    max_anchor_age_ns: max_age_ns,
-                    max_holdover_ns: ntp_common::time::duration_ns(a.max_holdover),
-                    poll: crate::clock::upstream::PollConfig {
-                        max_poll: a.upstream_max_poll,
-                        ..Default::default()
-                    },
-                    ..SystemConfig::default()
-                },
-                upstreams: a.upstreams,
-            }
+            None => PathBuf::from(COMMAND_LINE),
         };
-        let origin = std::path::Path::new("(command line)");
-        let limits = crate::config::LimitsSection {
-            enable: !a.no_rate_limit,
-            rate: a.rate_limit,
-            burst: a.burst,
-            ..Default::default()
-        };
-        let access = crate::config::AccessSection {
-            allow: a.allow,
-            deny: a.deny,
-            deny_action: a.deny_action,
-            vlans: a.vlans,
-        };
-        let guests = crate::config::GuestClocksSection {
-            alarm_offset: a.guest_alarm_offset,
-            ..Default::default()
-        };
-        let admission = crate::config::validate_admission(&limits, &access, &guests, origin)?;
-        let observe = crate::config::validate_observe(
-            &guests,
-            &crate::config::MetricsSection {
-                enable: a.metrics_listen.is_some(),
-                listen: a
-                    .metrics_listen
-                    .unwrap_or_else(|| crate::config::MetricsSection::default().listen),
-                // An address given on the command line is asked for explicitly.
-                allow_remote: true,
-            },
-            &crate::config::ControlSection {
-                socket: a.control_socket,
-            },
-            &crate::config::AlarmsSection::default(),
-            None,
-            origin,
-        )?;
-        Ok(ServeOptions {
-            admission,
-            observe,
-            netns: a.netns,
-            interface: a.interface,
-            addresses: a.addresses,
-            xdp_mode: a.xdp_mode.into(),
-            peer_netns: a.peer_netns,
-            params: ServerParams {
-                precision: a.precision,
-                poll_min: a.poll_min,
-                poll_max: a.poll_max,
-                ..ServerParams::DEFAULT
-            },
-            log_packets: a.log_packets,
-            clock,
-            managed: None,
-            // NTS needs a certificate and a key file: configured in `[nts]` (`ntp-xdp run`).
-            nts: None,
-            companion: None,
-            restart: Default::default(),
-        })
+        crate::config::merge_toml(&mut table, &self.flags_table());
+        for setting in &self.set {
+            set_dotted(&mut table, setting)
+                .map_err(|why| ConfigError::file(&origin, format!("--set {setting}: {why}")))?;
+        }
+        crate::config::parse_table(&table, &origin)
     }
+
+    /// The named flags as the schema's TOML.
+    fn flags_table(&self) -> toml::Table {
+        use toml::Value;
+        let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
+        let mut service = toml::Table::new();
+        for (key, value) in [
+            ("netns", &self.netns),
+            ("interface", &self.interface),
+            ("xdp_mode", &self.xdp_mode),
+            ("peer_netns", &self.peer_netns),
+        ] {
+            if let Some(v) = value {
+                service.insert(key.into(), Value::String(v.clone()));
+            }
+        }
+        if !self.addresses.is_empty() {
+            service.insert("addresses".into(), strings(&self.addresses));
+        }
+        let mut table = toml::Table::new();
+        if !service.is_empty() {
+            table.insert("service".into(), Value::Table(service));
+        }
+        if !self.upstreams.is_empty() {
+            let upstreams = self.upstreams.iter().map(|u| {
+                Value::Table(toml::Table::from_iter([(
+                    "address".to_string(),
+                    Value::String(u.clone()),
+                )]))
+            });
+            table.insert("upstream".into(), Value::Array(upstreams.collect()));
+        }
+        table
+    }
+}
+
+/// A config file as a TOML table; an error names the file.
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::file(path, format!("cannot read: {e}")))?;
+    text.parse()
+        .map_err(|e: toml::de::Error| ConfigError::file(path, e.to_string().trim_end()))
+}
+
+/// Applies `KEY=VALUE` (a dotted key, a TOML value or else a string) to `table`.
+fn set_dotted(table: &mut toml::Table, setting: &str) -> Result<(), String> {
+    let (key, value) = setting
+        .split_once('=')
+        .ok_or("not KEY=VALUE (a dotted key such as clock.local_stratum)")?;
+    let value = match format!("v = {value}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").expect("parsed"),
+        Err(_) => toml::Value::String(value.to_string()),
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("{key:?} is not a dotted key"));
+    }
+    let (last, path) = parts.split_last().expect("split yields one part");
+    let mut here = table;
+    for (i, part) in path.iter().enumerate() {
+        let next = here
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        here = next
+            .as_table_mut()
+            .ok_or_else(|| format!("{} is not a table", parts[..=i].join(".")))?;
+    }
+    here.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// `guest-config`: for platforms that run their own DHCP, the subnet host route to the
+/// clock addresses and snippets for guests' NTP clients.
+pub fn guest_config(v: &crate::config::Validated) -> String {
+    use std::net::IpAddr;
+    let service = |v4: bool| {
+        v.vip.as_ref().and_then(|vip| {
+            vip.service_addresses
+                .iter()
+                .map(|n| n.addr())
+                .find(|a| a.is_ipv4() == v4)
+        })
+    };
+    let v4 = service(true).and_then(|a| match a {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    });
+    let v6 = service(false).and_then(|a| match a {
+        IpAddr::V6(a) => Some(a),
+        IpAddr::V4(_) => None,
+    });
+    crate::vip::dhcp::guest_config(v4, v6, &v.service.addresses, v.nts.as_ref().map(|n| n.port))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ClockSource;
+    use clap::CommandFactory as _;
 
-    #[test]
-    fn refids() {
-        assert_eq!(parse_refid("LOCL").unwrap(), *b"LOCL");
-        assert_eq!(parse_refid("GPS").unwrap(), [b'G', b'P', b'S', 0]);
-        assert_eq!(parse_refid("169.254.0.1").unwrap(), [169, 254, 0, 1]);
-        assert!(parse_refid("").is_err());
-        assert!(parse_refid("TOOLONG").is_err());
-        assert!(parse_refid("a b").is_err());
-    }
+    const BASE: [&str; 6] = [
+        "ntp-xdp",
+        "serve",
+        "--interface",
+        "veth0",
+        "--address",
+        "169.254.169.123",
+    ];
 
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10ms").unwrap(), Duration::from_millis(10));
-        assert!(parse_duration("ten").unwrap_err().contains("ten"));
-    }
-
-    #[test]
-    fn serve_rejects_bad_values() {
-        let base = [
-            "ntp-xdp",
-            "serve",
-            "--interface",
-            "veth0",
-            "--address",
-            "169.254.169.123",
-        ];
-        assert!(Cli::try_parse_from(base).is_ok());
-        for bad in [
-            vec!["--stratum", "16"],
-            vec!["--stratum", "0"],
-            vec!["--precision", "3"],
-            vec!["--xdp-mode", "turbo"],
-            vec!["--address", "not-an-ip"],
-        ] {
-            let mut args: Vec<&str> = base.to_vec();
-            args.extend(bad.iter());
-            assert!(Cli::try_parse_from(&args).is_err(), "{bad:?} accepted");
+    fn serve(extra: &[&str]) -> anyhow::Result<Validated> {
+        let args: Vec<&str> = BASE.iter().chain(extra).copied().collect();
+        match Cli::try_parse_from(&args)?.command {
+            Command::Serve(a) => a.settings(),
+            other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn serve_flags_and_sets_lower_into_the_schema() {
+        let v = serve(&[]).unwrap();
+        assert!(v.observe.metrics_listen.is_none(), "serve claims no port");
+        match v.clock_source() {
+            ClockSource::HostClock { identity, .. } => {
+                assert_eq!((identity.stratum, identity.refid), (10, *b"LOCL"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let v = serve(&[
+            "--set",
+            "clock.local_stratum=3",
+            "--set",
+            "clock.refid=GPS",
+            "--set",
+            "limits.enable=false",
+            "--set",
+            "access.deny=[\"169.254.7.0/24\"]",
+            "--set",
+            "metrics.enable=true",
+        ])
+        .unwrap();
+        match v.clock_source() {
+            ClockSource::HostClock { identity, .. } => {
+                assert_eq!((identity.stratum, identity.refid), (3, *b"GPS\0"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!v
+            .admission
+            .policy
+            .has(ntp_common::policy::POLICY_RATE_LIMIT));
+        assert_eq!(v.admission.acl.len(), 1);
+        assert!(v.observe.metrics_listen.is_some());
+        let v = serve(&[
+            "--upstream",
+            "169.254.1.1",
+            "--upstream",
+            "169.254.1.2:1123",
+            "--set",
+            "clock.min_sources=2",
+            "--set",
+            "clock.max_holdover=2h",
+        ])
+        .unwrap();
+        match v.clock_source() {
+            ClockSource::Upstreams { system, upstreams } => {
+                assert_eq!(upstreams, ["169.254.1.1", "169.254.1.2:1123"]);
+                assert_eq!(system.min_sources, 2);
+                assert_eq!(system.max_holdover_ns, 7200 * 1_000_000_000);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The flags are laid over `--config`'s file: what they name wins, the rest is the file's.
+    #[test]
+    fn serve_lays_its_flags_over_a_config_file() {
+        let file = std::env::temp_dir().join(format!("serve-base-{}.toml", std::process::id()));
+        std::fs::write(
+            &file,
+            "[service]\ninterface = \"eth9\"\naddresses = [\"169.254.1.9\"]\n\
+             [clock]\nlocal_stratum = 7\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let v = serve(&["--config", path, "--set", "service.precision=-20"]).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(v.service.interface.as_str(), "veth0");
+        assert_eq!(
+            v.service.addresses,
+            ["169.254.169.123".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!((v.local_stratum, v.service.precision), (7, -20));
+        let e = format!("{:#}", serve(&["--config", path]).unwrap_err());
+        assert!(e.contains(path) && e.contains("cannot read"), "{e}");
+    }
+
+    /// A bad value is the schema's error, naming the field.
+    #[test]
+    fn serve_rejects_bad_values_naming_the_field() {
+        for (bad, field) in [
+            (vec!["--set", "clock.stratum=16"], "clock.stratum"),
+            (
+                vec!["--set", "clock.local_stratum=0"],
+                "clock.local_stratum",
+            ),
+            (vec!["--set", "service.precision=3"], "service.precision"),
+            (vec!["--set", "clock.refid=TOOLONG"], "clock.refid"),
+            (vec!["--set", "limits.rate=0"], "limits.rate"),
+            (vec!["--set", "limits.rate=fast"], "limits.rate"),
+            (vec!["--set", "clock.no_such_key=1"], "no_such_key"),
+            (vec!["--xdp-mode", "turbo"], "service.xdp_mode"),
+            (vec!["--address", "not-an-ip"], "service.addresses"),
+            (
+                vec!["--set", "clock.local_stratum"],
+                "--set clock.local_stratum",
+            ),
+            (
+                vec!["--set", "service.interface.x=1"],
+                "service.interface is not a table",
+            ),
+        ] {
+            let e = format!("{:#}", serve(&bad).expect_err(&format!("{bad:?} accepted")));
+            assert!(
+                e.contains("(command line)") && e.contains(field),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    /// The schema's keys: the names `deny_unknown_fields` lists for an unknown one.
+    fn schema_keys() -> std::collections::BTreeSet<String> {
+        let listed = |text: &str| -> Vec<String> {
+            let e = toml::from_str::<crate::config::Config>(text)
+                .expect_err("an unknown key")
+                .to_string();
+            let list = e.split("expected").nth(1).unwrap_or_else(|| panic!("{e}"));
+            list.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect()
+        };
+        let sections = listed("no_such_key = 1\n");
+        let mut keys: std::collections::BTreeSet<String> = sections.iter().cloned().collect();
+        for section in &sections {
+            let text = match section.as_str() {
+                "upstream" => "[[upstream]]\nno_such_key = 1\n".to_string(),
+                s => format!("[{s}]\nno_such_key = 1\n"),
+            };
+            keys.extend(listed(&text));
+        }
+        assert!(
+            keys.contains("local_stratum") && keys.contains("rate"),
+            "{keys:?}"
+        );
+        keys
+    }
+
+    /// Every default is written once: `serve` has none (the schema's apply), and another
+    /// command's defaults are its own flags', never a setting of the schema.
+    #[test]
+    fn help_shows_no_default_the_schema_owns() {
+        let keys = schema_keys();
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("serve")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(!help.contains("[default:"), "{help}");
+        fn walk(cmd: &clap::Command, keys: &std::collections::BTreeSet<String>, path: &str) {
+            let path = format!("{path} {}", cmd.get_name());
+            for arg in cmd.get_arguments() {
+                let name = arg.get_id().as_str().replace('-', "_");
+                let defaulted = !arg.get_default_values().is_empty();
+                assert!(
+                    !(defaulted && (keys.contains(&name) || path.ends_with(" serve"))),
+                    "{path} --{name} has a default the schema owns"
+                );
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, keys, &path);
+            }
+        }
+        walk(&cli, &keys, "");
+    }
+}
+
+/// `ntp-xdp status`: the report of the daemon behind a control socket (`socket`, or the one
+/// the config names).
+pub fn status(config: Option<&Path>, socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let socket = match socket {
+        Some(s) => s,
+        None => {
+            let v = crate::config::load_or_default(config)?;
+            v.observe.control_socket.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "config {}: no control socket (set control.socket, or give --socket)",
+                    v.source.display()
+                )
+            })?
+        }
+    };
+    let report = crate::observe::status::query(&socket)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", crate::observe::status::render(&report));
+    }
+    Ok(())
+}
+
+impl FleetCommand {
+    /// `ntp-xdp fleet ...`, with the store the `[fleet]` of `config` names.
+    pub fn run(self, config: &Path, host_timeout: Duration) -> anyhow::Result<()> {
+        let spec = crate::config::load(config)?
+            .fleet
+            .ok_or_else(|| anyhow::anyhow!("config {}: no [fleet] section", config.display()))?;
+        let read = |file: &Path| {
+            std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut f = crate::fleet::ops::Fleet::connect(&spec).await?;
+            f.host_timeout = host_timeout;
+            let mut out = |line: &str| println!("{line}");
+            match self {
+                FleetCommand::Push {
+                    file,
+                    rolling,
+                    canary,
+                } => {
+                    let origin = file.display().to_string();
+                    let rev = f
+                        .push(&read(&file)?, &origin, rolling, canary.as_deref(), &mut out)
+                        .await?;
+                    println!("done: revision {rev}");
+                }
+                FleetCommand::Override { host, file } => {
+                    let origin = file.display().to_string();
+                    let rev = f.set_override(&host, &read(&file)?, &origin).await?;
+                    println!("{host}: override written at revision {rev}");
+                }
+                FleetCommand::Restart { .. } => {
+                    f.rolling_restart(&mut out).await?;
+                    println!("done: every live host restarted");
+                }
+                FleetCommand::Status {
+                    json,
+                    max_offset_spread,
+                } => {
+                    let r = f.report(max_offset_spread.as_secs_f64()).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                    } else {
+                        print!("{}", crate::fleet::ops::render(&r));
+                    }
+                }
+            }
+            anyhow::Ok(())
+        })
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use etcd_client::{Client, GetOptions, WatchOptions};
 use ntp_user::clock::snapshot::{ClockReference, ClockSnapshot};
-use ntp_user::fleet::agent::{Agent, LocalDaemon, Validator};
+use ntp_user::fleet::agent::{Agent, Check, LiveRequest, LocalDaemon};
 use ntp_user::fleet::local::LocalFiles;
 use ntp_user::fleet::ops::Fleet;
 use ntp_user::fleet::{ApplyState, ConfigState, FleetSpec, HostStatus, Keys};
@@ -170,22 +170,29 @@ async fn host_loop(
     spec: FleetSpec,
     local_fleet: toml::Value,
     local_text: String,
-    validate: Validator,
+    check: Check,
     restarts: Arc<AtomicUsize>,
 ) {
     loop {
         let applied = LocalFiles::new(&spec.state_dir).applied_config();
         let running = std::fs::read_to_string(&applied).unwrap_or_else(|_| local_text.clone());
+        // The access list and limits "applied" in place at once (until the agent, and with it
+        // the sender, is gone).
+        let (live, mut requests) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            while let Some(LiveRequest::ApplyAdmission(_, reply)) = requests.recv().await {
+                let _ = reply.send(Ok(()));
+            }
+        });
         let agent = Agent {
             spec: spec.clone(),
             local_fleet: local_fleet.clone(),
-            validate: validate.clone(),
+            check,
             cell: Default::default(),
             started_unix: ntp_user::host::hostclock::unix_now_s(),
             nts_keys: None,
             running: Mutex::new(running),
-            // The access list and limits "applied" in place at once.
-            live: Some(Arc::new(|_text: &str| Ok(()))),
+            live: Some(live),
             problems: Default::default(),
         };
         let restart = ntp_user::daemon::Restart::default();
@@ -291,7 +298,6 @@ struct Sim {
     seen: Arc<Mutex<Seen>>,
     restarts: Arc<AtomicUsize>,
     hosts: Vec<String>,
-    validate: Validator,
 }
 
 impl Sim {
@@ -311,7 +317,6 @@ impl Sim {
             .push(
                 text,
                 "fleet-scale push",
-                &self.validate,
                 rolling,
                 canary,
                 &mut |line: &str| {
@@ -482,7 +487,7 @@ async fn simulate_in(
     };
     // Hosts check a pushed configuration as a local file (their interfaces aside: they have
     // none).
-    let validate = ntp_user::config::push_validator();
+    let check = Check::Portable;
     let base = cluster_config(-20, "");
     let restarts = Arc::new(AtomicUsize::new(0));
     let hosts: Vec<String> = (0..run.hosts).map(host_name).collect();
@@ -498,12 +503,7 @@ async fn simulate_in(
     operator.host_timeout = run.host_timeout;
     for i in 0..run.hosts + run.absent {
         operator
-            .set_override(
-                &host_name(i),
-                &host_override(i),
-                "fleet-scale override",
-                &validate,
-            )
+            .set_override(&host_name(i), &host_override(i), "fleet-scale override")
             .await?;
     }
     let mut tasks = Vec::new();
@@ -517,7 +517,7 @@ async fn simulate_in(
             spec,
             local_fleet,
             local_text,
-            validate.clone(),
+            check,
             restarts.clone(),
         )));
     }
@@ -544,7 +544,6 @@ async fn simulate_in(
         seen,
         restarts,
         hosts,
-        validate,
     };
     let live_push = sim
         .push(&cluster_config(-20, "\"169.254.0.0/16\""), false, None)

@@ -32,7 +32,12 @@ fn answered(program: u32, counter: &str) -> u64 {
 
 fn clients_accept_replies(mode: &str, subnet: u8) {
     let t = Topology::new(subnet).unwrap();
-    let serve = ServeProcess::start(&t, mode, &["--stratum", &STRATUM.to_string()]).unwrap();
+    let serve = ServeProcess::start(
+        &t,
+        mode,
+        &["--set", &format!("clock.local_stratum={STRATUM}")],
+    )
+    .unwrap();
     assert!(
         serve.attached.contains(&format!("mode=\"{mode}\"")),
         "{}",
@@ -131,11 +136,15 @@ fn serve_reports_bad_arguments_clearly() {
             "x",
             "--address",
             CLOCK_V4,
-            "--refid",
-            "TOOLONG",
+            "--set",
+            "clock.refid=TOOLONG",
         ])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("TOOLONG"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("clock.refid") && err.contains("TOOLONG"),
+        "{err}"
+    );
 }

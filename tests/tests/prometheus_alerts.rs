@@ -288,13 +288,18 @@ fn prometheus_fires_and_clears_the_shipped_alerts_when_upstreams_go_silent() -> 
     let metrics = format!("169.254.132.2:{port}");
     let web = format!("169.254.132.2:{}", port + 1);
     // 16 s polls; the holdover is two of them.
+    let metrics_set = format!("metrics.listen={metrics}");
     let mut args = vec![
-        "--upstream-max-poll",
-        "4",
-        "--max-holdover",
-        "32s",
-        "--metrics-listen",
-        &metrics,
+        "--set",
+        "clock.max_poll=4",
+        "--set",
+        "clock.max_holdover=32s",
+        "--set",
+        "metrics.enable=true",
+        "--set",
+        &metrics_set,
+        "--set",
+        "metrics.allow_remote=true",
     ];
     for a in &addrs {
         args.extend(["--upstream", a.as_str()]);

@@ -106,17 +106,19 @@ fn serves_disciplined_time_from_real_upstreams_and_holds_over() {
     let control = std::env::temp_dir().join(format!("ntpx-discipline-{}.sock", std::process::id()));
     let control_arg = control.to_string_lossy().into_owned();
     // Polls stay at 16 s; the holdover is two of them.
+    let control_set = format!("control.socket={control_arg}");
     let mut args = vec![
-        "--control-socket",
-        &control_arg,
-        "--upstream-max-poll",
-        "4",
-        "--max-holdover",
-        "32s",
-        "--max-anchor-age",
-        "30s",
+        "--set",
+        &control_set,
+        "--set",
+        "clock.max_poll=4",
+        "--set",
+        "clock.max_holdover=32s",
+        "--set",
+        "clock.max_anchor_age=30s",
         // The test polls the responder in tight loops; a RATE KoD would read as LI=3.
-        "--no-rate-limit",
+        "--set",
+        "limits.enable=false",
     ];
     for a in &addrs {
         args.push("--upstream");
@@ -248,13 +250,15 @@ fn a_guests_error_bound_covers_its_offset_with_honest_and_wrong_upstreams() {
     for (label, chosen) in cases {
         let control = std::env::temp_dir().join(format!("ntpx-bound-{}.sock", std::process::id()));
         let control_arg = control.to_string_lossy().into_owned();
+        let control_set = format!("control.socket={control_arg}");
         let mut args = vec![
-            "--control-socket",
-            &control_arg,
-            "--upstream-max-poll",
-            "4",
+            "--set",
+            &control_set,
+            "--set",
+            "clock.max_poll=4",
             // The guest polls every second.
-            "--no-rate-limit",
+            "--set",
+            "limits.enable=false",
         ];
         for &i in &chosen {
             args.push("--upstream");
@@ -492,13 +496,14 @@ fn a_resolver_that_never_answers_never_stalls_the_clock() {
         "169.254.57.1",
         "--upstream",
         "ntp.blackholed.test",
-        "--min-sources",
-        "1",
-        "--upstream-max-poll",
-        "4",
-        "--max-anchor-age",
-        "2s",
-        "--no-rate-limit",
+        "--set",
+        "clock.min_sources=1",
+        "--set",
+        "clock.max_poll=4",
+        "--set",
+        "clock.max_anchor_age=2s",
+        "--set",
+        "limits.enable=false",
     ];
     let mut serve = ServeProcess::start_in(Some(&host), &t, "generic", &args).unwrap();
     wait_for_first_sync(&t, &mut serve);

@@ -97,7 +97,7 @@ fn fixed_fields(reply: &[u8]) -> (u8, u8, u8, u8, [u8; 4], u64, u64, u32) {
 #[test]
 fn requests_with_a_mac_are_answered_by_userspace_with_the_kernels_header() {
     let t = Topology::new(71).unwrap();
-    let serve = ServeProcess::start(&t, "generic", &["--stratum", "3"]).unwrap();
+    let serve = ServeProcess::start(&t, "generic", &["--set", "clock.local_stratum=3"]).unwrap();
     let program = serve.program_id().unwrap();
     for addr in [CLOCK_V4, CLOCK_V6] {
         let passed = counter(program, "passed_extension");
@@ -154,7 +154,7 @@ fn requests_with_a_mac_are_answered_by_userspace_with_the_kernels_header() {
 #[test]
 fn with_xdp_off_the_userspace_path_serves_real_clients() {
     let t = Topology::new(72).unwrap();
-    let serve = ServeProcess::start(&t, "off", &["--stratum", "5"]).unwrap();
+    let serve = ServeProcess::start(&t, "off", &["--set", "clock.local_stratum=5"]).unwrap();
     assert!(
         serve.attached.contains("mode=\"off\""),
         "{}",
@@ -184,12 +184,12 @@ fn with_xdp_off_the_userspace_path_serves_real_clients() {
 fn the_userspace_path_applies_the_access_list_and_the_rate_limit() {
     for (subnet, mode) in [(75u8, "generic"), (76, "off")] {
         let t = Topology::new(subnet).unwrap();
-        let guest_net = format!("{}/32", t.guest_v4);
+        let deny = format!("access.deny=[\"{}/32\"]", t.guest_v4);
         let serve = ServeProcess::start_in(
             None,
             &t,
             mode,
-            &["--deny", &guest_net, "--deny-action", "drop"],
+            &["--set", &deny, "--set", "access.deny_action=drop"],
         )
         .unwrap();
         for extra in [0, 20] {
@@ -207,8 +207,13 @@ fn the_userspace_path_applies_the_access_list_and_the_rate_limit() {
         drop(serve);
 
         // A burst of 3 at 1/s: ten padded requests back to back get at most 3 with time.
-        let serve =
-            ServeProcess::start_in(None, &t, mode, &["--rate-limit", "1", "--burst", "3"]).unwrap();
+        let serve = ServeProcess::start_in(
+            None,
+            &t,
+            mode,
+            &["--set", "limits.rate=1.0", "--set", "limits.burst=3"],
+        )
+        .unwrap();
         let replies = burst(
             &t.guest,
             CLOCK_V4,

@@ -194,16 +194,16 @@ fn start_ntp_user(bin: &Path, t: &Rig, mode: &str) -> Result<Server> {
         .args([
             "--xdp-mode",
             mode,
-            "--stratum",
-            "2",
+            "--set",
+            "clock.local_stratum=2",
             // No --peer-netns: the reply counter is the guest veth's XDP program.
             // The default admission (access list, per-source rate state, guest clock
             // records), with a rate one generator address never exceeds: its lookups are
             // measured, not the limiter's refusals.
-            "--rate-limit",
-            "1000000",
-            "--burst",
-            "1000000",
+            "--set",
+            "limits.rate=1000000.0",
+            "--set",
+            "limits.burst=1000000",
         ]);
     let serve = ServeProcess::spawn_ref(cmd, "responder attached")
         .with_context(|| format!("ntp-xdp serve --xdp-mode {mode}"))?;

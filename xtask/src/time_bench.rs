@@ -2,7 +2,7 @@
 //! chronyd relaying the same upstreams.
 //!
 //! Three chronyd servers (`local stratum 3`) in namespaces of their own are the upstreams. The
-//! daemon runs in the VIP host's namespace, disciplined against them (`--upstream-max-poll 4`),
+//! daemon runs in the VIP host's namespace, disciplined against them (`--set clock.max_poll=4`),
 //! serving the clock address on the VIP veth in native XDP. chronyd as a relay (`-x`, the
 //! same three servers at `minpoll 4 maxpoll 4`) serves the VIP veth's service address from the
 //! VIP namespace, which reaches the upstreams through the host namespace. After both are
@@ -124,12 +124,14 @@ pub fn run(bin: &std::path::Path) -> Result<Value> {
     // what is left of a guest-seen offset beyond it is the serving path's.
     let control = std::env::temp_dir().join(format!("ntpx-time-bench-{}.sock", std::process::id()));
     let control_arg = control.to_string_lossy().into_owned();
+    let control_set = format!("control.socket={control_arg}");
     let mut args = vec![
-        "--upstream-max-poll",
-        "4",
-        "--no-rate-limit",
-        "--control-socket",
-        &control_arg,
+        "--set",
+        "clock.max_poll=4",
+        "--set",
+        "limits.enable=false",
+        "--set",
+        &control_set,
     ];
     for a in &addrs {
         args.push("--upstream");

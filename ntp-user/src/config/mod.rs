@@ -5,7 +5,7 @@
 //! - [`names`]: the names and paths in them, refused as they are read if they hold anything a
 //!   generated file or a command line could not carry;
 //! - [`validate`]: every field checked, errors as [`ConfigError`];
-//! - [`lower`]: the validated config ([`Validated`]) and its lowering to daemon options.
+//! - [`lower`]: the validated config ([`Validated`]), the one settings type the daemon runs.
 
 pub mod error;
 pub mod lower;
@@ -21,10 +21,10 @@ use std::path::Path;
 use anyhow::Result;
 
 pub use error::ConfigError;
-pub use lower::Validated;
+pub use lower::{ClockSource, FleetSpec, Validated};
 pub use schema::*;
 pub use sections::check_holdover;
-pub use validate::{host_preflight, validate_admission, validate_observe};
+pub use validate::{validate_admission, validate_observe};
 pub use values::{parse_refid, HumanDuration, RefId};
 
 /// The configuration `cargo xtask run` and `ntp-xdp run` use when given no file: serve the
@@ -38,9 +38,35 @@ pub fn load(path: &Path) -> Result<Validated> {
     parse(&text, path)
 }
 
+/// A config file, or the embedded default without one.
+pub fn load_or_default(path: Option<&Path>) -> Result<Validated> {
+    match path {
+        Some(path) => load(path),
+        None => parse(EMBEDDED_DEFAULT, Path::new("(embedded default)")),
+    }
+}
+
 /// Parses and validates config text; `origin` names it in errors.
 pub fn parse(text: &str, origin: &Path) -> Result<Validated> {
     validate::validate(read(text, origin)?, origin, true)
+}
+
+/// Validates a configuration assembled as a TOML table (`serve`'s flags over a file).
+pub fn parse_table(table: &toml::Table, origin: &Path) -> Result<Validated> {
+    let text = toml::to_string(table).map_err(|e| ConfigError::file(origin, e.to_string()))?;
+    parse(&text, origin)
+}
+
+/// Lays `over` on `base`: tables merge key by key, any other value replaces the base's.
+pub fn merge_toml(base: &mut toml::Table, over: &toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_toml(b, o),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
 }
 
 /// The TOML as the schema's types; a value refused names the field it was read from.
@@ -65,26 +91,6 @@ pub fn parse_portable(text: &str, origin: &Path) -> Result<Validated> {
 /// A configuration that sets every field whose value reaches a generated file, a command line
 /// or a path, and how to spoil one of them: shared by the tests of `check-config` and of a
 /// fleet push.
-/// How `fleet push` and `fleet override` check a configuration before it is written: what
-/// any machine can check (the files a host reads, only that host can).
-pub fn push_validator() -> crate::fleet::agent::Validator {
-    std::sync::Arc::new(|text, origin| {
-        parse_portable(text, std::path::Path::new(origin))
-            .map(|_| ())
-            .map_err(|e| format!("{e:#}"))
-    })
-}
-
-/// How a host checks a configuration pushed to it before it applies it: as a local file,
-/// and the interfaces it names exist here.
-pub fn host_validator() -> crate::fleet::agent::Validator {
-    std::sync::Arc::new(|text, origin| {
-        parse(text, std::path::Path::new(origin))
-            .and_then(|v| host_preflight(&v))
-            .map_err(|e| format!("{e:#}"))
-    })
-}
-
 #[cfg(test)]
 pub(crate) mod every_field {
     use std::path::{Path, PathBuf};
@@ -228,6 +234,16 @@ mod tests {
 interface = "veth0"
 addresses = ["169.254.169.123"]
 "#;
+
+    #[test]
+    fn refids() {
+        assert_eq!(parse_refid("LOCL").unwrap(), *b"LOCL");
+        assert_eq!(parse_refid("GPS").unwrap(), [b'G', b'P', b'S', 0]);
+        assert_eq!(parse_refid("169.254.0.1").unwrap(), [169, 254, 0, 1]);
+        assert!(parse_refid("").is_err());
+        assert!(parse_refid("TOOLONG").is_err());
+        assert!(parse_refid("a b").is_err());
+    }
 
     #[test]
     fn embedded_default_is_valid() {
@@ -392,7 +408,7 @@ addresses = ["169.254.169.123"]
         assert_eq!(r.keepalived.vrrp_interface, "ntpxdp-r0");
         assert_eq!(r.keepalived.address_interface, "v0");
         assert!(spec.wanted_addresses().is_empty());
-        assert_eq!(v.serve_options().params.vrrp_router_id, 7);
+        assert_eq!(v.server_params().vrrp_router_id, 7);
         assert!(v.observe.health_socket.is_some());
         assert!(r
             .keepalived
@@ -487,7 +503,7 @@ addresses = ["169.254.169.123"]
         )
         .unwrap();
         assert!(!v.nts.unwrap().rotate_locally);
-        assert_eq!(v.fleet.unwrap().nts_seal_key_file, seal);
+        assert_eq!(v.fleet.unwrap().nts_seal_key_file.0, seal);
         // No TLS: NTS is refused, and so are credentials; a fleet alone without TLS is not.
         let e = err(&format!("{MINIMAL}{nts}{}", plain_fleet("")));
         assert!(

@@ -13,6 +13,7 @@ use super::schema::*;
 use crate::clock::discipline::DisciplineConfig;
 use crate::clock::system::SystemConfig;
 use crate::clock::upstream::PollConfig;
+use crate::nts::server::SealKeyFile;
 
 /// The clock is updated at most once per poll: a holdover shorter than two of the longest
 /// poll intervals would declare it unsynchronized between ordinary polls.
@@ -152,7 +153,7 @@ impl ClockSection {
 impl FleetSection {
     /// The fleet's spec: endpoints that are URLs, names usable in keys, TLS files together,
     /// credentials only over TLS.
-    pub fn lower(&self, origin: &Path) -> Result<crate::fleet::FleetSpec> {
+    pub fn lower(&self, origin: &Path) -> Result<super::lower::FleetSpec> {
         let f = self;
         let bad = field_error(origin);
         if f.endpoints.is_empty() {
@@ -249,7 +250,7 @@ impl FleetSection {
         }
         let path = |p: &Option<SafePath>| p.clone().map(PathBuf::from);
         let state_dir = PathBuf::from(f.state_dir.clone());
-        Ok(crate::fleet::FleetSpec {
+        Ok(super::lower::FleetSpec {
             endpoints: f.endpoints.iter().map(ToString::to_string).collect(),
             cluster: f.cluster.clone(),
             host,
@@ -260,8 +261,9 @@ impl FleetSection {
             password_file: path(&f.password_file),
             lease_ttl,
             sync_deadline,
-            nts_seal_key_file: path(&f.nts_seal_key_file)
-                .unwrap_or_else(|| state_dir.join("nts-seal.key")),
+            nts_seal_key_file: SealKeyFile(
+                path(&f.nts_seal_key_file).unwrap_or_else(|| state_dir.join("nts-seal.key")),
+            ),
             state_dir,
         })
     }

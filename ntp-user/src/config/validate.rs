@@ -79,43 +79,6 @@ pub(super) fn validate(cfg: Config, origin: &Path, host_files: bool) -> Result<V
     })
 }
 
-/// What only this host can check before it runs a configuration pushed to it: the
-/// interfaces it names exist here.
-pub fn host_preflight(v: &Validated) -> Result<()> {
-    let origin = v.source.as_path();
-    let exists = |name: &str| nix::net::if_::if_nametoindex(name).is_ok();
-    let mut named: Vec<(String, &str)> = Vec::new();
-    if let Some(vip) = &v.vip {
-        for (i, h) in vip.host_interfaces.iter().enumerate() {
-            named.push((format!("vip.host_interfaces[{i}]"), h.as_str()));
-        }
-        if let Some(r) = &vip.redundancy {
-            for (i, t) in r.track_interfaces.iter().enumerate() {
-                named.push((format!("redundancy.track_interfaces[{i}]"), t.as_str()));
-            }
-            if let Some(link) = &r.link {
-                named.push(("redundancy.bridge".into(), link.bridge.as_str()));
-            }
-        }
-        if let (Some(b), false) = (&vip.bridge, vip.create_bridge) {
-            named.push(("vip.bridge".into(), b.as_str()));
-        }
-    } else if v.service.netns.is_none() {
-        named.push(("service.interface".into(), v.service.interface.as_str()));
-    }
-    for (field, name) in named {
-        if !exists(name) {
-            return Err(ConfigError::field(
-                origin,
-                &field,
-                format!("there is no interface {name:?} on this host"),
-            )
-            .into());
-        }
-    }
-    Ok(())
-}
-
 /// The `[nts]` section: the certificate and key load and go together, the addresses are
 /// served ones, the rotation is sane. In a fleet, whose store holds the cookie keys: the
 /// store is reached over TLS and the seal key is there.
@@ -123,7 +86,7 @@ pub fn validate_nts(
     n: &NtsSection,
     service: &ServiceSection,
     vip: Option<&crate::vip::VipSpec>,
-    fleet: Option<&crate::fleet::FleetSpec>,
+    fleet: Option<&super::lower::FleetSpec>,
     host_files: bool,
     origin: &Path,
 ) -> Result<crate::nts::server::NtsSpec> {
@@ -139,7 +102,8 @@ pub fn validate_nts(
             ));
         }
         if host_files {
-            f.read_seal_key()
+            f.nts_seal_key_file
+                .read()
                 .map_err(|e| bad("fleet.nts_seal_key_file", format!("{e:#}")))?;
         }
     }

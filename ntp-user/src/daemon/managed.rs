@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use crate::daemon::serving::{serve_responder, AbortOnDrop, ServeOptions, UserSockets};
+use crate::config::Validated;
+use crate::daemon::serving::{serve_responder, AbortOnDrop, Beside, UserSockets};
 use crate::host::files::state_dir;
 use crate::host::netlink::Netlink;
 use crate::host::netns;
@@ -343,9 +344,10 @@ async fn repair(
 /// Runs the daemon with the plumbing it owns. Returns on SIGINT/SIGTERM, leaving the pinned
 /// responder and the plumbing in place.
 pub async fn serve_managed(
-    opts: ServeOptions,
-    spec: VipSpec,
-    dhcp_spec: Option<DhcpSpec>,
+    settings: &Validated,
+    beside: Beside,
+    spec: &VipSpec,
+    dhcp_spec: Option<&DhcpSpec>,
 ) -> Result<()> {
     let _lock = DaemonLock::acquire(&spec.netns)?;
     // A withdrawal asked of a daemon that had already exited is not this one's.
@@ -367,12 +369,12 @@ pub async fn serve_managed(
     }
     let ns = netns::open_named_netns(&spec.netns)?;
 
-    let mut responder = Responder::load_pinned(&pin_dir(&spec.netns), opts.admission.tables)?;
+    let mut responder = Responder::load_pinned(&pin_dir(&spec.netns), settings.admission.tables)?;
     let adopted = responder.current_anchor().is_some();
-    responder.set_params(opts.params)?;
-    responder.apply_admission(&opts.admission)?;
+    responder.set_params(settings.server_params())?;
+    responder.apply_admission(&settings.admission)?;
     let mut served: Vec<IpAddr> = spec.served_addresses();
-    for a in &opts.addresses {
+    for a in &settings.service.addresses {
         if !served.contains(a) {
             served.push(*a);
         }
@@ -395,14 +397,14 @@ pub async fn serve_managed(
     let user_sockets = crate::userspace::bind_sockets(Some(&ns), &served)?;
     // Attachments an earlier daemon pinned that this config no longer asks for would go on
     // answering from maps nobody updates: release them.
-    for gone in release_unwanted_links(&spec, opts.xdp_mode)? {
+    for gone in release_unwanted_links(&spec, settings.xdp_mode)? {
         info!(attachment = %gone, "released an attachment the config no longer asks for");
     }
-    let plan = if opts.xdp_mode == XdpModePref::Off {
+    let plan = if settings.xdp_mode == XdpModePref::Off {
         info!("XDP off: the userspace path answers everything");
         None
     } else {
-        Some(attach_all(&mut responder, &spec, &ns, opts.xdp_mode).await?)
+        Some(attach_all(&mut responder, &spec, &ns, settings.xdp_mode).await?)
     };
     let attachments: Vec<&Attachment> = plan
         .iter()
@@ -445,7 +447,7 @@ pub async fn serve_managed(
     let (is_master, is_master_rx) = tokio::sync::watch::channel(spec.redundancy.is_none());
     let vrrp = crate::observe::status::VrrpCell::default();
     let mut tasks = Vec::new();
-    if let Some(d) = &dhcp_spec {
+    if let Some(d) = dhcp_spec {
         tasks.push(AbortOnDrop(tokio::spawn(helper::supervise(
             d.clone(),
             plumbing_rx.clone(),
@@ -492,7 +494,8 @@ pub async fn serve_managed(
         plumbing: plumbing_rx,
     };
     let result = serve_responder(
-        &opts,
+        settings,
+        beside,
         &mut responder,
         user_sockets,
         Some(continuity),

@@ -1,7 +1,6 @@
 //! What both modes run once the responder is set up: the clock task, the userspace path,
 //! NTS, observability and the mode's own tasks, on the daemon's one runtime.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,121 +10,23 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
 use crate::clock::snapshot::{ClockReference, ClockSnapshot};
-use crate::clock::system::SystemConfig;
+use crate::config::{ClockSource, Validated};
 use crate::daemon::clock_task;
+use crate::fleet::agent::Restart;
 use crate::host::hostclock::HostClockIdentity;
 use crate::observe::status::ClockSnapshotCell;
 use crate::observe::Observatory;
-use crate::responder::{Responder, XdpModePref};
+use crate::responder::Responder;
 use crate::userspace::{SharedAdmission, SocketPlace, UserspaceCounters};
 
-/// Where served time comes from.
-#[derive(Debug, Clone)]
-pub enum ClockSource {
-    /// The host clock as it is (already disciplined by chrony/PTP, or no upstream at all:
-    /// a local stratum like chrony's `local stratum 10`).
-    HostClock {
-        identity: HostClockIdentity,
-        publish_interval: Duration,
-    },
-    /// The daemon's own clock, disciplined against these upstreams.
-    Upstreams {
-        system: SystemConfig,
-        upstreams: Vec<String>,
-    },
-}
-
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    pub netns: Option<String>,
-    pub interface: String,
-    pub addresses: Vec<IpAddr>,
-    pub xdp_mode: XdpModePref,
-    pub peer_netns: Option<String>,
-    pub params: ServerParams,
-    pub log_packets: bool,
-    pub clock: ClockSource,
-    /// The plumbing the daemon creates and keeps (None: attach to an existing interface and
-    /// detach on exit).
-    pub managed: Option<(crate::vip::VipSpec, Option<crate::vip::dhcp::DhcpSpec>)>,
-    /// Access list, rate limit, guest clock records.
-    pub admission: crate::responder::admission::AdmissionSpec,
-    /// Metrics, control socket, alarms.
-    pub observe: crate::observe::ObserveSpec,
-    /// Network Time Security (None: off).
-    pub nts: Option<crate::nts::server::NtsSpec>,
-    /// A task that runs beside the daemon's own with its observatory (the fleet agent).
-    pub companion: Option<Companion>,
+/// What the daemon runs beside its own tasks, and how that asks it to stop and start again.
+#[derive(Default)]
+pub struct Beside {
+    /// The fleet agent: started once the responder serves (so its start says the
+    /// configuration started), its requests served by the daemon.
+    pub agent: Option<crate::fleet::agent::Agent>,
     /// Asked for, the daemon stops as on SIGTERM so that its caller can start it again.
     pub restart: Restart,
-}
-
-/// A request to restart the daemon in place: it stops as on SIGTERM (the pinned responder
-/// keeps answering) and `ntp-xdp run` starts itself again.
-#[derive(Clone, Default, Debug)]
-pub struct Restart(Arc<RestartFlag>);
-
-#[derive(Default, Debug)]
-struct RestartFlag {
-    requested: std::sync::atomic::AtomicBool,
-    notify: tokio::sync::Notify,
-}
-
-impl Restart {
-    pub fn request(&self) {
-        self.0
-            .requested
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.0.notify.notify_one();
-    }
-
-    pub fn requested(&self) -> bool {
-        self.0.requested.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    async fn wait(&self) {
-        if !self.requested() {
-            self.0.notify.notified().await;
-        }
-    }
-}
-
-/// What a companion runs: given the observatory and the restart handle once the responder
-/// serves (so its start says the configuration started).
-pub type CompanionTask = Box<
-    dyn FnOnce(Arc<Observatory>, Restart, LiveAdmission) -> futures::future::BoxFuture<'static, ()>
-        + Send,
->;
-
-/// Changes who is answered (policy, access list) without a restart: the kernel's maps and
-/// the userspace path's copy of the policy.
-pub type LiveAdmission =
-    Arc<dyn Fn(&crate::responder::admission::AdmissionSpec) -> Result<()> + Send + Sync>;
-
-/// A task run beside the daemon's (the fleet agent), and the cell it reports its store in.
-#[derive(Clone)]
-pub struct Companion {
-    pub fleet: crate::observe::status::FleetCell,
-    task: Arc<std::sync::Mutex<Option<CompanionTask>>>,
-}
-
-impl Companion {
-    pub fn new(fleet: crate::observe::status::FleetCell, task: CompanionTask) -> Companion {
-        Companion {
-            fleet,
-            task: Arc::new(std::sync::Mutex::new(Some(task))),
-        }
-    }
-
-    fn take(&self) -> Option<CompanionTask> {
-        self.task.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-}
-
-impl std::fmt::Debug for Companion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Companion(..)")
-    }
 }
 
 /// The userspace path's sockets as bound at start, where to bind them again, and the plumbing
@@ -139,24 +40,25 @@ pub(crate) struct UserSockets {
 /// What both modes run once the responder is set up: observability, the userspace path,
 /// the mode's own tasks, and the clock task until shutdown. Returns the userspace counters.
 pub(crate) async fn serve_responder(
-    opts: &ServeOptions,
+    settings: &Validated,
+    mut beside: Beside,
     responder: &mut Responder,
     user_sockets: UserSockets,
     continuity: Option<clock_task::Continuity>,
     mode_tasks: Vec<AbortOnDrop>,
     vrrp: crate::observe::status::VrrpCell,
 ) -> Result<Arc<UserspaceCounters>> {
-    let nts = match &opts.nts {
+    let nts = match &settings.nts {
         Some(spec) => Some(start_nts(spec, &user_sockets)?),
         None => None,
     };
-    let fleet_cell = opts
-        .companion
+    let fleet_cell = beside
+        .agent
         .as_ref()
-        .map(|c| c.fleet.clone())
+        .map(|a| a.cell.clone())
         .unwrap_or_default();
     let (observatory, clock_status, user_counters) = Observatory::for_responder(
-        &opts.observe,
+        &settings.observe,
         responder,
         vrrp,
         nts.as_ref().map(|n| n.state.clone()),
@@ -164,7 +66,7 @@ pub(crate) async fn serve_responder(
     )?;
     let result = async {
         let signal = shutdown_signal()?;
-        let restart = opts.restart.clone();
+        let restart = beside.restart.clone();
         let shutdown = async move {
             tokio::select! {
                 () = signal => {}
@@ -177,7 +79,7 @@ pub(crate) async fn serve_responder(
             .map(AbortOnDrop)
             .collect();
         let admission: SharedAdmission = Arc::new(std::sync::Mutex::new(
-            crate::userspace::UserspaceAdmission::new(responder, opts.admission.policy)?,
+            crate::userspace::UserspaceAdmission::new(responder, settings.admission.policy)?,
         ));
         let nts_state = nts.as_ref().map(|n| n.state.clone());
         let live_admission = admission.clone();
@@ -186,45 +88,70 @@ pub(crate) async fn serve_responder(
         let _userspace = AbortOnDrop(tokio::spawn(userspace_path(
             user_sockets,
             responder.subscribe(),
-            opts.params,
+            settings.server_params(),
             admission,
             user_counters.clone(),
             nts_state,
         )));
-        // Everything is set up: the companion's start says so (the fleet agent marks a
-        // staged configuration applied).
-        let writer = std::sync::Mutex::new(responder.admission_writer()?);
-        let live: LiveAdmission = Arc::new(move |spec| {
-            writer
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .apply(spec)?;
-            live_admission
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_policy(spec.policy);
-            Ok(())
-        });
-        let _companion = opts
-            .companion
-            .as_ref()
-            .and_then(Companion::take)
-            .map(|task| {
-                AbortOnDrop(tokio::spawn(task(
-                    observatory.clone(),
-                    opts.restart.clone(),
-                    live,
-                )))
-            });
+        // Everything is set up: the agent's start says so (it marks a staged configuration
+        // applied).
+        let writer = responder.admission_writer()?;
+        let _agent: Vec<AbortOnDrop> = match beside.agent.take() {
+            Some(mut agent) => {
+                let (requests, incoming) = tokio::sync::mpsc::channel(1);
+                agent.live = Some(requests);
+                vec![
+                    AbortOnDrop(tokio::spawn(serve_live_requests(
+                        incoming,
+                        writer,
+                        live_admission,
+                    ))),
+                    AbortOnDrop(tokio::spawn(
+                        agent.run(observatory.clone(), beside.restart.clone()),
+                    )),
+                ]
+            }
+            None => Vec::new(),
+        };
 
         let _mode_tasks = mode_tasks;
-        run_clock(&opts.clock, responder, continuity, clock_status, shutdown).await
+        run_clock(
+            &settings.clock_source(),
+            responder,
+            continuity,
+            clock_status,
+            shutdown,
+        )
+        .await
     }
     .await;
-    if let Some(socket) = &opts.observe.control_socket {
+    if let Some(socket) = &settings.observe.control_socket {
         let _ = std::fs::remove_file(socket);
     }
     result.map(|()| user_counters)
+}
+
+/// Serves the fleet agent's requests: who is answered (policy, access list) changed without a
+/// restart, in the kernel's maps and the userspace path's copy of the policy.
+async fn serve_live_requests(
+    mut incoming: tokio::sync::mpsc::Receiver<crate::fleet::agent::LiveRequest>,
+    mut writer: crate::responder::admission::AdmissionWriter,
+    userspace: SharedAdmission,
+) {
+    use crate::fleet::agent::LiveRequest;
+    while let Some(request) = incoming.recv().await {
+        match request {
+            LiveRequest::ApplyAdmission(spec, reply) => {
+                let applied = writer.apply(&spec).map(|()| {
+                    userspace
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .set_policy(spec.policy)
+                });
+                let _ = reply.send(applied.map_err(|e| format!("{e:#}")));
+            }
+        }
+    }
 }
 
 /// NTS, set up before anything serves: the keys loaded (or made), the certificate read, the

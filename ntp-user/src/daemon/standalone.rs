@@ -2,62 +2,60 @@
 
 use std::fs::File;
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 use ntp_common::anchor::PARAM_FLAG_LOG;
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
-use crate::daemon::serving::{
-    serve_responder, AbortOnDrop, ClockSource, ServeOptions, UserSockets,
-};
+use crate::config::{ClockSource, Validated};
+use crate::daemon::serving::{serve_responder, AbortOnDrop, Beside, UserSockets};
 use crate::host::netlink::Netlink;
 use crate::host::netns;
 use crate::responder::attach::{self, Attachment, LinkKind, Step};
 use crate::responder::{Attached, Responder, XdpModePref};
 
-pub async fn serve(mut opts: ServeOptions) -> Result<()> {
-    if opts.addresses.is_empty() {
-        bail!("serve needs at least one --address to answer for");
-    }
+pub async fn serve(settings: &Validated, beside: Beside) -> Result<()> {
+    let addresses = &settings.service.addresses;
     // The daemon stays in its own namespace (upstream sockets live there) and enters the
     // service namespace only to attach.
     let home = netns::current_netns()?;
-    let service_ns = match &opts.netns {
+    let service_ns = match settings.netns() {
         Some(name) => Some(netns::open_named_netns(name)?),
         None => None,
     };
 
-    let mut responder = Responder::load_sized(opts.admission.tables)?;
-    responder.apply_admission(&opts.admission)?;
-    if opts.log_packets {
-        opts.params.flags |= PARAM_FLAG_LOG;
+    let mut responder = Responder::load_sized(settings.admission.tables)?;
+    responder.apply_admission(&settings.admission)?;
+    let mut params = settings.server_params();
+    if settings.service.log_packets {
+        params.flags |= PARAM_FLAG_LOG;
     }
-    responder.set_params(opts.params)?;
-    for addr in &opts.addresses {
+    responder.set_params(params)?;
+    for addr in addresses {
         responder.add_served_address(*addr)?;
     }
-    let logger = if opts.log_packets {
+    let logger = if settings.service.log_packets {
         Some(responder.enable_kernel_log()?)
     } else {
         None
     };
-    let attachment = if opts.xdp_mode == XdpModePref::Off {
+    let attachment = if settings.xdp_mode == XdpModePref::Off {
         None
     } else {
-        Some(attach(&mut responder, &opts, service_ns.as_ref(), home).await?)
+        Some(attach(&mut responder, settings, service_ns.as_ref(), home).await?)
     };
     let place = crate::userspace::SocketPlace {
-        netns: opts.netns.clone(),
-        addresses: opts.addresses.clone(),
+        netns: settings.netns().map(str::to_string),
+        addresses: addresses.clone(),
     };
     // An attached interface is not ours to recreate: the sockets stay where they are bound.
     let (_never, plumbing) = tokio::sync::watch::channel(0u64);
     let user_sockets = UserSockets {
-        sockets: crate::userspace::bind_sockets(service_ns.as_ref(), &opts.addresses)?,
+        sockets: crate::userspace::bind_sockets(service_ns.as_ref(), addresses)?,
         place,
         plumbing,
     };
-    let source = match &opts.clock {
+    let source = match settings.clock_source() {
         ClockSource::HostClock { identity, .. } => {
             format!("host clock as local stratum {}", identity.stratum)
         }
@@ -66,9 +64,9 @@ pub async fn serve(mut opts: ServeOptions) -> Result<()> {
         }
     };
     info!(
-        netns = opts.netns.as_deref().unwrap_or("(current)"),
-        interface = %opts.interface,
-        addresses = ?opts.addresses,
+        netns = settings.netns().unwrap_or("(current)"),
+        interface = %settings.service.interface,
+        addresses = ?addresses,
         mode = attachment.as_ref().map_or("off", |a| a.mode_name()),
         peer_pass = ?attachment.as_ref().and_then(|a| a.peer_pass),
         program_id = responder.program_id()?,
@@ -82,7 +80,8 @@ pub async fn serve(mut opts: ServeOptions) -> Result<()> {
         .map(AbortOnDrop)
         .collect();
     let user_counters = serve_responder(
-        &opts,
+        settings,
+        beside,
         &mut responder,
         user_sockets,
         None,
@@ -120,7 +119,7 @@ fn spawn_log_pump(
 /// is looked for among the named namespaces (or `--peer-netns`).
 async fn attach(
     responder: &mut Responder,
-    opts: &ServeOptions,
+    settings: &Validated,
     service_ns: Option<&File>,
     home: File,
 ) -> Result<Attachment> {
@@ -133,31 +132,34 @@ async fn attach(
         Some(ns) => Netlink::open_in(ns)?,
         None => Netlink::open()?,
     };
-    let local = nl.link(&opts.interface).await?.with_context(|| {
-        format!(
-            "interface {:?} not found in network namespace {}",
-            opts.interface,
-            opts.netns.as_deref().unwrap_or("(current)")
-        )
-    })?;
+    let local = nl
+        .link(settings.service.interface.as_str())
+        .await?
+        .with_context(|| {
+            format!(
+                "interface {:?} not found in network namespace {}",
+                settings.service.interface,
+                settings.netns().unwrap_or("(current)")
+            )
+        })?;
 
     // Only frames sent to this interface's own MAC are answered.
     match local.mac {
         Some(mac) => responder.set_own_macs(&[(mac, local.index)])?,
         None => {
-            warn!(interface = %opts.interface, "the interface has no MAC: nothing will be answered")
+            warn!(interface = %settings.service.interface, "the interface has no MAC: nothing will be answered")
         }
     }
 
     let mut peer = None;
     let link = if !local.is_veth() {
         LinkKind::Device
-    } else if opts.xdp_mode == XdpModePref::Generic {
+    } else if settings.xdp_mode == XdpModePref::Generic {
         // The peer does not matter in generic mode.
         LinkKind::VethPeerForeign
     } else {
-        let candidates = match &opts.peer_netns {
-            Some(name) => vec![(name.clone(), netns::open_named_netns(name)?)],
+        let candidates = match &settings.service.peer_netns {
+            Some(name) => vec![(name.to_string(), netns::open_named_netns(name)?)],
             None => {
                 let mut c = vec![("(initial)".to_string(), home)];
                 c.extend(netns::named_namespaces());
@@ -167,7 +169,7 @@ async fn attach(
         peer = nl.find_veth_peer(&local, candidates).await?;
         match &peer {
             None => {
-                warn!(interface = %opts.interface, "veth peer not found in any named namespace");
+                warn!(interface = %settings.service.interface, "veth peer not found in any named namespace");
                 LinkKind::VethPeerForeign
             }
             Some(p) => {
@@ -187,14 +189,14 @@ async fn attach(
             }
         }
     };
-    let attempts = attach::plan(opts.xdp_mode, link).map_err(|e| {
+    let attempts = attach::plan(settings.xdp_mode, link).map_err(|e| {
         anyhow!(
-            "{e}: veth {:?}'s peer was not found in any named namespace; pass --peer-netns NAME \
-             or use --xdp-mode generic",
-            opts.interface
+            "{e}: veth {:?}'s peer was not found in any named namespace; set service.peer_netns \
+             (serve --peer-netns) or xdp_mode generic",
+            settings.service.interface
         )
     })?;
-    attach::execute(&opts.interface, &attempts, |step| {
+    attach::execute(&settings.service.interface, &attempts, |step| {
         match step {
             Step::PassOnPeer => {
                 let peer = peer.as_ref().context("no veth peer")?;

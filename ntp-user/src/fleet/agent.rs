@@ -16,7 +16,7 @@ use super::{
     store, ApplyState, CommandState, ConfigState, Desired, FleetSpec, HostCommand, HostStatus,
     Keys, COMMAND, COMMAND_STATE, CONFIG_STATE, DESIRED, OVERRIDE, STATUS,
 };
-use crate::daemon::Restart;
+use crate::config::Validated;
 use crate::observe::status::{FleetCell, FleetLink};
 use crate::observe::{Observatory, Reports};
 
@@ -65,23 +65,114 @@ fn unsynchronized_reason(
     )
 }
 
-/// Validates a configuration text as a local file would be, plus what only this host can
-/// check (its interfaces, its files). `origin` names where it came from in errors.
-pub type Validator = Arc<dyn Fn(&str, &str) -> Result<(), String> + Send + Sync>;
+/// How a configuration text is checked before it is written or run; `origin` names where it
+/// came from in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// What any machine can check (`fleet push` on an operator's machine): the files a host
+    /// reads, only that host can.
+    Portable,
+    /// As a local file on this host, and the interfaces it names exist here (a host before it
+    /// applies a pushed configuration).
+    OnThisHost,
+}
+
+impl Check {
+    pub fn run(self, text: &str, origin: &str) -> Result<(), String> {
+        let origin = std::path::Path::new(origin);
+        let checked = match self {
+            Check::Portable => crate::config::parse_portable(text, origin).map(|_| ()),
+            Check::OnThisHost => {
+                crate::config::parse(text, origin).and_then(|v| host_preflight(&v))
+            }
+        };
+        checked.map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// What only this host can check before it runs a configuration pushed to it: the
+/// interfaces it names exist here.
+pub fn host_preflight(v: &Validated) -> Result<()> {
+    let origin = v.source.as_path();
+    let exists = |name: &str| nix::net::if_::if_nametoindex(name).is_ok();
+    let mut named: Vec<(String, &str)> = Vec::new();
+    if let Some(vip) = &v.vip {
+        for (i, h) in vip.host_interfaces.iter().enumerate() {
+            named.push((format!("vip.host_interfaces[{i}]"), h.as_str()));
+        }
+        if let Some(r) = &vip.redundancy {
+            for (i, t) in r.track_interfaces.iter().enumerate() {
+                named.push((format!("redundancy.track_interfaces[{i}]"), t.as_str()));
+            }
+            if let Some(link) = &r.link {
+                named.push(("redundancy.bridge".into(), link.bridge.as_str()));
+            }
+        }
+        if let (Some(b), false) = (&vip.bridge, vip.create_bridge) {
+            named.push(("vip.bridge".into(), b.as_str()));
+        }
+    } else if v.service.netns.is_none() {
+        named.push(("service.interface".into(), v.service.interface.as_str()));
+    }
+    for (field, name) in named {
+        if !exists(name) {
+            return Err(crate::config::ConfigError::field(
+                origin,
+                &field,
+                format!("there is no interface {name:?} on this host"),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// A request to restart the daemon in place: it stops as on SIGTERM (the pinned responder
+/// keeps answering) and `ntp-xdp run` starts itself again.
+#[derive(Clone, Default, Debug)]
+pub struct Restart(Arc<RestartFlag>);
+
+#[derive(Default, Debug)]
+struct RestartFlag {
+    requested: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Restart {
+    pub fn request(&self) {
+        self.0
+            .requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.notify.notify_one();
+    }
+
+    pub fn requested(&self) -> bool {
+        self.0.requested.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves once a restart is requested.
+    pub async fn wait(&self) {
+        if !self.requested() {
+            self.0.notify.notified().await;
+        }
+    }
+}
 
 pub struct Agent {
     pub spec: FleetSpec,
     /// This host's own `[fleet]` table, kept in every configuration it runs.
     pub local_fleet: toml::Value,
-    pub validate: Validator,
+    /// How a configuration pushed to this host is checked before it is applied.
+    pub check: Check,
     pub cell: FleetCell,
     pub started_unix: u64,
     /// With NTS: the agent rotates the keys in the store and every host's file follows it.
     pub nts_keys: Option<NtsKeySync>,
     /// The configuration running now (to tell what can change in place).
     pub running: std::sync::Mutex<String>,
-    /// Applies a configuration's access list and rate limit in place (set by the daemon).
-    pub live: Option<LiveApply>,
+    /// Where requests to the daemon go: the access list and rate limit applied in place (set
+    /// by the daemon once it serves).
+    pub live: Option<tokio::sync::mpsc::Sender<LiveRequest>>,
     /// Values in the store this host cannot use, by key: in every heartbeat until they go.
     pub problems: StoreProblems,
 }
@@ -89,8 +180,16 @@ pub struct Agent {
 /// Values in the store a host cannot use: key → why.
 pub type StoreProblems = std::sync::Mutex<std::collections::BTreeMap<String, String>>;
 
-/// Applies the live-changeable part of a configuration text in place.
-pub type LiveApply = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+/// What the agent asks of the daemon it runs in.
+#[derive(Debug)]
+pub enum LiveRequest {
+    /// Answer by this access list and rate limit from now on, without a restart; the reply
+    /// says whether it took.
+    ApplyAdmission(
+        crate::responder::admission::AdmissionSpec,
+        tokio::sync::oneshot::Sender<Result<(), String>>,
+    ),
+}
 
 /// The NTS cookie keys kept in step with the store's.
 pub struct NtsKeySync {
@@ -749,7 +848,7 @@ impl Agent {
             host_override.as_ref().map(|(t, _)| t.as_str()),
             Some(&self.local_fleet),
         )
-        .and_then(|text| (self.validate)(&text, &origin).map(|()| text));
+        .and_then(|text| self.check.run(&text, &origin).map(|()| text));
         match checked {
             Ok(text)
                 if self.live.is_some() && {
@@ -757,8 +856,7 @@ impl Agent {
                     super::live_changeable(&running, &text)
                 } =>
             {
-                let live = self.live.as_ref().expect("checked");
-                match live(&text) {
+                match self.apply_in_place(&text).await {
                     Ok(()) => {
                         files.record_applied(&text, version)?;
                         *self.running.lock().unwrap_or_else(|e| e.into_inner()) = text;
@@ -787,6 +885,23 @@ impl Agent {
         }
     }
 
+    /// Asks the daemon to answer by `text`'s access list and rate limit from now on.
+    async fn apply_in_place(&self, text: &str) -> Result<(), String> {
+        let settings = crate::config::parse(text, std::path::Path::new("(fleet)"))
+            .map_err(|e| format!("{e:#}"))?;
+        let daemon = self.live.as_ref().ok_or("no daemon to apply it in")?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let stopping = "the daemon is stopping".to_string();
+        if daemon
+            .send(LiveRequest::ApplyAdmission(settings.admission, reply))
+            .await
+            .is_err()
+        {
+            return Err(stopping);
+        }
+        answer.await.unwrap_or(Err(stopping))
+    }
+
     /// Keeps this host's NTS cookie keys the cluster's: the store holds them, sealed under
     /// the seal key every host has ([`crate::nts::cookie::SealKey`]: whoever reads the store
     /// learns nothing of them). A rotation is due when the store's `nts_rotation` key is gone:
@@ -804,7 +919,7 @@ impl Agent {
         let Some(sync) = &self.nts_keys else {
             return Ok(());
         };
-        let seal = match super::local::read_seal_key(&self.spec.nts_seal_key_file) {
+        let seal = match self.spec.nts_seal_key_file.read() {
             Ok(k) => k,
             Err(e) => {
                 sync.report(Some(format!("{e:#}")));

@@ -1,8 +1,7 @@
 //! The host's own fleet files, in `[fleet] state_dir`: the configuration it runs
 //! (`applied.toml`), the one before it (`previous.toml`, to fall back to), and what the agent
 //! was doing (`state.json`) — so that a restart into a new configuration, and a start that
-//! fails with it, both know where they stand without the store. And the key that seals the
-//! NTS cookie keys in the store ([`read_seal_key`]), which the operator provisions.
+//! fails with it, both know where they stand without the store.
 
 use std::path::{Path, PathBuf};
 
@@ -129,39 +128,6 @@ impl LocalFiles {
     }
 }
 
-/// The NTS seal key from `path`: exactly 32 bytes, in a regular file no one but its owner
-/// may read or write (`head -c 32 /dev/urandom > FILE; chmod 600 FILE`, the same file on
-/// every host of the cluster).
-pub fn read_seal_key(path: &Path) -> Result<crate::nts::cookie::SealKey> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let meta = std::fs::metadata(path).with_context(|| {
-        format!(
-            "{}: make it with `head -c 32 /dev/urandom > FILE; chmod 600 FILE` and copy it \
-             to every host of the cluster",
-            path.display()
-        )
-    })?;
-    if !meta.is_file() {
-        anyhow::bail!("{}: not a regular file", path.display());
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        anyhow::bail!(
-            "{}: mode {mode:03o} lets others read or change it; chmod 600",
-            path.display()
-        );
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-        anyhow::anyhow!(
-            "{}: {} bytes, not 32 (head -c 32 /dev/urandom makes one)",
-            path.display(),
-            bytes.len()
-        )
-    })?;
-    Ok(crate::nts::cookie::SealKey::new(key))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,39 +167,6 @@ mod tests {
         assert!(g.roll_back("x").unwrap());
         assert!(!g.applied_config().exists());
         assert_eq!(g.state().unwrap().applied, None);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_seal_key_is_32_bytes_for_its_owner_only() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = std::env::temp_dir().join(format!("fleet-seal-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("nts-seal.key");
-        let e = format!("{:#}", read_seal_key(&file).unwrap_err());
-        assert!(
-            e.contains("nts-seal.key") && e.contains("/dev/urandom"),
-            "{e}"
-        );
-        let set = |bytes: &[u8], mode: u32| {
-            std::fs::write(&file, bytes).unwrap();
-            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
-        };
-        set(&[3; 32], 0o600);
-        assert_eq!(
-            read_seal_key(&file).unwrap(),
-            crate::nts::cookie::SealKey::new([3; 32])
-        );
-        set(&[3; 32], 0o640);
-        let e = format!("{:#}", read_seal_key(&file).unwrap_err());
-        assert!(e.contains("640") && e.contains("chmod 600"), "{e}");
-        set(&[3; 31], 0o600);
-        let e = format!("{:#}", read_seal_key(&file).unwrap_err());
-        assert!(e.contains("31 bytes"), "{e}");
-        set(b"", 0o400);
-        assert!(read_seal_key(&file).is_err());
-        let e = format!("{:#}", read_seal_key(&dir).unwrap_err());
-        assert!(e.contains("not a regular file"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

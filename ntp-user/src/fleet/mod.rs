@@ -26,44 +26,9 @@ pub mod local;
 pub mod ops;
 pub mod store;
 
-use std::path::PathBuf;
-use std::time::Duration;
+pub use crate::config::FleetSpec;
 
 use serde::{Deserialize, Serialize};
-
-/// The `[fleet]` section, validated.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FleetSpec {
-    pub endpoints: Vec<String>,
-    pub cluster: String,
-    pub host: String,
-    /// TLS: the CA that signed the servers' certificates, and this client's certificate and key.
-    pub ca: Option<PathBuf>,
-    pub certificate: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub user: Option<String>,
-    pub password_file: Option<PathBuf>,
-    /// The host's status key lives this long after its last heartbeat.
-    pub lease_ttl: Duration,
-    /// A restart into a pushed configuration must synchronize with its upstreams this soon.
-    pub sync_deadline: Duration,
-    /// Where the applied configuration and the agent's state are kept.
-    pub state_dir: PathBuf,
-    /// The key that seals the NTS cookie keys in the store (with `[nts]`).
-    pub nts_seal_key_file: PathBuf,
-}
-
-impl FleetSpec {
-    /// Whether the store is reached over TLS (what travels to it is private).
-    pub fn tls(&self) -> bool {
-        self.ca.is_some() || self.certificate.is_some()
-    }
-
-    /// The key that seals the NTS cookie keys in the store, read and checked.
-    pub fn read_seal_key(&self) -> anyhow::Result<crate::nts::cookie::SealKey> {
-        local::read_seal_key(&self.nts_seal_key_file)
-    }
-}
 
 /// The key names of one cluster.
 #[derive(Debug, Clone)]
@@ -186,18 +151,6 @@ pub struct CommandState {
     pub message: String,
 }
 
-/// Merges `over` into `base`: tables key by key, anything else replaced.
-pub fn merge_toml(base: &mut toml::Table, over: &toml::Table) {
-    for (k, v) in over {
-        match (base.get_mut(k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_toml(b, o),
-            _ => {
-                base.insert(k.clone(), v.clone());
-            }
-        }
-    }
-}
-
 /// The configuration a host runs: the cluster's, its override over it, and its own `[fleet]`
 /// section (how it reaches the store is its own business).
 pub fn effective_config(
@@ -215,7 +168,7 @@ pub fn effective_config(
         let over: toml::Table = o
             .parse()
             .map_err(|e| format!("the host override is not TOML: {e}"))?;
-        merge_toml(&mut base, &over);
+        crate::config::merge_toml(&mut base, &over);
     }
     if let Some(f) = local_fleet {
         base.insert("fleet".into(), f.clone());
@@ -401,7 +354,9 @@ mod tests {
         let cluster = every_field::CLUSTER;
         let origin = "etcd /ntp-xdp/az1/config@7";
         let text = effective_config(cluster, None, Some(&local_fleet)).unwrap();
-        crate::config::push_validator()(&text, origin).expect("the base config is valid");
+        agent::Check::Portable
+            .run(&text, origin)
+            .expect("the base config is valid");
         let pushed = every_field::FIELDS
             .iter()
             .filter(|f| !f.starts_with("fleet."));
@@ -414,11 +369,9 @@ mod tests {
                     effective_config(cluster, Some(&spoiled), Some(&local_fleet)),
                 ] {
                     let text = text.unwrap();
-                    for validate in [
-                        crate::config::push_validator(),
-                        crate::config::host_validator(),
-                    ] {
-                        let e = validate(&text, origin)
+                    for check in [agent::Check::Portable, agent::Check::OnThisHost] {
+                        let e = check
+                            .run(&text, origin)
                             .expect_err(&format!("{field} = {value:?} was accepted"));
                         assert!(
                             e.contains(origin)

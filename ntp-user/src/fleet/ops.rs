@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 
-use super::agent::Validator;
+use super::agent::Check;
 use super::{
     fleet_alarms, rollout_order, store, ApplyState, Desired, FleetAlarm, FleetSpec, HostCommand,
     HostView, Keys, COMMAND, DESIRED, OVERRIDE,
@@ -62,12 +62,11 @@ impl Fleet {
         &mut self,
         cluster: &str,
         hosts: &[HostView],
-        validate: &Validator,
         origin: &str,
     ) -> Result<()> {
         if hosts.is_empty() {
             let text = super::effective_config(cluster, None, None).map_err(|e| anyhow!(e))?;
-            return validate(&text, origin).map_err(|e| anyhow!(e));
+            return Check::Portable.run(&text, origin).map_err(|e| anyhow!(e));
         }
         // Every host's override in one read: a cluster has hundreds of hosts.
         let all = self
@@ -96,7 +95,9 @@ impl Fleet {
             let over = overrides.get(&h.host).map(String::as_str);
             let text = super::effective_config(cluster, over, None)
                 .map_err(|e| anyhow!("for host {}: {e}", h.host))?;
-            validate(&text, origin).map_err(|e| anyhow!("for host {}: {e}", h.host))?;
+            Check::Portable
+                .run(&text, origin)
+                .map_err(|e| anyhow!("for host {}: {e}", h.host))?;
         }
         Ok(())
     }
@@ -107,7 +108,6 @@ impl Fleet {
         &mut self,
         cluster: &str,
         origin: &str,
-        validate: &Validator,
         rolling: bool,
         canary: Option<&str>,
         out: &mut dyn FnMut(&str),
@@ -118,8 +118,7 @@ impl Fleet {
                 bail!("canary {c} is not a live host of this cluster");
             }
         }
-        self.validate_for_hosts(cluster, &hosts, validate, origin)
-            .await?;
+        self.validate_for_hosts(cluster, &hosts, origin).await?;
         let key = self.keys.config();
         let current = store::get(&mut self.client, &key).await?;
         let read_rev = current.as_ref().map_or(0, |(_, r)| *r);
@@ -300,17 +299,13 @@ impl Fleet {
     }
 
     /// `fleet override HOST FILE`: the host's own part, validated over the cluster config.
-    pub async fn set_override(
-        &mut self,
-        host: &str,
-        text: &str,
-        origin: &str,
-        validate: &Validator,
-    ) -> Result<i64> {
+    pub async fn set_override(&mut self, host: &str, text: &str, origin: &str) -> Result<i64> {
         if let Some((cluster, _)) = store::get(&mut self.client, &self.keys.config()).await? {
             let merged =
                 super::effective_config(&cluster, Some(text), None).map_err(|e| anyhow!(e))?;
-            validate(&merged, origin).map_err(|e| anyhow!(e))?;
+            Check::Portable
+                .run(&merged, origin)
+                .map_err(|e| anyhow!(e))?;
         } else {
             text.parse::<toml::Table>()
                 .map_err(|e| anyhow!("{origin}: not TOML: {e}"))?;

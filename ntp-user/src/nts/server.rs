@@ -632,6 +632,50 @@ where
     }
 }
 
+/// Where the NTS seal key of a fleet is kept (the same file on every host of the cluster).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealKeyFile(pub std::path::PathBuf);
+
+impl SealKeyFile {
+    /// The key, read and checked ([`read_seal_key`]).
+    pub fn read(&self) -> Result<super::cookie::SealKey> {
+        read_seal_key(&self.0)
+    }
+}
+
+/// The NTS seal key from `path`: exactly 32 bytes, in a regular file no one but its owner
+/// may read or write (`head -c 32 /dev/urandom > FILE; chmod 600 FILE`, the same file on
+/// every host of the cluster).
+pub fn read_seal_key(path: &Path) -> Result<super::cookie::SealKey> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path).with_context(|| {
+        format!(
+            "{}: make it with `head -c 32 /dev/urandom > FILE; chmod 600 FILE` and copy it \
+             to every host of the cluster",
+            path.display()
+        )
+    })?;
+    if !meta.is_file() {
+        anyhow::bail!("{}: not a regular file", path.display());
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "{}: mode {mode:03o} lets others read or change it; chmod 600",
+            path.display()
+        );
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+        anyhow::anyhow!(
+            "{}: {} bytes, not 32 (head -c 32 /dev/urandom makes one)",
+            path.display(),
+            bytes.len()
+        )
+    })?;
+    Ok(super::cookie::SealKey::new(key))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -836,5 +880,38 @@ mod tests {
         std::fs::write(&file, "not json").unwrap();
         let e = load_or_create_keys(&file, Some(Duration::from_secs(3600))).unwrap_err();
         assert!(format!("{e:#}").contains("keys.json"), "{e:#}");
+    }
+
+    #[test]
+    fn a_seal_key_is_32_bytes_for_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("fleet-seal-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("nts-seal.key");
+        let e = format!("{:#}", read_seal_key(&file).unwrap_err());
+        assert!(
+            e.contains("nts-seal.key") && e.contains("/dev/urandom"),
+            "{e}"
+        );
+        let set = |bytes: &[u8], mode: u32| {
+            std::fs::write(&file, bytes).unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        set(&[3; 32], 0o600);
+        assert_eq!(
+            read_seal_key(&file).unwrap(),
+            super::super::cookie::SealKey::new([3; 32])
+        );
+        set(&[3; 32], 0o640);
+        let e = format!("{:#}", read_seal_key(&file).unwrap_err());
+        assert!(e.contains("640") && e.contains("chmod 600"), "{e}");
+        set(&[3; 31], 0o600);
+        let e = format!("{:#}", read_seal_key(&file).unwrap_err());
+        assert!(e.contains("31 bytes"), "{e}");
+        set(b"", 0o400);
+        assert!(read_seal_key(&file).is_err());
+        let e = format!("{:#}", read_seal_key(&dir).unwrap_err());
+        assert!(e.contains("not a regular file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
