@@ -41,7 +41,7 @@ pub struct AdmissionSpec {
 }
 
 impl AdmissionSpec {
-    /// Everyone answered without limit, nothing recorded (benchmarks, `--no-rate-limit`);
+    /// Everyone answered without limit, nothing recorded (benchmarks, `limits.enable = false`);
     /// tagged frames only on no VLAN.
     pub fn open() -> AdmissionSpec {
         AdmissionSpec {
