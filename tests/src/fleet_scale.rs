@@ -483,7 +483,7 @@ async fn simulate_in(
         lease_ttl: run.lease_ttl,
         sync_deadline: Duration::from_secs(60),
         state_dir: dir.join(host),
-        nts_seal_key_file: dir.join("nts-seal.key"),
+        nts_seal_key_file: ntp_user::nts::server::SealKeyFile(dir.join("nts-seal.key")),
     };
     // Hosts check a pushed configuration as a local file (their interfaces aside: they have
     // none).
