@@ -1,6 +1,11 @@
 //! Admission: the access list, then the source's rate, then (for a kiss-o'-death) the global
 //! KoD budget. Requests with extension fields are checked the same way before they are
 //! passed up, but their token is taken by the userspace path that answers them.
+//!
+//! A source's entry in the LRU table is written only right after the lookup that found it:
+//! an LRU table recycles an evicted entry for another source at once (no grace period), so a
+//! pointer kept for later (the reply) could by then be another source's entry. The guest's
+//! clock reading is therefore known before admission and written with the rate state.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use ntp_common::{
@@ -12,7 +17,7 @@ use ntp_common::{
     Counter,
 };
 
-use crate::maps::{ACL, KOD_BUDGET, SOURCES, SOURCE_SCRATCH};
+use crate::maps::{ACL, KOD_BUDGET, POLICY, SOURCES, SOURCE_SCRATCH};
 use crate::parse::Request;
 
 /// What admission decided for a valid request.
@@ -21,6 +26,18 @@ pub enum Admit {
     Answer,
     Kod([u8; 4], Counter),
     Drop(Counter),
+}
+
+/// The policy for this packet: one copy, read once, so that a rewrite by the daemon (a fleet
+/// push) meanwhile cannot give one packet two decisions (its flags, its IPv6 prefix length).
+#[inline(always)]
+pub fn policy_now() -> ResponderPolicy {
+    match POLICY.get_ptr(0) {
+        // SAFETY: an array slot, valid for the program's run; volatile, so that the compiler
+        // never reads a field from the map again in place of this copy.
+        Some(p) => unsafe { core::ptr::read_volatile(p) },
+        None => ResponderPolicy::OPEN,
+    }
 }
 
 #[inline(always)]
@@ -44,8 +61,9 @@ fn global_kod(now: u64, policy: &ResponderPolicy) -> bool {
     }
 }
 
-/// Inserts a source first seen now, with its rate state and (address, offset, time) of its
-/// clock reading. A full LRU table evicts its least recently used entry to make room.
+/// Inserts a source first seen now, with its rate state and (for an answered request with a
+/// clock reading) its guest record. A full LRU table evicts its least recently used entry to
+/// make room.
 #[inline(always)]
 fn insert_source(key: &SourceKey, rate: SourceState, guest: Option<(&[u8; 16], i64, u64)>) {
     // Built in a per-CPU slot, not on the stack (which has no room for it).
@@ -61,42 +79,23 @@ fn insert_source(key: &SourceKey, rate: SourceState, guest: Option<(&[u8; 16], i
     let _ = SOURCES.insert(key, record, 0);
 }
 
-/// The source's entry in the per-source table as admission left it (`None`: not looked up,
-/// or first seen), for the answer to add the guest's clock to without a second lookup.
-pub struct Source(Option<*mut SourceRecord>);
-
-impl Source {
-    /// Records a guest's clock reading (`offset_fixed`): in the entry admission found, or
-    /// else (no rate limiting, or a source's first request) in the one this looks up or
-    /// inserts.
-    #[inline(always)]
-    pub fn record_guest(self, req: &Request, offset: i64, now: u64, policy: &ResponderPolicy) {
-        let entry = match self.0 {
-            Some(p) => p,
-            None => {
-                let key = rate_key(&req.src, req.v4, req.vlan, policy.v6_prefix_len);
-                match SOURCES.get_ptr_mut(&key) {
-                    Some(p) => p,
-                    None => {
-                        insert_source(&key, SourceState::default(), Some((&req.src, offset, now)));
-                        return;
-                    }
-                }
-            }
-        };
-        unsafe { (*entry).record_guest(&req.src, offset, now) };
-    }
-}
-
-/// Access list, then the source's rate.
+/// Access list, then the source's rate. An answered request's guest clock reading
+/// (`guest_offset`: see `ntp_common::reply::guest_offset_fixed`) is recorded in its source's
+/// entry here, with the rate state, through the pointer its lookup just gave.
 #[inline(always)]
-pub fn admission(req: &Request, now: u64, policy: &ResponderPolicy) -> (Admit, Source) {
+pub fn admission(
+    req: &Request,
+    now: u64,
+    policy: &ResponderPolicy,
+    guest_offset: Option<i64>,
+) -> Admit {
     let is_denied = denied(&req.src, policy);
     if is_denied && !policy.has(POLICY_KOD_DENY) {
-        return (Admit::Drop(Counter::DroppedDenied), Source(None));
+        return Admit::Drop(Counter::DroppedDenied);
     }
-    if !is_denied && !policy.has(POLICY_RATE_LIMIT) {
-        return (Admit::Answer, Source(None));
+    let rate_limited = policy.has(POLICY_RATE_LIMIT);
+    if !is_denied && !rate_limited && guest_offset.is_none() {
+        return Admit::Answer;
     }
     // Concurrent requests of one source on two CPUs may both pass on the same token: the
     // limit is exact per CPU and at most #CPUs times looser for a source that floods them all.
@@ -112,6 +111,8 @@ pub fn admission(req: &Request, now: u64, policy: &ResponderPolicy) -> (Admit, S
         } else {
             Admit::Drop(Counter::DroppedDenied)
         }
+    } else if !rate_limited {
+        Admit::Answer
     } else {
         match admit(&mut state, now, policy) {
             Admission::Answer => Admit::Answer,
@@ -121,13 +122,25 @@ pub fn admission(req: &Request, now: u64, policy: &ResponderPolicy) -> (Admit, S
             Admission::Limited { .. } => Admit::Drop(Counter::DroppedRateLimited),
         }
     };
+    let record = match (decision, guest_offset) {
+        (Admit::Answer, Some(offset)) => Some((&req.src, offset, now)),
+        _ => None,
+    };
     match slot {
-        Some(p) => unsafe { (*p).rate = state },
+        Some(p) => {
+            // SAFETY: the entry the lookup above just returned (see the module's note).
+            let entry = unsafe { &mut *p };
+            if is_denied || rate_limited {
+                entry.rate = state;
+            }
+            if let Some((addr, offset, now)) = record {
+                entry.record_guest(addr, offset, now);
+            }
+        }
         // A full LRU table evicts its least recently used entry to make room.
-        None => insert_source(&key, state, None),
+        None => insert_source(&key, state, record),
     }
-    let source = Source(slot);
-    (decision, source)
+    decision
 }
 
 /// For a request passed up to the userspace path: the access list, and whether its source
