@@ -72,9 +72,24 @@ fn insert_source(key: &SourceKey, rate: SourceState, guest: Option<(&[u8; 16], i
     };
     // SAFETY: this CPU's slot, used only here and never across a helper that could yield.
     let record = unsafe { &mut *record };
-    *record = SourceRecord::new(rate);
-    if let Some((addr, offset, now)) = guest {
-        record.record_guest(addr, offset, now);
+    record.rate = rate;
+    match guest {
+        Some((addr, offset, now)) => {
+            record.guest.requests = 0;
+            record.record_guest(addr, offset, now);
+        }
+        None => {
+            // No record: all zero after the rate state, as `SourceRecord::new` makes it, by
+            // volatile stores: plain ones are merged into a memset call (a BPF-to-BPF call,
+            // whose return costs as much as a helper's on a CPU with a return thunk).
+            let words = record as *mut SourceRecord as *mut u64;
+            let mut i = core::mem::offset_of!(SourceRecord, guest) / 8;
+            while i < core::mem::size_of::<SourceRecord>() / 8 {
+                // SAFETY: inside this CPU's slot; every field is plain integers.
+                unsafe { core::ptr::write_volatile(words.add(i), 0) };
+                i += 1;
+            }
+        }
     }
     let _ = SOURCES.insert(key, record, 0);
 }
