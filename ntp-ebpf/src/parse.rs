@@ -22,8 +22,6 @@ pub struct Request {
     /// Offsets of the IP header and of the UDP header.
     pub l3: usize,
     pub l4: usize,
-    /// IPv4 header length in 32-bit words (5 for IPv6, unused there).
-    pub ihl: usize,
     /// Source address (IPv4 as ::ffff:a.b.c.d).
     pub src: [u8; 16],
     /// VLAN ID of the frame's tag (0: untagged).
@@ -160,7 +158,6 @@ fn parse_ipv4(
         v4: true,
         l3,
         l4,
-        ihl,
         src: ipv4_mapped_key(src),
         vlan: 0,
         pseudo: pseudo_v4(&src, &dst, udp_len),
@@ -254,7 +251,6 @@ fn parse_ipv6(
         v4: false,
         l3,
         l4,
-        ihl: 5,
         src,
         vlan: 0,
         pseudo: pseudo_v6(&src, &dst, udp_len),
@@ -326,7 +322,7 @@ fn check_ethernet(pkt: &Packet, ifindex: u32, here: &Attachment) -> Result<(), V
 
 /// Sum of the IPv4 header's words (IHL 5..15): the fixed 20 bytes, then any options.
 #[inline(always)]
-pub fn ipv4_header_sum(pkt: &Packet, l3: usize, ihl: usize) -> Option<u32> {
+fn ipv4_header_sum(pkt: &Packet, l3: usize, ihl: usize) -> Option<u32> {
     let mut words = pkt.le_words::<IPV4_MIN_HEADER_LEN>(l3)?;
     let mut i = 5usize;
     while i < 15 {

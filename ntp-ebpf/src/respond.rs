@@ -14,8 +14,8 @@ use ntp_common::{
 };
 
 use crate::maps::RANDOM;
-use crate::packet::{swap, Packet};
-use crate::parse::{ipv4_header_sum, Request};
+use crate::packet::{be16, swap, Packet};
+use crate::parse::Request;
 
 /// Swaps the frame's MACs and IP addresses, sets the TTL / hop limit, and (IPv4) writes a
 /// fresh header checksum. `None`: the frame changed under us (never, in practice).
@@ -26,12 +26,14 @@ pub fn turn_around(pkt: &Packet, req: &Request) -> Option<()> {
     if req.v4 {
         let ip = pkt.bytes::<IPV4_MIN_HEADER_LEN>(req.l3)?;
         swap::<4>(ip, 12, 16);
+        // Only the TTL's word changes (the addresses swap, their sum stays): the checksum is
+        // updated for it (RFC 1624, eqn. 3) from the request's, which verified, instead of
+        // summing the header (and its options) again.
+        let old_check = be16(ip[10], ip[11]);
+        let old_word = be16(ip[8], ip[9]);
+        let new_word = be16(REPLY_TTL, ip[9]);
+        let check = finish(!old_check as u32 + !old_word as u32 + new_word as u32);
         ip[8] = REPLY_TTL;
-        ip[10] = 0;
-        ip[11] = 0;
-        let sum = ipv4_header_sum(pkt, req.l3, req.ihl)?;
-        let ip = pkt.bytes::<IPV4_MIN_HEADER_LEN>(req.l3)?;
-        let check = finish(sum);
         ip[10] = (check >> 8) as u8;
         ip[11] = check as u8;
     } else {
