@@ -190,7 +190,7 @@ mod program {
         let cx = ReplyContext {
             anchor: &anchor,
             params,
-            kod_poll: policy.kod_poll,
+            kod_poll: policy.limits.kod_poll,
             rx_mono,
         };
         let Some(synced) = answer(pkt, &req, &cx, kod) else {
