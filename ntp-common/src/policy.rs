@@ -183,6 +183,18 @@ pub fn global_kod_allowed(state: &mut SourceState, now_ns: u64, policy: &Respond
 /// the TAT, so a flooder is held at exactly its rate, not shut out.
 #[inline(always)]
 pub fn admit(state: &mut SourceState, now_ns: u64, policy: &ResponderPolicy) -> Admission {
+    admit_with_kod(state, now_ns, policy, policy.has(POLICY_KOD_RATE))
+}
+
+/// [`admit`] with the policy's `POLICY_KOD_RATE` flag as read once for the request (the
+/// kernel reads the flags once per packet, whatever the daemon rewrites meanwhile).
+#[inline(always)]
+pub fn admit_with_kod(
+    state: &mut SourceState,
+    now_ns: u64,
+    policy: &ResponderPolicy,
+    kod_rate: bool,
+) -> Admission {
     let tat = if state.tat_ns > now_ns {
         state.tat_ns
     } else {
@@ -190,7 +202,7 @@ pub fn admit(state: &mut SourceState, now_ns: u64, policy: &ResponderPolicy) -> 
     };
     if tat - now_ns > policy.burst_tolerance_ns {
         return Admission::Limited {
-            kod: policy.has(POLICY_KOD_RATE) && kod_due(state, now_ns, policy),
+            kod: kod_rate && kod_due(state, now_ns, policy),
         };
     }
     state.tat_ns = tat.saturating_add(policy.emission_ns);

@@ -44,17 +44,15 @@ mod program {
     use ntp_common::{
         anchor::PARAM_FLAG_LOG,
         maps::{attachment_slot, Attachment},
-        policy::ResponderPolicy,
+        policy::POLICY_GUEST_CLOCKS,
         Counter, ServerParams, TimeAnchor,
     };
 
-    use crate::admit::{admission, admits_upward, Admit};
-    use crate::maps::{
-        ANCHORS, ANCHOR_ACTIVE, ATTACHMENTS, BARRIER, COUNTERS, POLICY, SERVER_PARAMS,
-    };
+    use crate::admit::{admission, admits_upward, policy_now, Admit};
+    use crate::maps::{ANCHORS, ANCHOR_ACTIVE, ATTACHMENTS, BARRIER, COUNTERS, SERVER_PARAMS};
     use crate::packet::Packet;
     use crate::parse::parse;
-    use crate::respond::{answer, turn_around, ReplyContext};
+    use crate::respond::{answer, guest_offset, turn_around, ReplyContext};
 
     #[derive(Clone, Copy)]
     pub struct Verdict {
@@ -159,14 +157,11 @@ mod program {
             Ok(req) => req,
             Err(verdict) => return verdict,
         };
-        let policy = match POLICY.get(0) {
-            Some(p) => p,
-            None => &ResponderPolicy::OPEN,
-        };
+        let policy = policy_now();
         if req.extended {
             // The userspace path answers it; admitted here first, so a denied or flooding
             // source costs the kernel a lookup, not the daemon a wakeup.
-            return match admits_upward(&req, rx_mono, policy) {
+            return match admits_upward(&req, rx_mono, &policy) {
                 Ok(()) => pass(Counter::PassedExtension),
                 Err(counter) => drop(counter),
             };
@@ -177,7 +172,12 @@ mod program {
         if !anchor.is_published() {
             return drop(Counter::DroppedNoAnchor);
         }
-        let (admitted, source) = admission(&req, rx_mono, policy);
+        let guest = if policy.has(POLICY_GUEST_CLOCKS) {
+            guest_offset(pkt, &req, &anchor, rx_mono)
+        } else {
+            None
+        };
+        let admitted = admission(&req, rx_mono, &policy, guest);
         let (kod, counter) = match admitted {
             Admit::Answer if req.v4 => (None, Counter::AnsweredV4),
             Admit::Answer => (None, Counter::AnsweredV6),
@@ -190,10 +190,10 @@ mod program {
         let cx = ReplyContext {
             anchor: &anchor,
             params,
-            policy,
+            kod_poll: policy.limits.kod_poll,
             rx_mono,
         };
-        let Some(synced) = answer(pkt, &req, &cx, kod, source) else {
+        let Some(synced) = answer(pkt, &req, &cx, kod) else {
             return drop(Counter::DroppedShort);
         };
         Verdict {

@@ -22,8 +22,6 @@ pub struct Request {
     /// Offsets of the IP header and of the UDP header.
     pub l3: usize,
     pub l4: usize,
-    /// IPv4 header length in 32-bit words (5 for IPv6, unused there).
-    pub ihl: usize,
     /// Source address (IPv4 as ::ffff:a.b.c.d).
     pub src: [u8; 16],
     /// VLAN ID of the frame's tag (0: untagged).
@@ -160,7 +158,6 @@ fn parse_ipv4(
         v4: true,
         l3,
         l4,
-        ihl,
         src: ipv4_mapped_key(src),
         vlan: 0,
         pseudo: pseudo_v4(&src, &dst, udp_len),
@@ -177,6 +174,31 @@ fn is_ipv6_extension_header(next: u8) -> bool {
     )
 }
 
+/// The IPv6 address at `off` of the header, element by element: a zeroed array filled in a
+/// loop becomes a call to `memset` (a BPF-to-BPF call, whose return costs as much as a
+/// helper's on a CPU with a return thunk).
+#[inline(always)]
+fn address_at(ip: &[u8; IPV6_HEADER_LEN], off: usize) -> [u8; 16] {
+    [
+        ip[off],
+        ip[off + 1],
+        ip[off + 2],
+        ip[off + 3],
+        ip[off + 4],
+        ip[off + 5],
+        ip[off + 6],
+        ip[off + 7],
+        ip[off + 8],
+        ip[off + 9],
+        ip[off + 10],
+        ip[off + 11],
+        ip[off + 12],
+        ip[off + 13],
+        ip[off + 14],
+        ip[off + 15],
+    ]
+}
+
 #[inline(always)]
 fn parse_ipv6(
     pkt: &Packet,
@@ -190,14 +212,8 @@ fn parse_ipv6(
     if ip[0] >> 4 != 6 {
         return Err(pass(Counter::PassedNotIp));
     }
-    let mut dst = [0u8; 16];
-    let mut src = [0u8; 16];
-    let mut i = 0;
-    while i < 16 {
-        src[i] = ip[8 + i];
-        dst[i] = ip[24 + i];
-        i += 1;
-    }
+    let src = address_at(ip, 8);
+    let dst = address_at(ip, 24);
     if ip[6] == IPPROTO_VRRP && vrrp_router_id != 0 {
         if let Some(verdict) = vrrp(pkt, l3 + IPV6_HEADER_LEN, &src, vrrp_router_id) {
             return Err(verdict);
@@ -235,7 +251,6 @@ fn parse_ipv6(
         v4: false,
         l3,
         l4,
-        ihl: 5,
         src,
         vlan: 0,
         pseudo: pseudo_v6(&src, &dst, udp_len),
@@ -307,7 +322,7 @@ fn check_ethernet(pkt: &Packet, ifindex: u32, here: &Attachment) -> Result<(), V
 
 /// Sum of the IPv4 header's words (IHL 5..15): the fixed 20 bytes, then any options.
 #[inline(always)]
-pub fn ipv4_header_sum(pkt: &Packet, l3: usize, ihl: usize) -> Option<u32> {
+fn ipv4_header_sum(pkt: &Packet, l3: usize, ihl: usize) -> Option<u32> {
     let mut words = pkt.le_words::<IPV4_MIN_HEADER_LEN>(l3)?;
     let mut i = 5usize;
     while i < 15 {

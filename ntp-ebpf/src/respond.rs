@@ -4,19 +4,18 @@
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use ntp_common::{
     checksum::{finish, finish_udp, le_words_sum},
-    policy::{ResponderPolicy, POLICY_GUEST_CLOCKS},
     reply::{
         guest_offset_fixed, next_random, write_kiss_of_death, write_reply_but_transmit,
         write_transmit, ClientRequest,
     },
+    time::ntp_ns_to_timestamp,
     wire::*,
     ServerParams, TimeAnchor,
 };
 
-use crate::admit::Source;
 use crate::maps::RANDOM;
-use crate::packet::{swap, Packet};
-use crate::parse::{ipv4_header_sum, Request};
+use crate::packet::{be16, swap, Packet};
+use crate::parse::Request;
 
 /// Swaps the frame's MACs and IP addresses, sets the TTL / hop limit, and (IPv4) writes a
 /// fresh header checksum. `None`: the frame changed under us (never, in practice).
@@ -27,12 +26,14 @@ pub fn turn_around(pkt: &Packet, req: &Request) -> Option<()> {
     if req.v4 {
         let ip = pkt.bytes::<IPV4_MIN_HEADER_LEN>(req.l3)?;
         swap::<4>(ip, 12, 16);
+        // Only the TTL's word changes (the addresses swap, their sum stays): the checksum is
+        // updated for it (RFC 1624, eqn. 3) from the request's, which verified, instead of
+        // summing the header (and its options) again.
+        let old_check = be16(ip[10], ip[11]);
+        let old_word = be16(ip[8], ip[9]);
+        let new_word = be16(REPLY_TTL, ip[9]);
+        let check = finish(!old_check as u32 + !old_word as u32 + new_word as u32);
         ip[8] = REPLY_TTL;
-        ip[10] = 0;
-        ip[11] = 0;
-        let sum = ipv4_header_sum(pkt, req.l3, req.ihl)?;
-        let ip = pkt.bytes::<IPV4_MIN_HEADER_LEN>(req.l3)?;
-        let check = finish(sum);
         ip[10] = (check >> 8) as u8;
         ip[11] = check as u8;
     } else {
@@ -59,25 +60,36 @@ fn random_bits() -> u32 {
     next_random(state)
 }
 
+/// The guest's clock reading its request carries: its transmit timestamp against the receive
+/// time the reply serves (the same computation). `None` for a zero transmit timestamp, which
+/// says nothing about the guest's clock.
+#[inline(always)]
+pub fn guest_offset(pkt: &Packet, req: &Request, anchor: &TimeAnchor, rx_mono: u64) -> Option<i64> {
+    let transmit = *pkt.bytes::<8>(req.l4 + UDP_HEADER_LEN + OFF_TRANSMIT_TS)?;
+    if u64::from_ne_bytes(transmit) == 0 {
+        return None;
+    }
+    let receive = ntp_ns_to_timestamp(anchor.ntp_ns_at(rx_mono));
+    Some(guest_offset_fixed(transmit, receive))
+}
+
 /// What the reply is built from besides the request: the anchor, the server's header fields,
-/// the policy (guest records, KoD poll) and the receive time.
+/// the poll a kiss-o'-death asks for and the receive time.
 pub struct ReplyContext<'a> {
     pub anchor: &'a TimeAnchor,
     pub params: &'a ServerParams,
-    pub policy: &'a ResponderPolicy,
+    pub kod_poll: i8,
     pub rx_mono: u64,
 }
 
 /// Writes the NTP reply (or a kiss-o'-death with `kod`) and the UDP header over the request
-/// segment, and the guest's clock in its `source` entry. Returns whether a reply claims
-/// synchronization.
+/// segment. Returns whether a reply claims synchronization.
 #[inline(always)]
 pub fn answer(
     pkt: &Packet,
     req: &Request,
     cx: &ReplyContext,
     kod: Option<[u8; 4]>,
-    source: Source,
 ) -> Option<bool> {
     let seg = pkt.bytes::<{ NTP_UDP_LEN as usize }>(req.l4)?;
     swap::<2>(seg, 0, 2);
@@ -95,11 +107,6 @@ pub fn answer(
             // that covers it.
             let tx_mono = unsafe { bpf_ktime_get_ns() };
             write_transmit(hdr, cx.anchor, cx.params, receive, tx_mono, random);
-            // A zero transmit timestamp says nothing about the guest's clock.
-            if cx.policy.has(POLICY_GUEST_CLOCKS) && u64::from_be_bytes(request.transmit) != 0 {
-                let offset = guest_offset_fixed(request.transmit, receive);
-                source.record_guest(req, offset, rx_mono, cx.policy);
-            }
         }
         Some(code) => write_kiss_of_death(
             hdr,
@@ -110,7 +117,7 @@ pub fn answer(
             unsafe { bpf_ktime_get_ns() },
             random,
             code,
-            cx.policy.kod_poll,
+            cx.kod_poll,
         ),
     }
     // The pseudo-header sum does not change when source and destination swap.

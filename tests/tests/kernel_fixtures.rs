@@ -1717,6 +1717,98 @@ fn guest_clocks_share_the_rate_entry_of_their_source() {
     assert_eq!(observer.rate_sources(), 2);
 }
 
+/// A spoofed-source flood on every CPU, through a table far too small for its sources (each
+/// insert evicts another source's entry, which the LRU table hands out again at once), while
+/// a few resident sources per CPU keep being answered (their lookups find their entries, which
+/// the flood recycles): every guest clock record still lands in the entry of the source that
+/// sent it. Each source's requests carry its own clock error (its last address byte × 10 s,
+/// plus 5 s), so a record written into an entry recycled for another source shows as an
+/// address or an offset that is not the entry's.
+#[test]
+fn guest_records_stay_in_their_own_sources_entry_under_a_spoofed_flood() {
+    const RESIDENTS: u8 = 4;
+    const SOURCES_PER_CPU: u8 = 200;
+    const ROUNDS: usize = 50;
+    let tiny = TableSizes {
+        rate_sources: 16,
+        guests: 16,
+    };
+    let (mut r, anchor) = responder_sized(AnchorState::Synchronized, tiny).unwrap();
+    let mut p = ResponderPolicy::OPEN.with_rate(1e9, 1_000_000);
+    p.flags |= POLICY_GUEST_CLOCKS | POLICY_KOD_RATE;
+    p.kod_interval_ns = 10 * NANOS_PER_SEC;
+    r.set_policy(p).unwrap();
+    let offset_of = |last: u8| (last as u64 * 10 + 5) * NANOS_PER_SEC;
+    let cpus = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 4);
+    let now = monotonic_now_ns().unwrap();
+    let request = |cpu: usize, last: u8| {
+        let t = ntp_ns_to_timestamp(anchor.ntp_ns_at(now) + offset_of(last));
+        let mut req = v4_request();
+        req[40..48].copy_from_slice(&t.to_be_bytes());
+        Frame {
+            src_v4: [169, 254, 100 + cpu as u8, last],
+            ..Frame::v4(req)
+        }
+        .build()
+    };
+    // Per CPU: a resident's request, then a new source's, and so on.
+    let frames: Vec<Vec<Vec<u8>>> = (0..cpus)
+        .map(|cpu| {
+            (RESIDENTS + 1..=SOURCES_PER_CPU)
+                .flat_map(|last| [request(cpu, 1 + last % RESIDENTS), request(cpu, last)])
+                .collect()
+        })
+        .collect();
+    let prog: &aya::programs::Xdp = r.program(ntp_user::responder::RESPONDER_PROGRAM).unwrap();
+    std::thread::scope(|scope| {
+        for mine in &frames {
+            scope.spawn(move || {
+                let mut out = vec![0u8; 512];
+                for _ in 0..ROUNDS {
+                    for frame in mine {
+                        let run = aya::programs::TestRun::test_run(
+                            prog,
+                            aya::programs::TestRunOptions {
+                                data_in: Some(frame),
+                                data_out: Some(&mut out),
+                                repeat: 1,
+                                ..Default::default()
+                            },
+                        )
+                        .unwrap();
+                        assert_eq!(run.return_value, XDP_TX);
+                    }
+                }
+            });
+        }
+    });
+    // Each record's offset is its source's less the time since the frames were built.
+    let elapsed = (monotonic_now_ns().unwrap() - now) as i64;
+    let table: aya::maps::HashMap<_, SourceKey, SourceRecord> =
+        aya::maps::HashMap::try_from(r.reopen_map(ntp_common::maps::SOURCES).unwrap()).unwrap();
+    let mut records = 0;
+    for entry in table.iter() {
+        let (key, record) = entry.unwrap();
+        let Some(guest) = record.guest_clock() else {
+            continue;
+        };
+        records += 1;
+        assert_eq!(
+            record.guest_addr, key.addr,
+            "the entry of {key:?} holds another source's record: {record:?}"
+        );
+        let want = offset_of(key.addr[15]) as i64;
+        let got = ntp_common::policy::fixed_to_ns(guest.offset_fixed);
+        assert!(
+            got <= want && want - got <= elapsed,
+            "the entry of {key:?} holds an offset of {got} ns, its source sent {want} ns"
+        );
+    }
+    assert!(records > 0, "no guest record survived the flood");
+}
+
 /// The transmit timestamp's bits below the precision are random (RFC 5905 §6), from the
 /// responder's own per-CPU generator: they vary from reply to reply.
 #[test]
