@@ -168,8 +168,8 @@ pub struct ServeArgs {
     /// Any setting of the config file, by its dotted key, with a TOML value (repeatable):
     /// `--set clock.local_stratum=3`, `--set limits.enable=false`,
     /// `--set 'access.deny=["169.254.7.0/24"]'`. A value that is not TOML is a string
-    /// (`--set clock.max_holdover=10m`). `serve` has no metrics endpoint unless
-    /// `--set metrics.enable=true`.
+    /// (`--set clock.max_holdover=2h`). Without `--config`, `serve` has no metrics endpoint
+    /// unless `--set metrics.enable=true`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
 }
@@ -177,23 +177,40 @@ pub struct ServeArgs {
 /// What `serve` names as the origin of its settings in errors.
 const COMMAND_LINE: &str = "(command line)";
 
+/// Sections only `ntp-xdp run` acts on: what it builds and runs beside the responder (the VIP
+/// host, its helpers, NTS, the fleet agent). `serve` attaches to an interface that exists.
+const RUN_ONLY_SECTIONS: [&str; 5] = ["vip", "redundancy", "dhcp", "nts", "fleet"];
+
 impl ServeArgs {
-    /// The settings `serve` runs: its own base (no metrics endpoint: a one-off claims no
-    /// fixed port), the `--config` file over it, the flags, then each `--set`, validated as
-    /// one configuration.
+    /// The settings `serve` runs: the `--config` file, or without one a base with no metrics
+    /// endpoint (a one-off claims no fixed port), then the flags, then each `--set`,
+    /// validated as one configuration.
     pub fn settings(&self) -> anyhow::Result<Validated> {
-        let mut table: toml::Table = "[metrics]\nenable = false\n".parse()?;
-        let origin = match &self.config {
-            Some(path) => {
-                crate::config::merge_toml(&mut table, &read_table(path)?);
-                PathBuf::from(format!("{} {COMMAND_LINE}", path.display()))
-            }
-            None => PathBuf::from(COMMAND_LINE),
+        let (mut table, origin) = match &self.config {
+            Some(path) => (
+                read_table(path)?,
+                PathBuf::from(format!("{} {COMMAND_LINE}", path.display())),
+            ),
+            None => (
+                "[metrics]\nenable = false\n".parse()?,
+                PathBuf::from(COMMAND_LINE),
+            ),
         };
         crate::config::merge_toml(&mut table, &self.flags_table());
         for setting in &self.set {
             set_dotted(&mut table, setting)
                 .map_err(|why| ConfigError::file(&origin, format!("--set {setting}: {why}")))?;
+        }
+        if let Some(section) = RUN_ONLY_SECTIONS.iter().find(|s| table.contains_key(**s)) {
+            return Err(ConfigError::field(
+                &origin,
+                section,
+                format!(
+                    "`serve` attaches to an interface that exists and runs nothing beside it; \
+                     [{section}] is for `ntp-xdp run --config FILE`"
+                ),
+            )
+            .into());
         }
         crate::config::parse_table(&table, &origin)
     }
@@ -247,7 +264,8 @@ fn set_dotted(table: &mut toml::Table, setting: &str) -> Result<(), String> {
         .split_once('=')
         .ok_or("not KEY=VALUE (a dotted key such as clock.local_stratum)")?;
     let value = match format!("v = {value}").parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").expect("parsed"),
+        Ok(mut t) if t.len() == 1 => t.remove("v").expect("parsed"),
+        Ok(_) => return Err(format!("{value:?} is more than one value")),
         Err(_) => toml::Value::String(value.to_string()),
     };
     let parts: Vec<&str> = key.trim().split('.').collect();
@@ -389,6 +407,9 @@ mod tests {
             ["169.254.169.123".parse::<std::net::IpAddr>().unwrap()]
         );
         assert_eq!((v.local_stratum, v.service.precision), (7, -20));
+        // A file is read as `run` reads it: the schema's default metrics endpoint stays.
+        assert!(v.observe.metrics_listen.is_some(), "{:?}", v.observe);
+        assert!(serve(&[]).unwrap().observe.metrics_listen.is_none());
         let e = format!("{:#}", serve(&["--config", path]).unwrap_err());
         assert!(e.contains(path) && e.contains("cannot read"), "{e}");
     }
@@ -416,6 +437,18 @@ mod tests {
             (
                 vec!["--set", "service.interface.x=1"],
                 "service.interface is not a table",
+            ),
+            (
+                vec!["--set", "limits.rate=5\nlimits.burst=1"],
+                "more than one value",
+            ),
+            (vec!["--set", "vip.bridge=\"br0\""], "field `vip`"),
+            (vec!["--set", "fleet.cluster=\"c\""], "field `fleet`"),
+            (vec!["--set", "nts.port=4460"], "field `nts`"),
+            (vec!["--set", "dhcp.enable=false"], "field `dhcp`"),
+            (
+                vec!["--set", "redundancy.priority=100"],
+                "field `redundancy`",
             ),
         ] {
             let e = format!("{:#}", serve(&bad).expect_err(&format!("{bad:?} accepted")));
