@@ -180,6 +180,15 @@ pub struct Agent {
 /// Values in the store a host cannot use: key → why.
 pub type StoreProblems = std::sync::Mutex<std::collections::BTreeMap<String, String>>;
 
+/// Why a configuration was not applied in place.
+enum LiveFailure {
+    /// The configuration cannot be applied: recorded as refused.
+    Refused(String),
+    /// The daemon is going away (its side of the channel is gone): nothing is recorded, so
+    /// the daemon that comes next applies it.
+    Stopping,
+}
+
 /// What the agent asks of the daemon it runs in.
 #[derive(Debug)]
 pub enum LiveRequest {
@@ -868,7 +877,13 @@ impl Agent {
                         );
                         Ok(false)
                     }
-                    Err(why) => self.refuse(client, keys, files, version, why).await,
+                    Err(LiveFailure::Refused(why)) => {
+                        self.refuse(client, keys, files, version, why).await
+                    }
+                    // Not the configuration's fault: the next daemon applies it.
+                    Err(LiveFailure::Stopping) => Err(anyhow::anyhow!(
+                        "revision {revision} not applied in place: the daemon is stopping"
+                    )),
                 }
             }
             Ok(text) => {
@@ -886,20 +901,19 @@ impl Agent {
     }
 
     /// Asks the daemon to answer by `text`'s access list and rate limit from now on.
-    async fn apply_in_place(&self, text: &str) -> Result<(), String> {
+    async fn apply_in_place(&self, text: &str) -> Result<(), LiveFailure> {
         let settings = crate::config::parse(text, std::path::Path::new("(fleet)"))
-            .map_err(|e| format!("{e:#}"))?;
-        let daemon = self.live.as_ref().ok_or("no daemon to apply it in")?;
+            .map_err(|e| LiveFailure::Refused(format!("{e:#}")))?;
+        let daemon = self.live.as_ref().ok_or(LiveFailure::Stopping)?;
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let stopping = "the daemon is stopping".to_string();
-        if daemon
+        daemon
             .send(LiveRequest::ApplyAdmission(settings.admission, reply))
             .await
-            .is_err()
-        {
-            return Err(stopping);
+            .map_err(|_| LiveFailure::Stopping)?;
+        match answer.await {
+            Ok(result) => result.map_err(LiveFailure::Refused),
+            Err(_) => Err(LiveFailure::Stopping),
         }
-        answer.await.unwrap_or(Err(stopping))
     }
 
     /// Keeps this host's NTS cookie keys the cluster's: the store holds them, sealed under
