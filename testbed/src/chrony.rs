@@ -9,13 +9,14 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::netns::Netns;
-use crate::{unique_name, TempDir};
+use crate::TempDir;
 
 /// A chronyd serving its (this machine's) clock as `local stratum N`, never touching the clock
 /// (`-x`, and no CAP_SYS_TIME), with its own pidfile and no command socket.
 pub struct ChronyServer {
     child: Child,
-    dir: std::path::PathBuf,
+    /// Its config and pidfile, removed after it stops.
+    _dir: TempDir,
 }
 
 impl ChronyServer {
@@ -25,14 +26,13 @@ impl ChronyServer {
 
     /// chronyd with `config` (directives) plus its own pidfile and no command socket.
     pub fn start_with(ns: &Netns, config: &str) -> Result<ChronyServer> {
-        let dir = std::env::temp_dir().join(unique_name("chronysrv"));
-        std::fs::create_dir_all(&dir)?;
-        let conf = dir.join("chrony.conf");
+        let dir = TempDir::new("chronysrv")?;
+        let conf = dir.0.join("chrony.conf");
         std::fs::write(
             &conf,
             format!(
                 "{config}pidfile {d}/chronyd.pid\ncmdport 0\nbindcmdaddress /\n",
-                d = dir.display()
+                d = dir.0.display()
             ),
         )?;
         let child = ns
@@ -52,7 +52,7 @@ impl ChronyServer {
             .stderr(Stdio::null())
             .spawn()
             .context("starting chronyd")?;
-        Ok(ChronyServer { child, dir })
+        Ok(ChronyServer { child, _dir: dir })
     }
 
     /// chronyd's process ID (`ip netns exec` and `setpriv` exec, so it keeps the child's).
@@ -69,7 +69,6 @@ impl ChronyServer {
 impl Drop for ChronyServer {
     fn drop(&mut self) {
         self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

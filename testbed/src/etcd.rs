@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::netns::Netns;
 use crate::relay::TcpRelay;
-use crate::unique_name;
+use crate::{unique_name, TempDir};
 
 /// The etcd cluster's PKI: a CA, one server certificate for the members' addresses, and a
 /// client certificate for the fleet.
@@ -73,14 +73,14 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     pub pki: EtcdPki,
     pub endpoints: Vec<String>,
-    dir: PathBuf,
+    dir: TempDir,
     initial_cluster: String,
 }
 
 impl EtcdCluster {
     pub fn start(home: &Netns, net: u8) -> Result<EtcdCluster> {
-        let dir = std::env::temp_dir().join(unique_name("etcd"));
-        std::fs::create_dir_all(&dir)?;
+        // Removed with everything in it (the PKI's private keys) if a step below fails.
+        let dir = TempDir::new("etcd")?;
         let bridge = unique_name("ns");
         home.add_bridge(&bridge)?;
         home.ip(&[
@@ -91,7 +91,7 @@ impl EtcdCluster {
             &bridge,
         ])?;
         let addrs: Vec<String> = (1..=3).map(|i| format!("169.254.{net}.{i}")).collect();
-        let pki = EtcdPki::new(&dir, &addrs)?;
+        let pki = EtcdPki::new(&dir.0, &addrs)?;
         let mut members = Vec::new();
         for (i, addr) in addrs.iter().enumerate() {
             let ns = Netns::new("nte")?;
@@ -131,8 +131,8 @@ impl EtcdCluster {
 
     pub fn start_member(&mut self, i: usize) -> Result<()> {
         let m = &self.members[i];
-        let data = self.dir.join(&m.name);
-        let log = std::fs::File::create(self.dir.join(format!("{}.log", m.name)))?;
+        let data = self.dir.0.join(&m.name);
+        let log = std::fs::File::create(self.dir.0.join(format!("{}.log", m.name)))?;
         let p = &self.pki;
         let child =
             m.ns.command("etcd")
@@ -150,7 +150,7 @@ impl EtcdCluster {
                     "--initial-cluster",
                     &self.initial_cluster,
                     "--initial-cluster-token",
-                    &self.dir.file_name().unwrap().to_string_lossy(),
+                    &self.dir.0.file_name().unwrap().to_string_lossy(),
                     "--initial-cluster-state",
                     "new",
                     "--client-cert-auth",
@@ -235,7 +235,7 @@ impl EtcdCluster {
             if Instant::now() > deadline {
                 let logs: String = (0..3)
                     .map(|i| {
-                        std::fs::read_to_string(self.dir.join(format!("m{i}.log")))
+                        std::fs::read_to_string(self.dir.0.join(format!("m{i}.log")))
                             .unwrap_or_default()
                     })
                     .collect();
@@ -269,6 +269,5 @@ impl Drop for EtcdCluster {
         for i in 0..self.members.len() {
             self.kill_member(i);
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

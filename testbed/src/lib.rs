@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{bail, Context as _, Result};
 
-pub use netns::{link_namespaces, Netns};
+pub use netns::{link_namespaces, upstream_namespace, Netns};
 pub use topology::Topology;
 
 /// The clock addresses the big clouds use (EC2: 169.254.169.123 and fd00:ec2::123).

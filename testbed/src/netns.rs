@@ -105,6 +105,19 @@ pub fn link_namespaces(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> Resu
     Ok(())
 }
 
+/// An upstream's namespace on 169.254.`subnet`.0/24, linked to `host` (which is .2): the
+/// namespace and the upstream's address (.1).
+pub fn upstream_namespace(host: &Netns, subnet: u8) -> Result<(Netns, String)> {
+    let ns = Netns::new("ntu")?;
+    link_namespaces(
+        host,
+        &format!("169.254.{subnet}.2/24"),
+        &ns,
+        &format!("169.254.{subnet}.1/24"),
+    )?;
+    Ok((ns, format!("169.254.{subnet}.1")))
+}
+
 /// A guest namespace whose `eth0` is a port of `bridge` in `home` (no address yet).
 pub fn guest_on_bridge(home: &Netns, bridge: &str) -> Result<Netns> {
     plug_guest(Some(home), bridge, Netns::new("ntg")?)

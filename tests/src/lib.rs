@@ -15,9 +15,6 @@ pub mod vip;
 pub mod vrrp;
 
 pub use testbed::relay;
-pub use testbed::{ip, ntp_loadgen_bin, run, status_at, unique_name, CLOCK_V4, CLOCK_V6};
-
-/// Path of the `ntp-xdp` binary under test (see [`testbed::ntp_xdp_bin`]).
-pub fn ntp_user_bin() -> std::path::PathBuf {
-    testbed::ntp_xdp_bin()
-}
+pub use testbed::{
+    ip, ntp_loadgen_bin, ntp_xdp_bin, run, status_at, unique_name, CLOCK_V4, CLOCK_V6,
+};
