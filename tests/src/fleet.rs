@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::clients::Polled;
 use crate::topology::{Netns, ServeProcess};
-use crate::{ntp_user_bin, unique_name, CLOCK_V4};
+use crate::{ntp_xdp_bin, unique_name, CLOCK_V4};
 pub use testbed::etcd::{EtcdCluster, EtcdPki};
 use testbed::relay::TcpRelay;
 
@@ -249,7 +249,7 @@ impl Fleet {
     }
 
     pub fn start_daemon(&mut self, i: usize) -> Result<()> {
-        let mut cmd = Command::new(ntp_user_bin());
+        let mut cmd = Command::new(ntp_xdp_bin());
         cmd.args(["run", "--config"]).arg(&self.hosts[i].config);
         if let Some(behind) = self.hosts[i].clock_behind {
             // CLOCK_MONOTONIC stays true: the responder pairs it with the kernel's.
@@ -275,7 +275,7 @@ impl Fleet {
         let direct = (0..self.hosts.len())
             .find(|i| Some(*i) != self.relayed_host)
             .expect("a host without relays");
-        let mut cmd = Command::new(ntp_user_bin());
+        let mut cmd = Command::new(ntp_xdp_bin());
         cmd.args(["fleet", "--config"])
             .arg(&self.hosts[direct].config)
             .args(["--host-timeout", "60s"])
@@ -398,7 +398,7 @@ impl Drop for Fleet {
             drop(h.daemon.take());
         }
         for h in &self.hosts {
-            let mut cmd = Command::new(ntp_user_bin());
+            let mut cmd = Command::new(ntp_xdp_bin());
             cmd.args(["down", "--config"]).arg(&h.config);
             let _ = self.in_home(cmd).output();
         }

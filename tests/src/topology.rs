@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 
 pub use testbed::chrony::ChronyServer;
-pub use testbed::netns::{link_namespaces, Netns};
+pub use testbed::netns::{link_namespaces, upstream_namespace, Netns};
 pub use testbed::serve::ServeProcess;
 pub use testbed::topology::Topology;
 

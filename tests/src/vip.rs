@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::topology::{Netns, ServeProcess};
-use crate::{ip, ntp_user_bin, run, unique_name, CLOCK_V4, CLOCK_V6};
+use crate::{ip, ntp_xdp_bin, run, unique_name, CLOCK_V4, CLOCK_V6};
 pub use testbed::netns::{configure_guest, guest_on_bridge, in_netns};
 
 /// The udhcpc event script test guests (and `cargo xtask demo`) use: the address, then the
@@ -168,7 +168,7 @@ lease_time = "10m"
 
     /// `ntp-xdp ARGS` in the host namespace (setns only: same mount namespace and bpffs).
     pub fn ntp_user(&self, args: &[&str]) -> Result<Command> {
-        let mut cmd = Command::new(ntp_user_bin());
+        let mut cmd = Command::new(ntp_xdp_bin());
         cmd.args(args);
         in_netns(cmd, &self.home)
     }

@@ -292,7 +292,7 @@ fn wrong_guest_clocks_are_alarmed_and_metrics_and_status_follow_traffic() {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
     use std::os::unix::process::CommandExt as _;
-    let nobody = std::process::Command::new(integration_tests::ntp_user_bin())
+    let nobody = std::process::Command::new(integration_tests::ntp_xdp_bin())
         .args(["status", "--socket", socket.to_str().unwrap()])
         .uid(65534)
         .gid(65534)

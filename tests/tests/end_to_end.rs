@@ -5,7 +5,7 @@ use std::process::Command;
 
 use integration_tests::clients::{chronyd_query, ntpdig, ntpdig_best_of_3};
 use integration_tests::topology::{ServeProcess, Topology};
-use integration_tests::{ntp_user_bin, run, CLOCK_V4, CLOCK_V6};
+use integration_tests::{ntp_xdp_bin, run, CLOCK_V4, CLOCK_V6};
 
 const STRATUM: u8 = 4;
 /// |offset| bound the issue sets; on one machine the true offset is zero, so this bounds the
@@ -13,7 +13,7 @@ const STRATUM: u8 = 4;
 const MAX_OFFSET_S: f64 = 1e-3;
 
 fn answered(program: u32, counter: &str) -> u64 {
-    let out = run(Command::new(ntp_user_bin()).args(["stats", "--json"])).unwrap();
+    let out = run(Command::new(ntp_xdp_bin()).args(["stats", "--json"])).unwrap();
     let all: serde_json::Value = serde_json::from_str(&out).unwrap();
     let mine = all
         .as_array()
@@ -114,7 +114,7 @@ fn stats_count_exactly_what_clients_sent() {
 
 #[test]
 fn serve_reports_bad_arguments_clearly() {
-    let out = Command::new(ntp_user_bin())
+    let out = Command::new(ntp_xdp_bin())
         .args([
             "serve",
             "--netns",
@@ -129,7 +129,7 @@ fn serve_reports_bad_arguments_clearly() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no-such-netns-here"), "{err}");
-    let out = Command::new(ntp_user_bin())
+    let out = Command::new(ntp_xdp_bin())
         .args([
             "serve",
             "--interface",

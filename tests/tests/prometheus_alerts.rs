@@ -12,7 +12,9 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use integration_tests::topology::{link_namespaces, ChronyServer, Netns, ServeProcess, Topology};
+use integration_tests::topology::{
+    upstream_namespace, ChronyServer, Netns, ServeProcess, Topology,
+};
 use integration_tests::{run, unique_name};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -266,14 +268,8 @@ fn prometheus_fires_and_clears_the_shipped_alerts_when_upstreams_go_silent() -> 
     let mut upstream_ns = Vec::new();
     let mut addrs = Vec::new();
     for subnet in [132u8, 133] {
-        let ns = Netns::new("ntu")?;
-        link_namespaces(
-            &host,
-            &format!("169.254.{subnet}.2/24"),
-            &ns,
-            &format!("169.254.{subnet}.1/24"),
-        )?;
-        addrs.push(format!("169.254.{subnet}.1"));
+        let (ns, addr) = upstream_namespace(&host, subnet)?;
+        addrs.push(addr);
         upstream_ns.push(ns);
     }
     let start_upstreams = || -> Result<Vec<ChronyServer>> {

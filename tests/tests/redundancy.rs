@@ -20,7 +20,7 @@ use integration_tests::clients::{longest_gap, one_query, poll, poll_counting_at,
 use integration_tests::topology::{Netns, ServeProcess};
 use integration_tests::vip::{RouterAdvert, RouterAdverts};
 use integration_tests::vrrp::mac_of;
-use integration_tests::{ntp_user_bin, run, unique_name, CLOCK_V4, CLOCK_V6};
+use integration_tests::{ntp_xdp_bin, run, unique_name, CLOCK_V4, CLOCK_V6};
 use ntp_common::packet::NtpHeader;
 
 const SUBNET: u8 = 81;
@@ -227,7 +227,7 @@ enable = false
     }
 
     fn ntp_user(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(ntp_user_bin());
+        let mut cmd = Command::new(ntp_xdp_bin());
         cmd.args(args);
         integration_tests::vip::in_netns(cmd, &self.home).unwrap()
     }
@@ -240,7 +240,7 @@ enable = false
 
     fn status(&self, i: usize) -> serde_json::Value {
         let socket = format!("/run/ntp-xdp/{}/control.sock", self.hosts[i].netns);
-        let out = run(Command::new(ntp_user_bin()).args(["status", "--socket", &socket, "--json"]))
+        let out = run(Command::new(ntp_xdp_bin()).args(["status", "--socket", &socket, "--json"]))
             .unwrap();
         serde_json::from_str(&out).unwrap()
     }
@@ -853,7 +853,7 @@ fn forged_adverts(net: VrrpNet) {
     ))
     .unwrap();
     let user =
-        ntp_user::vip::keepalived::script_user(&std::fs::canonicalize(ntp_user_bin()).unwrap());
+        ntp_user::vip::keepalived::script_user(&std::fs::canonicalize(ntp_xdp_bin()).unwrap());
     eprintln!("keepalived's health check runs as {user}");
     assert!(
         conf.contains(&format!("script_user {user}\n")) && conf.contains("enable_script_security"),

@@ -78,18 +78,9 @@ fn wait_for_or(
     }
 }
 
-/// An upstream's namespace on 169.254.`subnet`.0/24, linked to `host` (which is .2): the
-/// namespace and the upstream's address (.1).
+/// An upstream's namespace linked to `host` (see [`testbed::netns::upstream_namespace`]).
 fn upstream_namespace(host: &Netns, subnet: u8) -> (Netns, String) {
-    let ns = Netns::new("ntu").unwrap();
-    link_namespaces(
-        host,
-        &format!("169.254.{subnet}.2/24"),
-        &ns,
-        &format!("169.254.{subnet}.1/24"),
-    )
-    .unwrap();
-    (ns, format!("169.254.{subnet}.1"))
+    integration_tests::topology::upstream_namespace(host, subnet).unwrap()
 }
 
 #[test]

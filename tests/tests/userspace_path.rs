@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use integration_tests::clients::{chronyd_query, ntpdig_best_of_3};
 use integration_tests::topology::{Netns, ServeProcess, Topology};
-use integration_tests::{ntp_user_bin, run, CLOCK_V4, CLOCK_V6};
+use integration_tests::{ntp_xdp_bin, run, CLOCK_V4, CLOCK_V6};
 use ntp_common::wire::*;
 
 /// Sends `request` from the guest to `addr`:123; the reply, if one comes within 1 s.
@@ -68,7 +68,7 @@ fn request(transmit: u64, extra: usize) -> Vec<u8> {
 }
 
 fn counter(program: u32, name: &str) -> u64 {
-    let out = run(Command::new(ntp_user_bin()).args(["stats", "--json"])).unwrap();
+    let out = run(Command::new(ntp_xdp_bin()).args(["stats", "--json"])).unwrap();
     let all: serde_json::Value = serde_json::from_str(&out).unwrap();
     all.as_array()
         .unwrap()

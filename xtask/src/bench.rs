@@ -592,7 +592,7 @@ pub fn bench(
         (false, Some(old)) => format!("cargo xtask bench --compare {}", old.display()),
         (false, None) => "cargo xtask bench".to_string(),
     };
-    let record = write_record(records, "rate", &command, &table)?;
+    let record = write_record(records, "flood", &command, &table)?;
     println!("{table}");
     println!(
         "written: {}/results.json, rate.svg, table.md; {}",

@@ -45,7 +45,7 @@ enum Task {
     },
     /// Set up, build, and benchmark the responder (generic, native), the userspace path and
     /// chronyd side by side; writes target/bench/{results.json,rate.svg,table.md} and the
-    /// summary with the machine as docs/benchmarks/<YYYY-MM-DD>-<rate|time|fleet-scale>.md.
+    /// summary with the machine as docs/benchmarks/<YYYY-MM-DD>-<flood|time|fleet-scale>.md.
     Bench {
         /// Seconds at tiny rates: checks the harness runs, measures nothing.
         #[arg(long)]
@@ -407,8 +407,8 @@ fn bench_smoke(bin: &Path) -> Result<()> {
     let record = std::fs::read_dir(&dir)?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with("-rate.md"))
-        .context("no dated <YYYY-MM-DD>-rate.md record")?;
+        .find(|p| p.to_string_lossy().ends_with("-flood.md"))
+        .context("no dated <YYYY-MM-DD>-flood.md record")?;
     let text = std::fs::read_to_string(&record)?;
     if !text.contains("load average") || !text.contains("| chronyd |") {
         bail!(

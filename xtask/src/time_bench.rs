@@ -22,7 +22,7 @@ use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 use testbed::chrony::{chronyd_query, ChronyServer};
 use testbed::serve::ServeProcess;
-use testbed::{link_namespaces, Netns, Topology, CLOCK_V4};
+use testbed::{link_namespaces, upstream_namespace, Netns, Topology, CLOCK_V4};
 
 const UPSTREAM_STRATUM: u8 = 3;
 
@@ -85,14 +85,8 @@ pub fn run(bin: &std::path::Path) -> Result<Value> {
     let mut upstreams = Vec::new();
     let mut addrs = Vec::new();
     for i in 0..3u8 {
-        let ns = Netns::new("ntu")?;
         let subnet = 161 + i;
-        link_namespaces(
-            &host,
-            &format!("169.254.{subnet}.2/24"),
-            &ns,
-            &format!("169.254.{subnet}.1/24"),
-        )?;
+        let (ns, addr) = upstream_namespace(&host, subnet)?;
         // Answers to the relay go back through the host namespace.
         ns.ip(&[
             "route",
@@ -102,7 +96,7 @@ pub fn run(bin: &std::path::Path) -> Result<Value> {
             &format!("169.254.{subnet}.2"),
         ])?;
         upstreams.push((ChronyServer::start(&ns, UPSTREAM_STRATUM)?, ns));
-        addrs.push(format!("169.254.{subnet}.1"));
+        addrs.push(addr);
     }
     // The relay's way to the upstreams: VIP namespace → host namespace (forwarding).
     link_namespaces(&host, "169.254.164.1/24", &t.vip, "169.254.164.2/24")?;

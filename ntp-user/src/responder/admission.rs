@@ -41,7 +41,7 @@ pub struct AdmissionSpec {
 }
 
 impl AdmissionSpec {
-    /// Everyone answered without limit, nothing recorded (benchmarks, `limits.enable = false`);
+    /// Everyone answered without limit, nothing recorded (the kernel fixtures start from it);
     /// tagged frames only on no VLAN.
     pub fn open() -> AdmissionSpec {
         AdmissionSpec {
